@@ -1,0 +1,97 @@
+//! Types that cross a process boundary between pgwarden components, and nothing else.
+//!
+//! - [`RoutingTable`]: what the control plane `PUT`s to each proxy's `/v1/routes` (and what a
+//!   proxy's `routes_file` holds).
+//! - [`ProxyHealth`]: what a proxy's `GET /health` answers.
+//! - [`ApiError`]: the JSON error body every pgwarden HTTP API answers with.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The routing table of a proxy: for each database name, where its primary is.
+///
+/// Tables are ordered by `epoch`; a proxy accepts only a table with a greater epoch than the one
+/// it holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingTable {
+    pub epoch: u64,
+    #[serde(default)]
+    pub databases: BTreeMap<String, DatabaseRoute>,
+}
+
+/// Where one database lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseRoute {
+    /// Refuse clients that did not negotiate TLS.
+    #[serde(default)]
+    pub force_tls: bool,
+    /// `host:port` of the current primary.
+    pub primary: String,
+    /// `host:port` of the streaming replicas.
+    #[serde(default)]
+    pub replicas: Vec<String>,
+}
+
+/// A proxy's role in its active/standby pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyRole {
+    Active,
+    Standby,
+}
+
+/// Body of a proxy's `GET /health`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyHealth {
+    pub role: ProxyRole,
+    pub epoch: u64,
+}
+
+/// `{"error": {"code", "message"}}`: the body of every error answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: ApiErrorBody,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiErrorBody {
+    /// snake_case, stable: clients match on it.
+    pub code: String,
+    /// A sentence for humans.
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { error: ApiErrorBody { code: code.into(), message: message.into() } }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_table_matches_the_spec_example() {
+        let json = r#"{"epoch": 12,
+            "databases": {"my_app_3030": {"force_tls": true,
+                                           "primary": "127.0.0.1:15432",
+                                           "replicas": ["127.0.0.1:15433"]}}}"#;
+        let table: RoutingTable = serde_json::from_str(json).unwrap();
+        assert_eq!(table.epoch, 12);
+        let route = &table.databases["my_app_3030"];
+        assert!(route.force_tls);
+        assert_eq!(route.primary, "127.0.0.1:15432");
+        assert_eq!(route.replicas, ["127.0.0.1:15433"]);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let json = r#"{"epoch": 1, "databases": {"a": {"primary": "x:1", "primry": "y:2"}}}"#;
+        assert!(serde_json::from_str::<RoutingTable>(json).is_err());
+    }
+}

@@ -1,0 +1,123 @@
+//! Admin HTTP API: health, load-balancer check, metrics, and the routing table.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use pgwarden_api::{ApiError, ProxyHealth, ProxyRole, RoutingTable};
+use serde_json::json;
+use tracing::info;
+
+use crate::metrics::RouteUpdate;
+use crate::routes::RouteError;
+use crate::Shared;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/active", get(active))
+        .route("/metrics", get(metrics))
+        .route("/v1/routes", get(get_routes).put(put_routes))
+        .with_state(shared)
+}
+
+/// An admin API failure: status plus `{"error": {"code", "message"}}`.
+struct AdminError {
+    status: StatusCode,
+    body: ApiError,
+}
+
+impl AdminError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self { status, body: ApiError::new(code, message) }
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+async fn health(State(shared): State<Arc<Shared>>) -> Json<ProxyHealth> {
+    Json(ProxyHealth { role: ProxyRole::Active, epoch: shared.routes.load().epoch() })
+}
+
+/// 200 on the proxy that serves clients (a load balancer's health check).
+async fn active() -> Json<serde_json::Value> {
+    Json(json!({"role": ProxyRole::Active}))
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics.render())
+}
+
+async fn get_routes(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> Result<Json<RoutingTable>, AdminError> {
+    authorize(&shared, &headers)?;
+    Ok(Json(shared.routes.load().table.clone()))
+}
+
+async fn put_routes(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, AdminError> {
+    if let Err(e) = authorize(&shared, &headers) {
+        shared.metrics.route_update(RouteUpdate::Unauthorized);
+        return Err(e);
+    }
+    let table: RoutingTable = serde_json::from_slice(&body).map_err(|e| {
+        shared.metrics.route_update(RouteUpdate::Invalid);
+        AdminError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_routing_table",
+            format!("invalid routing table: {e}"),
+        )
+    })?;
+    match shared.routes.replace(table) {
+        Ok(epoch) => {
+            shared.metrics.route_update(RouteUpdate::Applied);
+            shared.metrics.epoch.set(epoch as i64);
+            info!(epoch, "routing table replaced");
+            Ok(Json(json!({"epoch": epoch})))
+        }
+        Err(e @ RouteError::Invalid(_)) => {
+            shared.metrics.route_update(RouteUpdate::Invalid);
+            Err(AdminError::new(StatusCode::BAD_REQUEST, "invalid_routing_table", e.to_string()))
+        }
+        Err(e @ RouteError::StaleEpoch { .. }) => {
+            shared.metrics.route_update(RouteUpdate::Stale);
+            Err(AdminError::new(StatusCode::CONFLICT, "stale_epoch", e.to_string()))
+        }
+    }
+}
+
+fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), AdminError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(token) if constant_time_eq(token.as_bytes(), shared.admin_token.as_bytes()) => Ok(()),
+        Some(_) => {
+            Err(AdminError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid bearer token"))
+        }
+        None => Err(AdminError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing bearer token: send Authorization: Bearer <admin token>",
+        )),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,42 @@
+//! `pgwarden-proxy --config proxy.toml`
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> anyhow::Result<()> {
+    let config_path = parse_args()?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = pgwarden_proxy::Config::load(&config_path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let listeners = pgwarden_proxy::Listeners::bind(&config).await?;
+        let shutdown = CancellationToken::new();
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            on_signal.cancel();
+        });
+        pgwarden_proxy::run(config, listeners, shutdown).await
+    })
+}
+
+fn parse_args() -> anyhow::Result<PathBuf> {
+    let mut args = std::env::args().skip(1);
+    match (args.next().as_deref(), args.next(), args.next()) {
+        (Some("--config"), Some(path), None) => Ok(PathBuf::from(path)),
+        (Some("--version"), None, None) => {
+            println!("pgwarden-proxy {}", env!("CARGO_PKG_VERSION"));
+            std::process::exit(0)
+        }
+        _ => bail!("usage: pgwarden-proxy --config <proxy.toml>"),
+    }
+}

@@ -1,0 +1,211 @@
+//! `proxy.toml`: what the proxy listens on, its limits, TLS files and admin token.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration was refused; each names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid configuration {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The proxy's configuration. Nothing here changes at runtime except the files the keys point to
+/// (TLS certificate and key are re-read on SIGHUP).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Client address. Default `127.0.0.1:6432`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Admin HTTP address (health, metrics, routes). Default `127.0.0.1:9181`.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Bearer token for the admin API's routes endpoints. This or `admin_token_file` is required.
+    pub admin_token: Option<String>,
+    /// File holding the admin token (surrounding whitespace ignored).
+    pub admin_token_file: Option<PathBuf>,
+    /// Optional routing table (JSON, as `PUT /v1/routes`) loaded at start.
+    pub routes_file: Option<PathBuf>,
+    /// Server certificate for client TLS; without it `SSLRequest` is answered `N`.
+    pub tls: Option<TlsFiles>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// PEM files of the certificate (chain) and its private key.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Resource limits. All fixed at start.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Client connections served at once; beyond it clients get `53300`. Default 10000.
+    pub max_client_connections: usize,
+    /// Seconds a client has from connecting to a ready session (startup, TLS, authentication).
+    /// Default 15.
+    pub handshake_timeout_secs: f64,
+    /// Seconds to connect to a node before answering `57P03`. Default 5.
+    pub backend_connect_timeout_secs: f64,
+    /// Largest startup packet accepted, in bytes. Default 10000.
+    pub max_startup_packet: usize,
+    /// On SIGTERM, seconds sessions may keep running before they are ended with `57P01`.
+    /// Default 30.
+    pub shutdown_grace_secs: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_client_connections: 10_000,
+            handshake_timeout_secs: 15.0,
+            backend_connect_timeout_secs: 5.0,
+            max_startup_packet: 10_000,
+            shutdown_grace_secs: 30.0,
+        }
+    }
+}
+
+impl Limits {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.handshake_timeout_secs)
+    }
+    pub fn backend_connect_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.backend_connect_timeout_secs)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.shutdown_grace_secs)
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 6432))
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9181))
+}
+
+impl Config {
+    /// Reads, parses and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config: Self = toml::from_str(&text)
+            .map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// A configuration for `listen`/`admin_listen` with defaults elsewhere (used by tests and
+    /// embedders that bind their own listeners).
+    pub fn with_token(admin_token: impl Into<String>) -> Self {
+        Self {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            admin_token: Some(admin_token.into()),
+            admin_token_file: None,
+            routes_file: None,
+            tls: None,
+            limits: Limits::default(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        match (&self.admin_token, &self.admin_token_file) {
+            (Some(_), Some(_)) => {
+                return invalid("set only one of admin_token and admin_token_file")
+            }
+            (None, None) => return invalid("admin_token or admin_token_file is required"),
+            (Some(t), None) if t.trim().is_empty() => return invalid("admin_token is empty"),
+            _ => {}
+        }
+        let l = &self.limits;
+        if l.max_client_connections == 0 {
+            return invalid("limits.max_client_connections must be at least 1");
+        }
+        if l.max_startup_packet < 64 {
+            return invalid("limits.max_startup_packet must be at least 64");
+        }
+        for (key, v) in [
+            ("limits.handshake_timeout_secs", l.handshake_timeout_secs),
+            ("limits.backend_connect_timeout_secs", l.backend_connect_timeout_secs),
+            ("limits.shutdown_grace_secs", l.shutdown_grace_secs),
+        ] {
+            if !(0.0..=86_400.0).contains(&v) || (v == 0.0 && key != "limits.shutdown_grace_secs") {
+                return Err(ConfigError::Invalid(format!("{key} must be between 0 and 86400")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The admin token, read from `admin_token_file` when that is used.
+    pub fn resolve_admin_token(&self) -> Result<String, ConfigError> {
+        if let Some(token) = &self.admin_token {
+            return Ok(token.trim().to_owned());
+        }
+        let path = self.admin_token_file.as_ref().expect("validated");
+        let token = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        match token.trim() {
+            "" => {
+                Err(ConfigError::Invalid(format!("admin_token_file {} is empty", path.display())))
+            }
+            t => Ok(t.to_owned()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn full_config_parses_with_defaults() {
+        let c = parse(
+            r#"
+            listen = "127.0.0.1:7000"
+            admin_token = "secret"
+            [tls]
+            cert = "a.crt"
+            key = "a.key"
+            [limits]
+            max_client_connections = 5
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.admin_listen.port(), 9181);
+        assert_eq!(c.limits.max_client_connections, 5);
+        assert_eq!(c.limits.max_startup_packet, 10_000);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = parse("admin_token = \"x\"\nlisten_addr = \"1.2.3.4:5\"").unwrap_err();
+        assert!(e.contains("listen_addr"), "{e}");
+        let e = parse("admin_token = \"x\"\n[limits]\nhandshake_timeout_secs = -1").unwrap_err();
+        assert!(e.contains("handshake_timeout_secs"), "{e}");
+        let e = parse("listen = \"127.0.0.1:1\"").unwrap_err();
+        assert!(e.contains("admin_token"), "{e}");
+    }
+}

@@ -1,0 +1,133 @@
+//! The client's side of connection start: SSL/GSS negotiation, then a startup packet or a
+//! cancel request. Returns a typed phase; nothing here talks to a node.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::cancel::CancelKey;
+use crate::metrics::Metrics;
+use crate::protocol::{self, SqlState, StartupParams};
+use crate::stream::ClientStream;
+use crate::tls::TlsStore;
+
+/// What a client asked for.
+pub enum Handshake {
+    Startup(Startup),
+    Cancel(CancelKey),
+}
+
+/// A client that sent a startup packet.
+pub struct Startup {
+    pub stream: ClientStream,
+    pub params: StartupParams,
+    /// The whole packet, length included, relayed to the node unchanged.
+    pub packet: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The client broke the protocol; it was told so with an `08P01` error where possible.
+    #[error("{0}")]
+    Protocol(String),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("client connection failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the start of a connection until the client sends a startup packet or a cancel request.
+pub async fn accept(
+    tcp: TcpStream,
+    tls: &TlsStore,
+    max_packet: usize,
+    metrics: &Metrics,
+) -> Result<Handshake, HandshakeError> {
+    let mut stream = ClientStream::Plain(tcp);
+    let mut gss_refused = false;
+    loop {
+        let packet = read_packet(&mut stream, max_packet).await?;
+        let code = u32::from_be_bytes(packet[4..8].try_into().expect("8 bytes checked"));
+        match code {
+            protocol::SSL_REQUEST_CODE if packet.len() == 8 => {
+                let ClientStream::Plain(mut tcp) = stream else {
+                    return reject(stream, "SSLRequest received on a TLS connection").await;
+                };
+                let Some(acceptor) = tls.acceptor() else {
+                    tcp.write_all(b"N").await?;
+                    stream = ClientStream::Plain(tcp);
+                    continue;
+                };
+                tcp.write_all(b"S").await?;
+                // Nothing was read past the SSLRequest, so no plaintext can leak into the TLS
+                // session: bytes the client sent early are fed to the TLS handshake and fail it.
+                match acceptor.accept(tcp).await {
+                    Ok(tls) => {
+                        metrics.tls_handshake(true);
+                        stream = ClientStream::Tls(Box::new(tls));
+                    }
+                    Err(e) => {
+                        metrics.tls_handshake(false);
+                        return Err(HandshakeError::Tls(e));
+                    }
+                }
+            }
+            protocol::GSSENC_REQUEST_CODE if packet.len() == 8 && !gss_refused => {
+                if stream.is_tls() {
+                    return reject(stream, "GSSENCRequest received on a TLS connection").await;
+                }
+                stream.write_all(b"N").await?;
+                gss_refused = true;
+            }
+            protocol::CANCEL_REQUEST_CODE if packet.len() == 16 => {
+                let pid = i32::from_be_bytes(packet[8..12].try_into().expect("16 bytes"));
+                let secret = i32::from_be_bytes(packet[12..16].try_into().expect("16 bytes"));
+                return Ok(Handshake::Cancel(CancelKey { pid, secret }));
+            }
+            code if code >> 16 == protocol::PROTOCOL_MAJOR_3 => {
+                return match protocol::parse_startup_params(&packet[8..]) {
+                    Ok(params) => Ok(Handshake::Startup(Startup { stream, params, packet })),
+                    Err(e) => reject(stream, &e.to_string()).await,
+                };
+            }
+            code => {
+                let message = format!(
+                    "unsupported frontend protocol {}.{}: server supports 3.0",
+                    code >> 16,
+                    code & 0xffff
+                );
+                return reject(stream, &message).await;
+            }
+        }
+    }
+}
+
+/// Reads one length-prefixed packet, checking the length before allocating.
+async fn read_packet(stream: &mut ClientStream, max: usize) -> Result<Vec<u8>, HandshakeError> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await?;
+    let len = i32::from_be_bytes(len);
+    if len < 8 || len as usize > max {
+        let message = format!("invalid length of startup packet: {len}");
+        stream.write_all(&protocol::fatal(SqlState::ProtocolViolation, &message)).await?;
+        stream.flush().await?;
+        return Err(HandshakeError::Protocol(message));
+    }
+    let mut packet = vec![0u8; len as usize];
+    packet[..4].copy_from_slice(&len.to_be_bytes());
+    stream.read_exact(&mut packet[4..]).await?;
+    Ok(packet)
+}
+
+async fn reject<T>(mut stream: ClientStream, message: &str) -> Result<T, HandshakeError> {
+    stream.write_all(&protocol::fatal(SqlState::ProtocolViolation, message)).await?;
+    stream.flush().await?;
+    let _ = stream.shutdown().await;
+    Err(HandshakeError::Protocol(message.to_owned()))
+}
+
+/// Sends a FATAL error to a client and closes the connection, best effort.
+pub async fn refuse(stream: &mut ClientStream, state: SqlState, message: &str) {
+    let _ = stream.write_all(&protocol::fatal(state, message)).await;
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+}

@@ -1,0 +1,55 @@
+//! `pgwarden-proxy`: a wire-level PostgreSQL proxy.
+//!
+//! Data flow for one client connection (`session.rs`):
+//! 1. `handshake.rs` answers `SSLRequest`/`GSSENCRequest` (TLS from `tls.rs`) and reads the
+//!    startup packet or a `CancelRequest` (`protocol.rs` frames and parses it).
+//! 2. The database named in the startup packet picks a route in the current snapshot of
+//!    `routes.rs`; the proxy connects to that database's primary.
+//! 3. `auth.rs` relays the authentication exchange, swapping the node's `BackendKeyData` for a
+//!    proxy key registered in `cancel.rs`.
+//! 4. `passthrough.rs` copies bytes both ways until a side closes, or until the route's primary
+//!    moves or the proxy shuts down, when the client gets a FATAL `57P01` at a message boundary.
+//!
+//! `admin.rs` serves health, metrics (`metrics.rs`) and the routing table over HTTP;
+//! `server.rs` runs the accept loop and graceful shutdown; `config.rs` is `proxy.toml`.
+#![forbid(unsafe_code)]
+
+mod admin;
+mod auth;
+mod cancel;
+pub mod config;
+mod handshake;
+mod metrics;
+mod passthrough;
+mod protocol;
+mod routes;
+mod server;
+mod session;
+mod stream;
+mod tls;
+
+use std::sync::Arc;
+
+pub use config::Config;
+pub use server::{run, Listeners};
+
+use cancel::CancelMap;
+use config::Limits;
+use metrics::Metrics;
+use routes::RouteStore;
+use tls::TlsStore;
+use tokio_util::sync::CancellationToken;
+
+/// State shared by every task of one proxy.
+pub(crate) struct Shared {
+    limits: Limits,
+    routes: RouteStore,
+    tls: TlsStore,
+    cancels: Arc<CancelMap>,
+    metrics: Metrics,
+    admin_token: String,
+    /// Set when the proxy stops accepting clients.
+    draining: CancellationToken,
+    /// Set when remaining sessions must end now.
+    terminate: CancellationToken,
+}

@@ -1,0 +1,225 @@
+//! Every metric the proxy exports, named in this file only. Label values come from closed enums.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Why a client connection was refused or dropped before its session started.
+#[derive(Clone, Copy, Debug)]
+pub enum Rejection {
+    TooManyClients,
+    HandshakeTimeout,
+    Malformed,
+    UnknownDatabase,
+    TlsRequired,
+    TlsFailed,
+    NoPrimary,
+    ShuttingDown,
+    ClientGone,
+}
+
+impl Rejection {
+    const ALL: [Rejection; 9] = [
+        Self::TooManyClients,
+        Self::HandshakeTimeout,
+        Self::Malformed,
+        Self::UnknownDatabase,
+        Self::TlsRequired,
+        Self::TlsFailed,
+        Self::NoPrimary,
+        Self::ShuttingDown,
+        Self::ClientGone,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::TooManyClients => "too_many_clients",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::Malformed => "malformed_startup",
+            Self::UnknownDatabase => "unknown_database",
+            Self::TlsRequired => "tls_required",
+            Self::TlsFailed => "tls_failed",
+            Self::NoPrimary => "no_primary",
+            Self::ShuttingDown => "shutting_down",
+            Self::ClientGone => "client_gone",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum RouteUpdate {
+    Applied,
+    Stale,
+    Invalid,
+    Unauthorized,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum CancelResult {
+    Forwarded,
+    UnknownKey,
+    Failed,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Termination {
+    PrimaryMoved,
+    Shutdown,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub client_connections: IntGauge,
+    pub accepted: IntCounter,
+    rejected: IntCounterVec,
+    tls_handshakes: IntCounterVec,
+    pub backend_connect_seconds: Histogram,
+    pub bytes_from_clients: IntCounter,
+    pub bytes_to_clients: IntCounter,
+    pub epoch: IntGauge,
+    route_updates: IntCounterVec,
+    cancel_requests: IntCounterVec,
+    terminated: IntCounterVec,
+    role: IntGaugeVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("pgwarden_proxy".into()), None).expect("prefix");
+        let bytes = IntCounterVec::new(
+            Opts::new("bytes_total", "Bytes relayed, by direction"),
+            &["direction"],
+        )
+        .expect("metric");
+        let m = Self {
+            client_connections: IntGauge::new("client_connections", "Client connections open")
+                .expect("metric"),
+            accepted: IntCounter::new("connections_accepted_total", "Client connections accepted")
+                .expect("metric"),
+            rejected: IntCounterVec::new(
+                Opts::new("connections_rejected_total", "Client connections refused, by reason"),
+                &["reason"],
+            )
+            .expect("metric"),
+            tls_handshakes: IntCounterVec::new(
+                Opts::new("tls_handshakes_total", "Client TLS handshakes, by result"),
+                &["result"],
+            )
+            .expect("metric"),
+            backend_connect_seconds: Histogram::with_opts(
+                HistogramOpts::new("backend_connect_seconds", "Time to connect to a node").buckets(
+                    vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0],
+                ),
+            )
+            .expect("metric"),
+            bytes_from_clients: bytes.with_label_values(&["client_to_backend"]),
+            bytes_to_clients: bytes.with_label_values(&["backend_to_client"]),
+            epoch: IntGauge::new("epoch", "Epoch of the routing table in use").expect("metric"),
+            route_updates: IntCounterVec::new(
+                Opts::new("route_updates_total", "Routing table updates, by result"),
+                &["result"],
+            )
+            .expect("metric"),
+            cancel_requests: IntCounterVec::new(
+                Opts::new("cancel_requests_total", "Cancel requests, by result"),
+                &["result"],
+            )
+            .expect("metric"),
+            terminated: IntCounterVec::new(
+                Opts::new("sessions_terminated_total", "Sessions ended by the proxy, by reason"),
+                &["reason"],
+            )
+            .expect("metric"),
+            role: IntGaugeVec::new(Opts::new("role", "1 for the role this proxy has"), &["role"])
+                .expect("metric"),
+            registry,
+        };
+        let r = &m.registry;
+        r.register(Box::new(m.client_connections.clone())).expect("register");
+        r.register(Box::new(m.accepted.clone())).expect("register");
+        r.register(Box::new(m.rejected.clone())).expect("register");
+        r.register(Box::new(m.tls_handshakes.clone())).expect("register");
+        r.register(Box::new(m.backend_connect_seconds.clone())).expect("register");
+        r.register(Box::new(bytes)).expect("register");
+        r.register(Box::new(m.epoch.clone())).expect("register");
+        r.register(Box::new(m.route_updates.clone())).expect("register");
+        r.register(Box::new(m.cancel_requests.clone())).expect("register");
+        r.register(Box::new(m.terminated.clone())).expect("register");
+        r.register(Box::new(m.role.clone())).expect("register");
+        // Make every labelled series visible from the start, at zero.
+        for reason in Rejection::ALL {
+            m.rejected.with_label_values(&[reason.label()]);
+        }
+        for result in ["ok", "error"] {
+            m.tls_handshakes.with_label_values(&[result]);
+        }
+        m.role.with_label_values(&["active"]).set(1);
+        m.role.with_label_values(&["standby"]).set(0);
+        m
+    }
+
+    pub fn rejected(&self, why: Rejection) {
+        self.rejected.with_label_values(&[why.label()]).inc();
+    }
+
+    pub fn tls_handshake(&self, ok: bool) {
+        self.tls_handshakes.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
+    }
+
+    pub fn route_update(&self, result: RouteUpdate) {
+        let label = match result {
+            RouteUpdate::Applied => "applied",
+            RouteUpdate::Stale => "stale_epoch",
+            RouteUpdate::Invalid => "invalid",
+            RouteUpdate::Unauthorized => "unauthorized",
+        };
+        self.route_updates.with_label_values(&[label]).inc();
+    }
+
+    pub fn cancel_request(&self, result: CancelResult) {
+        let label = match result {
+            CancelResult::Forwarded => "forwarded",
+            CancelResult::UnknownKey => "unknown_key",
+            CancelResult::Failed => "failed",
+        };
+        self.cancel_requests.with_label_values(&[label]).inc();
+    }
+
+    pub fn terminated(&self, why: Termination) {
+        let label = match why {
+            Termination::PrimaryMoved => "primary_moved",
+            Termination::Shutdown => "shutdown",
+        };
+        self.terminated.with_label_values(&[label]).inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("encode");
+        String::from_utf8(out).expect("utf-8")
+    }
+}
+
+/// Counts one open client connection for as long as it lives.
+pub struct ConnectionGauge(IntGauge);
+
+impl ConnectionGauge {
+    pub fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,170 @@
+//! The few PostgreSQL wire-protocol messages the proxy reads or writes itself.
+//!
+//! Everything else is relayed as bytes. Lengths are checked before anything is allocated.
+
+use bytes::{BufMut, BytesMut};
+
+pub const SSL_REQUEST_CODE: u32 = 80_877_103;
+pub const GSSENC_REQUEST_CODE: u32 = 80_877_104;
+pub const CANCEL_REQUEST_CODE: u32 = 80_877_102;
+pub const PROTOCOL_MAJOR_3: u32 = 3;
+
+/// Backend message tags the proxy looks at during authentication.
+pub mod tag {
+    pub const AUTHENTICATION: u8 = b'R';
+    pub const BACKEND_KEY_DATA: u8 = b'K';
+    pub const READY_FOR_QUERY: u8 = b'Z';
+    pub const ERROR_RESPONSE: u8 = b'E';
+}
+
+/// A SQLSTATE the proxy reports itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SqlState {
+    /// 08P01 protocol_violation
+    ProtocolViolation,
+    /// 28000 invalid_authorization_specification
+    InvalidAuthorization,
+    /// 3D000 invalid_catalog_name
+    UnknownDatabase,
+    /// 53300 too_many_connections
+    TooManyConnections,
+    /// 57P01 admin_shutdown
+    AdminShutdown,
+    /// 57P03 cannot_connect_now
+    CannotConnectNow,
+}
+
+impl SqlState {
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::ProtocolViolation => "08P01",
+            Self::InvalidAuthorization => "28000",
+            Self::UnknownDatabase => "3D000",
+            Self::TooManyConnections => "53300",
+            Self::AdminShutdown => "57P01",
+            Self::CannotConnectNow => "57P03",
+        }
+    }
+}
+
+/// An `ErrorResponse` with severity FATAL.
+pub fn fatal(state: SqlState, message: &str) -> BytesMut {
+    let mut body = BytesMut::with_capacity(32 + message.len());
+    for (field, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', state.code()), (b'M', message)]
+    {
+        body.put_u8(field);
+        body.put_slice(value.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    let mut msg = BytesMut::with_capacity(5 + body.len());
+    msg.put_u8(tag::ERROR_RESPONSE);
+    msg.put_i32((4 + body.len()) as i32);
+    msg.put_slice(&body);
+    msg
+}
+
+/// `BackendKeyData` with the given key.
+pub fn backend_key_data(pid: i32, secret: i32) -> [u8; 13] {
+    let mut m = [0u8; 13];
+    m[0] = tag::BACKEND_KEY_DATA;
+    m[1..5].copy_from_slice(&12i32.to_be_bytes());
+    m[5..9].copy_from_slice(&pid.to_be_bytes());
+    m[9..13].copy_from_slice(&secret.to_be_bytes());
+    m
+}
+
+/// A `CancelRequest` packet.
+pub fn cancel_request(pid: i32, secret: i32) -> [u8; 16] {
+    let mut m = [0u8; 16];
+    m[0..4].copy_from_slice(&16i32.to_be_bytes());
+    m[4..8].copy_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+    m[8..12].copy_from_slice(&pid.to_be_bytes());
+    m[12..16].copy_from_slice(&secret.to_be_bytes());
+    m
+}
+
+/// The parameters of a `StartupMessage` body (after the protocol version).
+#[derive(Debug, PartialEq, Eq)]
+pub struct StartupParams {
+    pub user: String,
+    pub database: String,
+}
+
+/// Why a startup packet could not be parsed.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StartupParseError {
+    #[error("invalid startup packet layout: expected terminator as last byte")]
+    Layout,
+    #[error("startup packet parameters are not valid UTF-8")]
+    Encoding,
+    #[error("no PostgreSQL user name specified in startup packet")]
+    NoUser,
+}
+
+/// Parses the `name\0value\0...\0` list of a startup packet.
+pub fn parse_startup_params(body: &[u8]) -> Result<StartupParams, StartupParseError> {
+    let Some((&0, list)) = body.split_last() else {
+        return Err(StartupParseError::Layout);
+    };
+    let mut fields = list.split(|&b| b == 0);
+    let (mut user, mut database) = (None, None);
+    if !list.is_empty() {
+        if list.last() != Some(&0) {
+            return Err(StartupParseError::Layout);
+        }
+        // The list ends with the value's terminator, so the final split piece is empty.
+        let mut items: Vec<&[u8]> = fields.by_ref().collect();
+        items.pop();
+        if items.len() % 2 != 0 {
+            return Err(StartupParseError::Layout);
+        }
+        for pair in items.chunks(2) {
+            let value = std::str::from_utf8(pair[1]).map_err(|_| StartupParseError::Encoding)?;
+            match pair[0] {
+                b"user" => user = Some(value.to_owned()),
+                b"database" => database = Some(value.to_owned()),
+                _ => {}
+            }
+        }
+    }
+    let user = user.filter(|u| !u.is_empty()).ok_or(StartupParseError::NoUser)?;
+    let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    Ok(StartupParams { user, database })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_user_and_database() {
+        let p = parse_startup_params(b"user\0alice\0database\0app\0application_name\0psql\0\0");
+        assert_eq!(p.unwrap(), StartupParams { user: "alice".into(), database: "app".into() });
+    }
+
+    #[test]
+    fn database_defaults_to_user() {
+        let p = parse_startup_params(b"user\0bob\0\0").unwrap();
+        assert_eq!(p.database, "bob");
+    }
+
+    #[test]
+    fn rejects_malformed_lists() {
+        assert_eq!(parse_startup_params(b""), Err(StartupParseError::Layout));
+        assert_eq!(parse_startup_params(b"user\0bob\0"), Err(StartupParseError::Layout));
+        assert_eq!(parse_startup_params(b"user\0\0"), Err(StartupParseError::Layout));
+        assert_eq!(parse_startup_params(b"\0"), Err(StartupParseError::NoUser));
+        assert_eq!(parse_startup_params(b"user\0\xff\0\0"), Err(StartupParseError::Encoding));
+    }
+
+    #[test]
+    fn fatal_message_is_well_framed() {
+        let m = fatal(SqlState::UnknownDatabase, "no such database");
+        assert_eq!(m[0], b'E');
+        let len = i32::from_be_bytes(m[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len + 1, m.len());
+        assert!(m.windows(6).any(|w| w == b"C3D000"));
+        assert_eq!(*m.last().unwrap(), 0);
+    }
+}

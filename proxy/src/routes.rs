@@ -1,0 +1,185 @@
+//! The routing table: one `ArcSwap` snapshot read by every new session, one writer.
+//!
+//! Each database entry carries a `moved` token. A swap that changes a database's primary (or
+//! removes the database) cancels the old entry's token after the new table is in place, which
+//! ends every session still attached to the old primary. Entries whose primary is unchanged keep
+//! their token, so their sessions are not disturbed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use pgwarden_api::RoutingTable;
+use tokio_util::sync::CancellationToken;
+
+/// Why a routing table was refused. The current table is unchanged in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("invalid routing table: {0}")]
+    Invalid(String),
+    #[error("epoch {offered} is not greater than the current epoch {current}")]
+    StaleEpoch { offered: u64, current: u64 },
+}
+
+/// Where new sessions of one database go.
+#[derive(Debug)]
+pub struct Route {
+    pub primary: String,
+    pub force_tls: bool,
+    /// Cancelled when this primary stops being the database's primary.
+    pub moved: CancellationToken,
+}
+
+/// An immutable routing table as sessions see it.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub table: RoutingTable,
+    routes: HashMap<String, Arc<Route>>,
+}
+
+impl Snapshot {
+    pub fn route(&self, database: &str) -> Option<Arc<Route>> {
+        self.routes.get(database).cloned()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.table.epoch
+    }
+}
+
+pub struct RouteStore {
+    current: ArcSwap<Snapshot>,
+    writer: Mutex<()>,
+}
+
+impl Default for RouteStore {
+    fn default() -> Self {
+        Self { current: ArcSwap::from_pointee(Snapshot::default()), writer: Mutex::new(()) }
+    }
+}
+
+impl RouteStore {
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Validates `table` and, if its epoch is newer, makes it current. Returns the new epoch.
+    pub fn replace(&self, table: RoutingTable) -> Result<u64, RouteError> {
+        validate(&table)?;
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current.load_full();
+        if table.epoch <= old.table.epoch {
+            return Err(RouteError::StaleEpoch { offered: table.epoch, current: old.table.epoch });
+        }
+        let mut routes = HashMap::with_capacity(table.databases.len());
+        for (name, entry) in &table.databases {
+            let moved = match old.routes.get(name) {
+                Some(prev) if prev.primary == entry.primary => prev.moved.clone(),
+                _ => CancellationToken::new(),
+            };
+            let route = Route { primary: entry.primary.clone(), force_tls: entry.force_tls, moved };
+            routes.insert(name.clone(), Arc::new(route));
+        }
+        let epoch = table.epoch;
+        self.current.store(Arc::new(Snapshot { table, routes }));
+        let new = self.current.load();
+        for (name, prev) in &old.routes {
+            let kept = new.routes.get(name).is_some_and(|r| r.primary == prev.primary);
+            if !kept {
+                prev.moved.cancel();
+            }
+        }
+        Ok(epoch)
+    }
+}
+
+fn validate(table: &RoutingTable) -> Result<(), RouteError> {
+    let invalid = |m: String| Err(RouteError::Invalid(m));
+    for (name, route) in &table.databases {
+        if name.is_empty() || name.len() > 63 || name.contains('\0') {
+            return invalid(format!("database name {name:?} must be 1 to 63 bytes"));
+        }
+        for addr in std::iter::once(&route.primary).chain(&route.replicas) {
+            if let Err(reason) = check_address(addr) {
+                return invalid(format!("database {name:?}: address {addr:?} {reason}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Accepts `host:port` and `[v6]:port`.
+fn check_address(addr: &str) -> Result<(), &'static str> {
+    let (host, port) = addr.rsplit_once(':').ok_or("is not host:port")?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err("has no valid port"),
+    }
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err("has no valid host");
+    }
+    if host.starts_with('[') != host.ends_with(']')
+        || (!host.starts_with('[') && host.contains(':'))
+    {
+        return Err("has an IPv6 host not in brackets");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgwarden_api::DatabaseRoute;
+
+    fn table(epoch: u64, dbs: &[(&str, &str)]) -> RoutingTable {
+        let databases = dbs
+            .iter()
+            .map(|(n, p)| {
+                let route =
+                    DatabaseRoute { force_tls: false, primary: p.to_string(), replicas: vec![] };
+                (n.to_string(), route)
+            })
+            .collect();
+        RoutingTable { epoch, databases }
+    }
+
+    #[test]
+    fn stale_epoch_is_refused_and_changes_nothing() {
+        let store = RouteStore::default();
+        store.replace(table(5, &[("a", "127.0.0.1:1")])).unwrap();
+        let err = store.replace(table(5, &[("b", "127.0.0.1:2")])).unwrap_err();
+        assert!(matches!(err, RouteError::StaleEpoch { offered: 5, current: 5 }));
+        assert!(store.load().route("a").is_some());
+        assert!(store.load().route("b").is_none());
+    }
+
+    #[test]
+    fn only_moved_primaries_cancel_their_sessions() {
+        let store = RouteStore::default();
+        store
+            .replace(table(1, &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2"), ("c", "h:3")]))
+            .unwrap();
+        let snap = store.load();
+        let (a, b, c) =
+            (snap.route("a").unwrap(), snap.route("b").unwrap(), snap.route("c").unwrap());
+        store.replace(table(2, &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:9")])).unwrap();
+        assert!(!a.moved.is_cancelled(), "unchanged primary keeps its sessions");
+        assert!(b.moved.is_cancelled(), "moved primary ends its sessions");
+        assert!(c.moved.is_cancelled(), "removed database ends its sessions");
+        assert!(!store.load().route("b").unwrap().moved.is_cancelled());
+    }
+
+    #[test]
+    fn invalid_tables_are_refused_with_the_reason() {
+        let store = RouteStore::default();
+        for (addr, why) in
+            [("nohost", "host:port"), ("h:0", "port"), (":5", "host"), ("::1:5", "IPv6")]
+        {
+            let err = store.replace(table(1, &[("a", addr)])).unwrap_err().to_string();
+            assert!(err.contains(why), "{addr}: {err}");
+        }
+        assert!(store.replace(table(1, &[("", "h:1")])).is_err());
+        assert!(store.replace(table(1, &[("a", "[::1]:5432")])).is_ok());
+        assert_eq!(store.load().epoch(), 1);
+    }
+}

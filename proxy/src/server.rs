@@ -1,0 +1,143 @@
+//! The proxy's tasks: accept loop, admin API, SIGHUP certificate reload, graceful shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use pgwarden_api::RoutingTable;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, info_span, warn, Instrument};
+
+use crate::cancel::CancelMap;
+use crate::metrics::Metrics;
+use crate::routes::RouteStore;
+use crate::tls::TlsStore;
+use crate::{admin, session, Config, Shared};
+
+/// How long sessions get to send their final error once they are told to end.
+const TERMINATE_WAIT: Duration = Duration::from_secs(5);
+
+/// Already-bound sockets, so that callers (and tests) choose the addresses.
+pub struct Listeners {
+    pub clients: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `listen` and `admin_listen` of the configuration.
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let clients = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.admin_listen))?;
+        Ok(Self { clients, admin })
+    }
+}
+
+/// Runs the proxy until `shutdown` is cancelled, then stops accepting, lets sessions finish for
+/// the configured grace period and ends the rest with `57P01`.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let shared = Arc::new(Shared {
+        admin_token: config.resolve_admin_token()?,
+        limits: config.limits.clone(),
+        routes: RouteStore::default(),
+        tls: TlsStore::load(config.tls.clone()).context("cannot load TLS certificate")?,
+        cancels: Arc::new(CancelMap::default()),
+        metrics: Metrics::new(),
+        draining: CancellationToken::new(),
+        terminate: CancellationToken::new(),
+    });
+    if let Some(path) = &config.routes_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read routes_file {}", path.display()))?;
+        let table: RoutingTable = serde_json::from_str(&text)
+            .with_context(|| format!("invalid routes_file {}", path.display()))?;
+        let epoch = shared
+            .routes
+            .replace(table)
+            .with_context(|| format!("routes_file {}", path.display()))?;
+        shared.metrics.epoch.set(epoch as i64);
+    }
+    info!(
+        listen = %listeners.clients.local_addr()?,
+        admin = %listeners.admin.local_addr()?,
+        tls = config.tls.is_some(),
+        "proxy started"
+    );
+
+    let admin_server = axum::serve(listeners.admin, admin::router(Arc::clone(&shared)))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let admin_task = tokio::spawn(async move {
+        if let Err(e) = admin_server.await {
+            error!(error = %e, "admin API failed");
+        }
+    });
+    // Installed before serving, so a SIGHUP never finds the default action (exit) in place.
+    let hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
+    let reload_task = tokio::spawn(reload_on_sighup(hup, Arc::clone(&shared), shutdown.clone()));
+
+    let tracker = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listeners.clients.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let _ = tcp.set_nodelay(true);
+                let span = info_span!(
+                    "session",
+                    %peer,
+                    database = tracing::field::Empty,
+                    user = tracing::field::Empty,
+                    node = tracing::field::Empty
+                );
+                tracker.spawn(session::serve(tcp, Arc::clone(&shared)).instrument(span));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    drop(listeners.clients);
+    shared.draining.cancel();
+    tracker.close();
+    let grace = shared.limits.shutdown_grace();
+    info!(sessions = tracker.len(), grace_secs = grace.as_secs_f64(), "draining sessions");
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        info!(sessions = tracker.len(), "grace period over, ending remaining sessions");
+        shared.terminate.cancel();
+        if tokio::time::timeout(TERMINATE_WAIT, tracker.wait()).await.is_err() {
+            warn!(sessions = tracker.len(), "sessions still open at exit");
+        }
+    }
+    reload_task.abort();
+    let _ = admin_task.await;
+    info!("proxy stopped");
+    Ok(())
+}
+
+async fn reload_on_sighup(mut hup: Signal, shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = hup.recv() => match shared.tls.reload() {
+                Ok(()) => info!("TLS certificate reloaded"),
+                Err(e) => error!(error = %e, "TLS certificate reload failed; keeping the previous one"),
+            },
+        }
+    }
+}

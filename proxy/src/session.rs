@@ -1,0 +1,205 @@
+//! One client connection from accept to close: handshake, routing, authentication through the
+//! node, then the byte pump until either side ends or the proxy ends the session.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn, Span};
+
+use crate::auth::{self, AuthError};
+use crate::cancel;
+use crate::handshake::{self, refuse, Handshake, HandshakeError, Startup};
+use crate::metrics::{CancelResult, ConnectionGauge, Rejection, Termination};
+use crate::passthrough::{self, RelayEnd};
+use crate::protocol::SqlState;
+use crate::routes::Route;
+use crate::Shared;
+
+/// How long the proxy waits for a node to finish its current message before ending a session.
+const STOP_DRAIN: Duration = Duration::from_secs(2);
+/// Routing attempts when the primary moves while a session is being set up.
+const ROUTE_ATTEMPTS: usize = 3;
+
+pub async fn serve(tcp: TcpStream, shared: Arc<Shared>) {
+    let _gauge = ConnectionGauge::new(&shared.metrics.client_connections);
+    let over_limit =
+        shared.metrics.client_connections.get() as usize > shared.limits.max_client_connections;
+    let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout();
+    let started = tokio::time::timeout_at(deadline, async {
+        let hs =
+            handshake::accept(tcp, &shared.tls, shared.limits.max_startup_packet, &shared.metrics)
+                .await;
+        match hs {
+            Ok(Handshake::Cancel(key)) => {
+                forward_cancel(&shared, key).await;
+                None
+            }
+            Ok(Handshake::Startup(startup)) => start_session(startup, &shared, over_limit).await,
+            Err(e) => {
+                shared.metrics.rejected(match e {
+                    HandshakeError::Protocol(_) => Rejection::Malformed,
+                    HandshakeError::Tls(_) => Rejection::TlsFailed,
+                    HandshakeError::Io(_) => Rejection::ClientGone,
+                });
+                debug!(error = %e, "handshake failed");
+                None
+            }
+        }
+    })
+    .await;
+    let Some(session) = started.unwrap_or_else(|_| {
+        shared.metrics.rejected(Rejection::HandshakeTimeout);
+        debug!("client did not complete its handshake in time");
+        None
+    }) else {
+        return;
+    };
+    run_session(session, &shared).await;
+}
+
+/// An authenticated session, ready to relay.
+struct Session {
+    client: crate::stream::ClientStream,
+    node: TcpStream,
+    route: Arc<Route>,
+    database: String,
+    auth: auth::Authenticated,
+}
+
+async fn forward_cancel(shared: &Shared, key: cancel::CancelKey) {
+    let Some(target) = shared.cancels.target(key) else {
+        shared.metrics.cancel_request(CancelResult::UnknownKey);
+        debug!("cancel request with an unknown key");
+        return;
+    };
+    match cancel::forward(target, shared.limits.backend_connect_timeout()).await {
+        Ok(()) => shared.metrics.cancel_request(CancelResult::Forwarded),
+        Err(e) => {
+            shared.metrics.cancel_request(CancelResult::Failed);
+            warn!(node = %target.node, error = %e, "could not forward cancel request");
+        }
+    }
+}
+
+async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> Option<Session> {
+    let Startup { mut stream, params, packet } = startup;
+    let span = Span::current();
+    span.record("user", params.user.as_str());
+    span.record("database", params.database.as_str());
+    let metrics = &shared.metrics;
+    if over_limit {
+        metrics.rejected(Rejection::TooManyClients);
+        refuse(&mut stream, SqlState::TooManyConnections, "sorry, too many clients already").await;
+        return None;
+    }
+    if shared.draining.is_cancelled() {
+        metrics.rejected(Rejection::ShuttingDown);
+        refuse(&mut stream, SqlState::CannotConnectNow, "the proxy is shutting down").await;
+        return None;
+    }
+    for _ in 0..ROUTE_ATTEMPTS {
+        let Some(route) = shared.routes.load().route(&params.database) else {
+            metrics.rejected(Rejection::UnknownDatabase);
+            let message = format!("database \"{}\" does not exist", params.database);
+            refuse(&mut stream, SqlState::UnknownDatabase, &message).await;
+            return None;
+        };
+        if route.force_tls && !stream.is_tls() {
+            metrics.rejected(Rejection::TlsRequired);
+            let message = format!(
+                "TLS is required for database \"{}\": connect with sslmode=require",
+                params.database
+            );
+            refuse(&mut stream, SqlState::InvalidAuthorization, &message).await;
+            return None;
+        }
+        let mut node = match connect(&route.primary, shared).await {
+            Ok(node) => node,
+            Err(e) => {
+                metrics.rejected(Rejection::NoPrimary);
+                warn!(node = %route.primary, error = %e, "primary unreachable");
+                let message = format!(
+                    "no primary is reachable for database \"{}\" right now; retry shortly",
+                    params.database
+                );
+                refuse(&mut stream, SqlState::CannotConnectNow, &message).await;
+                return None;
+            }
+        };
+        if route.moved.is_cancelled() {
+            continue;
+        }
+        span.record("node", route.primary.as_str());
+        let node_addr = node.peer_addr().ok()?;
+        return match auth::relay(&mut stream, &mut node, node_addr, &packet, &shared.cancels).await
+        {
+            Ok(auth) => {
+                metrics.accepted.inc();
+                Some(Session { client: stream, node, route, database: params.database, auth })
+            }
+            Err(AuthError::Refused) => None,
+            Err(e) => {
+                debug!(error = %e, "authentication relay failed");
+                if matches!(e, AuthError::NodeProtocol | AuthError::Node(_)) {
+                    let message = "lost connection to the database node during authentication";
+                    refuse(&mut stream, SqlState::CannotConnectNow, message).await;
+                }
+                None
+            }
+        };
+    }
+    metrics.rejected(Rejection::NoPrimary);
+    let message = format!("the primary of database \"{}\" is moving; retry", params.database);
+    refuse(&mut stream, SqlState::CannotConnectNow, &message).await;
+    None
+}
+
+async fn connect(addr: &str, shared: &Shared) -> std::io::Result<TcpStream> {
+    let start = Instant::now();
+    let node =
+        tokio::time::timeout(shared.limits.backend_connect_timeout(), TcpStream::connect(addr))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    shared.metrics.backend_connect_seconds.observe(start.elapsed().as_secs_f64());
+    node.set_nodelay(true)?;
+    Ok(node)
+}
+
+async fn run_session(session: Session, shared: &Shared) {
+    let Session { mut client, mut node, route, database, auth } = session;
+    let stop = async {
+        tokio::select! {
+            () = route.moved.cancelled() => Termination::PrimaryMoved,
+            () = shared.terminate.cancelled() => Termination::Shutdown,
+        }
+    };
+    let counters =
+        (shared.metrics.bytes_from_clients.clone(), shared.metrics.bytes_to_clients.clone());
+    let end =
+        passthrough::relay(&mut client, &mut node, stop, STOP_DRAIN, &auth.leftover, counters)
+            .await;
+    drop(auth);
+    match end {
+        RelayEnd::ClientClosed | RelayEnd::NodeClosed => debug!(?end, "session ended"),
+        RelayEnd::ClientError(e) => debug!(error = %e, "client connection failed"),
+        RelayEnd::NodeError(e) => info!(error = %e, "node connection failed"),
+        RelayEnd::Stopped { reason: why, at_boundary } => {
+            shared.metrics.terminated(why);
+            let message = match why {
+                Termination::PrimaryMoved => format!(
+                    "terminating connection because the primary of database \"{database}\" moved; \
+                     reconnect to reach the new primary"
+                ),
+                Termination::Shutdown => {
+                    "terminating connection because the proxy is shutting down".to_owned()
+                }
+            };
+            info!(reason = ?why, at_boundary, "ending session");
+            drop(node);
+            if at_boundary {
+                refuse(&mut client, SqlState::AdminShutdown, &message).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! End-to-end harness for `tests/` and `benches/`: real PostgreSQL 15 nodes started from this
+//! process, a real pgwarden proxy, and the real clients (`psql`, `pgbench`).
+//!
+//! - `node.rs`: [`PgNode`], a PostgreSQL server in a temp dir on a free port, run as an
+//!   unprivileged OS user when the tests run as root.
+//! - `proxy.rs`: [`TestProxy`], the proxy started in-process on `127.0.0.1:0`.
+//! - `http.rs`: a minimal HTTP/1.1 client for admin APIs.
+//! - `clients.rs`: `psql` and `pgbench` runners.
+#![forbid(unsafe_code)]
+
+mod clients;
+mod http;
+mod node;
+mod proxy;
+
+pub use clients::{pg_bin, psql, ClientOutput};
+pub use http::{http_request, HttpResponse};
+pub use node::{free_port, NodeOptions, PgNode, TEST_PASSWORD};
+pub use proxy::{TestCerts, TestProxy};

@@ -1,0 +1,158 @@
+//! The pgwarden proxy, started in-process on free loopback ports, and the test certificates.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use pgwarden_api::{DatabaseRoute, RoutingTable};
+use pgwarden_certs::Ca;
+use pgwarden_proxy::config::{Limits, TlsFiles};
+use pgwarden_proxy::{Config, Listeners};
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{http_request, HttpResponse};
+
+/// A CA and a server certificate for `localhost`/`127.0.0.1`, on disk.
+pub struct TestCerts {
+    pub dir: tempfile::TempDir,
+    pub ca: Ca,
+}
+
+impl TestCerts {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::generate().expect("CA");
+        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).expect("write CA");
+        let certs = Self { dir, ca };
+        certs.reissue_server(&certs.ca);
+        certs
+    }
+
+    /// Writes a new server certificate signed by `ca` over the current files.
+    pub fn reissue_server(&self, ca: &Ca) {
+        let server = ca.issue_server(&["localhost", "127.0.0.1"]).expect("issue");
+        server.write(&self.cert_path(), &self.key_path()).expect("write server cert");
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.path().join("server.crt")
+    }
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.path().join("server.key")
+    }
+    pub fn files(&self) -> TlsFiles {
+        TlsFiles { cert: self.cert_path(), key: self.key_path() }
+    }
+}
+
+impl Default for TestCerts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A running proxy. Dropping it shuts it down.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub token: String,
+    pub shutdown: CancellationToken,
+    pub task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestProxy {
+    /// Starts a proxy with `limits`, optional client TLS, and no routes.
+    pub async fn start(limits: Limits, tls: Option<TlsFiles>) -> Self {
+        let token = format!("test-token-{}", std::process::id());
+        let mut config = Config::with_token(token.clone());
+        config.limits = limits;
+        config.tls = tls;
+        let listeners = Listeners {
+            clients: tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        };
+        let addr = listeners.clients.local_addr().expect("addr");
+        let admin = listeners.admin.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(pgwarden_proxy::run(config, listeners, shutdown.clone()));
+        Self { addr, admin, token, shutdown, task: Some(task) }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// `PUT /v1/routes` with the admin token.
+    pub async fn put_routes(&self, table: &RoutingTable) -> HttpResponse {
+        let body = serde_json::to_string(table).expect("json");
+        self.admin_request("PUT", "/v1/routes", Some(&self.token.clone()), Some(body)).await
+    }
+
+    /// Routes each `(database, primary, force_tls)` at `epoch`; panics unless accepted.
+    pub async fn route(&self, epoch: u64, databases: &[(&str, &str, bool)]) {
+        let table = RoutingTable {
+            epoch,
+            databases: databases
+                .iter()
+                .map(|(db, primary, force_tls)| {
+                    let route = DatabaseRoute {
+                        force_tls: *force_tls,
+                        primary: primary.to_string(),
+                        replicas: vec![],
+                    };
+                    (db.to_string(), route)
+                })
+                .collect(),
+        };
+        let answer = self.put_routes(&table).await;
+        assert_eq!(answer.status, 200, "routes refused: {}", answer.body);
+    }
+
+    pub async fn admin_request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<String>,
+    ) -> HttpResponse {
+        let (admin, method, path) = (self.admin, method.to_owned(), path.to_owned());
+        let token = token.map(str::to_owned);
+        tokio::task::spawn_blocking(move || {
+            http_request(admin, &method, &path, token.as_deref(), body.as_deref())
+        })
+        .await
+        .expect("join")
+        .expect("admin request")
+    }
+
+    /// Current value of one metric series (the whole `name{labels}` as printed), 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.admin_request("GET", "/metrics", None, None).await.body;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .map(|v| v.trim().parse().expect("number"))
+            .unwrap_or(0.0)
+    }
+
+    /// libpq connection string for `database` as `user` through the proxy.
+    pub fn conninfo(&self, database: &str, user: &str, extra: &str) -> String {
+        format!("host=127.0.0.1 port={} dbname={database} user={user} {extra}", self.port())
+    }
+
+    /// Stops the proxy as SIGTERM would, and waits for it to exit.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        match self.task.take() {
+            Some(task) => task.await.expect("proxy task panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
