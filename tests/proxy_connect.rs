@@ -89,7 +89,7 @@ async fn force_tls_refuses_plaintext_with_28000() {
     let proxy = TestProxy::start(Limits::default(), Some(certs.files())).await;
     proxy.route(1, &[("app", &node.address(), true)]).await;
 
-    let err = connect(&proxy, "app", "app").await.err().expect("plaintext must be refused");
+    let err = connect(&proxy, "app", "app").await.expect_err("plaintext must be refused");
     assert_eq!(err.code(), Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION), "{err}");
     let message = err.as_db_error().expect("db error").message().to_owned();
     assert!(
@@ -116,12 +116,12 @@ async fn unknown_database_and_unreachable_primary_have_their_sqlstates() {
     let closed = format!("127.0.0.1:{}", pgwarden_e2e::free_port());
     proxy.route(1, &[("app", &node.address(), false), ("gone", &closed, false)]).await;
 
-    let err = connect(&proxy, "nope", "app").await.err().expect("unknown database");
+    let err = connect(&proxy, "nope", "app").await.expect_err("unknown database");
     assert_eq!(err.code(), Some(&SqlState::INVALID_CATALOG_NAME), "{err}");
     let message = err.as_db_error().expect("db error").message();
     assert_eq!(message, "database \"nope\" does not exist");
 
-    let err = connect(&proxy, "gone", "app").await.err().expect("no primary");
+    let err = connect(&proxy, "gone", "app").await.expect_err("no primary");
     assert_eq!(err.code(), Some(&SqlState::CANNOT_CONNECT_NOW), "{err}");
 
     // The proxy is still fine for everyone else.
@@ -260,7 +260,7 @@ async fn too_many_clients_get_53300() {
     proxy.route(1, &[("app", &node.address(), false)]).await;
     let a = connect(&proxy, "app", "app").await.expect("first");
     let b = connect(&proxy, "app", "app").await.expect("second");
-    let err = connect(&proxy, "app", "app").await.err().expect("third is refused");
+    let err = connect(&proxy, "app", "app").await.expect_err("third is refused");
     assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
     drop(a);
     // The slot frees once the first session is gone.

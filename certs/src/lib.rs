@@ -172,18 +172,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn issued_certificates_chain_to_a_reloaded_ca() {
+    fn certificates_from_a_reloaded_ca_verify_against_the_original() {
         let ca = Ca::generate().unwrap();
         let reloaded = Ca::from_pem(&ca.pem().cert_pem, &ca.pem().key_pem).unwrap();
         let server = reloaded.issue_server(&["localhost", "127.0.0.1"]).unwrap();
-        assert!(server.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
-        assert!(server.key_pem.contains("PRIVATE KEY"));
-        assert!(reloaded.issue_server(&["bad name with spaces\u{0}"]).is_err());
+        let client = reloaded.issue_client("app").unwrap();
+        let dir = tempfile_dir("verify");
+        fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
+        for (name, cert) in [("server", &server), ("client", &client)] {
+            let path = dir.join(format!("{name}.crt"));
+            fs::write(&path, &cert.cert_pem).unwrap();
+            let out = std::process::Command::new("openssl")
+                .arg("verify")
+                .arg("-CAfile")
+                .arg(dir.join("ca.crt"))
+                .arg(&path)
+                .output()
+                .expect("openssl");
+            assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        assert!(reloaded.issue_server(&["caf\u{e9}.example"]).is_err(), "non-ASCII DNS name");
+        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn load_or_create_keeps_the_same_ca() {
-        let dir = tempfile_dir();
+        let dir = tempfile_dir("reload");
         let first = Ca::load_or_create(&dir).unwrap();
         let second = Ca::load_or_create(&dir).unwrap();
         assert_eq!(first.cert_pem(), second.cert_pem());
@@ -192,8 +206,9 @@ mod tests {
         fs::remove_dir_all(dir).unwrap();
     }
 
-    fn tempfile_dir() -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("pgwarden-certs-{}", std::process::id()));
+    fn tempfile_dir(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("pgwarden-certs-{name}-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         dir
     }

@@ -104,28 +104,22 @@ pub enum StartupParseError {
 
 /// Parses the `name\0value\0...\0` list of a startup packet.
 pub fn parse_startup_params(body: &[u8]) -> Result<StartupParams, StartupParseError> {
-    let Some((&0, list)) = body.split_last() else {
-        return Err(StartupParseError::Layout);
+    let list = body.strip_suffix(&[0]).ok_or(StartupParseError::Layout)?;
+    let items: Vec<&[u8]> = match list {
+        [] => Vec::new(),
+        _ => list.strip_suffix(&[0]).ok_or(StartupParseError::Layout)?.split(|&b| b == 0).collect(),
     };
-    let mut fields = list.split(|&b| b == 0);
+    let pairs = items.chunks_exact(2);
+    if !pairs.remainder().is_empty() {
+        return Err(StartupParseError::Layout);
+    }
     let (mut user, mut database) = (None, None);
-    if !list.is_empty() {
-        if list.last() != Some(&0) {
-            return Err(StartupParseError::Layout);
-        }
-        // The list ends with the value's terminator, so the final split piece is empty.
-        let mut items: Vec<&[u8]> = fields.by_ref().collect();
-        items.pop();
-        if items.len() % 2 != 0 {
-            return Err(StartupParseError::Layout);
-        }
-        for pair in items.chunks(2) {
-            let value = std::str::from_utf8(pair[1]).map_err(|_| StartupParseError::Encoding)?;
-            match pair[0] {
-                b"user" => user = Some(value.to_owned()),
-                b"database" => database = Some(value.to_owned()),
-                _ => {}
-            }
+    for pair in pairs {
+        let value = std::str::from_utf8(pair[1]).map_err(|_| StartupParseError::Encoding)?;
+        match pair[0] {
+            b"user" => user = Some(value.to_owned()),
+            b"database" => database = Some(value.to_owned()),
+            _ => {}
         }
     }
     let user = user.filter(|u| !u.is_empty()).ok_or(StartupParseError::NoUser)?;

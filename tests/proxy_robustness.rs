@@ -1,0 +1,189 @@
+//! Hostile and broken clients: malformed startup packets as raw bytes, clients that stop
+//! half-way or never speak. Each is answered or closed while everyone else is served. Then real
+//! load: pgbench in every query mode.
+
+use std::time::{Duration, Instant};
+
+use pgwarden_e2e::{pg_bin, ClientOutput, PgNode, TestProxy, TEST_PASSWORD};
+use pgwarden_proxy::config::Limits;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::NoTls;
+
+async fn assert_serving(proxy: &TestProxy) {
+    let conninfo = proxy.conninfo("app", "app", &format!("password={TEST_PASSWORD}"));
+    let (client, connection) =
+        tokio_postgres::connect(&conninfo, NoTls).await.expect("proxy still serves");
+    tokio::spawn(connection);
+    client.simple_query("SELECT 1").await.expect("query");
+}
+
+/// Sends `bytes` and half-closes, then reads until the proxy closes; returns what it answered.
+/// (A client that sends a partial packet and then waits is the handshake-timeout test's case.)
+async fn exchange(proxy: &TestProxy, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    // The proxy may close before reading everything; that is a valid answer too.
+    let _ = s.write_all(bytes).await;
+    let _ = s.shutdown().await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    assert!(
+        read.is_ok(),
+        "proxy neither answered nor closed for {:?}",
+        &bytes[..bytes.len().min(16)]
+    );
+    answer
+}
+
+/// The SQLSTATE of an `ErrorResponse` answer: fields are a type byte then a C string.
+fn sqlstate(answer: &[u8]) -> Option<String> {
+    if answer.first() != Some(&b'E') || answer.len() < 5 {
+        return None;
+    }
+    let mut fields = &answer[5..];
+    while let Some((&kind, rest)) = fields.split_first() {
+        let end = rest.iter().position(|&b| b == 0)?;
+        if kind == b'C' {
+            return Some(String::from_utf8_lossy(&rest[..end]).into_owned());
+        }
+        fields = &rest[end + 1..];
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_startup_packets_get_08p01_and_others_keep_working() {
+    let node = PgNode::start();
+    let proxy = TestProxy::start(Limits::default(), None).await;
+    proxy.route(1, &[("app", &node.address(), false)]).await;
+    // Someone holds an established session throughout.
+    let conninfo = proxy.conninfo("app", "app", &format!("password={TEST_PASSWORD}"));
+    let (bystander, connection) = tokio_postgres::connect(&conninfo, NoTls).await.unwrap();
+    tokio::spawn(connection);
+
+    for (what, packet) in [
+        ("length below 8", 4i32.to_be_bytes().to_vec()),
+        ("negative length", (-1i32).to_be_bytes().to_vec()),
+        ("length above 10000", [10_001i32.to_be_bytes(), 196_608u32.to_be_bytes()].concat()),
+        ("huge length", [i32::MAX.to_be_bytes(), 196_608u32.to_be_bytes()].concat()),
+    ] {
+        let answer = exchange(&proxy, &packet).await;
+        assert_eq!(sqlstate(&answer).as_deref(), Some("08P01"), "{what}: {answer:?}");
+    }
+    let mut bad_params = 196_608u32.to_be_bytes().to_vec();
+    bad_params.extend_from_slice(b"user\0app\0database");
+    let packet = [((bad_params.len() + 4) as i32).to_be_bytes().to_vec(), bad_params].concat();
+    assert_eq!(sqlstate(&exchange(&proxy, &packet).await).as_deref(), Some("08P01"));
+    let wrong_version = [8i32.to_be_bytes(), 0x0002_0000u32.to_be_bytes()].concat();
+    let answer = exchange(&proxy, &wrong_version).await;
+    assert_eq!(sqlstate(&answer).as_deref(), Some("08P01"));
+    assert!(String::from_utf8_lossy(&answer).contains("unsupported frontend protocol 2.0"));
+
+    // Random garbage of every shape: answered or closed, never a hang or a crash.
+    for seed in 0..50u32 {
+        let len = 1 + (seed as usize * 97) % 3000;
+        let garbage: Vec<u8> = (0..len).map(|_| rand::random()).collect();
+        let _ = exchange(&proxy, &garbage).await;
+    }
+    // Cut off mid-packet: a length of 100 then 10 bytes, then close.
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(&100i32.to_be_bytes()).await.unwrap();
+        s.write_all(&[1; 10]).await.unwrap();
+        drop(s);
+    }
+    assert_serving(&proxy).await;
+    bystander.simple_query("SELECT 1").await.expect("established session untouched");
+    let malformed = proxy
+        .metric("pgwarden_proxy_connections_rejected_total{reason=\"malformed_startup\"}")
+        .await;
+    assert!(malformed >= 6.0, "{malformed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_slow_clients_are_cut_off_without_holding_back_others() {
+    let node = PgNode::start();
+    let limits = Limits { handshake_timeout_secs: 1.0, ..Limits::default() };
+    let proxy = TestProxy::start(limits, None).await;
+    proxy.route(1, &[("app", &node.address(), false)]).await;
+
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
+    // A slow sender: half a startup packet, then nothing.
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(&[0, 0, 0, 40, 0, 3]).await.unwrap();
+    // An SSL request answered, then silence (no TLS handshake).
+    let mut stuck_ssl = TcpStream::connect(proxy.addr).await.unwrap();
+    stuck_ssl.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+
+    // Meanwhile others connect and query at once.
+    assert_serving(&proxy).await;
+    assert!(started.elapsed() < Duration::from_millis(900), "others were held back");
+
+    for stream in [&mut silent, &mut slow, &mut stuck_ssl] {
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "connection not closed");
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(950) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
+    assert_eq!(
+        proxy
+            .metric("pgwarden_proxy_connections_rejected_total{reason=\"handshake_timeout\"}")
+            .await,
+        3.0
+    );
+    assert_serving(&proxy).await;
+}
+
+fn pgbench(args: &[&str], conninfo_port: u16) -> ClientOutput {
+    let mut cmd = std::process::Command::new(pg_bin("pgbench"));
+    cmd.args(["-h", "127.0.0.1", "-p", &conninfo_port.to_string(), "-U", "app"])
+        .args(args)
+        .arg("app")
+        .env("PGPASSWORD", TEST_PASSWORD);
+    ClientOutput::from_command(&mut cmd)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_select_only_in_every_query_mode() {
+    let node = PgNode::start();
+    let proxy = TestProxy::start(Limits::default(), None).await;
+    proxy.route(1, &[("app", &node.address(), false)]).await;
+    let port = proxy.port();
+    let init =
+        tokio::task::spawn_blocking(move || pgbench(&["-i", "-s", "1", "-q"], port)).await.unwrap();
+    assert!(init.success, "pgbench -i: {}", init.stderr);
+    for mode in ["simple", "extended", "prepared"] {
+        let out = tokio::task::spawn_blocking(move || {
+            pgbench(&["-S", "-M", mode, "-c", "4", "-j", "2", "-t", "300"], port)
+        })
+        .await
+        .unwrap();
+        assert!(out.success, "-M {mode}: {}{}", out.stdout, out.stderr);
+        assert!(
+            out.stdout.contains("number of transactions actually processed: 1200/1200"),
+            "-M {mode}: {}",
+            out.stdout
+        );
+        assert!(
+            out.stdout.contains("number of failed transactions: 0"),
+            "-M {mode}: {}",
+            out.stdout
+        );
+    }
+    // Reconnect per transaction and the write workload too.
+    let out = tokio::task::spawn_blocking(move || pgbench(&["-C", "-c", "4", "-t", "50"], port))
+        .await
+        .unwrap();
+    assert!(
+        out.success && out.stdout.contains("number of failed transactions: 0"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+}

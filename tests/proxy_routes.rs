@@ -1,0 +1,243 @@
+//! The proxy's admin API and routing table: hot swaps, refused tables, certificate reload and
+//! graceful shutdown, against real PostgreSQL nodes.
+
+use std::time::{Duration, Instant};
+
+use pgwarden_e2e::{psql, PgNode, TestCerts, TestProxy, TEST_PASSWORD};
+use pgwarden_proxy::config::Limits;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+async fn connect(proxy: &TestProxy, database: &str) -> tokio_postgres::Client {
+    let conninfo = proxy.conninfo(database, "app", &format!("password={TEST_PASSWORD}"));
+    let (client, connection) = tokio_postgres::connect(&conninfo, NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+async fn server_port(client: &tokio_postgres::Client) -> Result<i32, tokio_postgres::Error> {
+    Ok(client.query_one("SELECT inet_server_port()", &[]).await?.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_sends_new_sessions_to_the_new_primary_and_ends_old_ones() {
+    let (a, b) = (PgNode::start(), PgNode::start());
+    b.superuser_sql("CREATE DATABASE other OWNER app");
+    a.superuser_sql("CREATE DATABASE other OWNER app");
+    let proxy = TestProxy::start(Limits::default(), None).await;
+    proxy.route(1, &[("app", &a.address(), false), ("other", &a.address(), false)]).await;
+
+    let on_old = connect(&proxy, "app").await;
+    assert_eq!(server_port(&on_old).await.unwrap(), a.port as i32);
+    let unaffected = connect(&proxy, "other").await;
+    // A session in the middle of a transaction when the primary moves.
+    on_old.batch_execute("BEGIN; CREATE TEMP TABLE t(x int)").await.unwrap();
+
+    proxy.route(2, &[("app", &b.address(), false), ("other", &a.address(), false)]).await;
+
+    let err = server_port(&on_old).await.expect_err("session on the old primary must end");
+    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err:?}");
+    assert!(err.as_db_error().unwrap().message().contains("primary of database \"app\" moved"));
+    let fresh = connect(&proxy, "app").await;
+    assert_eq!(server_port(&fresh).await.unwrap(), b.port as i32);
+    assert_eq!(
+        server_port(&unaffected).await.unwrap(),
+        a.port as i32,
+        "unchanged route, session kept"
+    );
+    assert_eq!(
+        proxy.metric("pgwarden_proxy_sessions_terminated_total{reason=\"primary_moved\"}").await,
+        1.0
+    );
+    assert_eq!(proxy.metric("pgwarden_proxy_epoch").await, 2.0);
+
+    // Removing a database ends its sessions too, and new ones get 3D000.
+    proxy.route(3, &[("app", &b.address(), false)]).await;
+    let err = server_port(&unaffected).await.expect_err("database removed");
+    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN));
+    let conninfo = proxy.conninfo("other", "app", &format!("password={TEST_PASSWORD}"));
+    let Err(err) = tokio_postgres::connect(&conninfo, NoTls).await else {
+        panic!("a removed database must not be routed");
+    };
+    assert_eq!(err.code(), Some(&SqlState::INVALID_CATALOG_NAME));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_ended_mid_result_gets_the_error_after_a_whole_message() {
+    use futures_util::{pin_mut, StreamExt};
+    let (a, b) = (PgNode::start(), PgNode::start());
+    let proxy = TestProxy::start(Limits::default(), None).await;
+    proxy.route(1, &[("app", &a.address(), false)]).await;
+    let client = connect(&proxy, "app").await;
+    // Rows of odd sizes, read slowly: when the swap lands the proxy holds a partly relayed row.
+    let sql = "SELECT repeat('x', 997 + i % 13) FROM generate_series(1, 1000000) i";
+    let rows = client.query_raw(sql, std::iter::empty::<i32>()).await.expect("query");
+    pin_mut!(rows);
+    for _ in 0..1000 {
+        rows.next().await.expect("row").expect("row");
+    }
+    proxy.route(2, &[("app", &b.address(), false)]).await;
+    let mut received = 1000;
+    let err = loop {
+        match rows.next().await {
+            Some(Ok(_)) => received += 1,
+            Some(Err(e)) => break e,
+            None => panic!("result completed: the swap did not end the session"),
+        }
+        if received % 1000 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    // A torn message would surface as a protocol or I/O error, not as the proxy's FATAL.
+    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err:?} after {received} rows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_refuses_bad_requests_and_keeps_the_table() {
+    let node = PgNode::start();
+    let proxy = TestProxy::start(Limits::default(), None).await;
+    proxy.route(5, &[("app", &node.address(), false)]).await;
+    let valid = r#"{"epoch": 9, "databases": {"app": {"primary": "127.0.0.1:1"}}}"#.to_owned();
+
+    let r = proxy.admin_request("PUT", "/v1/routes", None, Some(valid.clone())).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "unauthorized");
+    let r = proxy.admin_request("PUT", "/v1/routes", Some("wrong"), Some(valid.clone())).await;
+    assert_eq!(r.status, 401);
+    let r = proxy.admin_request("GET", "/v1/routes", None, None).await;
+    assert_eq!(r.status, 401);
+
+    let token = Some(proxy.token.as_str());
+    let r = proxy.admin_request("PUT", "/v1/routes", token, Some("{not json".into())).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "invalid_routing_table");
+    let bad_addr = r#"{"epoch": 9, "databases": {"app": {"primary": "127.0.0.1"}}}"#;
+    let r = proxy.admin_request("PUT", "/v1/routes", token, Some(bad_addr.into())).await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("host:port"), "{}", r.body);
+    let unknown_key =
+        r#"{"epoch": 9, "databases": {"app": {"primary": "127.0.0.1:1", "forcetls": true}}}"#;
+    let r = proxy.admin_request("PUT", "/v1/routes", token, Some(unknown_key.into())).await;
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("forcetls"), "{}", r.body);
+
+    let stale = r#"{"epoch": 5, "databases": {}}"#;
+    let r = proxy.admin_request("PUT", "/v1/routes", token, Some(stale.into())).await;
+    assert_eq!(r.status, 409);
+    assert_eq!(r.json()["error"]["code"], "stale_epoch");
+
+    // Nothing changed: same epoch, same table, sessions still routed.
+    let r = proxy.admin_request("GET", "/v1/routes", token, None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["epoch"], 5);
+    assert_eq!(r.json()["databases"]["app"]["primary"], node.address());
+    let client = connect(&proxy, "app").await;
+    assert_eq!(server_port(&client).await.unwrap(), node.port as i32);
+
+    let health = proxy.admin_request("GET", "/health", None, None).await;
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json(), serde_json::json!({"role": "active", "epoch": 5}));
+    assert_eq!(proxy.admin_request("GET", "/active", None, None).await.status, 200);
+    let metrics = proxy.admin_request("GET", "/metrics", None, None).await.body;
+    for name in [
+        "pgwarden_proxy_client_connections",
+        "pgwarden_proxy_connections_accepted_total",
+        "pgwarden_proxy_connections_rejected_total",
+        "pgwarden_proxy_tls_handshakes_total",
+        "pgwarden_proxy_backend_connect_seconds_bucket",
+        "pgwarden_proxy_bytes_total",
+        "pgwarden_proxy_epoch 5",
+        "pgwarden_proxy_route_updates_total{result=\"stale_epoch\"} 1",
+        "pgwarden_proxy_route_updates_total{result=\"invalid\"} 3",
+        "pgwarden_proxy_route_updates_total{result=\"unauthorized\"} 2",
+        "pgwarden_proxy_role{role=\"active\"} 1",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificate_without_dropping_sessions() {
+    let node = PgNode::start();
+    let certs = TestCerts::new();
+    let proxy = TestProxy::start(Limits::default(), Some(certs.files())).await;
+    proxy.route(1, &[("app", &node.address(), false)]).await;
+    let verify = |ca: &std::path::Path| {
+        format!(
+            "host=localhost port={} dbname=app user=app sslmode=verify-full sslrootcert={}",
+            proxy.port(),
+            ca.display()
+        )
+    };
+    let established = connect(&proxy, "app").await;
+
+    let new_ca = pgwarden_certs::Ca::generate().unwrap();
+    let new_ca_path = certs.dir.path().join("new-ca.crt");
+    std::fs::write(&new_ca_path, new_ca.cert_pem()).unwrap();
+    certs.reissue_server(&new_ca);
+    // Before the signal, handshakes still use the old certificate.
+    assert!(psql(&verify(&certs.ca_path()), Some(TEST_PASSWORD), "SELECT 1").success);
+
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = psql(&verify(&new_ca_path), Some(TEST_PASSWORD), "SELECT 1");
+        if out.success {
+            break;
+        }
+        assert!(Instant::now() < deadline, "new certificate never served: {}", out.stderr);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!psql(&verify(&certs.ca_path()), Some(TEST_PASSWORD), "SELECT 1").success);
+    server_port(&established).await.expect("session opened before the reload still works");
+
+    // A broken certificate file is refused and the current one stays in use.
+    std::fs::write(certs.cert_path(), "garbage").unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(psql(&verify(&new_ca_path), Some(TEST_PASSWORD), "SELECT 1").success);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_sessions_finish_then_ends_them_with_57p01() {
+    let node = PgNode::start();
+    let limits = Limits { shutdown_grace_secs: 1.5, ..Limits::default() };
+    let mut proxy = TestProxy::start(limits, None).await;
+    proxy.route(1, &[("app", &node.address(), false)]).await;
+    let conninfo = proxy.conninfo("app", "app", &format!("password={TEST_PASSWORD}"));
+    // An idle session: its connection ends with the proxy's FATAL error.
+    let (_idle, idle_connection) = tokio_postgres::connect(&conninfo, NoTls).await.unwrap();
+    let idle_end = tokio::spawn(idle_connection);
+    let short = connect(&proxy, "app").await;
+    let long = connect(&proxy, "app").await;
+    let in_grace =
+        tokio::spawn(async move { short.simple_query("SELECT pg_sleep(0.5)").await.map(|_| ()) });
+    let past_grace =
+        tokio::spawn(async move { long.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let stopping = Instant::now();
+    let addr = proxy.addr;
+    let stop = tokio::spawn(async move { proxy.stop().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no new clients while draining");
+    in_grace.await.unwrap().expect("a query in progress finishes during the grace period");
+
+    stop.await.unwrap().expect("clean exit");
+    let elapsed = stopping.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1400) && elapsed < Duration::from_secs(5),
+        "{elapsed:?}"
+    );
+    let err = past_grace.await.unwrap().expect_err("ended after the grace period");
+    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err:?}");
+    let err = idle_end.await.unwrap().expect_err("idle session ended");
+    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err:?}");
+}
