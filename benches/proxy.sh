@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Side-by-side proxy benchmark: pgbench against one PostgreSQL 15 node, directly and through
+# pgwarden-proxy, PgBouncer (session mode) and HAProxy (TCP mode), each plain and with TLS.
+#
+#   benches/proxy.sh [seconds-per-run]        (default 10; results on stdout as a Markdown table)
+#
+# TLS: pgwarden-proxy and PgBouncer terminate client TLS and reach the node in plaintext;
+# HAProxy in TCP mode cannot terminate PostgreSQL's in-band TLS, so its TLS row is TLS end to end
+# with PostgreSQL through HAProxy (what HAProxy + Patroni users get). Direct TLS is the baseline
+# for TLS rows. Everything listens on 127.0.0.1; every run is bounded by -T.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-10}
+ROUNDS=${ROUNDS:-1}
+PGBIN=/usr/lib/postgresql/15/bin
+RUN_AS=${PGWARDEN_NODE_USER:-postgres}
+
+scripts/setup.sh --bench >&2
+cargo build --release --locked -p pgwarden-proxy >&2
+
+work=$(mktemp -d /tmp/pgwarden-bench-XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$work/data/postmaster.pid" ] && as_node "$PGBIN/pg_ctl" -D "$work/data" -m fast stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+as_node() { if [ "$(id -u)" = 0 ]; then runuser -u "$RUN_AS" -- "$@"; else "$@"; fi; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Certificates: one CA, one server certificate for 127.0.0.1/localhost used by every TLS server.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
+  -keyout "$work/ca.key" -out "$work/ca.crt" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+  -keyout "$work/server.key" -out "$work/server.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > "$work/san.ext"
+openssl x509 -req -in "$work/server.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key" -CAcreateserial \
+  -days 2 -extfile "$work/san.ext" -out "$work/server.crt" 2>/dev/null
+chmod 600 "$work/server.key"
+
+PG_PORT=$(free_port); PW_PORT=$(free_port); PW_ADMIN=$(free_port); PGB_PORT=$(free_port); HA_PORT=$(free_port)
+PASSWORD=bench-password
+[ "$(id -u)" = 0 ] && chown -R "$RUN_AS" "$work"
+echo "$PASSWORD" > "$work/pw"; [ "$(id -u)" = 0 ] && chown "$RUN_AS" "$work/pw"
+as_node "$PGBIN/initdb" -D "$work/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+  --pwfile="$work/pw" --no-sync >/dev/null
+cat >> "$work/data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$work'
+max_connections = 200
+shared_buffers = 256MB
+ssl = on
+ssl_cert_file = '$work/server.crt'
+ssl_key_file = '$work/server.key'
+CONF
+as_node "$PGBIN/pg_ctl" -D "$work/data" -l "$work/postgres.log" -w start >/dev/null
+psql_su() { as_node "$PGBIN/psql" -X -q -h "$work" -p "$PG_PORT" -U postgres "$@"; }
+psql_su -c "CREATE ROLE bench LOGIN PASSWORD '$PASSWORD'" -c "CREATE DATABASE bench OWNER bench"
+export PGPASSWORD=$PASSWORD
+"$PGBIN/pgbench" -i -q -s 10 -h 127.0.0.1 -p "$PG_PORT" -U bench bench >/dev/null 2>&1
+SCRAM=$(psql_su -At -c "SELECT rolpassword FROM pg_authid WHERE rolname = 'bench'")
+
+# pgwarden-proxy
+cat > "$work/routes.json" <<JSON
+{"epoch": 1, "databases": {"bench": {"primary": "127.0.0.1:$PG_PORT"}}}
+JSON
+cat > "$work/proxy.toml" <<TOML
+listen = "127.0.0.1:$PW_PORT"
+admin_listen = "127.0.0.1:$PW_ADMIN"
+admin_token = "bench"
+routes_file = "$work/routes.json"
+[tls]
+cert = "$work/server.crt"
+key = "$work/server.key"
+TOML
+RUST_LOG=warn target/release/pgwarden-proxy --config "$work/proxy.toml" >"$work/proxy.log" 2>&1 &
+pids+=($!)
+
+# PgBouncer, session mode, client TLS, SCRAM with the role's own secret
+printf '"bench" "%s"\n' "$SCRAM" > "$work/userlist.txt"
+cat > "$work/pgbouncer.ini" <<INI
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGB_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $work/userlist.txt
+pool_mode = session
+max_client_conn = 500
+default_pool_size = 100
+client_tls_sslmode = allow
+client_tls_cert_file = $work/server.crt
+client_tls_key_file = $work/server.key
+logfile = $work/pgbouncer.log
+pidfile = $work/pgbouncer.pid
+INI
+[ "$(id -u)" = 0 ] && chown -R "$RUN_AS" "$work"
+as_node pgbouncer -q "$work/pgbouncer.ini" &
+pids+=($!)
+
+# HAProxy, TCP mode
+cat > "$work/haproxy.cfg" <<CFG
+global
+  maxconn 1000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+listen pg
+  bind 127.0.0.1:$HA_PORT
+  server pg 127.0.0.1:$PG_PORT
+CFG
+haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
+pids+=($!)
+
+for port in $PW_PORT $PGB_PORT $HA_PORT; do
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+done
+
+# name|port|sslmode
+targets=(
+  "direct|$PG_PORT|disable" "pgwarden|$PW_PORT|disable" "pgbouncer|$PGB_PORT|disable" "haproxy|$HA_PORT|disable"
+  "direct|$PG_PORT|require" "pgwarden|$PW_PORT|require" "pgbouncer|$PGB_PORT|require" "haproxy|$HA_PORT|require"
+)
+# name|pgbench arguments
+workloads=(
+  "select-only, 16 clients|-S -c 16 -j 2"
+  "select-only, 1 client|-S -c 1 -j 1"
+  "reconnect storm (-C), 8 clients|-S -C -c 8 -j 2"
+  "tpcb-like, 16 clients|-c 16 -j 2"
+)
+
+declare -A tps lat
+for round in $(seq "$ROUNDS"); do
+  for w in "${workloads[@]}"; do
+    wname=${w%%|*}; wargs=${w#*|}
+    for t in "${targets[@]}"; do
+      IFS='|' read -r name port sslmode <<<"$t"
+      out=$(PGSSLMODE=$sslmode "$PGBIN/pgbench" $wargs -T "$DURATION" -n -h 127.0.0.1 -p "$port" -U bench bench 2>&1) || {
+        echo "pgbench failed for $name/$sslmode/$wname:" >&2; echo "$out" >&2; exit 1; }
+      failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
+      [ "${failed:-0}" = 0 ] || { echo "$name/$sslmode/$wname: $failed failed transactions" >&2; exit 1; }
+      key="$wname|$name|$sslmode"
+      tps[$key]="${tps[$key]:-} $(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")"
+      lat[$key]="${lat[$key]:-} $(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")"
+      echo "round $round: $key tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")" >&2
+    done
+  done
+done
+
+mean() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(f"{sum(v)/len(v):.1f}")' $1; }
+meanl() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(f"{sum(v)/len(v):.3f}")' $1; }
+ratio() { python3 -c 'import sys; print(f"{float(sys.argv[1])/float(sys.argv[2]):.2f}x")' "$1" "$2"; }
+
+echo "| workload | TLS | target | TPS | mean latency (ms) | ratio to direct |"
+echo "|---|---|---|---:|---:|---:|"
+for w in "${workloads[@]}"; do
+  wname=${w%%|*}
+  for t in "${targets[@]}"; do
+    IFS='|' read -r name port sslmode <<<"$t"
+    key="$wname|$name|$sslmode"
+    t_mean=$(mean "${tps[$key]}"); base=$(mean "${tps[$wname|direct|$sslmode]}")
+    tls=$([ "$sslmode" = require ] && echo yes || echo no)
+    label=$name; [ "$name" = haproxy ] && [ "$sslmode" = require ] && label="haproxy (TLS by PostgreSQL)"
+    echo "| $wname | $tls | $label | $t_mean | $(meanl "${lat[$key]}") | $(ratio "$t_mean" "$base") |"
+  done
+done
