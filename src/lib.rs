@@ -6,14 +6,17 @@
 //! - `proxy.rs`: [`TestProxy`], the proxy started in-process on `127.0.0.1:0`.
 //! - `http.rs`: a minimal HTTP/1.1 client for admin APIs.
 //! - `clients.rs`: `psql` and `pgbench` runners.
+//! - `tls.rs`: a rustls client for raw protocol tests over TLS.
 #![forbid(unsafe_code)]
 
 mod clients;
 mod http;
 mod node;
 mod proxy;
+mod tls;
 
 pub use clients::{pg_bin, psql, ClientOutput};
 pub use http::{http_request, HttpResponse};
 pub use node::{free_port, NodeOptions, PgNode, TEST_PASSWORD};
 pub use proxy::{TestCerts, TestProxy};
+pub use tls::tls_connect;

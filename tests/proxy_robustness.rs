@@ -187,3 +187,23 @@ async fn pgbench_select_only_in_every_query_mode() {
         out.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gssenc_request_gets_n_then_ssl_request_gets_s() {
+    let certs = pgwarden_e2e::TestCerts::new();
+    let proxy = TestProxy::start(Limits::default(), Some(certs.files())).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let gssenc = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+    s.write_all(&gssenc).await.unwrap();
+    assert_eq!(s.read_u8().await.unwrap(), b'N');
+    let ssl = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    s.write_all(&ssl).await.unwrap();
+    assert_eq!(s.read_u8().await.unwrap(), b'S');
+    // A second GSSENCRequest, now inside TLS, is a protocol violation answered over TLS.
+    let tls = pgwarden_e2e::tls_connect(s, &certs.ca_path(), "localhost").await;
+    let mut tls = tls.expect("TLS handshake after S");
+    tls.write_all(&gssenc).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
+    assert_eq!(sqlstate(&answer).as_deref(), Some("08P01"), "{answer:?}");
+}
