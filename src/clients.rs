@@ -36,7 +36,7 @@ impl ClientOutput {
 /// `PGPASSWORD`. Output is unaligned, tuples only.
 pub fn psql(conninfo: &str, password: Option<&str>, sql: &str) -> ClientOutput {
     let mut cmd = Command::new(pg_bin("psql"));
-    cmd.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", conninfo, "-c", sql]);
+    cmd.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", conninfo, "-c", sql]);
     cmd.env_remove("PGPASSWORD").env("PGCONNECT_TIMEOUT", "10");
     if let Some(p) = password {
         cmd.env("PGPASSWORD", p);

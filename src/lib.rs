@@ -4,18 +4,21 @@
 //! - `node.rs`: [`PgNode`], a PostgreSQL server in a temp dir on a free port, run as an
 //!   unprivileged OS user when the tests run as root.
 //! - `proxy.rs`: [`TestProxy`], the proxy started in-process on `127.0.0.1:0`.
+//! - `control.rs`: [`TestControl`], the control plane in-process, publishing to a proxy.
 //! - `http.rs`: a minimal HTTP/1.1 client for admin APIs.
 //! - `clients.rs`: `psql` and `pgbench` runners.
 //! - `tls.rs`: a rustls client for raw protocol tests over TLS.
 #![forbid(unsafe_code)]
 
 mod clients;
+mod control;
 mod http;
 mod node;
 mod proxy;
 mod tls;
 
 pub use clients::{pg_bin, psql, ClientOutput};
+pub use control::TestControl;
 pub use http::{http_request, HttpResponse};
 pub use node::{free_port, NodeOptions, PgNode, TEST_PASSWORD};
 pub use proxy::{TestCerts, TestProxy};

@@ -4,7 +4,11 @@
 //!   proxy's `routes_file` holds).
 //! - [`ProxyHealth`]: what a proxy's `GET /health` answers.
 //! - [`ApiError`]: the JSON error body every pgwarden HTTP API answers with.
+//! - `control`: bodies of the control API (plans, databases, users, operations), shared by
+//!   `pgwarden serve` and the CLI.
 #![forbid(unsafe_code)]
+
+pub mod control;
 
 use std::collections::BTreeMap;
 

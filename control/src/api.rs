@@ -1,0 +1,430 @@
+//! The control HTTP API (SPEC §4): plans, databases, env, TLS, users, events, operations.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+use pgwarden_api::control::{
+    CreateDatabase, CreateUser, Database, DatabaseOperation, DatabaseStatus, Env, Event, Node,
+    Operation, Plan, SetTls, TlsSettings, User, UserWithPassword,
+};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::platform::{now_rfc3339, Platform};
+use crate::provision;
+use crate::records::{DatabaseRecord, UserRecord};
+use crate::{plans, secrets, users};
+
+pub struct ApiState {
+    pub platform: Arc<Platform>,
+    pub token: String,
+}
+
+type AppState = State<Arc<ApiState>>;
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    let authed = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/plans", get(list_plans))
+        .route("/v1/databases", get(list_databases).post(create_database))
+        .route("/v1/databases/{id}", get(show_database).delete(destroy_database))
+        .route("/v1/databases/{id}/env", get(env))
+        .route("/v1/databases/{id}/tls", put(set_tls))
+        .route("/v1/databases/{id}/users", get(list_users).post(create_user))
+        .route("/v1/databases/{id}/users/{name}", delete(delete_user))
+        .route("/v1/databases/{id}/users/{name}/reset-password", post(reset_password))
+        .route("/v1/databases/{id}/events", get(events))
+        .route("/v1/operations/{id}", get(operation))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new().route("/health", get(health)).merge(authed).fallback(not_found).with_state(state)
+}
+
+async fn authorize(
+    State(state): AppState,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(t) if constant_time_eq(t.as_bytes(), state.token.as_bytes()) => {
+            Ok(next.run(request).await)
+        }
+        Some(_) => Err(ApiError::unauthorized("invalid bearer token")),
+        None => {
+            Err(ApiError::unauthorized("missing bearer token: send Authorization: Bearer <token>"))
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn not_found() -> ApiError {
+    ApiError::bad_request("unknown_endpoint", "no such endpoint; see GET /v1/plans, /v1/databases")
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn metrics(State(state): AppState) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.platform.metrics.render())
+}
+
+async fn list_plans() -> Json<Vec<Plan>> {
+    Json(plans::catalogue())
+}
+
+/// Parses a JSON body, answering 400 with the reason.
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request("invalid_body", format!("invalid JSON body: {e}")))
+}
+
+fn load(platform: &Platform, id: &str) -> Result<DatabaseRecord, ApiError> {
+    platform.store.database(id)?.ok_or_else(|| ApiError::not_found("database", id))
+}
+
+fn require_running(db: &DatabaseRecord) -> Result<(), ApiError> {
+    if db.status == DatabaseStatus::Running {
+        Ok(())
+    } else {
+        Err(ApiError::conflict(
+            "database_not_running",
+            format!("database {} is {:?}, not running", db.id, db.status).to_lowercase(),
+        ))
+    }
+}
+
+/// The API view of a database, with the nodes' live state.
+async fn view(platform: &Arc<Platform>, db: &DatabaseRecord) -> Database {
+    let mut nodes = Vec::new();
+    for node in &db.nodes {
+        let spec = platform.node_spec(node);
+        let driver = platform.driver.clone();
+        let running =
+            tokio::task::spawn_blocking(move || driver.is_running(&spec)).await.unwrap_or(false);
+        nodes.push(Node {
+            name: node.name.clone(),
+            role: node.role,
+            status: if running { "running" } else { "stopped" }.into(),
+            host: node.host.clone(),
+            port: node.port,
+            lag_bytes: 0,
+            version: String::new(),
+        });
+    }
+    if let Some(primary) = db.primary() {
+        let conninfo = platform.driver.admin_conninfo(&platform.node_spec(primary), "postgres");
+        let sql = async {
+            let admin = users::admin(&conninfo).await.ok()?;
+            let version: String = admin.query_one("SHOW server_version", &[]).await.ok()?.get(0);
+            let lags = admin
+                .query(
+                    "SELECT application_name, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::int8 FROM pg_stat_replication",
+                    &[],
+                )
+                .await
+                .ok()?;
+            Some((version, lags))
+        };
+        if let Ok(Some((version, lags))) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), sql).await
+        {
+            for node in &mut nodes {
+                node.version = version.clone();
+                if let Some(row) = lags.iter().find(|r| r.get::<_, String>(0) == node.name) {
+                    node.lag_bytes = row.get::<_, i64>(1).max(0) as u64;
+                }
+            }
+        }
+    }
+    Database {
+        id: db.id.clone(),
+        name: db.name.clone(),
+        plan: db.plan.clone(),
+        status: db.status,
+        database_url: platform.database_url(db),
+        tls: TlsSettings { force: db.force_tls },
+        epoch: platform.publisher.current().epoch,
+        nodes,
+        created_at: db.created_at.clone(),
+    }
+}
+
+fn valid_database_name(name: &str) -> bool {
+    let ok_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    ok_chars
+        && (2..=40).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && !name.contains("--")
+}
+
+async fn create_database(
+    State(state): AppState,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<DatabaseOperation>), ApiError> {
+    let request: CreateDatabase = body(&bytes)?;
+    let platform = &state.platform;
+    if !valid_database_name(&request.name) {
+        return Err(ApiError::bad_request(
+            "invalid_name",
+            format!("invalid name {:?}: use 2 to 40 lower-case letters, digits and single hyphens, starting with a letter", request.name),
+        ));
+    }
+    let plan = plans::find(&request.plan).ok_or_else(|| {
+        ApiError::unprocessable(
+            "unknown_plan",
+            format!("unknown plan {:?}; valid plans: {}", request.plan, plans::names().join(", ")),
+        )
+    })?;
+    let existing = platform.store.databases()?;
+    if existing.iter().any(|d| d.id.rsplit_once('-').map(|(n, _)| n) == Some(request.name.as_str()))
+    {
+        return Err(ApiError::conflict(
+            "duplicate_name",
+            format!("a database named {:?} already exists", request.name),
+        ));
+    }
+    let id = loop {
+        let id = format!("{}-{}", request.name, rand::random_range(1000..10000));
+        if !existing.iter().any(|d| d.id == id) {
+            break id;
+        }
+    };
+    let name = id.replace('-', "_");
+    let db = DatabaseRecord {
+        id: id.clone(),
+        name: name.clone(),
+        plan: plan.name,
+        status: DatabaseStatus::Provisioning,
+        force_tls: false,
+        password: secrets::generate_password(),
+        replication_password: secrets::generate_password(),
+        nodes: Vec::new(),
+        users: vec![UserRecord { name, read_only: false, default: true }],
+        created_at: now_rfc3339(),
+        error: None,
+    };
+    platform.store.put_database(&db)?;
+    let op = platform.new_operation("provision", &id)?;
+    platform.event(&id, "provisioning", format!("provisioning {} on plan {}", id, db.plan));
+    tokio::spawn(provision::run_provision(platform.clone(), id, op.clone()));
+    let database = view(platform, &db).await;
+    Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation: op })))
+}
+
+async fn list_databases(State(state): AppState) -> Result<Json<Vec<Database>>, ApiError> {
+    let mut out = Vec::new();
+    for db in state.platform.store.databases()? {
+        out.push(view(&state.platform, &db).await);
+    }
+    Ok(Json(out))
+}
+
+async fn show_database(
+    State(state): AppState,
+    Path(id): Path<String>,
+) -> Result<Json<Database>, ApiError> {
+    let db = load(&state.platform, &id)?;
+    Ok(Json(view(&state.platform, &db).await))
+}
+
+async fn destroy_database(
+    State(state): AppState,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<DatabaseOperation>), ApiError> {
+    let platform = &state.platform;
+    let db = load(platform, &id)?;
+    if matches!(db.status, DatabaseStatus::Provisioning | DatabaseStatus::Deleting) {
+        return Err(ApiError::conflict(
+            "database_busy",
+            format!("database {id} is {:?}; try again when it settles", db.status).to_lowercase(),
+        ));
+    }
+    let op = platform.new_operation("destroy", &id)?;
+    platform.event(&id, "deleting", "destroying nodes, routes and backups");
+    tokio::spawn(provision::run_destroy(platform.clone(), id, op.clone()));
+    let database = view(platform, &db).await;
+    Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation: op })))
+}
+
+async fn env(State(state): AppState, Path(id): Path<String>) -> Result<Json<Env>, ApiError> {
+    let db = load(&state.platform, &id)?;
+    let url = state.platform.database_url(&db);
+    Ok(Json(Env { database_url: url.clone(), pgwarden_postgresql_url: url }))
+}
+
+async fn set_tls(
+    State(state): AppState,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<Json<Database>, ApiError> {
+    let request: SetTls = body(&bytes)?;
+    let platform = &state.platform;
+    let lock = platform.lock(&id);
+    let _guard = lock.lock().await;
+    let mut db = load(platform, &id)?;
+    require_running(&db)?;
+    if db.force_tls != request.force {
+        db.force_tls = request.force;
+        platform.store.put_database(&db)?;
+        let epoch = platform.publish_routes()?;
+        let state = if request.force { "on" } else { "off" };
+        platform.event(&id, "tls_changed", format!("force TLS {state} (routing epoch {epoch})"));
+    }
+    Ok(Json(view(platform, &db).await))
+}
+
+fn user_view(u: &UserRecord) -> User {
+    User { name: u.name.clone(), read_only: u.read_only, default: u.default }
+}
+
+async fn list_users(
+    State(state): AppState,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<User>>, ApiError> {
+    let db = load(&state.platform, &id)?;
+    Ok(Json(db.users.iter().map(user_view).collect()))
+}
+
+async fn primary_admin(
+    platform: &Platform,
+    db: &DatabaseRecord,
+) -> Result<tokio_postgres::Client, ApiError> {
+    let primary = db
+        .primary()
+        .ok_or_else(|| ApiError::conflict("no_primary", "the database has no primary"))?;
+    let conninfo = platform.driver.admin_conninfo(&platform.node_spec(primary), &db.name);
+    Ok(users::admin(&conninfo).await?)
+}
+
+async fn create_user(
+    State(state): AppState,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<UserWithPassword>), ApiError> {
+    let request: CreateUser = body(&bytes)?;
+    let platform = &state.platform;
+    if !users::valid_user_name(&request.name) {
+        return Err(ApiError::bad_request(
+            "invalid_name",
+            format!("invalid user name {:?}: use lower-case letters, digits and _, starting with a letter", request.name),
+        ));
+    }
+    let lock = platform.lock(&id);
+    let _guard = lock.lock().await;
+    let mut db = load(platform, &id)?;
+    require_running(&db)?;
+    if db.users.iter().any(|u| u.name == request.name) {
+        return Err(ApiError::conflict(
+            "duplicate_user",
+            format!("user {:?} already exists", request.name),
+        ));
+    }
+    let password = secrets::generate_password();
+    let admin = primary_admin(platform, &db).await?;
+    users::create_role(&admin, &request.name, &password, "").await?;
+    users::grant(&admin, &request.name, &db.name, &db.name, request.read_only).await?;
+    let user =
+        UserRecord { name: request.name.clone(), read_only: request.read_only, default: false };
+    db.users.push(user.clone());
+    platform.store.put_database(&db)?;
+    let access = if request.read_only { "read-only" } else { "read-write" };
+    platform.event(&id, "user_created", format!("{access} user {} created", request.name));
+    let database_url = platform.url(&request.name, &password, &db.name);
+    Ok((
+        StatusCode::CREATED,
+        Json(UserWithPassword { user: user_view(&user), password, database_url }),
+    ))
+}
+
+async fn delete_user(
+    State(state): AppState,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let platform = &state.platform;
+    let lock = platform.lock(&id);
+    let _guard = lock.lock().await;
+    let mut db = load(platform, &id)?;
+    let user = db
+        .users
+        .iter()
+        .find(|u| u.name == name)
+        .ok_or_else(|| ApiError::not_found("user", &name))?;
+    if user.default {
+        return Err(ApiError::conflict(
+            "default_user",
+            format!("{name} is the database's default user and cannot be deleted"),
+        ));
+    }
+    require_running(&db)?;
+    let admin = primary_admin(platform, &db).await?;
+    users::drop_user(&admin, &name, &db.name).await?;
+    db.users.retain(|u| u.name != name);
+    platform.store.put_database(&db)?;
+    platform.event(&id, "user_deleted", format!("user {name} deleted"));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn reset_password(
+    State(state): AppState,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Json<UserWithPassword>, ApiError> {
+    let platform = &state.platform;
+    let lock = platform.lock(&id);
+    let _guard = lock.lock().await;
+    let mut db = load(platform, &id)?;
+    let user = db
+        .users
+        .iter()
+        .find(|u| u.name == name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found("user", &name))?;
+    require_running(&db)?;
+    let password = secrets::generate_password();
+    let admin = primary_admin(platform, &db).await?;
+    users::set_password(&admin, &name, &password).await?;
+    if user.default {
+        db.password = password.clone();
+        platform.store.put_database(&db)?;
+    }
+    platform.event(&id, "password_reset", format!("password of {name} reset"));
+    let database_url = platform.url(&name, &password, &db.name);
+    Ok(Json(UserWithPassword { user: user_view(&user), password, database_url }))
+}
+
+async fn events(
+    State(state): AppState,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<Event>>, ApiError> {
+    load(&state.platform, &id)?;
+    Ok(Json(state.platform.store.events(&id)?))
+}
+
+async fn operation(
+    State(state): AppState,
+    Path(id): Path<String>,
+) -> Result<Json<Operation>, ApiError> {
+    Ok(Json(
+        state
+            .platform
+            .store
+            .operation(&id)?
+            .ok_or_else(|| ApiError::not_found("operation", &id))?,
+    ))
+}

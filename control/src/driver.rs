@@ -1,0 +1,69 @@
+//! The node driver interface: how the control plane creates, starts and removes PostgreSQL
+//! nodes. `local.rs` runs them as processes on this host; other drivers (containers, VMs) can
+//! implement the same trait. Methods block (they run programs); callers use `spawn_blocking`.
+
+use std::path::PathBuf;
+
+/// Everything a driver needs to know about one node.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    pub name: String,
+    pub dir: PathBuf,
+    pub host: String,
+    pub port: u16,
+}
+
+/// Files and settings the control plane decides for a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// `postgresql.conf` settings (name, value already quoted as PostgreSQL expects).
+    pub settings: Vec<(String, String)>,
+    /// Whole `pg_hba.conf`.
+    pub hba: String,
+    /// Server certificate, key, and the CA certificate (PEM).
+    pub tls: (String, String, String),
+}
+
+/// Where a standby streams from.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub slot: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub trait NodeDriver: Send + Sync + 'static {
+    /// Creates an empty cluster (initdb) and writes its configuration.
+    fn init(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError>;
+    /// Creates a standby by copying `upstream` (pg_basebackup over TLS), configured to stream.
+    fn init_standby(
+        &self,
+        node: &NodeSpec,
+        config: &NodeConfig,
+        upstream: &Upstream,
+    ) -> Result<(), DriverError>;
+    /// Rewrites settings and hba; call `reload` or restart to apply.
+    fn configure(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError>;
+    /// Starts the node and waits until it accepts connections. The error carries the node's
+    /// own log lines.
+    fn start(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    fn stop(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    fn reload(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    fn is_running(&self, node: &NodeSpec) -> bool;
+    /// Stops the node if needed and deletes everything it had.
+    fn destroy(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    /// libpq connection string for the superuser, local to the node.
+    fn admin_conninfo(&self, node: &NodeSpec, database: &str) -> String;
+}

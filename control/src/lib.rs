@@ -1,0 +1,31 @@
+//! `pgwarden`: the control plane of pgwarden.
+//!
+//! - `server.rs` runs `pgwarden serve`: it opens the data dir (API token, platform CA from the
+//!   `certs` crate, the redb state store of `store.rs`), recovers what a previous run left
+//!   (`provision::recover`), and serves the HTTP API of `api.rs` (errors in `error.rs`).
+//! - `platform.rs` is the shared state; `provision.rs` creates and destroys a database's nodes
+//!   through the `driver.rs` interface, implemented for local processes by `local.rs`;
+//!   `users.rs` holds the roles and grants of SPEC §5, `secrets.rs` passwords and SCRAM
+//!   verifiers, `plans.rs` the catalogue.
+//! - Every change publishes a routing table with a new epoch; `publisher.rs` keeps each proxy
+//!   on it over the proxies' admin API (`httpc.rs`).
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod driver;
+pub mod error;
+pub mod httpc;
+pub mod local;
+pub mod metrics;
+pub mod plans;
+pub mod platform;
+pub mod provision;
+pub mod publisher;
+pub mod records;
+pub mod secrets;
+pub mod server;
+pub mod store;
+pub mod users;
+
+pub use platform::PlatformConfig;
+pub use server::{serve, NodeOptions};

@@ -1,0 +1,53 @@
+//! The control plane's metrics, named here only.
+
+use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub epoch: IntGauge,
+    operations: IntCounterVec,
+    route_pushes: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("pgwarden".into()), None).expect("prefix");
+        let epoch = IntGauge::new("routing_epoch", "Epoch of the last routing table published")
+            .expect("metric");
+        let operations = IntCounterVec::new(
+            Opts::new("operations_total", "Operations finished, by kind and result"),
+            &["kind", "result"],
+        )
+        .expect("metric");
+        let route_pushes = IntCounterVec::new(
+            Opts::new("route_pushes_total", "Routing tables sent to proxies, by result"),
+            &["result"],
+        )
+        .expect("metric");
+        registry.register(Box::new(epoch.clone())).expect("register");
+        registry.register(Box::new(operations.clone())).expect("register");
+        registry.register(Box::new(route_pushes.clone())).expect("register");
+        Self { registry, epoch, operations, route_pushes }
+    }
+
+    pub fn operation(&self, kind: &str, ok: bool) {
+        self.operations.with_label_values(&[kind, if ok { "succeeded" } else { "failed" }]).inc();
+    }
+
+    pub fn route_push(&self, ok: bool) {
+        self.route_pushes.with_label_values(&[if ok { "applied" } else { "failed" }]).inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("encode");
+        String::from_utf8(out).expect("utf-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,101 @@
+//! The plan catalogue (SPEC §3) and the PostgreSQL parameters each plan sets.
+
+use pgwarden_api::control::Plan;
+
+/// The built-in catalogue.
+pub fn catalogue() -> Vec<Plan> {
+    let mut plans = vec![Plan {
+        name: "postgresql-sandbox".into(),
+        nodes: 1,
+        memory_mib: 256,
+        max_connections: 30,
+        daily_backups: 0,
+        weekly_backups: 0,
+        monthly_backups: 0,
+        manual_backups_max: 0,
+        pitr: false,
+    }];
+    for (memory_mib, max_connections) in [(512, 60), (1024, 80), (2048, 120)] {
+        plans.push(Plan {
+            name: format!("postgresql-starter-{memory_mib}"),
+            nodes: 1,
+            memory_mib,
+            max_connections,
+            daily_backups: 7,
+            weekly_backups: 4,
+            monthly_backups: 0,
+            manual_backups_max: 10,
+            pitr: true,
+        });
+    }
+    for (memory_mib, max_connections) in [(512, 60), (1024, 80), (2048, 120)] {
+        plans.push(Plan {
+            name: format!("postgresql-business-{memory_mib}"),
+            nodes: 2,
+            memory_mib,
+            max_connections,
+            daily_backups: 7,
+            weekly_backups: 8,
+            monthly_backups: 12,
+            manual_backups_max: 50,
+            pitr: true,
+        });
+    }
+    plans
+}
+
+pub fn find(name: &str) -> Option<Plan> {
+    catalogue().into_iter().find(|p| p.name == name)
+}
+
+pub fn names() -> Vec<String> {
+    catalogue().into_iter().map(|p| p.name).collect()
+}
+
+/// `postgresql.conf` settings derived from the plan's memory and connection limit:
+/// `shared_buffers` 25% of memory, `effective_cache_size` 75%, `work_mem` a quarter of memory
+/// shared by every connection (at least 2 MiB), `maintenance_work_mem` 1/16 (at least 16 MiB).
+pub fn parameters(plan: &Plan) -> Vec<(&'static str, String)> {
+    let mib = plan.memory_mib;
+    let work_mem_kib = (mib * 1024 / (4 * u64::from(plan.max_connections))).max(2048);
+    vec![
+        ("max_connections", plan.max_connections.to_string()),
+        ("shared_buffers", format!("{}MB", mib / 4)),
+        ("effective_cache_size", format!("{}MB", mib * 3 / 4)),
+        ("work_mem", format!("{work_mem_kib}kB")),
+        ("maintenance_work_mem", format!("{}MB", (mib / 16).max(16))),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalogue_matches_the_spec() {
+        let names = names();
+        assert_eq!(names.len(), 7);
+        let sandbox = find("postgresql-sandbox").unwrap();
+        assert_eq!((sandbox.nodes, sandbox.memory_mib, sandbox.max_connections), (1, 256, 30));
+        assert!(!sandbox.pitr && sandbox.manual_backups_max == 0);
+        let starter = find("postgresql-starter-2048").unwrap();
+        assert_eq!((starter.nodes, starter.max_connections, starter.weekly_backups), (1, 120, 4));
+        let business = find("postgresql-business-1024").unwrap();
+        assert_eq!((business.nodes, business.max_connections), (2, 80));
+        assert_eq!((business.monthly_backups, business.manual_backups_max), (12, 50));
+        assert!(find("postgresql-business-4096").is_none());
+    }
+
+    #[test]
+    fn parameters_follow_memory() {
+        let p = parameters(&find("postgresql-business-1024").unwrap());
+        let get = |k: &str| p.iter().find(|(n, _)| *n == k).unwrap().1.clone();
+        assert_eq!(get("shared_buffers"), "256MB");
+        assert_eq!(get("effective_cache_size"), "768MB");
+        assert_eq!(get("max_connections"), "80");
+        assert_eq!(get("work_mem"), "3276kB");
+        assert_eq!(get("maintenance_work_mem"), "64MB");
+        let sandbox = parameters(&find("postgresql-sandbox").unwrap());
+        assert!(sandbox.contains(&("maintenance_work_mem", "16MB".into())));
+    }
+}

@@ -1,0 +1,53 @@
+//! What the control plane persists about each database.
+
+use std::path::PathBuf;
+
+use pgwarden_api::control::{DatabaseStatus, NodeRole};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DatabaseRecord {
+    pub id: String,
+    /// PostgreSQL database name, and name of the default user (the id with `-` as `_`).
+    pub name: String,
+    pub plan: String,
+    pub status: DatabaseStatus,
+    pub force_tls: bool,
+    /// Password of the default user, kept so that `DATABASE_URL` can be given again.
+    pub password: String,
+    /// Password of the replication role, used by standbys.
+    pub replication_password: String,
+    pub nodes: Vec<NodeRecord>,
+    pub users: Vec<UserRecord>,
+    pub created_at: String,
+    /// Why the database is `failed`.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl DatabaseRecord {
+    pub fn primary(&self) -> Option<&NodeRecord> {
+        self.nodes.iter().find(|n| n.role == NodeRole::Primary)
+    }
+
+    pub fn replicas(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.iter().filter(|n| n.role == NodeRole::Replica)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub role: NodeRole,
+    pub host: String,
+    pub port: u16,
+    /// The node's own directory: `data/`, socket, log, certificates.
+    pub dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub name: String,
+    pub read_only: bool,
+    pub default: bool,
+}

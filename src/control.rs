@@ -1,0 +1,179 @@
+//! The control plane (`pgwarden serve`) started in-process, with a proxy it publishes to.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use pgwarden_control::{NodeOptions, PlatformConfig};
+use pgwarden_proxy::config::Limits;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{http_request, HttpResponse};
+use crate::proxy::{TestCerts, TestProxy};
+
+pub struct TestControl {
+    pub addr: SocketAddr,
+    pub token: String,
+    pub dir: tempfile::TempDir,
+    pub proxy: TestProxy,
+    pub certs: TestCerts,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestControl {
+    /// A proxy (client TLS on) and a control plane publishing to it, on a fresh data dir.
+    pub async fn start() -> Self {
+        Self::start_with(Vec::new()).await
+    }
+
+    pub async fn start_with(extra_settings: Vec<(String, String)>) -> Self {
+        let dir = tempfile::Builder::new().prefix("pgwarden-control-").tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let certs = TestCerts::new();
+        let proxy = TestProxy::start(Limits::default(), Some(certs.files())).await;
+        let mut control = Self {
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            token: String::new(),
+            dir,
+            proxy,
+            certs,
+            shutdown: CancellationToken::new(),
+            task: None,
+        };
+        control.run(extra_settings).await;
+        control
+    }
+
+    /// Starts (again) the control plane on the same data dir and proxy.
+    pub async fn run(&mut self, extra_settings: Vec<(String, String)>) {
+        let config = PlatformConfig {
+            data_dir: self.dir.path().join("data"),
+            client_host: "127.0.0.1".into(),
+            client_port: self.proxy.port(),
+            proxies: vec![self.proxy.admin.to_string()],
+            proxy_token: self.proxy.token.clone(),
+            node_host: "127.0.0.1".into(),
+            first_node_port: crate::free_port(),
+            extra_settings,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        self.addr = listener.local_addr().expect("addr");
+        self.shutdown = CancellationToken::new();
+        self.task = Some(tokio::spawn(pgwarden_control::serve(
+            listener,
+            config,
+            NodeOptions::default(),
+            self.shutdown.clone(),
+        )));
+        let token_path = self.dir.path().join("data/token");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !token_path.exists() {
+            assert!(Instant::now() < deadline, "control plane did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.token = std::fs::read_to_string(token_path).expect("token").trim().to_owned();
+    }
+
+    /// Stops the API (as a crash would: nodes keep running).
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    pub async fn request(&self, method: &str, path: &str, body: Option<Value>) -> HttpResponse {
+        self.request_as(Some(self.token.clone()), method, path, body).await
+    }
+
+    pub async fn request_as(
+        &self,
+        token: Option<String>,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> HttpResponse {
+        let (addr, method, path) = (self.addr, method.to_owned(), path.to_owned());
+        tokio::task::spawn_blocking(move || {
+            http_request(
+                addr,
+                &method,
+                &path,
+                token.as_deref(),
+                body.map(|b| b.to_string()).as_deref(),
+            )
+        })
+        .await
+        .expect("join")
+        .expect("control request")
+    }
+
+    /// Polls an operation until it ends; returns it.
+    pub async fn wait_operation(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let op = self.request("GET", &format!("/v1/operations/{id}"), None).await.json();
+            if op["status"] == "succeeded" || op["status"] == "failed" {
+                return op;
+            }
+            assert!(Instant::now() < deadline, "operation {id} still {op}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Creates a database and waits for its provisioning; returns the database object.
+    pub async fn create_database(&self, name: &str, plan: &str) -> Value {
+        let r = self
+            .request("POST", "/v1/databases", Some(serde_json::json!({"name": name, "plan": plan})))
+            .await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        let answer = r.json();
+        let op = self.wait_operation(answer["operation"]["id"].as_str().expect("op id")).await;
+        assert_eq!(op["status"], "succeeded", "{op}");
+        let id = answer["database"]["id"].as_str().expect("id");
+        self.request("GET", &format!("/v1/databases/{id}"), None).await.json()
+    }
+
+    /// Waits until the proxy routes `database` (the publisher pushes asynchronously).
+    pub async fn wait_routed(&self, database: &str, present: bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self
+                .proxy
+                .admin_request("GET", "/v1/routes", Some(&self.proxy.token.clone()), None)
+                .await;
+            if r.json()["databases"].get(database).is_some() == present {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "route for {database} never became {present}: {}",
+                r.body
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for TestControl {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        // Nodes outlive the control plane by design; a test's nodes must not.
+        let nodes = self.dir.path().join("data/nodes");
+        if let Ok(entries) = std::fs::read_dir(nodes) {
+            for entry in entries.flatten() {
+                let _ = std::process::Command::new(crate::pg_bin("pg_ctl"))
+                    .arg("stop")
+                    .arg("-D")
+                    .arg(entry.path().join("data"))
+                    .args(["-m", "immediate", "-w"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
