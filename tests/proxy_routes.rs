@@ -15,6 +15,28 @@ async fn connect(proxy: &TestProxy, database: &str) -> tokio_postgres::Client {
     client
 }
 
+/// A session whose connection task is kept: an idle session ended by the proxy learns it
+/// through the connection's result (the FATAL arrives while no query is pending).
+async fn connect_watched(
+    proxy: &TestProxy,
+    database: &str,
+) -> (tokio_postgres::Client, tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>) {
+    let conninfo = proxy.conninfo(database, "app", &format!("password={TEST_PASSWORD}"));
+    let (client, connection) = tokio_postgres::connect(&conninfo, NoTls).await.expect("connect");
+    (client, tokio::spawn(connection))
+}
+
+async fn assert_ended_with_57p01(
+    connection: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    message: &str,
+) {
+    let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    let err =
+        ended.expect("session not ended").unwrap().expect_err("session must end with an error");
+    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err:?}");
+    assert!(err.as_db_error().unwrap().message().contains(message), "{err:?}");
+}
+
 async fn server_port(client: &tokio_postgres::Client) -> Result<i32, tokio_postgres::Error> {
     Ok(client.query_one("SELECT inet_server_port()", &[]).await?.get(0))
 }
@@ -27,17 +49,16 @@ async fn swap_sends_new_sessions_to_the_new_primary_and_ends_old_ones() {
     let proxy = TestProxy::start(Limits::default(), None).await;
     proxy.route(1, &[("app", &a.address(), false), ("other", &a.address(), false)]).await;
 
-    let on_old = connect(&proxy, "app").await;
+    let (on_old, on_old_connection) = connect_watched(&proxy, "app").await;
     assert_eq!(server_port(&on_old).await.unwrap(), a.port as i32);
-    let unaffected = connect(&proxy, "other").await;
+    let (unaffected, unaffected_connection) = connect_watched(&proxy, "other").await;
     // A session in the middle of a transaction when the primary moves.
     on_old.batch_execute("BEGIN; CREATE TEMP TABLE t(x int)").await.unwrap();
 
     proxy.route(2, &[("app", &b.address(), false), ("other", &a.address(), false)]).await;
 
-    let err = server_port(&on_old).await.expect_err("session on the old primary must end");
-    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err:?}");
-    assert!(err.as_db_error().unwrap().message().contains("primary of database \"app\" moved"));
+    assert_ended_with_57p01(on_old_connection, "primary of database \"app\" moved").await;
+    assert!(server_port(&on_old).await.is_err());
     let fresh = connect(&proxy, "app").await;
     assert_eq!(server_port(&fresh).await.unwrap(), b.port as i32);
     assert_eq!(
@@ -53,8 +74,7 @@ async fn swap_sends_new_sessions_to_the_new_primary_and_ends_old_ones() {
 
     // Removing a database ends its sessions too, and new ones get 3D000.
     proxy.route(3, &[("app", &b.address(), false)]).await;
-    let err = server_port(&unaffected).await.expect_err("database removed");
-    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN));
+    assert_ended_with_57p01(unaffected_connection, "primary of database \"other\" moved").await;
     let conninfo = proxy.conninfo("other", "app", &format!("password={TEST_PASSWORD}"));
     let Err(err) = tokio_postgres::connect(&conninfo, NoTls).await else {
         panic!("a removed database must not be routed");
