@@ -1,0 +1,159 @@
+//! Users (SPEC §5) and force-TLS through the control API, checked with real clients.
+
+use pgwarden_e2e::{psql, TestControl};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_and_read_write_users_get_exactly_their_privileges() {
+    let control = TestControl::start().await;
+    let db = control.create_database("crm", "postgresql-sandbox").await;
+    let (id, name) =
+        (db["id"].as_str().unwrap().to_owned(), db["name"].as_str().unwrap().to_owned());
+    let owner_url = db["database_url"].as_str().unwrap().to_owned();
+    control.wait_routed(&name, true).await;
+
+    let users_path = format!("/v1/databases/{id}/users");
+    let users = |body| control.request("POST", &users_path, Some(body));
+    let r = users(json!({"name": "reader", "read_only": true})).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let reader = r.json();
+    assert!(reader["password"].as_str().unwrap().len() >= 24);
+    let reader_url = reader["database_url"].as_str().unwrap().to_owned();
+    let r = users(json!({"name": "writer"})).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let writer_url = r.json()["database_url"].as_str().unwrap().to_owned();
+    assert_eq!(users(json!({"name": "writer"})).await.status, 409);
+    assert_eq!(users(json!({"name": "Bad-Name"})).await.status, 400);
+
+    // Tables the owner creates after the users exist.
+    let out = psql(
+        &owner_url,
+        None,
+        "CREATE TABLE invoices(id serial, total int); INSERT INTO invoices(total) VALUES (10)",
+    );
+    assert!(out.success, "{}", out.stderr);
+
+    let out = psql(&reader_url, None, "SELECT total FROM invoices");
+    assert!(out.success, "reader reads: {}", out.stderr);
+    assert_eq!(out.stdout.trim(), "10");
+    let out = psql(&reader_url, None, "INSERT INTO invoices(total) VALUES (1)");
+    assert!(
+        !out.success && out.stderr.contains("permission denied"),
+        "reader cannot write: {}",
+        out.stderr
+    );
+    let out = psql(&reader_url, None, "CREATE TABLE mine(x int)");
+    assert!(!out.success && out.stderr.contains("permission denied"), "{}", out.stderr);
+
+    let out = psql(&writer_url, None, "INSERT INTO invoices(total) VALUES (20); UPDATE invoices SET total = total + 1; SELECT sum(total) FROM invoices");
+    assert!(out.success, "writer writes, sequence included: {}", out.stderr);
+    assert_eq!(out.stdout.trim(), "32");
+    let out = psql(&writer_url, None, "CREATE TABLE writer_table(x int)");
+    assert!(out.success, "writer can create: {}", out.stderr);
+
+    let list = control.request("GET", &format!("/v1/databases/{id}/users"), None).await.json();
+    let listed: Vec<(String, bool, bool)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            (
+                u["name"].as_str().unwrap().to_owned(),
+                u["read_only"].as_bool().unwrap(),
+                u["default"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (name.clone(), false, true),
+            ("reader".into(), true, false),
+            ("writer".into(), false, false)
+        ]
+    );
+
+    // Reset: the old password stops working, the new one works.
+    let r = control
+        .request("POST", &format!("/v1/databases/{id}/users/reader/reset-password"), None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let new_url = r.json()["database_url"].as_str().unwrap().to_owned();
+    assert!(!psql(&reader_url, None, "SELECT 1").success);
+    assert!(psql(&new_url, None, "SELECT 1").success);
+
+    // The default user cannot be deleted; others can, and then cannot connect.
+    let r = control.request("DELETE", &format!("/v1/databases/{id}/users/{name}"), None).await;
+    assert_eq!(r.status, 409);
+    assert_eq!(r.json()["error"]["code"], "default_user");
+    assert_eq!(
+        control.request("DELETE", &format!("/v1/databases/{id}/users/writer"), None).await.status,
+        204
+    );
+    assert!(!psql(&writer_url, None, "SELECT 1").success);
+    let out =
+        psql(&owner_url, None, "SELECT tableowner FROM pg_tables WHERE tablename = 'writer_table'");
+    assert_eq!(out.stdout.trim(), name, "objects of a deleted user go to the owner");
+    assert_eq!(
+        control.request("DELETE", &format!("/v1/databases/{id}/users/nobody"), None).await.status,
+        404
+    );
+
+    // No password in the node's log.
+    let log_dir = control.dir.path().join("data/nodes").join(format!("{id}-1"));
+    let log = std::fs::read_to_string(log_dir.join("postgres.log")).unwrap();
+    let password = reader["password"].as_str().unwrap();
+    assert!(!log.contains(password));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_tls_refuses_plaintext_and_accepts_tls() {
+    let control = TestControl::start().await;
+    let db = control.create_database("secure", "postgresql-sandbox").await;
+    let (id, url) =
+        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
+    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    let epoch_before = control.request("GET", &format!("/v1/databases/{id}"), None).await.json()
+        ["epoch"]
+        .as_u64()
+        .unwrap();
+
+    let r = control
+        .request("PUT", &format!("/v1/databases/{id}/tls"), Some(json!({"force": true})))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["tls"]["force"], true);
+    assert!(r.json()["epoch"].as_u64().unwrap() > epoch_before);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = psql(&format!("{url}?sslmode=disable"), None, "SELECT 1");
+        if !out.success {
+            assert!(
+                out.stderr.contains("TLS is required") && out.stderr.contains("sslmode=require"),
+                "{}",
+                out.stderr
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "plaintext still accepted");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let verify =
+        format!("{url}?sslmode=verify-full&sslrootcert={}", control.certs.ca_path().display());
+    let out = psql(&verify.replace("127.0.0.1", "localhost"), None, "SELECT 1");
+    assert!(out.success, "{}", out.stderr);
+
+    let r = control
+        .request("PUT", &format!("/v1/databases/{id}/tls"), Some(json!({"force": false})))
+        .await;
+    assert_eq!(r.status, 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !psql(&format!("{url}?sslmode=disable"), None, "SELECT 1").success {
+        assert!(std::time::Instant::now() < deadline, "plaintext never accepted again");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let r = control
+        .request("PUT", &format!("/v1/databases/{id}/tls"), Some(json!({"force": "yes"})))
+        .await;
+    assert_eq!(r.status, 400);
+}
