@@ -162,18 +162,8 @@ impl Drop for TestControl {
     fn drop(&mut self) {
         self.shutdown.cancel();
         // Nodes outlive the control plane by design; a test's nodes must not.
-        let nodes = self.dir.path().join("data/nodes");
-        if let Ok(entries) = std::fs::read_dir(nodes) {
-            for entry in entries.flatten() {
-                let _ = std::process::Command::new(crate::pg_bin("pg_ctl"))
-                    .arg("stop")
-                    .arg("-D")
-                    .arg(entry.path().join("data"))
-                    .args(["-m", "immediate", "-w"])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .status();
-            }
+        for data in crate::node_data_dirs(&self.dir.path().join("data")) {
+            crate::stop_immediately(&data);
         }
     }
 }

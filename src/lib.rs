@@ -20,6 +20,22 @@ mod tls;
 pub use clients::{pg_bin, psql, ClientOutput};
 pub use control::TestControl;
 pub use http::{http_request, HttpResponse};
-pub use node::{free_port, NodeOptions, PgNode, TEST_PASSWORD};
+pub use node::{
+    free_port, node_data_dirs, postmaster_pid, stop_immediately, NodeOptions, PgNode, TEST_PASSWORD,
+};
 pub use proxy::{TestCerts, TestProxy};
 pub use tls::tls_connect;
+
+/// Path of a workspace binary (`pgwarden`, `pgwarden-proxy`) built next to the running test.
+/// Cargo builds them for the `control/` and `proxy/` crates' own CLI tests.
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run the tests with `cargo nextest run --workspace`",
+        path.display()
+    );
+    path
+}

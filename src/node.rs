@@ -279,3 +279,35 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The postmaster of the data directory `data`, if it is running (works as root, unlike
+/// `pg_ctl status`).
+pub fn postmaster_pid(data: &Path) -> Option<u32> {
+    let pid: u32 = fs::read_to_string(data.join("postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmdline).contains("postgres").then_some(pid)
+}
+
+/// Stops the node of data directory `data` at once (SIGQUIT: immediate shutdown), waiting up
+/// to 10 s for it to go.
+pub fn stop_immediately(data: &Path) {
+    let Some(pid) = postmaster_pid(data) else { return };
+    let _ = Command::new("kill").args(["-QUIT", &pid.to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while postmaster_pid(data).is_some() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The `data` directories of every node under a pgwarden data dir.
+pub fn node_data_dirs(pgwarden_data: &Path) -> Vec<PathBuf> {
+    fs::read_dir(pgwarden_data.join("nodes"))
+        .map(|d| d.flatten().map(|e| e.path().join("data")).collect())
+        .unwrap_or_default()
+}

@@ -65,13 +65,24 @@ pub struct TestProxy {
 impl TestProxy {
     /// Starts a proxy with `limits`, optional client TLS, and no routes.
     pub async fn start(limits: Limits, tls: Option<TlsFiles>) -> Self {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        Self::start_at(any, any, limits, tls).await
+    }
+
+    /// The same, on given addresses (to restart a proxy where it was).
+    pub async fn start_at(
+        clients: SocketAddr,
+        admin: SocketAddr,
+        limits: Limits,
+        tls: Option<TlsFiles>,
+    ) -> Self {
         let token = format!("test-token-{}", std::process::id());
         let mut config = Config::with_token(token.clone());
         config.limits = limits;
         config.tls = tls;
         let listeners = Listeners {
-            clients: tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-            admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            clients: tokio::net::TcpListener::bind(clients).await.expect("bind"),
+            admin: tokio::net::TcpListener::bind(admin).await.expect("bind"),
         };
         let addr = listeners.clients.local_addr().expect("addr");
         let admin = listeners.admin.local_addr().expect("addr");

@@ -97,6 +97,13 @@ async fn bad_requests_get_clear_json_errors() {
     assert_eq!(control.request("GET", "/v1/operations/op-999", None).await.status, 404);
 
     control.create_database("dup", "postgresql-sandbox").await;
+    let metrics = control.request("GET", "/metrics", None).await.body;
+    assert!(
+        metrics.contains("pgwarden_operations_total{kind=\"provision\",result=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("pgwarden_routing_epoch"), "{metrics}");
+    assert_eq!(control.request_as(None, "GET", "/metrics", None).await.status, 401);
     let r = control
         .request(
             "POST",

@@ -73,6 +73,16 @@ async fn business_database_has_a_synchronous_standby_streaming_over_tls() {
 /// Superuser conninfo on the node's private Unix socket (the test runs as root, like pgwarden).
 fn node_conninfo(control: &TestControl, db: &serde_json::Value, index: usize) -> String {
     let node = &db["nodes"][index];
-    let dir = control.dir.path().join("data/nodes").join(node["name"].as_str().unwrap());
+    let dir = node_dir(control, node["name"].as_str().unwrap());
     format!("host={} port={} user=postgres dbname=postgres", dir.display(), node["port"])
+}
+
+fn node_dir(control: &TestControl, name: &str) -> std::path::PathBuf {
+    let nodes = control.dir.path().join("data/nodes");
+    std::fs::read_dir(&nodes)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{name}.")))
+        .unwrap_or_else(|| panic!("no directory for node {name} in {}", nodes.display()))
 }

@@ -100,8 +100,9 @@ async fn read_only_and_read_write_users_get_exactly_their_privileges() {
     );
 
     // No password in the node's log.
-    let log_dir = control.dir.path().join("data/nodes").join(format!("{id}-1"));
-    let log = std::fs::read_to_string(log_dir.join("postgres.log")).unwrap();
+    let nodes = control.dir.path().join("data/nodes");
+    let node_dir = std::fs::read_dir(nodes).unwrap().flatten().next().unwrap().path();
+    let log = std::fs::read_to_string(node_dir.join("postgres.log")).unwrap();
     let password = reader["password"].as_str().unwrap();
     assert!(!log.contains(password));
 }

@@ -7,11 +7,15 @@
 //!   through the `driver.rs` interface, implemented for local processes by `local.rs`;
 //!   `users.rs` holds the roles and grants of SPEC §5, `secrets.rs` passwords and SCRAM
 //!   verifiers, `plans.rs` the catalogue.
+//! - `cli.rs` is the `pgwarden` command line (`client.rs` talks to the API); `up.rs` runs
+//!   `serve` and `up` (two proxy processes, one database, Ctrl-C stops everything).
 //! - Every change publishes a routing table with a new epoch; `publisher.rs` keeps each proxy
 //!   on it over the proxies' admin API (`httpc.rs`).
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod cli;
+pub mod client;
 pub mod driver;
 pub mod error;
 pub mod httpc;
@@ -25,6 +29,7 @@ pub mod records;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod up;
 pub mod users;
 
 pub use platform::PlatformConfig;

@@ -150,13 +150,16 @@ async fn provision(platform: &Arc<Platform>, id: &str, op: &mut Operation) -> Re
         .await?;
     }
     let ports = platform.allocate_ports(plan.nodes as usize).map_err(|e| e.to_string())?;
+    // A fresh directory per attempt: a program orphaned by an interrupted attempt (initdb,
+    // pg_basebackup) may still be writing into the previous one.
+    let attempt: u16 = rand::random();
     for (i, port) in ports.iter().enumerate() {
         let name = format!("{id}-{}", i + 1);
         db.nodes.push(NodeRecord {
             role: if i == 0 { NodeRole::Primary } else { NodeRole::Replica },
             host: platform.config.node_host.clone(),
             port: *port,
-            dir: platform.nodes_dir().join(&name),
+            dir: platform.nodes_dir().join(format!("{name}.{attempt:04x}")),
             name,
         });
     }
@@ -401,4 +404,21 @@ pub async fn recover(platform: &Arc<Platform>) {
 
 fn info_adopted(id: &str, node: &str) {
     tracing::info!(database = id, node, "adopted running node");
+}
+
+/// Stops every node cleanly (fast shutdown: sessions end, everything committed is on disk).
+pub async fn stop_all(platform: &Arc<Platform>) {
+    let databases = platform.store.databases().unwrap_or_default();
+    for db in databases {
+        // Standbys last would make a synchronous primary wait; stop primaries first.
+        let mut nodes = db.nodes.clone();
+        nodes.sort_by_key(|n| n.role != NodeRole::Primary);
+        for node in nodes {
+            let spec = platform.node_spec(&node);
+            let driver = platform.driver.clone();
+            if let Err(e) = blocking(move || driver.stop(&spec)).await {
+                error!(node = %node.name, error = %e, "cannot stop node");
+            }
+        }
+    }
 }

@@ -25,11 +25,14 @@ pub struct NodeOptions {
     pub pg_bin: PathBuf,
     /// OS user nodes run as when pgwarden runs as root.
     pub user: String,
+    /// Stop every node when the API stops (`pgwarden up`); otherwise nodes keep running and
+    /// are adopted by the next start.
+    pub stop_on_exit: bool,
 }
 
 impl Default for NodeOptions {
     fn default() -> Self {
-        Self { pg_bin: LocalDriver::default_bin(), user: "postgres".into() }
+        Self { pg_bin: LocalDriver::default_bin(), user: "postgres".into(), stop_on_exit: false }
     }
 }
 
@@ -40,16 +43,21 @@ pub async fn serve(
     nodes: NodeOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let stop_on_exit = nodes.stop_on_exit;
     let platform = open(config, nodes)?;
-    let token = read_or_create_token(&platform.config.data_dir)?;
+    let token = read_secret_file(&platform.config.data_dir.join("token"))?;
     info!(listen = %listener.local_addr()?, data_dir = %platform.config.data_dir.display(), "control plane started");
     let recovering = platform.clone();
     tokio::spawn(async move { provision::recover(&recovering).await });
-    let state = Arc::new(ApiState { platform, token });
-    axum::serve(listener, api::router(state))
+    let state = Arc::new(ApiState { platform: platform.clone(), token });
+    let served = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
-        .context("control API failed")
+        .context("control API failed");
+    if stop_on_exit {
+        provision::stop_all(&platform).await;
+    }
+    served
 }
 
 fn open(config: PlatformConfig, nodes: NodeOptions) -> anyhow::Result<Arc<Platform>> {
@@ -72,17 +80,16 @@ fn open(config: PlatformConfig, nodes: NodeOptions) -> anyhow::Result<Arc<Platfo
     Ok(Platform::new(config, store, Arc::new(driver), ca))
 }
 
-/// The API token in `<data dir>/token`, created (0600) on first start.
-pub fn read_or_create_token(dir: &Path) -> anyhow::Result<String> {
-    let path = dir.join("token");
-    if let Ok(token) = fs::read_to_string(&path) {
+/// A secret kept in a file (API token, proxies' token), created (0600, random) on first use.
+pub fn read_secret_file(path: &Path) -> anyhow::Result<String> {
+    if let Ok(token) = fs::read_to_string(path) {
         if !token.trim().is_empty() {
             return Ok(token.trim().to_owned());
         }
     }
     let token = crate::secrets::generate_password();
     let mut file =
-        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes())?;
     Ok(token)
 }

@@ -25,6 +25,10 @@ pub struct Config {
     /// Client address. Default `127.0.0.1:6432`.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Let several proxies listen on the same client address (SO_REUSEPORT), the kernel
+    /// spreading clients among them. Default false. (The active/standby pair will replace it.)
+    #[serde(default)]
+    pub reuse_port: bool,
     /// Admin HTTP address (health, metrics, routes). Default `127.0.0.1:9181`.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
@@ -114,6 +118,7 @@ impl Config {
     pub fn with_token(admin_token: impl Into<String>) -> Self {
         Self {
             listen: default_listen(),
+            reuse_port: false,
             admin_listen: default_admin_listen(),
             admin_token: Some(admin_token.into()),
             admin_token_file: None,

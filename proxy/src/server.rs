@@ -29,14 +29,26 @@ pub struct Listeners {
 impl Listeners {
     /// Binds `listen` and `admin_listen` of the configuration.
     pub async fn bind(config: &Config) -> anyhow::Result<Self> {
-        let clients = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let clients =
+            bind_clients(config).with_context(|| format!("cannot listen on {}", config.listen))?;
         let admin = TcpListener::bind(config.admin_listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.admin_listen))?;
         Ok(Self { clients, admin })
     }
+}
+
+fn bind_clients(config: &Config) -> std::io::Result<TcpListener> {
+    let socket = match config.listen {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    if config.reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(config.listen)?;
+    socket.listen(1024)
 }
 
 /// Runs the proxy until `shutdown` is cancelled, then stops accepting, lets sessions finish for

@@ -1,0 +1,329 @@
+//! The real binaries: `pgwarden up` from start to Ctrl-C and back, and `pgwarden serve` killed
+//! with SIGKILL and restarted on the same data dir.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pgwarden_e2e::{
+    free_port, node_data_dirs, postmaster_pid, psql, stop_immediately, workspace_bin, TestProxy,
+};
+use pgwarden_proxy::config::Limits;
+
+fn data_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("pgwarden-up-").tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+struct Up {
+    child: Child,
+    lines: Vec<String>,
+}
+
+/// Runs `pgwarden up` and reads its stdout until the summary block is complete.
+fn up(dir: &Path, ports: &[u16; 5]) -> Up {
+    let mut child = Command::new(workspace_bin("pgwarden"))
+        .arg("--data-dir")
+        .arg(dir.join("pw"))
+        .args(["up", "--listen", &format!("127.0.0.1:{}", ports[0])])
+        .args(["--client-listen", &format!("127.0.0.1:{}", ports[1])])
+        .args([
+            "--proxy-admin",
+            &format!("127.0.0.1:{}", ports[2]),
+            &format!("127.0.0.1:{}", ports[3]),
+        ])
+        .args(["--first-node-port", &ports[4].to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !lines.iter().any(|l: &String| l.contains("Control API:")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(_) => panic!("pgwarden up printed no summary: {lines:?}"),
+        }
+    }
+    Up { child, lines }
+}
+
+fn url_of(up: &Up) -> String {
+    up.lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("DATABASE_URL="))
+        .expect("DATABASE_URL")
+        .to_owned()
+}
+
+fn signal(pid: u32, sig: &str) {
+    assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "process did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn running(data_dir: &Path) -> bool {
+    postmaster_pid(data_dir).is_some()
+}
+
+/// Kills a spawned `pgwarden` and stops its nodes when the test ends, passed or not.
+struct Cleanup(std::path::PathBuf, Vec<u32>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for pid in &self.1 {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        for data in node_data_dirs(&self.0) {
+            stop_immediately(&data);
+        }
+    }
+}
+
+#[test]
+fn up_provisions_prints_the_block_stops_on_ctrl_c_and_resumes() {
+    let dir = data_dir();
+    let ports = [free_port(), free_port(), free_port(), free_port(), free_port()];
+    let mut cleanup = Cleanup(dir.path().join("pw"), vec![]);
+    let mut first = up(dir.path(), &ports);
+    cleanup.1.push(first.child.id());
+    let block = first.lines.join("\n");
+    assert!(block.contains("-----> Addon postgresql has been provisioned"), "{block}");
+    let id_line = first.lines.iter().find(|l| l.trim().starts_with("ID: my-app-")).expect(&block);
+    let id = id_line.trim().trim_start_matches("ID: ").to_owned();
+    assert_eq!(id.len(), "my-app-3030".len(), "{id}");
+    assert!(
+        block.contains("Plan: postgresql-business-1024 (2 nodes: primary + 1 standby)"),
+        "{block}"
+    );
+    let url = url_of(&first);
+    let name = id.replace('-', "_");
+    assert!(
+        url.starts_with(&format!("postgres://{name}:"))
+            && url.ends_with(&format!("@127.0.0.1:{}/{name}", ports[1])),
+        "{url}"
+    );
+    assert!(
+        block.contains(&format!("Control API: http://127.0.0.1:{}  (token in ", ports[0])),
+        "{block}"
+    );
+
+    let out = psql(&url, None, "CREATE TABLE kept(x int); INSERT INTO kept VALUES (7)");
+    assert!(out.success, "{}", out.stderr);
+    let out = psql(&format!("{url}?sslmode=require"), None, "SELECT x FROM kept");
+    assert_eq!(out.stdout.trim(), "7", "{}", out.stderr);
+
+    // Ctrl-C: everything stops, exit status 0, no node left running.
+    signal(first.child.id(), "-INT");
+    let status = wait_exit(&mut first.child, Duration::from_secs(60));
+    assert!(status.success(), "{status}");
+    let nodes = node_data_dirs(&dir.path().join("pw"));
+    assert_eq!(nodes.len(), 2);
+    assert!(nodes.iter().all(|n| !running(n)), "nodes stopped");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", ports[1])).is_err(), "proxies stopped");
+
+    // Again on the same data dir: same database, same credentials, same data.
+    let mut second = up(dir.path(), &ports);
+    cleanup.1.push(second.child.id());
+    assert_eq!(url_of(&second), url);
+    assert!(second.lines.iter().any(|l| l.contains(&id)));
+    let out = psql(&url, None, "SELECT x FROM kept");
+    assert_eq!(out.stdout.trim(), "7", "{}", out.stderr);
+    signal(second.child.id(), "-INT");
+    assert!(wait_exit(&mut second.child, Duration::from_secs(60)).success());
+}
+
+struct Serve {
+    child: Child,
+    api: String,
+}
+
+fn serve(data: &Path, proxy: &TestProxy, api_port: u16, first_node_port: u16) -> Serve {
+    std::fs::create_dir_all(data).unwrap();
+    let token_file = data.join("proxy-admin-token");
+    std::fs::write(&token_file, &proxy.token).unwrap();
+    let child = Command::new(workspace_bin("pgwarden"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(["serve", "--listen", &format!("127.0.0.1:{api_port}")])
+        .args(["--proxy-admin", &proxy.admin.to_string()])
+        .arg("--proxy-token-file")
+        .arg(&token_file)
+        .args([
+            "--client-addr",
+            &proxy.addr.to_string(),
+            "--first-node-port",
+            &first_node_port.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let api = format!("http://127.0.0.1:{api_port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", api_port)).is_err() {
+        assert!(Instant::now() < deadline, "serve did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Serve { child, api }
+}
+
+/// Runs a `pgwarden` CLI command against the API; returns stdout, panics on failure.
+fn cli(data: &Path, api: &str, args: &[&str]) -> String {
+    let out = Command::new(workspace_bin("pgwarden"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--api", api])
+        .args(args)
+        .output()
+        .unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "pgwarden {args:?}: {stdout}{stderr}");
+    stdout.into_owned()
+}
+
+fn env_url(data: &Path, api: &str, id: &str) -> String {
+    cli(data, api, &["env", id])
+        .lines()
+        .find_map(|l| l.strip_prefix("DATABASE_URL="))
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_serve_keeps_databases_adopts_nodes_and_republishes_routes() {
+    let dir = data_dir();
+    let data = dir.path().join("pw");
+    let proxy = TestProxy::start(Limits::default(), None).await;
+    let (api_port, node_port) = (free_port(), free_port());
+    let mut cleanup = Cleanup(data.clone(), vec![]);
+    let mut first = serve(&data, &proxy, api_port, node_port);
+    cleanup.1.push(first.child.id());
+    let created = cli(&data, &first.api, &["create", "billing", "--plan", "postgresql-sandbox"]);
+    let id =
+        created.split_whitespace().find(|w| w.starts_with("billing-")).expect(&created).to_owned();
+    let url = env_url(&data, &first.api, &id);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !psql(&url, None, "SELECT 1").success {
+        assert!(Instant::now() < deadline, "never routed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(psql(&url, None, "CREATE TABLE t(x int); INSERT INTO t VALUES (1)").success);
+    let node = node_data_dirs(&data).pop().unwrap();
+    let pid_before = postmaster_pid(&node).expect("node running");
+    let epoch_before = proxy.metric("pgwarden_proxy_epoch").await;
+
+    signal(first.child.id(), "-KILL");
+    wait_exit(&mut first.child, Duration::from_secs(10));
+    // The database keeps serving while the control plane is down.
+    assert_eq!(psql(&url, None, "SELECT count(*) FROM t").stdout.trim(), "1");
+
+    let mut second = serve(&data, &proxy, api_port, node_port);
+    cleanup.1.push(second.child.id());
+    assert_eq!(env_url(&data, &second.api, &id), url, "same credentials");
+    let listed = cli(&data, &second.api, &["list"]);
+    assert!(listed.contains(&id) && listed.contains("running"), "{listed}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.metric("pgwarden_proxy_epoch").await <= epoch_before {
+        assert!(Instant::now() < deadline, "routes not republished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(postmaster_pid(&node), Some(pid_before), "running node adopted, not restarted");
+    assert_eq!(node_data_dirs(&data).len(), 1, "not re-created");
+    assert!(psql(&url, None, "INSERT INTO t VALUES (2)").success);
+    signal(second.child.id(), "-TERM");
+    wait_exit(&mut second.child, Duration::from_secs(30));
+    assert!(running(&node), "serve leaves nodes running when it stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_interrupted_by_kill_9_is_finished_on_restart() {
+    let dir = data_dir();
+    let data = dir.path().join("pw");
+    let proxy = TestProxy::start(Limits::default(), None).await;
+    let (api_port, node_port) = (free_port(), free_port());
+    let mut cleanup = Cleanup(data.clone(), vec![]);
+    let mut first = serve(&data, &proxy, api_port, node_port);
+    cleanup.1.push(first.child.id());
+    let created = cli(
+        &data,
+        &first.api,
+        &["create", "orders", "--plan", "postgresql-business-512", "--no-wait"],
+    );
+    let id = created.split_whitespace().next().unwrap().to_owned();
+    // Kill it in the middle: once the primary exists, before the standby is ready.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node_data_dirs(&data).iter().all(|d| !running(d)) {
+        assert!(Instant::now() < deadline, "provisioning never started a node");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(first.child.id(), "-KILL");
+    wait_exit(&mut first.child, Duration::from_secs(10));
+
+    let mut second = serve(&data, &proxy, api_port, node_port);
+    cleanup.1.push(second.child.id());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let shown = cli(&data, &second.api, &["show", &id]);
+        if shown.contains("running") && shown.matches("| running |").count() == 2 {
+            break;
+        }
+        assert!(!shown.contains("failed"), "{shown}");
+        assert!(Instant::now() < deadline, "provisioning never finished: {shown}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let url = env_url(&data, &second.api, &id);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !psql(&url, None, "SELECT 1").success {
+        assert!(Instant::now() < deadline, "finished database not reachable");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = cli(&data, &second.api, &["events", &id]);
+    assert!(events.contains("provision_resumed") && events.contains("provisioned"), "{events}");
+    // Only the finished database's two nodes remain running.
+    let running_nodes = node_data_dirs(&data).iter().filter(|d| running(d)).count();
+    assert_eq!(running_nodes, 2);
+    cli(&data, &second.api, &["destroy", &id]);
+    assert!(node_data_dirs(&data).iter().all(|d| !running(d)));
+    signal(second.child.id(), "-TERM");
+    wait_exit(&mut second.child, Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_proxy_gets_the_current_routes() {
+    let control = pgwarden_e2e::TestControl::start().await;
+    let db = control.create_database("catalog", "postgresql-sandbox").await;
+    let (name, url) =
+        (db["name"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
+    control.wait_routed(&name, true).await;
+    let (addr, admin) = (control.proxy.addr, control.proxy.admin);
+    let mut control = control;
+    control.proxy.stop().await.unwrap();
+    let files = control.certs.files();
+    control.proxy = TestProxy::start_at(addr, admin, Limits::default(), Some(files)).await;
+    control.wait_routed(&name, true).await;
+    assert!(psql(&url, None, "SELECT 1").success);
+}
