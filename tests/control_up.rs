@@ -254,6 +254,24 @@ async fn kill_9_of_serve_keeps_databases_adopts_nodes_and_republishes_routes() {
     assert_eq!(postmaster_pid(&node), Some(pid_before), "running node adopted, not restarted");
     assert_eq!(node_data_dirs(&data).len(), 1, "not re-created");
     assert!(psql(&url, None, "INSERT INTO t VALUES (2)").success);
+
+    // The CLI's user and TLS commands against the restarted control plane.
+    let created = cli(&data, &second.api, &["users", "create", &id, "auditor", "--read-only"]);
+    let auditor_url =
+        created.lines().find_map(|l| l.strip_prefix("url:")).unwrap().trim().to_owned();
+    assert_eq!(psql(&auditor_url, None, "SELECT count(*) FROM t").stdout.trim(), "2");
+    let users = cli(&data, &second.api, &["users", "list", &id]);
+    assert!(users.contains("auditor") && users.contains("read-only"), "{users}");
+    let tls = cli(&data, &second.api, &["tls", &id, "--force", "on"]);
+    assert!(tls.contains("force TLS on"), "{tls}");
+    let out = Command::new(workspace_bin("pgwarden"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--api", &second.api, "users", "delete", &id, &id.replace('-', "_")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be deleted"));
     signal(second.child.id(), "-TERM");
     wait_exit(&mut second.child, Duration::from_secs(30));
     assert!(running(&node), "serve leaves nodes running when it stops");
