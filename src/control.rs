@@ -58,6 +58,7 @@ impl TestControl {
             node_host: "127.0.0.1".into(),
             first_node_port: crate::free_port(),
             extra_settings,
+            health: Default::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         self.addr = listener.local_addr().expect("addr");
@@ -164,6 +165,38 @@ impl Drop for TestControl {
         // Nodes outlive the control plane by design; a test's nodes must not.
         for data in crate::node_data_dirs(&self.dir.path().join("data")) {
             crate::stop_immediately(&data);
+        }
+    }
+}
+
+impl TestControl {
+    /// The `data` directory of node `name` (directories carry a per-attempt suffix).
+    pub fn node_data_dir(&self, name: &str) -> std::path::PathBuf {
+        crate::node_data_dirs(&self.dir.path().join("data"))
+            .into_iter()
+            .find(|d| {
+                d.parent()
+                    .and_then(|p| p.file_name())
+                    .is_some_and(|f| f.to_string_lossy().starts_with(&format!("{name}.")))
+            })
+            .unwrap_or_else(|| panic!("no directory for node {name}"))
+    }
+
+    /// Polls `GET /v1/databases/{id}` until `check` holds; returns the database.
+    pub async fn wait_database(
+        &self,
+        id: &str,
+        what: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let db = self.request("GET", &format!("/v1/databases/{id}"), None).await.json();
+            if check(&db) {
+                return db;
+            }
+            assert!(Instant::now() < deadline, "{what} never happened: {db}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }

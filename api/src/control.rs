@@ -64,6 +64,9 @@ pub struct Database {
     pub tls: TlsSettings,
     pub epoch: u64,
     pub nodes: Vec<Node>,
+    /// `synchronous` (commits wait for the standby), `asynchronous` (degraded: the standby is
+    /// missing or catching up) or `none` (single node).
+    pub replication: String,
     /// RFC 3339.
     pub created_at: String,
 }

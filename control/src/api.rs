@@ -41,6 +41,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/databases/{id}/users/{name}", delete(delete_user))
         .route("/v1/databases/{id}/users/{name}/reset-password", post(reset_password))
         .route("/v1/databases/{id}/events", get(events))
+        .route("/v1/databases/{id}/failover", post(failover))
         .route("/v1/operations/{id}", get(operation))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new().route("/health", get(health)).merge(authed).fallback(not_found).with_state(state)
@@ -120,7 +121,14 @@ async fn view(platform: &Arc<Platform>, db: &DatabaseRecord) -> Database {
         nodes.push(Node {
             name: node.name.clone(),
             role: node.role,
-            status: if running { "running" } else { "stopped" }.into(),
+            status: if node.fenced {
+                "fenced"
+            } else if running {
+                "running"
+            } else {
+                "stopped"
+            }
+            .into(),
             host: node.host.clone(),
             port: node.port,
             lag_bytes: 0,
@@ -160,6 +168,12 @@ async fn view(platform: &Arc<Platform>, db: &DatabaseRecord) -> Database {
         database_url: platform.database_url(db),
         tls: TlsSettings { force: db.force_tls },
         epoch: platform.publisher.current().epoch,
+        replication: match (db.nodes.len(), db.synchronous) {
+            (1, _) => "none",
+            (_, true) => "synchronous",
+            (_, false) => "asynchronous",
+        }
+        .into(),
         nodes,
         created_at: db.created_at.clone(),
     }
@@ -219,6 +233,7 @@ async fn create_database(
         users: vec![UserRecord { name, read_only: false, default: true }],
         created_at: now_rfc3339(),
         error: None,
+        synchronous: false,
     };
     platform.store.put_database(&db)?;
     let op = platform.new_operation("provision", &id)?;
@@ -406,6 +421,45 @@ async fn reset_password(
     platform.event(&id, "password_reset", format!("password of {name} reset"));
     let database_url = platform.url(&name, &password, &db.name);
     Ok(Json(UserWithPassword { user: user_view(&user), password, database_url }))
+}
+
+async fn failover(
+    State(state): AppState,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<DatabaseOperation>), ApiError> {
+    let platform = &state.platform;
+    let db = load(platform, &id)?;
+    require_running(&db)?;
+    if db.replicas().next().is_none() {
+        return Err(ApiError::conflict(
+            "no_standby",
+            format!("database {id} has no standby to promote"),
+        ));
+    }
+    let mut op = platform.new_operation("failover", &id)?;
+    let (platform, database) = (platform.clone(), view(platform, &db).await);
+    let answer = op.clone();
+    tokio::spawn(async move {
+        platform.update_operation(&mut op, pgwarden_api::control::OperationStatus::Running, 0.2);
+        let result = crate::ha::forced_failover(&platform, &id).await;
+        platform.metrics.operation("failover", result.is_ok());
+        match result {
+            Ok(_) => platform.update_operation(
+                &mut op,
+                pgwarden_api::control::OperationStatus::Succeeded,
+                1.0,
+            ),
+            Err(e) => {
+                op.error = Some(e);
+                platform.update_operation(
+                    &mut op,
+                    pgwarden_api::control::OperationStatus::Failed,
+                    0.2,
+                );
+            }
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation: answer })))
 }
 
 async fn events(

@@ -62,6 +62,16 @@ pub trait NodeDriver: Send + Sync + 'static {
     fn stop(&self, node: &NodeSpec) -> Result<(), DriverError>;
     fn reload(&self, node: &NodeSpec) -> Result<(), DriverError>;
     fn is_running(&self, node: &NodeSpec) -> bool;
+    /// Makes sure the node can serve nothing any more, whatever state it is in (even frozen):
+    /// its processes are killed.
+    fn fence(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    /// Promotes a standby to primary and waits until it accepts writes.
+    fn promote(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    /// Rewinds a stopped former primary onto `source`'s timeline (pg_rewind), so it can follow
+    /// it as a standby.
+    fn rewind(&self, node: &NodeSpec, source: &NodeSpec) -> Result<(), DriverError>;
+    /// Marks a stopped node's data directory as a standby's (`standby.signal`).
+    fn make_standby(&self, node: &NodeSpec) -> Result<(), DriverError>;
     /// Stops the node if needed and deletes everything it had.
     fn destroy(&self, node: &NodeSpec) -> Result<(), DriverError>;
     /// libpq connection string for the superuser, local to the node.

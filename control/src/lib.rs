@@ -9,6 +9,7 @@
 //!   verifiers, `plans.rs` the catalogue.
 //! - `cli.rs` is the `pgwarden` command line (`client.rs` talks to the API); `up.rs` runs
 //!   `serve` and `up` (two proxy processes, one database, Ctrl-C stops everything).
+//! - `ha.rs` watches replicated databases: failover, synchronous/asynchronous commits, rejoin.
 //! - Every change publishes a routing table with a new epoch; `publisher.rs` keeps each proxy
 //!   on it over the proxies' admin API (`httpc.rs`).
 #![forbid(unsafe_code)]
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod client;
 pub mod driver;
 pub mod error;
+pub mod ha;
 pub mod httpc;
 pub mod local;
 pub mod metrics;
@@ -32,5 +34,5 @@ pub mod store;
 pub mod up;
 pub mod users;
 
-pub use platform::PlatformConfig;
+pub use platform::{HealthConfig, PlatformConfig};
 pub use server::{serve, NodeOptions};

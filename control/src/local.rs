@@ -214,6 +214,41 @@ impl NodeDriver for LocalDriver {
         cmd.status().is_ok_and(|s| s.success())
     }
 
+    fn fence(&self, node: &NodeSpec) -> Result<(), DriverError> {
+        let pid_file = Self::data(node).join("postmaster.pid");
+        let Some(pid) = fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.lines().next()?.trim().parse::<u32>().ok())
+        else {
+            return Ok(());
+        };
+        // SIGKILL works on a stopped (SIGSTOP) process too. Children first, so none outlives
+        // the postmaster and keeps serving a session.
+        for child in children_of(pid) {
+            kill(child, "-KILL");
+        }
+        kill(pid, "-KILL");
+        Ok(())
+    }
+
+    fn promote(&self, node: &NodeSpec) -> Result<(), DriverError> {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("promote").arg("-D").arg(Self::data(node)).args(["-w", "-t", "60"]);
+        self.run("pg_ctl promote", &mut cmd).map(drop)
+    }
+
+    fn rewind(&self, node: &NodeSpec, source: &NodeSpec) -> Result<(), DriverError> {
+        let mut cmd = self.command("pg_rewind");
+        cmd.arg("--target-pgdata")
+            .arg(Self::data(node))
+            .arg(format!("--source-server={}", self.admin_conninfo(source, "postgres")));
+        self.run("pg_rewind", &mut cmd).map(drop)
+    }
+
+    fn make_standby(&self, node: &NodeSpec) -> Result<(), DriverError> {
+        self.write(&Self::data(node).join("standby.signal"), "", 0o600)
+    }
+
     fn destroy(&self, node: &NodeSpec) -> Result<(), DriverError> {
         if self.is_running(node) {
             let mut cmd = self.command("pg_ctl");
@@ -229,6 +264,29 @@ impl NodeDriver for LocalDriver {
     fn admin_conninfo(&self, node: &NodeSpec, database: &str) -> String {
         format!("host={} port={} user=postgres dbname={database}", node.dir.display(), node.port)
     }
+}
+
+fn kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill").args([signal, &pid.to_string()]).stderr(Stdio::null()).status();
+}
+
+/// Processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    stat.rsplit_once(") ")
+                        .map(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_owned))
+                })
+                .flatten()
+                .is_some_and(|ppid| ppid == pid.to_string())
+        })
+        .collect()
 }
 
 /// `'value'` with quotes doubled.

@@ -8,6 +8,8 @@ pub struct Metrics {
     pub epoch: IntGauge,
     operations: IntCounterVec,
     route_pushes: IntCounterVec,
+    failovers: IntCounterVec,
+    replication_changes: IntCounterVec,
 }
 
 impl Metrics {
@@ -25,10 +27,25 @@ impl Metrics {
             &["result"],
         )
         .expect("metric");
+        let failovers = IntCounterVec::new(
+            Opts::new("failovers_total", "Primary changes attempted, by result"),
+            &["result"],
+        )
+        .expect("metric");
+        let replication_changes = IntCounterVec::new(
+            Opts::new(
+                "replication_mode_changes_total",
+                "Switches between synchronous and asynchronous commits",
+            ),
+            &["mode"],
+        )
+        .expect("metric");
+        registry.register(Box::new(failovers.clone())).expect("register");
+        registry.register(Box::new(replication_changes.clone())).expect("register");
         registry.register(Box::new(epoch.clone())).expect("register");
         registry.register(Box::new(operations.clone())).expect("register");
         registry.register(Box::new(route_pushes.clone())).expect("register");
-        Self { registry, epoch, operations, route_pushes }
+        Self { registry, epoch, operations, route_pushes, failovers, replication_changes }
     }
 
     pub fn operation(&self, kind: &str, ok: bool) {
@@ -37,6 +54,17 @@ impl Metrics {
 
     pub fn route_push(&self, ok: bool) {
         self.route_pushes.with_label_values(&[if ok { "applied" } else { "failed" }]).inc();
+    }
+
+    pub fn failover(&self, ok: bool) {
+        self.failovers
+            .with_label_values(&[if ok { "promoted" } else { "refused_or_failed" }])
+            .inc();
+    }
+
+    pub fn replication_mode(&self, synchronous: bool) {
+        let mode = if synchronous { "synchronous" } else { "asynchronous" };
+        self.replication_changes.with_label_values(&[mode]).inc();
     }
 
     pub fn render(&self) -> String {

@@ -35,9 +35,37 @@ pub struct PlatformConfig {
     pub node_host: String,
     /// First port tried for new nodes; ports go up from there.
     pub first_node_port: u16,
+    /// Health checks and failover.
+    pub health: HealthConfig,
     /// Extra `postgresql.conf` settings for every new node (value as PostgreSQL expects it,
     /// quoted where needed), e.g. `shared_preload_libraries`.
     pub extra_settings: Vec<(String, String)>,
+}
+
+/// How nodes are watched and when a primary is declared dead.
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    /// Time between two checks of a node.
+    pub interval: std::time::Duration,
+    /// Consecutive failed checks before the primary is declared dead (default 3 × 500 ms:
+    /// about 1.5 s).
+    pub failures: u32,
+    /// How long one check may take.
+    pub timeout: std::time::Duration,
+    /// A standby that was not synchronous may be promoted only if it lagged at most this many
+    /// bytes at the last check; beyond, failover is refused (acknowledged commits could be lost).
+    pub max_failover_lag_bytes: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval: std::time::Duration::from_millis(500),
+            failures: 3,
+            timeout: std::time::Duration::from_millis(400),
+            max_failover_lag_bytes: 0,
+        }
+    }
 }
 
 pub struct Platform {

@@ -68,7 +68,7 @@ fn load(platform: &Platform, id: &str) -> Result<DatabaseRecord, String> {
         .ok_or_else(|| format!("database {id} vanished"))
 }
 
-async fn blocking<T: Send + 'static>(
+pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
 ) -> Result<T, String> {
     tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
@@ -161,6 +161,7 @@ async fn provision(platform: &Arc<Platform>, id: &str, op: &mut Operation) -> Re
             port: *port,
             dir: platform.nodes_dir().join(format!("{name}.{attempt:04x}")),
             name,
+            fenced: false,
         });
     }
     platform.store.put_database(&db).map_err(|e| e.to_string())?;
@@ -201,6 +202,7 @@ async fn provision(platform: &Arc<Platform>, id: &str, op: &mut Operation) -> Re
 
     for standby in db.replicas().cloned().collect::<Vec<_>>() {
         add_standby(platform, &db, &standby).await?;
+        db.synchronous = true;
         platform.update_operation(op, OperationStatus::Running, 0.9);
     }
 
@@ -222,7 +224,34 @@ async fn provision(platform: &Arc<Platform>, id: &str, op: &mut Operation) -> Re
 
 /// Copies the primary into `standby` over TLS, starts it streaming, then makes it the
 /// synchronous standby.
-async fn add_standby(
+pub async fn add_standby(
+    platform: &Arc<Platform>,
+    db: &DatabaseRecord,
+    standby: &NodeRecord,
+) -> Result<(), String> {
+    add_standby_only(platform, db, standby).await?;
+    let primary = db.primary().cloned().ok_or("no primary")?;
+    let primary_spec = platform.node_spec(&primary);
+    let config = node_config(platform, db, &primary, Some(&standby.name))?;
+    blocking({
+        let (driver, spec) = (platform.driver.clone(), primary_spec.clone());
+        move || {
+            driver.configure(&spec, &config)?;
+            driver.reload(&spec)
+        }
+    })
+    .await?;
+    wait_synchronous(platform, &primary_spec, &standby.name).await?;
+    platform.event(
+        &db.id,
+        "replication_synchronous",
+        format!("standby {} is synchronous", standby.name),
+    );
+    Ok(())
+}
+
+/// Copies the primary into `standby` (pg_basebackup over TLS) and starts it streaming.
+pub async fn add_standby_only(
     platform: &Arc<Platform>,
     db: &DatabaseRecord,
     standby: &NodeRecord,
@@ -249,23 +278,6 @@ async fn add_standby(
         &db.id,
         "node_started",
         format!("standby {} streaming from {}", standby.name, primary.name),
-    );
-
-    let primary_spec = platform.node_spec(&primary);
-    let config = node_config(platform, db, &primary, Some(&standby.name))?;
-    blocking({
-        let (driver, spec) = (platform.driver.clone(), primary_spec.clone());
-        move || {
-            driver.configure(&spec, &config)?;
-            driver.reload(&spec)
-        }
-    })
-    .await?;
-    wait_synchronous(platform, &primary_spec, &standby.name).await?;
-    platform.event(
-        &db.id,
-        "replication_synchronous",
-        format!("standby {} is synchronous", standby.name),
     );
     Ok(())
 }

@@ -23,6 +23,9 @@ pub struct DatabaseRecord {
     /// Why the database is `failed`.
     #[serde(default)]
     pub error: Option<String>,
+    /// Commits wait for the standby (false: none, or degraded to asynchronous).
+    #[serde(default)]
+    pub synchronous: bool,
 }
 
 impl DatabaseRecord {
@@ -30,8 +33,9 @@ impl DatabaseRecord {
         self.nodes.iter().find(|n| n.role == NodeRole::Primary)
     }
 
+    /// Replicas that serve (not fenced).
     pub fn replicas(&self) -> impl Iterator<Item = &NodeRecord> {
-        self.nodes.iter().filter(|n| n.role == NodeRole::Replica)
+        self.nodes.iter().filter(|n| n.role == NodeRole::Replica && !n.fenced)
     }
 }
 
@@ -43,6 +47,9 @@ pub struct NodeRecord {
     pub port: u16,
     /// The node's own directory: `data/`, socket, log, certificates.
     pub dir: PathBuf,
+    /// Fenced after a failover: never routed to; rejoins as a standby when it can.
+    #[serde(default)]
+    pub fenced: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -48,7 +48,11 @@ pub async fn serve(
     let token = read_secret_file(&platform.config.data_dir.join("token"))?;
     info!(listen = %listener.local_addr()?, data_dir = %platform.config.data_dir.display(), "control plane started");
     let recovering = platform.clone();
-    tokio::spawn(async move { provision::recover(&recovering).await });
+    let watchers = shutdown.child_token();
+    tokio::spawn(async move {
+        provision::recover(&recovering).await;
+        crate::ha::supervise(recovering, watchers).await;
+    });
     let state = Arc::new(ApiState { platform: platform.clone(), token });
     let served = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())

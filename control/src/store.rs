@@ -191,6 +191,7 @@ mod tests {
             users: vec![UserRecord { name: "u".into(), read_only: false, default: true }],
             created_at: "2026-01-01T00:00:00Z".into(),
             error: None,
+            synchronous: false,
         }
     }
 
