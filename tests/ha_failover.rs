@@ -180,3 +180,105 @@ async fn kill_9_of_the_primary_fails_over_without_losing_acknowledged_writes() {
 async fn a_frozen_primary_is_fenced_and_never_written_again() {
     failover_under_writer(true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_standby_degrades_to_asynchronous_then_comes_back_synchronous() {
+    let control = TestControl::start().await;
+    let db = control.create_database("queue", "postgresql-business-512").await;
+    let (id, url) =
+        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
+    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    assert_eq!(db["replication"], "synchronous");
+    assert!(psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)").success);
+    let primary_port = port_of(&db, "primary");
+    let writer = Writer::start(url.clone());
+    writer.wait_acks_from(primary_port, 20).await;
+
+    let standby = control.node_data_dir(&name_of(&db, "replica"));
+    let pid = postmaster_pid(&standby).expect("standby running");
+    let acks_before = writer.acked().len();
+    let killed_at = Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    // The primary keeps acknowledging writes (asynchronously) instead of blocking forever.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while writer.acked().len() < acks_before + 100 {
+        assert!(Instant::now() < deadline, "writes blocked after the standby died");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("standby killed: writes flowing again after {:?}", killed_at.elapsed());
+    let events = control.request("GET", &format!("/v1/databases/{id}/events"), None).await.json();
+    assert!(
+        events.as_array().unwrap().iter().any(|e| e["kind"] == "replication_degraded"),
+        "{events}"
+    );
+
+    // The standby is restarted, catches up, and commits are synchronous again.
+    control
+        .wait_database(&id, "synchronous again", |db| {
+            db["replication"] == "synchronous"
+                && db["nodes"].as_array().unwrap().iter().all(|n| n["status"] == "running")
+        })
+        .await;
+    let acked = writer.stop().await;
+    let out = psql(
+        &url,
+        None,
+        "SELECT count(*) FROM w WHERE n = ANY(string_to_array($$X$$, ',')::int8[])"
+            .replace("X", &acked.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>().join(","))
+            .as_str(),
+    );
+    assert_eq!(out.stdout.trim(), acked.len().to_string(), "{}", out.stderr);
+    let events = control.request("GET", &format!("/v1/databases/{id}/events"), None).await.json();
+    let kinds: Vec<&str> =
+        events.as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert!(kinds.contains(&"node_restarted"), "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| **k == "replication_synchronous").count(), 2, "{kinds:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_failover_through_the_api_changes_the_primary() {
+    let control = TestControl::start().await;
+    let db = control.create_database("forced", "postgresql-business-512").await;
+    let id = db["id"].as_str().unwrap().to_owned();
+    let (old, new) = (name_of(&db, "primary"), name_of(&db, "replica"));
+    let r = control.request("POST", &format!("/v1/databases/{id}/failover"), None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let db = control
+        .wait_database(&id, "rejoin after forced failover", |db| {
+            db["replication"] == "synchronous"
+                && db["nodes"].as_array().unwrap().iter().all(|n| n["status"] == "running")
+        })
+        .await;
+    assert_eq!(name_of(&db, "primary"), new);
+    assert_eq!(name_of(&db, "replica"), old);
+    let url = db["database_url"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = psql(url, None, "SELECT inet_server_port(), pg_is_in_recovery()");
+        if out.success && out.stdout.trim() == format!("{}|f", port_of(&db, "primary")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "proxy does not route to the new primary: {}",
+            out.stdout
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sandbox = control.create_database("single", "postgresql-sandbox").await;
+    let r = control
+        .request(
+            "POST",
+            &format!("/v1/databases/{}/failover", sandbox["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 409);
+    assert_eq!(r.json()["error"]["code"], "no_standby");
+}

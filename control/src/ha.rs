@@ -92,6 +92,8 @@ async fn watch(platform: &Arc<Platform>, id: &str) {
                 .await;
                 if let Some(fenced) = db.nodes.iter().find(|n| n.fenced).cloned() {
                     rejoin(platform, id, &fenced).await;
+                } else if standby_missing >= health.failures {
+                    restart_stopped_standbys(platform, &db).await;
                 }
             }
             Err(e) => {
@@ -179,6 +181,35 @@ async fn replication_mode(
             "replication_degraded",
             "standby not streaming: commits are asynchronous until it is back",
         ),
+    }
+}
+
+/// Starts standbys whose processes are gone (crashed or killed); they catch up by streaming.
+async fn restart_stopped_standbys(platform: &Arc<Platform>, db: &DatabaseRecord) {
+    for standby in db.replicas() {
+        let spec = platform.node_spec(standby);
+        let driver = platform.driver.clone();
+        let restarted = blocking(move || {
+            if driver.is_running(&spec) {
+                return Ok(false);
+            }
+            driver.fence(&spec)?;
+            driver.start(&spec).map(|()| true)
+        })
+        .await;
+        match restarted {
+            Ok(true) => platform.event(
+                &db.id,
+                "node_restarted",
+                format!("standby {} was down; restarted", standby.name),
+            ),
+            Ok(false) => {}
+            Err(e) => platform.event(
+                &db.id,
+                "node_failed",
+                format!("standby {} could not restart: {e}", standby.name),
+            ),
+        }
     }
 }
 
