@@ -112,6 +112,7 @@ impl TestProxy {
                         force_tls: *force_tls,
                         primary: primary.to_string(),
                         replicas: vec![],
+                        hold: false,
                     };
                     (db.to_string(), route)
                 })

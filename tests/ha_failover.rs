@@ -282,3 +282,117 @@ async fn forced_failover_through_the_api_changes_the_primary() {
     assert_eq!(r.status, 409);
     assert_eq!(r.json()["error"]["code"], "no_standby");
 }
+
+/// Opens a new connection every 20 ms and runs one query; records each outcome and how long
+/// connecting took.
+struct Connector {
+    outcomes: Arc<Mutex<Vec<Result<Duration, String>>>>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Connector {
+    fn start(url: String) -> Self {
+        let outcomes: Arc<Mutex<Vec<Result<Duration, String>>>> = Arc::default();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (record, stopped) = (outcomes.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            while !stopped.is_cancelled() {
+                let started = Instant::now();
+                let outcome = async {
+                    let (client, connection) =
+                        tokio_postgres::connect(&url, NoTls).await.map_err(|e| format!("{e:?}"))?;
+                    tokio::spawn(connection);
+                    let waited = started.elapsed();
+                    client.simple_query("SELECT 1").await.map_err(|e| format!("{e:?}"))?;
+                    Ok(waited)
+                }
+                .await;
+                record.lock().unwrap().push(outcome);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        Self { outcomes, stop, task }
+    }
+
+    async fn stop(self) -> Vec<Result<Duration, String>> {
+        self.stop.cancel();
+        let _ = self.task.await;
+        self.outcomes.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_under_load_loses_nothing_and_new_connections_wait_instead_of_failing() {
+    let control = TestControl::start().await;
+    let db = control.create_database("planned", "postgresql-business-512").await;
+    let (id, url) =
+        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
+    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    assert!(psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)").success);
+    let (old_name, new_name) = (name_of(&db, "primary"), name_of(&db, "replica"));
+    let new_port = port_of(&db, "replica");
+
+    let (_idle, idle_connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    let idle_end = tokio::spawn(idle_connection);
+    let writer = Writer::start(url.clone());
+    writer.wait_acks_from(port_of(&db, "primary"), 50).await;
+    let connector = Connector::start(url.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let r = control
+        .request(
+            "POST",
+            &format!("/v1/databases/{id}/switchover"),
+            Some(serde_json::json!({"target": new_name})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    writer.wait_acks_from(new_port, 50).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let outcomes = connector.stop().await;
+    let acked = writer.stop().await;
+
+    let failed: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} new connections failed: {failed:?}",
+        failed.len(),
+        outcomes.len()
+    );
+    let longest = outcomes.iter().filter_map(|o| o.as_ref().ok()).max().unwrap();
+    println!("{} new connections during the switchover, longest wait {longest:?}", outcomes.len());
+
+    let out = psql(&url, None, "SELECT string_agg(n::text, ',') FROM w");
+    let present: std::collections::HashSet<i64> =
+        out.stdout.trim().split(',').map(|n| n.parse().unwrap()).collect();
+    let lost: Vec<i64> = acked.iter().map(|(n, _)| *n).filter(|n| !present.contains(n)).collect();
+    assert!(lost.is_empty(), "acknowledged inserts lost: {lost:?}");
+
+    let err = tokio::time::timeout(Duration::from_secs(5), idle_end)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect_err("old session ended");
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN), "{err:?}");
+
+    let db = control
+        .wait_database(&id, "old primary back as a synchronous standby", |db| {
+            db["replication"] == "synchronous"
+                && db["nodes"].as_array().unwrap().iter().all(|n| n["status"] == "running")
+        })
+        .await;
+    assert_eq!(name_of(&db, "primary"), new_name);
+    assert_eq!(name_of(&db, "replica"), old_name);
+
+    let r = control
+        .request(
+            "POST",
+            &format!("/v1/databases/{id}/switchover"),
+            Some(serde_json::json!({"target": "nope"})),
+        )
+        .await;
+    assert_eq!(r.status, 422);
+}

@@ -38,6 +38,10 @@ pub struct DatabaseRoute {
     /// `host:port` of the streaming replicas.
     #[serde(default)]
     pub replicas: Vec<String>,
+    /// New sessions wait (instead of being refused) until a table without `hold` arrives: set
+    /// during a planned switchover. Established sessions are not affected.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold: bool,
 }
 
 /// A proxy's role in its active/standby pair.

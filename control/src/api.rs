@@ -42,6 +42,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/databases/{id}/users/{name}/reset-password", post(reset_password))
         .route("/v1/databases/{id}/events", get(events))
         .route("/v1/databases/{id}/failover", post(failover))
+        .route("/v1/databases/{id}/switchover", post(switchover))
         .route("/v1/operations/{id}", get(operation))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new().route("/health", get(health)).merge(authed).fallback(not_found).with_state(state)
@@ -443,6 +444,66 @@ async fn failover(
         platform.update_operation(&mut op, pgwarden_api::control::OperationStatus::Running, 0.2);
         let result = crate::ha::forced_failover(&platform, &id).await;
         platform.metrics.operation("failover", result.is_ok());
+        match result {
+            Ok(_) => platform.update_operation(
+                &mut op,
+                pgwarden_api::control::OperationStatus::Succeeded,
+                1.0,
+            ),
+            Err(e) => {
+                op.error = Some(e);
+                platform.update_operation(
+                    &mut op,
+                    pgwarden_api::control::OperationStatus::Failed,
+                    0.2,
+                );
+            }
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation: answer })))
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SwitchoverRequest {
+    target: Option<String>,
+}
+
+async fn switchover(
+    State(state): AppState,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<DatabaseOperation>), ApiError> {
+    let request: SwitchoverRequest =
+        if bytes.is_empty() { SwitchoverRequest::default() } else { body(&bytes)? };
+    let platform = &state.platform;
+    let db = load(platform, &id)?;
+    require_running(&db)?;
+    match &request.target {
+        Some(t) if !db.replicas().any(|r| &r.name == t) => {
+            return Err(ApiError::unprocessable(
+                "unknown_target",
+                format!(
+                    "{t:?} is not a standby of {id}; standbys: {}",
+                    db.replicas().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        None if db.replicas().next().is_none() => {
+            return Err(ApiError::conflict(
+                "no_standby",
+                format!("database {id} has no standby to switch to"),
+            ));
+        }
+        _ => {}
+    }
+    let mut op = platform.new_operation("switchover", &id)?;
+    let (platform, database) = (platform.clone(), view(platform, &db).await);
+    let answer = op.clone();
+    tokio::spawn(async move {
+        platform.update_operation(&mut op, pgwarden_api::control::OperationStatus::Running, 0.2);
+        let result = crate::ha::switchover(&platform, &id, request.target.as_deref()).await;
+        platform.metrics.operation("switchover", result.is_ok());
         match result {
             Ok(_) => platform.update_operation(
                 &mut op,

@@ -67,6 +67,21 @@ pub enum Command {
     },
     /// A database's history.
     Events { id: String },
+    /// Planned primary change, without data loss; new connections wait instead of failing.
+    Switchover {
+        id: String,
+        /// Standby to promote (default: the first one).
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Forced primary change, even when the primary looks healthy.
+    Failover {
+        id: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -235,6 +250,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Users { command } => users(client()?, command).await,
+        Command::Switchover { id, target, no_wait } => {
+            let body = json!({ "target": target });
+            let path = format!("/v1/databases/{id}/switchover");
+            primary_change(client()?, &path, Some(body), no_wait).await
+        }
+        Command::Failover { id, no_wait } => {
+            primary_change(client()?, &format!("/v1/databases/{id}/failover"), None, no_wait).await
+        }
         Command::Events { id } => {
             let events: Vec<Event> =
                 client()?.call(Method::GET, &format!("/v1/databases/{id}/events"), None).await?;
@@ -244,6 +267,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn primary_change(
+    client: Client,
+    path: &str,
+    body: Option<serde_json::Value>,
+    no_wait: bool,
+) -> anyhow::Result<()> {
+    let answer: DatabaseOperation = client.call(Method::POST, path, body).await?;
+    let id = answer.database.id.clone();
+    if no_wait {
+        println!("{id}: {} started (operation {})", answer.operation.kind, answer.operation.id);
+        return Ok(());
+    }
+    client.wait(answer.operation).await?;
+    let db: Database = client.call(Method::GET, &format!("/v1/databases/{id}"), None).await?;
+    let primary = db.nodes.iter().find(|n| n.role == pgwarden_api::control::NodeRole::Primary);
+    println!("{id}: primary is now {}", primary.map_or("?", |n| n.name.as_str()));
+    Ok(())
 }
 
 async fn users(client: Client, command: UsersCommand) -> anyhow::Result<()> {

@@ -462,3 +462,123 @@ pub async fn forced_failover(platform: &Arc<Platform>, id: &str) -> Result<Strin
             .unwrap_or_else(|| "failover did not happen".into())
     })
 }
+
+/// How long a switchover waits for the proxies to apply a table.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A planned primary change without data loss: the proxies hold new sessions, the primary
+/// stops cleanly (its sessions end with 57P01) after its last WAL reached the standby, the
+/// standby is promoted, and the proxies release the held sessions to it. Returns the new
+/// primary and how long new sessions were held.
+pub async fn switchover(
+    platform: &Arc<Platform>,
+    id: &str,
+    target: Option<&str>,
+) -> Result<(String, Duration), String> {
+    let lock = platform.lock(id);
+    let _guard = lock.lock().await;
+    let mut db =
+        platform.store.database(id).map_err(|e| e.to_string())?.ok_or("database vanished")?;
+    let old = db.primary().cloned().ok_or("no primary")?;
+    let candidate = match target {
+        Some(name) => db
+            .replicas()
+            .find(|r| r.name == name)
+            .cloned()
+            .ok_or_else(|| format!("{name} is not a standby of {id}"))?,
+        None => db.replicas().next().cloned().ok_or("no standby to switch to")?,
+    };
+    let (old_spec, new_spec) = (platform.node_spec(&old), platform.node_spec(&candidate));
+    let standby_admin = users::admin(&platform.driver.admin_conninfo(&new_spec, "postgres"))
+        .await
+        .map_err(|e| format!("standby unreachable: {e}"))?;
+    let in_recovery: bool = standby_admin
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map_err(|e| e.to_string())?
+        .get(0);
+    if !in_recovery {
+        return Err(format!("{} is not a standby", candidate.name));
+    }
+
+    // 1. Hold new sessions on every proxy.
+    platform.held.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_owned());
+    let held_at = std::time::Instant::now();
+    let result = async {
+        let epoch = platform.publish_routes().map_err(|e| e.to_string())?;
+        if !platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await {
+            warn!(database = id, epoch, "not every proxy applied the hold in time");
+        }
+        // 2. Stop the primary cleanly; with synchronous replication its WAL is on the standby.
+        let admin = users::admin(&platform.driver.admin_conninfo(&old_spec, "postgres"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let lsn: String = admin
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        drop(admin);
+        let driver = platform.driver.clone();
+        let spec = old_spec.clone();
+        blocking(move || driver.stop(&spec)).await?;
+        // 3. The standby must have received everything the primary wrote.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let caught_up: bool = standby_admin
+                .query_one("SELECT pg_last_wal_receive_lsn() >= $1::text::pg_lsn", &[&lsn])
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            if caught_up {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("standby {} did not receive WAL up to {lsn}", candidate.name));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        // Roll back: the old primary serves again, sessions are released to it.
+        platform.held.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        let driver = platform.driver.clone();
+        let spec = old_spec.clone();
+        let _ =
+            blocking(move || if driver.is_running(&spec) { Ok(()) } else { driver.start(&spec) })
+                .await;
+        let _ = platform.publish_routes();
+        platform.event(
+            id,
+            "switchover_failed",
+            format!("switchover to {} abandoned: {e}", candidate.name),
+        );
+        return Err(e);
+    }
+    // 4. Promote and release the held sessions to the new primary.
+    platform.held.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    let promoted = promote(platform, &mut db, &old.name, &candidate.name).await;
+    let held_for = held_at.elapsed();
+    match promoted {
+        Ok(epoch) => {
+            platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await;
+            platform.event(
+                id,
+                "switchover",
+                format!("{} is the new primary in place of {} (new sessions held {} ms), routing epoch {epoch}", candidate.name, old.name, held_for.as_millis()),
+            );
+            Ok((candidate.name, held_for))
+        }
+        Err(e) => {
+            let _ = platform.publish_routes();
+            platform.event(
+                id,
+                "switchover_failed",
+                format!("promoting {} failed: {e}", candidate.name),
+            );
+            Err(e)
+        }
+    }
+}

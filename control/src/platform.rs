@@ -76,6 +76,8 @@ pub struct Platform {
     pub metrics: Metrics,
     pub publisher: Publisher,
     locks: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+    /// Databases whose new sessions the proxies hold (switchover in progress).
+    pub held: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Platform {
@@ -88,7 +90,16 @@ impl Platform {
         let metrics = Metrics::new();
         let publisher =
             Publisher::start(config.proxies.clone(), config.proxy_token.clone(), metrics.clone());
-        Arc::new(Self { config, store, driver, ca, metrics, publisher, locks: Mutex::default() })
+        Arc::new(Self {
+            config,
+            store,
+            driver,
+            ca,
+            metrics,
+            publisher,
+            locks: Mutex::default(),
+            held: Mutex::default(),
+        })
     }
 
     /// The lock that serializes changes to one database.
@@ -154,6 +165,7 @@ impl Platform {
                 force_tls: db.force_tls,
                 primary: format!("{}:{}", primary.host, primary.port),
                 replicas: db.replicas().map(|n| format!("{}:{}", n.host, n.port)).collect(),
+                hold: self.held.lock().unwrap_or_else(|e| e.into_inner()).contains(&db.id),
             };
             databases.insert(db.name.clone(), route);
         }

@@ -18,15 +18,36 @@ const CHECK_EVERY: Duration = Duration::from_secs(2);
 
 pub struct Publisher {
     tx: watch::Sender<Arc<RoutingTable>>,
+    /// The epoch each proxy has applied.
+    applied: Arc<std::sync::Mutex<Vec<u64>>>,
 }
 
 impl Publisher {
     pub fn start(proxies: Vec<String>, token: String, metrics: Metrics) -> Self {
         let (tx, _) = watch::channel(Arc::new(RoutingTable::default()));
-        for proxy in proxies {
-            tokio::spawn(keep_in_sync(proxy, token.clone(), tx.subscribe(), metrics.clone()));
+        let applied = Arc::new(std::sync::Mutex::new(vec![0; proxies.len()]));
+        for (index, proxy) in proxies.into_iter().enumerate() {
+            let rx = tx.subscribe();
+            let reporter = Reporter { applied: applied.clone(), index };
+            tokio::spawn(keep_in_sync(proxy, token.clone(), rx, metrics.clone(), reporter));
         }
-        Self { tx }
+        Self { tx, applied }
+    }
+
+    /// Waits until every proxy applied `epoch` or a later one; false after `timeout`.
+    pub async fn wait_applied(&self, epoch: u64, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let done =
+                self.applied.lock().unwrap_or_else(|e| e.into_inner()).iter().all(|a| *a >= epoch);
+            if done {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     pub fn publish(&self, table: RoutingTable) {
@@ -38,11 +59,24 @@ impl Publisher {
     }
 }
 
+/// Where a proxy's task reports the epoch it applied.
+struct Reporter {
+    applied: Arc<std::sync::Mutex<Vec<u64>>>,
+    index: usize,
+}
+
+impl Reporter {
+    fn set(&self, epoch: u64) {
+        self.applied.lock().unwrap_or_else(|e| e.into_inner())[self.index] = epoch;
+    }
+}
+
 async fn keep_in_sync(
     proxy: String,
     token: String,
     mut rx: watch::Receiver<Arc<RoutingTable>>,
     metrics: Metrics,
+    reporter: Reporter,
 ) {
     let mut applied = 0u64;
     loop {
@@ -53,6 +87,7 @@ async fn keep_in_sync(
                     metrics.route_push(true);
                     info!(%proxy, epoch = table.epoch, "routing table applied");
                     applied = table.epoch;
+                    reporter.set(applied);
                 }
                 Err(e) => {
                     metrics.route_push(false);
@@ -72,6 +107,7 @@ async fn keep_in_sync(
                     if epoch < applied {
                         warn!(%proxy, epoch, applied, "proxy lost its routing table (restarted?); pushing again");
                         applied = 0;
+                        reporter.set(0);
                     }
                 }
             }

@@ -16,6 +16,9 @@ use crate::metrics::RouteUpdate;
 use crate::routes::RouteError;
 use crate::Shared;
 
+/// How long `PUT /v1/routes` waits for sessions already starting on a database put on hold.
+const HOLD_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/health", get(health))
@@ -81,11 +84,19 @@ async fn put_routes(
             format!("invalid routing table: {e}"),
         )
     })?;
+    let held: Vec<String> =
+        table.databases.iter().filter(|(_, r)| r.hold).map(|(name, _)| name.clone()).collect();
     match shared.routes.replace(table) {
         Ok(epoch) => {
             shared.metrics.route_update(RouteUpdate::Applied);
             shared.metrics.epoch.set(epoch as i64);
             info!(epoch, "routing table replaced");
+            // A hold is in effect once no session is still on its way to the old primary.
+            for database in held {
+                if !shared.routes.wait_started(&database, HOLD_SETTLE).await {
+                    tracing::warn!(%database, "sessions still starting when the hold was applied");
+                }
+            }
             Ok(Json(json!({"epoch": epoch})))
         }
         Err(e @ RouteError::Invalid(_)) => {

@@ -68,6 +68,9 @@ pub struct Limits {
     /// On SIGTERM, seconds sessions may keep running before they are ended with `57P01`.
     /// Default 30.
     pub shutdown_grace_secs: f64,
+    /// Seconds a new session may wait for a database whose route is on hold (switchover)
+    /// before it gets `57P03`. Default 5.
+    pub hold_timeout_secs: f64,
 }
 
 impl Default for Limits {
@@ -78,6 +81,7 @@ impl Default for Limits {
             backend_connect_timeout_secs: 5.0,
             max_startup_packet: 10_000,
             shutdown_grace_secs: 30.0,
+            hold_timeout_secs: 5.0,
         }
     }
 }
@@ -91,6 +95,9 @@ impl Limits {
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs_f64(self.shutdown_grace_secs)
+    }
+    pub fn hold_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.hold_timeout_secs)
     }
 }
 
@@ -149,6 +156,7 @@ impl Config {
             ("limits.handshake_timeout_secs", l.handshake_timeout_secs),
             ("limits.backend_connect_timeout_secs", l.backend_connect_timeout_secs),
             ("limits.shutdown_grace_secs", l.shutdown_grace_secs),
+            ("limits.hold_timeout_secs", l.hold_timeout_secs),
         ] {
             if !(0.0..=86_400.0).contains(&v) || (v == 0.0 && key != "limits.shutdown_grace_secs") {
                 return Err(ConfigError::Invalid(format!("{key} must be between 0 and 86400")));

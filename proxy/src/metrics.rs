@@ -17,10 +17,11 @@ pub enum Rejection {
     NoPrimary,
     ShuttingDown,
     ClientGone,
+    HoldTimeout,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 9] = [
+    const ALL: [Rejection; 10] = [
         Self::TooManyClients,
         Self::HandshakeTimeout,
         Self::Malformed,
@@ -30,6 +31,7 @@ impl Rejection {
         Self::NoPrimary,
         Self::ShuttingDown,
         Self::ClientGone,
+        Self::HoldTimeout,
     ];
 
     fn label(self) -> &'static str {
@@ -43,6 +45,7 @@ impl Rejection {
             Self::NoPrimary => "no_primary",
             Self::ShuttingDown => "shutting_down",
             Self::ClientGone => "client_gone",
+            Self::HoldTimeout => "hold_timeout",
         }
     }
 }

@@ -26,6 +26,8 @@ pub enum RouteError {
 pub struct Route {
     pub primary: String,
     pub force_tls: bool,
+    /// New sessions wait for the next table (planned switchover in progress).
+    pub hold: bool,
     /// Cancelled when this primary stops being the database's primary.
     pub moved: CancellationToken,
 }
@@ -50,17 +52,79 @@ impl Snapshot {
 pub struct RouteStore {
     current: ArcSwap<Snapshot>,
     writer: Mutex<()>,
+    /// The epoch in use, for sessions waiting on a held route.
+    changed: tokio::sync::watch::Sender<u64>,
+    /// Sessions between route lookup and the end of authentication, per database.
+    starting: Mutex<HashMap<String, usize>>,
+    started: tokio::sync::Notify,
+}
+
+/// Counts one session in its startup phase (see [`RouteStore::starting`]).
+pub struct Starting<'a> {
+    store: &'a RouteStore,
+    database: String,
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        let mut starting = self.store.starting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = starting.get_mut(&self.database) {
+            *n -= 1;
+            if *n == 0 {
+                starting.remove(&self.database);
+                self.store.started.notify_waiters();
+            }
+        }
+    }
 }
 
 impl Default for RouteStore {
     fn default() -> Self {
-        Self { current: ArcSwap::from_pointee(Snapshot::default()), writer: Mutex::new(()) }
+        Self {
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            writer: Mutex::new(()),
+            changed: tokio::sync::watch::channel(0).0,
+            starting: Mutex::default(),
+            started: tokio::sync::Notify::new(),
+        }
     }
 }
 
 impl RouteStore {
     pub fn load(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// Marks a session of `database` as starting: take it before looking the route up, keep it
+    /// until authentication ends, so that a table putting the database on hold can wait for
+    /// sessions already on their way to the old primary.
+    pub fn starting(&self, database: &str) -> Starting<'_> {
+        *self
+            .starting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(database.to_owned())
+            .or_default() += 1;
+        Starting { store: self, database: database.to_owned() }
+    }
+
+    /// Waits (at most `timeout`) until no session of `database` is starting.
+    pub async fn wait_started(&self, database: &str, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.started.notified();
+            if !self.starting.lock().unwrap_or_else(|e| e.into_inner()).contains_key(database) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Notified whenever a new table is in place.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Validates `table` and, if its epoch is newer, makes it current. Returns the new epoch.
@@ -77,7 +141,12 @@ impl RouteStore {
                 Some(prev) if prev.primary == entry.primary => prev.moved.clone(),
                 _ => CancellationToken::new(),
             };
-            let route = Route { primary: entry.primary.clone(), force_tls: entry.force_tls, moved };
+            let route = Route {
+                primary: entry.primary.clone(),
+                force_tls: entry.force_tls,
+                hold: entry.hold,
+                moved,
+            };
             routes.insert(name.clone(), Arc::new(route));
         }
         let epoch = table.epoch;
@@ -89,6 +158,7 @@ impl RouteStore {
                 prev.moved.cancel();
             }
         }
+        self.changed.send_replace(epoch);
         Ok(epoch)
     }
 }
@@ -135,8 +205,12 @@ mod tests {
         let databases = dbs
             .iter()
             .map(|(n, p)| {
-                let route =
-                    DatabaseRoute { force_tls: false, primary: p.to_string(), replicas: vec![] };
+                let route = DatabaseRoute {
+                    force_tls: false,
+                    primary: p.to_string(),
+                    replicas: vec![],
+                    hold: false,
+                };
                 (n.to_string(), route)
             })
             .collect();

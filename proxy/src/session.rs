@@ -98,7 +98,11 @@ async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> O
         refuse(&mut stream, SqlState::CannotConnectNow, "the proxy is shutting down").await;
         return None;
     }
-    for _ in 0..ROUTE_ATTEMPTS {
+    let hold_deadline = tokio::time::Instant::now() + shared.limits.hold_timeout();
+    let mut attempts = 0;
+    while attempts < ROUTE_ATTEMPTS {
+        let mut changes = shared.routes.subscribe();
+        let starting = shared.routes.starting(&params.database);
         let Some(route) = shared.routes.load().route(&params.database) else {
             metrics.rejected(Rejection::UnknownDatabase);
             let message = format!("database \"{}\" does not exist", params.database);
@@ -114,6 +118,21 @@ async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> O
             refuse(&mut stream, SqlState::InvalidAuthorization, &message).await;
             return None;
         }
+        if route.hold {
+            // A planned switchover: wait for the table that releases this database.
+            drop(starting);
+            if tokio::time::timeout_at(hold_deadline, changes.changed()).await.is_err() {
+                metrics.rejected(Rejection::HoldTimeout);
+                let message = format!(
+                    "database \"{}\" is switching to a new primary; retry shortly",
+                    params.database
+                );
+                refuse(&mut stream, SqlState::CannotConnectNow, &message).await;
+                return None;
+            }
+            continue;
+        }
+        attempts += 1;
         let mut node = match connect(&route.primary, shared).await {
             Ok(node) => node,
             Err(e) => {
