@@ -81,10 +81,10 @@ impl TestProxy {
         config.limits = limits;
         config.tls = tls;
         let listeners = Listeners {
-            clients: tokio::net::TcpListener::bind(clients).await.expect("bind"),
+            clients: Some(tokio::net::TcpListener::bind(clients).await.expect("bind")),
             admin: tokio::net::TcpListener::bind(admin).await.expect("bind"),
         };
-        let addr = listeners.clients.local_addr().expect("addr");
+        let addr = listeners.clients.as_ref().expect("bound").local_addr().expect("addr");
         let admin = listeners.admin.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(pgwarden_proxy::run(config, listeners, shutdown.clone()));

@@ -74,6 +74,10 @@ pub async fn up(data_dir: &Path, args: UpArgs) -> anyhow::Result<()> {
     let mut proxies = Vec::new();
     for (i, admin) in args.proxy_admin.iter().enumerate() {
         proxies.push(start_proxy(&proxy_dir, i, &args, *admin).await?);
+        if i == 0 {
+            // The first one starts active; the second then finds it and stays standby.
+            wait_active(*admin).await;
+        }
     }
 
     let config = PlatformConfig {
@@ -130,8 +134,11 @@ async fn start_proxy(
     }
     let name = ["a", "b"].get(index).copied().unwrap_or("x");
     let config_path = dir.join(format!("proxy-{name}.toml"));
+    // The two proxies form an active/standby pair on the same client address.
+    let peer = args.proxy_admin.iter().find(|a| **a != admin).copied().unwrap_or(admin);
     let config = format!(
-        "listen = \"{}\"\nreuse_port = true\nadmin_listen = \"{admin}\"\nadmin_token_file = \"{}\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        "listen = \"{}\"\nadmin_listen = \"{admin}\"\nadmin_token_file = \"{}\"\n\n\
+         [tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[ha]\npeer_admin = \"{peer}\"\n",
         args.client_listen,
         dir.parent().unwrap_or(dir).join("proxy-token").display(),
         dir.join("server.crt").display(),
@@ -149,6 +156,22 @@ async fn start_proxy(
         .spawn()
         .with_context(|| format!("cannot start {}", binary.display()))?;
     Ok(child)
+}
+
+/// Waits (up to 5 s) until the proxy at `admin` reports itself active.
+async fn wait_active(admin: std::net::SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let addr = admin.to_string();
+        if let Ok((status, _)) =
+            crate::httpc::request(&addr, Method::GET, "/active", None, None).await
+        {
+            if status.is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn stop_child(child: &mut Child) {

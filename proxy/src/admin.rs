@@ -47,12 +47,15 @@ impl IntoResponse for AdminError {
 }
 
 async fn health(State(shared): State<Arc<Shared>>) -> Json<ProxyHealth> {
-    Json(ProxyHealth { role: ProxyRole::Active, epoch: shared.routes.load().epoch() })
+    Json(ProxyHealth { role: shared.role.get(), epoch: shared.routes.load().epoch() })
 }
 
-/// 200 on the proxy that serves clients (a load balancer's health check).
-async fn active() -> Json<serde_json::Value> {
-    Json(json!({"role": ProxyRole::Active}))
+/// 200 on the proxy that serves clients, 503 on the standby (a load balancer's health check).
+async fn active(State(shared): State<Arc<Shared>>) -> (StatusCode, Json<serde_json::Value>) {
+    let role = shared.role.get();
+    let status =
+        if role == ProxyRole::Active { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({ "role": role })))
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

@@ -25,10 +25,6 @@ pub struct Config {
     /// Client address. Default `127.0.0.1:6432`.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Let several proxies listen on the same client address (SO_REUSEPORT), the kernel
-    /// spreading clients among them. Default false. (The active/standby pair will replace it.)
-    #[serde(default)]
-    pub reuse_port: bool,
     /// Admin HTTP address (health, metrics, routes). Default `127.0.0.1:9181`.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
@@ -42,6 +38,8 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     #[serde(default)]
     pub limits: Limits,
+    /// Active/standby pair: without it, this proxy is active on its own.
+    pub ha: Option<crate::ha::HaConfig>,
 }
 
 /// PEM files of the certificate (chain) and its private key.
@@ -125,13 +123,13 @@ impl Config {
     pub fn with_token(admin_token: impl Into<String>) -> Self {
         Self {
             listen: default_listen(),
-            reuse_port: false,
             admin_listen: default_admin_listen(),
             admin_token: Some(admin_token.into()),
             admin_token_file: None,
             routes_file: None,
             tls: None,
             limits: Limits::default(),
+            ha: None,
         }
     }
 

@@ -10,6 +10,7 @@
 //! 4. `passthrough.rs` copies bytes both ways until a side closes, or until the route's primary
 //!    moves or the proxy shuts down, when the client gets a FATAL `57P01` at a message boundary.
 //!
+//! `ha.rs` is the active/standby pair: a standby holds no client address until its peer dies.
 //! `admin.rs` serves health, metrics (`metrics.rs`) and the routing table over HTTP;
 //! `server.rs` runs the accept loop and graceful shutdown; `config.rs` is `proxy.toml`.
 #![forbid(unsafe_code)]
@@ -18,6 +19,7 @@ mod admin;
 mod auth;
 mod cancel;
 pub mod config;
+mod ha;
 mod handshake;
 mod metrics;
 mod passthrough;
@@ -31,6 +33,7 @@ mod tls;
 use std::sync::Arc;
 
 pub use config::Config;
+pub use ha::HaConfig;
 pub use server::{run, Listeners};
 
 use cancel::CancelMap;
@@ -47,6 +50,7 @@ pub(crate) struct Shared {
     tls: TlsStore,
     cancels: Arc<CancelMap>,
     metrics: Metrics,
+    role: ha::Role,
     admin_token: String,
     /// Set when the proxy stops accepting clients.
     draining: CancellationToken,

@@ -168,6 +168,11 @@ impl Metrics {
         m
     }
 
+    pub fn set_role(&self, active: bool) {
+        self.role.with_label_values(&["active"]).set(i64::from(active));
+        self.role.with_label_values(&["standby"]).set(i64::from(!active));
+    }
+
     pub fn rejected(&self, why: Rejection) {
         self.rejected.with_label_values(&[why.label()]).inc();
     }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use pgwarden_api::RoutingTable;
+use pgwarden_api::{ProxyRole, RoutingTable};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -20,17 +20,23 @@ use crate::{admin, session, Config, Shared};
 /// How long sessions get to send their final error once they are told to end.
 const TERMINATE_WAIT: Duration = Duration::from_secs(5);
 
-/// Already-bound sockets, so that callers (and tests) choose the addresses.
+/// Already-bound sockets, so that callers (and tests) choose the addresses. In a pair, the
+/// client address is bound only when the proxy becomes active (`clients: None`).
 pub struct Listeners {
-    pub clients: TcpListener,
+    pub clients: Option<TcpListener>,
     pub admin: TcpListener,
 }
 
 impl Listeners {
-    /// Binds `listen` and `admin_listen` of the configuration.
+    /// Binds `admin_listen`, and `listen` unless the proxy is one of a pair.
     pub async fn bind(config: &Config) -> anyhow::Result<Self> {
-        let clients =
-            bind_clients(config).with_context(|| format!("cannot listen on {}", config.listen))?;
+        let clients = match config.ha {
+            Some(_) => None,
+            None => Some(
+                bind_clients(config.listen)
+                    .with_context(|| format!("cannot listen on {}", config.listen))?,
+            ),
+        };
         let admin = TcpListener::bind(config.admin_listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.admin_listen))?;
@@ -38,16 +44,13 @@ impl Listeners {
     }
 }
 
-fn bind_clients(config: &Config) -> std::io::Result<TcpListener> {
-    let socket = match config.listen {
+fn bind_clients(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
         std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
-    if config.reuse_port {
-        socket.set_reuseport(true)?;
-    }
-    socket.bind(config.listen)?;
+    socket.bind(addr)?;
     socket.listen(1024)
 }
 
@@ -66,6 +69,7 @@ pub async fn run(
         tls: TlsStore::load(config.tls.clone()).context("cannot load TLS certificate")?,
         cancels: Arc::new(CancelMap::default()),
         metrics: Metrics::new(),
+        role: crate::ha::Role::default(),
         draining: CancellationToken::new(),
         terminate: CancellationToken::new(),
     });
@@ -81,9 +85,10 @@ pub async fn run(
         shared.metrics.epoch.set(epoch as i64);
     }
     info!(
-        listen = %listeners.clients.local_addr()?,
+        listen = %config.listen,
         admin = %listeners.admin.local_addr()?,
         tls = config.tls.is_some(),
+        pair = config.ha.is_some(),
         "proxy started"
     );
 
@@ -98,11 +103,26 @@ pub async fn run(
     let hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
     let reload_task = tokio::spawn(reload_on_sighup(hup, Arc::clone(&shared), shutdown.clone()));
 
+    let clients = match (listeners.clients, &config.ha) {
+        (Some(listener), _) => {
+            shared.role.set(ProxyRole::Active, None, &shared.metrics);
+            Some(listener)
+        }
+        (None, Some(ha)) => {
+            let (listen, role, metrics) = (config.listen, &shared.role, &shared.metrics);
+            crate::ha::wait_until_active(ha, || bind_clients(listen), role, metrics, &shutdown)
+                .await
+        }
+        (None, None) => Some(
+            bind_clients(config.listen)
+                .with_context(|| format!("cannot listen on {}", config.listen))?,
+        ),
+    };
     let tracker = TaskTracker::new();
-    loop {
+    while let Some(listener) = &clients {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
-            accepted = listeners.clients.accept() => accepted,
+            accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((tcp, peer)) => {
@@ -124,7 +144,7 @@ pub async fn run(
         }
     }
 
-    drop(listeners.clients);
+    drop(clients);
     shared.draining.cancel();
     tracker.close();
     let grace = shared.limits.shutdown_grace();

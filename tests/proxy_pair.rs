@@ -1,0 +1,138 @@
+//! The active/standby proxy pair, as real processes: kill -9 of the active proxy, takeover of
+//! the client address by the standby within about a second, no flapping, hooks, /active.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pgwarden_e2e::{free_port, http_request, workspace_bin, PgNode, TEST_PASSWORD};
+use tokio_postgres::NoTls;
+
+struct Proxy {
+    child: Child,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path, name: &str, listen: u16, admin: u16, peer: u16) -> Proxy {
+    let config = dir.join(format!("{name}.toml"));
+    let hook =
+        |role: &str| format!("echo {role} >> {}", dir.join(format!("{name}.roles")).display());
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{listen}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nadmin_token = \"t\"\n\
+             routes_file = \"{}\"\n[ha]\npeer_admin = \"127.0.0.1:{peer}\"\non_active = \"{}\"\non_standby = \"{}\"\n",
+            dir.join("routes.json").display(),
+            hook("active"),
+            hook("standby"),
+        ),
+    )
+    .unwrap();
+    let child = Command::new(workspace_bin("pgwarden-proxy"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proxy { child }
+}
+
+fn role(admin: u16) -> Option<String> {
+    let r = http_request(([127, 0, 0, 1], admin).into(), "GET", "/health", None, None).ok()?;
+    Some(r.json()["role"].as_str()?.to_owned())
+}
+
+fn wait_role(admin: u16, expected: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while role(admin).as_deref() != Some(expected) {
+        assert!(Instant::now() < deadline, "proxy on admin port {admin} never became {expected}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn active_status(admin: u16) -> u16 {
+    http_request(([127, 0, 0, 1], admin).into(), "GET", "/active", None, None).unwrap().status
+}
+
+async fn query(listen: u16) -> Result<i32, tokio_postgres::Error> {
+    let conninfo = format!("host=127.0.0.1 port={listen} dbname=app user=app password={TEST_PASSWORD} connect_timeout=2");
+    let (client, connection) = tokio_postgres::connect(&conninfo, NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client.query_one("SELECT inet_server_port()", &[]).await?.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_takes_over_within_a_second_and_a_returning_proxy_stays_standby() {
+    let node = PgNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("routes.json"),
+        format!(r#"{{"epoch": 1, "databases": {{"app": {{"primary": "{}"}}}}}}"#, node.address()),
+    )
+    .unwrap();
+    let (listen, admin_a, admin_b) = (free_port(), free_port(), free_port());
+    let mut a = start(dir.path(), "a", listen, admin_a, admin_b);
+    wait_role(admin_a, "active");
+    let b = start(dir.path(), "b", listen, admin_b, admin_a);
+    wait_role(admin_b, "standby");
+    assert_eq!(active_status(admin_a), 200);
+    assert_eq!(active_status(admin_b), 503);
+    assert_eq!(query(listen).await.unwrap(), node.port as i32);
+
+    // kill -9 of the active proxy: new connections succeed at the same address within ~1 s.
+    let killed = Instant::now();
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let took_over = loop {
+        if query(listen).await.is_ok() {
+            break killed.elapsed();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(5), "no takeover");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    println!("takeover: first successful connection {took_over:?} after kill -9");
+    assert!(took_over < Duration::from_millis(1500), "{took_over:?}");
+    assert_eq!(role(admin_b).as_deref(), Some("active"));
+    assert_eq!(active_status(admin_b), 200);
+
+    // Cancel works through the new active proxy.
+    let conninfo =
+        format!("host=127.0.0.1 port={listen} dbname=app user=app password={TEST_PASSWORD}");
+    let (client, connection) = tokio_postgres::connect(&conninfo, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let token = client.cancel_token();
+    let sleeping =
+        tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cancelled = Instant::now();
+    token.cancel_query(NoTls).await.unwrap();
+    let err = sleeping.await.unwrap().expect_err("cancelled");
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED));
+    assert!(cancelled.elapsed() < Duration::from_secs(1));
+
+    // The old active comes back: it stays standby, no flapping.
+    let _a = start(dir.path(), "a", listen, admin_a, admin_b);
+    wait_role(admin_a, "standby");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(role(admin_a).as_deref(), Some("standby"));
+    assert_eq!(role(admin_b).as_deref(), Some("active"));
+    assert_eq!(query(listen).await.unwrap(), node.port as i32);
+
+    // Hooks ran on every role change.
+    let roles = |name: &str| {
+        std::fs::read_to_string(dir.path().join(format!("{name}.roles"))).unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(roles("a") == "active\nstandby\n" && roles("b") == "standby\nactive\n") {
+        assert!(Instant::now() < deadline, "hooks: a={:?} b={:?}", roles("a"), roles("b"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(b);
+}
