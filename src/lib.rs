@@ -6,6 +6,7 @@
 //! - `proxy.rs`: [`TestProxy`], the proxy started in-process on `127.0.0.1:0`.
 //! - `control.rs`: [`TestControl`], the control plane in-process, publishing to a proxy.
 //! - `http.rs`: a minimal HTTP/1.1 client for admin APIs.
+//! - `load.rs`: writer and connector load generators for HA tests and benchmarks.
 //! - `clients.rs`: `psql` and `pgbench` runners.
 //! - `tls.rs`: a rustls client for raw protocol tests over TLS.
 #![forbid(unsafe_code)]
@@ -13,6 +14,7 @@
 mod clients;
 mod control;
 mod http;
+mod load;
 mod node;
 mod proxy;
 mod tls;
@@ -20,6 +22,7 @@ mod tls;
 pub use clients::{pg_bin, psql, ClientOutput};
 pub use control::TestControl;
 pub use http::{http_request, HttpResponse};
+pub use load::{lost_writes, Ack, Connector, Writer};
 pub use node::{
     free_port, node_data_dirs, postmaster_pid, stop_immediately, NodeOptions, PgNode, TEST_PASSWORD,
 };

@@ -1,80 +1,13 @@
 //! Automatic failover under a live writer: no acknowledged write lost, the old primary fenced,
 //! then rejoined as a standby, synchronous again. Real nodes, real proxy, real client.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{postmaster_pid, psql, TestControl};
+use pgwarden_e2e::{lost_writes, postmaster_pid, psql, Connector, TestControl, Writer};
 use serde_json::Value;
 use tokio_postgres::NoTls;
 
-/// Inserts 1, 2, 3... through the proxy, reconnecting on errors; records each acknowledged
-/// number with the port of the node that acknowledged it.
-struct Writer {
-    acknowledged: Arc<Mutex<Vec<(i64, i32)>>>,
-    stop: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Writer {
-    fn start(url: String) -> Self {
-        let acknowledged: Arc<Mutex<Vec<(i64, i32)>>> = Arc::default();
-        let stop = tokio_util::sync::CancellationToken::new();
-        let (acks, stopped) = (acknowledged.clone(), stop.clone());
-        let task = tokio::spawn(async move {
-            let mut next = 1i64;
-            while !stopped.is_cancelled() {
-                let Ok(Ok((client, connection))) = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    tokio_postgres::connect(&url, NoTls),
-                )
-                .await
-                else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                tokio::spawn(connection);
-                while !stopped.is_cancelled() {
-                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&next];
-                    let insert = client.query_one(
-                        "INSERT INTO w VALUES ($1) RETURNING inet_server_port()",
-                        &params,
-                    );
-                    match tokio::time::timeout(Duration::from_secs(5), insert).await {
-                        Ok(Ok(row)) => {
-                            acks.lock().unwrap().push((next, row.get(0)));
-                            next += 1;
-                        }
-                        // Outcome unknown: never counted as acknowledged, never reused.
-                        _ => {
-                            next += 1;
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-        Self { acknowledged, stop, task }
-    }
-
-    fn acked(&self) -> Vec<(i64, i32)> {
-        self.acknowledged.lock().unwrap().clone()
-    }
-
-    async fn wait_acks_from(&self, port: i32, count: usize) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.acked().iter().filter(|(_, p)| *p == port).count() < count {
-            assert!(Instant::now() < deadline, "writer never got {count} acks from port {port}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn stop(self) -> Vec<(i64, i32)> {
-        self.stop.cancel();
-        let _ = self.task.await;
-        self.acknowledged.lock().unwrap().clone()
-    }
-}
+const WAIT: Duration = Duration::from_secs(60);
 
 fn port_of(db: &Value, role: &str) -> i32 {
     db["nodes"].as_array().unwrap().iter().find(|n| n["role"] == role).unwrap()["port"]
@@ -100,7 +33,7 @@ async fn failover_under_writer(freeze: bool) {
     let (old_name, new_name) = (name_of(&db, "primary"), name_of(&db, "replica"));
 
     let writer = Writer::start(url.clone());
-    writer.wait_acks_from(old_port, 50).await;
+    assert!(writer.wait_acks_from(old_port, 50, WAIT).await);
     let old_data = control.node_data_dir(&old_name);
     let pid = postmaster_pid(&old_data).expect("primary running");
     let signal = if freeze { "-STOP" } else { "-KILL" };
@@ -111,8 +44,8 @@ async fn failover_under_writer(freeze: bool) {
         .unwrap()
         .success());
 
-    writer.wait_acks_from(new_port, 50).await;
-    let first_new_ack = writer.acked().iter().position(|(_, p)| *p == new_port).unwrap();
+    assert!(writer.wait_acks_from(new_port, 50, WAIT).await);
+    let first_new_ack = writer.acked().iter().position(|a| a.port == new_port).unwrap();
     println!("kill to 50 acknowledged writes on the new primary: {:?}", killed_at.elapsed());
     if freeze {
         // The frozen primary resumes (if the fence left anything to resume).
@@ -123,16 +56,14 @@ async fn failover_under_writer(freeze: bool) {
     // Split brain is impossible through the proxy: once the new primary acknowledged a write,
     // the old one never acknowledges another.
     assert!(
-        acked[first_new_ack..].iter().all(|(_, p)| *p == new_port),
+        acked[first_new_ack..].iter().all(|a| a.port == new_port),
         "write acknowledged by the old primary after failover"
     );
 
     // Every acknowledged insert is there.
     let out = psql(&url, None, "SELECT string_agg(n::text, ',' ORDER BY n) FROM w");
     assert!(out.success, "{}", out.stderr);
-    let present: std::collections::HashSet<i64> =
-        out.stdout.trim().split(',').map(|n| n.parse().unwrap()).collect();
-    let lost: Vec<i64> = acked.iter().map(|(n, _)| *n).filter(|n| !present.contains(n)).collect();
+    let lost = lost_writes(&acked, &out.stdout);
     assert!(lost.is_empty(), "{} acknowledged inserts lost: {lost:?}", lost.len());
 
     // The old primary rejoins as a standby and the cluster is synchronous again.
@@ -192,7 +123,7 @@ async fn a_lost_standby_degrades_to_asynchronous_then_comes_back_synchronous() {
     assert!(psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)").success);
     let primary_port = port_of(&db, "primary");
     let writer = Writer::start(url.clone());
-    writer.wait_acks_from(primary_port, 20).await;
+    assert!(writer.wait_acks_from(primary_port, 20, WAIT).await);
 
     let standby = control.node_data_dir(&name_of(&db, "replica"));
     let pid = postmaster_pid(&standby).expect("standby running");
@@ -224,14 +155,8 @@ async fn a_lost_standby_degrades_to_asynchronous_then_comes_back_synchronous() {
         })
         .await;
     let acked = writer.stop().await;
-    let out = psql(
-        &url,
-        None,
-        "SELECT count(*) FROM w WHERE n = ANY(string_to_array($$X$$, ',')::int8[])"
-            .replace("X", &acked.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>().join(","))
-            .as_str(),
-    );
-    assert_eq!(out.stdout.trim(), acked.len().to_string(), "{}", out.stderr);
+    let out = psql(&url, None, "SELECT string_agg(n::text, ',') FROM w");
+    assert!(lost_writes(&acked, &out.stdout).is_empty(), "{}", out.stderr);
     let events = control.request("GET", &format!("/v1/databases/{id}/events"), None).await.json();
     let kinds: Vec<&str> =
         events.as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
@@ -283,45 +208,6 @@ async fn forced_failover_through_the_api_changes_the_primary() {
     assert_eq!(r.json()["error"]["code"], "no_standby");
 }
 
-/// Opens a new connection every 20 ms and runs one query; records each outcome and how long
-/// connecting took.
-struct Connector {
-    outcomes: Arc<Mutex<Vec<Result<Duration, String>>>>,
-    stop: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Connector {
-    fn start(url: String) -> Self {
-        let outcomes: Arc<Mutex<Vec<Result<Duration, String>>>> = Arc::default();
-        let stop = tokio_util::sync::CancellationToken::new();
-        let (record, stopped) = (outcomes.clone(), stop.clone());
-        let task = tokio::spawn(async move {
-            while !stopped.is_cancelled() {
-                let started = Instant::now();
-                let outcome = async {
-                    let (client, connection) =
-                        tokio_postgres::connect(&url, NoTls).await.map_err(|e| format!("{e:?}"))?;
-                    tokio::spawn(connection);
-                    let waited = started.elapsed();
-                    client.simple_query("SELECT 1").await.map_err(|e| format!("{e:?}"))?;
-                    Ok(waited)
-                }
-                .await;
-                record.lock().unwrap().push(outcome);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
-        Self { outcomes, stop, task }
-    }
-
-    async fn stop(self) -> Vec<Result<Duration, String>> {
-        self.stop.cancel();
-        let _ = self.task.await;
-        self.outcomes.lock().unwrap().clone()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_under_load_loses_nothing_and_new_connections_wait_instead_of_failing() {
     let control = TestControl::start().await;
@@ -336,7 +222,7 @@ async fn switchover_under_load_loses_nothing_and_new_connections_wait_instead_of
     let (_idle, idle_connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
     let idle_end = tokio::spawn(idle_connection);
     let writer = Writer::start(url.clone());
-    writer.wait_acks_from(port_of(&db, "primary"), 50).await;
+    assert!(writer.wait_acks_from(port_of(&db, "primary"), 50, WAIT).await);
     let connector = Connector::start(url.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -350,7 +236,7 @@ async fn switchover_under_load_loses_nothing_and_new_connections_wait_instead_of
     assert_eq!(r.status, 202, "{}", r.body);
     let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
     assert_eq!(op["status"], "succeeded", "{op}");
-    writer.wait_acks_from(new_port, 50).await;
+    assert!(writer.wait_acks_from(new_port, 50, WAIT).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let outcomes = connector.stop().await;
     let acked = writer.stop().await;
@@ -366,9 +252,7 @@ async fn switchover_under_load_loses_nothing_and_new_connections_wait_instead_of
     println!("{} new connections during the switchover, longest wait {longest:?}", outcomes.len());
 
     let out = psql(&url, None, "SELECT string_agg(n::text, ',') FROM w");
-    let present: std::collections::HashSet<i64> =
-        out.stdout.trim().split(',').map(|n| n.parse().unwrap()).collect();
-    let lost: Vec<i64> = acked.iter().map(|(n, _)| *n).filter(|n| !present.contains(n)).collect();
+    let lost = lost_writes(&acked, &out.stdout);
     assert!(lost.is_empty(), "acknowledged inserts lost: {lost:?}");
 
     let err = tokio::time::timeout(Duration::from_secs(5), idle_end)

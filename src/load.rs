@@ -1,0 +1,139 @@
+//! Load generators for HA tests and benchmarks: a writer of increasing numbers that records
+//! every acknowledged insert, and a connector that opens a new session every 20 ms.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+/// An acknowledged insert: the number, the port of the node that acknowledged it, and when.
+#[derive(Clone, Copy, Debug)]
+pub struct Ack {
+    pub n: i64,
+    pub port: i32,
+    pub at: Instant,
+}
+
+/// Inserts 1, 2, 3... into table `w(n int8)` through `url`, reconnecting on errors.
+pub struct Writer {
+    acks: Arc<Mutex<Vec<Ack>>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    pub fn start(url: String) -> Self {
+        let acks: Arc<Mutex<Vec<Ack>>> = Arc::default();
+        let stop = CancellationToken::new();
+        let (record, stopped) = (acks.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut next = 1i64;
+            while !stopped.is_cancelled() {
+                let connect = tokio_postgres::connect(&url, NoTls);
+                let Ok(Ok((client, connection))) =
+                    tokio::time::timeout(Duration::from_secs(2), connect).await
+                else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                tokio::spawn(connection);
+                while !stopped.is_cancelled() {
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&next];
+                    let insert = client.query_one(
+                        "INSERT INTO w VALUES ($1) RETURNING inet_server_port()",
+                        &params,
+                    );
+                    match tokio::time::timeout(Duration::from_secs(5), insert).await {
+                        Ok(Ok(row)) => {
+                            record.lock().expect("lock").push(Ack {
+                                n: next,
+                                port: row.get(0),
+                                at: Instant::now(),
+                            });
+                            next += 1;
+                        }
+                        // Outcome unknown: never counted as acknowledged, never reused.
+                        _ => {
+                            next += 1;
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Self { acks, stop, task }
+    }
+
+    pub fn acked(&self) -> Vec<Ack> {
+        self.acks.lock().expect("lock").clone()
+    }
+
+    /// Waits until `count` inserts were acknowledged by the node on `port`.
+    pub async fn wait_acks_from(&self, port: i32, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.acked().iter().filter(|a| a.port == port).count() < count {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    pub async fn stop(self) -> Vec<Ack> {
+        self.stop.cancel();
+        let _ = self.task.await;
+        self.acks.lock().expect("lock").clone()
+    }
+}
+
+/// Opens a new session every 20 ms through `url` and runs `SELECT 1`; records how long each
+/// connection took, or why it failed.
+pub struct Connector {
+    outcomes: Arc<Mutex<Vec<Result<Duration, String>>>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Connector {
+    pub fn start(url: String) -> Self {
+        let outcomes: Arc<Mutex<Vec<Result<Duration, String>>>> = Arc::default();
+        let stop = CancellationToken::new();
+        let (record, stopped) = (outcomes.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            while !stopped.is_cancelled() {
+                let started = Instant::now();
+                let outcome = async {
+                    let (client, connection) =
+                        tokio_postgres::connect(&url, NoTls).await.map_err(|e| format!("{e:?}"))?;
+                    tokio::spawn(connection);
+                    let waited = started.elapsed();
+                    client.simple_query("SELECT 1").await.map_err(|e| format!("{e:?}"))?;
+                    Ok(waited)
+                }
+                .await;
+                record.lock().expect("lock").push(outcome);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        Self { outcomes, stop, task }
+    }
+
+    pub async fn stop(self) -> Vec<Result<Duration, String>> {
+        self.stop.cancel();
+        let _ = self.task.await;
+        self.outcomes.lock().expect("lock").clone()
+    }
+}
+
+/// Acknowledged numbers missing from the comma-separated list `present`.
+pub fn lost_writes(acks: &[Ack], present: &str) -> Vec<i64> {
+    let present: std::collections::HashSet<i64> = present
+        .trim()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    acks.iter().map(|a| a.n).filter(|n| !present.contains(n)).collect()
+}
