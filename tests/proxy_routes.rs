@@ -261,3 +261,54 @@ async fn shutdown_lets_sessions_finish_then_ends_them_with_57p01() {
     let err = idle_end.await.unwrap().expect_err("idle session ended");
     assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_sessions_wait_then_get_57p03_or_go_through() {
+    let (a, b) = (PgNode::start(), PgNode::start());
+    let limits = Limits { hold_timeout_secs: 1.0, ..Limits::default() };
+    let proxy = TestProxy::start(limits, None).await;
+    proxy.route(1, &[("app", &a.address(), false)]).await;
+    let established = connect(&proxy, "app").await;
+    let hold = |epoch: u64, primary: String| {
+        serde_json::json!({"epoch": epoch, "databases": {"app": {"primary": primary, "hold": true}}}).to_string()
+    };
+    let token = Some(proxy.token.clone());
+    let r = proxy
+        .admin_request("PUT", "/v1/routes", token.as_deref(), Some(hold(2, a.address())))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        server_port(&established).await.unwrap(),
+        a.port as i32,
+        "established session untouched"
+    );
+
+    // Past the bound: 57P03.
+    let started = Instant::now();
+    let conninfo = proxy.conninfo("app", "app", &format!("password={TEST_PASSWORD}"));
+    let Err(err) = tokio_postgres::connect(&conninfo, NoTls).await else {
+        panic!("held session went through")
+    };
+    assert_eq!(err.code(), Some(&SqlState::CANNOT_CONNECT_NOW), "{err:?}");
+    assert!(err.as_db_error().unwrap().message().contains("switching"), "{err:?}");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(950) && waited < Duration::from_secs(3), "{waited:?}");
+
+    // Released within the bound: the session goes to the new primary.
+    let waiting = tokio::spawn({
+        let conninfo = conninfo.clone();
+        async move {
+            let (client, connection) = tokio_postgres::connect(&conninfo, NoTls).await?;
+            tokio::spawn(connection);
+            server_port(&client).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "held session must wait");
+    proxy.route(3, &[("app", &b.address(), false)]).await;
+    assert_eq!(waiting.await.unwrap().unwrap(), b.port as i32);
+    assert_eq!(
+        proxy.metric("pgwarden_proxy_connections_rejected_total{reason=\"hold_timeout\"}").await,
+        1.0
+    );
+}

@@ -124,6 +124,34 @@ pub struct ServeArgs {
     /// OS user nodes run as when pgwarden runs as root.
     #[arg(long, default_value = "postgres")]
     pub node_user: String,
+    #[command(flatten)]
+    pub health: HealthArgs,
+}
+
+/// Health checks and failover.
+#[derive(clap::Args, Clone)]
+pub struct HealthArgs {
+    /// Milliseconds between two checks of a primary.
+    #[arg(long, default_value_t = 500)]
+    pub health_interval_ms: u64,
+    /// Failed checks in a row before the primary is declared dead.
+    #[arg(long, default_value_t = 3)]
+    pub health_failures: u32,
+    /// A standby that was not synchronous is promoted only if it lagged at most this much.
+    #[arg(long, default_value_t = 0)]
+    pub max_failover_lag_bytes: u64,
+}
+
+impl HealthArgs {
+    pub fn config(&self) -> crate::HealthConfig {
+        let interval = std::time::Duration::from_millis(self.health_interval_ms.max(50));
+        crate::HealthConfig {
+            interval,
+            failures: self.health_failures.max(1),
+            timeout: interval.mul_f64(0.8),
+            max_failover_lag_bytes: self.max_failover_lag_bytes,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -145,6 +173,8 @@ pub struct UpArgs {
     pub first_node_port: u16,
     #[arg(long, default_value = "postgres")]
     pub node_user: String,
+    #[command(flatten)]
+    pub health: HealthArgs,
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {

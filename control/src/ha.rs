@@ -287,20 +287,28 @@ async fn choose_standby(
         }
     }
     let (name, _) = best.ok_or_else(|| "no reachable standby to promote".to_owned())?;
-    if !db.synchronous {
-        let lag = last_lag.iter().find(|(n, _)| *n == name).map(|(_, l)| *l);
-        let bound = platform.config.health.max_failover_lag_bytes;
-        match lag {
-            Some(lag) if lag <= bound => {}
-            _ => {
-                return Err(format!(
-                    "refusing to promote {name}: commits were asynchronous and its lag ({}) exceeds {bound} bytes; acknowledged commits could be lost",
-                    lag.map_or("unknown".to_owned(), |l| format!("{l} bytes"))
-                ))
-            }
-        }
-    }
+    let lag = last_lag.iter().find(|(n, _)| *n == name).map(|(_, l)| *l);
+    may_promote(&name, db.synchronous, lag, platform.config.health.max_failover_lag_bytes)?;
     Ok(name)
+}
+
+/// Whether promoting `standby` keeps every acknowledged commit: always when commits were
+/// synchronous (the standby had each one before it was acknowledged); otherwise only if its lag
+/// at the last check is known and within `bound`.
+fn may_promote(
+    standby: &str,
+    synchronous: bool,
+    lag: Option<u64>,
+    bound: u64,
+) -> Result<(), String> {
+    match (synchronous, lag) {
+        (true, _) => Ok(()),
+        (false, Some(lag)) if lag <= bound => Ok(()),
+        (false, lag) => Err(format!(
+            "refusing to promote {standby}: commits were asynchronous and its lag ({}) exceeds {bound} bytes; acknowledged commits could be lost",
+            lag.map_or("unknown".to_owned(), |l| format!("{l} bytes"))
+        )),
+    }
 }
 
 async fn promote(
@@ -580,5 +588,25 @@ pub async fn switchover(
             );
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_promote;
+
+    #[test]
+    fn a_standby_that_could_miss_acknowledged_commits_is_refused() {
+        assert!(
+            may_promote("s", true, None, 0).is_ok(),
+            "synchronous: every ack is on the standby"
+        );
+        assert!(may_promote("s", true, Some(1 << 20), 0).is_ok());
+        assert!(may_promote("s", false, Some(0), 0).is_ok(), "asynchronous but caught up");
+        assert!(may_promote("s", false, Some(4096), 8192).is_ok(), "within the configured bound");
+        let err = may_promote("s", false, Some(4097), 4096).unwrap_err();
+        assert!(err.contains("4097 bytes") && err.contains("could be lost"), "{err}");
+        let err = may_promote("s", false, None, 1 << 30).unwrap_err();
+        assert!(err.contains("unknown"), "no lag known: refused whatever the bound: {err}");
     }
 }

@@ -50,7 +50,7 @@ pub async fn serve_command(data_dir: &Path, args: ServeArgs) -> anyhow::Result<(
         node_host: "127.0.0.1".into(),
         first_node_port: args.first_node_port,
         extra_settings: Vec::new(),
-        health: Default::default(),
+        health: args.health.config(),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -89,7 +89,7 @@ pub async fn up(data_dir: &Path, args: UpArgs) -> anyhow::Result<()> {
         node_host: "127.0.0.1".into(),
         first_node_port: args.first_node_port,
         extra_settings: Vec::new(),
-        health: Default::default(),
+        health: args.health.config(),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
