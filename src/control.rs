@@ -59,6 +59,7 @@ impl TestControl {
             first_node_port: crate::free_port(),
             extra_settings,
             health: Default::default(),
+            backup_tick: Duration::from_millis(200),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         self.addr = listener.local_addr().expect("addr");

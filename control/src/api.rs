@@ -16,11 +16,13 @@ use pgwarden_api::control::{
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::backups::{self, Backup, BackupKind, BackupStatus};
 use crate::error::ApiError;
 use crate::platform::{now_rfc3339, Platform};
 use crate::provision;
 use crate::records::{DatabaseRecord, UserRecord};
 use crate::{plans, secrets, users};
+use pgwarden_api::control::OperationStatus;
 
 pub struct ApiState {
     pub platform: Arc<Platform>,
@@ -42,6 +44,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/databases/{id}/users/{name}/reset-password", post(reset_password))
         .route("/v1/databases/{id}/events", get(events))
         .route("/v1/databases/{id}/failover", post(failover))
+        .route("/v1/databases/{id}/backups", get(list_backups).post(create_backup))
+        .route("/v1/databases/{id}/backups/{backup}", delete(delete_backup))
+        .route("/v1/databases/{id}/backups/{backup}/download", get(download_backup))
+        .route("/v1/databases/{id}/backup-schedule", put(set_backup_schedule))
         .route("/v1/databases/{id}/switchover", post(switchover))
         .route("/v1/operations/{id}", get(operation))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
@@ -235,6 +241,7 @@ async fn create_database(
         created_at: now_rfc3339(),
         error: None,
         synchronous: false,
+        backup_hour_utc: 1,
     };
     platform.store.put_database(&db)?;
     let op = platform.new_operation("provision", &id)?;
@@ -521,6 +528,156 @@ async fn switchover(
         }
     });
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation: answer })))
+}
+
+async fn list_backups(
+    State(state): AppState,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<Backup>>, ApiError> {
+    load(&state.platform, &id)?;
+    let mut backups = state.platform.store.backups(&id)?;
+    backups.reverse();
+    Ok(Json(backups))
+}
+
+async fn create_backup(
+    State(state): AppState,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let platform = &state.platform;
+    let lock = platform.lock(&id);
+    let _guard = lock.lock().await;
+    let db = load(platform, &id)?;
+    require_running(&db)?;
+    backups::check_manual_allowed(platform, &db)
+        .map_err(|m| ApiError::conflict("backup_limit", m))?;
+    let backup = backups::start(platform, &db, BackupKind::Manual).map_err(ApiError::internal)?;
+    let mut op = platform.new_operation("backup", &id)?;
+    platform.update_operation(&mut op, OperationStatus::Running, 0.1);
+    let answer = json!({"backup": backup, "operation": op});
+    let platform = platform.clone();
+    tokio::spawn(async move {
+        let done = backups::run(platform.clone(), backup).await;
+        match done.status {
+            BackupStatus::Succeeded => {
+                platform.update_operation(&mut op, OperationStatus::Succeeded, 1.0)
+            }
+            _ => {
+                op.error = done.error;
+                platform.update_operation(&mut op, OperationStatus::Failed, 0.1);
+            }
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(answer)))
+}
+
+fn load_backup(platform: &Platform, id: &str, backup: &str) -> Result<Backup, ApiError> {
+    load(platform, id)?;
+    platform.store.backup(id, backup)?.ok_or_else(|| ApiError::not_found("backup", backup))
+}
+
+async fn delete_backup(
+    State(state): AppState,
+    Path((id, backup)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let platform = &state.platform;
+    let backup = load_backup(platform, &id, &backup)?;
+    if backup.status == BackupStatus::Running {
+        return Err(ApiError::conflict(
+            "backup_running",
+            format!("backup {} is still being taken", backup.id),
+        ));
+    }
+    backups::delete(platform, &backup).map_err(ApiError::internal)?;
+    platform.event(&id, "backup_deleted", format!("backup {} deleted", backup.id));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Streams a backup after checking it against the sha256 recorded when it was taken.
+async fn download_backup(
+    State(state): AppState,
+    Path((id, backup)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let platform = &state.platform;
+    let backup = load_backup(platform, &id, &backup)?;
+    if backup.status != BackupStatus::Succeeded {
+        return Err(ApiError::conflict(
+            "backup_not_ready",
+            format!("backup {} is {:?}", backup.id, backup.status).to_lowercase(),
+        ));
+    }
+    let path = platform.backups.fetch(&backup.key()).map_err(|e| {
+        ApiError::conflict(
+            "backup_missing",
+            format!("the file of backup {} is missing from storage: {e}", backup.id),
+        )
+    })?;
+    let check = path.clone();
+    let actual = tokio::task::spawn_blocking(move || backups::sha256_file(&check))
+        .await
+        .map_err(ApiError::internal)??;
+    if Some(&actual) != backup.sha256.as_ref() {
+        platform.event(
+            &id,
+            "backup_damaged",
+            format!("backup {} does not match its checksum; refused", backup.id),
+        );
+        return Err(ApiError::conflict(
+            "backup_damaged",
+            format!(
+                "backup {} is damaged: its sha256 is {actual}, not the {} recorded when it was taken",
+                backup.id,
+                backup.sha256.as_deref().unwrap_or("?")
+            ),
+        ));
+    }
+    let file = tokio::fs::File::open(&path).await?;
+    let length = file.metadata().await?.len();
+    let body =
+        axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024));
+    let name = format!("attachment; filename=\"{}-{}.dump\"", id, backup.id);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, length.to_string()),
+            (header::CONTENT_DISPOSITION, name),
+            (header::HeaderName::from_static("x-pgwarden-sha256"), actual),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupSchedule {
+    hour_utc: u8,
+}
+
+async fn set_backup_schedule(
+    State(state): AppState,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request: BackupSchedule = body(&bytes)?;
+    if request.hour_utc > 23 {
+        return Err(ApiError::bad_request(
+            "invalid_hour",
+            format!("hour_utc must be 0 to 23, not {}", request.hour_utc),
+        ));
+    }
+    let platform = &state.platform;
+    let lock = platform.lock(&id);
+    let _guard = lock.lock().await;
+    let mut db = load(platform, &id)?;
+    db.backup_hour_utc = request.hour_utc;
+    platform.store.put_database(&db)?;
+    platform.event(
+        &id,
+        "backup_schedule",
+        format!("daily backup at {:02}:00 UTC", request.hour_utc),
+    );
+    Ok(Json(json!({"hour_utc": request.hour_utc})))
 }
 
 async fn events(

@@ -82,6 +82,42 @@ pub enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Logical backups (pg_dump custom format).
+    Backups {
+        #[command(subcommand)]
+        command: BackupsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BackupsCommand {
+    List {
+        id: String,
+    },
+    /// Take a manual backup now.
+    Create {
+        id: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Download a backup (checked against its sha256) into a file.
+    Download {
+        id: String,
+        backup: String,
+        /// Output file (default: <id>-<backup>.dump).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    Delete {
+        id: String,
+        backup: String,
+    },
+    /// Set the hour (UTC) of the daily backup.
+    Schedule {
+        id: String,
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..24))]
+        hour: u8,
+    },
 }
 
 #[derive(Subcommand)]
@@ -280,6 +316,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Users { command } => users(client()?, command).await,
+        Command::Backups { command } => backups(client()?, command).await,
         Command::Switchover { id, target, no_wait } => {
             let body = json!({ "target": target });
             let path = format!("/v1/databases/{id}/switchover");
@@ -315,6 +352,63 @@ async fn primary_change(
     let db: Database = client.call(Method::GET, &format!("/v1/databases/{id}"), None).await?;
     let primary = db.nodes.iter().find(|n| n.role == pgwarden_api::control::NodeRole::Primary);
     println!("{id}: primary is now {}", primary.map_or("?", |n| n.name.as_str()));
+    Ok(())
+}
+
+async fn backups(client: Client, command: BackupsCommand) -> anyhow::Result<()> {
+    use crate::backups::Backup;
+    match command {
+        BackupsCommand::List { id } => {
+            let list: Vec<Backup> =
+                client.call(Method::GET, &format!("/v1/databases/{id}/backups"), None).await?;
+            let rows = list
+                .iter()
+                .map(|b| {
+                    vec![
+                        b.id.clone(),
+                        format!("{:?}", b.kind).to_lowercase(),
+                        format!("{:?}", b.status).to_lowercase(),
+                        b.started_at.clone(),
+                        b.size_bytes.to_string(),
+                        b.node.clone().unwrap_or_default(),
+                        b.error.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            print_table(&["BACKUP", "KIND", "STATUS", "STARTED", "BYTES", "FROM", "ERROR"], &rows);
+        }
+        BackupsCommand::Create { id, no_wait } => {
+            let answer: serde_json::Value =
+                client.call(Method::POST, &format!("/v1/databases/{id}/backups"), None).await?;
+            let backup = answer["backup"]["id"].as_str().unwrap_or("?").to_owned();
+            if !no_wait {
+                let op: pgwarden_api::control::Operation =
+                    serde_json::from_value(answer["operation"].clone())?;
+                client.wait(op).await?;
+            }
+            println!("{id}: backup {backup}");
+        }
+        BackupsCommand::Download { id, backup, output } => {
+            let out = output.unwrap_or_else(|| PathBuf::from(format!("{id}-{backup}.dump")));
+            let size = client
+                .download(&format!("/v1/databases/{id}/backups/{backup}/download"), &out)
+                .await?;
+            println!("{}: {size} bytes, sha256 verified", out.display());
+        }
+        BackupsCommand::Delete { id, backup } => {
+            let _: serde_json::Value = client
+                .call(Method::DELETE, &format!("/v1/databases/{id}/backups/{backup}"), None)
+                .await?;
+            println!("backup {backup} deleted");
+        }
+        BackupsCommand::Schedule { id, hour } => {
+            let body = json!({ "hour_utc": hour });
+            let _: serde_json::Value = client
+                .call(Method::PUT, &format!("/v1/databases/{id}/backup-schedule"), Some(body))
+                .await?;
+            println!("{id}: daily backup at {hour:02}:00 UTC");
+        }
+    }
     Ok(())
 }
 

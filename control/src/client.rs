@@ -59,6 +59,54 @@ impl Client {
         }
     }
 
+    /// Downloads `path` into `out` with a progress bar; checks the sha256 the API sends.
+    /// Returns the size.
+    pub async fn download(&self, path: &str, out: &Path) -> anyhow::Result<u64> {
+        let tty = std::io::stderr().is_terminal();
+        let mut last_shown = 0u64;
+        let progress = |received: u64, total: Option<u64>| {
+            if !tty || received - last_shown < 256 * 1024 && Some(received) != total {
+                return;
+            }
+            last_shown = received;
+            match total {
+                Some(t) if t > 0 => {
+                    let filled = (received * 30 / t) as usize;
+                    eprint!(
+                        "\rdownload [{}{}] {:3}%",
+                        "#".repeat(filled),
+                        " ".repeat(30 - filled),
+                        received * 100 / t
+                    );
+                }
+                _ => eprint!("\rdownload {received} bytes"),
+            }
+            let _ = std::io::stderr().flush();
+        };
+        let answer =
+            httpc::download(&self.addr, path, self.token.as_deref(), out, progress).await?;
+        if tty {
+            eprintln!();
+        }
+        let headers = match answer {
+            Ok(headers) => headers,
+            Err((status, body)) => {
+                let _ = std::fs::remove_file(out);
+                match serde_json::from_slice::<ApiError>(&body) {
+                    Ok(e) => bail!("{}", e.error.message),
+                    Err(_) => bail!("control API answered {status}"),
+                }
+            }
+        };
+        let expected =
+            headers.get("x-pgwarden-sha256").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let actual = crate::backups::sha256_file(out)?;
+        if expected.as_deref() != Some(actual.as_str()) {
+            bail!("downloaded file does not match the backup's sha256 ({actual} vs {expected:?})");
+        }
+        Ok(std::fs::metadata(out)?.len())
+    }
+
     /// Follows an operation to its end, drawing a progress bar on a terminal.
     pub async fn wait(&self, mut op: Operation) -> anyhow::Result<Operation> {
         let tty = std::io::stderr().is_terminal();

@@ -44,3 +44,61 @@ pub async fn request(
     let body = response.into_body().collect().await.map_err(http)?.to_bytes();
     Ok((status, body))
 }
+
+/// Streams a GET answer into `out`, calling `progress(received, total)` as bytes arrive.
+/// Returns the response headers; a non-2xx answer is returned as `Err` with its body.
+pub async fn download(
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+    out: &std::path::Path,
+    mut progress: impl FnMut(u64, Option<u64>),
+) -> Result<Result<hyper::HeaderMap, (StatusCode, Bytes)>, DownloadError> {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|source| HttpError::Connect { addr: addr.into(), source })?;
+    let http = |source| HttpError::Http { addr: addr.into(), source };
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
+    tokio::spawn(conn);
+    let mut builder = Request::builder().method(Method::GET).uri(path).header("host", addr);
+    if let Some(token) = token {
+        builder = builder.header("authorization", format!("Bearer {token}"));
+    }
+    let response = sender
+        .send_request(builder.body(Full::new(Bytes::new())).map_err(HttpError::from)?)
+        .await
+        .map_err(http)?;
+    let (parts, mut body) = response.into_parts();
+    if !parts.status.is_success() {
+        let bytes = body.collect().await.map_err(http)?.to_bytes();
+        return Ok(Err((parts.status, bytes)));
+    }
+    let total = parts.headers.get("content-length").and_then(|v| v.to_str().ok()?.parse().ok());
+    let mut file = tokio::fs::File::create(out).await?;
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.map_err(http)?.into_data() {
+            file.write_all(&data).await?;
+            received += data.len() as u64;
+            progress(received, total);
+        }
+    }
+    file.sync_all().await?;
+    if total.is_some_and(|t| t != received) {
+        return Err(DownloadError::Truncated { received, expected: total.unwrap_or(0) });
+    }
+    Ok(Ok(parts.headers))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error("cannot write the file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("download cut short: {received} of {expected} bytes")]
+    Truncated { received: u64, expected: u64 },
+}

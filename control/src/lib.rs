@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod backups;
 pub mod cli;
 pub mod client;
 pub mod driver;
@@ -28,8 +29,10 @@ pub mod platform;
 pub mod provision;
 pub mod publisher;
 pub mod records;
+pub mod retention;
 pub mod secrets;
 pub mod server;
+pub mod storage;
 pub mod store;
 pub mod up;
 pub mod users;

@@ -37,6 +37,8 @@ pub struct PlatformConfig {
     pub first_node_port: u16,
     /// Health checks and failover.
     pub health: HealthConfig,
+    /// How often the backup scheduler looks for due backups.
+    pub backup_tick: std::time::Duration,
     /// Extra `postgresql.conf` settings for every new node (value as PostgreSQL expects it,
     /// quoted where needed), e.g. `shared_preload_libraries`.
     pub extra_settings: Vec<(String, String)>,
@@ -78,6 +80,9 @@ pub struct Platform {
     locks: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     /// Databases whose new sessions the proxies hold (switchover in progress).
     pub held: Mutex<std::collections::HashSet<String>>,
+    pub backups: Arc<dyn crate::storage::BackupStorage>,
+    /// Directory of the PostgreSQL client programs (pg_dump, pg_restore).
+    pub pg_bin: PathBuf,
 }
 
 impl Platform {
@@ -86,6 +91,8 @@ impl Platform {
         store: Store,
         driver: Arc<dyn NodeDriver>,
         ca: Ca,
+        backups: Arc<dyn crate::storage::BackupStorage>,
+        pg_bin: PathBuf,
     ) -> Arc<Self> {
         let metrics = Metrics::new();
         let publisher =
@@ -99,6 +106,8 @@ impl Platform {
             publisher,
             locks: Mutex::default(),
             held: Mutex::default(),
+            backups,
+            pg_bin,
         })
     }
 

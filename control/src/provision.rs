@@ -89,6 +89,8 @@ pub fn node_config(
         ("max_wal_senders".into(), "10".into()),
         ("max_replication_slots".into(), "10".into()),
         ("hot_standby".into(), "on".into()),
+        // Dumps taken on the standby are not cancelled by replay conflicts.
+        ("hot_standby_feedback".into(), "on".into()),
         ("wal_keep_size".into(), "'256MB'".into()),
         (
             "synchronous_standby_names".into(),
@@ -326,6 +328,9 @@ async fn destroy(platform: &Arc<Platform>, id: &str) -> Result<(), String> {
             move || driver.destroy(&spec)
         })
         .await?;
+    }
+    for backup in platform.store.backups(id).map_err(|e| e.to_string())? {
+        crate::backups::delete(platform, &backup)?;
     }
     platform.store.delete_database(id).map_err(|e| e.to_string())?;
     Ok(())

@@ -26,6 +26,13 @@ pub struct DatabaseRecord {
     /// Commits wait for the standby (false: none, or degraded to asynchronous).
     #[serde(default)]
     pub synchronous: bool,
+    /// Hour (UTC) of the daily backup.
+    #[serde(default = "default_backup_hour")]
+    pub backup_hour_utc: u8,
+}
+
+fn default_backup_hour() -> u8 {
+    1
 }
 
 impl DatabaseRecord {

@@ -49,6 +49,11 @@ pub async fn serve(
     info!(listen = %listener.local_addr()?, data_dir = %platform.config.data_dir.display(), "control plane started");
     let recovering = platform.clone();
     let watchers = shutdown.child_token();
+    tokio::spawn(crate::backups::schedule(
+        platform.clone(),
+        platform.config.backup_tick,
+        shutdown.child_token(),
+    ));
     tokio::spawn(async move {
         provision::recover(&recovering).await;
         crate::ha::supervise(recovering, watchers).await;
@@ -68,7 +73,7 @@ fn open(config: PlatformConfig, nodes: NodeOptions) -> anyhow::Result<Arc<Platfo
     let dir = &config.data_dir;
     fs::create_dir_all(dir.join("nodes"))
         .with_context(|| format!("cannot create data dir {}", dir.display()))?;
-    let driver = LocalDriver::new(nodes.pg_bin, &nodes.user)?;
+    let driver = LocalDriver::new(nodes.pg_bin.clone(), &nodes.user)?;
     if is_root() {
         // Node processes run unprivileged: they must be able to reach their directories.
         let mode = fs::metadata(dir)?.permissions().mode();
@@ -81,7 +86,9 @@ fn open(config: PlatformConfig, nodes: NodeOptions) -> anyhow::Result<Arc<Platfo
     let ca = Ca::load_or_create(&ca_dir).context("platform CA")?;
     let store = Store::open(&dir.join("state.redb")).context("state store")?;
     fs::set_permissions(dir.join("state.redb"), fs::Permissions::from_mode(0o600))?;
-    Ok(Platform::new(config, store, Arc::new(driver), ca))
+    let backups =
+        crate::storage::LocalStorage::new(dir.join("backups")).context("backup storage")?;
+    Ok(Platform::new(config, store, Arc::new(driver), ca, Arc::new(backups), nodes.pg_bin))
 }
 
 /// A secret kept in a file (API token, proxies' token), created (0600, random) on first use.

@@ -14,6 +14,7 @@ const DATABASES: TableDefinition<&str, &[u8]> = TableDefinition::new("databases"
 const OPERATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("operations");
 const EVENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("events");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const BACKUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("backups");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -52,6 +53,7 @@ impl Store {
         tx.open_table(OPERATIONS)?;
         tx.open_table(EVENTS)?;
         tx.open_table(META)?;
+        tx.open_table(BACKUPS)?;
         tx.commit()?;
         Ok(Self { db })
     }
@@ -130,6 +132,30 @@ impl Store {
         Ok(())
     }
 
+    pub fn put_backup(&self, backup: &crate::backups::Backup) -> Result<(), StoreError> {
+        self.put(BACKUPS, &format!("{}/{}", backup.database_id, backup.id), backup)
+    }
+
+    pub fn backup(
+        &self,
+        database_id: &str,
+        id: &str,
+    ) -> Result<Option<crate::backups::Backup>, StoreError> {
+        self.get(BACKUPS, &format!("{database_id}/{id}"))
+    }
+
+    /// A database's backups, oldest first.
+    pub fn backups(&self, database_id: &str) -> Result<Vec<crate::backups::Backup>, StoreError> {
+        self.list(BACKUPS, &format!("{database_id}/"))
+    }
+
+    pub fn delete_backup(&self, database_id: &str, id: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(BACKUPS)?.remove(format!("{database_id}/{id}").as_str())?;
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn put_operation(&self, op: &Operation) -> Result<(), StoreError> {
         self.put(OPERATIONS, &op.id, op)
     }
@@ -192,6 +218,7 @@ mod tests {
             created_at: "2026-01-01T00:00:00Z".into(),
             error: None,
             synchronous: false,
+            backup_hour_utc: 1,
         }
     }
 

@@ -51,6 +51,7 @@ pub async fn serve_command(data_dir: &Path, args: ServeArgs) -> anyhow::Result<(
         first_node_port: args.first_node_port,
         extra_settings: Vec::new(),
         health: args.health.config(),
+        backup_tick: std::time::Duration::from_secs(30),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -90,6 +91,7 @@ pub async fn up(data_dir: &Path, args: UpArgs) -> anyhow::Result<()> {
         first_node_port: args.first_node_port,
         extra_settings: Vec::new(),
         health: args.health.config(),
+        backup_tick: std::time::Duration::from_secs(30),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
