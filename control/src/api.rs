@@ -48,6 +48,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/databases/{id}/backups/{backup}", delete(delete_backup))
         .route("/v1/databases/{id}/backups/{backup}/download", get(download_backup))
         .route("/v1/databases/{id}/backup-schedule", put(set_backup_schedule))
+        .route("/v1/databases/{id}/pitr", get(pitr_window))
+        .route("/v1/databases/{id}/restore", post(restore))
         .route("/v1/databases/{id}/switchover", post(switchover))
         .route("/v1/operations/{id}", get(operation))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
@@ -678,6 +680,55 @@ async fn set_backup_schedule(
         format!("daily backup at {:02}:00 UTC", request.hour_utc),
     );
     Ok(Json(json!({"hour_utc": request.hour_utc})))
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+async fn pitr_window(
+    State(state): AppState,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let db = load(&state.platform, &id)?;
+    let (earliest, latest) = crate::pitr::window(&state.platform, &db)
+        .await
+        .map_err(|m| ApiError::conflict("pitr_unavailable", m))?;
+    Ok(Json(json!({"earliest": rfc3339(earliest), "latest": rfc3339(latest)})))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreRequest {
+    target_time: String,
+}
+
+async fn restore(
+    State(state): AppState,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<DatabaseOperation>), ApiError> {
+    let request: RestoreRequest = body(&bytes)?;
+    let target = time::OffsetDateTime::parse(
+        &request.target_time,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .map_err(|e| {
+        ApiError::bad_request(
+            "invalid_time",
+            format!("target_time must be RFC 3339 (2026-01-31T12:00:00Z): {e}"),
+        )
+    })?;
+    let platform = &state.platform;
+    let db = load(platform, &id)?;
+    require_running(&db)?;
+    crate::pitr::check_restorable(platform, &db, target)
+        .await
+        .map_err(|m| ApiError::unprocessable("not_restorable", m))?;
+    let op = platform.new_operation("restore", &id)?;
+    let database = view(platform, &db).await;
+    tokio::spawn(crate::pitr::restore(platform.clone(), id, target, op.clone()));
+    Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation: op })))
 }
 
 async fn events(

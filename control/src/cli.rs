@@ -82,6 +82,16 @@ pub enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// The point-in-time recovery window.
+    Pitr { id: String },
+    /// Rebuild the database as it was at a time (RFC 3339, UTC), then route to it.
+    Restore {
+        id: String,
+        #[arg(long)]
+        at: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Logical backups (pg_dump custom format).
     Backups {
         #[command(subcommand)]
@@ -317,6 +327,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Users { command } => users(client()?, command).await,
         Command::Backups { command } => backups(client()?, command).await,
+        Command::Pitr { id } => {
+            let window: serde_json::Value =
+                client()?.call(Method::GET, &format!("/v1/databases/{id}/pitr"), None).await?;
+            println!(
+                "{id}: recoverable from {} to {}",
+                window["earliest"].as_str().unwrap_or("?"),
+                window["latest"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+        Command::Restore { id, at, no_wait } => {
+            let body = json!({ "target_time": at });
+            let path = format!("/v1/databases/{id}/restore");
+            primary_change(client()?, &path, Some(body), no_wait).await
+        }
         Command::Switchover { id, target, no_wait } => {
             let body = json!({ "target": target });
             let path = format!("/v1/databases/{id}/switchover");

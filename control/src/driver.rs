@@ -72,6 +72,18 @@ pub trait NodeDriver: Send + Sync + 'static {
     fn rewind(&self, node: &NodeSpec, source: &NodeSpec) -> Result<(), DriverError>;
     /// Marks a stopped node's data directory as a standby's (`standby.signal`).
     fn make_standby(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    /// Creates a node from a base backup directory and WAL files, set to recover (its
+    /// `config.settings` carry the recovery target) and then promote. `wal` files are copied
+    /// into the node, `.partial` ones under their full name.
+    fn init_from_backup(
+        &self,
+        node: &NodeSpec,
+        config: &NodeConfig,
+        base: &std::path::Path,
+        wal: &std::path::Path,
+    ) -> Result<(), DriverError>;
+    /// The last lines of the node's log.
+    fn log_tail(&self, node: &NodeSpec) -> String;
     /// Stops the node if needed and deletes everything it had.
     fn destroy(&self, node: &NodeSpec) -> Result<(), DriverError>;
     /// libpq connection string for the superuser, local to the node.

@@ -24,6 +24,7 @@ pub mod ha;
 pub mod httpc;
 pub mod local;
 pub mod metrics;
+pub mod pitr;
 pub mod plans;
 pub mod platform;
 pub mod provision;

@@ -249,6 +249,55 @@ impl NodeDriver for LocalDriver {
         self.write(&Self::data(node).join("standby.signal"), "", 0o600)
     }
 
+    fn init_from_backup(
+        &self,
+        node: &NodeSpec,
+        config: &NodeConfig,
+        base: &Path,
+        wal: &Path,
+    ) -> Result<(), DriverError> {
+        self.make_dir(node)?;
+        let data = Self::data(node);
+        let status = Command::new("cp").arg("-a").arg(base).arg(&data).status()?;
+        if !status.success() {
+            return Err(DriverError::Other(format!("cannot copy base backup {}", base.display())));
+        }
+        for leftover in ["standby.signal", "recovery.signal", "postmaster.pid", "backup_manifest"] {
+            let _ = fs::remove_file(data.join(leftover));
+        }
+        let restore = node.dir.join("wal-restore");
+        fs::create_dir_all(&restore)?;
+        for entry in fs::read_dir(wal)? {
+            let path = entry?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+            let target = name.strip_suffix(".partial").unwrap_or(name);
+            if name.ends_with(".partial") && wal.join(target).exists() {
+                continue;
+            }
+            fs::copy(&path, restore.join(target))?;
+        }
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o700))?;
+        if let Some((uid, gid)) = self.run_as {
+            let status = Command::new("chown")
+                .arg("-R")
+                .arg(format!("{uid}:{gid}"))
+                .arg(&node.dir)
+                .status()?;
+            if !status.success() {
+                return Err(DriverError::Other("cannot chown the restored node".into()));
+            }
+        }
+        let mut config = config.clone();
+        let restore_command = format!("cp '{}/%f' '%p'", restore.display());
+        config.settings.push(("restore_command".into(), quote(&restore_command)));
+        self.write_files(node, &config)?;
+        self.write(&data.join("recovery.signal"), "", 0o600)
+    }
+
+    fn log_tail(&self, node: &NodeSpec) -> String {
+        Self::log_tail(node)
+    }
+
     fn destroy(&self, node: &NodeSpec) -> Result<(), DriverError> {
         if self.is_running(node) {
             let mut cmd = self.command("pg_ctl");

@@ -10,6 +10,7 @@ pub struct Metrics {
     route_pushes: IntCounterVec,
     failovers: IntCounterVec,
     replication_changes: IntCounterVec,
+    wal_gaps: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -40,12 +41,16 @@ impl Metrics {
             &["mode"],
         )
         .expect("metric");
+        let wal_gaps =
+            prometheus::IntCounter::new("wal_gaps_total", "Missing WAL segments found in archives")
+                .expect("metric");
+        registry.register(Box::new(wal_gaps.clone())).expect("register");
         registry.register(Box::new(failovers.clone())).expect("register");
         registry.register(Box::new(replication_changes.clone())).expect("register");
         registry.register(Box::new(epoch.clone())).expect("register");
         registry.register(Box::new(operations.clone())).expect("register");
         registry.register(Box::new(route_pushes.clone())).expect("register");
-        Self { registry, epoch, operations, route_pushes, failovers, replication_changes }
+        Self { registry, epoch, operations, route_pushes, failovers, replication_changes, wal_gaps }
     }
 
     pub fn operation(&self, kind: &str, ok: bool) {
@@ -54,6 +59,10 @@ impl Metrics {
 
     pub fn route_push(&self, ok: bool) {
         self.route_pushes.with_label_values(&[if ok { "applied" } else { "failed" }]).inc();
+    }
+
+    pub fn wal_gap(&self) {
+        self.wal_gaps.inc();
     }
 
     pub fn failover(&self, ok: bool) {

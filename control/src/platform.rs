@@ -81,6 +81,7 @@ pub struct Platform {
     /// Databases whose new sessions the proxies hold (switchover in progress).
     pub held: Mutex<std::collections::HashSet<String>>,
     pub backups: Arc<dyn crate::storage::BackupStorage>,
+    pub heartbeats: crate::pitr::Heartbeats,
     /// Directory of the PostgreSQL client programs (pg_dump, pg_restore).
     pub pg_bin: PathBuf,
 }
@@ -107,6 +108,7 @@ impl Platform {
             locks: Mutex::default(),
             held: Mutex::default(),
             backups,
+            heartbeats: Default::default(),
             pg_bin,
         })
     }

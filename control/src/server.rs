@@ -49,6 +49,7 @@ pub async fn serve(
     info!(listen = %listener.local_addr()?, data_dir = %platform.config.data_dir.display(), "control plane started");
     let recovering = platform.clone();
     let watchers = shutdown.child_token();
+    tokio::spawn(crate::pitr::supervise(platform.clone(), shutdown.child_token()));
     tokio::spawn(crate::backups::schedule(
         platform.clone(),
         platform.config.backup_tick,

@@ -1,0 +1,242 @@
+//! Point-in-time recovery on real nodes: continuous WAL archiving, base backups, restore to a
+//! chosen second through the same DATABASE_URL, and refusals that touch nothing.
+
+use std::time::{Duration, Instant};
+
+use pgwarden_e2e::{psql, TestControl};
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339).unwrap()
+}
+
+fn parse(t: &Value) -> OffsetDateTime {
+    OffsetDateTime::parse(t.as_str().unwrap(), &time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+/// Waits until the PITR window exists and reaches `until`; returns it.
+async fn window_reaching(
+    control: &TestControl,
+    id: &str,
+    until: OffsetDateTime,
+) -> (OffsetDateTime, OffsetDateTime) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let r = control.request("GET", &format!("/v1/databases/{id}/pitr"), None).await;
+        if r.status == 200 {
+            let w = r.json();
+            let (earliest, latest) = (parse(&w["earliest"]), parse(&w["latest"]));
+            if latest >= until {
+                return (earliest, latest);
+            }
+        }
+        assert!(Instant::now() < deadline, "PITR window never reached {until}: {}", r.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn restore(control: &TestControl, id: &str, target: OffsetDateTime) -> Value {
+    let r = control
+        .request(
+            "POST",
+            &format!("/v1/databases/{id}/restore"),
+            Some(json!({"target_time": rfc3339(target)})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await
+}
+
+fn rows(url: &str) -> String {
+    let out = psql(url, None, "SELECT string_agg(v, ',' ORDER BY v) FROM t");
+    assert!(out.success, "{}", out.stderr);
+    out.stdout.trim().to_owned()
+}
+
+async fn wait_rows(url: &str, expected: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = psql(url, None, "SELECT string_agg(v, ',' ORDER BY v) FROM t");
+        if out.success && out.stdout.trim() == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rows never became {expected}: {} {}",
+            out.stdout,
+            out.stderr
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_to_a_second_between_two_commits_through_the_same_url() {
+    let control = TestControl::start().await;
+    let db = control.create_database("ledger", "postgresql-starter-512").await;
+    let (id, url) =
+        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
+    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
+
+    assert!(psql(&url, None, "CREATE TABLE t(v text); INSERT INTO t VALUES ('t1')").success);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(psql(&url, None, "INSERT INTO t VALUES ('t2')").success);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let target = OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(psql(&url, None, "INSERT INTO t VALUES ('t3')").success);
+    let committed = OffsetDateTime::now_utc();
+    let started = Instant::now();
+    let (_, latest) = window_reaching(&control, &id, committed).await;
+    println!(
+        "recovery point: last commit restorable after {:?} (latest {latest})",
+        started.elapsed()
+    );
+
+    let old_node = db["nodes"][0]["name"].as_str().unwrap().to_owned();
+    let op = restore(&control, &id, target).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    wait_rows(&url, "t1,t2").await;
+    let after = control.request("GET", &format!("/v1/databases/{id}"), None).await.json();
+    assert_eq!(after["database_url"], url.as_str(), "same DATABASE_URL");
+    assert_eq!(after["status"], "running");
+    assert_ne!(after["nodes"][0]["name"], old_node.as_str(), "restored on new nodes");
+    assert_eq!(
+        std::fs::read_dir(control.dir.path().join("data/nodes")).unwrap().count(),
+        1,
+        "old node removed after success"
+    );
+    // The restored database takes writes and is archived again.
+    assert!(psql(&url, None, "INSERT INTO t VALUES ('t4')").success);
+    window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
+    let events = control.request("GET", &format!("/v1/databases/{id}/events"), None).await.json();
+    assert!(events.as_array().unwrap().iter().any(|e| e["kind"] == "restored"), "{events}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_to_a_few_seconds_ago_has_the_last_commits() {
+    let control = TestControl::start().await;
+    let db = control.create_database("recent", "postgresql-starter-512").await;
+    let (id, url) =
+        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
+    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
+    assert!(psql(&url, None, "CREATE TABLE t(v text); INSERT INTO t SELECT 'row' || lpad(g::text, 3, '0') FROM generate_series(1, 100) g").success);
+    let last_commit = OffsetDateTime::now_utc();
+    let (_, latest) = window_reaching(&control, &id, last_commit).await;
+    let recovery_point = latest - last_commit;
+    println!("newest restorable second is {recovery_point} after the last commit was acknowledged");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let target = OffsetDateTime::now_utc() - time::Duration::seconds(1);
+    window_reaching(&control, &id, target).await;
+    let op = restore(&control, &id, target).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = psql(&url, None, "SELECT count(*), max(v) FROM t");
+        if out.success && out.stdout.trim() == "100|row100" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} {}", out.stdout, out.stderr);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_wal_segment_or_a_target_outside_the_window_is_refused_and_nothing_is_touched() {
+    let control = TestControl::start().await;
+    let sandbox = control.create_database("nopitr", "postgresql-sandbox").await;
+    let r = control
+        .request("GET", &format!("/v1/databases/{}/pitr", sandbox["id"].as_str().unwrap()), None)
+        .await;
+    assert_eq!(r.status, 409);
+    assert!(r.body.contains("no point-in-time recovery"), "{}", r.body);
+
+    let db = control.create_database("holes", "postgresql-starter-512").await;
+    let (id, url) =
+        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
+    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
+    let node = db["nodes"][0]["name"].as_str().unwrap();
+    let socket = control.node_data_dir(node).parent().unwrap().to_owned();
+    let superuser = format!(
+        "host={} port={} user=postgres dbname=postgres",
+        socket.display(),
+        db["nodes"][0]["port"]
+    );
+    assert!(psql(&url, None, "CREATE TABLE t(v text)").success);
+    for i in 0..4 {
+        assert!(psql(&url, None, &format!("INSERT INTO t VALUES ('{i}')")).success);
+        assert!(psql(&superuser, None, "SELECT pg_switch_wal()").success);
+    }
+    let (earliest, latest) = window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
+
+    let r = control
+        .request(
+            "POST",
+            &format!("/v1/databases/{id}/restore"),
+            Some(json!({"target_time": rfc3339(earliest - time::Duration::hours(1))})),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(
+        r.json()["error"]["message"].as_str().unwrap().contains("outside the recoverable window"),
+        "{}",
+        r.body
+    );
+    let r = control
+        .request(
+            "POST",
+            &format!("/v1/databases/{id}/restore"),
+            Some(json!({"target_time": "yesterday"})),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+
+    // Delete a segment in the middle of the archive.
+    let wal = control.dir.path().join("data/backups").join(&id).join("wal");
+    let mut segments: Vec<String> = std::fs::read_dir(&wal)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().into_string().unwrap())
+        .filter(|n| n.len() == 24)
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 4, "{segments:?}");
+    let victim = segments[segments.len() - 2].clone();
+    std::fs::remove_file(wal.join(&victim)).unwrap();
+    let r = control
+        .request(
+            "POST",
+            &format!("/v1/databases/{id}/restore"),
+            Some(json!({"target_time": rfc3339(latest)})),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains(&victim) && message.contains("missing"), "{message}");
+    // Nothing touched: same node, same data, still running.
+    let now = control.request("GET", &format!("/v1/databases/{id}"), None).await.json();
+    assert_eq!(now["nodes"][0]["name"], node);
+    assert_eq!(now["status"], "running");
+    assert_eq!(rows(&url), "0,1,2,3");
+    // The gap is reported, not only discovered at restore time.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events =
+            control.request("GET", &format!("/v1/databases/{id}/events"), None).await.json();
+        if events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "wal_gap" && e["message"].as_str().unwrap().contains(&victim))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no wal_gap event: {events}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
