@@ -196,6 +196,28 @@ async fn a_missing_wal_segment_or_a_target_outside_the_window_is_refused_and_not
         .await;
     assert_eq!(r.status, 400);
 
+    // A damaged base backup is refused (its manifest checksums no longer match).
+    let bases = control.dir.path().join("data/backups").join(&id).join("base");
+    let base = std::fs::read_dir(&bases)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .unwrap();
+    let victim_file = base.join("PG_VERSION");
+    let original = std::fs::read(&victim_file).unwrap();
+    std::fs::write(&victim_file, b"99\n").unwrap();
+    let r = control
+        .request(
+            "POST",
+            &format!("/v1/databases/{id}/restore"),
+            Some(json!({"target_time": rfc3339(latest)})),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("damaged"), "{}", r.body);
+    std::fs::write(&victim_file, original).unwrap();
+
     // Delete a segment in the middle of the archive.
     let wal = control.dir.path().join("data/backups").join(&id).join("wal");
     let mut segments: Vec<String> = std::fs::read_dir(&wal)
@@ -239,4 +261,39 @@ async fn a_missing_wal_segment_or_a_target_outside_the_window_is_refused_and_not
         assert!(Instant::now() < deadline, "no wal_gap event: {events}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_across_a_failover_follows_the_new_timeline() {
+    let control = TestControl::start().await;
+    let db = control.create_database("durable", "postgresql-business-512").await;
+    let (id, url) =
+        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
+    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
+    assert!(psql(&url, None, "CREATE TABLE t(v text); INSERT INTO t VALUES ('before')").success);
+
+    // Fail over: the archive now holds timeline 1 then timeline 2.
+    let r = control.request("POST", &format!("/v1/databases/{id}/failover"), None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !psql(&url, None, "INSERT INTO t VALUES ('after')").success {
+        assert!(Instant::now() < deadline, "no writes after failover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let target = OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(psql(&url, None, "INSERT INTO t VALUES ('later')").success);
+    window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
+    let wal = control.dir.path().join("data/backups").join(&id).join("wal");
+    assert!(wal.join("00000002.history").exists(), "archive followed the new timeline");
+
+    let op = restore(&control, &id, target).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    wait_rows(&url, "after,before").await;
+    let after = control.request("GET", &format!("/v1/databases/{id}"), None).await.json();
+    assert_eq!(after["nodes"].as_array().unwrap().len(), 2, "restored with its standby: {after}");
 }

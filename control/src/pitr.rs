@@ -184,11 +184,11 @@ async fn archive(platform: &Arc<Platform>, id: &str, shutdown: &CancellationToke
             }
             if receiver.is_some() && base_backup_due(platform, id) {
                 match take_base_backup(platform, &db).await {
-                    Ok(b) => platform.event(
-                        id,
-                        "base_backup",
-                        format!("base backup {} taken and verified", b.id),
-                    ),
+                    Ok(b) => {
+                        let message = format!("base backup {} taken and verified", b.id);
+                        platform.event(id, "base_backup", message);
+                        prune(platform, id);
+                    }
                     Err(e) => {
                         platform.event(id, "base_backup_failed", format!("base backup failed: {e}"))
                     }
@@ -459,6 +459,22 @@ pub async fn check_restorable(
         .into_iter()
         .rfind(|b| parse_time(&b.finished_at).is_some_and(|t| t <= target))
         .ok_or("no base backup before the target")?;
+    // The base backup must still match its manifest (checksums of every file).
+    let (bin, dir) = (platform.pg_bin.clone(), base_dir(platform, &db.id).join(&base.id));
+    let verified = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin.join("pg_verifybackup"))
+            .args(["--ignore", "pgwarden-base.json"])
+            .arg(&dir)
+            .output()
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("cannot run pg_verifybackup: {e}"))?;
+    if !verified.status.success() {
+        let detail = String::from_utf8_lossy(&verified.stderr);
+        let first = detail.lines().next().unwrap_or("").to_owned();
+        return Err(format!("base backup {} is damaged ({first}); restore refused", base.id));
+    }
     let gaps = wal_gaps(&wal_dir(platform, &db.id), Some(&base.start_segment));
     if !gaps.is_empty() {
         return Err(format!(
@@ -467,6 +483,59 @@ pub async fn check_restorable(
         ));
     }
     Ok(base)
+}
+
+/// How long the archive keeps the past restorable.
+pub const WINDOW: time::Duration = time::Duration::days(7);
+
+/// Base backups no longer needed to restore any time in the window ending at `now`: every one
+/// older than the newest that finished before the window's start.
+pub fn bases_to_prune(bases: &[BaseBackup], now: OffsetDateTime) -> Vec<String> {
+    let horizon = now - WINDOW;
+    let covering =
+        bases.iter().rposition(|b| parse_time(&b.finished_at).is_some_and(|t| t <= horizon));
+    match covering {
+        Some(i) => bases[..i].iter().map(|b| b.id.clone()).collect(),
+        None => Vec::new(),
+    }
+}
+
+/// WAL segment files older than the segment `oldest_needed` (any timeline); history files stay.
+pub fn wal_to_prune(names: &[String], oldest_needed: &str) -> Vec<String> {
+    let Some((_, floor)) = parse_segment(oldest_needed) else { return Vec::new() };
+    names
+        .iter()
+        .filter(|n| {
+            parse_segment(n.strip_suffix(".partial").unwrap_or(n)).is_some_and(|(_, s)| s < floor)
+        })
+        .cloned()
+        .collect()
+}
+
+/// Drops base backups and WAL that no time in the window needs.
+fn prune(platform: &Platform, id: &str) {
+    let bases = base_backups(platform, id);
+    let gone = bases_to_prune(&bases, OffsetDateTime::now_utc());
+    for b in &gone {
+        let _ = std::fs::remove_dir_all(base_dir(platform, id).join(b));
+    }
+    let Some(oldest) = bases.iter().find(|b| !gone.contains(&b.id)) else { return };
+    let wal = wal_dir(platform, id);
+    let names: Vec<String> = std::fs::read_dir(&wal)
+        .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+        .unwrap_or_default();
+    let old = wal_to_prune(&names, &oldest.start_segment);
+    for name in &old {
+        let _ = std::fs::remove_file(wal.join(name));
+    }
+    if !gone.is_empty() || !old.is_empty() {
+        let message = format!(
+            "{} base backup(s) and {} WAL segment(s) older than the window removed",
+            gone.len(),
+            old.len()
+        );
+        platform.event(id, "pitr_pruned", message);
+    }
 }
 
 async fn do_restore(
@@ -614,6 +683,42 @@ async fn wait_promoted(platform: &Platform, node: &crate::driver::NodeSpec) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pruning_keeps_what_the_window_needs() {
+        let now = time::macros::datetime!(2026-06-30 12:00 UTC);
+        let base = |id: &str, days_ago: i64, seg: &str| BaseBackup {
+            id: id.into(),
+            database_id: "d".into(),
+            finished_at: (now - time::Duration::days(days_ago))
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap(),
+            start_segment: seg.into(),
+        };
+        let bases = vec![
+            base("b1", 21, "000000010000000000000002"),
+            base("b2", 14, "000000010000000000000010"),
+            base("b3", 8, "000000010000000000000020"),
+            base("b4", 1, "000000020000000000000030"),
+        ];
+        // b3 finished before the window's start: it covers it; b1 and b2 are not needed.
+        assert_eq!(bases_to_prune(&bases, now), ["b1", "b2"]);
+        assert!(bases_to_prune(&bases[3..], now).is_empty(), "a lone recent backup stays");
+        let names: Vec<String> = [
+            "00000001000000000000001F",
+            "000000010000000000000020",
+            "000000010000000000000021.partial",
+            "00000002.history",
+            "00000002000000000000001E.partial",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            wal_to_prune(&names, "000000010000000000000020"),
+            ["00000001000000000000001F", "00000002000000000000001E.partial"]
+        );
+    }
 
     #[test]
     fn gaps_are_found_per_timeline_from_the_base_backup_on() {
