@@ -127,6 +127,7 @@ fn hba() -> String {
     format!(
         "# Managed by pgwarden.\n\
          local   all          postgres                 trust\n\
+         local   replication  postgres                 trust\n\
          hostssl replication  {REPLICATION_ROLE}  all   scram-sha-256\n\
          host    replication  all                  all   reject\n\
          host    all          {REPLICATION_ROLE}  all   reject\n\
