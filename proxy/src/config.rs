@@ -40,6 +40,9 @@ pub struct Config {
     pub limits: Limits,
     /// Active/standby pair: without it, this proxy is active on its own.
     pub ha: Option<crate::ha::HaConfig>,
+    /// Threads of the async runtime. Default: one per CPU. On a host shared with PostgreSQL,
+    /// fewer threads can cost less CPU per transaction (see benches/RESULTS.md).
+    pub worker_threads: Option<usize>,
 }
 
 /// PEM files of the certificate (chain) and its private key.
@@ -130,6 +133,7 @@ impl Config {
             tls: None,
             limits: Limits::default(),
             ha: None,
+            worker_threads: None,
         }
     }
 
@@ -142,6 +146,9 @@ impl Config {
             (None, None) => return invalid("admin_token or admin_token_file is required"),
             (Some(t), None) if t.trim().is_empty() => return invalid("admin_token is empty"),
             _ => {}
+        }
+        if self.worker_threads == Some(0) {
+            return invalid("worker_threads must be at least 1");
         }
         let l = &self.limits;
         if l.max_client_connections == 0 {

@@ -12,7 +12,7 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Size of each direction's buffer.
-const BUF_SIZE: usize = 8 * 1024;
+const BUF_SIZE: usize = 4 * 1024;
 
 /// How a relay ended.
 #[derive(Debug)]

@@ -14,7 +14,11 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let config = pgwarden_proxy::Config::load(&config_path)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.worker_threads {
+        builder.worker_threads(threads);
+    }
+    let runtime = builder.enable_all().build()?;
     runtime.block_on(async {
         let listeners = pgwarden_proxy::Listeners::bind(&config).await?;
         let shutdown = CancellationToken::new();
