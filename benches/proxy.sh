@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side proxy benchmark: pgbench against one PostgreSQL 15 node, directly and through
-# pgwarden-proxy, PgBouncer (session mode) and HAProxy (TCP mode), each plain and with TLS.
+# pgwarden-proxy, PgBouncer (session mode) and HAProxy (TCP mode), each plain and with TLS,
+# interleaved (every target in turn for each workload, ROUNDS times), with each proxy's own CPU
+# time per 1000 transactions read from /proc.
 #
 #   benches/proxy.sh [seconds-per-run]        (default 10; results on stdout as a Markdown table)
 #
@@ -79,6 +81,7 @@ key = "$work/server.key"
 TOML
 RUST_LOG=warn target/release/pgwarden-proxy --config "$work/proxy.toml" >"$work/proxy.log" 2>&1 &
 pids+=($!)
+PW_PID=$!
 
 # PgBouncer, session mode, client TLS, SCRAM with the role's own secret
 printf '"bench" "%s"\n' "$SCRAM" > "$work/userlist.txt"
@@ -119,10 +122,20 @@ listen pg
 CFG
 haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
 pids+=($!)
+HA_PID=$!
 
 for port in $PW_PORT $PGB_PORT $HA_PORT; do
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 done
+
+PGB_PID=$(cat "$work/pgbouncer.pid")
+HZ=$(getconf CLK_TCK)
+# CPU ticks (user + system) of a target's process; empty for direct PostgreSQL.
+ticks() {
+  local pid
+  case $1 in pgwarden) pid=$PW_PID ;; pgbouncer) pid=$PGB_PID ;; haproxy) pid=$HA_PID ;; *) return ;; esac
+  awk '{print $14 + $15}' "/proc/$pid/stat"
+}
 
 # name|port|sslmode
 targets=(
@@ -131,25 +144,32 @@ targets=(
 )
 # name|pgbench arguments
 workloads=(
-  "select-only, 16 clients|-S -c 16 -j 2"
+  "select-only, 16 clients, -M extended|-S -M extended -c 16 -j 2"
+  "select-only, 16 clients, -M prepared|-S -M prepared -c 16 -j 2"
   "select-only, 1 client|-S -c 1 -j 1"
   "reconnect storm (-C), 8 clients|-S -C -c 8 -j 2"
   "tpcb-like, 16 clients|-c 16 -j 2"
 )
 
-declare -A tps lat
+declare -A tps lat cpu
 for round in $(seq "$ROUNDS"); do
   for w in "${workloads[@]}"; do
     wname=${w%%|*}; wargs=${w#*|}
     for t in "${targets[@]}"; do
       IFS='|' read -r name port sslmode <<<"$t"
+      before=$(ticks "$name")
       out=$(PGSSLMODE=$sslmode "$PGBIN/pgbench" $wargs -T "$DURATION" -n -h 127.0.0.1 -p "$port" -U bench bench 2>&1) || {
         echo "pgbench failed for $name/$sslmode/$wname:" >&2; echo "$out" >&2; exit 1; }
+      after=$(ticks "$name")
+      txs=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
       failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
       [ "${failed:-0}" = 0 ] || { echo "$name/$sslmode/$wname: $failed failed transactions" >&2; exit 1; }
       key="$wname|$name|$sslmode"
       tps[$key]="${tps[$key]:-} $(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")"
       lat[$key]="${lat[$key]:-} $(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")"
+      if [ -n "$before" ]; then
+        cpu[$key]="${cpu[$key]:-} $(python3 -c "print(($after - $before) * 1000 / $HZ / ($txs / 1000))")"
+      fi
       echo "round $round: $key tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")" >&2
     done
   done
@@ -159,8 +179,8 @@ mean() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(f"{su
 meanl() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(f"{sum(v)/len(v):.3f}")' $1; }
 ratio() { python3 -c 'import sys; print(f"{float(sys.argv[1])/float(sys.argv[2]):.2f}x")' "$1" "$2"; }
 
-echo "| workload | TLS | target | TPS | mean latency (ms) | ratio to direct |"
-echo "|---|---|---|---:|---:|---:|"
+echo "| workload | TLS | target | TPS | mean latency (ms) | ratio to direct | proxy CPU ms / 1000 tx |"
+echo "|---|---|---|---:|---:|---:|---:|"
 for w in "${workloads[@]}"; do
   wname=${w%%|*}
   for t in "${targets[@]}"; do
@@ -169,6 +189,7 @@ for w in "${workloads[@]}"; do
     t_mean=$(mean "${tps[$key]}"); base=$(mean "${tps[$wname|direct|$sslmode]}")
     tls=$([ "$sslmode" = require ] && echo yes || echo no)
     label=$name; [ "$name" = haproxy ] && [ "$sslmode" = require ] && label="haproxy (TLS by PostgreSQL)"
-    echo "| $wname | $tls | $label | $t_mean | $(meanl "${lat[$key]}") | $(ratio "$t_mean" "$base") |"
+    cpu_cell="-"; [ -n "${cpu[$key]:-}" ] && cpu_cell=$(python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(f"{sum(v)/len(v):.2f}")' ${cpu[$key]})
+    echo "| $wname | $tls | $label | $t_mean | $(meanl "${lat[$key]}") | $(ratio "$t_mean" "$base") | $cpu_cell |"
   done
 done
