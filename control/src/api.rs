@@ -446,30 +446,38 @@ async fn failover(
             format!("database {id} has no standby to promote"),
         ));
     }
-    let mut op = platform.new_operation("failover", &id)?;
-    let (platform, database) = (platform.clone(), view(platform, &db).await);
+    let database = view(platform, &db).await;
+    let task = {
+        let platform = platform.clone();
+        async move { crate::ha::forced_failover(&platform, &id).await.map(drop) }
+    };
+    let operation = spawn_operation(platform, "failover", &database.id, task)?;
+    Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
+}
+
+/// Records an operation, runs `task` as it, and returns it (pending) for a 202 answer.
+fn spawn_operation(
+    platform: &Arc<Platform>,
+    kind: &'static str,
+    database_id: &str,
+    task: impl std::future::Future<Output = Result<(), String>> + Send + 'static,
+) -> Result<Operation, ApiError> {
+    let mut op = platform.new_operation(kind, database_id)?;
     let answer = op.clone();
+    let platform = platform.clone();
     tokio::spawn(async move {
-        platform.update_operation(&mut op, pgwarden_api::control::OperationStatus::Running, 0.2);
-        let result = crate::ha::forced_failover(&platform, &id).await;
-        platform.metrics.operation("failover", result.is_ok());
+        platform.update_operation(&mut op, OperationStatus::Running, 0.2);
+        let result = task.await;
+        platform.metrics.operation(kind, result.is_ok());
         match result {
-            Ok(_) => platform.update_operation(
-                &mut op,
-                pgwarden_api::control::OperationStatus::Succeeded,
-                1.0,
-            ),
+            Ok(()) => platform.update_operation(&mut op, OperationStatus::Succeeded, 1.0),
             Err(e) => {
                 op.error = Some(e);
-                platform.update_operation(
-                    &mut op,
-                    pgwarden_api::control::OperationStatus::Failed,
-                    0.2,
-                );
+                platform.update_operation(&mut op, OperationStatus::Failed, 0.2);
             }
         }
     });
-    Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation: answer })))
+    Ok(answer)
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -506,30 +514,13 @@ async fn switchover(
         }
         _ => {}
     }
-    let mut op = platform.new_operation("switchover", &id)?;
-    let (platform, database) = (platform.clone(), view(platform, &db).await);
-    let answer = op.clone();
-    tokio::spawn(async move {
-        platform.update_operation(&mut op, pgwarden_api::control::OperationStatus::Running, 0.2);
-        let result = crate::ha::switchover(&platform, &id, request.target.as_deref()).await;
-        platform.metrics.operation("switchover", result.is_ok());
-        match result {
-            Ok(_) => platform.update_operation(
-                &mut op,
-                pgwarden_api::control::OperationStatus::Succeeded,
-                1.0,
-            ),
-            Err(e) => {
-                op.error = Some(e);
-                platform.update_operation(
-                    &mut op,
-                    pgwarden_api::control::OperationStatus::Failed,
-                    0.2,
-                );
-            }
-        }
-    });
-    Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation: answer })))
+    let database = view(platform, &db).await;
+    let task = {
+        let platform = platform.clone();
+        async move { crate::ha::switchover(&platform, &id, request.target.as_deref()).await.map(drop) }
+    };
+    let operation = spawn_operation(platform, "switchover", &database.id, task)?;
+    Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
 }
 
 async fn list_backups(

@@ -16,6 +16,30 @@ pub enum HttpError {
     Request(#[from] hyper::http::Error),
 }
 
+/// Opens an HTTP/1.1 connection to `addr` and starts a request with the host and token set.
+async fn connect(
+    addr: &str,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+) -> Result<
+    (hyper::client::conn::http1::SendRequest<Full<Bytes>>, hyper::http::request::Builder),
+    HttpError,
+> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|source| HttpError::Connect { addr: addr.into(), source })?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| HttpError::Http { addr: addr.into(), source })?;
+    tokio::spawn(conn);
+    let mut builder = Request::builder().method(method).uri(path).header("host", addr);
+    if let Some(token) = token {
+        builder = builder.header("authorization", format!("Bearer {token}"));
+    }
+    Ok((sender, builder))
+}
+
 /// Sends one request to `addr` (`host:port`) and returns the status and the whole body.
 pub async fn request(
     addr: &str,
@@ -24,17 +48,8 @@ pub async fn request(
     token: Option<&str>,
     body: Option<Vec<u8>>,
 ) -> Result<(StatusCode, Bytes), HttpError> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|source| HttpError::Connect { addr: addr.into(), source })?;
     let http = |source| HttpError::Http { addr: addr.into(), source };
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
-    tokio::spawn(conn);
-    let mut builder = Request::builder().method(method).uri(path).header("host", addr);
-    if let Some(token) = token {
-        builder = builder.header("authorization", format!("Bearer {token}"));
-    }
+    let (mut sender, mut builder) = connect(addr, method, path, token).await?;
     if body.is_some() {
         builder = builder.header("content-type", "application/json");
     }
@@ -56,17 +71,8 @@ pub async fn download(
 ) -> Result<Result<hyper::HeaderMap, (StatusCode, Bytes)>, DownloadError> {
     use http_body_util::BodyExt;
     use tokio::io::AsyncWriteExt;
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|source| HttpError::Connect { addr: addr.into(), source })?;
     let http = |source| HttpError::Http { addr: addr.into(), source };
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
-    tokio::spawn(conn);
-    let mut builder = Request::builder().method(Method::GET).uri(path).header("host", addr);
-    if let Some(token) = token {
-        builder = builder.header("authorization", format!("Bearer {token}"));
-    }
+    let (mut sender, builder) = connect(addr, Method::GET, path, token).await?;
     let response = sender
         .send_request(builder.body(Full::new(Bytes::new())).map_err(HttpError::from)?)
         .await

@@ -348,7 +348,8 @@ fn last_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root (then nodes run as an unprivileged user).
+pub fn is_root() -> bool {
     fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pgwarden_api::control::{DatabaseStatus, NodeRole, Operation, OperationStatus};
+use pgwarden_api::control::{DatabaseStatus, Operation, OperationStatus};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::process::{Child, Command};
@@ -559,23 +559,7 @@ async fn do_restore(
         .max()
         .unwrap_or(0)
         + 1;
-    let ports = platform.allocate_ports(old_nodes.len()).map_err(|e| e.to_string())?;
-    let attempt: u16 = rand::random();
-    let new_nodes: Vec<NodeRecord> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, port)| {
-            let name = format!("{id}-{}", next + i as u32);
-            NodeRecord {
-                role: if i == 0 { NodeRole::Primary } else { NodeRole::Replica },
-                host: platform.config.node_host.clone(),
-                port: *port,
-                dir: platform.nodes_dir().join(format!("{name}.{attempt:04x}")),
-                name,
-                fenced: false,
-            }
-        })
-        .collect();
+    let new_nodes = platform.new_nodes(id, next, old_nodes.len()).map_err(|e| e.to_string())?;
     let mut restored = db.clone();
     restored.nodes = new_nodes.clone();
     let cleanup = |platform: Arc<Platform>, nodes: Vec<NodeRecord>| async move {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use pgwarden_api::control::{DatabaseStatus, Event, Operation, OperationStatus};
+use pgwarden_api::control::{DatabaseStatus, Event, NodeRole, Operation, OperationStatus};
 use pgwarden_api::{DatabaseRoute, RoutingTable};
 use pgwarden_certs::Ca;
 use tokio::sync::Mutex as AsyncMutex;
@@ -130,6 +130,34 @@ impl Platform {
 
     pub fn nodes_dir(&self) -> PathBuf {
         self.config.data_dir.join("nodes")
+    }
+
+    /// Records for `count` new nodes of database `id`, named `<id>-<first>`, `<id>-<first+1>`...
+    /// (the first is the primary), on free ports, each in a directory of its own for this attempt
+    /// (a program orphaned by an interrupted attempt may still write into an earlier one).
+    pub fn new_nodes(
+        &self,
+        id: &str,
+        first: u32,
+        count: usize,
+    ) -> Result<Vec<NodeRecord>, StoreError> {
+        let attempt: u16 = rand::random();
+        let ports = self.allocate_ports(count)?;
+        Ok(ports
+            .into_iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let name = format!("{id}-{}", first + i as u32);
+                NodeRecord {
+                    role: if i == 0 { NodeRole::Primary } else { NodeRole::Replica },
+                    host: self.config.node_host.clone(),
+                    port,
+                    dir: self.nodes_dir().join(format!("{name}.{attempt:04x}")),
+                    name,
+                    fenced: false,
+                }
+            })
+            .collect())
     }
 
     /// `postgres://user:password@host:port/db` through the proxies.

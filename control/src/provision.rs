@@ -152,21 +152,7 @@ async fn provision(platform: &Arc<Platform>, id: &str, op: &mut Operation) -> Re
         })
         .await?;
     }
-    let ports = platform.allocate_ports(plan.nodes as usize).map_err(|e| e.to_string())?;
-    // A fresh directory per attempt: a program orphaned by an interrupted attempt (initdb,
-    // pg_basebackup) may still be writing into the previous one.
-    let attempt: u16 = rand::random();
-    for (i, port) in ports.iter().enumerate() {
-        let name = format!("{id}-{}", i + 1);
-        db.nodes.push(NodeRecord {
-            role: if i == 0 { NodeRole::Primary } else { NodeRole::Replica },
-            host: platform.config.node_host.clone(),
-            port: *port,
-            dir: platform.nodes_dir().join(format!("{name}.{attempt:04x}")),
-            name,
-            fenced: false,
-        });
-    }
+    db.nodes = platform.new_nodes(id, 1, plan.nodes as usize).map_err(|e| e.to_string())?;
     platform.store.put_database(&db).map_err(|e| e.to_string())?;
 
     let primary = db.primary().cloned().ok_or("no primary")?;

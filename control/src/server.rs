@@ -75,7 +75,7 @@ fn open(config: PlatformConfig, nodes: NodeOptions) -> anyhow::Result<Arc<Platfo
     fs::create_dir_all(dir.join("nodes"))
         .with_context(|| format!("cannot create data dir {}", dir.display()))?;
     let driver = LocalDriver::new(nodes.pg_bin.clone(), &nodes.user)?;
-    if is_root() {
+    if crate::local::is_root() {
         // Node processes run unprivileged: they must be able to reach their directories.
         let mode = fs::metadata(dir)?.permissions().mode();
         fs::set_permissions(dir, fs::Permissions::from_mode(mode | 0o711))?;
@@ -119,15 +119,4 @@ fn check_traversable(dir: &Path, user: &str) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|l| l.split_whitespace().next() == Some("0"))
-        })
-        .unwrap_or(false)
 }

@@ -31,6 +31,30 @@ fn on_signals() -> anyhow::Result<CancellationToken> {
     Ok(token)
 }
 
+/// The platform settings `serve` and `up` share: nodes on loopback, daily-backup checks every
+/// 30 s.
+fn platform_config(
+    data_dir: &Path,
+    (client_host, client_port): (String, u16),
+    proxies: Vec<String>,
+    proxy_token: String,
+    first_node_port: u16,
+    health: &crate::cli::HealthArgs,
+) -> PlatformConfig {
+    PlatformConfig {
+        data_dir: data_dir.to_owned(),
+        client_host,
+        client_port,
+        proxies,
+        proxy_token,
+        node_host: "127.0.0.1".into(),
+        first_node_port,
+        extra_settings: Vec::new(),
+        health: health.config(),
+        backup_tick: Duration::from_secs(30),
+    }
+}
+
 pub async fn serve_command(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir)?;
     let proxy_token = match &args.proxy_token_file {
@@ -41,18 +65,15 @@ pub async fn serve_command(data_dir: &Path, args: ServeArgs) -> anyhow::Result<(
         None => read_secret_file(&data_dir.join("proxy-token"))?,
     };
     let (client_host, client_port) = split_host_port(&args.client_addr)?;
-    let config = PlatformConfig {
-        data_dir: data_dir.to_owned(),
-        client_host,
-        client_port,
-        proxies: args.proxy_admins,
+    let proxies = args.proxy_admins.clone();
+    let config = platform_config(
+        data_dir,
+        (client_host, client_port),
+        proxies,
         proxy_token,
-        node_host: "127.0.0.1".into(),
-        first_node_port: args.first_node_port,
-        extra_settings: Vec::new(),
-        health: args.health.config(),
-        backup_tick: std::time::Duration::from_secs(30),
-    };
+        args.first_node_port,
+        &args.health,
+    );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -81,18 +102,10 @@ pub async fn up(data_dir: &Path, args: UpArgs) -> anyhow::Result<()> {
         }
     }
 
-    let config = PlatformConfig {
-        data_dir: data_dir.clone(),
-        client_host: args.client_listen.ip().to_string(),
-        client_port: args.client_listen.port(),
-        proxies: args.proxy_admin.iter().map(|a| a.to_string()).collect(),
-        proxy_token,
-        node_host: "127.0.0.1".into(),
-        first_node_port: args.first_node_port,
-        extra_settings: Vec::new(),
-        health: args.health.config(),
-        backup_tick: std::time::Duration::from_secs(30),
-    };
+    let client = (args.client_listen.ip().to_string(), args.client_listen.port());
+    let admins = args.proxy_admin.iter().map(|a| a.to_string()).collect();
+    let config =
+        platform_config(&data_dir, client, admins, proxy_token, args.first_node_port, &args.health);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
