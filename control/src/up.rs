@@ -57,6 +57,8 @@ fn platform_config(
 
 pub async fn serve_command(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir)?;
+    // The API token exists before the API listens: a client that reaches it can authenticate.
+    read_secret_file(&data_dir.join("token"))?;
     let proxy_token = match &args.proxy_token_file {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?
@@ -86,6 +88,7 @@ pub async fn up(data_dir: &Path, args: UpArgs) -> anyhow::Result<()> {
     let data_dir = data_dir.canonicalize()?;
     let shutdown = on_signals()?;
     let proxy_token = read_secret_file(&data_dir.join("proxy-token"))?;
+    read_secret_file(&data_dir.join("token"))?;
     let ca_dir = data_dir.join("ca");
     std::fs::create_dir_all(&ca_dir)?;
     let ca = Ca::load_or_create(&ca_dir).context("platform CA")?;
