@@ -207,3 +207,29 @@ async fn gssenc_request_gets_n_then_ssl_request_gets_s() {
     let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
     assert_eq!(sqlstate(&answer).as_deref(), Some("08P01"), "{answer:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_password_message_gets_08p01_not_a_silent_close() {
+    let node = PgNode::start();
+    let proxy = TestProxy::start(Limits::default(), None).await;
+    proxy.route(1, &[("app", &node.address(), false)]).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let params = b"user\0app\0database\0app\0\0";
+    let mut startup = ((8 + params.len()) as i32).to_be_bytes().to_vec();
+    startup.extend_from_slice(&196_608u32.to_be_bytes());
+    startup.extend_from_slice(params);
+    s.write_all(&startup).await.unwrap();
+    // The node asks for SCRAM (AuthenticationSASL).
+    let mut header = [0u8; 5];
+    s.read_exact(&mut header).await.unwrap();
+    assert_eq!(header[0], b'R');
+    let len = i32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len - 4];
+    s.read_exact(&mut body).await.unwrap();
+    // A password message claiming 10 MB.
+    s.write_all(&[b'p', 0, 0x98, 0x96, 0x80]).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    assert_eq!(sqlstate(&answer).as_deref(), Some("08P01"), "{answer:?}");
+    assert_serving(&proxy).await;
+}

@@ -160,9 +160,18 @@ async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> O
             Err(AuthError::Refused) => None,
             Err(e) => {
                 debug!(error = %e, "authentication relay failed");
-                if matches!(e, AuthError::NodeProtocol | AuthError::Node(_)) {
-                    let message = "lost connection to the database node during authentication";
-                    refuse(&mut stream, SqlState::CannotConnectNow, message).await;
+                match e {
+                    AuthError::NodeProtocol | AuthError::Node(_) => {
+                        let message = "lost connection to the database node during authentication";
+                        refuse(&mut stream, SqlState::CannotConnectNow, message).await;
+                    }
+                    AuthError::ClientProtocol => {
+                        metrics.rejected(Rejection::Malformed);
+                        let message = "invalid authentication message from the client";
+                        refuse(&mut stream, SqlState::ProtocolViolation, message).await;
+                    }
+                    // The client is gone; the node already answered (Refused is handled above).
+                    AuthError::Client(_) | AuthError::Refused => {}
                 }
                 None
             }
