@@ -6,6 +6,12 @@
 #
 #   benches/proxy.sh [seconds-per-run]        (default 10; results on stdout as a Markdown table)
 #
+# Environment: ROUNDS (default 1); for quicker experiments, WORKLOADS (an extended regular
+# expression, keeps the workloads whose name matches), SSLMODES (default "disable require"),
+# TARGETS (default "direct pgwarden pgbouncer haproxy"), and PW_ALT (TOML lines appended to a
+# second pgwarden-proxy's configuration, run as the extra target "pgwarden-alt", e.g.
+# PW_ALT='worker_threads = 1').
+#
 # TLS: pgwarden-proxy and PgBouncer terminate client TLS and reach the node in plaintext;
 # HAProxy in TCP mode cannot terminate PostgreSQL's in-band TLS, so its TLS row is TLS end to end
 # with PostgreSQL through HAProxy (what HAProxy + Patroni users get). Direct TLS is the baseline
@@ -82,6 +88,16 @@ TOML
 RUST_LOG=warn target/release/pgwarden-proxy --config "$work/proxy.toml" >"$work/proxy.log" 2>&1 &
 pids+=($!)
 PW_PID=$!
+PWA_PORT=$(free_port); PWA_PID=
+if [ -n "${PW_ALT:-}" ]; then
+  sed -e "s/127.0.0.1:$PW_PORT/127.0.0.1:$PWA_PORT/" -e "s/127.0.0.1:$PW_ADMIN/127.0.0.1:$(free_port)/" \
+    "$work/proxy.toml" > "$work/proxy-alt.toml"
+  # Top-level keys must come before the first table.
+  { printf '%s\n' "$PW_ALT"; cat "$work/proxy-alt.toml"; } > "$work/proxy-alt2.toml"
+  RUST_LOG=warn target/release/pgwarden-proxy --config "$work/proxy-alt2.toml" >"$work/proxy-alt.log" 2>&1 &
+  pids+=($!)
+  PWA_PID=$!
+fi
 
 # PgBouncer, session mode, client TLS, SCRAM with the role's own secret
 printf '"bench" "%s"\n' "$SCRAM" > "$work/userlist.txt"
@@ -124,32 +140,57 @@ haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
 pids+=($!)
 HA_PID=$!
 
-for port in $PW_PORT $PGB_PORT $HA_PORT; do
+for port in $PW_PORT $PGB_PORT $HA_PORT ${PWA_PID:+$PWA_PORT}; do
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 done
 
 PGB_PID=$(cat "$work/pgbouncer.pid")
 HZ=$(getconf CLK_TCK)
+pid_of() {
+  case $1 in pgwarden) echo "$PW_PID" ;; pgwarden-alt) echo "$PWA_PID" ;; pgbouncer) echo "$PGB_PID" ;; haproxy) echo "$HA_PID" ;; esac
+}
 # CPU ticks (user + system) of a target's process; empty for direct PostgreSQL.
 ticks() {
-  local pid
-  case $1 in pgwarden) pid=$PW_PID ;; pgbouncer) pid=$PGB_PID ;; haproxy) pid=$HA_PID ;; *) return ;; esac
+  local pid; pid=$(pid_of "$1"); [ -n "$pid" ] || return 0
   awk '{print $14 + $15}' "/proc/$pid/stat"
 }
 
+# For the log: the machine's idle and total ticks, then (for a proxy) its user and system ticks
+# and context switches.
+counters() {
+  local pid; pid=$(pid_of "$1")
+  echo "$(awk '/^cpu / {print $5, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat)" \
+    "$([ -n "$pid" ] && awk '{print $14, $15}' "/proc/$pid/stat")" \
+    "$([ -n "$pid" ] && awk '/ctxt_switches/ {s += $2} END {print s}' /proc/"$pid"/task/*/status)"
+}
+detail() {
+  python3 -c 'import sys
+a, b = [list(map(int, x.split())) for x in sys.argv[1:3]]
+hz, tx = int(sys.argv[3]), int(sys.argv[4]) / 1000
+out = f"idle={(b[0]-a[0])*100/max(b[1]-a[1], 1):.0f}%"
+if len(a) == 5:
+    out += f" user={(b[2]-a[2])*1000/hz/tx:.2f} sys={(b[3]-a[3])*1000/hz/tx:.2f} ms/1000tx switches={(b[4]-a[4])/tx:.0f}/1000tx"
+print(out)' "$2" "$(counters "$1")" "$HZ" "$3"
+}
 # name|port|sslmode
-targets=(
-  "direct|$PG_PORT|disable" "pgwarden|$PW_PORT|disable" "pgbouncer|$PGB_PORT|disable" "haproxy|$HA_PORT|disable"
-  "direct|$PG_PORT|require" "pgwarden|$PW_PORT|require" "pgbouncer|$PGB_PORT|require" "haproxy|$HA_PORT|require"
-)
+declare -A port_of=([direct]=$PG_PORT [pgwarden]=$PW_PORT [pgwarden-alt]=$PWA_PORT [pgbouncer]=$PGB_PORT [haproxy]=$HA_PORT)
+names=${TARGETS:-direct pgwarden ${PWA_PID:+pgwarden-alt} pgbouncer haproxy}
+targets=()
+for sslmode in ${SSLMODES:-disable require}; do
+  for name in $names; do targets+=("$name|${port_of[$name]}|$sslmode"); done
+done
 # name|pgbench arguments
-workloads=(
+all_workloads=(
   "select-only, 16 clients, -M extended|-S -M extended -c 16 -j 2"
   "select-only, 16 clients, -M prepared|-S -M prepared -c 16 -j 2"
   "select-only, 1 client|-S -c 1 -j 1"
   "reconnect storm (-C), 8 clients|-S -C -c 8 -j 2"
   "tpcb-like, 16 clients|-c 16 -j 2"
 )
+workloads=()
+for w in "${all_workloads[@]}"; do
+  if [[ -z "${WORKLOADS:-}" || "${w%%|*}" =~ $WORKLOADS ]]; then workloads+=("$w"); fi
+done
 
 declare -A tps lat cpu
 for round in $(seq "$ROUNDS"); do
@@ -157,7 +198,7 @@ for round in $(seq "$ROUNDS"); do
     wname=${w%%|*}; wargs=${w#*|}
     for t in "${targets[@]}"; do
       IFS='|' read -r name port sslmode <<<"$t"
-      before=$(ticks "$name")
+      before=$(ticks "$name"); d_before=$(counters "$name")
       out=$(PGSSLMODE=$sslmode "$PGBIN/pgbench" $wargs -T "$DURATION" -n -h 127.0.0.1 -p "$port" -U bench bench 2>&1) || {
         echo "pgbench failed for $name/$sslmode/$wname:" >&2; echo "$out" >&2; exit 1; }
       after=$(ticks "$name")
@@ -170,14 +211,14 @@ for round in $(seq "$ROUNDS"); do
       if [ -n "$before" ]; then
         cpu[$key]="${cpu[$key]:-} $(python3 -c "print(($after - $before) * 1000 / $HZ / ($txs / 1000))")"
       fi
-      echo "round $round: $key tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")" >&2
+      echo "round $round: $key tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out") $(detail "$name" "$d_before" "$txs")" >&2
     done
   done
 done
 
 mean() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(f"{sum(v)/len(v):.1f}")' $1; }
 meanl() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(f"{sum(v)/len(v):.3f}")' $1; }
-ratio() { python3 -c 'import sys; print(f"{float(sys.argv[1])/float(sys.argv[2]):.2f}x")' "$1" "$2"; }
+ratio() { python3 -c 'import sys; b=float(sys.argv[2]); print(f"{float(sys.argv[1])/b:.2f}x" if b else "-")' "$1" "$2"; }
 
 echo "| workload | TLS | target | TPS | mean latency (ms) | ratio to direct | proxy CPU ms / 1000 tx |"
 echo "|---|---|---|---:|---:|---:|---:|"
@@ -186,7 +227,7 @@ for w in "${workloads[@]}"; do
   for t in "${targets[@]}"; do
     IFS='|' read -r name port sslmode <<<"$t"
     key="$wname|$name|$sslmode"
-    t_mean=$(mean "${tps[$key]}"); base=$(mean "${tps[$wname|direct|$sslmode]}")
+    t_mean=$(mean "${tps[$key]}"); base=$(mean "${tps[$wname|direct|$sslmode]:-0}")
     tls=$([ "$sslmode" = require ] && echo yes || echo no)
     label=$name; [ "$name" = haproxy ] && [ "$sslmode" = require ] && label="haproxy (TLS by PostgreSQL)"
     cpu_cell="-"; [ -n "${cpu[$key]:-}" ] && cpu_cell=$(python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(f"{sum(v)/len(v):.2f}")' ${cpu[$key]})

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use pgwarden_api::{DatabaseRoute, RoutingTable};
 use pgwarden_certs::Ca;
 use pgwarden_proxy::config::{Limits, TlsFiles};
-use pgwarden_proxy::{Config, Listeners};
+use pgwarden_proxy::{Config, Listeners, WorkerThreads, Workers};
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{http_request, HttpResponse};
@@ -60,6 +60,7 @@ pub struct TestProxy {
     pub token: String,
     pub shutdown: CancellationToken,
     pub task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    threads: Option<WorkerThreads>,
 }
 
 impl TestProxy {
@@ -76,6 +77,11 @@ impl TestProxy {
         limits: Limits,
         tls: Option<TlsFiles>,
     ) -> Self {
+        // The proxy's log, with the test's output: `RUST_LOG=pgwarden_proxy=debug`.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let token = format!("test-token-{}", std::process::id());
         let mut config = Config::with_token(token.clone());
         config.limits = limits;
@@ -87,8 +93,14 @@ impl TestProxy {
         let addr = listeners.clients.as_ref().expect("bound").local_addr().expect("addr");
         let admin = listeners.admin.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(pgwarden_proxy::run(config, listeners, shutdown.clone()));
-        Self { addr, admin, token, shutdown, task: Some(task) }
+        // As the binary does: sessions spread over this runtime and a thread of its own, so
+        // that every test also crosses runtimes (handover of sockets, wake-ups from the admin
+        // API and shutdown).
+        let (workers, threads) =
+            Workers::start(tokio::runtime::Handle::current(), 1).expect("worker thread");
+        let run = pgwarden_proxy::run_on(config, listeners, shutdown.clone(), workers);
+        let task = tokio::spawn(run);
+        Self { addr, admin, token, shutdown, task: Some(task), threads: Some(threads) }
     }
 
     pub fn port(&self) -> u16 {
@@ -156,15 +168,22 @@ impl TestProxy {
     /// Stops the proxy as SIGTERM would, and waits for it to exit.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();
-        match self.task.take() {
+        let result = match self.task.take() {
             Some(task) => task.await.expect("proxy task panicked"),
             None => Ok(()),
+        };
+        if let Some(threads) = self.threads.take() {
+            threads.stop();
         }
+        result
     }
 }
 
 impl Drop for TestProxy {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        if let Some(threads) = self.threads.take() {
+            threads.stop();
+        }
     }
 }

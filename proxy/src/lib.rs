@@ -29,12 +29,14 @@ mod server;
 mod session;
 mod stream;
 mod tls;
+mod workers;
 
 use std::sync::Arc;
 
 pub use config::Config;
 pub use ha::HaConfig;
-pub use server::{run, Listeners};
+pub use server::{run, run_on, Listeners};
+pub use workers::{WorkerThreads, Workers};
 
 use cancel::CancelMap;
 use config::Limits;

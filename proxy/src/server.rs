@@ -15,6 +15,7 @@ use crate::cancel::CancelMap;
 use crate::metrics::Metrics;
 use crate::routes::RouteStore;
 use crate::tls::TlsStore;
+use crate::workers::Workers;
 use crate::{admin, session, Config, Shared};
 
 /// How long sessions get to send their final error once they are told to end.
@@ -55,11 +56,22 @@ fn bind_clients(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Runs the proxy until `shutdown` is cancelled, then stops accepting, lets sessions finish for
-/// the configured grace period and ends the rest with `57P01`.
+/// the configured grace period and ends the rest with `57P01`. Sessions run on the caller's
+/// runtime.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_on(config, listeners, shutdown, Workers::inline()).await
+}
+
+/// [`run`], with sessions spread over `workers`.
+pub async fn run_on(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    workers: Workers,
 ) -> anyhow::Result<()> {
     config.validate()?;
     let shared = Arc::new(Shared {
@@ -134,7 +146,9 @@ pub async fn run(
                     user = tracing::field::Empty,
                     node = tracing::field::Empty
                 );
-                tracker.spawn(session::serve(tcp, Arc::clone(&shared)).instrument(span));
+                let shared = Arc::clone(&shared);
+                workers
+                    .spawn(&tracker, tcp, move |tcp| session::serve(tcp, shared).instrument(span));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.

@@ -14,12 +14,16 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let config = pgwarden_proxy::Config::load(&config_path)?;
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = config.worker_threads {
-        builder.worker_threads(threads);
-    }
-    let runtime = builder.enable_all().build()?;
-    runtime.block_on(async {
+    let threads = match config.worker_threads {
+        Some(threads) => threads,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    // This thread's runtime accepts clients, serves the admin API and is one of the workers.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (workers, worker_threads) =
+        pgwarden_proxy::Workers::start(runtime.handle().clone(), threads - 1)
+            .context("cannot start worker threads")?;
+    let result = runtime.block_on(async {
         let listeners = pgwarden_proxy::Listeners::bind(&config).await?;
         let shutdown = CancellationToken::new();
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -29,8 +33,10 @@ fn main() -> anyhow::Result<()> {
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
             on_signal.cancel();
         });
-        pgwarden_proxy::run(config, listeners, shutdown).await
-    })
+        pgwarden_proxy::run_on(config, listeners, shutdown, workers).await
+    });
+    worker_threads.stop();
+    result
 }
 
 fn parse_args() -> anyhow::Result<PathBuf> {
