@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, info_span, warn, Instrument};
+use tracing::{error, info, info_span, warn};
 
 use crate::cancel::CancelMap;
 use crate::metrics::Metrics;
@@ -147,8 +147,7 @@ pub async fn run_on(
                     node = tracing::field::Empty
                 );
                 let shared = Arc::clone(&shared);
-                workers
-                    .spawn(&tracker, tcp, move |tcp| session::serve(tcp, shared).instrument(span));
+                workers.spawn(&tracker, tcp, move |tcp| session::serve(tcp, shared, span));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn, Span};
+use tracing::{debug, info, warn, Instrument, Span};
 
 use crate::auth::{self, AuthError};
 use crate::cancel;
@@ -21,8 +21,18 @@ const STOP_DRAIN: Duration = Duration::from_secs(2);
 /// Routing attempts when the primary moves while a session is being set up.
 const ROUTE_ATTEMPTS: usize = 3;
 
-pub async fn serve(tcp: TcpStream, shared: Arc<Shared>) {
+/// Serves one client connection. `span` (peer, database, user, node) covers the setup and the
+/// end of the session but not the relay in between: entering a span at each of the relay's
+/// wake-ups costs more than the copying does.
+pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, span: Span) {
     let _gauge = ConnectionGauge::new(&shared.metrics.client_connections);
+    if let Some(session) = open(tcp, &shared).instrument(span.clone()).await {
+        run_session(session, &shared, span).await;
+    }
+}
+
+/// Handshake, routing and authentication, within the handshake timeout.
+async fn open(tcp: TcpStream, shared: &Shared) -> Option<Session> {
     let over_limit =
         shared.metrics.client_connections.get() as usize > shared.limits.max_client_connections;
     let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout();
@@ -32,10 +42,10 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>) {
                 .await;
         match hs {
             Ok(Handshake::Cancel(key)) => {
-                forward_cancel(&shared, key).await;
+                forward_cancel(shared, key).await;
                 None
             }
-            Ok(Handshake::Startup(startup)) => start_session(startup, &shared, over_limit).await,
+            Ok(Handshake::Startup(startup)) => start_session(startup, shared, over_limit).await,
             Err(e) => {
                 shared.metrics.rejected(match e {
                     HandshakeError::Protocol(_) => Rejection::Malformed,
@@ -48,14 +58,11 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>) {
         }
     })
     .await;
-    let Some(session) = started.unwrap_or_else(|_| {
+    started.unwrap_or_else(|_| {
         shared.metrics.rejected(Rejection::HandshakeTimeout);
         debug!("client did not complete its handshake in time");
         None
-    }) else {
-        return;
-    };
-    run_session(session, &shared).await;
+    })
 }
 
 /// An authenticated session, ready to relay.
@@ -194,7 +201,7 @@ async fn connect(addr: &str, shared: &Shared) -> std::io::Result<TcpStream> {
     Ok(node)
 }
 
-async fn run_session(session: Session, shared: &Shared) {
+async fn run_session(session: Session, shared: &Shared, span: Span) {
     let Session { mut client, mut node, route, database, auth } = session;
     let stop = async {
         tokio::select! {
@@ -208,6 +215,17 @@ async fn run_session(session: Session, shared: &Shared) {
         passthrough::relay(&mut client, &mut node, stop, STOP_DRAIN, &auth.leftover, counters)
             .await;
     drop(auth);
+    finish_session(end, client, node, database, shared).instrument(span).await;
+}
+
+/// Logs how the relay ended and, when the proxy ended it, tells the client why.
+async fn finish_session(
+    end: RelayEnd<Termination>,
+    mut client: crate::stream::ClientStream,
+    node: TcpStream,
+    database: String,
+    shared: &Shared,
+) {
     match end {
         RelayEnd::ClientClosed | RelayEnd::NodeClosed => debug!(?end, "session ended"),
         RelayEnd::ClientError(e) => debug!(error = %e, "client connection failed"),
