@@ -6,6 +6,9 @@
 #
 #   benches/proxy.sh [seconds-per-run]        (default 10; results on stdout as a Markdown table)
 #
+# MEMORY_SESSIONS=500 benches/proxy.sh measures memory instead: each proxy's resident memory with
+# 5 and with that many idle TLS sessions (pgbench clients sleeping in a transaction), per session.
+#
 # Environment: ROUNDS (default 1); for quicker experiments, WORKLOADS (an extended regular
 # expression, keeps the workloads whose name matches), SSLMODES (default "disable require"),
 # TARGETS (default "direct pgwarden pgbouncer haproxy"), and PW_ALT (TOML lines appended to a
@@ -59,7 +62,7 @@ cat >> "$work/data/postgresql.conf" <<CONF
 listen_addresses = '127.0.0.1'
 port = $PG_PORT
 unix_socket_directories = '$work'
-max_connections = 200
+max_connections = $((200 + ${MEMORY_SESSIONS:-0} + 20))
 shared_buffers = 256MB
 ssl = on
 ssl_cert_file = '$work/server.crt'
@@ -111,8 +114,8 @@ unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = $work/userlist.txt
 pool_mode = session
-max_client_conn = 500
-default_pool_size = 100
+max_client_conn = $((500 + ${MEMORY_SESSIONS:-0}))
+default_pool_size = $((100 + ${MEMORY_SESSIONS:-0}))
 client_tls_sslmode = allow
 client_tls_cert_file = $work/server.crt
 client_tls_key_file = $work/server.key
@@ -120,13 +123,14 @@ logfile = $work/pgbouncer.log
 pidfile = $work/pgbouncer.pid
 INI
 [ "$(id -u)" = 0 ] && chown -R "$RUN_AS" "$work"
-as_node pgbouncer -q "$work/pgbouncer.ini" &
+# As the node's user, whose soft limit on open files may be 1024: raised to the hard limit.
+as_node sh -c 'ulimit -n "$(ulimit -Hn)" && exec pgbouncer -q "$0"' "$work/pgbouncer.ini" &
 pids+=($!)
 
 # HAProxy, TCP mode
 cat > "$work/haproxy.cfg" <<CFG
 global
-  maxconn 1000
+  maxconn $((1000 + ${MEMORY_SESSIONS:-0}))
 defaults
   mode tcp
   timeout connect 5s
@@ -172,6 +176,32 @@ if len(a) == 5:
     out += f" user={(b[2]-a[2])*1000/hz/tx:.2f} sys={(b[3]-a[3])*1000/hz/tx:.2f} ms/1000tx switches={(b[4]-a[4])/tx:.0f}/1000tx"
 print(out)' "$2" "$(counters "$1")" "$HZ" "$3"
 }
+# Memory mode: RSS from /proc/<pid>/status with 5 and with MEMORY_SESSIONS idle TLS sessions.
+if [ -n "${MEMORY_SESSIONS:-}" ]; then
+  printf '\\sleep 15 s\n' > "$work/idle.sql"
+  rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+  # Opens $2 idle TLS sessions to $1's port, waits until they are established, prints the RSS.
+  rss_with() {
+    local pid port=$2 clients=$3; pid=$(pid_of "$1")
+    PGSSLMODE=require "$PGBIN/pgbench" -n -c "$clients" -j 2 -t 1 -f "$work/idle.sql" \
+      -h 127.0.0.1 -p "$port" -U bench bench >"$work/idle.log" 2>&1 &
+    local bench=$! rss
+    sleep 10
+    rss=$(rss_kib "$pid")
+    wait "$bench" || { echo "pgbench failed for $1:" >&2; cat "$work/idle.log" >&2; exit 1; }
+    echo "$rss"
+  }
+  echo "| target | RSS with 5 sessions (KiB) | RSS with $MEMORY_SESSIONS sessions (KiB) | per session (bytes) |"
+  echo "|---|---:|---:|---:|"
+  for name in pgwarden pgbouncer haproxy; do
+    port=$(case $name in pgwarden) echo "$PW_PORT" ;; pgbouncer) echo "$PGB_PORT" ;; haproxy) echo "$HA_PORT" ;; esac)
+    few=$(rss_with "$name" "$port" 5)
+    many=$(rss_with "$name" "$port" "$MEMORY_SESSIONS")
+    echo "| $name | $few | $many | $(( (many - few) * 1024 / (MEMORY_SESSIONS - 5) )) |"
+  done
+  exit 0
+fi
+
 # name|port|sslmode
 declare -A port_of=([direct]=$PG_PORT [pgwarden]=$PW_PORT [pgwarden-alt]=$PWA_PORT [pgbouncer]=$PGB_PORT [haproxy]=$HA_PORT)
 names=${TARGETS:-direct pgwarden ${PWA_PID:+pgwarden-alt} pgbouncer haproxy}

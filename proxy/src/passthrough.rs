@@ -2,6 +2,7 @@
 //! except the 5-byte headers of node messages, tracked so that the proxy can end a session
 //! with its own error at a message boundary.
 
+use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::{pin, Pin};
@@ -13,8 +14,29 @@ use std::time::Duration;
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Size of each direction's buffer.
-const BUF_SIZE: usize = 4 * 1024;
+/// Size of each direction's buffer: a whole TLS record's worth of plaintext.
+const BUF_SIZE: usize = 16 * 1024;
+/// Spare buffers kept per thread; beyond it, buffers given back are freed.
+const MAX_SPARE: usize = 64;
+
+thread_local! {
+    /// Buffers of this thread's sessions that are waiting for data: a session holds a buffer
+    /// only while bytes are in flight, so idle sessions (most of them, behind application
+    /// connection pools) cost no relay buffers at all.
+    static SPARE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Box<[u8]> {
+    SPARE.with_borrow_mut(Vec::pop).unwrap_or_else(|| vec![0; BUF_SIZE].into_boxed_slice())
+}
+
+fn give_back(buf: Box<[u8]>) {
+    SPARE.with_borrow_mut(|spare| {
+        if spare.len() < MAX_SPARE {
+            spare.push(buf);
+        }
+    });
+}
 
 /// How a relay ended.
 #[derive(Debug)]
@@ -76,7 +98,8 @@ impl Frames {
 
 /// One direction: read into the buffer, write it all out, repeat.
 struct Pump {
-    buf: Box<[u8]>,
+    /// Taken from the thread's spare buffers for a read, given back once a read finds nothing.
+    buf: Option<Box<[u8]>>,
     start: usize,
     end: usize,
     eof: bool,
@@ -88,7 +111,7 @@ struct Pump {
 impl Pump {
     fn new(track_frames: bool, counter: IntCounter) -> Self {
         Self {
-            buf: vec![0; BUF_SIZE].into_boxed_slice(),
+            buf: None,
             start: 0,
             end: 0,
             eof: false,
@@ -112,10 +135,13 @@ impl Pump {
         W: AsyncWrite + Unpin,
     {
         loop {
-            while self.start < self.end {
+            while let Some(pending) = self.buf.as_deref().and_then(|b| b.get(self.start..self.end))
+            {
+                if pending.is_empty() {
+                    break;
+                }
                 let n =
-                    ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.start..self.end]))
-                        .map_err(Side::Writer)?;
+                    ready!(Pin::new(&mut *writer).poll_write(cx, pending)).map_err(Side::Writer)?;
                 if n == 0 {
                     return Poll::Ready(Err(Side::Writer(io::ErrorKind::WriteZero.into())));
                 }
@@ -123,8 +149,8 @@ impl Pump {
                 self.need_flush = true;
             }
             let limit = match (&self.frames, to_boundary) {
-                (Some(frames), true) => frames.to_boundary().min(self.buf.len()),
-                _ => self.buf.len(),
+                (Some(frames), true) => frames.to_boundary().min(BUF_SIZE),
+                _ => BUF_SIZE,
             };
             if self.eof || limit == 0 {
                 if self.need_flush {
@@ -136,10 +162,14 @@ impl Pump {
                 }
                 return Poll::Ready(Ok(()));
             }
-            let mut read_buf = ReadBuf::new(&mut self.buf[..limit]);
+            let buf = self.buf.get_or_insert_with(take_buffer);
+            let mut read_buf = ReadBuf::new(&mut buf[..limit]);
             match Pin::new(&mut *reader).poll_read(cx, &mut read_buf) {
                 Poll::Ready(result) => result.map_err(Side::Reader)?,
                 Poll::Pending => {
+                    if let Some(buf) = self.buf.take() {
+                        give_back(buf);
+                    }
                     if self.need_flush {
                         ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(Side::Writer)?;
                         self.need_flush = false;
@@ -153,7 +183,7 @@ impl Pump {
                 continue;
             }
             if let Some(frames) = &mut self.frames {
-                frames.advance(&self.buf[..n]);
+                frames.advance(&buf[..n]);
             }
             self.counter.inc_by(n as u64);
             self.start = 0;
@@ -163,6 +193,14 @@ impl Pump {
 
     fn at_boundary(&self) -> bool {
         self.start == self.end && self.frames.as_ref().is_none_or(|f| f.to_boundary() == 0)
+    }
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            give_back(buf);
+        }
     }
 }
 
@@ -180,7 +218,7 @@ pub async fn relay<C, N, S, T>(
     node: &mut N,
     stop: S,
     drain: Duration,
-    node_prefix: &[u8],
+    node_prefix: impl AsRef<[u8]>,
     counters: (IntCounter, IntCounter),
 ) -> RelayEnd<T>
 where
@@ -192,8 +230,10 @@ where
     let mut up = Pump::new(false, from_clients);
     let mut down = Pump::new(true, to_clients);
     if let Some(frames) = &mut down.frames {
-        frames.advance(node_prefix);
+        frames.advance(node_prefix.as_ref());
     }
+    // Freed now rather than held for the whole session.
+    drop(node_prefix);
     let stop = pin!(stop);
     let mut stop = StopSignal::new(stop);
     let reason = poll_fn(|cx| {
@@ -330,6 +370,29 @@ mod tests {
                 "busy={busy}: {end:?}"
             );
         }
+    }
+
+    /// Between messages a pump holds no buffer: it went back to the thread's spares.
+    #[tokio::test]
+    async fn an_idle_pump_holds_no_buffer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut reader, mut reader_peer) = tokio::io::duplex(64 * 1024);
+        let (mut writer, mut writer_peer) = tokio::io::duplex(64 * 1024);
+        let mut pump = Pump::new(true, IntCounter::new("a", "a").unwrap());
+        // A message bigger than one buffer, relayed whole in one poll.
+        let mut message = vec![b'D'];
+        message.extend_from_slice(&(4 + 40_000i32).to_be_bytes());
+        message.extend_from_slice(&[b'x'; 40_000]);
+        reader_peer.write_all(&message).await.unwrap();
+        let polled =
+            poll_fn(|cx| Poll::Ready(pump.poll_copy(cx, &mut reader, &mut writer, false))).await;
+        assert!(polled.is_pending(), "waits for more");
+        assert!(pump.buf.is_none(), "an idle pump gives its buffer back");
+        assert!(pump.at_boundary());
+        let mut received = vec![0; message.len()];
+        writer_peer.read_exact(&mut received).await.unwrap();
+        assert_eq!(received, message);
+        assert_eq!(SPARE.with_borrow(Vec::len), 1, "one buffer served the whole message");
     }
 
     #[test]

@@ -202,7 +202,8 @@ async fn connect(addr: &str, shared: &Shared) -> std::io::Result<TcpStream> {
 }
 
 async fn run_session(session: Session, shared: &Shared, span: Span) {
-    let Session { mut client, mut node, route, database, auth } = session;
+    let Session { mut client, mut node, route, database, mut auth } = session;
+    let node_prefix = std::mem::take(&mut auth.leftover);
     let stop = async {
         tokio::select! {
             () = route.moved.cancelled() => Termination::PrimaryMoved,
@@ -212,8 +213,7 @@ async fn run_session(session: Session, shared: &Shared, span: Span) {
     let counters =
         (shared.metrics.bytes_from_clients.clone(), shared.metrics.bytes_to_clients.clone());
     let end =
-        passthrough::relay(&mut client, &mut node, stop, STOP_DRAIN, &auth.leftover, counters)
-            .await;
+        passthrough::relay(&mut client, &mut node, stop, STOP_DRAIN, node_prefix, counters).await;
     drop(auth);
     finish_session(end, client, node, database, shared).instrument(span).await;
 }
