@@ -306,7 +306,20 @@ async fn provisioning_interrupted_by_kill_9_is_finished_on_restart() {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let shown = cli(&data, &second.api, &["show", &id]);
-        if shown.contains("running") && shown.matches("| running |").count() == 2 {
+        // The database's row (ADDON | ID | PLAN | STATUS ...) and its node rows (NODE | ROLE |
+        // STATUS ...), read by column.
+        let column =
+            |line: &str, n: usize| line.split('|').nth(n).map(str::trim).map(str::to_owned);
+        let database_running = shown
+            .lines()
+            .any(|l| l.starts_with("postgresql") && column(l, 3).as_deref() == Some("running"));
+        let nodes_running = shown
+            .lines()
+            .filter(|l| {
+                l.starts_with(&format!("{id}-")) && column(l, 2).as_deref() == Some("running")
+            })
+            .count();
+        if database_running && nodes_running == 2 {
             break;
         }
         assert!(!shown.contains("failed"), "{shown}");

@@ -1,6 +1,7 @@
 //! One client connection from accept to close: handshake, routing, authentication through the
 //! node, then the byte pump until either side ends or the proxy ends the session.
 
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,7 +37,7 @@ async fn open(tcp: TcpStream, shared: &Shared) -> Option<Session> {
     let over_limit =
         shared.metrics.client_connections.get() as usize > shared.limits.max_client_connections;
     let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout();
-    let started = tokio::time::timeout_at(deadline, async {
+    let mut work = pin!(async {
         let hs =
             handshake::accept(tcp, &shared.tls, shared.limits.max_startup_packet, &shared.metrics)
                 .await;
@@ -56,13 +57,17 @@ async fn open(tcp: TcpStream, shared: &Shared) -> Option<Session> {
                 None
             }
         }
-    })
-    .await;
-    started.unwrap_or_else(|_| {
-        shared.metrics.rejected(Rejection::HandshakeTimeout);
-        debug!("client did not complete its handshake in time");
-        None
-    })
+    });
+    // Polled through a reference, so that the client's connection (owned by `work`) is closed
+    // only after the timeout is counted: a client that sees the close sees it in the metrics.
+    match tokio::time::timeout_at(deadline, work.as_mut()).await {
+        Ok(session) => session,
+        Err(_) => {
+            shared.metrics.rejected(Rejection::HandshakeTimeout);
+            debug!("client did not complete its handshake in time");
+            None
+        }
+    }
 }
 
 /// An authenticated session, ready to relay.
