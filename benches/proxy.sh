@@ -32,6 +32,8 @@ cargo build --release --locked -p pgwarden-proxy >&2
 work=$(mktemp -d /tmp/pgwarden-bench-XXXXXX)
 pids=()
 cleanup() {
+  # Logs of the last run are kept for a look after a failure.
+  mkdir -p /tmp/pgwarden-bench-logs && cp "$work"/*.log /tmp/pgwarden-bench-logs/ 2>/dev/null || true
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   # runuser does not pass the signal on: stop PgBouncer through its own pidfile.
   [ -f "$work/pgbouncer.pid" ] && kill "$(cat "$work/pgbouncer.pid")" 2>/dev/null || true
@@ -229,6 +231,7 @@ for round in $(seq "$ROUNDS"); do
     for t in "${targets[@]}"; do
       IFS='|' read -r name port sslmode <<<"$t"
       before=$(ticks "$name"); d_before=$(counters "$name")
+      [ -z "$(pid_of "$name")" ] || [ -d "/proc/$(pid_of "$name")" ] || { echo "$name is not running" >&2; exit 1; }
       out=$(PGSSLMODE=$sslmode "$PGBIN/pgbench" $wargs -T "$DURATION" -n -h 127.0.0.1 -p "$port" -U bench bench 2>&1) || {
         echo "pgbench failed for $name/$sslmode/$wname:" >&2; echo "$out" >&2; exit 1; }
       after=$(ticks "$name")

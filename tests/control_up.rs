@@ -96,6 +96,17 @@ impl Drop for Cleanup {
         for pid in &self.1 {
             let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
         }
+        // A SIGKILLed `pgwarden up` cannot stop the proxies it started: they name the data dir
+        // in their command line.
+        let data = self.0.to_string_lossy().into_owned();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let is_proxy = String::from_utf8_lossy(&cmdline).contains("pgwarden-proxy");
+            if is_proxy && String::from_utf8_lossy(&cmdline).contains(data.as_str()) {
+                let pid = entry.file_name().to_string_lossy().into_owned();
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            }
+        }
         for data in node_data_dirs(&self.0) {
             stop_immediately(&data);
         }
