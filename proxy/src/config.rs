@@ -40,8 +40,9 @@ pub struct Config {
     pub limits: Limits,
     /// Active/standby pair: without it, this proxy is active on its own.
     pub ha: Option<crate::ha::HaConfig>,
-    /// Threads of the async runtime. Default: one per CPU. On a host shared with PostgreSQL,
-    /// fewer threads can cost less CPU per transaction (see benches/RESULTS.md).
+    /// Session threads, each a single-threaded runtime whose sessions stay on it. Default: one
+    /// per CPU. One thread costs the least CPU per transaction but caps throughput at what one
+    /// core can relay (see benches/RESULTS.md).
     pub worker_threads: Option<usize>,
 }
 
