@@ -55,10 +55,7 @@ fn mb_per_s(bytes: u64, d: Duration) -> f64 {
 async fn main() {
     let scale: u32 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(68);
     let control = TestControl::start().await;
-    let db = control.create_database("bench", "postgresql-starter-2048").await;
-    let (id, url) =
-        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
-    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    let (db, id, url) = control.create_routed_database("bench", "postgresql-starter-2048").await;
     wait_latest(&control, &id, OffsetDateTime::now_utc()).await;
 
     // Recovery point, five times: how long after an acknowledged commit it is restorable.

@@ -39,10 +39,7 @@ async fn main() {
     let failovers = args.first().copied().unwrap_or(20);
     let switchovers = args.get(1).copied().unwrap_or(10);
     let control = TestControl::start().await;
-    let db = control.create_database("bench", "postgresql-business-512").await;
-    let (id, url) =
-        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
-    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    let (_, id, url) = control.create_routed_database("bench", "postgresql-business-512").await;
     assert!(psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)").success);
     let writer = Writer::start(url.clone());
 

@@ -139,6 +139,15 @@ impl TestControl {
         self.request("GET", &format!("/v1/databases/{id}"), None).await.json()
     }
 
+    /// Creates a database and waits until the proxy routes it: its record, id and URL.
+    pub async fn create_routed_database(&self, name: &str, plan: &str) -> (Value, String, String) {
+        let db = self.create_database(name, plan).await;
+        let id = db["id"].as_str().expect("id").to_owned();
+        let url = db["database_url"].as_str().expect("url").to_owned();
+        self.wait_routed(db["name"].as_str().expect("name"), true).await;
+        (db, id, url)
+    }
+
     /// Waits until the proxy routes `database` (the publisher pushes asynchronously).
     pub async fn wait_routed(&self, database: &str, present: bool) {
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -43,10 +43,7 @@ fn backup_file(control: &TestControl, id: &str, backup: &str) -> std::path::Path
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_downloads_with_the_cli_and_restores_with_pg_restore() {
     let control = TestControl::start().await;
-    let db = control.create_database("shop", "postgresql-business-512").await;
-    let (id, url) =
-        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
-    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    let (db, id, url) = control.create_routed_database("shop", "postgresql-business-512").await;
     let out = psql(&url, None, "CREATE TABLE orders(id int PRIMARY KEY, total int); INSERT INTO orders SELECT g, g * 3 FROM generate_series(1, 5000) g");
     assert!(out.success, "{}", out.stderr);
 

@@ -75,10 +75,7 @@ async fn wait_rows(url: &str, expected: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_to_a_second_between_two_commits_through_the_same_url() {
     let control = TestControl::start().await;
-    let db = control.create_database("ledger", "postgresql-starter-512").await;
-    let (id, url) =
-        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
-    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    let (db, id, url) = control.create_routed_database("ledger", "postgresql-starter-512").await;
     window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
 
     assert!(psql(&url, None, "CREATE TABLE t(v text); INSERT INTO t VALUES ('t1')").success);
@@ -119,10 +116,7 @@ async fn restore_to_a_second_between_two_commits_through_the_same_url() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_to_a_few_seconds_ago_has_the_last_commits() {
     let control = TestControl::start().await;
-    let db = control.create_database("recent", "postgresql-starter-512").await;
-    let (id, url) =
-        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
-    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    let (_, id, url) = control.create_routed_database("recent", "postgresql-starter-512").await;
     window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
     assert!(psql(&url, None, "CREATE TABLE t(v text); INSERT INTO t SELECT 'row' || lpad(g::text, 3, '0') FROM generate_series(1, 100) g").success);
     let last_commit = OffsetDateTime::now_utc();
@@ -155,10 +149,7 @@ async fn a_missing_wal_segment_or_a_target_outside_the_window_is_refused_and_not
     assert_eq!(r.status, 409);
     assert!(r.body.contains("no point-in-time recovery"), "{}", r.body);
 
-    let db = control.create_database("holes", "postgresql-starter-512").await;
-    let (id, url) =
-        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
-    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    let (db, id, url) = control.create_routed_database("holes", "postgresql-starter-512").await;
     window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
     let node = db["nodes"][0]["name"].as_str().unwrap();
     let socket = control.node_data_dir(node).parent().unwrap().to_owned();
@@ -266,10 +257,7 @@ async fn a_missing_wal_segment_or_a_target_outside_the_window_is_refused_and_not
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_across_a_failover_follows_the_new_timeline() {
     let control = TestControl::start().await;
-    let db = control.create_database("durable", "postgresql-business-512").await;
-    let (id, url) =
-        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
-    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    let (_, id, url) = control.create_routed_database("durable", "postgresql-business-512").await;
     window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
     assert!(psql(&url, None, "CREATE TABLE t(v text); INSERT INTO t VALUES ('before')").success);
 

@@ -110,10 +110,7 @@ async fn read_only_and_read_write_users_get_exactly_their_privileges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn force_tls_refuses_plaintext_and_accepts_tls() {
     let control = TestControl::start().await;
-    let db = control.create_database("secure", "postgresql-sandbox").await;
-    let (id, url) =
-        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
-    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    let (_, id, url) = control.create_routed_database("secure", "postgresql-sandbox").await;
     let epoch_before = control.request("GET", &format!("/v1/databases/{id}"), None).await.json()
         ["epoch"]
         .as_u64()

@@ -24,10 +24,7 @@ fn name_of(db: &Value, role: &str) -> String {
 
 async fn failover_under_writer(freeze: bool) {
     let control = TestControl::start().await;
-    let db = control.create_database("ledger", "postgresql-business-512").await;
-    let (id, url) =
-        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
-    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    let (db, id, url) = control.create_routed_database("ledger", "postgresql-business-512").await;
     assert!(psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)").success);
     let (old_port, new_port) = (port_of(&db, "primary"), port_of(&db, "replica"));
     let (old_name, new_name) = (name_of(&db, "primary"), name_of(&db, "replica"));
@@ -115,10 +112,7 @@ async fn a_frozen_primary_is_fenced_and_never_written_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_standby_degrades_to_asynchronous_then_comes_back_synchronous() {
     let control = TestControl::start().await;
-    let db = control.create_database("queue", "postgresql-business-512").await;
-    let (id, url) =
-        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
-    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    let (db, id, url) = control.create_routed_database("queue", "postgresql-business-512").await;
     assert_eq!(db["replication"], "synchronous");
     assert!(psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)").success);
     let primary_port = port_of(&db, "primary");
@@ -211,10 +205,7 @@ async fn forced_failover_through_the_api_changes_the_primary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_under_load_loses_nothing_and_new_connections_wait_instead_of_failing() {
     let control = TestControl::start().await;
-    let db = control.create_database("planned", "postgresql-business-512").await;
-    let (id, url) =
-        (db["id"].as_str().unwrap().to_owned(), db["database_url"].as_str().unwrap().to_owned());
-    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    let (db, id, url) = control.create_routed_database("planned", "postgresql-business-512").await;
     assert!(psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)").success);
     let (old_name, new_name) = (name_of(&db, "primary"), name_of(&db, "replica"));
     let new_port = port_of(&db, "replica");

@@ -276,7 +276,6 @@ struct StopSignal<S> {
     task: Option<Waker>,
 }
 
-#[derive(Default)]
 struct WakeFlag {
     fired: AtomicBool,
     task: Mutex<Option<Waker>>,
