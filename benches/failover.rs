@@ -25,12 +25,7 @@ fn stats(mut v: Vec<Duration>) -> (Duration, Duration) {
 }
 
 async fn steady(control: &TestControl, id: &str) -> Value {
-    control
-        .wait_database(id, "synchronous with every node running", |db| {
-            db["replication"] == "synchronous"
-                && db["nodes"].as_array().unwrap().iter().all(|n| n["status"] == "running")
-        })
-        .await
+    control.wait_synchronous(id, "synchronous with every node running").await
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -192,6 +192,15 @@ impl TestControl {
             .unwrap_or_else(|| panic!("no directory for node {name}"))
     }
 
+    /// Waits until database `id` replicates synchronously with every node running.
+    pub async fn wait_synchronous(&self, id: &str, what: &str) -> Value {
+        self.wait_database(id, what, |db| {
+            db["replication"] == "synchronous"
+                && db["nodes"].as_array().expect("nodes").iter().all(|n| n["status"] == "running")
+        })
+        .await
+    }
+
     /// Polls `GET /v1/databases/{id}` until `check` holds; returns the database.
     pub async fn wait_database(
         &self,

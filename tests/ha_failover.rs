@@ -64,12 +64,7 @@ async fn failover_under_writer(freeze: bool) {
     assert!(lost.is_empty(), "{} acknowledged inserts lost: {lost:?}", lost.len());
 
     // The old primary rejoins as a standby and the cluster is synchronous again.
-    let db = control
-        .wait_database(&id, "rejoin and synchronous replication", |db| {
-            db["replication"] == "synchronous"
-                && db["nodes"].as_array().unwrap().iter().all(|n| n["status"] == "running")
-        })
-        .await;
+    let db = control.wait_synchronous(&id, "rejoin and synchronous replication").await;
     assert_eq!(name_of(&db, "primary"), new_name);
     assert_eq!(name_of(&db, "replica"), old_name);
     let events = control.request("GET", &format!("/v1/databases/{id}/events"), None).await.json();
@@ -142,12 +137,7 @@ async fn a_lost_standby_degrades_to_asynchronous_then_comes_back_synchronous() {
     );
 
     // The standby is restarted, catches up, and commits are synchronous again.
-    control
-        .wait_database(&id, "synchronous again", |db| {
-            db["replication"] == "synchronous"
-                && db["nodes"].as_array().unwrap().iter().all(|n| n["status"] == "running")
-        })
-        .await;
+    control.wait_synchronous(&id, "synchronous again").await;
     let acked = writer.stop().await;
     let out = psql(&url, None, "SELECT string_agg(n::text, ',') FROM w");
     assert!(lost_writes(&acked, &out.stdout).is_empty(), "{}", out.stderr);
@@ -168,12 +158,7 @@ async fn forced_failover_through_the_api_changes_the_primary() {
     assert_eq!(r.status, 202, "{}", r.body);
     let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
     assert_eq!(op["status"], "succeeded", "{op}");
-    let db = control
-        .wait_database(&id, "rejoin after forced failover", |db| {
-            db["replication"] == "synchronous"
-                && db["nodes"].as_array().unwrap().iter().all(|n| n["status"] == "running")
-        })
-        .await;
+    let db = control.wait_synchronous(&id, "rejoin after forced failover").await;
     assert_eq!(name_of(&db, "primary"), new);
     assert_eq!(name_of(&db, "replica"), old);
     let url = db["database_url"].as_str().unwrap();
@@ -253,12 +238,7 @@ async fn switchover_under_load_loses_nothing_and_new_connections_wait_instead_of
         .expect_err("old session ended");
     assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN), "{err:?}");
 
-    let db = control
-        .wait_database(&id, "old primary back as a synchronous standby", |db| {
-            db["replication"] == "synchronous"
-                && db["nodes"].as_array().unwrap().iter().all(|n| n["status"] == "running")
-        })
-        .await;
+    let db = control.wait_synchronous(&id, "old primary back as a synchronous standby").await;
     assert_eq!(name_of(&db, "primary"), new_name);
     assert_eq!(name_of(&db, "replica"), old_name);
 
