@@ -97,7 +97,7 @@ impl TestProxy {
         // that every test also crosses runtimes (handover of sockets, wake-ups from the admin
         // API and shutdown).
         let (workers, threads) =
-            Workers::start(tokio::runtime::Handle::current(), 1).expect("worker thread");
+            Workers::start(tokio::runtime::Handle::current(), 1, false).expect("worker thread");
         let run = pgwarden_proxy::run_on(config, listeners, shutdown.clone(), workers);
         let task = tokio::spawn(run);
         Self { addr, admin, token, shutdown, task: Some(task), threads: Some(threads) }

@@ -44,6 +44,10 @@ pub struct Config {
     /// per CPU. One thread costs the least CPU per transaction but caps throughput at what one
     /// core can relay (see benches/RESULTS.md).
     pub worker_threads: Option<usize>,
+    /// Pin session thread i to the i-th CPU the proxy may use (its affinity mask), so that two
+    /// of them never share a CPU while another one idles. Default false. Fixed at start.
+    #[serde(default)]
+    pub pin_workers: bool,
 }
 
 /// PEM files of the certificate (chain) and its private key.
@@ -135,6 +139,7 @@ impl Config {
             limits: Limits::default(),
             ha: None,
             worker_threads: None,
+            pin_workers: false,
         }
     }
 

@@ -12,7 +12,9 @@
 //!
 //! `ha.rs` is the active/standby pair: a standby holds no client address until its peer dies.
 //! `admin.rs` serves health, metrics (`metrics.rs`) and the routing table over HTTP;
-//! `server.rs` runs the accept loop and graceful shutdown; `config.rs` is `proxy.toml`.
+//! `server.rs` runs the accept loop and graceful shutdown; `config.rs` is `proxy.toml`;
+//! `open_files.rs` turns the limit on open files into a session limit; `workers.rs` runs
+//! sessions on one single-threaded runtime per CPU.
 #![forbid(unsafe_code)]
 
 mod admin;
@@ -22,6 +24,7 @@ pub mod config;
 mod ha;
 mod handshake;
 mod metrics;
+pub mod open_files;
 mod passthrough;
 mod protocol;
 mod routes;

@@ -74,9 +74,28 @@ pub async fn run_on(
     workers: Workers,
 ) -> anyhow::Result<()> {
     config.validate()?;
+    let mut limits = config.limits.clone();
+    let capacity = crate::open_files::session_capacity();
+    if capacity == 0 {
+        anyhow::bail!(
+            "the limit on open files leaves no room for sessions (at least {} needed; raise \
+             `ulimit -n` or LimitNOFILE)",
+            crate::open_files::RESERVED + 2
+        );
+    }
+    if capacity < limits.max_client_connections {
+        warn!(
+            sessions = capacity,
+            max_client_connections = limits.max_client_connections,
+            "the limit on open files leaves room for fewer sessions than \
+             limits.max_client_connections; clients beyond it get 53300 (raise `ulimit -n` or \
+             LimitNOFILE)"
+        );
+        limits.max_client_connections = capacity;
+    }
     let shared = Arc::new(Shared {
         admin_token: config.resolve_admin_token()?,
-        limits: config.limits.clone(),
+        limits,
         routes: RouteStore::default(),
         tls: TlsStore::load(config.tls.clone()).context("cannot load TLS certificate")?,
         cancels: Arc::new(CancelMap::default()),

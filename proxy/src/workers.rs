@@ -42,16 +42,25 @@ impl Workers {
     }
 
     /// `current` (the caller's single-threaded runtime) plus `extra` single-threaded runtimes,
-    /// each on its own thread.
-    pub fn start(current: Handle, extra: usize) -> io::Result<(Self, WorkerThreads)> {
+    /// each on its own thread. With `pin`, runtime i (the caller's is 0) runs only on the i-th
+    /// CPU the process may use, so that no two runtimes share a CPU while another idles.
+    pub fn start(current: Handle, extra: usize, pin: bool) -> io::Result<(Self, WorkerThreads)> {
+        let cpus = if pin { allowed_cpus() } else { Vec::new() };
+        if pin {
+            pin_current_thread(&cpus, 0);
+        }
         let stop = CancellationToken::new();
         let mut handles = vec![current];
         let mut threads = Vec::with_capacity(extra);
         for i in 1..=extra {
             let (tx, rx) = mpsc::channel();
             let stop = stop.clone();
+            let cpus = cpus.clone();
             let thread = std::thread::Builder::new().name(format!("pgwarden-worker-{i}")).spawn(
                 move || {
+                    if pin {
+                        pin_current_thread(&cpus, i);
+                    }
                     let runtime =
                         match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                             Ok(runtime) => runtime,
@@ -130,5 +139,30 @@ impl WorkerThreads {
         for thread in self.threads {
             let _ = thread.join();
         }
+    }
+}
+
+/// The CPUs this process may run on (its affinity mask), lowest first.
+fn allowed_cpus() -> Vec<usize> {
+    use rustix::thread::{sched_getaffinity, CpuSet};
+    match sched_getaffinity(None) {
+        Ok(set) => (0..CpuSet::MAX_CPU).filter(|&cpu| set.is_set(cpu)).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the CPU affinity; runtimes are not pinned");
+            Vec::new()
+        }
+    }
+}
+
+/// Pins the calling thread to runtime `index`'s CPU: the index-th allowed CPU, wrapping.
+fn pin_current_thread(cpus: &[usize], index: usize) {
+    use rustix::thread::{sched_setaffinity, CpuSet};
+    let Some(&cpu) = cpus.get(index % cpus.len().max(1)) else {
+        return;
+    };
+    let mut set = CpuSet::new();
+    set.set(cpu);
+    if let Err(e) = sched_setaffinity(None, &set) {
+        tracing::warn!(error = %e, cpu, "cannot pin a runtime thread to its CPU");
     }
 }

@@ -14,6 +14,13 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let config = pgwarden_proxy::Config::load(&config_path)?;
+    match pgwarden_proxy::open_files::raise_to_hard_limit() {
+        Ok((before, after)) if before != after => {
+            tracing::info!(?before, ?after, "raised the limit on open files")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the limit on open files"),
+    }
     let threads = match config.worker_threads {
         Some(threads) => threads,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -21,7 +28,7 @@ fn main() -> anyhow::Result<()> {
     // This thread's runtime accepts clients, serves the admin API and is one of the workers.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (workers, worker_threads) =
-        pgwarden_proxy::Workers::start(runtime.handle().clone(), threads - 1)
+        pgwarden_proxy::Workers::start(runtime.handle().clone(), threads - 1, config.pin_workers)
             .context("cannot start worker threads")?;
     let result = runtime.block_on(async {
         let listeners = pgwarden_proxy::Listeners::bind(&config).await?;
