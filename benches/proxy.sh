@@ -224,7 +224,7 @@ for w in "${all_workloads[@]}"; do
   if [[ -z "${WORKLOADS:-}" || "${w%%|*}" =~ $WORKLOADS ]]; then workloads+=("$w"); fi
 done
 
-declare -A tps lat cpu
+: > "$work/runs.tsv"
 for round in $(seq "$ROUNDS"); do
   for w in "${workloads[@]}"; do
     wname=${w%%|*}; wargs=${w#*|}
@@ -238,32 +238,15 @@ for round in $(seq "$ROUNDS"); do
       txs=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
       failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
       [ "${failed:-0}" = 0 ] || { echo "$name/$sslmode/$wname: $failed failed transactions" >&2; exit 1; }
-      key="$wname|$name|$sslmode"
-      tps[$key]="${tps[$key]:-} $(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")"
-      lat[$key]="${lat[$key]:-} $(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")"
-      if [ -n "$before" ]; then
-        cpu[$key]="${cpu[$key]:-} $(python3 -c "print(($after - $before) * 1000 / $HZ / ($txs / 1000))")"
-      fi
-      echo "round $round: $key tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out") $(detail "$name" "$d_before" "$txs")" >&2
+      run_tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")
+      run_lat=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
+      run_cpu=-
+      [ -n "$before" ] && run_cpu=$(python3 -c "print(($after - $before) * 1000 / $HZ / ($txs / 1000))")
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$wname" "$name" "$sslmode" "$round" "$run_tps" "$run_lat" "$run_cpu" >> "$work/runs.tsv"
+      echo "round $round: $wname|$name|$sslmode tps=$run_tps $(detail "$name" "$d_before" "$txs")" >&2
     done
   done
 done
 
-mean() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(f"{sum(v)/len(v):.1f}")' $1; }
-meanl() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(f"{sum(v)/len(v):.3f}")' $1; }
-ratio() { python3 -c 'import sys; b=float(sys.argv[2]); print(f"{float(sys.argv[1])/b:.2f}x" if b else "-")' "$1" "$2"; }
-
-echo "| workload | TLS | target | TPS | mean latency (ms) | ratio to direct | proxy CPU ms / 1000 tx |"
-echo "|---|---|---|---:|---:|---:|---:|"
-for w in "${workloads[@]}"; do
-  wname=${w%%|*}
-  for t in "${targets[@]}"; do
-    IFS='|' read -r name port sslmode <<<"$t"
-    key="$wname|$name|$sslmode"
-    t_mean=$(mean "${tps[$key]}"); base=$(mean "${tps[$wname|direct|$sslmode]:-0}")
-    tls=$([ "$sslmode" = require ] && echo yes || echo no)
-    label=$name; [ "$name" = haproxy ] && [ "$sslmode" = require ] && label="haproxy (TLS by PostgreSQL)"
-    cpu_cell="-"; [ -n "${cpu[$key]:-}" ] && cpu_cell=$(python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print(f"{sum(v)/len(v):.2f}")' ${cpu[$key]})
-    echo "| $wname | $tls | $label | $t_mean | $(meanl "${lat[$key]}") | $(ratio "$t_mean" "$base") | $cpu_cell |"
-  done
-done
+# The tables: means over the rounds with the spread, then the performance issue's targets.
+python3 benches/summary.py "$work/runs.tsv"
