@@ -217,6 +217,7 @@ all_workloads=(
   "select-only, 16 clients, -M prepared|-S -M prepared -c 16 -j 2"
   "select-only, 1 client|-S -c 1 -j 1"
   "reconnect storm (-C), 8 clients|-S -C -c 8 -j 2"
+  "reconnect storm (-C), 8 clients, 8 threads|-S -C -c 8 -j 8"
   "tpcb-like, 16 clients|-c 16 -j 2"
 )
 workloads=()

@@ -88,6 +88,20 @@ fn running(data_dir: &Path) -> bool {
     postmaster_pid(data_dir).is_some()
 }
 
+/// Pids of the proxy processes started for `data` (they name it in their command line).
+fn proxies_of(data: &Path) -> Vec<String> {
+    let data = data.to_string_lossy().into_owned();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("pgwarden-proxy") && cmdline.contains(data.as_str()) {
+            pids.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    pids
+}
+
 /// Kills a spawned `pgwarden` and stops its nodes when the test ends, passed or not.
 struct Cleanup(std::path::PathBuf, Vec<u32>);
 
@@ -96,16 +110,10 @@ impl Drop for Cleanup {
         for pid in &self.1 {
             let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
         }
-        // A SIGKILLed `pgwarden up` cannot stop the proxies it started: they name the data dir
-        // in their command line.
-        let data = self.0.to_string_lossy().into_owned();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let is_proxy = String::from_utf8_lossy(&cmdline).contains("pgwarden-proxy");
-            if is_proxy && String::from_utf8_lossy(&cmdline).contains(data.as_str()) {
-                let pid = entry.file_name().to_string_lossy().into_owned();
-                let _ = Command::new("kill").args(["-KILL", &pid]).status();
-            }
+        // Proxies of a SIGKILLed `pgwarden up` stop by themselves within a second; a failed
+        // test must not leave them behind either way.
+        for pid in proxies_of(&self.0) {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
         }
         for data in node_data_dirs(&self.0) {
             stop_immediately(&data);
@@ -114,7 +122,7 @@ impl Drop for Cleanup {
 }
 
 #[test]
-fn up_provisions_prints_the_block_stops_on_ctrl_c_and_resumes() {
+fn up_provisions_prints_the_block_stops_on_ctrl_c_and_resumes_after_ctrl_c_or_kill_9() {
     let dir = data_dir();
     let ports = [free_port(), free_port(), free_port(), free_port(), free_port()];
     let mut cleanup = Cleanup(dir.path().join("pw"), vec![]);
@@ -162,8 +170,24 @@ fn up_provisions_prints_the_block_stops_on_ctrl_c_and_resumes() {
     assert!(second.lines.iter().any(|l| l.contains(&id)));
     let out = psql(&url, None, "SELECT x FROM kept");
     assert_eq!(out.stdout.trim(), "7", "{}", out.stderr);
-    signal(second.child.id(), "-INT");
-    assert!(wait_exit(&mut second.child, Duration::from_secs(60)).success());
+
+    // kill -9: the proxies it started stop by themselves (they would hold the client and admin
+    // addresses of the next run), and the next run resumes with the nodes left running.
+    assert_eq!(proxies_of(&dir.path().join("pw")).len(), 2);
+    signal(second.child.id(), "-KILL");
+    let _ = second.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxies_of(&dir.path().join("pw")).is_empty() {
+        assert!(Instant::now() < deadline, "proxies outlived a killed pgwarden up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut third = up(dir.path(), &ports);
+    cleanup.1.push(third.child.id());
+    assert_eq!(url_of(&third), url);
+    let out = psql(&url, None, "SELECT x FROM kept");
+    assert_eq!(out.stdout.trim(), "7", "{}", out.stderr);
+    signal(third.child.id(), "-INT");
+    assert!(wait_exit(&mut third.child, Duration::from_secs(60)).success());
 }
 
 struct Serve {

@@ -152,13 +152,15 @@ async fn start_proxy(
     }
     let name = ["a", "b"].get(index).copied().unwrap_or("x");
     let config_path = dir.join(format!("proxy-{name}.toml"));
-    // The two proxies form an active/standby pair on the same client address.
+    // The two proxies form an active/standby pair on the same client address, and stop when
+    // this process is gone (even when killed).
     let peer = args.proxy_admin.iter().find(|a| **a != admin).copied().unwrap_or(admin);
     let config = format!(
-        "listen = \"{}\"\nadmin_listen = \"{admin}\"\nadmin_token_file = \"{}\"\n\n\
-         [tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[ha]\npeer_admin = \"{peer}\"\n",
+        "listen = \"{}\"\nadmin_listen = \"{admin}\"\nadmin_token_file = \"{}\"\n\
+         parent_pid = {}\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[ha]\npeer_admin = \"{peer}\"\n",
         args.client_listen,
         dir.parent().unwrap_or(dir).join("proxy-token").display(),
+        std::process::id(),
         dir.join("server.crt").display(),
         dir.join("server.key").display(),
     );

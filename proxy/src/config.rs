@@ -48,6 +48,10 @@ pub struct Config {
     /// of them never share a CPU while another one idles. Default false. Fixed at start.
     #[serde(default)]
     pub pin_workers: bool,
+    /// Stop (as on SIGTERM) once the process with this pid is no longer the proxy's parent,
+    /// checked every half second. `pgwarden up` sets it to its own pid, so that its proxies do
+    /// not outlive it when it is killed. Default: unset.
+    pub parent_pid: Option<u32>,
 }
 
 /// PEM files of the certificate (chain) and its private key.
@@ -140,6 +144,7 @@ impl Config {
             ha: None,
             worker_threads: None,
             pin_workers: false,
+            parent_pid: None,
         }
     }
 

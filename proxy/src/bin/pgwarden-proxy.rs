@@ -36,14 +36,30 @@ fn main() -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         let on_signal = shutdown.clone();
+        let parent_exited = stop_when_orphaned(config.parent_pid);
         tokio::spawn(async move {
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                () = parent_exited => tracing::warn!("parent process exited; stopping"),
+            }
             on_signal.cancel();
         });
         pgwarden_proxy::run_on(config, listeners, shutdown, workers).await
     });
     worker_threads.stop();
     result
+}
+
+/// Completes once `parent` (when set) is no longer this process's parent.
+async fn stop_when_orphaned(parent: Option<u32>) {
+    let Some(parent) = parent else {
+        return std::future::pending().await;
+    };
+    let current = || rustix::process::getppid().map(|pid| pid.as_raw_nonzero().get() as u32);
+    while current() == Some(parent) {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 fn parse_args() -> anyhow::Result<PathBuf> {
