@@ -4,7 +4,11 @@
 # interleaved (every target in turn for each workload, ROUNDS times), with each proxy's own CPU
 # time per 1000 transactions read from /proc.
 #
-#   benches/proxy.sh [seconds-per-run]        (default 10; results on stdout as a Markdown table)
+#   benches/proxy.sh [seconds-per-run]        (default 10; results on stdout as Markdown tables)
+#
+# Each run's result goes to a runs file; benches/summary.py turns it into the table (mean TPS with
+# the lowest and highest round, latency, ratio to direct, CPU) and the performance targets with
+# the ratio of every round.
 #
 # MEMORY_SESSIONS=500 benches/proxy.sh measures memory instead: each proxy's resident memory with
 # 5 and with that many idle TLS sessions (pgbench clients sleeping in a transaction), per session.
@@ -13,7 +17,7 @@
 # expression, keeps the workloads whose name matches), SSLMODES (default "disable require"),
 # TARGETS (default "direct pgwarden pgbouncer haproxy"), and PW_ALT (TOML lines appended to a
 # second pgwarden-proxy's configuration, run as the extra target "pgwarden-alt", e.g.
-# PW_ALT='worker_threads = 1').
+# PW_ALT='worker_threads = 1'; tables go inline: PW_ALT='limits = { max_client_connections = 50 }').
 #
 # TLS: pgwarden-proxy and PgBouncer terminate client TLS and reach the node in plaintext;
 # HAProxy in TCP mode cannot terminate PostgreSQL's in-band TLS, so its TLS row is TLS end to end
