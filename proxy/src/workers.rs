@@ -45,10 +45,9 @@ impl Workers {
     /// each on its own thread. With `pin`, runtime i (the caller's is 0) runs only on the i-th
     /// CPU the process may use, so that no two runtimes share a CPU while another idles.
     pub fn start(current: Handle, extra: usize, pin: bool) -> io::Result<(Self, WorkerThreads)> {
+        // Empty without `pin`: then nothing is pinned.
         let cpus = if pin { allowed_cpus() } else { Vec::new() };
-        if pin {
-            pin_current_thread(&cpus, 0);
-        }
+        pin_current_thread(&cpus, 0);
         let stop = CancellationToken::new();
         let mut handles = vec![current];
         let mut threads = Vec::with_capacity(extra);
@@ -58,9 +57,7 @@ impl Workers {
             let cpus = cpus.clone();
             let thread = std::thread::Builder::new().name(format!("pgwarden-worker-{i}")).spawn(
                 move || {
-                    if pin {
-                        pin_current_thread(&cpus, i);
-                    }
+                    pin_current_thread(&cpus, i);
                     let runtime =
                         match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                             Ok(runtime) => runtime,
@@ -154,10 +151,11 @@ fn allowed_cpus() -> Vec<usize> {
     }
 }
 
-/// Pins the calling thread to runtime `index`'s CPU: the index-th allowed CPU, wrapping.
+/// Pins the calling thread to runtime `index`'s CPU: the index-th of `cpus`, wrapping; does
+/// nothing when `cpus` is empty.
 fn pin_current_thread(cpus: &[usize], index: usize) {
     use rustix::thread::{sched_setaffinity, CpuSet};
-    let Some(&cpu) = cpus.get(index % cpus.len().max(1)) else {
+    let Some(&cpu) = cpus.get(index.checked_rem(cpus.len()).unwrap_or(0)) else {
         return;
     };
     let mut set = CpuSet::new();
