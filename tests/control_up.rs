@@ -199,6 +199,8 @@ fn serve(data: &Path, proxy: &TestProxy, api_port: u16, first_node_port: u16) ->
     std::fs::create_dir_all(data).unwrap();
     let token_file = data.join("proxy-admin-token");
     std::fs::write(&token_file, &proxy.token).unwrap();
+    // A token file others can read is refused.
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let child = Command::new(workspace_bin("pgwarden"))
         .arg("--data-dir")
         .arg(data)

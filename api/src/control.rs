@@ -54,7 +54,7 @@ pub struct TlsSettings {
     pub force: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Database {
     pub id: String,
     pub name: String,
@@ -106,7 +106,7 @@ pub struct DatabaseOperation {
     pub operation: Operation,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Env {
     #[serde(rename = "DATABASE_URL")]
     pub database_url: String,
@@ -131,7 +131,7 @@ pub struct CreateUser {
 }
 
 /// A user with its password: answered once, at creation or reset.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct UserWithPassword {
     #[serde(flatten)]
     pub user: User,
@@ -150,4 +150,120 @@ pub struct Event {
     pub at: String,
     pub kind: String,
     pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupKind {
+    Daily,
+    Manual,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupStatus {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// One logical backup, as stored and as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Backup {
+    pub id: String,
+    pub database_id: String,
+    pub kind: BackupKind,
+    pub status: BackupStatus,
+    /// RFC 3339.
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub size_bytes: u64,
+    pub sha256: Option<String>,
+    /// Node the dump was taken from.
+    pub node: Option<String>,
+    pub error: Option<String>,
+}
+
+/// Answer of `POST /v1/databases/{id}/backups`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackupOperation {
+    pub backup: Backup,
+    pub operation: Operation,
+}
+
+/// Answer of `GET /v1/databases/{id}/pitr`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PitrWindow {
+    /// RFC 3339.
+    pub earliest: String,
+    pub latest: String,
+}
+
+/// The user only: neither the password nor the URL that carries it reach a log.
+impl std::fmt::Debug for UserWithPassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserWithPassword").field("user", &self.user).finish_non_exhaustive()
+    }
+}
+
+/// A connection URL with its password replaced, for `Debug`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:<redacted>{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The URL without its password.
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("plan", &self.plan)
+            .field("status", &self.status)
+            .field("database_url", &redact_url(&self.database_url))
+            .field("tls", &self.tls)
+            .field("epoch", &self.epoch)
+            .field("nodes", &self.nodes)
+            .field("replication", &self.replication)
+            .field("created_at", &self.created_at)
+            .finish()
+    }
+}
+
+/// The URLs without their password.
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env")
+            .field("DATABASE_URL", &redact_url(&self.database_url))
+            .field("PGWARDEN_POSTGRESQL_URL", &redact_url(&self.pgwarden_postgresql_url))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_prints_a_password() {
+        let url = "postgres://app_1:s3cretPassw0rd@127.0.0.1:6432/app_1";
+        assert_eq!(redact_url(url), "postgres://app_1:<redacted>@127.0.0.1:6432/app_1");
+        let env = Env { database_url: url.into(), pgwarden_postgresql_url: url.into() };
+        let user = UserWithPassword {
+            user: User { name: "u".into(), read_only: false, default: false },
+            password: "s3cretPassw0rd".into(),
+            database_url: url.into(),
+        };
+        for shown in [format!("{env:?}"), format!("{user:?}")] {
+            assert!(!shown.contains("s3cretPassw0rd"), "{shown}");
+        }
+    }
 }

@@ -33,10 +33,17 @@ pub enum CertError {
 }
 
 /// A certificate and its private key, both PEM.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CertifiedPem {
     pub cert_pem: String,
     pub key_pem: String,
+}
+
+/// The certificate only: the key never reaches a log.
+impl std::fmt::Debug for CertifiedPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertifiedPem").field("cert_pem", &self.cert_pem).finish_non_exhaustive()
+    }
 }
 
 impl CertifiedPem {

@@ -1,42 +1,50 @@
-//! `pgwarden`: the control plane of pgwarden.
+//! `pgwarden`: the control plane of pgwarden, and its command line.
 //!
-//! - `server.rs` runs `pgwarden serve`: it opens the data dir (API token, platform CA from the
-//!   `certs` crate, the redb state store of `store.rs`), recovers what a previous run left
-//!   (`provision::recover`), and serves the HTTP API of `api.rs` (errors in `error.rs`).
-//! - `platform.rs` is the shared state; `provision.rs` creates and destroys a database's nodes
-//!   through the `driver.rs` interface, implemented for local processes by `local.rs`;
-//!   `users.rs` holds the roles and grants of SPEC §5, `secrets.rs` passwords and SCRAM
-//!   verifiers, `plans.rs` the catalogue.
-//! - `cli.rs` is the `pgwarden` command line (`client.rs` talks to the API); `up.rs` runs
-//!   `serve` and `up` (two proxy processes, one database, Ctrl-C stops everything).
-//! - `ha.rs` watches replicated databases: failover, synchronous/asynchronous commits, rejoin.
-//! - Every change publishes a routing table with a new epoch; `publisher.rs` keeps each proxy
-//!   on it over the proxies' admin API (`httpc.rs`).
+//! Folders by feature, each depending only on those listed before it:
+//!
+//! - `state/`: what is kept: database, node and user records, events, operations, in an
+//!   embedded crash-safe store (redb).
+//! - `nodes/`: PostgreSQL nodes: the `NodeDriver` interface and its local implementation, the
+//!   configuration written into a node (with the quoting rules of config files and connection
+//!   strings), ports, and SQL sessions bounded in time.
+//! - `routing/`: the routing table and the publisher that pushes it to every proxy.
+//! - `platform/`: the handles workflows share (store, driver, CA, publisher, holds, storage),
+//!   the record lock, the primary-change claims, and the one operation runner.
+//! - `lifecycle/`: provisioning, standbys, destruction, and recovery at start-up.
+//! - `ha/`: the watchers, failover, switchover and rejoin.
+//! - `backups/`: logical backups, their schedule and retention.
+//! - `pitr/`: WAL archiving, base backups, the recoverable window and restores.
+//! - `api/`: the HTTP API, one file per resource.
+//! - `server/`: `pgwarden serve` and `pgwarden up`.
+//! - `cli/`: the command line, a client of the API (wire types from `pgwarden-api` only).
+//!
+//! Leaves used by several: `plans.rs` (catalogue), `secrets.rs` (passwords, SCRAM verifiers),
+//! `files.rs` (private files), `storage.rs` (where backups live), `httpc.rs` (bounded HTTP
+//! client), `metrics.rs`.
+//!
+//! A request flows: `api/` checks the body and the database's state, changes the record under
+//! the record lock (never across a node call) or starts an operation (`platform/operations.rs`)
+//! that runs a workflow of `lifecycle/`, `ha/`, `backups/` or `pitr/`; workflows drive nodes
+//! through `nodes/` with bounded calls and publish a new routing epoch through `routing/`.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod backups;
 pub mod cli;
-pub mod client;
-pub mod driver;
-pub mod error;
+pub mod files;
 pub mod ha;
 pub mod httpc;
-pub mod local;
+pub mod lifecycle;
 pub mod metrics;
+pub mod nodes;
 pub mod pitr;
 pub mod plans;
 pub mod platform;
-pub mod provision;
-pub mod publisher;
-pub mod records;
-pub mod retention;
+pub mod routing;
 pub mod secrets;
 pub mod server;
+pub mod state;
 pub mod storage;
-pub mod store;
-pub mod up;
-pub mod users;
 
 pub use platform::{HealthConfig, PlatformConfig};
 pub use server::{serve, NodeOptions};

@@ -10,6 +10,8 @@ pub trait BackupStorage: Send + Sync + 'static {
     /// The stored object as a local file to read (a download cache for remote stores).
     fn fetch(&self, key: &str) -> std::io::Result<PathBuf>;
     fn delete(&self, key: &str) -> std::io::Result<()>;
+    /// Deletes every object under `prefix` (a database id): everything kept for it.
+    fn purge(&self, prefix: &str) -> std::io::Result<()>;
     /// A local scratch directory for files being written.
     fn scratch(&self) -> PathBuf;
 }
@@ -19,8 +21,10 @@ pub struct LocalStorage {
 }
 
 impl LocalStorage {
+    /// Opens (creates) the store at `root`, private to this user (0700 whatever the umask).
     pub fn new(root: PathBuf) -> std::io::Result<Self> {
-        std::fs::create_dir_all(root.join(".scratch"))?;
+        crate::files::private_dir(&root)?;
+        crate::files::private_dir(&root.join(".scratch"))?;
         Ok(Self { root })
     }
 
@@ -39,7 +43,7 @@ impl BackupStorage for LocalStorage {
     fn store(&self, key: &str, file: &Path) -> std::io::Result<()> {
         let path = self.path(key)?;
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
+            crate::files::private_dir(parent)?;
         }
         std::fs::rename(file, &path)?;
         std::fs::File::open(path.parent().unwrap_or(&self.root))?.sync_all()
@@ -53,6 +57,13 @@ impl BackupStorage for LocalStorage {
 
     fn delete(&self, key: &str) -> std::io::Result<()> {
         match std::fs::remove_file(self.path(key)?) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn purge(&self, prefix: &str) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(self.path(prefix)?) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }

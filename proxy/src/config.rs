@@ -19,7 +19,7 @@ pub enum ConfigError {
 
 /// The proxy's configuration. Nothing here changes at runtime except the files the keys point to
 /// (TLS certificate and key are re-read on SIGHUP).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Client address. Default `127.0.0.1:6432`.
@@ -52,6 +52,25 @@ pub struct Config {
     /// checked every half second. `pgwarden up` sets it to its own pid, so that its proxies do
     /// not outlive it when it is killed. Default: unset.
     pub parent_pid: Option<u32>,
+}
+
+/// Everything but the admin token.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("admin_listen", &self.admin_listen)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
+            .field("admin_token_file", &self.admin_token_file)
+            .field("routes_file", &self.routes_file)
+            .field("tls", &self.tls)
+            .field("limits", &self.limits)
+            .field("ha", &self.ha)
+            .field("worker_threads", &self.worker_threads)
+            .field("pin_workers", &self.pin_workers)
+            .field("parent_pid", &self.parent_pid)
+            .finish()
+    }
 }
 
 /// PEM files of the certificate (chain) and its private key.

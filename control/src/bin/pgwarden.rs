@@ -1,13 +1,12 @@
 //! `pgwarden`: control plane and CLI.
 
 use clap::Parser;
+use pgwarden_control::cli::{self, Cli, Command};
+use pgwarden_control::server::up;
 
 fn main() {
-    let cli = pgwarden_control::cli::Cli::parse();
-    let server = matches!(
-        cli.command,
-        pgwarden_control::cli::Command::Serve(_) | pgwarden_control::cli::Command::Up(_)
-    );
+    let cli = Cli::parse();
+    let server = matches!(cli.command, Command::Serve(_) | Command::Up(_));
     let default_level = if server { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -18,7 +17,14 @@ fn main() {
         .init();
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    if let Err(e) = runtime.block_on(pgwarden_control::cli::run(cli)) {
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => up::serve_command(&cli.data_dir, args).await,
+            Command::Up(args) => up::up(&cli.data_dir, args).await,
+            command => cli::run(&cli.api, &cli.data_dir, command).await,
+        }
+    });
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -1,0 +1,161 @@
+//! Logical backups: list, take (202), delete, download (checked against its sha256), and the
+//! daily schedule.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use pgwarden_api::control::{Backup, BackupKind, BackupOperation, BackupStatus};
+use serde_json::json;
+
+use super::error::ApiError;
+use super::{body, load, require_running, AppState};
+use crate::backups::logical;
+use crate::platform::Platform;
+
+pub async fn list(
+    State(state): AppState,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<Backup>>, ApiError> {
+    load(&state.platform, &id)?;
+    let mut backups = state.platform.store.backups(&id)?;
+    backups.reverse();
+    Ok(Json(backups))
+}
+
+pub async fn create(
+    State(state): AppState,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<BackupOperation>), ApiError> {
+    let platform = &state.platform;
+    // Checking the plan's cap and recording the new backup are one step.
+    let (backup, _) = platform
+        .update(&id, |db| {
+            require_running(db)?;
+            logical::check_manual_allowed(platform, db)
+                .map_err(|m| ApiError::conflict("backup_limit", m))?;
+            logical::start(platform, db, BackupKind::Manual).map_err(ApiError::internal)
+        })?
+        .ok_or_else(|| ApiError::not_found("database", &id))?;
+    let p = platform.clone();
+    let taking = backup.clone();
+    let operation = platform.spawn_operation("backup", &id, move |_| async move {
+        let done = logical::run(p, taking).await;
+        match done.status {
+            BackupStatus::Succeeded => Ok(()),
+            _ => Err(done.error.unwrap_or_else(|| "backup failed".into())),
+        }
+    })?;
+    Ok((StatusCode::ACCEPTED, Json(BackupOperation { backup, operation })))
+}
+
+fn load_backup(platform: &Platform, id: &str, backup: &str) -> Result<Backup, ApiError> {
+    load(platform, id)?;
+    platform.store.backup(id, backup)?.ok_or_else(|| ApiError::not_found("backup", backup))
+}
+
+pub async fn delete(
+    State(state): AppState,
+    Path((id, backup)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let platform = &state.platform;
+    let backup = load_backup(platform, &id, &backup)?;
+    if backup.status == BackupStatus::Running {
+        return Err(ApiError::conflict(
+            "backup_running",
+            format!("backup {} is still being taken", backup.id),
+        ));
+    }
+    logical::delete(platform, &backup).map_err(ApiError::internal)?;
+    platform.event(&id, "backup_deleted", format!("backup {} deleted", backup.id));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Streams a backup after checking it against the sha256 recorded when it was taken.
+pub async fn download(
+    State(state): AppState,
+    Path((id, backup)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let platform = &state.platform;
+    let backup = load_backup(platform, &id, &backup)?;
+    if backup.status != BackupStatus::Succeeded {
+        return Err(ApiError::conflict(
+            "backup_not_ready",
+            format!("backup {} is {:?}", backup.id, backup.status).to_lowercase(),
+        ));
+    }
+    let path = platform.backups.fetch(&logical::key(&backup)).map_err(|e| {
+        ApiError::conflict(
+            "backup_missing",
+            format!("the file of backup {} is missing from storage: {e}", backup.id),
+        )
+    })?;
+    let check = path.clone();
+    let actual = tokio::task::spawn_blocking(move || logical::sha256_file(&check))
+        .await
+        .map_err(ApiError::internal)??;
+    if Some(&actual) != backup.sha256.as_ref() {
+        platform.event(
+            &id,
+            "backup_damaged",
+            format!("backup {} does not match its checksum; refused", backup.id),
+        );
+        return Err(ApiError::conflict(
+            "backup_damaged",
+            format!(
+                "backup {} is damaged: its sha256 is {actual}, not the {} recorded when it was taken",
+                backup.id,
+                backup.sha256.as_deref().unwrap_or("?")
+            ),
+        ));
+    }
+    let file = tokio::fs::File::open(&path).await?;
+    let length = file.metadata().await?.len();
+    let body =
+        axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024));
+    let name = format!("attachment; filename=\"{}-{}.dump\"", id, backup.id);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, length.to_string()),
+            (header::CONTENT_DISPOSITION, name),
+            (header::HeaderName::from_static("x-pgwarden-sha256"), actual),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupSchedule {
+    hour_utc: u8,
+}
+
+pub async fn set_schedule(
+    State(state): AppState,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request: BackupSchedule = body(&bytes)?;
+    if request.hour_utc > 23 {
+        return Err(ApiError::bad_request(
+            "invalid_hour",
+            format!("hour_utc must be 0 to 23, not {}", request.hour_utc),
+        ));
+    }
+    let platform = &state.platform;
+    platform
+        .update(&id, |db| {
+            db.backup_hour_utc = request.hour_utc;
+            Ok::<_, ApiError>(())
+        })?
+        .ok_or_else(|| ApiError::not_found("database", &id))?;
+    platform.event(
+        &id,
+        "backup_schedule",
+        format!("daily backup at {:02}:00 UTC", request.hour_utc),
+    );
+    Ok(Json(json!({"hour_utc": request.hour_utc})))
+}

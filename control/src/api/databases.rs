@@ -1,0 +1,163 @@
+//! Plans and databases: create, list, show, destroy, env, TLS, events.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use pgwarden_api::control::{
+    CreateDatabase, Database, DatabaseOperation, DatabaseStatus, Env, Event, Plan, SetTls,
+};
+
+use super::error::ApiError;
+use super::view::view;
+use super::{body, load, require_running, AppState};
+use crate::platform::now_rfc3339;
+use crate::state::{DatabaseRecord, UserRecord};
+use crate::{lifecycle, plans, secrets};
+
+pub async fn list_plans() -> Json<Vec<Plan>> {
+    Json(plans::catalogue())
+}
+
+fn valid_database_name(name: &str) -> bool {
+    let ok_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    ok_chars
+        && (2..=40).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && !name.contains("--")
+}
+
+/// The name part of an id (`my-app` of `my-app-3030`).
+fn name_of(id: &str) -> Option<&str> {
+    id.rsplit_once('-').map(|(n, _)| n)
+}
+
+pub async fn create(
+    State(state): AppState,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<DatabaseOperation>), ApiError> {
+    let request: CreateDatabase = body(&bytes)?;
+    let platform = &state.platform;
+    if !valid_database_name(&request.name) {
+        return Err(ApiError::bad_request(
+            "invalid_name",
+            format!("invalid name {:?}: use 2 to 40 lower-case letters, digits and single hyphens, starting with a letter", request.name),
+        ));
+    }
+    let plan = plans::find(&request.plan).ok_or_else(|| {
+        ApiError::unprocessable(
+            "unknown_plan",
+            format!("unknown plan {:?}; valid plans: {}", request.plan, plans::names().join(", ")),
+        )
+    })?;
+    let id = format!("{}-{}", request.name, rand::random_range(1000..10000));
+    let name = id.replace('-', "_");
+    let db = DatabaseRecord {
+        id: id.clone(),
+        name: name.clone(),
+        plan: plan.name,
+        status: DatabaseStatus::Provisioning,
+        force_tls: false,
+        password: secrets::generate_password(),
+        replication_password: secrets::generate_password(),
+        nodes: Vec::new(),
+        users: vec![UserRecord { name, read_only: false, default: true }],
+        created_at: now_rfc3339(),
+        error: None,
+        synchronous: false,
+        backup_hour_utc: 1,
+    };
+    // The check and the insert are one step: of two creates with the same name, one wins.
+    platform.insert_new(&db, |existing| {
+        if existing.iter().any(|d| name_of(&d.id) == Some(request.name.as_str())) {
+            return Err(ApiError::conflict(
+                "duplicate_name",
+                format!("a database named {:?} already exists", request.name),
+            ));
+        }
+        if existing.iter().any(|d| d.id == id) {
+            return Err(ApiError::conflict("duplicate_id", format!("{id} exists; try again")));
+        }
+        Ok(())
+    })?;
+    let op = platform.new_operation("provision", &id)?;
+    platform.event(&id, "provisioning", format!("provisioning {} on plan {}", id, db.plan));
+    lifecycle::provision::run(platform, id, op.clone());
+    let database = view(platform, &db).await;
+    Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation: op })))
+}
+
+pub async fn list(State(state): AppState) -> Result<Json<Vec<Database>>, ApiError> {
+    let mut out = Vec::new();
+    for db in state.platform.store.databases()? {
+        out.push(view(&state.platform, &db).await);
+    }
+    Ok(Json(out))
+}
+
+pub async fn show(
+    State(state): AppState,
+    Path(id): Path<String>,
+) -> Result<Json<Database>, ApiError> {
+    let db = load(&state.platform, &id)?;
+    Ok(Json(view(&state.platform, &db).await))
+}
+
+pub async fn destroy(
+    State(state): AppState,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<DatabaseOperation>), ApiError> {
+    let platform = &state.platform;
+    let db = load(platform, &id)?;
+    if matches!(db.status, DatabaseStatus::Provisioning | DatabaseStatus::Deleting) {
+        return Err(ApiError::conflict(
+            "database_busy",
+            format!("database {id} is {:?}; try again when it settles", db.status).to_lowercase(),
+        ));
+    }
+    let op = platform.new_operation("destroy", &id)?;
+    platform.event(&id, "deleting", "destroying nodes, routes and backups");
+    lifecycle::destroy::run(platform, id, op.clone());
+    let database = view(platform, &db).await;
+    Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation: op })))
+}
+
+pub async fn env(State(state): AppState, Path(id): Path<String>) -> Result<Json<Env>, ApiError> {
+    let db = load(&state.platform, &id)?;
+    let url = state.platform.database_url(&db);
+    Ok(Json(Env { database_url: url.clone(), pgwarden_postgresql_url: url }))
+}
+
+pub async fn set_tls(
+    State(state): AppState,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<Json<Database>, ApiError> {
+    let request: SetTls = body(&bytes)?;
+    let platform: &Arc<_> = &state.platform;
+    let (changed, db) = platform
+        .update(&id, |db| {
+            require_running(db)?;
+            let changed = db.force_tls != request.force;
+            db.force_tls = request.force;
+            Ok::<_, ApiError>(changed)
+        })?
+        .ok_or_else(|| ApiError::not_found("database", &id))?;
+    if changed {
+        let epoch = platform.publish_routes()?;
+        let state = if request.force { "on" } else { "off" };
+        platform.event(&id, "tls_changed", format!("force TLS {state} (routing epoch {epoch})"));
+    }
+    Ok(Json(view(platform, &db).await))
+}
+
+pub async fn events(
+    State(state): AppState,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<Event>>, ApiError> {
+    load(&state.platform, &id)?;
+    Ok(Json(state.platform.store.events(&id)?))
+}

@@ -1,0 +1,21 @@
+//! `GET /v1/operations/{id}`.
+
+use axum::extract::{Path, State};
+use axum::Json;
+use pgwarden_api::control::Operation;
+
+use super::error::ApiError;
+use super::AppState;
+
+pub async fn show(
+    State(state): AppState,
+    Path(id): Path<String>,
+) -> Result<Json<Operation>, ApiError> {
+    Ok(Json(
+        state
+            .platform
+            .store
+            .operation(&id)?
+            .ok_or_else(|| ApiError::not_found("operation", &id))?,
+    ))
+}

@@ -1,0 +1,82 @@
+//! The API view of a database: its record with the nodes' live state, each node asked with a
+//! short bound so that a frozen node slows a listing by at most that bound.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgwarden_api::control::{Database, Node, TlsSettings};
+
+use crate::nodes::sql::Timeouts;
+use crate::platform::Platform;
+use crate::state::DatabaseRecord;
+
+/// How long the view waits for the primary's version and lags.
+const LIVE_STATE: Duration = Duration::from_secs(1);
+
+pub async fn view(platform: &Arc<Platform>, db: &DatabaseRecord) -> Database {
+    let mut nodes = Vec::new();
+    for node in &db.nodes {
+        let (driver, spec) = (platform.driver.clone(), platform.node_spec(node));
+        let running =
+            tokio::task::spawn_blocking(move || driver.is_running(&spec)).await.unwrap_or(false);
+        nodes.push(Node {
+            name: node.name.clone(),
+            role: node.role,
+            status: if node.fenced {
+                "fenced"
+            } else if running {
+                "running"
+            } else {
+                "stopped"
+            }
+            .into(),
+            host: node.host.clone(),
+            port: node.port,
+            lag_bytes: 0,
+            version: String::new(),
+        });
+    }
+    if let Some(primary) = db.primary() {
+        let spec = platform.node_spec(primary);
+        let live = async {
+            let admin = platform
+                .session_within(&spec, "postgres", Timeouts::within(LIVE_STATE))
+                .await
+                .ok()?;
+            let version: String = admin.query_one("SHOW server_version", &[]).await.ok()?.get(0);
+            let lags = admin
+                .query(
+                    "SELECT application_name, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::int8 FROM pg_stat_replication",
+                    &[],
+                )
+                .await
+                .ok()?;
+            Some((version, lags))
+        };
+        if let Some((version, lags)) = live.await {
+            for node in &mut nodes {
+                node.version = version.clone();
+                if let Some(row) = lags.iter().find(|r| r.get::<_, String>(0) == node.name) {
+                    node.lag_bytes = row.get::<_, i64>(1).max(0) as u64;
+                }
+            }
+        }
+    }
+    Database {
+        id: db.id.clone(),
+        name: db.name.clone(),
+        plan: db.plan.clone(),
+        status: db.status,
+        database_url: platform.database_url(db),
+        tls: TlsSettings { force: db.force_tls },
+        epoch: platform.publisher.current().epoch,
+        replication: match (db.nodes.len(), db.synchronous) {
+            (1, _) => "none",
+            (_, true) => "synchronous",
+            (_, false) => "asynchronous",
+        }
+        .into(),
+        nodes,
+        created_at: db.created_at.clone(),
+    }
+}

@@ -1,0 +1,166 @@
+//! Logical backups: `pg_dump` custom-format archives, taken from a standby when there is one,
+//! verified when written (sha256 recorded, archive listed by `pg_restore --list`), kept in a
+//! `BackupStorage` (private files: 0600 in 0700 directories).
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use pgwarden_api::control::{Backup, BackupKind, BackupStatus};
+use time::OffsetDateTime;
+use tracing::error;
+
+use crate::plans;
+use crate::platform::{now_rfc3339, Platform};
+use crate::state::DatabaseRecord;
+
+/// Storage key of a backup's file.
+pub fn key(backup: &Backup) -> String {
+    format!("{}/{}.dump", backup.database_id, backup.id)
+}
+
+pub fn started(backup: &Backup) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(&backup.started_at, &time::format_description::well_known::Rfc3339).ok()
+}
+
+/// Why a manual backup cannot be taken now.
+pub fn check_manual_allowed(platform: &Platform, db: &DatabaseRecord) -> Result<(), String> {
+    let plan = plans::find(&db.plan).ok_or("unknown plan")?;
+    let manual = platform
+        .store
+        .backups(&db.id)
+        .map_err(|e| e.to_string())?
+        .iter()
+        .filter(|b| b.kind == BackupKind::Manual && b.status != BackupStatus::Failed)
+        .count();
+    if manual as u32 >= plan.manual_backups_max {
+        return Err(if plan.manual_backups_max == 0 {
+            format!("plan {} includes no manual backups; change to a plan with backups", plan.name)
+        } else {
+            format!(
+                "manual backup limit reached: plan {} keeps at most {} manual backups; delete one first",
+                plan.name, plan.manual_backups_max
+            )
+        });
+    }
+    Ok(())
+}
+
+/// Records a new backup as running; `run` takes it.
+pub fn start(platform: &Platform, db: &DatabaseRecord, kind: BackupKind) -> Result<Backup, String> {
+    let seq = platform.store.next_counter("backup_seq").map_err(|e| e.to_string())?;
+    let backup = Backup {
+        id: format!("bk-{seq:06}"),
+        database_id: db.id.clone(),
+        kind,
+        status: BackupStatus::Running,
+        started_at: now_rfc3339(),
+        finished_at: None,
+        size_bytes: 0,
+        sha256: None,
+        node: None,
+        error: None,
+    };
+    platform.store.put_backup(&backup).map_err(|e| e.to_string())?;
+    Ok(backup)
+}
+
+/// Takes the dump, verifies it, stores it; records success or the reason of failure.
+pub async fn run(platform: Arc<Platform>, mut backup: Backup) -> Backup {
+    let result = take(&platform, &mut backup).await;
+    backup.finished_at = Some(now_rfc3339());
+    match result {
+        Ok(()) => {
+            backup.status = BackupStatus::Succeeded;
+            platform.event(
+                &backup.database_id,
+                "backup",
+                format!(
+                    "{:?} backup {} taken: {} bytes from {}",
+                    backup.kind,
+                    backup.id,
+                    backup.size_bytes,
+                    backup.node.as_deref().unwrap_or("?")
+                )
+                .to_lowercase(),
+            );
+        }
+        Err(e) => {
+            backup.status = BackupStatus::Failed;
+            backup.error = Some(e.clone());
+            platform.event(
+                &backup.database_id,
+                "backup_failed",
+                format!("backup {} failed: {e}", backup.id),
+            );
+        }
+    }
+    if let Err(e) = platform.store.put_backup(&backup) {
+        error!(error = %e, "cannot record backup");
+    }
+    backup
+}
+
+async fn take(platform: &Arc<Platform>, backup: &mut Backup) -> Result<(), String> {
+    let db = platform
+        .store
+        .database(&backup.database_id)
+        .map_err(|e| e.to_string())?
+        .ok_or("database vanished")?;
+    // From a standby when there is one, so that the primary's clients do not pay for it.
+    let source = db.replicas().next().or(db.primary()).cloned().ok_or("no node to back up from")?;
+    backup.node = Some(source.name.clone());
+    let conninfo = platform.driver.admin_conninfo(&platform.node_spec(&source), &db.name);
+    let scratch =
+        platform.backups.scratch().join(format!("{}-{}.dump", backup.database_id, backup.id));
+    let bin = platform.pg_bin.clone();
+    let file = scratch.clone();
+    let (size, sha256) =
+        tokio::task::spawn_blocking(move || dump_and_verify(&bin, &conninfo, &file))
+            .await
+            .map_err(|e| e.to_string())??;
+    backup.size_bytes = size;
+    backup.sha256 = Some(sha256);
+    let key = key(backup);
+    platform.backups.store(&key, &scratch).map_err(|e| {
+        let _ = std::fs::remove_file(&scratch);
+        format!("cannot store the backup: {e}")
+    })
+}
+
+fn dump_and_verify(bin: &Path, conninfo: &str, file: &Path) -> Result<(u64, String), String> {
+    // The dump is private from its first byte: pg_dump creates it under this umask... so the
+    // file is created here first, 0600, and pg_dump writes into it.
+    crate::files::create_private(file).map_err(|e| format!("cannot create the dump file: {e}"))?;
+    let out = Command::new(bin.join("pg_dump"))
+        .args(["--format=custom", "--no-password", "--dbname", conninfo, "--file"])
+        .arg(file)
+        .output()
+        .map_err(|e| format!("cannot run pg_dump: {e}"))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(file);
+        return Err(format!("pg_dump failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let list = Command::new(bin.join("pg_restore"))
+        .arg("--list")
+        .arg(file)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !list.status.success() {
+        let _ = std::fs::remove_file(file);
+        return Err(format!(
+            "the archive does not read back: {}",
+            String::from_utf8_lossy(&list.stderr).trim()
+        ));
+    }
+    let size = std::fs::metadata(file).map_err(|e| e.to_string())?.len();
+    Ok((size, sha256_file(file).map_err(|e| e.to_string())?))
+}
+
+pub use crate::files::sha256_file;
+
+/// Deletes a backup's file and record.
+pub fn delete(platform: &Platform, backup: &Backup) -> Result<(), String> {
+    platform.backups.delete(&key(backup)).map_err(|e| e.to_string())?;
+    platform.store.delete_backup(&backup.database_id, &backup.id).map_err(|e| e.to_string())
+}

@@ -1,0 +1,488 @@
+//! The `pgwarden` command line: its arguments, and a client command for every API endpoint
+//! (`client.rs` talks to the API). It depends on the API's wire types only; `serve` and `up`
+//! are run by the `server` module, which the binary calls for those two commands.
+
+mod client;
+
+pub use client::{print_table, Client};
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hyper::Method;
+use pgwarden_api::control::{
+    Database, DatabaseOperation, Env, Event, Plan, User, UserWithPassword,
+};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "pgwarden", version, about = "Managed PostgreSQL: control plane and CLI")]
+pub struct Cli {
+    /// Control API address.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:9180", env = "PGWARDEN_API")]
+    pub api: String,
+    /// Data dir of the control plane (state, token, nodes).
+    #[arg(long, global = true, default_value = ".pgwarden", env = "PGWARDEN_DATA_DIR")]
+    pub data_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the control API (nodes keep running when it stops).
+    Serve(ServeArgs),
+    /// Run the whole platform locally: control API, two proxies, one database.
+    Up(UpArgs),
+    /// List the plans.
+    Plans,
+    /// Provision a database.
+    Create {
+        name: String,
+        #[arg(long, default_value = "postgresql-sandbox")]
+        plan: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List databases.
+    List,
+    /// Show one database.
+    Show { id: String },
+    /// Destroy a database: nodes, routes and backups.
+    Destroy {
+        id: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Print DATABASE_URL and PGWARDEN_POSTGRESQL_URL.
+    Env { id: String },
+    /// Force TLS on or off.
+    Tls {
+        id: String,
+        #[arg(long, value_parser = ["on", "off"])]
+        force: String,
+    },
+    /// Manage users.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// A database's history.
+    Events { id: String },
+    /// Planned primary change, without data loss; new connections wait instead of failing.
+    Switchover {
+        id: String,
+        /// Standby to promote (default: the first one).
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Forced primary change, even when the primary looks healthy.
+    Failover {
+        id: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// The point-in-time recovery window.
+    Pitr { id: String },
+    /// Rebuild the database as it was at a time (RFC 3339, UTC), then route to it.
+    Restore {
+        id: String,
+        #[arg(long)]
+        at: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Logical backups (pg_dump custom format).
+    Backups {
+        #[command(subcommand)]
+        command: BackupsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BackupsCommand {
+    List {
+        id: String,
+    },
+    /// Take a manual backup now.
+    Create {
+        id: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Download a backup (checked against its sha256) into a file.
+    Download {
+        id: String,
+        backup: String,
+        /// Output file (default: <id>-<backup>.dump).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    Delete {
+        id: String,
+        backup: String,
+    },
+    /// Set the hour (UTC) of the daily backup.
+    Schedule {
+        id: String,
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..24))]
+        hour: u8,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum UsersCommand {
+    List {
+        id: String,
+    },
+    Create {
+        id: String,
+        name: String,
+        #[arg(long)]
+        read_only: bool,
+    },
+    Delete {
+        id: String,
+        name: String,
+    },
+    ResetPassword {
+        id: String,
+        name: String,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1:9180")]
+    pub listen: SocketAddr,
+    /// Admin address of a proxy to publish routes to (repeat for each proxy).
+    #[arg(long = "proxy-admin")]
+    pub proxy_admins: Vec<String>,
+    /// File with the proxies' admin token.
+    #[arg(long)]
+    pub proxy_token_file: Option<PathBuf>,
+    /// Where clients reach the proxies (host:port in every DATABASE_URL).
+    #[arg(long, default_value = "127.0.0.1:6432")]
+    pub client_addr: String,
+    /// First port tried for nodes.
+    #[arg(long, default_value_t = 15432)]
+    pub first_node_port: u16,
+    /// OS user nodes run as when pgwarden runs as root.
+    #[arg(long, default_value = "postgres")]
+    pub node_user: String,
+    #[command(flatten)]
+    pub health: HealthArgs,
+}
+
+/// Health checks and failover.
+#[derive(clap::Args, Clone)]
+pub struct HealthArgs {
+    /// Milliseconds between two checks of a primary.
+    #[arg(long, default_value_t = 500)]
+    pub health_interval_ms: u64,
+    /// Failed checks in a row before the primary is declared dead.
+    #[arg(long, default_value_t = 3)]
+    pub health_failures: u32,
+    /// A standby that was not synchronous is promoted only if it lagged at most this much.
+    #[arg(long, default_value_t = 0)]
+    pub max_failover_lag_bytes: u64,
+}
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    #[arg(long, default_value = "postgresql-business-1024")]
+    pub plan: String,
+    #[arg(long, default_value = "my-app")]
+    pub name: String,
+    /// Control API address.
+    #[arg(long, default_value = "127.0.0.1:9180")]
+    pub listen: SocketAddr,
+    /// Client address of the proxies.
+    #[arg(long, default_value = "127.0.0.1:6432")]
+    pub client_listen: SocketAddr,
+    /// Admin addresses of the two proxies.
+    #[arg(long, num_args = 2, default_values = ["127.0.0.1:9181", "127.0.0.1:9182"])]
+    pub proxy_admin: Vec<SocketAddr>,
+    #[arg(long, default_value_t = 15432)]
+    pub first_node_port: u16,
+    #[arg(long, default_value = "postgres")]
+    pub node_user: String,
+    #[command(flatten)]
+    pub health: HealthArgs,
+}
+
+/// Runs a client command (`serve` and `up` are not: the binary gives them to `server`).
+pub async fn run(api: &str, data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
+    let client = || Client::new(api, data_dir);
+    match command {
+        Command::Serve(_) | Command::Up(_) => anyhow::bail!("serve and up are not client commands"),
+        Command::Plans => {
+            let plans: Vec<Plan> = client()?.call(Method::GET, "/v1/plans", None).await?;
+            let rows = plans
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.name.clone(),
+                        p.nodes.to_string(),
+                        format!("{} MiB", p.memory_mib),
+                        p.max_connections.to_string(),
+                        format!(
+                            "{}d/{}w/{}m",
+                            p.daily_backups, p.weekly_backups, p.monthly_backups
+                        ),
+                        p.manual_backups_max.to_string(),
+                        if p.pitr { "yes" } else { "no" }.into(),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            print_table(
+                &["PLAN", "NODES", "MEMORY", "MAX CONN", "BACKUPS KEPT", "MANUAL MAX", "PITR"],
+                &rows,
+            );
+            Ok(())
+        }
+        Command::Create { name, plan, no_wait } => {
+            let client = client()?;
+            let answer: DatabaseOperation = client
+                .call(Method::POST, "/v1/databases", Some(json!({"name": name, "plan": plan})))
+                .await?;
+            let id = answer.database.id.clone();
+            if no_wait {
+                println!("{id} provisioning (operation {})", answer.operation.id);
+                return Ok(());
+            }
+            client.wait(answer.operation).await?;
+            let db: Database =
+                client.call(Method::GET, &format!("/v1/databases/{id}"), None).await?;
+            print_databases(&[db]);
+            Ok(())
+        }
+        Command::List => {
+            let dbs: Vec<Database> = client()?.call(Method::GET, "/v1/databases", None).await?;
+            print_databases(&dbs);
+            Ok(())
+        }
+        Command::Show { id } => {
+            let db: Database =
+                client()?.call(Method::GET, &format!("/v1/databases/{id}"), None).await?;
+            print_databases(std::slice::from_ref(&db));
+            println!();
+            let rows = db
+                .nodes
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.name.clone(),
+                        format!("{:?}", n.role).to_lowercase(),
+                        n.status.clone(),
+                        format!("{}:{}", n.host, n.port),
+                        n.lag_bytes.to_string(),
+                        n.version.clone(),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            print_table(&["NODE", "ROLE", "STATUS", "ADDRESS", "LAG BYTES", "VERSION"], &rows);
+            println!("\nDATABASE_URL={}", db.database_url);
+            Ok(())
+        }
+        Command::Destroy { id, no_wait } => {
+            let client = client()?;
+            let answer: DatabaseOperation =
+                client.call(Method::DELETE, &format!("/v1/databases/{id}"), None).await?;
+            if !no_wait {
+                client.wait(answer.operation).await?;
+                println!("{id} destroyed");
+            }
+            Ok(())
+        }
+        Command::Env { id } => {
+            let env: Env =
+                client()?.call(Method::GET, &format!("/v1/databases/{id}/env"), None).await?;
+            println!("DATABASE_URL={}", env.database_url);
+            println!("PGWARDEN_POSTGRESQL_URL={}", env.pgwarden_postgresql_url);
+            Ok(())
+        }
+        Command::Tls { id, force } => {
+            let db: Database = client()?
+                .call(
+                    Method::PUT,
+                    &format!("/v1/databases/{id}/tls"),
+                    Some(json!({"force": force == "on"})),
+                )
+                .await?;
+            println!("{}: force TLS {}", db.id, if db.tls.force { "on" } else { "off" });
+            Ok(())
+        }
+        Command::Users { command } => users(client()?, command).await,
+        Command::Backups { command } => backups(client()?, command).await,
+        Command::Pitr { id } => {
+            let window: pgwarden_api::control::PitrWindow =
+                client()?.call(Method::GET, &format!("/v1/databases/{id}/pitr"), None).await?;
+            println!("{id}: recoverable from {} to {}", window.earliest, window.latest);
+            Ok(())
+        }
+        Command::Restore { id, at, no_wait } => {
+            let body = json!({ "target_time": at });
+            let path = format!("/v1/databases/{id}/restore");
+            primary_change(client()?, &path, Some(body), no_wait).await
+        }
+        Command::Switchover { id, target, no_wait } => {
+            let body = json!({ "target": target });
+            let path = format!("/v1/databases/{id}/switchover");
+            primary_change(client()?, &path, Some(body), no_wait).await
+        }
+        Command::Failover { id, no_wait } => {
+            primary_change(client()?, &format!("/v1/databases/{id}/failover"), None, no_wait).await
+        }
+        Command::Events { id } => {
+            let events: Vec<Event> =
+                client()?.call(Method::GET, &format!("/v1/databases/{id}/events"), None).await?;
+            let rows =
+                events.into_iter().map(|e| vec![e.at, e.kind, e.message]).collect::<Vec<_>>();
+            print_table(&["AT", "EVENT", "MESSAGE"], &rows);
+            Ok(())
+        }
+    }
+}
+
+async fn primary_change(
+    client: Client,
+    path: &str,
+    body: Option<serde_json::Value>,
+    no_wait: bool,
+) -> anyhow::Result<()> {
+    let answer: DatabaseOperation = client.call(Method::POST, path, body).await?;
+    let id = answer.database.id.clone();
+    if no_wait {
+        println!("{id}: {} started (operation {})", answer.operation.kind, answer.operation.id);
+        return Ok(());
+    }
+    client.wait(answer.operation).await?;
+    let db: Database = client.call(Method::GET, &format!("/v1/databases/{id}"), None).await?;
+    let primary = db.nodes.iter().find(|n| n.role == pgwarden_api::control::NodeRole::Primary);
+    println!("{id}: primary is now {}", primary.map_or("?", |n| n.name.as_str()));
+    Ok(())
+}
+
+async fn backups(client: Client, command: BackupsCommand) -> anyhow::Result<()> {
+    use pgwarden_api::control::Backup;
+    match command {
+        BackupsCommand::List { id } => {
+            let list: Vec<Backup> =
+                client.call(Method::GET, &format!("/v1/databases/{id}/backups"), None).await?;
+            let rows = list
+                .iter()
+                .map(|b| {
+                    vec![
+                        b.id.clone(),
+                        format!("{:?}", b.kind).to_lowercase(),
+                        format!("{:?}", b.status).to_lowercase(),
+                        b.started_at.clone(),
+                        b.size_bytes.to_string(),
+                        b.node.clone().unwrap_or_default(),
+                        b.error.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            print_table(&["BACKUP", "KIND", "STATUS", "STARTED", "BYTES", "FROM", "ERROR"], &rows);
+        }
+        BackupsCommand::Create { id, no_wait } => {
+            let answer: pgwarden_api::control::BackupOperation =
+                client.call(Method::POST, &format!("/v1/databases/{id}/backups"), None).await?;
+            if !no_wait {
+                client.wait(answer.operation).await?;
+            }
+            println!("{id}: backup {}", answer.backup.id);
+        }
+        BackupsCommand::Download { id, backup, output } => {
+            let out = output.unwrap_or_else(|| PathBuf::from(format!("{id}-{backup}.dump")));
+            let size = client
+                .download(&format!("/v1/databases/{id}/backups/{backup}/download"), &out)
+                .await?;
+            println!("{}: {size} bytes, sha256 verified", out.display());
+        }
+        BackupsCommand::Delete { id, backup } => {
+            let _: serde_json::Value = client
+                .call(Method::DELETE, &format!("/v1/databases/{id}/backups/{backup}"), None)
+                .await?;
+            println!("backup {backup} deleted");
+        }
+        BackupsCommand::Schedule { id, hour } => {
+            let body = json!({ "hour_utc": hour });
+            let _: serde_json::Value = client
+                .call(Method::PUT, &format!("/v1/databases/{id}/backup-schedule"), Some(body))
+                .await?;
+            println!("{id}: daily backup at {hour:02}:00 UTC");
+        }
+    }
+    Ok(())
+}
+
+async fn users(client: Client, command: UsersCommand) -> anyhow::Result<()> {
+    match command {
+        UsersCommand::List { id } => {
+            let users: Vec<User> =
+                client.call(Method::GET, &format!("/v1/databases/{id}/users"), None).await?;
+            let rows = users
+                .iter()
+                .map(|u| {
+                    let access = if u.read_only { "read-only" } else { "read-write" };
+                    vec![u.name.clone(), access.into(), if u.default { "yes" } else { "" }.into()]
+                })
+                .collect::<Vec<_>>();
+            print_table(&["USER", "ACCESS", "DEFAULT"], &rows);
+        }
+        UsersCommand::Create { id, name, read_only } => {
+            let body = json!({"name": name, "read_only": read_only});
+            let user: UserWithPassword =
+                client.call(Method::POST, &format!("/v1/databases/{id}/users"), Some(body)).await?;
+            print_password(&user);
+        }
+        UsersCommand::Delete { id, name } => {
+            let _: serde_json::Value = client
+                .call(Method::DELETE, &format!("/v1/databases/{id}/users/{name}"), None)
+                .await?;
+            println!("user {name} deleted");
+        }
+        UsersCommand::ResetPassword { id, name } => {
+            let path = format!("/v1/databases/{id}/users/{name}/reset-password");
+            let user: UserWithPassword = client.call(Method::POST, &path, None).await?;
+            print_password(&user);
+        }
+    }
+    Ok(())
+}
+
+fn print_password(user: &UserWithPassword) {
+    println!("user:     {}", user.user.name);
+    println!("password: {}   (shown once)", user.password);
+    println!("url:      {}", user.database_url);
+}
+
+fn print_databases(dbs: &[Database]) {
+    let rows = dbs
+        .iter()
+        .map(|d| {
+            vec![
+                "postgresql".into(),
+                d.id.clone(),
+                d.plan.clone(),
+                format!("{:?}", d.status).to_lowercase(),
+                d.nodes.len().to_string(),
+                if d.tls.force { "forced" } else { "optional" }.into(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    print_table(&["ADDON", "ID", "PLAN", "STATUS", "NODES", "TLS"], &rows);
+}
+
+/// Parses `host:port`.
+pub fn split_host_port(addr: &str) -> anyhow::Result<(String, u16)> {
+    let (host, port) =
+        addr.rsplit_once(':').with_context(|| format!("{addr:?} is not host:port"))?;
+    Ok((host.to_owned(), port.parse().with_context(|| format!("bad port in {addr:?}"))?))
+}

@@ -1,0 +1,48 @@
+//! Files that hold customer data or secrets: created private to their owner (directories 0700,
+//! files 0600) whatever the umask, never readable by others, not even for an instant.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// Creates `dir` (and missing parents) 0700; an existing `dir` is made 0700.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// Writes `contents` into a new or truncated 0600 file.
+pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut file = create_private(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+/// Opens `path` for writing (created or truncated) with mode 0600 from its creation on.
+pub fn create_private(path: &Path) -> std::io::Result<fs::File> {
+    let file =
+        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.set_permissions(fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
+/// Whether others (group or world) can read `path`.
+pub fn readable_by_others(path: &Path) -> std::io::Result<bool> {
+    Ok(fs::metadata(path)?.permissions().mode() & 0o077 != 0)
+}
+
+/// Hex sha256 of a file, read in 64 KiB blocks.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = fs::File::open(path)?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    Ok(ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,224 @@
+//! Failover: the reachable standby with the most WAL received, refused if it could miss
+//! acknowledged commits; the old primary fenced first; then promotion and a new routing epoch.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgwarden_api::control::NodeRole;
+use tracing::{info, warn};
+
+use super::watcher::check_primary;
+use crate::nodes::blocking;
+use crate::nodes::sql::Timeouts;
+use crate::platform::Platform;
+use crate::state::{DatabaseRecord, StoreError};
+
+/// How long a standby may take to say whether it can be promoted.
+const PROBE: Duration = Duration::from_secs(1);
+
+/// Replaces `old_primary` of `id` by its best standby now. Returns the new primary's name, or
+/// why there was none (also recorded as an event).
+pub async fn failover(
+    platform: &Arc<Platform>,
+    id: &str,
+    old_primary: &str,
+    last_lag: &[(String, u64)],
+    reason: &str,
+) -> Result<String, String> {
+    let Some(_claim) = platform.changes.for_failover(id).await else {
+        return Err("a planned primary change stopped the primary and is finishing".into());
+    };
+    let db = platform.store.database(id).map_err(|e| e.to_string())?.ok_or("database vanished")?;
+    if db.primary().map(|p| p.name.as_str()) != Some(old_primary) {
+        return Err(format!("{old_primary} is no longer the primary")); // Someone moved it.
+    }
+    let candidate = match choose_standby(platform, &db, last_lag).await {
+        Ok(candidate) => candidate,
+        Err(why) => {
+            platform.metrics.failover(false);
+            platform.event(id, "failover_refused", why.clone());
+            return Err(why);
+        }
+    };
+    let started = Instant::now();
+    match promote(platform, id, old_primary, &candidate).await {
+        Ok(epoch) => {
+            platform.metrics.failover(true);
+            platform.event(
+                id,
+                "failover",
+                format!("{reason}: promoted {candidate} in place of {old_primary} in {} ms, routing epoch {epoch}", started.elapsed().as_millis()),
+            );
+            Ok(candidate)
+        }
+        Err(e) => {
+            platform.metrics.failover(false);
+            let message = format!("promoting {candidate} failed: {e}");
+            platform.event(id, "failover_failed", message.clone());
+            Err(message)
+        }
+    }
+}
+
+/// The standby to promote: reachable, in recovery, most WAL received, and not missing commits
+/// the primary acknowledged. Standbys are asked all at once.
+async fn choose_standby(
+    platform: &Platform,
+    db: &DatabaseRecord,
+    last_lag: &[(String, u64)],
+) -> Result<String, String> {
+    let probes = db.replicas().map(|standby| async move {
+        let spec = platform.node_spec(standby);
+        let probe = async {
+            let session = platform.session_within(&spec, "postgres", Timeouts::within(PROBE)).await?;
+            let row = session
+                .query_one("SELECT pg_is_in_recovery(), coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), '0/0'), 0)::int8", &[])
+                .await?;
+            Ok::<_, crate::nodes::sql::SqlError>((row.get::<_, bool>(0), row.get::<_, i64>(1)))
+        };
+        (standby.name.clone(), probe.await)
+    });
+    let mut best: Option<(String, i64)> = None;
+    for (name, probe) in futures_join_all(probes).await {
+        match probe {
+            Ok((true, received)) if best.as_ref().is_none_or(|(_, b)| received > *b) => {
+                best = Some((name, received));
+            }
+            other => {
+                let other = other.map_err(|e| e.to_string());
+                warn!(database = %db.id, standby = %name, ?other, "standby not eligible")
+            }
+        }
+    }
+    let (name, _) = best.ok_or_else(|| "no reachable standby to promote".to_owned())?;
+    let lag = last_lag.iter().find(|(n, _)| *n == name).map(|(_, l)| *l);
+    may_promote(&name, db.synchronous, lag, platform.config.health.max_failover_lag_bytes)?;
+    Ok(name)
+}
+
+/// Runs futures concurrently and returns their outputs in order.
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut pinned: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, future) in out.iter_mut().zip(pinned.iter_mut()) {
+            if slot.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
+
+/// Whether promoting `standby` keeps every acknowledged commit: always when commits were
+/// synchronous (the standby had each one before it was acknowledged); otherwise only if its lag
+/// at the last check is known and within `bound`.
+pub(crate) fn may_promote(
+    standby: &str,
+    synchronous: bool,
+    lag: Option<u64>,
+    bound: u64,
+) -> Result<(), String> {
+    match (synchronous, lag) {
+        (true, _) => Ok(()),
+        (false, Some(lag)) if lag <= bound => Ok(()),
+        (false, lag) => Err(format!(
+            "refusing to promote {standby}: commits were asynchronous and its lag ({}) exceeds {bound} bytes; acknowledged commits could be lost",
+            lag.map_or("unknown".to_owned(), |l| format!("{l} bytes"))
+        )),
+    }
+}
+
+/// Fences `old` (whatever state it is in), promotes `new`, records and publishes the change,
+/// and gives the new primary its own settings. Returns the routing epoch. The caller holds the
+/// database's primary-change claim.
+pub(crate) async fn promote(
+    platform: &Arc<Platform>,
+    id: &str,
+    old: &str,
+    new: &str,
+) -> Result<u64, String> {
+    let db = platform.store.database(id).map_err(|e| e.to_string())?.ok_or("database vanished")?;
+    let old_node =
+        db.nodes.iter().find(|n| n.name == old).cloned().ok_or("old primary vanished")?;
+    let new_node = db.nodes.iter().find(|n| n.name == new).cloned().ok_or("standby vanished")?;
+    // Fence first: whatever happens next, the old primary serves nothing more.
+    let (old_spec, new_spec) = (platform.node_spec(&old_node), platform.node_spec(&new_node));
+    let driver = platform.driver.clone();
+    blocking(move || {
+        driver.fence(&old_spec)?;
+        driver.promote(&new_spec)
+    })
+    .await?;
+    let (_, db) = platform
+        .update(id, |db| {
+            for node in &mut db.nodes {
+                if node.name == old {
+                    node.role = NodeRole::Replica;
+                    node.fenced = true;
+                } else if node.name == new {
+                    node.role = NodeRole::Primary;
+                    node.fenced = false;
+                }
+            }
+            db.synchronous = false;
+            Ok::<_, StoreError>(())
+        })
+        .map_err(|e| e.to_string())?
+        .ok_or("database vanished")?;
+    let epoch = platform.publish_routes().map_err(|e| e.to_string())?;
+    // The new primary's own settings: no upstream, asynchronous until a standby is back.
+    let promoted = db.primary().cloned().ok_or("no primary after promotion")?;
+    let config = platform.node_config(&db, &promoted, None).map_err(|e| e.to_string())?;
+    let (driver, spec) = (platform.driver.clone(), platform.node_spec(&promoted));
+    blocking(move || {
+        driver.configure(&spec, &config)?;
+        driver.reload(&spec)
+    })
+    .await?;
+    info!(database = %id, old, new, epoch, "primary changed");
+    Ok(epoch)
+}
+
+/// `POST .../failover`: change the primary now, even if it looks healthy.
+pub async fn forced_failover(platform: &Arc<Platform>, id: &str) -> Result<String, String> {
+    let db = platform.store.database(id).map_err(|e| e.to_string())?.ok_or("database vanished")?;
+    let primary = db.primary().cloned().ok_or("no primary")?;
+    let last_lag = match check_primary(platform, &primary).await {
+        Ok(state) => state.lags(),
+        Err(_) => Vec::new(),
+    };
+    failover(platform, id, &primary.name, &last_lag, "failover requested").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_promote;
+
+    #[test]
+    fn a_standby_that_could_miss_acknowledged_commits_is_refused() {
+        assert!(
+            may_promote("s", true, None, 0).is_ok(),
+            "synchronous: every ack is on the standby"
+        );
+        assert!(may_promote("s", true, Some(1 << 20), 0).is_ok());
+        assert!(may_promote("s", false, Some(0), 0).is_ok(), "asynchronous but caught up");
+        assert!(may_promote("s", false, Some(4096), 8192).is_ok(), "within the configured bound");
+        let err = may_promote("s", false, Some(4097), 4096).unwrap_err();
+        assert!(err.contains("4097 bytes") && err.contains("could be lost"), "{err}");
+        let err = may_promote("s", false, None, 1 << 30).unwrap_err();
+        assert!(err.contains("unknown"), "no lag known: refused whatever the bound: {err}");
+    }
+}

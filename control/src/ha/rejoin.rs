@@ -1,0 +1,113 @@
+//! A fenced former primary comes back as a standby of the current primary: pg_rewind, or a
+//! fresh copy when the rewind cannot be done.
+
+use std::sync::Arc;
+
+use tracing::warn;
+
+use crate::lifecycle::standby::add_standby_only;
+use crate::nodes::config::slot_name;
+use crate::nodes::{blocking, NodeSpec};
+use crate::platform::Platform;
+use crate::state::{DatabaseRecord, NodeRecord, StoreError};
+
+/// Brings `fenced` back as a standby of `id`'s current primary.
+pub async fn rejoin(platform: &Arc<Platform>, id: &str, fenced: &NodeRecord) {
+    let Ok(Some(db)) = platform.store.database(id) else { return };
+    let Some(primary) = db.primary().cloned() else { return };
+    let Some(node) = db.nodes.iter().find(|n| n.name == fenced.name && n.fenced).cloned() else {
+        return;
+    };
+    let (spec, source) = (platform.node_spec(&node), platform.node_spec(&primary));
+    let result = async {
+        ensure_slot(platform, &source, &slot_name(&node.name)).await?;
+        // pg_rewind reads the source's timeline from its control file, which a recently
+        // promoted primary updates only at its next checkpoint.
+        checkpoint(platform, &source).await?;
+        let config = platform.node_config(&db, &node, None).map_err(|e| e.to_string())?;
+        let driver = platform.driver.clone();
+        let (spec2, source2) = (spec.clone(), source.clone());
+        let rewound = blocking(move || {
+            driver.fence(&spec2)?;
+            driver.rewind(&spec2, &source2)?;
+            driver.configure(&spec2, &config)?;
+            driver.make_standby(&spec2)?;
+            driver.start(&spec2)
+        })
+        .await;
+        match rewound {
+            Ok(()) => Ok("pg_rewind"),
+            Err(e) => {
+                warn!(database = id, node = %node.name, error = %e, "pg_rewind failed; copying the primary afresh");
+                fresh_copy(platform, &db, &node, &spec).await.map(|()| "a fresh base backup")
+            }
+        }
+    }
+    .await;
+    match result {
+        Ok(how) => {
+            let recorded = platform.update(id, |db| {
+                if let Some(n) = db.nodes.iter_mut().find(|n| n.name == node.name) {
+                    n.fenced = false;
+                }
+                Ok::<_, StoreError>(())
+            });
+            if let Err(e) = recorded {
+                return platform.event(
+                    id,
+                    "rejoin_failed",
+                    format!("cannot record the rejoin: {e}"),
+                );
+            }
+            let _ = platform.publish_routes();
+            platform.event(
+                id,
+                "rejoined",
+                format!("{} rejoined as a standby of {} ({how})", node.name, primary.name),
+            );
+        }
+        Err(e) => {
+            platform.event(id, "rejoin_failed", format!("{} could not rejoin yet: {e}", node.name))
+        }
+    }
+}
+
+async fn fresh_copy(
+    platform: &Arc<Platform>,
+    db: &DatabaseRecord,
+    node: &NodeRecord,
+    spec: &NodeSpec,
+) -> Result<(), String> {
+    let (driver, spec2) = (platform.driver.clone(), spec.clone());
+    blocking(move || driver.destroy(&spec2)).await?;
+    // The slot was made for the rewind; pg_basebackup creates its own.
+    if let Some(primary) = db.primary() {
+        drop_slot(platform, &platform.node_spec(primary), &slot_name(&node.name)).await;
+    }
+    add_standby_only(platform, db, node).await
+}
+
+async fn ensure_slot(platform: &Platform, primary: &NodeSpec, slot: &str) -> Result<(), String> {
+    let admin = platform.session(primary, "postgres").await.map_err(|e| e.to_string())?;
+    admin
+        .execute(
+            "SELECT pg_create_physical_replication_slot($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+async fn checkpoint(platform: &Platform, node: &NodeSpec) -> Result<(), String> {
+    let admin = platform.session(node, "postgres").await.map_err(|e| e.to_string())?;
+    admin.batch_execute("CHECKPOINT").await.map_err(|e| e.to_string())
+}
+
+async fn drop_slot(platform: &Platform, primary: &NodeSpec, slot: &str) {
+    if let Ok(admin) = platform.session(primary, "postgres").await {
+        let _ = admin
+            .execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .await;
+    }
+}

@@ -1,0 +1,134 @@
+//! What a start of the control plane does with what the previous run left: nodes of settled
+//! databases are adopted (running) or started (`adopt_nodes`), supervision starts, and only then
+//! are interrupted provisionings and destructions resumed (`resume_operations`), each as its own
+//! task, so that no resumed operation delays a failover.
+
+use std::sync::Arc;
+
+use pgwarden_api::control::{DatabaseStatus, NodeRole, Operation, OperationStatus};
+use tracing::{error, info, warn};
+
+use crate::nodes::blocking;
+use crate::platform::Platform;
+
+/// Starts the stopped nodes of every settled database and fails the operations a restart
+/// interrupted on them; publishes the routes. Returns once every node was started or given up.
+pub async fn adopt_nodes(platform: &Arc<Platform>) {
+    let databases = match platform.store.databases() {
+        Ok(d) => d,
+        Err(e) => return error!(error = %e, "cannot read databases"),
+    };
+    let interrupted = interrupted_operations(platform);
+    for db in databases {
+        if matches!(db.status, DatabaseStatus::Provisioning | DatabaseStatus::Deleting) {
+            continue;
+        }
+        // Primaries first: a standby starts streaming at once.
+        let mut nodes = db.nodes.clone();
+        nodes.sort_by_key(|n| n.role != NodeRole::Primary);
+        for node in nodes {
+            let (driver, spec) = (platform.driver.clone(), platform.node_spec(&node));
+            let started = blocking(move || {
+                if driver.is_running(&spec) {
+                    Ok(false)
+                } else {
+                    driver.start(&spec).map(|()| true)
+                }
+            })
+            .await;
+            match started {
+                Ok(true) => platform.event(
+                    &db.id,
+                    "node_started",
+                    format!("node {} started after a control plane restart", node.name),
+                ),
+                Ok(false) => info!(database = %db.id, node = %node.name, "adopted running node"),
+                Err(e) => platform.event(
+                    &db.id,
+                    "node_failed",
+                    format!("node {} did not start: {e}", node.name),
+                ),
+            }
+        }
+        if db.status == DatabaseStatus::Restoring {
+            // Nothing of the current nodes is touched before a restore succeeded.
+            let _ = platform.update(&db.id, |db| {
+                db.status = DatabaseStatus::Running;
+                Ok::<_, crate::state::StoreError>(())
+            });
+            platform.event(
+                &db.id,
+                "restore_failed",
+                "restore interrupted by a control plane restart; the database is as it was",
+            );
+        }
+        if let Some(mut op) = interrupted.iter().find(|o| o.database_id == db.id).cloned() {
+            op.error = Some("interrupted by a control plane restart".into());
+            let progress = op.progress;
+            platform.update_operation(&mut op, OperationStatus::Failed, progress);
+        }
+    }
+    if let Err(e) = platform.publish_routes() {
+        error!(error = %e, "cannot publish routes");
+    }
+}
+
+/// Resumes interrupted provisionings and destructions, each as its own task.
+pub fn resume_operations(platform: &Arc<Platform>) {
+    let databases = platform.store.databases().unwrap_or_default();
+    let interrupted = interrupted_operations(platform);
+    for db in databases {
+        let (kind, label) = match db.status {
+            DatabaseStatus::Provisioning => ("provision", "provisioning"),
+            DatabaseStatus::Deleting => ("destroy", "destruction"),
+            _ => continue,
+        };
+        warn!(database = %db.id, "{label} was interrupted; starting it again");
+        platform.event(
+            &db.id,
+            &format!("{kind}_resumed"),
+            format!("{label} interrupted by a control plane restart; starting again"),
+        );
+        let op = match interrupted.iter().find(|o| o.database_id == db.id).cloned() {
+            Some(op) => op,
+            None => match platform.new_operation(kind, &db.id) {
+                Ok(op) => op,
+                Err(e) => {
+                    error!(error = %e, "cannot record operation");
+                    continue;
+                }
+            },
+        };
+        if kind == "provision" {
+            super::provision::run(platform, db.id.clone(), op);
+        } else {
+            super::destroy::run(platform, db.id.clone(), op);
+        }
+    }
+}
+
+fn interrupted_operations(platform: &Platform) -> Vec<Operation> {
+    platform
+        .store
+        .operations()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|o| matches!(o.status, OperationStatus::Pending | OperationStatus::Running))
+        .collect()
+}
+
+/// Stops every node cleanly (fast shutdown: sessions end, everything committed is on disk).
+pub async fn stop_all(platform: &Arc<Platform>) {
+    let databases = platform.store.databases().unwrap_or_default();
+    for db in databases {
+        // Standbys last would make a synchronous primary wait; stop primaries first.
+        let mut nodes = db.nodes.clone();
+        nodes.sort_by_key(|n| n.role != NodeRole::Primary);
+        for node in nodes {
+            let (driver, spec) = (platform.driver.clone(), platform.node_spec(&node));
+            if let Err(e) = blocking(move || driver.stop(&spec)).await {
+                error!(node = %node.name, error = %e, "cannot stop node");
+            }
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Standbys: copied from the primary over TLS, streaming, then made synchronous.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::nodes::config::{slot_name, REPLICATION_ROLE};
+use crate::nodes::{blocking, NodeSpec, Upstream};
+use crate::platform::Platform;
+use crate::state::{DatabaseRecord, NodeRecord};
+
+/// Copies the primary into `standby` over TLS, starts it streaming, then makes it the
+/// synchronous standby.
+pub async fn add_standby(
+    platform: &Arc<Platform>,
+    db: &DatabaseRecord,
+    standby: &NodeRecord,
+) -> Result<(), String> {
+    add_standby_only(platform, db, standby).await?;
+    let primary = db.primary().cloned().ok_or("no primary")?;
+    let primary_spec = platform.node_spec(&primary);
+    let config =
+        platform.node_config(db, &primary, Some(&standby.name)).map_err(|e| e.to_string())?;
+    let (driver, spec) = (platform.driver.clone(), primary_spec.clone());
+    blocking(move || {
+        driver.configure(&spec, &config)?;
+        driver.reload(&spec)
+    })
+    .await?;
+    wait_synchronous(platform, &primary_spec, &standby.name).await?;
+    platform.event(
+        &db.id,
+        "replication_synchronous",
+        format!("standby {} is synchronous", standby.name),
+    );
+    Ok(())
+}
+
+/// Copies the primary into `standby` (pg_basebackup over TLS) and starts it streaming.
+pub async fn add_standby_only(
+    platform: &Arc<Platform>,
+    db: &DatabaseRecord,
+    standby: &NodeRecord,
+) -> Result<(), String> {
+    let primary = db.primary().cloned().ok_or("no primary")?;
+    let upstream = Upstream {
+        host: primary.host.clone(),
+        port: primary.port,
+        user: REPLICATION_ROLE.into(),
+        password: db.replication_password.clone(),
+        slot: slot_name(&standby.name),
+    };
+    let config = platform.node_config(db, standby, None).map_err(|e| e.to_string())?;
+    let (driver, spec) = (platform.driver.clone(), platform.node_spec(standby));
+    blocking(move || {
+        driver.init_standby(&spec, &config, &upstream)?;
+        driver.start(&spec)
+    })
+    .await?;
+    platform.event(
+        &db.id,
+        "node_started",
+        format!("standby {} streaming from {}", standby.name, primary.name),
+    );
+    Ok(())
+}
+
+async fn wait_synchronous(
+    platform: &Platform,
+    primary: &NodeSpec,
+    standby: &str,
+) -> Result<(), String> {
+    let admin = platform.session(primary, "postgres").await.map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = admin
+            .query(
+                "SELECT sync_state FROM pg_stat_replication WHERE application_name = $1",
+                &[&standby],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if rows.first().is_some_and(|r| r.get::<_, String>(0) == "sync") {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("standby {standby} did not become synchronous within 60 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

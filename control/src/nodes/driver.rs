@@ -1,0 +1,113 @@
+//! The node driver interface: how the control plane creates, starts and removes PostgreSQL
+//! nodes. `local.rs` runs them as processes on this host; other drivers (containers, VMs) can
+//! implement the same trait. Methods block (they run programs); callers use `spawn_blocking`.
+
+use std::path::PathBuf;
+
+/// Everything a driver needs to know about one node.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    pub name: String,
+    pub dir: PathBuf,
+    pub host: String,
+    pub port: u16,
+}
+
+/// Files and settings the control plane decides for a node.
+#[derive(Clone)]
+pub struct NodeConfig {
+    /// `postgresql.conf` settings (name, value already quoted as PostgreSQL expects).
+    pub settings: Vec<(String, String)>,
+    /// Whole `pg_hba.conf`.
+    pub hba: String,
+    /// Server certificate, key, and the CA certificate (PEM).
+    pub tls: (String, String, String),
+    /// Written to the node's passfile, which its `primary_conninfo` names.
+    pub replication_password: String,
+}
+
+impl std::fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("settings", &self.settings)
+            .field("hba", &self.hba)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a standby streams from.
+#[derive(Clone)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub slot: String,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub trait NodeDriver: Send + Sync + 'static {
+    /// Creates an empty cluster (initdb) and writes its configuration.
+    fn init(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError>;
+    /// Creates a standby by copying `upstream` (pg_basebackup over TLS), configured to stream.
+    fn init_standby(
+        &self,
+        node: &NodeSpec,
+        config: &NodeConfig,
+        upstream: &Upstream,
+    ) -> Result<(), DriverError>;
+    /// Rewrites settings and hba; call `reload` or restart to apply.
+    fn configure(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError>;
+    /// Starts the node and waits until it accepts connections. The error carries the node's
+    /// own log lines.
+    fn start(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    fn stop(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    fn reload(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    fn is_running(&self, node: &NodeSpec) -> bool;
+    /// Makes sure the node can serve nothing any more, whatever state it is in (even frozen):
+    /// its processes are killed.
+    fn fence(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    /// Promotes a standby to primary and waits until it accepts writes.
+    fn promote(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    /// Rewinds a stopped former primary onto `source`'s timeline (pg_rewind), so it can follow
+    /// it as a standby.
+    fn rewind(&self, node: &NodeSpec, source: &NodeSpec) -> Result<(), DriverError>;
+    /// Marks a stopped node's data directory as a standby's (`standby.signal`).
+    fn make_standby(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    /// Creates a node from a base backup directory and WAL files, set to recover (its
+    /// `config.settings` carry the recovery target) and then promote. `wal` files are copied
+    /// into the node, `.partial` ones under their full name.
+    fn init_from_backup(
+        &self,
+        node: &NodeSpec,
+        config: &NodeConfig,
+        base: &std::path::Path,
+        wal: &std::path::Path,
+    ) -> Result<(), DriverError>;
+    /// The last lines of the node's log.
+    fn log_tail(&self, node: &NodeSpec) -> String;
+    /// Stops the node if needed and deletes everything it had.
+    fn destroy(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    /// libpq connection string for the superuser, local to the node.
+    fn admin_conninfo(&self, node: &NodeSpec, database: &str) -> String;
+}

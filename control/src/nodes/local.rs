@@ -1,0 +1,393 @@
+//! The local node driver: PostgreSQL 15 processes on this host, managed with `pg_ctl` so that
+//! they keep running if the control plane dies, and adopted when it comes back. When pgwarden
+//! runs as root, every node file is owned by, and every node process runs as, an unprivileged
+//! OS user.
+
+use std::fs;
+use std::os::unix::fs::{chown, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::nodes::config::{conninfo, pgpass_line, quote, REPLICATION_PASSFILE};
+use crate::nodes::driver::{DriverError, NodeConfig, NodeDriver, NodeSpec, Upstream};
+
+pub struct LocalDriver {
+    bin: PathBuf,
+    /// `(uid, gid)` nodes run as, when we are root.
+    run_as: Option<(u32, u32)>,
+}
+
+impl LocalDriver {
+    /// `bin`: directory of the PostgreSQL 15 programs; `user`: OS user for nodes when root.
+    pub fn new(bin: PathBuf, user: &str) -> Result<Self, DriverError> {
+        let run_as = if is_root() { Some(lookup_user(user)?) } else { None };
+        if !bin.join("postgres").exists() {
+            return Err(DriverError::Other(format!(
+                "PostgreSQL 15 server not found in {} (install postgresql-15)",
+                bin.display()
+            )));
+        }
+        Ok(Self { bin, run_as })
+    }
+
+    /// The Debian location of PostgreSQL 15.
+    pub fn default_bin() -> PathBuf {
+        PathBuf::from("/usr/lib/postgresql/15/bin")
+    }
+
+    fn data(node: &NodeSpec) -> PathBuf {
+        node.dir.join("data")
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(program));
+        cmd.stdin(Stdio::null()).env_clear().env("PATH", "/usr/bin:/bin").env("LC_ALL", "C.UTF-8");
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid).env("HOME", "/tmp");
+        }
+        cmd
+    }
+
+    fn run(&self, what: &str, cmd: &mut Command) -> Result<String, DriverError> {
+        let out = cmd.output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(DriverError::Command { what: what.into(), detail: last_lines(&text, 5) })
+        }
+    }
+
+    /// Writes a file the node will read, owned by the node user. It is created with `mode`
+    /// (whatever the umask) and never readable by others before that.
+    fn write(&self, path: &Path, contents: &str, mode: u32) -> Result<(), DriverError> {
+        use std::io::Write;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode & 0o600)
+            .open(path)?;
+        file.set_permissions(fs::Permissions::from_mode(mode & 0o600))?;
+        file.write_all(contents.as_bytes())?;
+        drop(file);
+        self.own(path)?;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+        Ok(())
+    }
+
+    fn own(&self, path: &Path) -> Result<(), DriverError> {
+        if let Some((uid, gid)) = self.run_as {
+            chown(path, Some(uid), Some(gid))?;
+        }
+        Ok(())
+    }
+
+    fn make_dir(&self, node: &NodeSpec) -> Result<(), DriverError> {
+        fs::create_dir_all(&node.dir)?;
+        fs::set_permissions(&node.dir, fs::Permissions::from_mode(0o700))?;
+        self.own(&node.dir)
+    }
+
+    fn write_files(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError> {
+        let data = Self::data(node);
+        let (cert, key, ca) = &config.tls;
+        self.write(&node.dir.join("server.crt"), cert, 0o644)?;
+        self.write(&node.dir.join("server.key"), key, 0o600)?;
+        self.write(&node.dir.join("ca.crt"), ca, 0o644)?;
+        let passfile =
+            pgpass_line(crate::nodes::config::REPLICATION_ROLE, &config.replication_password);
+        self.write(&node.dir.join(REPLICATION_PASSFILE), &passfile, 0o600)?;
+        self.write(&data.join("pg_hba.conf"), &config.hba, 0o600)?;
+        let mut conf = String::from("# Managed by pgwarden: rewritten on every change.\n");
+        let fixed = [
+            ("listen_addresses", quote(&node.host)),
+            ("port", node.port.to_string()),
+            ("unix_socket_directories", quote(&node.dir.display().to_string())),
+            ("ssl", "on".into()),
+            ("ssl_cert_file", quote(&node.dir.join("server.crt").display().to_string())),
+            ("ssl_key_file", quote(&node.dir.join("server.key").display().to_string())),
+            ("ssl_ca_file", quote(&node.dir.join("ca.crt").display().to_string())),
+            ("ssl_min_protocol_version", quote("TLSv1.2")),
+            ("password_encryption", quote("scram-sha-256")),
+            ("cluster_name", quote(&node.name)),
+            ("logging_collector", "off".into()),
+        ];
+        for (k, v) in fixed
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .chain(config.settings.iter().cloned())
+        {
+            conf += &format!("{k} = {v}\n");
+        }
+        self.write(&data.join("pgwarden.conf"), &conf, 0o600)?;
+        let main = data.join("postgresql.conf");
+        let existing = fs::read_to_string(&main).unwrap_or_default();
+        if !existing.contains("include 'pgwarden.conf'") {
+            self.write(&main, &format!("{existing}\ninclude 'pgwarden.conf'\n"), 0o600)?;
+        }
+        Ok(())
+    }
+
+    fn log_tail(node: &NodeSpec) -> String {
+        let log = fs::read_to_string(node.dir.join("postgres.log")).unwrap_or_default();
+        last_lines(&log, 5)
+    }
+}
+
+impl NodeDriver for LocalDriver {
+    fn init(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError> {
+        self.make_dir(node)?;
+        let mut cmd = self.command("initdb");
+        cmd.arg("-D").arg(Self::data(node)).args([
+            "-U",
+            "postgres",
+            "--data-checksums",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--encoding=UTF8",
+            "--locale=C.UTF-8",
+        ]);
+        self.run("initdb", &mut cmd)?;
+        self.write_files(node, config)
+    }
+
+    fn init_standby(
+        &self,
+        node: &NodeSpec,
+        config: &NodeConfig,
+        upstream: &Upstream,
+    ) -> Result<(), DriverError> {
+        self.make_dir(node)?;
+        self.write(&node.dir.join("ca.crt"), &config.tls.2, 0o644)?;
+        let mut cmd = self.command("pg_basebackup");
+        cmd.arg("-D")
+            .arg(Self::data(node))
+            .args(["-h", &upstream.host, "-p", &upstream.port.to_string(), "-U", &upstream.user])
+            .args(["-X", "stream", "-c", "fast", "--no-password", "-C", "-S", &upstream.slot])
+            .env("PGPASSWORD", &upstream.password)
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", node.dir.join("ca.crt"))
+            .env("PGAPPNAME", &node.name);
+        self.run("pg_basebackup", &mut cmd)?;
+        self.write_files(node, config)?;
+        self.write(&Self::data(node).join("standby.signal"), "", 0o600)
+    }
+
+    fn configure(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError> {
+        self.write_files(node, config)
+    }
+
+    fn start(&self, node: &NodeSpec) -> Result<(), DriverError> {
+        let log = node.dir.join("postgres.log");
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("start")
+            .arg("-D")
+            .arg(Self::data(node))
+            .arg("-l")
+            .arg(&log)
+            .args(["-w", "-t", "60"]);
+        self.run("pg_ctl start", &mut cmd).map(drop).map_err(|e| {
+            DriverError::Other(format!(
+                "node {} did not start: {}",
+                node.name,
+                match &e {
+                    DriverError::Command { .. } => Self::log_tail(node),
+                    other => other.to_string(),
+                }
+            ))
+        })
+    }
+
+    fn stop(&self, node: &NodeSpec) -> Result<(), DriverError> {
+        if !self.is_running(node) {
+            return Ok(());
+        }
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("stop").arg("-D").arg(Self::data(node)).args(["-m", "fast", "-w", "-t", "60"]);
+        self.run("pg_ctl stop", &mut cmd).map(drop)
+    }
+
+    fn reload(&self, node: &NodeSpec) -> Result<(), DriverError> {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("reload").arg("-D").arg(Self::data(node));
+        self.run("pg_ctl reload", &mut cmd).map(drop)
+    }
+
+    fn is_running(&self, node: &NodeSpec) -> bool {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("status")
+            .arg("-D")
+            .arg(Self::data(node))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd.status().is_ok_and(|s| s.success())
+    }
+
+    fn fence(&self, node: &NodeSpec) -> Result<(), DriverError> {
+        let pid_file = Self::data(node).join("postmaster.pid");
+        let Some(pid) = fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.lines().next()?.trim().parse::<u32>().ok())
+        else {
+            return Ok(());
+        };
+        // SIGKILL works on a stopped (SIGSTOP) process too. Children first, so none outlives
+        // the postmaster and keeps serving a session.
+        for child in children_of(pid) {
+            kill(child, "-KILL");
+        }
+        kill(pid, "-KILL");
+        Ok(())
+    }
+
+    fn promote(&self, node: &NodeSpec) -> Result<(), DriverError> {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("promote").arg("-D").arg(Self::data(node)).args(["-w", "-t", "60"]);
+        self.run("pg_ctl promote", &mut cmd).map(drop)
+    }
+
+    fn rewind(&self, node: &NodeSpec, source: &NodeSpec) -> Result<(), DriverError> {
+        let mut cmd = self.command("pg_rewind");
+        cmd.arg("--target-pgdata")
+            .arg(Self::data(node))
+            .arg(format!("--source-server={}", self.admin_conninfo(source, "postgres")));
+        self.run("pg_rewind", &mut cmd).map(drop)
+    }
+
+    fn make_standby(&self, node: &NodeSpec) -> Result<(), DriverError> {
+        self.write(&Self::data(node).join("standby.signal"), "", 0o600)
+    }
+
+    fn init_from_backup(
+        &self,
+        node: &NodeSpec,
+        config: &NodeConfig,
+        base: &Path,
+        wal: &Path,
+    ) -> Result<(), DriverError> {
+        self.make_dir(node)?;
+        let data = Self::data(node);
+        let status = Command::new("cp").arg("-a").arg(base).arg(&data).status()?;
+        if !status.success() {
+            return Err(DriverError::Other(format!("cannot copy base backup {}", base.display())));
+        }
+        for leftover in ["standby.signal", "recovery.signal", "postmaster.pid", "backup_manifest"] {
+            let _ = fs::remove_file(data.join(leftover));
+        }
+        let restore = node.dir.join("wal-restore");
+        fs::create_dir_all(&restore)?;
+        for entry in fs::read_dir(wal)? {
+            let path = entry?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+            let target = name.strip_suffix(".partial").unwrap_or(name);
+            if name.ends_with(".partial") && wal.join(target).exists() {
+                continue;
+            }
+            fs::copy(&path, restore.join(target))?;
+        }
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o700))?;
+        if let Some((uid, gid)) = self.run_as {
+            let status = Command::new("chown")
+                .arg("-R")
+                .arg(format!("{uid}:{gid}"))
+                .arg(&node.dir)
+                .status()?;
+            if !status.success() {
+                return Err(DriverError::Other("cannot chown the restored node".into()));
+            }
+        }
+        let mut config = config.clone();
+        // A shell command (the path in shell quotes) in which `%` introduces a placeholder.
+        let shell_path = restore.display().to_string().replace('\'', "'\\''").replace('%', "%%");
+        let restore_command = format!("cp '{shell_path}/%f' '%p'");
+        config.settings.push(("restore_command".into(), quote(&restore_command)));
+        self.write_files(node, &config)?;
+        self.write(&data.join("recovery.signal"), "", 0o600)
+    }
+
+    fn log_tail(&self, node: &NodeSpec) -> String {
+        Self::log_tail(node)
+    }
+
+    fn destroy(&self, node: &NodeSpec) -> Result<(), DriverError> {
+        if self.is_running(node) {
+            let mut cmd = self.command("pg_ctl");
+            cmd.arg("stop").arg("-D").arg(Self::data(node)).args(["-m", "immediate", "-w"]);
+            self.run("pg_ctl stop", &mut cmd)?;
+        }
+        match fs::remove_dir_all(&node.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn admin_conninfo(&self, node: &NodeSpec, database: &str) -> String {
+        let (dir, port) = (node.dir.display().to_string(), node.port.to_string());
+        conninfo(&[
+            ("host", &dir),
+            ("port", &port),
+            ("user", "postgres"),
+            ("dbname", database),
+            ("connect_timeout", "3"),
+        ])
+    }
+}
+
+fn kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill").args([signal, &pid.to_string()]).stderr(Stdio::null()).status();
+}
+
+/// Processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    stat.rsplit_once(") ")
+                        .map(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_owned))
+                })
+                .flatten()
+                .is_some_and(|ppid| ppid == pid.to_string())
+        })
+        .collect()
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// Whether this process runs as root (then nodes run as an unprivileged user).
+pub fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|l| l.split_whitespace().next() == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn lookup_user(name: &str) -> Result<(u32, u32), DriverError> {
+    let passwd = fs::read_to_string("/etc/passwd")?;
+    let fields = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[0] == name)
+        .ok_or_else(|| DriverError::Other(format!("OS user {name:?} not found: PostgreSQL nodes cannot run as root (apt-get install postgresql creates the postgres user)")))?;
+    let parse = |s: &str| {
+        s.parse().map_err(|_| DriverError::Other(format!("bad /etc/passwd entry for {name}")))
+    };
+    Ok((parse(fields[2])?, parse(fields[3])?))
+}

@@ -1,0 +1,19 @@
+//! PostgreSQL nodes: the driver interface (`driver.rs`) and its local implementation
+//! (`local.rs`), the configuration the control plane writes into a node (`config.rs`), ports for
+//! new nodes (`ports.rs`), and SQL sessions on a node, always bounded in time (`sql.rs`).
+
+pub mod config;
+pub mod driver;
+pub mod local;
+pub mod ports;
+pub mod roles;
+pub mod sql;
+
+pub use driver::{DriverError, NodeConfig, NodeDriver, NodeSpec, Upstream};
+
+/// Runs driver work (it runs programs and touches files) off the async runtime.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+}

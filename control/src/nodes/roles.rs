@@ -1,0 +1,130 @@
+//! Database roles and their privileges, exactly as SPEC §5 lists them, run through a bounded
+//! [`Session`].
+
+use crate::nodes::sql::{Session, SqlError};
+use crate::secrets;
+
+/// Roles created by pgwarden itself, never given to users.
+pub const REPLICATION_ROLE: &str = "pgwarden_replicator";
+
+/// Valid names: lower-case letters, digits and `_`, starting with a letter, at most 63 bytes,
+/// and not reserved.
+pub fn valid_user_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
+        && !name.starts_with("pg_")
+        && !matches!(name, "postgres" | "public" | REPLICATION_ROLE)
+}
+
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+pub fn literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// The statements that give `user` its privileges on `database`, whose tables `owner` creates.
+pub fn grants(user: &str, owner: &str, database: &str, read_only: bool) -> Vec<String> {
+    let (u, o, d) = (ident(user), ident(owner), ident(database));
+    if read_only {
+        vec![
+            format!("GRANT USAGE ON SCHEMA public TO {u}"),
+            format!("GRANT CONNECT ON DATABASE {d} TO {u}"),
+            format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {u}"),
+            format!("GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {u}"),
+            format!("ALTER DEFAULT PRIVILEGES FOR USER {o} IN SCHEMA public GRANT SELECT ON TABLES TO {u}"),
+            format!("ALTER DEFAULT PRIVILEGES FOR USER {o} IN SCHEMA public GRANT SELECT ON SEQUENCES TO {u}"),
+        ]
+    } else {
+        vec![
+            format!("GRANT CREATE ON SCHEMA public TO {u}"),
+            format!("GRANT ALL PRIVILEGES ON DATABASE {d} TO {u}"),
+            format!("GRANT ALL PRIVILEGES ON ALL TABLES IN SCHEMA public TO {u}"),
+            format!("GRANT ALL PRIVILEGES ON ALL SEQUENCES IN SCHEMA public TO {u}"),
+            format!("ALTER DEFAULT PRIVILEGES FOR USER {o} IN SCHEMA public GRANT ALL ON TABLES TO {u}"),
+            format!("ALTER DEFAULT PRIVILEGES FOR USER {o} IN SCHEMA public GRANT ALL ON SEQUENCES TO {u}"),
+        ]
+    }
+}
+
+/// Creates a login role with a SCRAM verifier of `password` (the password itself never reaches
+/// the node).
+pub async fn create_role(
+    admin: &Session,
+    user: &str,
+    password: &str,
+    extra: &str,
+) -> Result<(), SqlError> {
+    let sql = format!(
+        "CREATE ROLE {} LOGIN {extra} PASSWORD {}",
+        ident(user),
+        literal(&secrets::scram_verifier(password))
+    );
+    admin.batch_execute(&sql).await
+}
+
+pub async fn set_password(admin: &Session, user: &str, password: &str) -> Result<(), SqlError> {
+    let sql = format!(
+        "ALTER ROLE {} PASSWORD {}",
+        ident(user),
+        literal(&secrets::scram_verifier(password))
+    );
+    admin.batch_execute(&sql).await
+}
+
+pub async fn create_database(admin: &Session, database: &str, owner: &str) -> Result<(), SqlError> {
+    admin
+        .batch_execute(&format!("CREATE DATABASE {} OWNER {}", ident(database), ident(owner)))
+        .await
+}
+
+/// Runs `grants` connected to the user's database.
+pub async fn grant(
+    db_admin: &Session,
+    user: &str,
+    owner: &str,
+    database: &str,
+    read_only: bool,
+) -> Result<(), SqlError> {
+    let sql = grants(user, owner, database, read_only).join(";\n");
+    db_admin.batch_execute(&sql).await
+}
+
+/// Drops a user, handing whatever it owns to the owner.
+pub async fn drop_user(db_admin: &Session, user: &str, owner: &str) -> Result<(), SqlError> {
+    let (u, o) = (ident(user), ident(owner));
+    db_admin
+        .batch_execute(&format!("REASSIGN OWNED BY {u} TO {o}; DROP OWNED BY {u}; DROP ROLE {u}"))
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_write_grants_are_the_six_of_the_spec() {
+        let g = grants("bob", "app_1", "app_1", false);
+        assert_eq!(g.len(), 6);
+        assert_eq!(g[0], "GRANT CREATE ON SCHEMA public TO \"bob\"");
+        assert_eq!(
+            g[4],
+            "ALTER DEFAULT PRIVILEGES FOR USER \"app_1\" IN SCHEMA public GRANT ALL ON TABLES TO \"bob\""
+        );
+        let r = grants("ro", "app_1", "app_1", true);
+        assert!(r.iter().all(|s| !s.contains("ALL PRIVILEGES") && !s.contains("CREATE")));
+    }
+
+    #[test]
+    fn user_names_are_checked() {
+        assert!(valid_user_name("report_reader"));
+        for bad in
+            ["", "1abc", "Abc", "a-b", "postgres", "pg_monitor", "pgwarden_replicator", "a\"b"]
+        {
+            assert!(!valid_user_name(bad), "{bad}");
+        }
+    }
+}

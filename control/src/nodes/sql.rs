@@ -1,0 +1,132 @@
+//! SQL sessions the control plane opens on its nodes, every one bounded in time.
+//!
+//! A frozen postmaster accepts a socket connection and never answers, and a frozen backend never
+//! finishes a statement: so opening a session and every statement run through [`Session`] have a
+//! client-side deadline, and the node itself is told to give up (`statement_timeout`,
+//! `lock_timeout`) when the control plane stopped waiting.
+
+use std::time::Duration;
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+/// How long opening a session and running one statement may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub statement: Duration,
+}
+
+impl Timeouts {
+    /// For API calls and operations: a node that does not answer within this is unreachable.
+    pub const DEFAULT: Timeouts =
+        Timeouts { connect: Duration::from_secs(3), statement: Duration::from_secs(30) };
+
+    /// Both bounds at `limit` (health checks).
+    pub fn within(limit: Duration) -> Self {
+        Self { connect: limit, statement: limit }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SqlError {
+    #[error("node {node} cannot be reached: {source}")]
+    Connect { node: String, source: tokio_postgres::Error },
+    #[error("node {node} did not answer within {} ms", .after.as_millis())]
+    Timeout { node: String, after: Duration },
+    #[error("SQL failed on node {node}: {source}")]
+    Query { node: String, source: tokio_postgres::Error },
+}
+
+impl SqlError {
+    /// The node did not answer (as opposed to answering with an error).
+    pub fn unreachable(&self) -> bool {
+        match self {
+            SqlError::Connect { .. } | SqlError::Timeout { .. } => true,
+            SqlError::Query { source, .. } => source.is_closed() || source.code().is_none(),
+        }
+    }
+}
+
+/// A superuser session on one node.
+pub struct Session {
+    node: String,
+    client: tokio_postgres::Client,
+    timeouts: Timeouts,
+}
+
+impl Session {
+    /// Opens a session on `node` (its name, for errors) with `conninfo`.
+    pub async fn open(node: &str, conninfo: &str, timeouts: Timeouts) -> Result<Self, SqlError> {
+        let connect_error = |source| SqlError::Connect { node: node.to_owned(), source };
+        let mut config: tokio_postgres::Config = conninfo.parse().map_err(connect_error)?;
+        let ms = timeouts.statement.as_millis().max(1);
+        config
+            .connect_timeout(timeouts.connect)
+            .options(format!("-c statement_timeout={ms} -c lock_timeout={ms}"));
+        let connecting = config.connect(NoTls);
+        let (client, connection) = tokio::time::timeout(timeouts.connect, connecting)
+            .await
+            .map_err(|_| SqlError::Timeout { node: node.to_owned(), after: timeouts.connect })?
+            .map_err(connect_error)?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Self { node: node.to_owned(), client, timeouts })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    async fn bounded<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, SqlError> {
+        let after = self.timeouts.statement;
+        tokio::time::timeout(after, work)
+            .await
+            .map_err(|_| SqlError::Timeout { node: self.node.clone(), after })?
+            .map_err(|source| SqlError::Query { node: self.node.clone(), source })
+    }
+
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), SqlError> {
+        self.bounded(self.client.batch_execute(sql)).await
+    }
+
+    pub async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, SqlError> {
+        self.bounded(self.client.execute(sql, params)).await
+    }
+
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, SqlError> {
+        self.bounded(self.client.query(sql, params)).await
+    }
+
+    pub async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, SqlError> {
+        self.bounded(self.client.query_one(sql, params)).await
+    }
+
+    pub async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, SqlError> {
+        self.bounded(self.client.query_opt(sql, params)).await
+    }
+}

@@ -1,0 +1,232 @@
+//! The archiver of one PITR database: `pg_receivewal` from the current primary, heartbeats,
+//! gap checks and the weekly base backup.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pgwarden_api::control::DatabaseStatus;
+use time::OffsetDateTime;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::base::{base_backup_due, prune, take_base_backup, wal_gaps};
+use super::{pitr_plan, wal_dir};
+use crate::nodes::config::{conninfo, REPLICATION_ROLE};
+use crate::nodes::sql::{Session, Timeouts};
+use crate::platform::Platform;
+use crate::state::{DatabaseRecord, NodeRecord};
+
+pub(crate) const ARCHIVER: &str = "pgwarden_archiver";
+const TICK: Duration = Duration::from_secs(1);
+
+/// Heartbeats: `(time before the commit, WAL position after it)`, per database.
+#[derive(Default)]
+pub struct Heartbeats {
+    seen: Mutex<HashMap<String, VecDeque<(OffsetDateTime, i64)>>>,
+}
+
+impl Heartbeats {
+    pub(crate) fn record(&self, id: &str, at: OffsetDateTime, lsn: i64) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let beats = seen.entry(id.to_owned()).or_default();
+        beats.push_back((at, lsn));
+        while beats.len() > 7200 {
+            beats.pop_front();
+        }
+    }
+
+    /// The newest heartbeat time whose commit is at or before `flushed`.
+    pub(crate) fn latest_before(&self, id: &str, flushed: i64) -> Option<OffsetDateTime> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(id)?.iter().rev().find(|(_, lsn)| *lsn <= flushed).map(|(t, _)| *t)
+    }
+
+    pub(crate) fn forget(&self, id: &str) {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+}
+
+/// Starts an archiver for every PITR database, now and as they appear.
+pub async fn supervise(
+    platform: Arc<Platform>,
+    heartbeats: Arc<Heartbeats>,
+    shutdown: CancellationToken,
+) {
+    let running: Arc<Mutex<HashSet<String>>> = Arc::default();
+    loop {
+        for db in platform.store.databases().unwrap_or_default() {
+            if db.status == DatabaseStatus::Running
+                && pitr_plan(&db)
+                && running.lock().expect("lock").insert(db.id.clone())
+            {
+                let (platform, running, shutdown) =
+                    (platform.clone(), running.clone(), shutdown.clone());
+                let heartbeats = heartbeats.clone();
+                tokio::spawn(async move {
+                    archive(&platform, &heartbeats, &db.id, &shutdown).await;
+                    running.lock().expect("lock").remove(&db.id);
+                });
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(TICK) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn archive(
+    platform: &Arc<Platform>,
+    heartbeats: &Heartbeats,
+    id: &str,
+    shutdown: &CancellationToken,
+) {
+    let mut receiver: Option<(String, Child)> = None;
+    let mut admin: Option<Session> = None;
+    let mut ticks = 0u64;
+    let mut reported_gaps: Vec<String> = Vec::new();
+    while let Ok(Some(db)) = platform.store.database(id) {
+        match db.status {
+            DatabaseStatus::Deleting | DatabaseStatus::Failed => break,
+            DatabaseStatus::Restoring => {
+                // The restore moves the archive aside; streaming resumes on the new primary.
+                if let Some((_, mut child)) = receiver.take() {
+                    let _ = child.kill().await;
+                }
+                admin = None;
+            }
+            _ => {}
+        }
+        if let (DatabaseStatus::Running, Some(primary)) = (db.status, db.primary().cloned()) {
+            let restart = match &mut receiver {
+                Some((node, child)) => {
+                    *node != primary.name || child.try_wait().ok().flatten().is_some()
+                }
+                None => true,
+            };
+            if restart {
+                if let Some((_, mut child)) = receiver.take() {
+                    let _ = child.kill().await;
+                }
+                match start_receiver(platform, &db, &primary).await {
+                    Ok(child) => {
+                        receiver = Some((primary.name.clone(), child));
+                        platform.event(
+                            id,
+                            "wal_archiving",
+                            format!("streaming WAL from {}", primary.name),
+                        );
+                    }
+                    Err(e) => warn!(database = id, error = %e, "cannot start WAL archiving"),
+                }
+            }
+            if admin.as_ref().is_none_or(|s| s.node() != primary.name || s.is_closed()) {
+                let spec = platform.node_spec(&primary);
+                admin =
+                    platform.session_within(&spec, "postgres", Timeouts::within(TICK)).await.ok();
+            }
+            if let Some(session) = &admin {
+                let before = OffsetDateTime::now_utc();
+                let beat = async {
+                    session.batch_execute("SELECT pg_current_xact_id()").await?;
+                    session
+                        .query_one(
+                            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::int8",
+                            &[],
+                        )
+                        .await
+                };
+                match beat.await {
+                    Ok(row) => heartbeats.record(id, before, row.get(0)),
+                    // A session that timed out may be stuck: open a new one next time.
+                    Err(_) => admin = None,
+                }
+            }
+            if ticks.is_multiple_of(10) {
+                let gaps = wal_gaps(&wal_dir(platform, id), None);
+                if !gaps.is_empty() && gaps != reported_gaps {
+                    platform.metrics.wal_gap();
+                    platform.event(
+                        id,
+                        "wal_gap",
+                        format!("WAL archive is missing segment(s) {}", gaps.join(", ")),
+                    );
+                    reported_gaps = gaps;
+                }
+            }
+            if receiver.is_some() && base_backup_due(platform, id) {
+                match take_base_backup(platform, &db).await {
+                    Ok(b) => {
+                        let message = format!("base backup {} taken and verified", b.id);
+                        platform.event(id, "base_backup", message);
+                        prune(platform, id);
+                    }
+                    Err(e) => {
+                        platform.event(id, "base_backup_failed", format!("base backup failed: {e}"))
+                    }
+                }
+            }
+        }
+        ticks += 1;
+        tokio::select! {
+            () = tokio::time::sleep(TICK) => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    if let Some((_, mut child)) = receiver.take() {
+        let _ = child.kill().await;
+    }
+    heartbeats.forget(id);
+}
+
+/// A replication connection string to `node` (the password comes from the environment of the
+/// program that uses it, never from its command line).
+pub(crate) fn replication_conninfo(platform: &Platform, node: &NodeRecord, app: &str) -> String {
+    let port = node.port.to_string();
+    let ca = platform.config.data_dir.join("ca/ca.crt").display().to_string();
+    conninfo(&[
+        ("host", &node.host),
+        ("port", &port),
+        ("user", REPLICATION_ROLE),
+        ("sslmode", "verify-full"),
+        ("sslrootcert", &ca),
+        ("application_name", app),
+        ("connect_timeout", "3"),
+    ])
+}
+
+async fn start_receiver(
+    platform: &Platform,
+    db: &DatabaseRecord,
+    primary: &NodeRecord,
+) -> Result<Child, String> {
+    let admin = platform
+        .session(&platform.node_spec(primary), "postgres")
+        .await
+        .map_err(|e| e.to_string())?;
+    admin
+        .execute(
+            "SELECT pg_create_physical_replication_slot($1, true) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&ARCHIVER],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let dir = wal_dir(platform, &db.id);
+    crate::files::private_dir(&dir).map_err(|e| e.to_string())?;
+    let log = crate::files::create_private(&dir.parent().unwrap_or(&dir).join("pg_receivewal.log"))
+        .map_err(|e| e.to_string())?;
+    Command::new(platform.pg_bin.join("pg_receivewal"))
+        .arg("-D")
+        .arg(&dir)
+        .args(["--slot", ARCHIVER, "--synchronous", "--no-loop", "--no-password", "-d"])
+        .arg(replication_conninfo(platform, primary, ARCHIVER))
+        .env("PGPASSWORD", &db.replication_password)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run pg_receivewal: {e}"))
+}

@@ -1,0 +1,69 @@
+//! How `pgwarden serve` is set up.
+
+use std::path::PathBuf;
+
+#[derive(Clone)]
+pub struct PlatformConfig {
+    pub data_dir: PathBuf,
+    /// Where clients reach the proxies: host and port of every `DATABASE_URL`.
+    pub client_host: String,
+    pub client_port: u16,
+    /// Admin addresses (`host:port`) of the proxies to publish routes to.
+    pub proxies: Vec<String>,
+    /// Bearer token of the proxies' admin APIs.
+    pub proxy_token: String,
+    /// Address nodes listen on.
+    pub node_host: String,
+    /// First port tried for new nodes; ports go up from there.
+    pub first_node_port: u16,
+    /// Health checks and failover.
+    pub health: HealthConfig,
+    /// How often the backup scheduler looks for due backups.
+    pub backup_tick: std::time::Duration,
+    /// Extra `postgresql.conf` settings for every new node (value as PostgreSQL expects it,
+    /// quoted where needed), e.g. `shared_preload_libraries`.
+    pub extra_settings: Vec<(String, String)>,
+}
+
+/// How nodes are watched and when a primary is declared dead.
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    /// Time between two checks of a node.
+    pub interval: std::time::Duration,
+    /// Consecutive failed checks before the primary is declared dead (default 3 × 500 ms:
+    /// about 1.5 s).
+    pub failures: u32,
+    /// How long one check may take.
+    pub timeout: std::time::Duration,
+    /// A standby that was not synchronous may be promoted only if it lagged at most this many
+    /// bytes at the last check; beyond, failover is refused (acknowledged commits could be lost).
+    pub max_failover_lag_bytes: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval: std::time::Duration::from_millis(500),
+            failures: 3,
+            timeout: std::time::Duration::from_millis(400),
+            max_failover_lag_bytes: 0,
+        }
+    }
+}
+
+/// Everything but the proxies' token.
+impl std::fmt::Debug for PlatformConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlatformConfig")
+            .field("data_dir", &self.data_dir)
+            .field("client_host", &self.client_host)
+            .field("client_port", &self.client_port)
+            .field("proxies", &self.proxies)
+            .field("node_host", &self.node_host)
+            .field("first_node_port", &self.first_node_port)
+            .field("health", &self.health)
+            .field("backup_tick", &self.backup_tick)
+            .field("extra_settings", &self.extra_settings)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,220 @@
+//! The handles every workflow shares: the store, the node driver, the platform CA, the route
+//! publisher and its holds, the backup storage; and the two kinds of per-database exclusion.
+//!
+//! - The record lock (`update`) is a plain mutex held only while a record is read, changed and
+//!   written back: it cannot be held across a call that waits on a node (it is not `Send`
+//!   across an `.await`).
+//! - Primary changes (`changes.rs`): one at a time per database; an automatic failover preempts
+//!   a planned change that has not yet stopped the primary on purpose.
+//!
+//! Long operations run through `operations.rs`, the one runner that records their progress.
+
+pub mod changes;
+pub mod config;
+pub mod operations;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use pgwarden_api::control::{Event, NodeRole};
+use pgwarden_certs::Ca;
+use tracing::{error, info};
+
+pub use changes::{ChangeGuard, PrimaryChanges};
+pub use config::{HealthConfig, PlatformConfig};
+
+use crate::metrics::Metrics;
+use crate::nodes::config::{node_config, ConfigError};
+use crate::nodes::ports::Ports;
+use crate::nodes::sql::{Session, SqlError, Timeouts};
+use crate::nodes::{NodeConfig, NodeDriver, NodeSpec};
+use crate::routing::{table, Holds, Publisher};
+use crate::state::{DatabaseRecord, NodeRecord, Store, StoreError};
+use crate::storage::BackupStorage;
+
+pub struct Platform {
+    pub config: PlatformConfig,
+    pub store: Store,
+    pub driver: Arc<dyn NodeDriver>,
+    pub ca: Ca,
+    pub metrics: Metrics,
+    pub publisher: Publisher,
+    /// Databases whose new sessions the proxies hold.
+    pub holds: Holds,
+    pub changes: PrimaryChanges,
+    pub ports: Ports,
+    pub backups: Arc<dyn BackupStorage>,
+    /// Directory of the PostgreSQL client programs (pg_dump, pg_restore).
+    pub pg_bin: PathBuf,
+    records: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Serializes the check-then-insert of a new database (unique names).
+    creating: Mutex<()>,
+}
+
+impl Platform {
+    pub fn new(
+        config: PlatformConfig,
+        store: Store,
+        driver: Arc<dyn NodeDriver>,
+        ca: Ca,
+        backups: Arc<dyn BackupStorage>,
+        pg_bin: PathBuf,
+    ) -> Arc<Self> {
+        let metrics = Metrics::new();
+        let publisher =
+            Publisher::start(config.proxies.clone(), config.proxy_token.clone(), metrics.clone());
+        Arc::new(Self {
+            config,
+            store,
+            driver,
+            ca,
+            metrics,
+            publisher,
+            holds: Holds::default(),
+            changes: PrimaryChanges::default(),
+            ports: Ports::default(),
+            backups,
+            pg_bin,
+            records: Mutex::default(),
+            creating: Mutex::default(),
+        })
+    }
+
+    /// Reads database `id`, lets `change` modify it, and writes it back unless `change` fails,
+    /// under the database's record lock. `Ok(None)`: the database does not exist.
+    pub fn update<T, E: From<StoreError>>(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut DatabaseRecord) -> Result<T, E>,
+    ) -> Result<Option<(T, DatabaseRecord)>, E> {
+        let lock = {
+            let mut locks = self.records.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(locks.entry(id.to_owned()).or_default())
+        };
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut db) = self.store.database(id)? else { return Ok(None) };
+        let out = change(&mut db)?;
+        self.store.put_database(&db)?;
+        Ok(Some((out, db)))
+    }
+
+    /// Inserts a new database record unless `conflict` finds a reason in the existing ones.
+    pub fn insert_new<E: From<StoreError>>(
+        &self,
+        db: &DatabaseRecord,
+        conflict: impl FnOnce(&[DatabaseRecord]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let _guard = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+        conflict(&self.store.databases()?)?;
+        self.store.put_database(db)?;
+        Ok(())
+    }
+
+    pub fn node_spec(&self, node: &NodeRecord) -> NodeSpec {
+        NodeSpec {
+            name: node.name.clone(),
+            dir: node.dir.clone(),
+            host: node.host.clone(),
+            port: node.port,
+        }
+    }
+
+    /// The configuration of `node` of `db` (see `nodes::config`).
+    pub fn node_config(
+        &self,
+        db: &DatabaseRecord,
+        node: &NodeRecord,
+        sync_standby: Option<&str>,
+    ) -> Result<NodeConfig, ConfigError> {
+        node_config(&self.ca, &self.config.extra_settings, db, node, sync_standby)
+    }
+
+    /// A superuser session on `node`'s `database`, with the default bounds.
+    pub async fn session(&self, node: &NodeSpec, database: &str) -> Result<Session, SqlError> {
+        self.session_within(node, database, Timeouts::DEFAULT).await
+    }
+
+    pub async fn session_within(
+        &self,
+        node: &NodeSpec,
+        database: &str,
+        timeouts: Timeouts,
+    ) -> Result<Session, SqlError> {
+        Session::open(&node.name, &self.driver.admin_conninfo(node, database), timeouts).await
+    }
+
+    pub fn nodes_dir(&self) -> PathBuf {
+        self.config.data_dir.join("nodes")
+    }
+
+    /// Records for `count` new nodes of database `id`, named `<id>-<first>`, `<id>-<first+1>`...
+    /// (the first is the primary), on ports no other node has, each in a directory of its own
+    /// for this attempt (a program orphaned by an interrupted attempt may still write into an
+    /// earlier one).
+    pub fn new_nodes(
+        &self,
+        id: &str,
+        first: u32,
+        count: usize,
+    ) -> Result<Vec<NodeRecord>, StoreError> {
+        let attempt: u16 = rand::random();
+        let used: Vec<u16> =
+            self.store.databases()?.iter().flat_map(|d| d.nodes.iter().map(|n| n.port)).collect();
+        let ports =
+            self.ports.allocate(&self.config.node_host, self.config.first_node_port, &used, count);
+        Ok(ports
+            .into_iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let name = format!("{id}-{}", first + i as u32);
+                NodeRecord {
+                    role: if i == 0 { NodeRole::Primary } else { NodeRole::Replica },
+                    host: self.config.node_host.clone(),
+                    port,
+                    dir: self.nodes_dir().join(format!("{name}.{attempt:04x}")),
+                    name,
+                    fenced: false,
+                }
+            })
+            .collect())
+    }
+
+    /// `postgres://user:password@host:port/db` through the proxies.
+    pub fn url(&self, user: &str, password: &str, database: &str) -> String {
+        format!(
+            "postgres://{user}:{password}@{}:{}/{database}",
+            self.config.client_host, self.config.client_port
+        )
+    }
+
+    pub fn database_url(&self, db: &DatabaseRecord) -> String {
+        self.url(&db.name, &db.password, &db.name)
+    }
+
+    pub fn event(&self, database_id: &str, kind: &str, message: impl Into<String>) {
+        let event = Event { at: now_rfc3339(), kind: kind.into(), message: message.into() };
+        info!(database = database_id, kind, message = %event.message, "event");
+        if let Err(e) = self.store.add_event(database_id, &event) {
+            error!(error = %e, "cannot record event");
+        }
+    }
+
+    /// Builds the routing table from the store with a new epoch and hands it to the publisher
+    /// (which pushes it in the background: this never waits on a proxy).
+    pub fn publish_routes(&self) -> Result<u64, StoreError> {
+        let databases = self.store.databases()?;
+        let epoch = self.store.next_counter("epoch")?;
+        self.metrics.epoch.set(epoch as i64);
+        self.publisher.publish(table::build(&databases, &self.holds, epoch));
+        Ok(epoch)
+    }
+}
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}

@@ -1,0 +1,9 @@
+//! Routing: the table every proxy routes by (`table.rs`: built from the records, with the holds
+//! of planned operations), and the publisher that keeps each proxy on the newest one
+//! (`publisher.rs`, over the proxies' admin API with bounded HTTP calls).
+
+pub mod publisher;
+pub mod table;
+
+pub use publisher::Publisher;
+pub use table::Holds;

@@ -1,0 +1,144 @@
+//! Keeps every proxy on the latest routing table: one task per proxy pushes each new table,
+//! retries while the proxy is unreachable, and re-pushes when a proxy reports an older epoch
+//! (it restarted).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::{Method, StatusCode};
+use pgwarden_api::{ProxyHealth, RoutingTable};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::httpc::{self, Timeouts};
+use crate::metrics::Metrics;
+
+const RETRY: Duration = Duration::from_millis(500);
+const CHECK_EVERY: Duration = Duration::from_secs(2);
+/// A proxy that takes longer than this to answer is retried later; each proxy has its own task,
+/// so a proxy that never answers delays no other.
+const PUSH_TIMEOUTS: Timeouts =
+    Timeouts { connect: Duration::from_secs(1), exchange: Duration::from_secs(2) };
+
+pub struct Publisher {
+    tx: watch::Sender<Arc<RoutingTable>>,
+    /// The epoch each proxy has applied.
+    applied: Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl Publisher {
+    pub fn start(proxies: Vec<String>, token: String, metrics: Metrics) -> Self {
+        let (tx, _) = watch::channel(Arc::new(RoutingTable::default()));
+        let applied = Arc::new(std::sync::Mutex::new(vec![0; proxies.len()]));
+        for (index, proxy) in proxies.into_iter().enumerate() {
+            let rx = tx.subscribe();
+            let reporter = Reporter { applied: applied.clone(), index };
+            tokio::spawn(keep_in_sync(proxy, token.clone(), rx, metrics.clone(), reporter));
+        }
+        Self { tx, applied }
+    }
+
+    /// Waits until every proxy applied `epoch` or a later one; false after `timeout`.
+    pub async fn wait_applied(&self, epoch: u64, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let done =
+                self.applied.lock().unwrap_or_else(|e| e.into_inner()).iter().all(|a| *a >= epoch);
+            if done {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    pub fn publish(&self, table: RoutingTable) {
+        self.tx.send_replace(Arc::new(table));
+    }
+
+    pub fn current(&self) -> Arc<RoutingTable> {
+        self.tx.borrow().clone()
+    }
+}
+
+/// Where a proxy's task reports the epoch it applied.
+struct Reporter {
+    applied: Arc<std::sync::Mutex<Vec<u64>>>,
+    index: usize,
+}
+
+impl Reporter {
+    fn set(&self, epoch: u64) {
+        self.applied.lock().unwrap_or_else(|e| e.into_inner())[self.index] = epoch;
+    }
+}
+
+async fn keep_in_sync(
+    proxy: String,
+    token: String,
+    mut rx: watch::Receiver<Arc<RoutingTable>>,
+    metrics: Metrics,
+    reporter: Reporter,
+) {
+    let mut applied = 0u64;
+    loop {
+        let table = rx.borrow_and_update().clone();
+        if table.epoch > applied {
+            match push(&proxy, &token, &table).await {
+                Ok(()) => {
+                    metrics.route_push(true);
+                    info!(%proxy, epoch = table.epoch, "routing table applied");
+                    applied = table.epoch;
+                    reporter.set(applied);
+                }
+                Err(e) => {
+                    metrics.route_push(false);
+                    debug!(%proxy, error = %e, "routing table not applied yet");
+                    tokio::select! {
+                        _ = tokio::time::sleep(RETRY) => {}
+                        r = rx.changed() => if r.is_err() { return },
+                    }
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(CHECK_EVERY) => {
+                if let Ok(epoch) = proxy_epoch(&proxy).await {
+                    if epoch < applied {
+                        warn!(%proxy, epoch, applied, "proxy lost its routing table (restarted?); pushing again");
+                        applied = 0;
+                        reporter.set(0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn push(proxy: &str, token: &str, table: &RoutingTable) -> Result<(), String> {
+    let body = serde_json::to_vec(table).map_err(|e| e.to_string())?;
+    let (status, answer) =
+        httpc::request(proxy, Method::PUT, "/v1/routes", Some(token), Some(body), PUSH_TIMEOUTS)
+            .await
+            .map_err(|e| e.to_string())?;
+    match status {
+        StatusCode::OK => Ok(()),
+        // The proxy already holds this epoch or a newer one.
+        StatusCode::CONFLICT => Ok(()),
+        other => Err(format!("{other}: {}", String::from_utf8_lossy(&answer))),
+    }
+}
+
+async fn proxy_epoch(proxy: &str) -> Result<u64, String> {
+    let (status, body) = httpc::request(proxy, Method::GET, "/health", None, None, PUSH_TIMEOUTS)
+        .await
+        .map_err(|e| e.to_string())?;
+    if status != StatusCode::OK {
+        return Err(status.to_string());
+    }
+    serde_json::from_slice::<ProxyHealth>(&body).map(|h| h.epoch).map_err(|e| e.to_string())
+}

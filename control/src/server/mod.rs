@@ -1,0 +1,149 @@
+//! `pgwarden serve`: opens the data dir (token, CA, store), adopts what a previous run left,
+//! starts supervision, resumes interrupted operations, and serves the control API until
+//! shutdown. `up.rs` holds the `serve` and `up` commands.
+
+pub mod up;
+
+use std::fs;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use pgwarden_certs::Ca;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::api::{self, ApiState};
+use crate::lifecycle::recover;
+use crate::nodes::local::LocalDriver;
+use crate::pitr::Heartbeats;
+use crate::platform::{Platform, PlatformConfig};
+use crate::state::Store;
+
+/// Where nodes come from.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// Directory of the PostgreSQL 15 programs.
+    pub pg_bin: PathBuf,
+    /// OS user nodes run as when pgwarden runs as root.
+    pub user: String,
+    /// Stop every node when the API stops (`pgwarden up`); otherwise nodes keep running and
+    /// are adopted by the next start.
+    pub stop_on_exit: bool,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self { pg_bin: LocalDriver::default_bin(), user: "postgres".into(), stop_on_exit: false }
+    }
+}
+
+/// Runs the control plane on `listener` until `shutdown`. Nodes keep running after it returns.
+pub async fn serve(
+    listener: TcpListener,
+    config: PlatformConfig,
+    nodes: NodeOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let stop_on_exit = nodes.stop_on_exit;
+    let platform = open(config, nodes)?;
+    let token = read_secret_file(&platform.config.data_dir.join("token"))?;
+    info!(listen = %listener.local_addr()?, data_dir = %platform.config.data_dir.display(), "control plane started");
+    let heartbeats = Arc::new(Heartbeats::default());
+    tokio::spawn(crate::pitr::archiver::supervise(
+        platform.clone(),
+        heartbeats.clone(),
+        shutdown.child_token(),
+    ));
+    tokio::spawn(crate::backups::schedule::schedule(
+        platform.clone(),
+        platform.config.backup_tick,
+        shutdown.child_token(),
+    ));
+    // Nodes are adopted (started if stopped) first, then watched; interrupted operations are
+    // resumed only once the watchers run, each as a task of its own.
+    let (recovering, watchers) = (platform.clone(), shutdown.child_token());
+    tokio::spawn(async move {
+        recover::adopt_nodes(&recovering).await;
+        tokio::spawn(crate::ha::watcher::supervise(recovering.clone(), watchers));
+        recover::resume_operations(&recovering);
+    });
+    let state = Arc::new(ApiState { platform: platform.clone(), heartbeats, token });
+    let served = axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("control API failed");
+    if stop_on_exit {
+        recover::stop_all(&platform).await;
+    }
+    served
+}
+
+/// Opens the data dir. It and everything in it is private to this user (0700 directories,
+/// 0600 files), except that when nodes run as another OS user, the data dir and `nodes/` let
+/// that user through (0711: it can reach its own directory, list nothing).
+fn open(config: PlatformConfig, nodes: NodeOptions) -> anyhow::Result<Arc<Platform>> {
+    let dir = &config.data_dir;
+    let driver = LocalDriver::new(nodes.pg_bin.clone(), &nodes.user)?;
+    for private in [dir.clone(), dir.join("nodes")] {
+        crate::files::private_dir(&private)
+            .with_context(|| format!("cannot create {}", private.display()))?;
+    }
+    if crate::nodes::local::is_root() {
+        // Node processes run unprivileged: they must be able to reach their directories.
+        for shared in [dir.clone(), dir.join("nodes")] {
+            fs::set_permissions(&shared, fs::Permissions::from_mode(0o711))?;
+        }
+        check_traversable(dir, &nodes.user)?;
+    }
+    let ca_dir = dir.join("ca");
+    crate::files::private_dir(&ca_dir)?;
+    let ca = Ca::load_or_create(&ca_dir).context("platform CA")?;
+    // Created 0600 before redb opens it: never readable by others, not even for an instant.
+    let state = dir.join("state.redb");
+    fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&state)?;
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o600))?;
+    let store = Store::open(&state).context("state store")?;
+    let backups =
+        crate::storage::LocalStorage::new(dir.join("backups")).context("backup storage")?;
+    Ok(Platform::new(config, store, Arc::new(driver), ca, Arc::new(backups), nodes.pg_bin))
+}
+
+/// A secret kept in a file (API token, proxies' token), created (0600, random) on first use. A
+/// file that others can read is refused: the secret may have leaked, and it must be fixed.
+pub fn read_secret_file(path: &Path) -> anyhow::Result<String> {
+    if let Ok(token) = fs::read_to_string(path) {
+        if crate::files::readable_by_others(path)? {
+            bail!(
+                "{} is readable by other users: make it private (chmod 600 {}), and replace the secret if others may have read it",
+                path.display(),
+                path.display()
+            );
+        }
+        if !token.trim().is_empty() {
+            return Ok(token.trim().to_owned());
+        }
+    }
+    let token = crate::secrets::generate_password();
+    let mut file =
+        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes())?;
+    Ok(token)
+}
+
+fn check_traversable(dir: &Path, user: &str) -> anyhow::Result<()> {
+    let dir = dir.canonicalize()?;
+    for ancestor in dir.ancestors().skip(1) {
+        let mode = fs::metadata(ancestor)?.permissions().mode();
+        if mode & 0o001 == 0 {
+            bail!(
+                "the node user {user:?} cannot reach {}: {} is not traversable by others (chmod o+x it, or choose a --data-dir elsewhere)",
+                dir.display(),
+                ancestor.display()
+            );
+        }
+    }
+    Ok(())
+}

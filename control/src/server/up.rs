@@ -1,0 +1,294 @@
+//! `pgwarden serve` and `pgwarden up` as commands: data dir, proxies, signals.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hyper::Method;
+use pgwarden_api::control::{Database, DatabaseOperation, DatabaseStatus};
+use pgwarden_certs::Ca;
+use serde_json::json;
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{split_host_port, Client, HealthArgs, ServeArgs, UpArgs};
+use crate::httpc::Timeouts;
+use crate::server::{read_secret_file, NodeOptions};
+use crate::{HealthConfig, PlatformConfig};
+
+/// Cancels the returned token on SIGINT or SIGTERM.
+fn on_signals() -> anyhow::Result<CancellationToken> {
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        cancel.cancel();
+    });
+    Ok(token)
+}
+
+/// The platform settings `serve` and `up` share: nodes on loopback, daily-backup checks every
+/// 30 s.
+fn platform_config(
+    data_dir: &Path,
+    (client_host, client_port): (String, u16),
+    proxies: Vec<String>,
+    proxy_token: String,
+    first_node_port: u16,
+    health: &HealthArgs,
+) -> PlatformConfig {
+    PlatformConfig {
+        data_dir: data_dir.to_owned(),
+        client_host,
+        client_port,
+        proxies,
+        proxy_token,
+        node_host: "127.0.0.1".into(),
+        first_node_port,
+        extra_settings: Vec::new(),
+        health: health_config(health),
+        backup_tick: Duration::from_secs(30),
+    }
+}
+
+fn health_config(args: &HealthArgs) -> HealthConfig {
+    let interval = Duration::from_millis(args.health_interval_ms.max(50));
+    HealthConfig {
+        interval,
+        failures: args.health_failures.max(1),
+        timeout: interval.mul_f64(0.8),
+        max_failover_lag_bytes: args.max_failover_lag_bytes,
+    }
+}
+
+pub async fn serve_command(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
+    crate::files::private_dir(data_dir)?;
+    // The API token exists before the API listens: a client that reaches it can authenticate.
+    read_secret_file(&data_dir.join("token"))?;
+    let proxy_token = match &args.proxy_token_file {
+        Some(path) => {
+            if crate::files::readable_by_others(path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+            {
+                bail!("{} is readable by other users: chmod 600 it", path.display());
+            }
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .trim()
+                .to_owned()
+        }
+        None => read_secret_file(&data_dir.join("proxy-token"))?,
+    };
+    let (client_host, client_port) = split_host_port(&args.client_addr)?;
+    let proxies = args.proxy_admins.clone();
+    let config = platform_config(
+        data_dir,
+        (client_host, client_port),
+        proxies,
+        proxy_token,
+        args.first_node_port,
+        &args.health,
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let nodes = NodeOptions { user: args.node_user, ..NodeOptions::default() };
+    crate::serve(listener, config, nodes, on_signals()?).await
+}
+
+pub async fn up(data_dir: &Path, args: UpArgs) -> anyhow::Result<()> {
+    crate::files::private_dir(data_dir)?;
+    crate::files::private_dir(&data_dir.join("proxy"))?;
+    let data_dir = data_dir.canonicalize()?;
+    let shutdown = on_signals()?;
+    let proxy_token = read_secret_file(&data_dir.join("proxy-token"))?;
+    read_secret_file(&data_dir.join("token"))?;
+    let ca_dir = data_dir.join("ca");
+    crate::files::private_dir(&ca_dir)?;
+    let ca = Ca::load_or_create(&ca_dir).context("platform CA")?;
+    let proxy_dir = data_dir.join("proxy");
+    ca.issue_server(&[&args.client_listen.ip().to_string(), "localhost"])?
+        .write(&proxy_dir.join("server.crt"), &proxy_dir.join("server.key"))?;
+
+    let mut proxies = Vec::new();
+    for (i, admin) in args.proxy_admin.iter().enumerate() {
+        proxies.push(start_proxy(&proxy_dir, i, &args, *admin).await?);
+        if i == 0 {
+            // The first one starts active; the second then finds it and stays standby.
+            wait_active(*admin).await;
+        }
+    }
+
+    let client = (args.client_listen.ip().to_string(), args.client_listen.port());
+    let admins = args.proxy_admin.iter().map(|a| a.to_string()).collect();
+    let config =
+        platform_config(&data_dir, client, admins, proxy_token, args.first_node_port, &args.health);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let nodes =
+        NodeOptions { user: args.node_user.clone(), stop_on_exit: true, ..NodeOptions::default() };
+    let server = tokio::spawn(crate::serve(listener, config, nodes, shutdown.clone()));
+
+    let provisioned = tokio::select! {
+        r = ensure_database(&args, &data_dir) => r,
+        () = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted")),
+    };
+    match provisioned {
+        Ok(db) => print_summary(&db, &args, &data_dir),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            shutdown.cancel();
+        }
+    }
+    shutdown.cancelled().await;
+    eprintln!("-----> Stopping: nodes, proxies, control API");
+    let served = server.await.context("control plane task")?;
+    for mut proxy in proxies {
+        stop_child(&mut proxy).await;
+    }
+    served
+}
+
+async fn start_proxy(
+    dir: &Path,
+    index: usize,
+    args: &UpArgs,
+    admin: std::net::SocketAddr,
+) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe()?;
+    let binary = exe.with_file_name("pgwarden-proxy");
+    if !binary.exists() {
+        bail!(
+            "{} not found: build both binaries (cargo build --release --workspace)",
+            binary.display()
+        );
+    }
+    let name = ["a", "b"].get(index).copied().unwrap_or("x");
+    let config_path = dir.join(format!("proxy-{name}.toml"));
+    // The two proxies form an active/standby pair on the same client address, and stop when
+    // this process is gone (even when killed).
+    let peer = args.proxy_admin.iter().find(|a| **a != admin).copied().unwrap_or(admin);
+    let config = format!(
+        "listen = \"{}\"\nadmin_listen = \"{admin}\"\nadmin_token_file = \"{}\"\n\
+         parent_pid = {}\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[ha]\npeer_admin = \"{peer}\"\n",
+        args.client_listen,
+        dir.parent().unwrap_or(dir).join("proxy-token").display(),
+        std::process::id(),
+        dir.join("server.crt").display(),
+        dir.join("server.key").display(),
+    );
+    crate::files::write_private(&config_path, config.as_bytes())?;
+    let log = crate::files::create_private(&dir.join(format!("proxy-{name}.log")))?;
+    let child = Command::new(&binary)
+        .arg("--config")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    Ok(child)
+}
+
+const PROBE: Timeouts =
+    Timeouts { connect: Duration::from_millis(500), exchange: Duration::from_millis(500) };
+
+/// Waits (up to 5 s) until the proxy at `admin` reports itself active.
+async fn wait_active(admin: std::net::SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let addr = admin.to_string();
+        if let Ok((status, _)) =
+            crate::httpc::request(&addr, Method::GET, "/active", None, None, PROBE).await
+        {
+            if status.is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn stop_child(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    }
+    if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+}
+
+/// Finds the database named `args.name`, or provisions it; waits until it runs.
+async fn ensure_database(args: &UpArgs, data_dir: &Path) -> anyhow::Result<Database> {
+    let client = wait_for_api(args, data_dir).await?;
+    let dbs: Vec<Database> = client.call(Method::GET, "/v1/databases", None).await?;
+    let prefix = format!("{}-", args.name);
+    let existing = dbs.into_iter().find(|d| {
+        d.id.strip_prefix(&prefix).is_some_and(|n| n.chars().all(|c| c.is_ascii_digit()))
+    });
+    let id = match existing {
+        Some(db) => db.id,
+        None => {
+            let body = json!({"name": args.name, "plan": args.plan});
+            let answer: DatabaseOperation =
+                client.call(Method::POST, "/v1/databases", Some(body)).await?;
+            client.wait(answer.operation).await?;
+            answer.database.id
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let db: Database = client.call(Method::GET, &format!("/v1/databases/{id}"), None).await?;
+        match db.status {
+            DatabaseStatus::Running if db.nodes.iter().all(|n| n.status == "running") => {
+                return Ok(db)
+            }
+            DatabaseStatus::Failed => bail!("database {id} failed; see `pgwarden events {id}`"),
+            _ if Instant::now() > deadline => bail!("database {id} is still {:?}", db.status),
+            _ => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
+async fn wait_for_api(args: &UpArgs, data_dir: &Path) -> anyhow::Result<Client> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if data_dir.join("token").exists() {
+            let client = Client::new(&format!("http://{}", args.listen), data_dir)?;
+            if client.call::<serde_json::Value>(Method::GET, "/health", None).await.is_ok() {
+                return Ok(client);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the control API did not start on {}", args.listen);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn print_summary(db: &Database, args: &UpArgs, data_dir: &Path) {
+    let standbys = db.nodes.len().saturating_sub(1);
+    let layout = match standbys {
+        0 => "1 node: primary".to_owned(),
+        n => format!("{} nodes: primary + {n} standby", n + 1),
+    };
+    println!("-----> Addon postgresql has been provisioned");
+    println!("       ID: {}", db.id);
+    println!("       Plan: {} ({layout})", db.plan);
+    println!("       DATABASE_URL={}", db.database_url);
+    let token = data_dir.join("token");
+    let shown = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| token.strip_prefix(cwd).ok().map(PathBuf::from));
+    println!(
+        "       Control API: http://{}  (token in {})",
+        args.listen,
+        shown.unwrap_or(token).display()
+    );
+}

@@ -1,0 +1,113 @@
+//! What the control plane persists about each database.
+
+use std::path::PathBuf;
+
+use pgwarden_api::control::{DatabaseStatus, NodeRole};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct DatabaseRecord {
+    pub id: String,
+    /// PostgreSQL database name, and name of the default user (the id with `-` as `_`).
+    pub name: String,
+    pub plan: String,
+    pub status: DatabaseStatus,
+    pub force_tls: bool,
+    /// Password of the default user, kept so that `DATABASE_URL` can be given again.
+    pub password: String,
+    /// Password of the replication role, used by standbys.
+    pub replication_password: String,
+    pub nodes: Vec<NodeRecord>,
+    pub users: Vec<UserRecord>,
+    pub created_at: String,
+    /// Why the database is `failed`.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Commits wait for the standby (false: none, or degraded to asynchronous).
+    #[serde(default)]
+    pub synchronous: bool,
+    /// Hour (UTC) of the daily backup.
+    #[serde(default = "default_backup_hour")]
+    pub backup_hour_utc: u8,
+}
+
+fn default_backup_hour() -> u8 {
+    1
+}
+
+/// Everything but the passwords.
+impl std::fmt::Debug for DatabaseRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseRecord")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("plan", &self.plan)
+            .field("status", &self.status)
+            .field("force_tls", &self.force_tls)
+            .field("nodes", &self.nodes)
+            .field("users", &self.users)
+            .field("created_at", &self.created_at)
+            .field("error", &self.error)
+            .field("synchronous", &self.synchronous)
+            .field("backup_hour_utc", &self.backup_hour_utc)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DatabaseRecord {
+    pub fn primary(&self) -> Option<&NodeRecord> {
+        self.nodes.iter().find(|n| n.role == NodeRole::Primary)
+    }
+
+    /// Replicas that serve (not fenced).
+    pub fn replicas(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.iter().filter(|n| n.role == NodeRole::Replica && !n.fenced)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub role: NodeRole,
+    pub host: String,
+    pub port: u16,
+    /// The node's own directory: `data/`, socket, log, certificates.
+    pub dir: PathBuf,
+    /// Fenced after a failover: never routed to; rejoins as a standby when it can.
+    #[serde(default)]
+    pub fenced: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub name: String,
+    pub read_only: bool,
+    pub default: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_prints_a_password() {
+        let record = DatabaseRecord {
+            id: "a-1".into(),
+            name: "a_1".into(),
+            plan: "postgresql-sandbox".into(),
+            status: DatabaseStatus::Running,
+            force_tls: false,
+            password: "userSecret123".into(),
+            replication_password: "replicationSecret456".into(),
+            nodes: vec![],
+            users: vec![],
+            created_at: "2026-01-01T00:00:00Z".into(),
+            error: None,
+            synchronous: false,
+            backup_hour_utc: 1,
+        };
+        let shown = format!("{record:?}");
+        assert!(shown.contains("a_1"), "{shown}");
+        assert!(!shown.contains("userSecret123") && !shown.contains("replicationSecret456"));
+    }
+}

@@ -1,0 +1,273 @@
+//! The control plane's state: an embedded, transactional, crash-safe store (redb) in the data
+//! dir. Values are JSON; every write is one committed transaction.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::state::records::DatabaseRecord;
+use pgwarden_api::control::{Event, Operation};
+
+const DATABASES: TableDefinition<&str, &[u8]> = TableDefinition::new("databases");
+const OPERATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("operations");
+const EVENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("events");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const BACKUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("backups");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store: {0}")]
+    Db(String),
+    #[error("state store holds an unreadable record: {0}")]
+    Corrupt(#[from] serde_json::Error),
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.to_string())
+            }
+        }
+    )*};
+}
+db_err!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path)?;
+        let tx = db.begin_write()?;
+        tx.open_table(DATABASES)?;
+        tx.open_table(OPERATIONS)?;
+        tx.open_table(EVENTS)?;
+        tx.open_table(META)?;
+        tx.open_table(BACKUPS)?;
+        tx.commit()?;
+        Ok(Self { db })
+    }
+
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value)?;
+        let tx = self.db.begin_write()?;
+        tx.open_table(table)?.insert(key, bytes.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(table)?;
+        let value = table.get(key)?;
+        Ok(value.map(|v| serde_json::from_slice(v.value())).transpose()?)
+    }
+
+    fn list<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        prefix: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(table)?;
+        let mut out = Vec::new();
+        for entry in table.range(prefix..)? {
+            let (k, v) = entry?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push(serde_json::from_slice(v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn put_database(&self, db: &DatabaseRecord) -> Result<(), StoreError> {
+        self.put(DATABASES, &db.id, db)
+    }
+
+    pub fn database(&self, id: &str) -> Result<Option<DatabaseRecord>, StoreError> {
+        self.get(DATABASES, id)
+    }
+
+    pub fn databases(&self) -> Result<Vec<DatabaseRecord>, StoreError> {
+        self.list(DATABASES, "")
+    }
+
+    /// Removes the database and its events.
+    pub fn delete_database(&self, id: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(DATABASES)?.remove(id)?;
+        {
+            let mut events = tx.open_table(EVENTS)?;
+            let prefix = format!("{id}/");
+            let keys: Vec<String> = events
+                .range(prefix.as_str()..)?
+                .map_while(|e| e.ok().map(|(k, _)| k.value().to_owned()))
+                .take_while(|k| k.starts_with(&prefix))
+                .collect();
+            for k in keys {
+                events.remove(k.as_str())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn put_backup(&self, backup: &pgwarden_api::control::Backup) -> Result<(), StoreError> {
+        self.put(BACKUPS, &format!("{}/{}", backup.database_id, backup.id), backup)
+    }
+
+    pub fn backup(
+        &self,
+        database_id: &str,
+        id: &str,
+    ) -> Result<Option<pgwarden_api::control::Backup>, StoreError> {
+        self.get(BACKUPS, &format!("{database_id}/{id}"))
+    }
+
+    /// A database's backups, oldest first.
+    pub fn backups(
+        &self,
+        database_id: &str,
+    ) -> Result<Vec<pgwarden_api::control::Backup>, StoreError> {
+        self.list(BACKUPS, &format!("{database_id}/"))
+    }
+
+    pub fn delete_backup(&self, database_id: &str, id: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(BACKUPS)?.remove(format!("{database_id}/{id}").as_str())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn put_operation(&self, op: &Operation) -> Result<(), StoreError> {
+        self.put(OPERATIONS, &op.id, op)
+    }
+
+    pub fn operation(&self, id: &str) -> Result<Option<Operation>, StoreError> {
+        self.get(OPERATIONS, id)
+    }
+
+    pub fn operations(&self) -> Result<Vec<Operation>, StoreError> {
+        self.list(OPERATIONS, "")
+    }
+
+    /// Appends an event to a database's history (keys sort by time of insertion).
+    pub fn add_event(&self, database_id: &str, event: &Event) -> Result<(), StoreError> {
+        let seq = self.next_counter("event_seq")?;
+        self.put(EVENTS, &format!("{database_id}/{seq:020}"), event)
+    }
+
+    pub fn events(&self, database_id: &str) -> Result<Vec<Event>, StoreError> {
+        self.list(EVENTS, &format!("{database_id}/"))
+    }
+
+    /// Increments and returns a persistent counter (the routing epoch, event sequence).
+    pub fn next_counter(&self, name: &str) -> Result<u64, StoreError> {
+        let tx = self.db.begin_write()?;
+        let next = {
+            let mut meta = tx.open_table(META)?;
+            let next = meta.get(name)?.map(|v| v.value()).unwrap_or(0) + 1;
+            meta.insert(name, next)?;
+            next
+        };
+        tx.commit()?;
+        Ok(next)
+    }
+
+    pub fn counter(&self, name: &str) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        Ok(meta.get(name)?.map(|v| v.value()).unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::records::UserRecord;
+    use pgwarden_api::control::{DatabaseStatus, OperationStatus};
+
+    fn record(id: &str) -> DatabaseRecord {
+        DatabaseRecord {
+            id: id.into(),
+            name: id.replace('-', "_"),
+            plan: "postgresql-sandbox".into(),
+            status: DatabaseStatus::Running,
+            force_tls: false,
+            password: "p".into(),
+            replication_password: "r".into(),
+            nodes: vec![],
+            users: vec![UserRecord { name: "u".into(), read_only: false, default: true }],
+            created_at: "2026-01-01T00:00:00Z".into(),
+            error: None,
+            synchronous: false,
+            backup_hour_utc: 1,
+        }
+    }
+
+    #[test]
+    fn records_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            store.put_database(&record("a-1")).unwrap();
+            store.put_database(&record("b-2")).unwrap();
+            store
+                .add_event("a-1", &Event { at: "t".into(), kind: "k".into(), message: "m1".into() })
+                .unwrap();
+            store
+                .add_event(
+                    "a-10",
+                    &Event { at: "t".into(), kind: "k".into(), message: "other".into() },
+                )
+                .unwrap();
+            store
+                .add_event("a-1", &Event { at: "t".into(), kind: "k".into(), message: "m2".into() })
+                .unwrap();
+            assert_eq!(store.next_counter("epoch").unwrap(), 1);
+            assert_eq!(store.next_counter("epoch").unwrap(), 2);
+            let op = Operation {
+                id: "op-1".into(),
+                kind: "provision".into(),
+                database_id: "a-1".into(),
+                status: OperationStatus::Running,
+                progress: 0.5,
+                error: None,
+            };
+            store.put_operation(&op).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let ids: Vec<_> = store.databases().unwrap().into_iter().map(|d| d.id).collect();
+        assert_eq!(ids, ["a-1", "b-2"]);
+        let messages: Vec<_> =
+            store.events("a-1").unwrap().into_iter().map(|e| e.message).collect();
+        assert_eq!(messages, ["m1", "m2"]);
+        assert_eq!(store.counter("epoch").unwrap(), 2);
+        assert_eq!(store.operation("op-1").unwrap().unwrap().progress, 0.5);
+        store.delete_database("a-1").unwrap();
+        assert!(store.database("a-1").unwrap().is_none());
+        assert!(store.events("a-1").unwrap().is_empty());
+        assert_eq!(store.events("a-10").unwrap().len(), 1);
+    }
+}
