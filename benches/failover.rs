@@ -1,9 +1,10 @@
 //! Failover and switchover benchmark on a real business database behind a real proxy.
 //!
-//!   cargo bench --bench failover -- [failovers=20] [switchovers=10]
+//!   cargo bench --bench failover -- [failovers=20] [switchovers=10] [stop]
 //!
-//! Failover: with a writer inserting through the proxy, kill -9 the primary's postmaster and
-//! measure the time from the kill to the first insert acknowledged by the new primary; wait
+//! Failover: with a writer inserting through the proxy, kill -9 the primary's postmaster (or,
+//! with `stop`, freeze it with SIGSTOP) and measure the time from the kill to the first insert
+//! acknowledged by the new primary; wait
 //! until the old primary has rejoined and commits are synchronous again; repeat. At the end,
 //! count acknowledged inserts missing from the database (must be 0).
 //! Switchover: with the writer and a new connection every 20 ms, switch over and record how
@@ -33,6 +34,8 @@ async fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let failovers = args.first().copied().unwrap_or(20);
     let switchovers = args.get(1).copied().unwrap_or(10);
+    let freeze = std::env::args().any(|a| a == "stop");
+    let (signal, what) = if freeze { ("-STOP", "SIGSTOP") } else { ("-KILL", "kill -9") };
     let control = TestControl::start().await;
     let (_, id, url) = control.create_routed_database("bench", "postgresql-business-512").await;
     assert!(psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)").success);
@@ -53,7 +56,7 @@ async fn main() {
         );
         let pid = postmaster_pid(&control.node_data_dir(&old)).expect("primary running");
         let killed = Instant::now();
-        std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+        std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
         let deadline = killed + Duration::from_secs(60);
         let took = loop {
             if let Some(ack) = writer.acked().iter().find(|a| a.port == new_port && a.at > killed) {
@@ -63,9 +66,13 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         eprintln!(
-            "failover {run}: first write on the new primary {} ms after kill -9",
+            "failover {run}: first write on the new primary {} ms after {what}",
             took.as_millis()
         );
+        if freeze {
+            // Fenced by the failover; a frozen process that survived would resume here.
+            let _ = std::process::Command::new("kill").args(["-CONT", &pid.to_string()]).status();
+        }
         to_first_write.push(took);
     }
 
@@ -107,7 +114,7 @@ async fn main() {
     let (median, max) = stats(to_first_write);
     println!("| measurement | runs | median | max | target |");
     println!("|---|---:|---:|---:|---|");
-    println!("| kill -9 of the primary → first write acknowledged by the new primary | {failovers} | {} ms | {} ms | median ≤ 3 s |", median.as_millis(), max.as_millis());
+    println!("| {what} of the primary → first write acknowledged by the new primary | {failovers} | {} ms | {} ms | median ≤ 3 s |", median.as_millis(), max.as_millis());
     println!(
         "| acknowledged writes lost (of {} acknowledged) | {failovers} | {} | {} | 0 |",
         acked.len(),

@@ -18,6 +18,9 @@ pub struct TestControl {
     pub dir: tempfile::TempDir,
     pub proxy: TestProxy,
     pub certs: TestCerts,
+    /// The control plane's data dir.
+    pub data: std::path::PathBuf,
+    extra_proxies: Vec<String>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -29,17 +32,37 @@ impl TestControl {
     }
 
     pub async fn start_with(extra_settings: Vec<(String, String)>) -> Self {
+        Self::start_full(extra_settings, Vec::new(), "data").await
+    }
+
+    /// Also publishing to `extra_proxies` (admin addresses, first), with the data dir at
+    /// `data` under the test's temp dir (it may hold spaces and quotes).
+    pub async fn start_full(
+        extra_settings: Vec<(String, String)>,
+        extra_proxies: Vec<String>,
+        data: &str,
+    ) -> Self {
         let dir = tempfile::Builder::new().prefix("pgwarden-control-").tempdir().expect("tempdir");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
+        // Directories above the data dir let the node user through, as the README asks.
+        let mut parent = dir.path().to_owned();
+        for part in std::path::Path::new(data).parent().into_iter().flat_map(|p| p.components()) {
+            parent.push(part);
+            std::fs::create_dir_all(&parent).expect("mkdir");
+            std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
         let certs = TestCerts::new();
         let proxy = TestProxy::start(Limits::default(), Some(certs.files())).await;
         let mut control = Self {
             addr: "127.0.0.1:0".parse().expect("addr"),
             token: String::new(),
+            data: dir.path().join(data),
             dir,
             proxy,
             certs,
+            extra_proxies,
             shutdown: CancellationToken::new(),
             task: None,
         };
@@ -50,10 +73,15 @@ impl TestControl {
     /// Starts (again) the control plane on the same data dir and proxy.
     pub async fn run(&mut self, extra_settings: Vec<(String, String)>) {
         let config = PlatformConfig {
-            data_dir: self.dir.path().join("data"),
+            data_dir: self.data.clone(),
             client_host: "127.0.0.1".into(),
             client_port: self.proxy.port(),
-            proxies: vec![self.proxy.admin.to_string()],
+            proxies: self
+                .extra_proxies
+                .iter()
+                .cloned()
+                .chain([self.proxy.admin.to_string()])
+                .collect(),
             proxy_token: self.proxy.token.clone(),
             node_host: "127.0.0.1".into(),
             first_node_port: crate::free_port(),
@@ -70,7 +98,7 @@ impl TestControl {
             NodeOptions::default(),
             self.shutdown.clone(),
         )));
-        let token_path = self.dir.path().join("data/token");
+        let token_path = self.data.join("token");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !token_path.exists() {
             assert!(Instant::now() < deadline, "control plane did not start");
@@ -173,7 +201,7 @@ impl Drop for TestControl {
     fn drop(&mut self) {
         self.shutdown.cancel();
         // Nodes outlive the control plane by design; a test's nodes must not.
-        for data in crate::node_data_dirs(&self.dir.path().join("data")) {
+        for data in crate::node_data_dirs(&self.data) {
             crate::stop_immediately(&data);
         }
     }
@@ -182,7 +210,7 @@ impl Drop for TestControl {
 impl TestControl {
     /// The `data` directory of node `name` (directories carry a per-attempt suffix).
     pub fn node_data_dir(&self, name: &str) -> std::path::PathBuf {
-        crate::node_data_dirs(&self.dir.path().join("data"))
+        crate::node_data_dirs(&self.data)
             .into_iter()
             .find(|d| {
                 d.parent()

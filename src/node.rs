@@ -143,6 +143,13 @@ impl PgNode {
         ClientOutput::from_command(&mut cmd)
     }
 
+    /// Sends `signal` (`-STOP`, `-CONT`...) to the postmaster.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let sent = Command::new("kill").args([signal, &pid.to_string()]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill {signal} {pid}");
+    }
+
     /// What the server logged.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()

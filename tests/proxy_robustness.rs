@@ -233,3 +233,53 @@ async fn a_malformed_password_message_gets_08p01_not_a_silent_close() {
     assert_eq!(sqlstate(&answer).as_deref(), Some("08P01"), "{answer:?}");
     assert_serving(&proxy).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_slower_than_the_handshake_timeout_still_serves_its_client() {
+    let node = PgNode::start();
+    let limits = Limits { handshake_timeout_secs: 1.0, ..Limits::default() };
+    let proxy = TestProxy::start(limits, None).await;
+    proxy.route(1, &[("app", &node.address(), false)]).await;
+    assert_serving(&proxy).await;
+    // The node takes longer than the client's handshake timeout to answer the session's start:
+    // that is the node's time, not the client's.
+    node.signal("-STOP");
+    let conninfo = proxy.conninfo("app", "app", &format!("password={TEST_PASSWORD}"));
+    let connecting = tokio::spawn(async move {
+        let (client, connection) = tokio_postgres::connect(&conninfo, NoTls).await?;
+        tokio::spawn(connection);
+        client.simple_query("SELECT 1").await.map(drop)
+    });
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    node.signal("-CONT");
+    let served = tokio::time::timeout(Duration::from_secs(20), connecting).await;
+    served.expect("client answered").unwrap().expect("the client's session started");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_never_answers_gets_the_client_57p03_not_a_silent_close() {
+    let node = PgNode::start();
+    let limits =
+        Limits { handshake_timeout_secs: 1.0, backend_auth_timeout_secs: 2.0, ..Limits::default() };
+    let proxy = TestProxy::start(limits, None).await;
+    proxy.route(1, &[("app", &node.address(), false)]).await;
+    node.signal("-STOP");
+    let conninfo = proxy.conninfo("app", "app", &format!("password={TEST_PASSWORD}"));
+    let answer =
+        tokio::time::timeout(Duration::from_secs(20), tokio_postgres::connect(&conninfo, NoTls))
+            .await
+            .expect("the proxy answered");
+    node.signal("-CONT");
+    let err = answer.err().expect("no session on a frozen node");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW),
+        "an ErrorResponse, not a close: {err:?}"
+    );
+    let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    assert!(message.contains("did not answer in time"), "{message}");
+    assert_eq!(
+        proxy.metric("pgwarden_proxy_connections_rejected_total{reason=\"node_timeout\"}").await,
+        1.0
+    );
+}

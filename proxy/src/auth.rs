@@ -31,6 +31,19 @@ pub enum AuthError {
     /// The node refused the session; its ErrorResponse was relayed to the client.
     #[error("node refused the session")]
     Refused,
+    #[error("the node did not answer in time")]
+    NodeTimeout,
+    #[error("the client did not answer in time")]
+    ClientTimeout,
+}
+
+/// How long each side has for each of its steps.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadlines {
+    /// For each message the client must send.
+    pub client: std::time::Duration,
+    /// For each answer of the node.
+    pub node: std::time::Duration,
 }
 
 /// A session ready for queries.
@@ -47,13 +60,20 @@ pub async fn relay(
     node_addr: SocketAddr,
     startup_packet: &[u8],
     cancels: &Arc<CancelMap>,
+    deadlines: Deadlines,
 ) -> Result<Authenticated, AuthError> {
-    node.write_all(startup_packet).await.map_err(AuthError::Node)?;
+    tokio::time::timeout(deadlines.node, node.write_all(startup_packet))
+        .await
+        .map_err(|_| AuthError::NodeTimeout)?
+        .map_err(AuthError::Node)?;
     let mut inbuf = BytesMut::with_capacity(2048);
     let mut out = BytesMut::with_capacity(1024);
     let mut cancel = None;
     loop {
-        let (msg_tag, len) = next_node_message(node, &mut inbuf).await?;
+        let (msg_tag, len) =
+            tokio::time::timeout(deadlines.node, next_node_message(node, &mut inbuf))
+                .await
+                .map_err(|_| AuthError::NodeTimeout)??;
         let message = inbuf.split_to(len);
         match msg_tag {
             tag::BACKEND_KEY_DATA if len == 13 => {
@@ -68,22 +88,28 @@ pub async fn relay(
             tag::READY_FOR_QUERY => {
                 out.extend_from_slice(&message);
                 out.extend_from_slice(&inbuf);
-                send(client, &out).await?;
+                send_within(client, &out, deadlines.client).await?;
                 return Ok(Authenticated { _cancel: cancel, leftover: inbuf });
             }
             tag::ERROR_RESPONSE => {
                 out.extend_from_slice(&message);
-                send(client, &out).await?;
+                send_within(client, &out, deadlines.client).await?;
                 return Err(AuthError::Refused);
             }
             tag::AUTHENTICATION if len >= 9 => {
                 out.extend_from_slice(&message);
                 let code = i32::from_be_bytes(message[5..9].try_into().expect("9 bytes"));
                 if needs_client_response(code) {
-                    send(client, &out).await?;
+                    send_within(client, &out, deadlines.client).await?;
                     out.clear();
-                    let response = read_client_message(client).await?;
-                    node.write_all(&response).await.map_err(AuthError::Node)?;
+                    let response =
+                        tokio::time::timeout(deadlines.client, read_client_message(client))
+                            .await
+                            .map_err(|_| AuthError::ClientTimeout)??;
+                    tokio::time::timeout(deadlines.node, node.write_all(&response))
+                        .await
+                        .map_err(|_| AuthError::NodeTimeout)?
+                        .map_err(AuthError::Node)?;
                 }
             }
             tag::AUTHENTICATION | tag::BACKEND_KEY_DATA => return Err(AuthError::NodeProtocol),
@@ -131,6 +157,15 @@ async fn read_client_message(client: &mut ClientStream) -> Result<BytesMut, Auth
     message[..5].copy_from_slice(&header);
     client.read_exact(&mut message[5..]).await.map_err(AuthError::Client)?;
     Ok(message)
+}
+
+/// Sends to a client that must take it within `limit`.
+async fn send_within(
+    client: &mut ClientStream,
+    bytes: &[u8],
+    limit: std::time::Duration,
+) -> Result<(), AuthError> {
+    tokio::time::timeout(limit, send(client, bytes)).await.map_err(|_| AuthError::ClientTimeout)?
 }
 
 async fn send(client: &mut ClientStream, bytes: &[u8]) -> Result<(), AuthError> {

@@ -87,9 +87,13 @@ pub struct TlsFiles {
 pub struct Limits {
     /// Client connections served at once; beyond it clients get `53300`. Default 10000.
     pub max_client_connections: usize,
-    /// Seconds a client has from connecting to a ready session (startup, TLS, authentication).
+    /// Seconds the client has to send what it must: the TLS handshake and startup packet, and
+    /// then each of its authentication messages. Waiting on the node is not counted here.
     /// Default 15.
     pub handshake_timeout_secs: f64,
+    /// Seconds the node has to answer each step of a session's start (its authentication
+    /// requests, then `ReadyForQuery`) before the client gets `57P03`. Default 30.
+    pub backend_auth_timeout_secs: f64,
     /// Seconds to connect to a node before answering `57P03`. Default 5.
     pub backend_connect_timeout_secs: f64,
     /// Largest startup packet accepted, in bytes. Default 10000.
@@ -107,6 +111,7 @@ impl Default for Limits {
         Self {
             max_client_connections: 10_000,
             handshake_timeout_secs: 15.0,
+            backend_auth_timeout_secs: 30.0,
             backend_connect_timeout_secs: 5.0,
             max_startup_packet: 10_000,
             shutdown_grace_secs: 30.0,
@@ -118,6 +123,9 @@ impl Default for Limits {
 impl Limits {
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.handshake_timeout_secs)
+    }
+    pub fn backend_auth_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.backend_auth_timeout_secs)
     }
     pub fn backend_connect_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.backend_connect_timeout_secs)
@@ -189,6 +197,7 @@ impl Config {
         }
         for (key, v) in [
             ("limits.handshake_timeout_secs", l.handshake_timeout_secs),
+            ("limits.backend_auth_timeout_secs", l.backend_auth_timeout_secs),
             ("limits.backend_connect_timeout_secs", l.backend_connect_timeout_secs),
             ("limits.shutdown_grace_secs", l.shutdown_grace_secs),
             ("limits.hold_timeout_secs", l.hold_timeout_secs),

@@ -18,10 +18,11 @@ pub enum Rejection {
     ShuttingDown,
     ClientGone,
     HoldTimeout,
+    NodeTimeout,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 10] = [
+    const ALL: [Rejection; 11] = [
         Self::TooManyClients,
         Self::HandshakeTimeout,
         Self::Malformed,
@@ -32,6 +33,7 @@ impl Rejection {
         Self::ShuttingDown,
         Self::ClientGone,
         Self::HoldTimeout,
+        Self::NodeTimeout,
     ];
 
     fn label(self) -> &'static str {
@@ -46,6 +48,7 @@ impl Rejection {
             Self::ShuttingDown => "shutting_down",
             Self::ClientGone => "client_gone",
             Self::HoldTimeout => "hold_timeout",
+            Self::NodeTimeout => "node_timeout",
         }
     }
 }

@@ -32,39 +32,43 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, span: Span) {
     }
 }
 
-/// Handshake, routing and authentication, within the handshake timeout.
+/// Handshake, routing and authentication. The handshake timeout bounds what the client must
+/// send (TLS handshake and startup packet here, each authentication message in `auth`); the
+/// node's part has bounds of its own, and a node too slow ends in an ErrorResponse, not a close.
 async fn open(tcp: TcpStream, shared: &Shared) -> Option<Session> {
     let over_limit =
         shared.metrics.client_connections.get() as usize > shared.limits.max_client_connections;
     let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout();
-    let mut work = pin!(async {
-        let hs =
-            handshake::accept(tcp, &shared.tls, shared.limits.max_startup_packet, &shared.metrics)
-                .await;
-        match hs {
-            Ok(Handshake::Cancel(key)) => {
-                forward_cancel(shared, key).await;
-                None
-            }
-            Ok(Handshake::Startup(startup)) => start_session(startup, shared, over_limit).await,
-            Err(e) => {
-                shared.metrics.rejected(match e {
-                    HandshakeError::Protocol(_) => Rejection::Malformed,
-                    HandshakeError::Tls(_) => Rejection::TlsFailed,
-                    HandshakeError::Io(_) => Rejection::ClientGone,
-                });
-                debug!(error = %e, "handshake failed");
-                None
-            }
-        }
-    });
-    // Polled through a reference, so that the client's connection (owned by `work`) is closed
-    // only after the timeout is counted: a client that sees the close sees it in the metrics.
-    match tokio::time::timeout_at(deadline, work.as_mut()).await {
-        Ok(session) => session,
+    let mut handshake = pin!(handshake::accept(
+        tcp,
+        &shared.tls,
+        shared.limits.max_startup_packet,
+        &shared.metrics
+    ));
+    // Polled through a reference, so that the client's connection (owned by the future) is
+    // closed only after the timeout is counted: a client that sees the close sees it in the
+    // metrics.
+    let hs = match tokio::time::timeout_at(deadline, handshake.as_mut()).await {
+        Ok(hs) => hs,
         Err(_) => {
             shared.metrics.rejected(Rejection::HandshakeTimeout);
             debug!("client did not complete its handshake in time");
+            return None;
+        }
+    };
+    match hs {
+        Ok(Handshake::Cancel(key)) => {
+            forward_cancel(shared, key).await;
+            None
+        }
+        Ok(Handshake::Startup(startup)) => start_session(startup, shared, over_limit).await,
+        Err(e) => {
+            shared.metrics.rejected(match e {
+                HandshakeError::Protocol(_) => Rejection::Malformed,
+                HandshakeError::Tls(_) => Rejection::TlsFailed,
+                HandshakeError::Io(_) => Rejection::ClientGone,
+            });
+            debug!(error = %e, "handshake failed");
             None
         }
     }
@@ -163,8 +167,13 @@ async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> O
         }
         span.record("node", route.primary.as_str());
         let node_addr = node.peer_addr().ok()?;
-        return match auth::relay(&mut stream, &mut node, node_addr, &packet, &shared.cancels).await
-        {
+        let deadlines = auth::Deadlines {
+            client: shared.limits.handshake_timeout(),
+            node: shared.limits.backend_auth_timeout(),
+        };
+        let relayed =
+            auth::relay(&mut stream, &mut node, node_addr, &packet, &shared.cancels, deadlines);
+        return match relayed.await {
             Ok(auth) => {
                 metrics.accepted.inc();
                 Some(Session { client: stream, node, route, database: params.database, auth })
@@ -177,6 +186,16 @@ async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> O
                         let message = "lost connection to the database node during authentication";
                         refuse(&mut stream, SqlState::CannotConnectNow, message).await;
                     }
+                    AuthError::NodeTimeout => {
+                        metrics.rejected(Rejection::NodeTimeout);
+                        warn!(node = %route.primary, "node did not answer the session's start in time");
+                        let message = format!(
+                            "the database node of \"{}\" did not answer in time; retry shortly",
+                            params.database
+                        );
+                        refuse(&mut stream, SqlState::CannotConnectNow, &message).await;
+                    }
+                    AuthError::ClientTimeout => metrics.rejected(Rejection::HandshakeTimeout),
                     AuthError::ClientProtocol => {
                         metrics.rejected(Rejection::Malformed);
                         let message = "invalid authentication message from the client";
