@@ -285,3 +285,98 @@ async fn restore_across_a_failover_follows_the_new_timeline() {
     let after = control.request("GET", &format!("/v1/databases/{id}"), None).await.json();
     assert_eq!(after["nodes"].as_array().unwrap().len(), 2, "restored with its standby: {after}");
 }
+
+/// Files of `dir` others could read: directories other than `shared` with any permission for
+/// others, and files other than certificates readable or writable by others.
+fn exposed(dir: &std::path::Path, shared: &[std::path::PathBuf]) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        let mode = meta.permissions().mode() & 0o777;
+        if meta.is_dir() {
+            // A directory the node user must pass through may let others through, no more.
+            let allowed = if shared.contains(&path) { 0o011 } else { 0 };
+            if mode & 0o077 & !allowed != 0 {
+                found.push(format!("{} {mode:o}", path.display()));
+            }
+            stack.extend(std::fs::read_dir(&path).unwrap().flatten().map(|e| e.path()));
+        } else if meta.is_file() {
+            let certificate = path.extension().is_some_and(|e| e == "crt");
+            if !certificate && mode & 0o066 != 0 {
+                found.push(format!("{} {mode:o}", path.display()));
+            }
+        }
+    }
+    found
+}
+
+/// A data dir with a space and a quote in its path, under umask 000: the business database
+/// streams to its standby, archives WAL, restores, keeps every file private and its password
+/// sealed, and its destruction leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pitr_database_in_a_quoted_data_dir_is_private_restorable_and_destroyed_without_a_trace()
+{
+    rustix::process::umask(rustix::fs::Mode::empty());
+    let control = TestControl::start_full(Vec::new(), Vec::new(), "my data/it's here").await;
+    let (db, id, url) = control.create_routed_database("quoted", "postgresql-business-512").await;
+    assert_eq!(db["replication"], "synchronous", "{db}");
+    window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
+    assert!(psql(&url, None, "CREATE TABLE t(v text); INSERT INTO t VALUES ('t1')").success);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let target = OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(psql(&url, None, "INSERT INTO t VALUES ('t2')").success);
+    window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
+    let op = restore(&control, &id, target).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    wait_rows(&url, "t1").await;
+    control.wait_synchronous(&id, "restored standby synchronous").await;
+    let r = control.request("POST", &format!("/v1/databases/{id}/backups"), None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+
+    // Private whatever the umask.
+    let data = control.data.clone();
+    let shared = [data.clone(), data.join("nodes")];
+    let exposed = exposed(&data, &shared);
+    assert!(exposed.is_empty(), "readable by others: {exposed:#?}");
+    let mode = |p: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    for file in ["state.redb", "token", "secret.key"] {
+        assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+    }
+    // The password of DATABASE_URL is not in the state file in clear text.
+    let password = url.split(':').nth(2).unwrap().split('@').next().unwrap().to_owned();
+    let state = std::fs::read(data.join("state.redb")).unwrap();
+    assert!(!state.windows(password.len()).any(|w| w == password.as_bytes()), "clear password");
+    let kept = data.join("backups").join(&id);
+    let before: Vec<String> = std::fs::read_dir(&kept)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(before.iter().any(|n| n.starts_with("wal-before-")), "{before:?}");
+
+    // Destroy: nodes, routes, logical and base backups, WAL archives, earlier generations.
+    let r = control.request("DELETE", &format!("/v1/databases/{id}"), None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    control.wait_routed(db["name"].as_str().unwrap(), false).await;
+    assert!(!kept.exists(), "{} is still there", kept.display());
+    let nodes: Vec<_> = std::fs::read_dir(data.join("nodes")).unwrap().flatten().collect();
+    assert!(nodes.is_empty(), "{nodes:?}");
+    assert_eq!(control.request("GET", &format!("/v1/databases/{id}"), None).await.status, 404);
+    let leftovers: Vec<_> = std::fs::read_dir(data.join("backups"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != ".scratch")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -281,7 +281,7 @@ impl NodeDriver for LocalDriver {
             let _ = fs::remove_file(data.join(leftover));
         }
         let restore = node.dir.join("wal-restore");
-        fs::create_dir_all(&restore)?;
+        crate::files::private_dir(&restore)?;
         for entry in fs::read_dir(wal)? {
             let path = entry?.path();
             let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };

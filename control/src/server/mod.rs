@@ -105,7 +105,8 @@ fn open(config: PlatformConfig, nodes: NodeOptions) -> anyhow::Result<Arc<Platfo
     let state = dir.join("state.redb");
     fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&state)?;
     fs::set_permissions(&state, fs::Permissions::from_mode(0o600))?;
-    let store = Store::open(&state).context("state store")?;
+    let sealer = crate::secrets::Sealer::open(&dir.join("secret.key"))?;
+    let store = Store::open(&state, sealer).context("state store")?;
     let backups =
         crate::storage::LocalStorage::new(dir.join("backups")).context("backup storage")?;
     Ok(Platform::new(config, store, Arc::new(driver), ca, Arc::new(backups), nodes.pg_bin))

@@ -1,5 +1,8 @@
 //! The control plane's state: an embedded, transactional, crash-safe store (redb) in the data
-//! dir. Values are JSON; every write is one committed transaction.
+//! dir. Values are JSON; every write is one committed transaction. The passwords a database
+//! record keeps (the default user's, for `DATABASE_URL`; the replication role's) are sealed
+//! with the data dir's key before they are written (`secrets::Sealer`): the file never holds
+//! them in clear text.
 
 use std::path::Path;
 
@@ -7,6 +10,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::secrets::Sealer;
 use crate::state::records::DatabaseRecord;
 use pgwarden_api::control::{Event, Operation};
 
@@ -22,7 +26,12 @@ pub enum StoreError {
     Db(String),
     #[error("state store holds an unreadable record: {0}")]
     Corrupt(#[from] serde_json::Error),
+    #[error("state store: {0}")]
+    Sealed(#[from] crate::secrets::SealError),
 }
+
+/// Fields of a database record kept sealed.
+const SEALED_FIELDS: [&str; 2] = ["password", "replication_password"];
 
 macro_rules! db_err {
     ($($t:ty),*) => {$(
@@ -43,10 +52,13 @@ db_err!(
 
 pub struct Store {
     db: Database,
+    sealer: Sealer,
 }
 
 impl Store {
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    /// Opens the store at `path`; values are sealed with `sealer`. Records written before
+    /// sealing existed are sealed now.
+    pub fn open(path: &Path, sealer: Sealer) -> Result<Self, StoreError> {
         let db = Database::create(path)?;
         let tx = db.begin_write()?;
         tx.open_table(DATABASES)?;
@@ -55,7 +67,39 @@ impl Store {
         tx.open_table(META)?;
         tx.open_table(BACKUPS)?;
         tx.commit()?;
-        Ok(Self { db })
+        let store = Self { db, sealer };
+        let raw: Vec<serde_json::Value> = store.list(DATABASES, "")?;
+        let plain = raw.iter().any(|r| {
+            SEALED_FIELDS
+                .iter()
+                .any(|f| r[f].as_str().is_some_and(|v| !crate::secrets::is_sealed(v)))
+        });
+        if plain {
+            for db in store.databases()? {
+                store.put_database(&db)?;
+            }
+        }
+        Ok(store)
+    }
+
+    fn seal(&self, db: &DatabaseRecord) -> Result<serde_json::Value, StoreError> {
+        let mut value = serde_json::to_value(db)?;
+        for field in SEALED_FIELDS {
+            if let Some(plain) = value[field].as_str() {
+                value[field] = self.sealer.seal(&format!("{}/{field}", db.id), plain).into();
+            }
+        }
+        Ok(value)
+    }
+
+    fn unseal(&self, mut value: serde_json::Value) -> Result<DatabaseRecord, StoreError> {
+        let id = value["id"].as_str().unwrap_or_default().to_owned();
+        for field in SEALED_FIELDS {
+            if let Some(stored) = value[field].as_str() {
+                value[field] = self.sealer.open_value(&format!("{id}/{field}"), stored)?.into();
+            }
+        }
+        Ok(serde_json::from_value(value)?)
     }
 
     fn put<T: Serialize>(
@@ -101,15 +145,15 @@ impl Store {
     }
 
     pub fn put_database(&self, db: &DatabaseRecord) -> Result<(), StoreError> {
-        self.put(DATABASES, &db.id, db)
+        self.put(DATABASES, &db.id, &self.seal(db)?)
     }
 
     pub fn database(&self, id: &str) -> Result<Option<DatabaseRecord>, StoreError> {
-        self.get(DATABASES, id)
+        self.get(DATABASES, id)?.map(|v| self.unseal(v)).transpose()
     }
 
     pub fn databases(&self) -> Result<Vec<DatabaseRecord>, StoreError> {
-        self.list(DATABASES, "")
+        self.list(DATABASES, "")?.into_iter().map(|v| self.unseal(v)).collect()
     }
 
     /// Removes the database and its events.
@@ -229,10 +273,13 @@ mod tests {
     fn records_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
+        let key = dir.path().join("secret.key");
         {
-            let store = Store::open(&path).unwrap();
+            let store = Store::open(&path, Sealer::open(&key).unwrap()).unwrap();
             store.put_database(&record("a-1")).unwrap();
-            store.put_database(&record("b-2")).unwrap();
+            let mut b = record("b-2");
+            b.password = "secretPasswordOfB".into();
+            store.put_database(&b).unwrap();
             store
                 .add_event("a-1", &Event { at: "t".into(), kind: "k".into(), message: "m1".into() })
                 .unwrap();
@@ -257,7 +304,7 @@ mod tests {
             };
             store.put_operation(&op).unwrap();
         }
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, Sealer::open(&key).unwrap()).unwrap();
         let ids: Vec<_> = store.databases().unwrap().into_iter().map(|d| d.id).collect();
         assert_eq!(ids, ["a-1", "b-2"]);
         let messages: Vec<_> =
@@ -265,6 +312,15 @@ mod tests {
         assert_eq!(messages, ["m1", "m2"]);
         assert_eq!(store.counter("epoch").unwrap(), 2);
         assert_eq!(store.operation("op-1").unwrap().unwrap().progress, 0.5);
+        let a = store.database("a-1").unwrap().unwrap();
+        assert_eq!((a.password.as_str(), a.replication_password.as_str()), ("p", "r"));
+        drop(store);
+        // The file never holds a password in clear text.
+        let raw = std::fs::read(&path).unwrap();
+        let needle = b"secretPasswordOfB";
+        assert!(!raw.windows(needle.len()).any(|w| w == needle), "a password in clear text");
+        let store = Store::open(&path, Sealer::open(&key).unwrap()).unwrap();
+        assert_eq!(store.database("b-2").unwrap().unwrap().password, "secretPasswordOfB");
         store.delete_database("a-1").unwrap();
         assert!(store.database("a-1").unwrap().is_none());
         assert!(store.events("a-1").unwrap().is_empty());
