@@ -214,4 +214,7 @@ async fn daily_backup_runs_at_its_hour_and_a_failed_backup_keeps_its_reason() {
     assert_eq!(status, 202);
     assert_eq!(backup["status"], "failed");
     assert!(backup["error"].as_str().unwrap().contains("pg_dump failed"), "{backup}");
+    // A sentence for the client: no path of the host (the log has the program's output).
+    let data = control.data.display().to_string();
+    assert!(!backup["error"].as_str().unwrap().contains(&data), "{backup}");
 }

@@ -10,6 +10,7 @@ use pgwarden_api::control::{Backup, BackupKind, BackupStatus};
 use time::OffsetDateTime;
 use tracing::error;
 
+use crate::nodes::driver::client_sentence;
 use crate::plans;
 use crate::platform::{now_rfc3339, Platform};
 use crate::state::DatabaseRecord;
@@ -139,7 +140,9 @@ fn dump_and_verify(bin: &Path, conninfo: &str, file: &Path) -> Result<(u64, Stri
         .map_err(|e| format!("cannot run pg_dump: {e}"))?;
     if !out.status.success() {
         let _ = std::fs::remove_file(file);
-        return Err(format!("pg_dump failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        error!(output = %stderr.trim(), "pg_dump failed");
+        return Err(format!("pg_dump failed: {}", client_sentence(&stderr)));
     }
     let list = Command::new(bin.join("pg_restore"))
         .arg("--list")
@@ -148,10 +151,9 @@ fn dump_and_verify(bin: &Path, conninfo: &str, file: &Path) -> Result<(u64, Stri
         .map_err(|e| e.to_string())?;
     if !list.status.success() {
         let _ = std::fs::remove_file(file);
-        return Err(format!(
-            "the archive does not read back: {}",
-            String::from_utf8_lossy(&list.stderr).trim()
-        ));
+        let stderr = String::from_utf8_lossy(&list.stderr);
+        error!(output = %stderr.trim(), "pg_restore --list failed");
+        return Err(format!("the archive does not read back: {}", client_sentence(&stderr)));
     }
     let size = std::fs::metadata(file).map_err(|e| e.to_string())?.len();
     Ok((size, sha256_file(file).map_err(|e| e.to_string())?))

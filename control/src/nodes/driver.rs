@@ -58,6 +58,8 @@ impl std::fmt::Debug for Upstream {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
+    /// A program failed; `detail` is its output's last line as a sentence for clients (the
+    /// whole output went to the log).
     #[error("{what} failed: {detail}")]
     Command { what: String, detail: String },
     #[error("{0}")]
@@ -110,4 +112,55 @@ pub trait NodeDriver: Send + Sync + 'static {
     fn destroy(&self, node: &NodeSpec) -> Result<(), DriverError>;
     /// libpq connection string for the superuser, local to the node.
     fn admin_conninfo(&self, node: &NodeSpec, database: &str) -> String;
+}
+
+/// What a client is told of a program's output: its last line, without the program's name
+/// prefix and with file system paths left out (the whole output goes to the log).
+pub fn client_sentence(output: &str) -> String {
+    let line = output.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no output");
+    let line = line.split_once(": error: ").map_or(line, |(_, rest)| rest);
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(start) = rest.find(['/', '"']) {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        if let Some(quoted) = tail.strip_prefix('"') {
+            let end = quoted.find('"').map_or(quoted.len(), |e| e);
+            let inner = &quoted[..end];
+            out.push('"');
+            out.push_str(if inner.starts_with('/') { "…" } else { inner });
+            out.push('"');
+            rest = quoted.get(end + 1..).unwrap_or("");
+        } else {
+            // A bare path runs to the next blank.
+            let end = tail.find(char::is_whitespace).unwrap_or(tail.len());
+            out.push('…');
+            rest = &tail[end..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_sentence;
+
+    #[test]
+    fn clients_get_a_sentence_without_paths() {
+        let stderr = "pg_dump: error: connection to server on socket \"/tmp/x y/.s.PGSQL.5\" failed: Connection refused\n\tIs the server running locally?\n";
+        assert_eq!(client_sentence(stderr), "Is the server running locally?");
+        assert_eq!(
+            client_sentence("pg_dump: error: connection to server on socket \"/tmp/x/.s.PGSQL.5\" failed: refused"),
+            "connection to server on socket \"…\" failed: refused"
+        );
+        assert_eq!(
+            client_sentence("FATAL:  could not access file \"no_such_extension\": No such file"),
+            "FATAL:  could not access file \"no_such_extension\": No such file"
+        );
+        assert_eq!(
+            client_sentence("cannot open /var/lib/x/data/y for writing"),
+            "cannot open … for writing"
+        );
+    }
 }

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::nodes::config::{conninfo, pgpass_line, quote, REPLICATION_PASSFILE};
-use crate::nodes::driver::{DriverError, NodeConfig, NodeDriver, NodeSpec, Upstream};
+use crate::nodes::driver::{
+    client_sentence, DriverError, NodeConfig, NodeDriver, NodeSpec, Upstream,
+};
 
 pub struct LocalDriver {
     bin: PathBuf,
@@ -59,7 +61,8 @@ impl LocalDriver {
         if out.status.success() {
             Ok(text)
         } else {
-            Err(DriverError::Command { what: what.into(), detail: last_lines(&text, 5) })
+            tracing::error!(command = what, output = %last_lines(&text, 10), "node program failed");
+            Err(DriverError::Command { what: what.into(), detail: client_sentence(&text) })
         }
     }
 
@@ -134,9 +137,19 @@ impl LocalDriver {
         Ok(())
     }
 
+    /// The node's own last complaint (its log's last FATAL, PANIC or ERROR line) as a sentence;
+    /// the last lines of the log go to the control plane's log.
     fn log_tail(node: &NodeSpec) -> String {
         let log = fs::read_to_string(node.dir.join("postgres.log")).unwrap_or_default();
-        last_lines(&log, 5)
+        tracing::error!(node = %node.name, log = %last_lines(&log, 10), "node log");
+        let complaint = log
+            .lines()
+            .rev()
+            .find(|l| ["FATAL:", "PANIC:", "ERROR:"].iter().any(|k| l.contains(k)))
+            .map(|l| {
+                l.find("FATAL:").or(l.find("PANIC:")).or(l.find("ERROR:")).map_or(l, |at| &l[at..])
+            });
+        client_sentence(complaint.unwrap_or("the node logged no error"))
     }
 }
 

@@ -70,7 +70,9 @@ pub async fn take_base_backup(
             if out.status.success() {
                 Ok(())
             } else {
-                Err(format!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim()))
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                tracing::error!(command = what, output = %stderr.trim(), "base backup program failed");
+                Err(format!("{what} failed: {}", crate::nodes::driver::client_sentence(&stderr)))
             }
         };
         let _ = std::fs::remove_dir_all(&tmp);

@@ -103,7 +103,8 @@ pub async fn check_restorable(
     .map_err(|e| format!("cannot run pg_verifybackup: {e}"))?;
     if !verified.status.success() {
         let detail = String::from_utf8_lossy(&verified.stderr);
-        let first = detail.lines().next().unwrap_or("").to_owned();
+        tracing::error!(backup = %base.id, output = %detail.trim(), "pg_verifybackup failed");
+        let first = crate::nodes::driver::client_sentence(detail.lines().next().unwrap_or(""));
         return Err(format!("base backup {} is damaged ({first}); restore refused", base.id));
     }
     let gaps = wal_gaps(&wal_dir(platform, &db.id), Some(&base.start_segment));
