@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::{body, load, require_running, AppState};
-use crate::backups::logical;
+use crate::backups::{logical, BackupError};
 use crate::platform::Platform;
 
 pub async fn list(
@@ -33,8 +33,12 @@ pub async fn create(
     let (backup, _) = platform
         .update(&id, |db| {
             require_running(db)?;
-            logical::check_manual_allowed(platform, db)
-                .map_err(|m| ApiError::conflict("backup_limit", m))?;
+            logical::check_manual_allowed(platform, db).map_err(|e| match e {
+                BackupError::NoManualBackups(_) | BackupError::LimitReached { .. } => {
+                    ApiError::conflict("backup_limit", e.to_string())
+                }
+                other => ApiError::internal(other),
+            })?;
             logical::start(platform, db, BackupKind::Manual).map_err(ApiError::internal)
         })?
         .ok_or_else(|| ApiError::not_found("database", &id))?;

@@ -9,7 +9,21 @@ use pgwarden_api::control::{DatabaseOperation, PitrWindow};
 use super::error::ApiError;
 use super::view::view;
 use super::{body, load, require_running, AppState};
-use crate::pitr::restore;
+use crate::nodes::NodeError;
+use crate::pitr::{restore, PitrError};
+
+/// Why PITR cannot serve now: a node that does not answer is a 503; the rest is `kind`.
+fn refused(
+    e: PitrError,
+    kind: fn(&'static str, String) -> ApiError,
+    code: &'static str,
+) -> ApiError {
+    match e {
+        PitrError::Node(NodeError::Sql(sql)) if sql.unreachable() => sql.into(),
+        PitrError::Store(store) => store.into(),
+        other => kind(code, other.to_string()),
+    }
+}
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
@@ -22,7 +36,7 @@ pub async fn window(
     let db = load(&state.platform, &id)?;
     let (earliest, latest) = restore::window(&state.platform, &state.heartbeats, &db)
         .await
-        .map_err(|m| ApiError::conflict("pitr_unavailable", m))?;
+        .map_err(|e| refused(e, ApiError::conflict, "pitr_unavailable"))?;
     Ok(Json(PitrWindow { earliest: rfc3339(earliest), latest: rfc3339(latest) }))
 }
 
@@ -53,7 +67,7 @@ pub async fn restore(
     require_running(&db)?;
     restore::check_restorable(platform, &state.heartbeats, &db, target)
         .await
-        .map_err(|m| ApiError::unprocessable("not_restorable", m))?;
+        .map_err(|e| refused(e, ApiError::unprocessable, "not_restorable"))?;
     let database = view(platform, &db).await;
     let (p, heartbeats) = (platform.clone(), state.heartbeats.clone());
     let database_id = id.clone();

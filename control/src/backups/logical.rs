@@ -10,7 +10,9 @@ use pgwarden_api::control::{Backup, BackupKind, BackupStatus};
 use time::OffsetDateTime;
 use tracing::error;
 
+use super::BackupError;
 use crate::nodes::driver::client_sentence;
+use crate::nodes::NodeError;
 use crate::plans;
 use crate::platform::{now_rfc3339, Platform};
 use crate::state::DatabaseRecord;
@@ -25,31 +27,31 @@ pub fn started(backup: &Backup) -> Option<OffsetDateTime> {
 }
 
 /// Why a manual backup cannot be taken now.
-pub fn check_manual_allowed(platform: &Platform, db: &DatabaseRecord) -> Result<(), String> {
-    let plan = plans::find(&db.plan).ok_or("unknown plan")?;
+pub fn check_manual_allowed(platform: &Platform, db: &DatabaseRecord) -> Result<(), BackupError> {
+    let plan = plans::find(&db.plan).ok_or_else(|| BackupError::UnknownPlan(db.plan.clone()))?;
     let manual = platform
         .store
-        .backups(&db.id)
-        .map_err(|e| e.to_string())?
+        .backups(&db.id)?
         .iter()
         .filter(|b| b.kind == BackupKind::Manual && b.status != BackupStatus::Failed)
         .count();
     if manual as u32 >= plan.manual_backups_max {
         return Err(if plan.manual_backups_max == 0 {
-            format!("plan {} includes no manual backups; change to a plan with backups", plan.name)
+            BackupError::NoManualBackups(plan.name)
         } else {
-            format!(
-                "manual backup limit reached: plan {} keeps at most {} manual backups; delete one first",
-                plan.name, plan.manual_backups_max
-            )
+            BackupError::LimitReached { plan: plan.name, max: plan.manual_backups_max }
         });
     }
     Ok(())
 }
 
 /// Records a new backup as running; `run` takes it.
-pub fn start(platform: &Platform, db: &DatabaseRecord, kind: BackupKind) -> Result<Backup, String> {
-    let seq = platform.store.next_counter("backup_seq").map_err(|e| e.to_string())?;
+pub fn start(
+    platform: &Platform,
+    db: &DatabaseRecord,
+    kind: BackupKind,
+) -> Result<Backup, BackupError> {
+    let seq = platform.store.next_counter("backup_seq")?;
     let backup = Backup {
         id: format!("bk-{seq:06}"),
         database_id: db.id.clone(),
@@ -62,7 +64,7 @@ pub fn start(platform: &Platform, db: &DatabaseRecord, kind: BackupKind) -> Resu
         node: None,
         error: None,
     };
-    platform.store.put_backup(&backup).map_err(|e| e.to_string())?;
+    platform.store.put_backup(&backup)?;
     Ok(backup)
 }
 
@@ -88,7 +90,7 @@ pub async fn run(platform: Arc<Platform>, mut backup: Backup) -> Backup {
         }
         Err(e) => {
             backup.status = BackupStatus::Failed;
-            backup.error = Some(e.clone());
+            backup.error = Some(e.to_string());
             platform.event(
                 &backup.database_id,
                 "backup_failed",
@@ -102,14 +104,13 @@ pub async fn run(platform: Arc<Platform>, mut backup: Backup) -> Backup {
     backup
 }
 
-async fn take(platform: &Arc<Platform>, backup: &mut Backup) -> Result<(), String> {
+async fn take(platform: &Arc<Platform>, backup: &mut Backup) -> Result<(), BackupError> {
     let db = platform
         .store
-        .database(&backup.database_id)
-        .map_err(|e| e.to_string())?
-        .ok_or("database vanished")?;
+        .database(&backup.database_id)?
+        .ok_or_else(|| BackupError::Vanished(backup.database_id.clone()))?;
     // From a standby when there is one, so that the primary's clients do not pay for it.
-    let source = db.replicas().next().or(db.primary()).cloned().ok_or("no node to back up from")?;
+    let source = db.replicas().next().or(db.primary()).cloned().ok_or(BackupError::NoNode)?;
     backup.node = Some(source.name.clone());
     let conninfo = platform.driver.admin_conninfo(&platform.node_spec(&source), &db.name);
     let scratch =
@@ -119,50 +120,52 @@ async fn take(platform: &Arc<Platform>, backup: &mut Backup) -> Result<(), Strin
     let (size, sha256) =
         tokio::task::spawn_blocking(move || dump_and_verify(&bin, &conninfo, &file))
             .await
-            .map_err(|e| e.to_string())??;
+            .map_err(NodeError::from)??;
     backup.size_bytes = size;
     backup.sha256 = Some(sha256);
     let key = key(backup);
     platform.backups.store(&key, &scratch).map_err(|e| {
         let _ = std::fs::remove_file(&scratch);
-        format!("cannot store the backup: {e}")
+        BackupError::Storage(e)
     })
 }
 
-fn dump_and_verify(bin: &Path, conninfo: &str, file: &Path) -> Result<(u64, String), String> {
-    // The dump is private from its first byte: pg_dump creates it under this umask... so the
-    // file is created here first, 0600, and pg_dump writes into it.
-    crate::files::create_private(file).map_err(|e| format!("cannot create the dump file: {e}"))?;
+fn dump_and_verify(bin: &Path, conninfo: &str, file: &Path) -> Result<(u64, String), BackupError> {
+    // The dump is private from its first byte: pg_dump would create it under the process's
+    // umask, so it is created here, 0600, and pg_dump writes into it.
+    crate::files::create_private(file)?;
     let out = Command::new(bin.join("pg_dump"))
         .args(["--format=custom", "--no-password", "--dbname", conninfo, "--file"])
         .arg(file)
         .output()
-        .map_err(|e| format!("cannot run pg_dump: {e}"))?;
+        .map_err(|source| BackupError::NotRunnable { what: "pg_dump", source })?;
     if !out.status.success() {
         let _ = std::fs::remove_file(file);
         let stderr = String::from_utf8_lossy(&out.stderr);
         error!(output = %stderr.trim(), "pg_dump failed");
-        return Err(format!("pg_dump failed: {}", client_sentence(&stderr)));
+        let sentence = client_sentence(&stderr);
+        return Err(BackupError::Program { what: "pg_dump failed", sentence });
     }
     let list = Command::new(bin.join("pg_restore"))
         .arg("--list")
         .arg(file)
         .output()
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| BackupError::NotRunnable { what: "pg_restore", source })?;
     if !list.status.success() {
         let _ = std::fs::remove_file(file);
         let stderr = String::from_utf8_lossy(&list.stderr);
         error!(output = %stderr.trim(), "pg_restore --list failed");
-        return Err(format!("the archive does not read back: {}", client_sentence(&stderr)));
+        let sentence = client_sentence(&stderr);
+        return Err(BackupError::Program { what: "the archive does not read back", sentence });
     }
-    let size = std::fs::metadata(file).map_err(|e| e.to_string())?.len();
-    Ok((size, sha256_file(file).map_err(|e| e.to_string())?))
+    let size = std::fs::metadata(file)?.len();
+    Ok((size, sha256_file(file)?))
 }
 
 pub use crate::files::sha256_file;
 
 /// Deletes a backup's file and record.
-pub fn delete(platform: &Platform, backup: &Backup) -> Result<(), String> {
-    platform.backups.delete(&key(backup)).map_err(|e| e.to_string())?;
-    platform.store.delete_backup(&backup.database_id, &backup.id).map_err(|e| e.to_string())
+pub fn delete(platform: &Platform, backup: &Backup) -> Result<(), BackupError> {
+    platform.backups.delete(&key(backup)).map_err(BackupError::Storage)?;
+    Ok(platform.store.delete_backup(&backup.database_id, &backup.id)?)
 }

@@ -8,6 +8,7 @@ use pgwarden_api::control::NodeRole;
 use tracing::{info, warn};
 
 use super::watcher::check_primary;
+use super::HaError;
 use crate::nodes::blocking;
 use crate::nodes::sql::Timeouts;
 use crate::platform::Platform;
@@ -24,19 +25,19 @@ pub async fn failover(
     old_primary: &str,
     last_lag: &[(String, u64)],
     reason: &str,
-) -> Result<String, String> {
+) -> Result<String, HaError> {
     let Some(_claim) = platform.changes.for_failover(id).await else {
-        return Err("a planned primary change stopped the primary and is finishing".into());
+        return Err(HaError::PlannedChangeFinishing);
     };
-    let db = platform.store.database(id).map_err(|e| e.to_string())?.ok_or("database vanished")?;
+    let db = platform.store.database(id)?.ok_or_else(|| HaError::Vanished(id.to_owned()))?;
     if db.primary().map(|p| p.name.as_str()) != Some(old_primary) {
-        return Err(format!("{old_primary} is no longer the primary")); // Someone moved it.
+        return Err(HaError::Moved(old_primary.to_owned())); // Someone moved it.
     }
     let candidate = match choose_standby(platform, &db, last_lag).await {
         Ok(candidate) => candidate,
         Err(why) => {
             platform.metrics.failover(false);
-            platform.event(id, "failover_refused", why.clone());
+            platform.event(id, "failover_refused", why.to_string());
             return Err(why);
         }
     };
@@ -53,9 +54,9 @@ pub async fn failover(
         }
         Err(e) => {
             platform.metrics.failover(false);
-            let message = format!("promoting {candidate} failed: {e}");
-            platform.event(id, "failover_failed", message.clone());
-            Err(message)
+            let e = HaError::PromoteFailed { candidate, source: Box::new(e) };
+            platform.event(id, "failover_failed", e.to_string());
+            Err(e)
         }
     }
 }
@@ -66,7 +67,7 @@ async fn choose_standby(
     platform: &Platform,
     db: &DatabaseRecord,
     last_lag: &[(String, u64)],
-) -> Result<String, String> {
+) -> Result<String, HaError> {
     let probes = db.replicas().map(|standby| async move {
         let spec = platform.node_spec(standby);
         let probe = async {
@@ -85,12 +86,12 @@ async fn choose_standby(
                 best = Some((name, received));
             }
             other => {
-                let other = other.map_err(|e| e.to_string());
+                let other = other;
                 warn!(database = %db.id, standby = %name, ?other, "standby not eligible")
             }
         }
     }
-    let (name, _) = best.ok_or_else(|| "no reachable standby to promote".to_owned())?;
+    let (name, _) = best.ok_or(HaError::NoStandby)?;
     let lag = last_lag.iter().find(|(n, _)| *n == name).map(|(_, l)| *l);
     may_promote(&name, db.synchronous, lag, platform.config.health.max_failover_lag_bytes)?;
     Ok(name)
@@ -130,14 +131,15 @@ pub(crate) fn may_promote(
     synchronous: bool,
     lag: Option<u64>,
     bound: u64,
-) -> Result<(), String> {
+) -> Result<(), HaError> {
     match (synchronous, lag) {
         (true, _) => Ok(()),
         (false, Some(lag)) if lag <= bound => Ok(()),
-        (false, lag) => Err(format!(
-            "refusing to promote {standby}: commits were asynchronous and its lag ({}) exceeds {bound} bytes; acknowledged commits could be lost",
-            lag.map_or("unknown".to_owned(), |l| format!("{l} bytes"))
-        )),
+        (false, lag) => Err(HaError::CouldLoseCommits {
+            standby: standby.to_owned(),
+            lag: lag.map_or("unknown".to_owned(), |l| format!("{l} bytes")),
+            bound,
+        }),
     }
 }
 
@@ -149,11 +151,13 @@ pub(crate) async fn promote(
     id: &str,
     old: &str,
     new: &str,
-) -> Result<u64, String> {
-    let db = platform.store.database(id).map_err(|e| e.to_string())?.ok_or("database vanished")?;
-    let old_node =
-        db.nodes.iter().find(|n| n.name == old).cloned().ok_or("old primary vanished")?;
-    let new_node = db.nodes.iter().find(|n| n.name == new).cloned().ok_or("standby vanished")?;
+) -> Result<u64, HaError> {
+    let db = platform.store.database(id)?.ok_or_else(|| HaError::Vanished(id.to_owned()))?;
+    let find = |name: &str| {
+        let node = db.nodes.iter().find(|n| n.name == name).cloned();
+        node.ok_or_else(|| HaError::NodeVanished(name.to_owned()))
+    };
+    let (old_node, new_node) = (find(old)?, find(new)?);
     // Fence first: whatever happens next, the old primary serves nothing more.
     let (old_spec, new_spec) = (platform.node_spec(&old_node), platform.node_spec(&new_node));
     let driver = platform.driver.clone();
@@ -175,13 +179,12 @@ pub(crate) async fn promote(
             }
             db.synchronous = false;
             Ok::<_, StoreError>(())
-        })
-        .map_err(|e| e.to_string())?
-        .ok_or("database vanished")?;
-    let epoch = platform.publish_routes().map_err(|e| e.to_string())?;
+        })?
+        .ok_or_else(|| HaError::Vanished(id.to_owned()))?;
+    let epoch = platform.publish_routes()?;
     // The new primary's own settings: no upstream, asynchronous until a standby is back.
-    let promoted = db.primary().cloned().ok_or("no primary after promotion")?;
-    let config = platform.node_config(&db, &promoted, None).map_err(|e| e.to_string())?;
+    let promoted = db.primary().cloned().ok_or_else(|| HaError::NoPrimary(id.to_owned()))?;
+    let config = platform.node_config(&db, &promoted, None)?;
     let (driver, spec) = (platform.driver.clone(), platform.node_spec(&promoted));
     blocking(move || {
         driver.configure(&spec, &config)?;
@@ -193,9 +196,9 @@ pub(crate) async fn promote(
 }
 
 /// `POST .../failover`: change the primary now, even if it looks healthy.
-pub async fn forced_failover(platform: &Arc<Platform>, id: &str) -> Result<String, String> {
-    let db = platform.store.database(id).map_err(|e| e.to_string())?.ok_or("database vanished")?;
-    let primary = db.primary().cloned().ok_or("no primary")?;
+pub async fn forced_failover(platform: &Arc<Platform>, id: &str) -> Result<String, HaError> {
+    let db = platform.store.database(id)?.ok_or_else(|| HaError::Vanished(id.to_owned()))?;
+    let primary = db.primary().cloned().ok_or_else(|| HaError::NoPrimary(id.to_owned()))?;
     let last_lag = match check_primary(platform, &primary).await {
         Ok(state) => state.lags(),
         Err(_) => Vec::new(),
@@ -216,9 +219,9 @@ mod tests {
         assert!(may_promote("s", true, Some(1 << 20), 0).is_ok());
         assert!(may_promote("s", false, Some(0), 0).is_ok(), "asynchronous but caught up");
         assert!(may_promote("s", false, Some(4096), 8192).is_ok(), "within the configured bound");
-        let err = may_promote("s", false, Some(4097), 4096).unwrap_err();
+        let err = may_promote("s", false, Some(4097), 4096).unwrap_err().to_string();
         assert!(err.contains("4097 bytes") && err.contains("could be lost"), "{err}");
-        let err = may_promote("s", false, None, 1 << 30).unwrap_err();
+        let err = may_promote("s", false, None, 1 << 30).unwrap_err().to_string();
         assert!(err.contains("unknown"), "no lag known: refused whatever the bound: {err}");
     }
 }

@@ -17,3 +17,52 @@ pub mod failover;
 pub mod rejoin;
 pub mod switchover;
 pub mod watcher;
+
+use crate::lifecycle::LifecycleError;
+use crate::nodes::config::ConfigError;
+use crate::nodes::sql::SqlError;
+use crate::nodes::{DriverError, NodeError};
+use crate::state::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HaError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
+    #[error("database {0} vanished")]
+    Vanished(String),
+    #[error("database {0} has no primary")]
+    NoPrimary(String),
+    #[error("node {0} is no longer part of the database")]
+    NodeVanished(String),
+    #[error("{0} is no longer the primary")]
+    Moved(String),
+    #[error("a planned primary change stopped the primary and is finishing")]
+    PlannedChangeFinishing,
+    #[error("no reachable standby to promote")]
+    NoStandby,
+    #[error("refusing to promote {standby}: commits were asynchronous and its lag ({lag}) exceeds {bound} bytes; acknowledged commits could be lost")]
+    CouldLoseCommits { standby: String, lag: String, bound: u64 },
+    #[error("promoting {candidate} failed: {source}")]
+    PromoteFailed { candidate: String, source: Box<HaError> },
+    #[error("{0} is not a standby of {1}")]
+    NotAStandby(String, String),
+    #[error("a failover took over the database: its primary failed during the switchover")]
+    Preempted,
+    #[error("standby {standby} did not receive WAL up to {lsn}")]
+    NotCaughtUp { standby: String, lsn: String },
+}
+
+macro_rules! via_node {
+    ($($t:ty),*) => {$(
+        impl From<$t> for HaError {
+            fn from(e: $t) -> Self {
+                HaError::Node(e.into())
+            }
+        }
+    )*};
+}
+via_node!(SqlError, DriverError, ConfigError);

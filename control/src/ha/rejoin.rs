@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tracing::warn;
 
+use super::HaError;
 use crate::lifecycle::standby::add_standby_only;
 use crate::nodes::config::slot_name;
 use crate::nodes::{blocking, NodeSpec};
@@ -24,7 +25,7 @@ pub async fn rejoin(platform: &Arc<Platform>, id: &str, fenced: &NodeRecord) {
         // pg_rewind reads the source's timeline from its control file, which a recently
         // promoted primary updates only at its next checkpoint.
         checkpoint(platform, &source).await?;
-        let config = platform.node_config(&db, &node, None).map_err(|e| e.to_string())?;
+        let config = platform.node_config(&db, &node, None)?;
         let driver = platform.driver.clone();
         let (spec2, source2) = (spec.clone(), source.clone());
         let rewound = blocking(move || {
@@ -77,31 +78,31 @@ async fn fresh_copy(
     db: &DatabaseRecord,
     node: &NodeRecord,
     spec: &NodeSpec,
-) -> Result<(), String> {
+) -> Result<(), HaError> {
     let (driver, spec2) = (platform.driver.clone(), spec.clone());
     blocking(move || driver.destroy(&spec2)).await?;
     // The slot was made for the rewind; pg_basebackup creates its own.
     if let Some(primary) = db.primary() {
         drop_slot(platform, &platform.node_spec(primary), &slot_name(&node.name)).await;
     }
-    add_standby_only(platform, db, node).await
+    Ok(add_standby_only(platform, db, node).await?)
 }
 
-async fn ensure_slot(platform: &Platform, primary: &NodeSpec, slot: &str) -> Result<(), String> {
-    let admin = platform.session(primary, "postgres").await.map_err(|e| e.to_string())?;
+async fn ensure_slot(platform: &Platform, primary: &NodeSpec, slot: &str) -> Result<(), HaError> {
+    let admin = platform.session(primary, "postgres").await?;
     admin
         .execute(
             "SELECT pg_create_physical_replication_slot($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
             &[&slot],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        ?;
     Ok(())
 }
 
-async fn checkpoint(platform: &Platform, node: &NodeSpec) -> Result<(), String> {
-    let admin = platform.session(node, "postgres").await.map_err(|e| e.to_string())?;
-    admin.batch_execute("CHECKPOINT").await.map_err(|e| e.to_string())
+async fn checkpoint(platform: &Platform, node: &NodeSpec) -> Result<(), HaError> {
+    let admin = platform.session(node, "postgres").await?;
+    Ok(admin.batch_execute("CHECKPOINT").await?)
 }
 
 async fn drop_slot(platform: &Platform, primary: &NodeSpec, slot: &str) {

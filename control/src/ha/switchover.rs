@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use super::failover::promote;
+use super::HaError;
 use crate::nodes::blocking;
 use crate::platform::{ChangeGuard, Platform};
 use crate::state::NodeRecord;
@@ -23,35 +24,29 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the standby may take to receive the old primary's last WAL.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Why a switchover did not happen.
-#[derive(Debug, thiserror::Error)]
-pub enum SwitchoverError {
-    #[error("a failover took over the database: its primary failed during the switchover")]
-    Preempted,
-    #[error("{0}")]
-    Failed(String),
-}
-
 /// The standby a switchover of `id` would promote, checked against the record.
-pub fn target(db: &crate::state::DatabaseRecord, name: Option<&str>) -> Result<NodeRecord, String> {
+pub fn target(
+    db: &crate::state::DatabaseRecord,
+    name: Option<&str>,
+) -> Result<NodeRecord, HaError> {
     match name {
         Some(name) => db
             .replicas()
             .find(|r| r.name == name)
             .cloned()
-            .ok_or_else(|| format!("{name} is not a standby of {}", db.id)),
-        None => db.replicas().next().cloned().ok_or_else(|| "no standby to switch to".into()),
+            .ok_or_else(|| HaError::NotAStandby(name.to_owned(), db.id.clone())),
+        None => db.replicas().next().cloned().ok_or(HaError::NoStandby),
     }
 }
 
 /// Runs `work` unless a failover takes over first.
-async fn step<T>(
+async fn step<T, E: Into<HaError>>(
     claim: &ChangeGuard,
-    work: impl Future<Output = Result<T, String>>,
-) -> Result<T, SwitchoverError> {
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, HaError> {
     tokio::select! {
-        r = work => r.map_err(SwitchoverError::Failed),
-        () = claim.cancelled() => Err(SwitchoverError::Preempted),
+        r = work => r.map_err(Into::into),
+        () = claim.cancelled() => Err(HaError::Preempted),
     }
 }
 
@@ -62,57 +57,37 @@ pub async fn switchover(
     claim: ChangeGuard,
     id: &str,
     target_name: Option<&str>,
-) -> Result<(String, Duration), SwitchoverError> {
-    let failed = SwitchoverError::Failed;
-    let db = platform
-        .store
-        .database(id)
-        .map_err(|e| failed(e.to_string()))?
-        .ok_or_else(|| failed("database vanished".into()))?;
-    let old = db.primary().cloned().ok_or_else(|| failed("no primary".into()))?;
-    let candidate = target(&db, target_name).map_err(failed)?;
+) -> Result<(String, Duration), HaError> {
+    let db = platform.store.database(id)?.ok_or_else(|| HaError::Vanished(id.to_owned()))?;
+    let old = db.primary().cloned().ok_or_else(|| HaError::NoPrimary(id.to_owned()))?;
+    let candidate = target(&db, target_name)?;
     let (old_spec, new_spec) = (platform.node_spec(&old), platform.node_spec(&candidate));
-    let standby = step(&claim, async {
-        platform
-            .session(&new_spec, "postgres")
-            .await
-            .map_err(|e| format!("standby unreachable: {e}"))
-    })
-    .await?;
-    let in_recovery: bool = step(&claim, async {
-        Ok(standby
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .map_err(|e| e.to_string())?
-            .get(0))
-    })
-    .await?;
+    let standby = step(&claim, platform.session(&new_spec, "postgres")).await?;
+    let in_recovery: bool =
+        step(&claim, standby.query_one("SELECT pg_is_in_recovery()", &[])).await?.get(0);
     if !in_recovery {
-        return Err(failed(format!("{} is not a standby", candidate.name)));
+        return Err(HaError::NotAStandby(candidate.name.clone(), id.to_owned()));
     }
 
     // 1. Hold new sessions on every proxy.
     platform.holds.hold(id);
     let held_at = Instant::now();
-    let result: Result<(), SwitchoverError> = async {
-        let epoch = platform.publish_routes().map_err(|e| failed(e.to_string()))?;
-        if !step(&claim, async { Ok(platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await) })
-            .await?
-        {
+    let result: Result<(), HaError> = async {
+        let epoch = platform.publish_routes()?;
+        let applied =
+            async { Ok::<_, HaError>(platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await) };
+        if !step(&claim, applied).await? {
             warn!(database = id, epoch, "not every proxy applied the hold in time");
         }
         // 2. Stop the primary cleanly; with synchronous replication its WAL is on the standby.
         let lsn: String = step(&claim, async {
-            let admin = platform.session(&old_spec, "postgres").await.map_err(|e| e.to_string())?;
-            let row = admin
-                .query_one("SELECT pg_current_wal_lsn()::text", &[])
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(row.get(0))
+            let admin = platform.session(&old_spec, "postgres").await?;
+            let row = admin.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?;
+            Ok::<_, HaError>(row.get(0))
         })
         .await?;
         if claim.is_cancelled() {
-            return Err(SwitchoverError::Preempted);
+            return Err(HaError::Preempted);
         }
         claim.primary_stopped_on_purpose();
         let (driver, spec) = (platform.driver.clone(), old_spec.clone());
@@ -121,24 +96,20 @@ pub async fn switchover(
         if !matches!(stopped, Ok(Ok(()))) {
             // It would not stop in time: make sure it serves nothing, then check the standby.
             let (driver, spec) = (platform.driver.clone(), old_spec.clone());
-            blocking(move || driver.fence(&spec)).await.map_err(failed)?;
+            blocking(move || driver.fence(&spec)).await?;
         }
         // 3. The standby must have received everything the primary wrote.
         let deadline = Instant::now() + CATCH_UP_TIMEOUT;
         loop {
             let caught_up: bool = standby
                 .query_one("SELECT pg_last_wal_receive_lsn() >= $1::text::pg_lsn", &[&lsn])
-                .await
-                .map_err(|e| failed(e.to_string()))?
+                .await?
                 .get(0);
             if caught_up {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(failed(format!(
-                    "standby {} did not receive WAL up to {lsn}",
-                    candidate.name
-                )));
+                return Err(HaError::NotCaughtUp { standby: candidate.name.clone(), lsn });
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -147,7 +118,7 @@ pub async fn switchover(
     .await;
     if let Err(e) = result {
         platform.holds.release(id);
-        if !matches!(e, SwitchoverError::Preempted) {
+        if !matches!(e, HaError::Preempted) {
             // Roll back: the old primary serves again, sessions are released to it.
             let (driver, spec) = (platform.driver.clone(), old_spec.clone());
             let _ = blocking(
@@ -184,7 +155,7 @@ pub async fn switchover(
                 "switchover_failed",
                 format!("promoting {} failed: {e}", candidate.name),
             );
-            Err(failed(e))
+            Err(HaError::PromoteFailed { candidate: candidate.name, source: Box::new(e) })
         }
     }
 }

@@ -12,7 +12,7 @@ use tracing::{debug, error};
 use super::failover::failover;
 use super::rejoin::rejoin;
 use crate::nodes::blocking;
-use crate::nodes::sql::Timeouts;
+use crate::nodes::sql::{SqlError, Timeouts};
 use crate::platform::Platform;
 use crate::state::{DatabaseRecord, NodeRecord, StoreError};
 
@@ -155,11 +155,10 @@ async fn watch(platform: &Arc<Platform>, id: &str) {
 pub(crate) async fn check_primary(
     platform: &Platform,
     primary: &NodeRecord,
-) -> Result<PrimaryState, String> {
+) -> Result<PrimaryState, SqlError> {
     let timeouts = Timeouts::within(platform.config.health.timeout);
     let spec = platform.node_spec(primary);
-    let session =
-        platform.session_within(&spec, "postgres", timeouts).await.map_err(|e| e.to_string())?;
+    let session = platform.session_within(&spec, "postgres", timeouts).await?;
     let rows = session
         .query(
             "SELECT application_name, sync_state, \
@@ -167,8 +166,7 @@ pub(crate) async fn check_primary(
              FROM pg_stat_replication WHERE state = 'streaming'",
             &[],
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let standbys =
         rows.iter().map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2).max(0) as u64)).collect();
     Ok(PrimaryState { standbys })

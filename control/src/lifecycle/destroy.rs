@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use pgwarden_api::control::{DatabaseStatus, NodeRole, Operation};
 
-use crate::nodes::blocking;
+use super::LifecycleError;
+use crate::nodes::{blocking, NodeError};
 use crate::platform::Platform;
 use crate::state::StoreError;
 
@@ -15,24 +16,22 @@ pub fn run(platform: &Arc<Platform>, id: String, op: Operation) -> tokio::task::
     let p = platform.clone();
     platform.run_operation(op, move |_| async move {
         let result = destroy(&p, &id).await;
-        if let Err(message) = &result {
-            super::provision::mark_failed(&p, &id, "destroy", message);
+        if let Err(e) = &result {
+            super::provision::mark_failed(&p, &id, "destroy", &e.to_string());
         }
         result
     })
 }
 
-async fn destroy(platform: &Arc<Platform>, id: &str) -> Result<(), String> {
-    let Some(((), db)) = platform
-        .update(id, |db| {
-            db.status = DatabaseStatus::Deleting;
-            Ok::<_, StoreError>(())
-        })
-        .map_err(|e| e.to_string())?
+async fn destroy(platform: &Arc<Platform>, id: &str) -> Result<(), LifecycleError> {
+    let Some(((), db)) = platform.update(id, |db| {
+        db.status = DatabaseStatus::Deleting;
+        Ok::<_, StoreError>(())
+    })?
     else {
-        return Err(format!("database {id} vanished"));
+        return Err(LifecycleError::Vanished(id.to_owned()));
     };
-    platform.publish_routes().map_err(|e| e.to_string())?;
+    platform.publish_routes()?;
     // Standbys first: a synchronous primary must not wait for a vanished standby.
     let mut nodes = db.nodes.clone();
     nodes.sort_by_key(|n| n.role == NodeRole::Primary);
@@ -44,11 +43,11 @@ async fn destroy(platform: &Arc<Platform>, id: &str) -> Result<(), String> {
     let key = id.to_owned();
     tokio::task::spawn_blocking(move || storage.purge(&key))
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot remove the database's backups: {e}"))?;
-    for backup in platform.store.backups(id).map_err(|e| e.to_string())? {
-        platform.store.delete_backup(id, &backup.id).map_err(|e| e.to_string())?;
+        .map_err(NodeError::from)?
+        .map_err(LifecycleError::Purge)?;
+    for backup in platform.store.backups(id)? {
+        platform.store.delete_backup(id, &backup.id)?;
     }
-    platform.store.delete_database(id).map_err(|e| e.to_string())?;
+    platform.store.delete_database(id)?;
     Ok(())
 }

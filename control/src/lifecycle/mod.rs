@@ -6,3 +6,37 @@ pub mod destroy;
 pub mod provision;
 pub mod recover;
 pub mod standby;
+
+use crate::nodes::config::ConfigError;
+use crate::nodes::sql::SqlError;
+use crate::nodes::{DriverError, NodeError};
+use crate::state::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("database {0} vanished")]
+    Vanished(String),
+    #[error("unknown plan {0}")]
+    UnknownPlan(String),
+    #[error("database {0} has no primary")]
+    NoPrimary(String),
+    #[error("standby {0} did not become synchronous within 60 s")]
+    NotSynchronous(String),
+    #[error("cannot remove the database's backups: {0}")]
+    Purge(std::io::Error),
+}
+
+macro_rules! via_node {
+    ($($t:ty),*) => {$(
+        impl From<$t> for LifecycleError {
+            fn from(e: $t) -> Self {
+                LifecycleError::Node(e.into())
+            }
+        }
+    )*};
+}
+via_node!(SqlError, DriverError, ConfigError);

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use pgwarden_api::control::{DatabaseStatus, Operation};
 
-use crate::lifecycle::standby::add_standby;
+use super::standby::add_standby;
+use super::LifecycleError;
 use crate::nodes::config::REPLICATION_ROLE;
 use crate::nodes::{blocking, roles};
 use crate::plans;
@@ -19,8 +20,8 @@ pub fn run(platform: &Arc<Platform>, id: String, op: Operation) -> tokio::task::
     let p = platform.clone();
     platform.run_operation(op, move |progress| async move {
         let result = provision(&p, &id, progress).await;
-        if let Err(message) = &result {
-            mark_failed(&p, &id, "provision", message);
+        if let Err(e) = &result {
+            mark_failed(&p, &id, "provision", &e.to_string());
         }
         result
     })
@@ -36,24 +37,25 @@ pub fn mark_failed(platform: &Platform, id: &str, kind: &str, message: &str) {
     platform.event(id, &format!("{kind}_failed"), message.to_owned());
 }
 
-async fn provision(platform: &Arc<Platform>, id: &str, mut op: Progress) -> Result<(), String> {
-    let mut db = platform
-        .store
-        .database(id)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("database {id} vanished"))?;
-    let plan = plans::find(&db.plan).ok_or_else(|| format!("unknown plan {}", db.plan))?;
+async fn provision(
+    platform: &Arc<Platform>,
+    id: &str,
+    mut op: Progress,
+) -> Result<(), LifecycleError> {
+    let mut db =
+        platform.store.database(id)?.ok_or_else(|| LifecycleError::Vanished(id.to_owned()))?;
+    let plan = plans::find(&db.plan).ok_or_else(|| LifecycleError::UnknownPlan(db.plan.clone()))?;
     // Start from a clean slate: a provisioning interrupted earlier may have left nodes behind.
     for node in std::mem::take(&mut db.nodes) {
         let (driver, spec) = (platform.driver.clone(), platform.node_spec(&node));
         blocking(move || driver.destroy(&spec)).await?;
     }
-    db.nodes = platform.new_nodes(id, 1, plan.nodes as usize).map_err(|e| e.to_string())?;
-    platform.store.put_database(&db).map_err(|e| e.to_string())?;
+    db.nodes = platform.new_nodes(id, 1, plan.nodes as usize)?;
+    platform.store.put_database(&db)?;
 
-    let primary = db.primary().cloned().ok_or("no primary")?;
+    let primary = db.primary().cloned().ok_or_else(|| LifecycleError::NoPrimary(id.to_owned()))?;
     let primary_spec = platform.node_spec(&primary);
-    let config = platform.node_config(&db, &primary, None).map_err(|e| e.to_string())?;
+    let config = platform.node_config(&db, &primary, None)?;
     let (driver, spec) = (platform.driver.clone(), primary_spec.clone());
     blocking(move || {
         driver.init(&spec, &config)?;
@@ -67,16 +69,12 @@ async fn provision(platform: &Arc<Platform>, id: &str, mut op: Progress) -> Resu
         format!("primary {} started on port {}", primary.name, primary.port),
     );
 
-    let admin = platform.session(&primary_spec, "postgres").await.map_err(|e| e.to_string())?;
-    roles::create_role(&admin, REPLICATION_ROLE, &db.replication_password, "REPLICATION")
-        .await
-        .map_err(|e| e.to_string())?;
-    roles::create_role(&admin, &db.name, &db.password, "").await.map_err(|e| e.to_string())?;
-    roles::create_database(&admin, &db.name, &db.name).await.map_err(|e| e.to_string())?;
-    let db_admin = platform.session(&primary_spec, &db.name).await.map_err(|e| e.to_string())?;
-    roles::grant(&db_admin, &db.name, &db.name, &db.name, false)
-        .await
-        .map_err(|e| e.to_string())?;
+    let admin = platform.session(&primary_spec, "postgres").await?;
+    roles::create_role(&admin, REPLICATION_ROLE, &db.replication_password, "REPLICATION").await?;
+    roles::create_role(&admin, &db.name, &db.password, "").await?;
+    roles::create_database(&admin, &db.name, &db.name).await?;
+    let db_admin = platform.session(&primary_spec, &db.name).await?;
+    roles::grant(&db_admin, &db.name, &db.name, &db.name, false).await?;
     op.set(0.6);
 
     for standby in db.replicas().cloned().collect::<Vec<_>>() {
@@ -87,8 +85,8 @@ async fn provision(platform: &Arc<Platform>, id: &str, mut op: Progress) -> Resu
 
     db.status = DatabaseStatus::Running;
     db.error = None;
-    platform.store.put_database(&db).map_err(|e| e.to_string())?;
-    let epoch = platform.publish_routes().map_err(|e| e.to_string())?;
+    platform.store.put_database(&db)?;
+    let epoch = platform.publish_routes()?;
     platform.event(
         id,
         "provisioned",

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::LifecycleError;
 use crate::nodes::config::{slot_name, REPLICATION_ROLE};
 use crate::nodes::{blocking, NodeSpec, Upstream};
 use crate::platform::Platform;
@@ -14,12 +15,11 @@ pub async fn add_standby(
     platform: &Arc<Platform>,
     db: &DatabaseRecord,
     standby: &NodeRecord,
-) -> Result<(), String> {
+) -> Result<(), LifecycleError> {
     add_standby_only(platform, db, standby).await?;
-    let primary = db.primary().cloned().ok_or("no primary")?;
+    let primary = db.primary().cloned().ok_or_else(|| LifecycleError::NoPrimary(db.id.clone()))?;
     let primary_spec = platform.node_spec(&primary);
-    let config =
-        platform.node_config(db, &primary, Some(&standby.name)).map_err(|e| e.to_string())?;
+    let config = platform.node_config(db, &primary, Some(&standby.name))?;
     let (driver, spec) = (platform.driver.clone(), primary_spec.clone());
     blocking(move || {
         driver.configure(&spec, &config)?;
@@ -40,8 +40,8 @@ pub async fn add_standby_only(
     platform: &Arc<Platform>,
     db: &DatabaseRecord,
     standby: &NodeRecord,
-) -> Result<(), String> {
-    let primary = db.primary().cloned().ok_or("no primary")?;
+) -> Result<(), LifecycleError> {
+    let primary = db.primary().cloned().ok_or_else(|| LifecycleError::NoPrimary(db.id.clone()))?;
     let upstream = Upstream {
         host: primary.host.clone(),
         port: primary.port,
@@ -49,7 +49,7 @@ pub async fn add_standby_only(
         password: db.replication_password.clone(),
         slot: slot_name(&standby.name),
     };
-    let config = platform.node_config(db, standby, None).map_err(|e| e.to_string())?;
+    let config = platform.node_config(db, standby, None)?;
     let (driver, spec) = (platform.driver.clone(), platform.node_spec(standby));
     blocking(move || {
         driver.init_standby(&spec, &config, &upstream)?;
@@ -68,8 +68,8 @@ async fn wait_synchronous(
     platform: &Platform,
     primary: &NodeSpec,
     standby: &str,
-) -> Result<(), String> {
-    let admin = platform.session(primary, "postgres").await.map_err(|e| e.to_string())?;
+) -> Result<(), LifecycleError> {
+    let admin = platform.session(primary, "postgres").await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let rows = admin
@@ -77,13 +77,12 @@ async fn wait_synchronous(
                 "SELECT sync_state FROM pg_stat_replication WHERE application_name = $1",
                 &[&standby],
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         if rows.first().is_some_and(|r| r.get::<_, String>(0) == "sync") {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!("standby {standby} did not become synchronous within 60 s"));
+            return Err(LifecycleError::NotSynchronous(standby.to_owned()));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -11,9 +11,22 @@ pub mod sql;
 
 pub use driver::{DriverError, NodeConfig, NodeDriver, NodeSpec, Upstream};
 
+/// What can go wrong with a node: a program of the driver, a SQL session, its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    #[error(transparent)]
+    Sql(#[from] sql::SqlError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("node work was interrupted: {0}")]
+    Interrupted(#[from] tokio::task::JoinError),
+}
+
 /// Runs driver work (it runs programs and touches files) off the async runtime.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+) -> Result<T, NodeError> {
+    Ok(tokio::task::spawn_blocking(f).await??)
 }

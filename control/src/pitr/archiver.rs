@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::base::{base_backup_due, prune, take_base_backup, wal_gaps};
-use super::{pitr_plan, wal_dir};
+use super::{pitr_plan, wal_dir, PitrError};
 use crate::nodes::config::{conninfo, REPLICATION_ROLE};
 use crate::nodes::sql::{Session, Timeouts};
 use crate::platform::Platform;
@@ -201,22 +201,19 @@ async fn start_receiver(
     platform: &Platform,
     db: &DatabaseRecord,
     primary: &NodeRecord,
-) -> Result<Child, String> {
-    let admin = platform
-        .session(&platform.node_spec(primary), "postgres")
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<Child, PitrError> {
+    let admin = platform.session(&platform.node_spec(primary), "postgres").await?;
     admin
         .execute(
             "SELECT pg_create_physical_replication_slot($1, true) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
             &[&ARCHIVER],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        ?;
     let dir = wal_dir(platform, &db.id);
-    crate::files::private_dir(&dir).map_err(|e| e.to_string())?;
-    let log = crate::files::create_private(&dir.parent().unwrap_or(&dir).join("pg_receivewal.log"))
-        .map_err(|e| e.to_string())?;
+    crate::files::private_dir(&dir)?;
+    let log =
+        crate::files::create_private(&dir.parent().unwrap_or(&dir).join("pg_receivewal.log"))?;
     Command::new(platform.pg_bin.join("pg_receivewal"))
         .arg("-D")
         .arg(&dir)
@@ -224,9 +221,9 @@ async fn start_receiver(
         .arg(replication_conninfo(platform, primary, ARCHIVER))
         .env("PGPASSWORD", &db.replication_password)
         .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("cannot run pg_receivewal: {e}"))
+        .map_err(|source| PitrError::NotRunnable { what: "pg_receivewal", source })
 }

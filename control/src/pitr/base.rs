@@ -8,7 +8,8 @@ use time::OffsetDateTime;
 use tracing::info;
 
 use super::archiver::replication_conninfo;
-use super::{base_dir, wal_dir};
+use super::{base_dir, wal_dir, PitrError};
+use crate::nodes::NodeError;
 use crate::platform::{now_rfc3339, Platform};
 use crate::state::DatabaseRecord;
 
@@ -52,27 +53,28 @@ pub(crate) fn base_backup_due(platform: &Platform, id: &str) -> bool {
 pub async fn take_base_backup(
     platform: &Platform,
     db: &DatabaseRecord,
-) -> Result<BaseBackup, String> {
-    let source = db.replicas().next().or(db.primary()).cloned().ok_or("no node")?;
-    let seq = platform.store.next_counter("base_backup_seq").map_err(|e| e.to_string())?;
+) -> Result<BaseBackup, PitrError> {
+    let source = db.replicas().next().or(db.primary()).cloned().ok_or(PitrError::NoNode)?;
+    let seq = platform.store.next_counter("base_backup_seq")?;
     let id = format!("base-{seq:06}");
     let dir = base_dir(platform, &db.id);
-    crate::files::private_dir(&dir).map_err(|e| e.to_string())?;
+    crate::files::private_dir(&dir)?;
     let (tmp, done) = (dir.join(format!(".{id}")), dir.join(&id));
     let bin = platform.pg_bin.clone();
     let conninfo = replication_conninfo(platform, &source, "pgwarden_base_backup");
     let password = db.replication_password.clone();
     let work = tmp.clone();
-    let start_segment = tokio::task::spawn_blocking(move || -> Result<String, String> {
+    let start_segment = tokio::task::spawn_blocking(move || -> Result<String, PitrError> {
         let tmp = work;
-        let run = |cmd: &mut std::process::Command, what: &str| -> Result<(), String> {
-            let out = cmd.output().map_err(|e| format!("cannot run {what}: {e}"))?;
+        let run = |cmd: &mut std::process::Command, what: &'static str| -> Result<(), PitrError> {
+            let out = cmd.output().map_err(|source| PitrError::NotRunnable { what, source })?;
             if out.status.success() {
                 Ok(())
             } else {
                 let stderr = String::from_utf8_lossy(&out.stderr);
                 tracing::error!(command = what, output = %stderr.trim(), "base backup program failed");
-                Err(format!("{what} failed: {}", crate::nodes::driver::client_sentence(&stderr)))
+                let sentence = crate::nodes::driver::client_sentence(&stderr);
+                Err(PitrError::Program { what, sentence })
             }
         };
         let _ = std::fs::remove_dir_all(&tmp);
@@ -85,24 +87,20 @@ pub async fn take_base_backup(
             "pg_basebackup",
         )?;
         run(std::process::Command::new(bin.join("pg_verifybackup")).arg(&tmp), "pg_verifybackup")?;
-        let label = std::fs::read_to_string(tmp.join("backup_label")).map_err(|e| e.to_string())?;
+        let label = std::fs::read_to_string(tmp.join("backup_label"))?;
         label
             .lines()
             .find_map(|l| l.strip_prefix("START WAL LOCATION: "))
             .and_then(|l| l.split("(file ").nth(1))
             .map(|f| f.trim_end_matches(')').to_owned())
-            .ok_or_else(|| "backup_label has no start segment".to_owned())
+            .ok_or(PitrError::NoStartSegment)
     })
     .await
-    .map_err(|e| e.to_string())??;
+    .map_err(NodeError::from)??;
     let backup =
         BaseBackup { id, database_id: db.id.clone(), finished_at: now_rfc3339(), start_segment };
-    crate::files::write_private(
-        &tmp.join("pgwarden-base.json"),
-        &serde_json::to_vec(&backup).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
-    std::fs::rename(&tmp, &done).map_err(|e| e.to_string())?;
+    crate::files::write_private(&tmp.join("pgwarden-base.json"), &serde_json::to_vec(&backup)?)?;
+    std::fs::rename(&tmp, &done)?;
     info!(database = %db.id, backup = %backup.id, "base backup taken");
     Ok(backup)
 }

@@ -34,3 +34,71 @@ pub fn base_dir(platform: &Platform, id: &str) -> PathBuf {
 pub fn pitr_plan(db: &DatabaseRecord) -> bool {
     plans::find(&db.plan).is_some_and(|p| p.pitr)
 }
+
+use crate::lifecycle::LifecycleError;
+use crate::nodes::config::ConfigError;
+use crate::nodes::sql::SqlError;
+use crate::nodes::{DriverError, NodeError};
+use crate::state::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PitrError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
+    #[error("cannot write the archive: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("cannot record the base backup: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("cannot run {what}: {source}")]
+    NotRunnable { what: &'static str, source: std::io::Error },
+    /// A program failed; `sentence` is for clients, its output went to the log.
+    #[error("{what} failed: {sentence}")]
+    Program { what: &'static str, sentence: String },
+    #[error("plan {0} has no point-in-time recovery")]
+    NoPitr(String),
+    #[error("no base backup yet: point-in-time recovery starts after the first one")]
+    NoBaseBackup,
+    #[error("no base backup before the target")]
+    NoBaseBefore,
+    #[error("backup_label has no start segment")]
+    NoStartSegment,
+    #[error("database {0} has no primary")]
+    NoPrimary(String),
+    #[error("no node to take a base backup from")]
+    NoNode,
+    #[error("database {0} vanished")]
+    Vanished(String),
+    #[error("WAL archiving is not streaming right now")]
+    NotStreaming,
+    #[error("no archived commit yet")]
+    NoArchivedCommit,
+    #[error("{target} is outside the recoverable window {earliest} .. {latest}")]
+    Outside { target: String, earliest: String, latest: String },
+    #[error("base backup {backup} is damaged ({reason}); restore refused")]
+    Damaged { backup: String, reason: String },
+    #[error("the WAL archive is missing segment(s) {0}: cannot replay to the target")]
+    Gap(String),
+    #[error("restored database does not answer: {0}")]
+    NotAnswering(SqlError),
+    #[error("recovery failed: {0}")]
+    RecoveryFailed(String),
+    #[error("recovery did not finish within 30 minutes")]
+    RecoveryTimeout,
+    #[error("cannot write the recovery target: {0}")]
+    Time(#[from] time::error::Format),
+}
+
+macro_rules! via_node {
+    ($($t:ty),*) => {$(
+        impl From<$t> for PitrError {
+            fn from(e: $t) -> Self {
+                PitrError::Node(e.into())
+            }
+        }
+    )*};
+}
+via_node!(SqlError, DriverError, ConfigError);

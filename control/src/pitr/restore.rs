@@ -8,10 +8,11 @@ use time::OffsetDateTime;
 
 use super::archiver::{Heartbeats, ARCHIVER};
 use super::base::{base_backups, parse_time, wal_gaps, BaseBackup};
-use super::{base_dir, pitr_plan, wal_dir};
+use super::{base_dir, pitr_plan, wal_dir, PitrError};
 use crate::lifecycle::standby::add_standby;
 use crate::nodes::blocking;
 use crate::nodes::config::quote;
+use crate::nodes::NodeError;
 use crate::platform::operations::Progress;
 use crate::platform::Platform;
 use crate::state::{DatabaseRecord, NodeRecord, StoreError};
@@ -21,29 +22,26 @@ pub async fn window(
     platform: &Platform,
     heartbeats: &Heartbeats,
     db: &DatabaseRecord,
-) -> Result<(OffsetDateTime, OffsetDateTime), String> {
+) -> Result<(OffsetDateTime, OffsetDateTime), PitrError> {
     if !pitr_plan(db) {
-        return Err(format!("plan {} has no point-in-time recovery", db.plan));
+        return Err(PitrError::NoPitr(db.plan.clone()));
     }
     let earliest = base_backups(platform, &db.id)
         .first()
         .and_then(|b| parse_time(&b.finished_at))
-        .ok_or("no base backup yet: point-in-time recovery starts after the first one")?;
-    let primary = db.primary().ok_or("no primary")?;
-    let admin = platform
-        .session(&platform.node_spec(primary), "postgres")
-        .await
-        .map_err(|e| e.to_string())?;
+        .ok_or(PitrError::NoBaseBackup)?;
+    let primary = db.primary().ok_or_else(|| PitrError::NoPrimary(db.id.clone()))?;
+    let admin = platform.session(&platform.node_spec(primary), "postgres").await?;
     let row = admin
         .query_opt(
             "SELECT pg_wal_lsn_diff(flush_lsn, '0/0')::int8 FROM pg_stat_replication WHERE application_name = $1",
             &[&ARCHIVER],
         )
         .await
-        .map_err(|e| e.to_string())?
-        .ok_or("WAL archiving is not streaming right now")?;
+        ?
+        .ok_or(PitrError::NotStreaming)?;
     let flushed: i64 = row.get(0);
-    let latest = heartbeats.latest_before(&db.id, flushed).ok_or("no archived commit yet")?;
+    let latest = heartbeats.latest_before(&db.id, flushed).ok_or(PitrError::NoArchivedCommit)?;
     Ok((earliest, latest.max(earliest)))
 }
 
@@ -55,10 +53,10 @@ pub async fn restore(
     id: &str,
     target: OffsetDateTime,
     mut op: Progress,
-) -> Result<(), String> {
+) -> Result<(), PitrError> {
     let result = do_restore(platform, heartbeats, id, target, &mut op).await;
     if let Err(e) = &result {
-        platform.event(id, "restore_failed", e.clone());
+        platform.event(id, "restore_failed", e.to_string());
         let _ = platform.update(id, |db| {
             db.status = DatabaseStatus::Running;
             Ok::<_, crate::state::StoreError>(())
@@ -73,23 +71,22 @@ pub async fn check_restorable(
     heartbeats: &Heartbeats,
     db: &DatabaseRecord,
     target: OffsetDateTime,
-) -> Result<BaseBackup, String> {
+) -> Result<BaseBackup, PitrError> {
     let (earliest, latest) = window(platform, heartbeats, db).await?;
     let fmt = |t: OffsetDateTime| {
         t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
     };
     if target < earliest || target > latest {
-        return Err(format!(
-            "{} is outside the recoverable window {} .. {}",
-            fmt(target),
-            fmt(earliest),
-            fmt(latest)
-        ));
+        return Err(PitrError::Outside {
+            target: fmt(target),
+            earliest: fmt(earliest),
+            latest: fmt(latest),
+        });
     }
     let base = base_backups(platform, &db.id)
         .into_iter()
         .rfind(|b| parse_time(&b.finished_at).is_some_and(|t| t <= target))
-        .ok_or("no base backup before the target")?;
+        .ok_or(PitrError::NoBaseBefore)?;
     // The base backup must still match its manifest (checksums of every file).
     let (bin, dir) = (platform.pg_bin.clone(), base_dir(platform, &db.id).join(&base.id));
     let verified = tokio::task::spawn_blocking(move || {
@@ -99,20 +96,17 @@ pub async fn check_restorable(
             .output()
     })
     .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("cannot run pg_verifybackup: {e}"))?;
+    .map_err(NodeError::from)?
+    .map_err(|source| PitrError::NotRunnable { what: "pg_verifybackup", source })?;
     if !verified.status.success() {
         let detail = String::from_utf8_lossy(&verified.stderr);
         tracing::error!(backup = %base.id, output = %detail.trim(), "pg_verifybackup failed");
         let first = crate::nodes::driver::client_sentence(detail.lines().next().unwrap_or(""));
-        return Err(format!("base backup {} is damaged ({first}); restore refused", base.id));
+        return Err(PitrError::Damaged { backup: base.id.clone(), reason: first });
     }
     let gaps = wal_gaps(&wal_dir(platform, &db.id), Some(&base.start_segment));
     if !gaps.is_empty() {
-        return Err(format!(
-            "the WAL archive is missing segment(s) {}: cannot replay to the target",
-            gaps.join(", ")
-        ));
+        return Err(PitrError::Gap(gaps.join(", ")));
     }
     Ok(base)
 }
@@ -123,17 +117,15 @@ async fn do_restore(
     id: &str,
     target: OffsetDateTime,
     op: &mut Progress,
-) -> Result<(), String> {
-    let db = platform.store.database(id).map_err(|e| e.to_string())?.ok_or("database vanished")?;
+) -> Result<(), PitrError> {
+    let db = platform.store.database(id)?.ok_or_else(|| PitrError::Vanished(id.to_owned()))?;
     let base = check_restorable(platform, heartbeats, &db, target).await?;
-    let Some(((), db)) = platform
-        .update(id, |db| {
-            db.status = DatabaseStatus::Restoring;
-            Ok::<_, StoreError>(())
-        })
-        .map_err(|e| e.to_string())?
+    let Some(((), db)) = platform.update(id, |db| {
+        db.status = DatabaseStatus::Restoring;
+        Ok::<_, StoreError>(())
+    })?
     else {
-        return Err("database vanished".into());
+        return Err(PitrError::Vanished(id.to_owned()));
     };
     let old_nodes = db.nodes.clone();
     platform.event(id, "restoring", format!("restoring to {target} from base backup {}", base.id));
@@ -145,7 +137,7 @@ async fn do_restore(
         .max()
         .unwrap_or(0)
         + 1;
-    let new_nodes = platform.new_nodes(id, next, old_nodes.len()).map_err(|e| e.to_string())?;
+    let new_nodes = platform.new_nodes(id, next, old_nodes.len())?;
     let mut restored = db.clone();
     restored.nodes = new_nodes.clone();
     let cleanup = |platform: Arc<Platform>, nodes: Vec<NodeRecord>| async move {
@@ -155,14 +147,12 @@ async fn do_restore(
         }
     };
     let result = async {
-        let primary = restored.primary().cloned().ok_or("no primary")?;
-        let mut config =
-            platform.node_config(&restored, &primary, None).map_err(|e| e.to_string())?;
-        let target_text = target
-            .format(&time::macros::format_description!(
-                "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6]+00"
-            ))
-            .map_err(|e| e.to_string())?;
+        let primary =
+            restored.primary().cloned().ok_or_else(|| PitrError::NoPrimary(id.to_owned()))?;
+        let mut config = platform.node_config(&restored, &primary, None)?;
+        let target_text = target.format(&time::macros::format_description!(
+            "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6]+00"
+        ))?;
         config.settings.extend([
             ("recovery_target_time".to_owned(), quote(&target_text)),
             ("recovery_target_action".to_owned(), "'promote'".to_owned()),
@@ -180,24 +170,21 @@ async fn do_restore(
         op.set(0.4);
         wait_promoted(platform, &spec).await?;
         // Plain settings again (no recovery target), and a check that the database is there.
-        let config = platform.node_config(&restored, &primary, None).map_err(|e| e.to_string())?;
+        let config = platform.node_config(&restored, &primary, None)?;
         let (driver, spec2) = (platform.driver.clone(), spec.clone());
         blocking(move || {
             driver.configure(&spec2, &config)?;
             driver.reload(&spec2)
         })
         .await?;
-        let check = platform.session(&spec, &restored.name).await.map_err(|e| e.to_string())?;
-        check
-            .query_one("SELECT current_database()", &[])
-            .await
-            .map_err(|e| format!("restored database does not answer: {e}"))?;
+        let check = platform.session(&spec, &restored.name).await?;
+        check.query_one("SELECT current_database()", &[]).await.map_err(PitrError::NotAnswering)?;
         op.set(0.6);
         for standby in restored.replicas().cloned().collect::<Vec<_>>() {
             add_standby(platform, &restored, &standby).await?;
             restored.synchronous = true;
         }
-        Ok::<(), String>(())
+        Ok::<(), PitrError>(())
     }
     .await;
     if let Err(e) = result {
@@ -212,15 +199,13 @@ async fn do_restore(
     let bases = base_dir(platform, id);
     let _ = std::fs::rename(&bases, bases.with_file_name(format!("base-before-{}", op.id())));
     heartbeats.forget(id);
-    platform
-        .update(id, |db| {
-            db.nodes = restored.nodes.clone();
-            db.synchronous = restored.synchronous;
-            db.status = DatabaseStatus::Running;
-            Ok::<_, StoreError>(())
-        })
-        .map_err(|e| e.to_string())?;
-    let epoch = platform.publish_routes().map_err(|e| e.to_string())?;
+    platform.update(id, |db| {
+        db.nodes = restored.nodes.clone();
+        db.synchronous = restored.synchronous;
+        db.status = DatabaseStatus::Running;
+        Ok::<_, StoreError>(())
+    })?;
+    let epoch = platform.publish_routes()?;
     op.set(0.9);
     cleanup(platform.clone(), old_nodes).await;
     platform.event(
@@ -231,7 +216,10 @@ async fn do_restore(
     Ok(())
 }
 
-async fn wait_promoted(platform: &Platform, node: &crate::nodes::NodeSpec) -> Result<(), String> {
+async fn wait_promoted(
+    platform: &Platform,
+    node: &crate::nodes::NodeSpec,
+) -> Result<(), PitrError> {
     let deadline = std::time::Instant::now() + Duration::from_secs(1800);
     loop {
         if let Ok(admin) = platform.session(node, "postgres").await {
@@ -244,11 +232,11 @@ async fn wait_promoted(platform: &Platform, node: &crate::nodes::NodeSpec) -> Re
             let (driver, spec) = (platform.driver.clone(), node.clone());
             let running = blocking(move || Ok(driver.is_running(&spec))).await.unwrap_or(false);
             if !running {
-                return Err(format!("recovery failed: {}", platform.driver.log_tail(node)));
+                return Err(PitrError::RecoveryFailed(platform.driver.log_tail(node)));
             }
         }
         if std::time::Instant::now() > deadline {
-            return Err("recovery did not finish within 30 minutes".into());
+            return Err(PitrError::RecoveryTimeout);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

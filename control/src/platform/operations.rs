@@ -50,9 +50,9 @@ impl Platform {
     }
 
     /// Records an operation and runs `task` as it; returns the operation (pending) to answer
-    /// with. `task` reports progress through its `Progress` and ends with `Err(sentence)` on
-    /// failure.
-    pub fn spawn_operation<F, Fut>(
+    /// with. `task` reports progress through its `Progress`; its error is what the operation
+    /// says when it fails.
+    pub fn spawn_operation<F, Fut, E>(
         self: &Arc<Self>,
         kind: &'static str,
         database_id: &str,
@@ -60,7 +60,8 @@ impl Platform {
     ) -> Result<Operation, StoreError>
     where
         F: FnOnce(Progress) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<(), String>> + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
     {
         let op = self.new_operation(kind, database_id)?;
         self.run_operation(op.clone(), task);
@@ -68,14 +69,15 @@ impl Platform {
     }
 
     /// Runs `task` as the already recorded `op` (an operation resumed after a restart).
-    pub fn run_operation<F, Fut>(
+    pub fn run_operation<F, Fut, E>(
         self: &Arc<Self>,
         op: Operation,
         task: F,
     ) -> tokio::task::JoinHandle<()>
     where
         F: FnOnce(Progress) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<(), String>> + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
     {
         let platform = self.clone();
         tokio::spawn(async move {
@@ -93,7 +95,7 @@ impl Platform {
                 Ok(()) => platform.update_operation(&mut op, OperationStatus::Succeeded, 1.0),
                 Err(e) => {
                     error!(operation = %op.id, kind, error = %e, "operation failed");
-                    op.error = Some(e);
+                    op.error = Some(e.to_string());
                     let at = op.progress;
                     platform.update_operation(&mut op, OperationStatus::Failed, at);
                 }

@@ -119,26 +119,38 @@ async fn keep_in_sync(
     }
 }
 
-async fn push(proxy: &str, token: &str, table: &RoutingTable) -> Result<(), String> {
-    let body = serde_json::to_vec(table).map_err(|e| e.to_string())?;
+/// Why a proxy did not take a table, or did not say its epoch.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error(transparent)]
+    Http(#[from] httpc::HttpError),
+    #[error("the proxy answered {status}: {body}")]
+    Refused { status: StatusCode, body: String },
+    #[error("unreadable JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+async fn push(proxy: &str, token: &str, table: &RoutingTable) -> Result<(), PushError> {
+    let body = serde_json::to_vec(table)?;
     let (status, answer) =
         httpc::request(proxy, Method::PUT, "/v1/routes", Some(token), Some(body), PUSH_TIMEOUTS)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
     match status {
         StatusCode::OK => Ok(()),
         // The proxy already holds this epoch or a newer one.
         StatusCode::CONFLICT => Ok(()),
-        other => Err(format!("{other}: {}", String::from_utf8_lossy(&answer))),
+        status => {
+            Err(PushError::Refused { status, body: String::from_utf8_lossy(&answer).into_owned() })
+        }
     }
 }
 
-async fn proxy_epoch(proxy: &str) -> Result<u64, String> {
-    let (status, body) = httpc::request(proxy, Method::GET, "/health", None, None, PUSH_TIMEOUTS)
-        .await
-        .map_err(|e| e.to_string())?;
+async fn proxy_epoch(proxy: &str) -> Result<u64, PushError> {
+    let (status, body) =
+        httpc::request(proxy, Method::GET, "/health", None, None, PUSH_TIMEOUTS).await?;
     if status != StatusCode::OK {
-        return Err(status.to_string());
+        let body = String::from_utf8_lossy(&body).into_owned();
+        return Err(PushError::Refused { status, body });
     }
-    serde_json::from_slice::<ProxyHealth>(&body).map(|h| h.epoch).map_err(|e| e.to_string())
+    Ok(serde_json::from_slice::<ProxyHealth>(&body)?.epoch)
 }
