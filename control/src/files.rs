@@ -6,6 +6,19 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+/// Runs blocking file or store work without holding up the async runtime: on a multi-threaded
+/// runtime the worker hands its other tasks to another thread while `work` runs (tokio's
+/// `block_in_place`); outside a runtime, or on a single-threaded one, it runs inline.
+pub fn blocking_io<T>(work: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 /// Creates `dir` (and missing parents) 0700; an existing `dir` is made 0700.
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;

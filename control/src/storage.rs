@@ -41,29 +41,26 @@ impl LocalStorage {
 
 impl BackupStorage for LocalStorage {
     fn store(&self, key: &str, file: &Path) -> std::io::Result<()> {
-        let path = self.path(key)?;
-        if let Some(parent) = path.parent() {
-            crate::files::private_dir(parent)?;
-        }
-        std::fs::rename(file, &path)?;
-        std::fs::File::open(path.parent().unwrap_or(&self.root))?.sync_all()
+        crate::files::blocking_io(|| self.store_now(key, file))
     }
 
     fn fetch(&self, key: &str) -> std::io::Result<PathBuf> {
         let path = self.path(key)?;
-        path.metadata()?;
+        crate::files::blocking_io(|| path.metadata())?;
         Ok(path)
     }
 
     fn delete(&self, key: &str) -> std::io::Result<()> {
-        match std::fs::remove_file(self.path(key)?) {
+        let path = self.path(key)?;
+        match crate::files::blocking_io(|| std::fs::remove_file(path)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
     }
 
     fn purge(&self, prefix: &str) -> std::io::Result<()> {
-        match std::fs::remove_dir_all(self.path(prefix)?) {
+        let path = self.path(prefix)?;
+        match crate::files::blocking_io(|| std::fs::remove_dir_all(path)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
@@ -71,6 +68,17 @@ impl BackupStorage for LocalStorage {
 
     fn scratch(&self) -> PathBuf {
         self.root.join(".scratch")
+    }
+}
+
+impl LocalStorage {
+    fn store_now(&self, key: &str, file: &Path) -> std::io::Result<()> {
+        let path = self.path(key)?;
+        if let Some(parent) = path.parent() {
+            crate::files::private_dir(parent)?;
+        }
+        std::fs::rename(file, &path)?;
+        std::fs::File::open(path.parent().unwrap_or(&self.root))?.sync_all()
     }
 }
 

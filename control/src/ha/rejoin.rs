@@ -95,8 +95,7 @@ async fn ensure_slot(platform: &Platform, primary: &NodeSpec, slot: &str) -> Res
             "SELECT pg_create_physical_replication_slot($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
             &[&slot],
         )
-        .await
-        ?;
+        .await?;
     Ok(())
 }
 

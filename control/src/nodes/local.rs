@@ -45,6 +45,9 @@ impl LocalDriver {
     fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(self.bin.join(program));
         cmd.stdin(Stdio::null()).env_clear().env("PATH", "/usr/bin:/bin").env("LC_ALL", "C.UTF-8");
+        // Programs that connect to a node (pg_basebackup, pg_rewind) give up on one that does
+        // not answer.
+        cmd.env("PGCONNECT_TIMEOUT", "10");
         if let Some((uid, gid)) = self.run_as {
             cmd.uid(uid).gid(gid).env("HOME", "/tmp");
         }

@@ -208,12 +208,12 @@ async fn start_receiver(
             "SELECT pg_create_physical_replication_slot($1, true) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
             &[&ARCHIVER],
         )
-        .await
-        ?;
+        .await?;
     let dir = wal_dir(platform, &db.id);
-    crate::files::private_dir(&dir)?;
-    let log =
-        crate::files::create_private(&dir.parent().unwrap_or(&dir).join("pg_receivewal.log"))?;
+    let log = crate::files::blocking_io(|| {
+        crate::files::private_dir(&dir)?;
+        crate::files::create_private(&dir.parent().unwrap_or(&dir).join("pg_receivewal.log"))
+    })?;
     Command::new(platform.pg_bin.join("pg_receivewal"))
         .arg("-D")
         .arg(&dir)

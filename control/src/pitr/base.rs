@@ -26,16 +26,18 @@ pub struct BaseBackup {
 }
 
 pub fn base_backups(platform: &Platform, id: &str) -> Vec<BaseBackup> {
-    let mut all: Vec<BaseBackup> = std::fs::read_dir(base_dir(platform, id))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| std::fs::read(e.path().join("pgwarden-base.json")).ok())
-                .filter_map(|b| serde_json::from_slice(&b).ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    all.sort_by(|a: &BaseBackup, b| a.finished_at.cmp(&b.finished_at));
-    all
+    crate::files::blocking_io(|| {
+        let mut all: Vec<BaseBackup> = std::fs::read_dir(base_dir(platform, id))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read(e.path().join("pgwarden-base.json")).ok())
+                    .filter_map(|b| serde_json::from_slice(&b).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        all.sort_by(|a: &BaseBackup, b| a.finished_at.cmp(&b.finished_at));
+        all
+    })
 }
 
 pub(crate) fn parse_time(t: &str) -> Option<OffsetDateTime> {
@@ -58,7 +60,7 @@ pub async fn take_base_backup(
     let seq = platform.store.next_counter("base_backup_seq")?;
     let id = format!("base-{seq:06}");
     let dir = base_dir(platform, &db.id);
-    crate::files::private_dir(&dir)?;
+    crate::files::blocking_io(|| crate::files::private_dir(&dir))?;
     let (tmp, done) = (dir.join(format!(".{id}")), dir.join(&id));
     let bin = platform.pg_bin.clone();
     let conninfo = replication_conninfo(platform, &source, "pgwarden_base_backup");
@@ -108,34 +110,36 @@ pub async fn take_base_backup(
 /// Names of WAL segments missing between the first and the last one of each timeline (from
 /// `from` on, when given).
 pub fn wal_gaps(dir: &Path, from: Option<&str>) -> Vec<String> {
-    let mut by_timeline: HashMap<u32, Vec<u64>> = HashMap::new();
-    let names: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
-        .unwrap_or_default();
-    for name in &names {
-        let base = name.strip_suffix(".partial").unwrap_or(name);
-        if let Some((tli, segno)) = parse_segment(base) {
-            by_timeline.entry(tli).or_default().push(segno);
-        }
-    }
-    let floor = from.and_then(parse_segment).map(|(_, s)| s).unwrap_or(0);
-    let mut missing = Vec::new();
-    for (tli, mut segs) in by_timeline {
-        segs.sort_unstable();
-        segs.dedup();
-        let first = segs.iter().copied().find(|s| *s >= floor);
-        let Some(first) = first else { continue };
-        let mut expected = first;
-        for s in segs.into_iter().filter(|s| *s >= first) {
-            while expected < s {
-                missing.push(segment_name(tli, expected));
-                expected += 1;
+    crate::files::blocking_io(|| {
+        let mut by_timeline: HashMap<u32, Vec<u64>> = HashMap::new();
+        let names: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        for name in &names {
+            let base = name.strip_suffix(".partial").unwrap_or(name);
+            if let Some((tli, segno)) = parse_segment(base) {
+                by_timeline.entry(tli).or_default().push(segno);
             }
-            expected = s + 1;
         }
-    }
-    missing.sort();
-    missing
+        let floor = from.and_then(parse_segment).map(|(_, s)| s).unwrap_or(0);
+        let mut missing = Vec::new();
+        for (tli, mut segs) in by_timeline {
+            segs.sort_unstable();
+            segs.dedup();
+            let first = segs.iter().copied().find(|s| *s >= floor);
+            let Some(first) = first else { continue };
+            let mut expected = first;
+            for s in segs.into_iter().filter(|s| *s >= first) {
+                while expected < s {
+                    missing.push(segment_name(tli, expected));
+                    expected += 1;
+                }
+                expected = s + 1;
+            }
+        }
+        missing.sort();
+        missing
+    })
 }
 
 fn parse_segment(name: &str) -> Option<(u32, u64)> {
@@ -181,28 +185,30 @@ pub fn wal_to_prune(names: &[String], oldest_needed: &str) -> Vec<String> {
 
 /// Drops base backups and WAL that no time in the window needs.
 pub(crate) fn prune(platform: &Platform, id: &str) {
-    let bases = base_backups(platform, id);
-    let gone = bases_to_prune(&bases, OffsetDateTime::now_utc());
-    for b in &gone {
-        let _ = std::fs::remove_dir_all(base_dir(platform, id).join(b));
-    }
-    let Some(oldest) = bases.iter().find(|b| !gone.contains(&b.id)) else { return };
-    let wal = wal_dir(platform, id);
-    let names: Vec<String> = std::fs::read_dir(&wal)
-        .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
-        .unwrap_or_default();
-    let old = wal_to_prune(&names, &oldest.start_segment);
-    for name in &old {
-        let _ = std::fs::remove_file(wal.join(name));
-    }
-    if !gone.is_empty() || !old.is_empty() {
-        let message = format!(
-            "{} base backup(s) and {} WAL segment(s) older than the window removed",
-            gone.len(),
-            old.len()
-        );
-        platform.event(id, "pitr_pruned", message);
-    }
+    crate::files::blocking_io(|| {
+        let bases = base_backups(platform, id);
+        let gone = bases_to_prune(&bases, OffsetDateTime::now_utc());
+        for b in &gone {
+            let _ = std::fs::remove_dir_all(base_dir(platform, id).join(b));
+        }
+        let Some(oldest) = bases.iter().find(|b| !gone.contains(&b.id)) else { return };
+        let wal = wal_dir(platform, id);
+        let names: Vec<String> = std::fs::read_dir(&wal)
+            .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        let old = wal_to_prune(&names, &oldest.start_segment);
+        for name in &old {
+            let _ = std::fs::remove_file(wal.join(name));
+        }
+        if !gone.is_empty() || !old.is_empty() {
+            let message = format!(
+                "{} base backup(s) and {} WAL segment(s) older than the window removed",
+                gone.len(),
+                old.len()
+            );
+            platform.event(id, "pitr_pruned", message);
+        }
+    })
 }
 
 #[cfg(test)]

@@ -37,8 +37,7 @@ pub async fn window(
             "SELECT pg_wal_lsn_diff(flush_lsn, '0/0')::int8 FROM pg_stat_replication WHERE application_name = $1",
             &[&ARCHIVER],
         )
-        .await
-        ?
+        .await?
         .ok_or(PitrError::NotStreaming)?;
     let flushed: i64 = row.get(0);
     let latest = heartbeats.latest_before(&db.id, flushed).ok_or(PitrError::NoArchivedCommit)?;
@@ -195,9 +194,12 @@ async fn do_restore(
     // nodes go away.
     let wal = wal_dir(platform, id);
     let aside = wal.with_file_name(format!("wal-before-{}", op.id()));
-    let _ = std::fs::rename(&wal, &aside);
     let bases = base_dir(platform, id);
-    let _ = std::fs::rename(&bases, bases.with_file_name(format!("base-before-{}", op.id())));
+    let bases_aside = bases.with_file_name(format!("base-before-{}", op.id()));
+    crate::files::blocking_io(|| {
+        let _ = std::fs::rename(&wal, &aside);
+        let _ = std::fs::rename(&bases, &bases_aside);
+    });
     heartbeats.forget(id);
     platform.update(id, |db| {
         db.nodes = restored.nodes.clone();

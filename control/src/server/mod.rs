@@ -148,3 +148,20 @@ fn check_traversable(dir: &Path, user: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_file_others_can_read_is_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let token = read_secret_file(&path).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(read_secret_file(&path).unwrap(), token, "the same token again");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let refused = read_secret_file(&path).unwrap_err().to_string();
+        assert!(refused.contains("chmod 600"), "{refused}");
+    }
+}

@@ -10,6 +10,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::files::blocking_io;
 use crate::secrets::Sealer;
 use crate::state::records::DatabaseRecord;
 use pgwarden_api::control::{Event, Operation};
@@ -59,7 +60,7 @@ impl Store {
     /// Opens the store at `path`; values are sealed with `sealer`. Records written before
     /// sealing existed are sealed now.
     pub fn open(path: &Path, sealer: Sealer) -> Result<Self, StoreError> {
-        let db = Database::create(path)?;
+        let db = blocking_io(|| Database::create(path))?;
         let tx = db.begin_write()?;
         tx.open_table(DATABASES)?;
         tx.open_table(OPERATIONS)?;
@@ -108,11 +109,13 @@ impl Store {
         key: &str,
         value: &T,
     ) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value)?;
-        let tx = self.db.begin_write()?;
-        tx.open_table(table)?.insert(key, bytes.as_slice())?;
-        tx.commit()?;
-        Ok(())
+        blocking_io(|| {
+            let bytes = serde_json::to_vec(value)?;
+            let tx = self.db.begin_write()?;
+            tx.open_table(table)?.insert(key, bytes.as_slice())?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     fn get<T: DeserializeOwned>(
@@ -120,10 +123,12 @@ impl Store {
         table: TableDefinition<&str, &[u8]>,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(table)?;
-        let value = table.get(key)?;
-        Ok(value.map(|v| serde_json::from_slice(v.value())).transpose()?)
+        blocking_io(|| {
+            let tx = self.db.begin_read()?;
+            let table = tx.open_table(table)?;
+            let value = table.get(key)?;
+            Ok(value.map(|v| serde_json::from_slice(v.value())).transpose()?)
+        })
     }
 
     fn list<T: DeserializeOwned>(
@@ -131,17 +136,19 @@ impl Store {
         table: TableDefinition<&str, &[u8]>,
         prefix: &str,
     ) -> Result<Vec<T>, StoreError> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(table)?;
-        let mut out = Vec::new();
-        for entry in table.range(prefix..)? {
-            let (k, v) = entry?;
-            if !k.value().starts_with(prefix) {
-                break;
+        blocking_io(|| {
+            let tx = self.db.begin_read()?;
+            let table = tx.open_table(table)?;
+            let mut out = Vec::new();
+            for entry in table.range(prefix..)? {
+                let (k, v) = entry?;
+                if !k.value().starts_with(prefix) {
+                    break;
+                }
+                out.push(serde_json::from_slice(v.value())?);
             }
-            out.push(serde_json::from_slice(v.value())?);
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     pub fn put_database(&self, db: &DatabaseRecord) -> Result<(), StoreError> {
@@ -158,22 +165,24 @@ impl Store {
 
     /// Removes the database and its events.
     pub fn delete_database(&self, id: &str) -> Result<(), StoreError> {
-        let tx = self.db.begin_write()?;
-        tx.open_table(DATABASES)?.remove(id)?;
-        {
-            let mut events = tx.open_table(EVENTS)?;
-            let prefix = format!("{id}/");
-            let keys: Vec<String> = events
-                .range(prefix.as_str()..)?
-                .map_while(|e| e.ok().map(|(k, _)| k.value().to_owned()))
-                .take_while(|k| k.starts_with(&prefix))
-                .collect();
-            for k in keys {
-                events.remove(k.as_str())?;
+        blocking_io(|| {
+            let tx = self.db.begin_write()?;
+            tx.open_table(DATABASES)?.remove(id)?;
+            {
+                let mut events = tx.open_table(EVENTS)?;
+                let prefix = format!("{id}/");
+                let keys: Vec<String> = events
+                    .range(prefix.as_str()..)?
+                    .map_while(|e| e.ok().map(|(k, _)| k.value().to_owned()))
+                    .take_while(|k| k.starts_with(&prefix))
+                    .collect();
+                for k in keys {
+                    events.remove(k.as_str())?;
+                }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     pub fn put_backup(&self, backup: &pgwarden_api::control::Backup) -> Result<(), StoreError> {
@@ -197,10 +206,12 @@ impl Store {
     }
 
     pub fn delete_backup(&self, database_id: &str, id: &str) -> Result<(), StoreError> {
-        let tx = self.db.begin_write()?;
-        tx.open_table(BACKUPS)?.remove(format!("{database_id}/{id}").as_str())?;
-        tx.commit()?;
-        Ok(())
+        blocking_io(|| {
+            let tx = self.db.begin_write()?;
+            tx.open_table(BACKUPS)?.remove(format!("{database_id}/{id}").as_str())?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     pub fn put_operation(&self, op: &Operation) -> Result<(), StoreError> {
@@ -227,21 +238,25 @@ impl Store {
 
     /// Increments and returns a persistent counter (the routing epoch, event sequence).
     pub fn next_counter(&self, name: &str) -> Result<u64, StoreError> {
-        let tx = self.db.begin_write()?;
-        let next = {
-            let mut meta = tx.open_table(META)?;
-            let next = meta.get(name)?.map(|v| v.value()).unwrap_or(0) + 1;
-            meta.insert(name, next)?;
-            next
-        };
-        tx.commit()?;
-        Ok(next)
+        blocking_io(|| {
+            let tx = self.db.begin_write()?;
+            let next = {
+                let mut meta = tx.open_table(META)?;
+                let next = meta.get(name)?.map(|v| v.value()).unwrap_or(0) + 1;
+                meta.insert(name, next)?;
+                next
+            };
+            tx.commit()?;
+            Ok(next)
+        })
     }
 
     pub fn counter(&self, name: &str) -> Result<u64, StoreError> {
-        let tx = self.db.begin_read()?;
-        let meta = tx.open_table(META)?;
-        Ok(meta.get(name)?.map(|v| v.value()).unwrap_or(0))
+        blocking_io(|| {
+            let tx = self.db.begin_read()?;
+            let meta = tx.open_table(META)?;
+            Ok(meta.get(name)?.map(|v| v.value()).unwrap_or(0))
+        })
     }
 }
 
