@@ -134,32 +134,42 @@ fn dump_and_verify(bin: &Path, conninfo: &str, file: &Path) -> Result<(u64, Stri
     // The dump is private from its first byte: pg_dump would create it under the process's
     // umask, so it is created here, 0600, and pg_dump writes into it.
     crate::files::create_private(file)?;
-    let out = Command::new(bin.join("pg_dump"))
-        .args(["--format=custom", "--no-password", "--dbname", conninfo, "--file"])
-        .arg(file)
-        .output()
-        .map_err(|source| BackupError::NotRunnable { what: "pg_dump", source })?;
-    if !out.status.success() {
+    let checked = run_program(
+        Command::new(bin.join("pg_dump"))
+            .args(["--format=custom", "--no-password", "--dbname", conninfo, "--file"])
+            .arg(file),
+        "pg_dump",
+        "pg_dump failed",
+    )
+    .and_then(|()| {
+        run_program(
+            Command::new(bin.join("pg_restore")).arg("--list").arg(file),
+            "pg_restore",
+            "the archive does not read back",
+        )
+    });
+    if let Err(e) = checked {
         let _ = std::fs::remove_file(file);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        error!(output = %stderr.trim(), "pg_dump failed");
-        let sentence = client_sentence(&stderr);
-        return Err(BackupError::Program { what: "pg_dump failed", sentence });
-    }
-    let list = Command::new(bin.join("pg_restore"))
-        .arg("--list")
-        .arg(file)
-        .output()
-        .map_err(|source| BackupError::NotRunnable { what: "pg_restore", source })?;
-    if !list.status.success() {
-        let _ = std::fs::remove_file(file);
-        let stderr = String::from_utf8_lossy(&list.stderr);
-        error!(output = %stderr.trim(), "pg_restore --list failed");
-        let sentence = client_sentence(&stderr);
-        return Err(BackupError::Program { what: "the archive does not read back", sentence });
+        return Err(e);
     }
     let size = std::fs::metadata(file)?.len();
     Ok((size, sha256_file(file)?))
+}
+
+/// Runs `cmd` (program `what`); on failure its output goes to the log and the error says
+/// `failed` with a sentence from it.
+fn run_program(
+    cmd: &mut Command,
+    what: &'static str,
+    failed: &'static str,
+) -> Result<(), BackupError> {
+    let out = cmd.output().map_err(|source| BackupError::NotRunnable { what, source })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    error!(program = what, output = %stderr.trim(), "backup program failed");
+    Err(BackupError::Program { what: failed, sentence: client_sentence(&stderr) })
 }
 
 pub use crate::files::sha256_file;

@@ -19,9 +19,7 @@ pub mod switchover;
 pub mod watcher;
 
 use crate::lifecycle::LifecycleError;
-use crate::nodes::config::ConfigError;
-use crate::nodes::sql::SqlError;
-use crate::nodes::{DriverError, NodeError};
+use crate::nodes::NodeError;
 use crate::state::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,13 +54,4 @@ pub enum HaError {
     NotCaughtUp { standby: String, lsn: String },
 }
 
-macro_rules! via_node {
-    ($($t:ty),*) => {$(
-        impl From<$t> for HaError {
-            fn from(e: $t) -> Self {
-                HaError::Node(e.into())
-            }
-        }
-    )*};
-}
-via_node!(SqlError, DriverError, ConfigError);
+crate::nodes::from_node_errors!(HaError);

@@ -7,9 +7,7 @@ pub mod provision;
 pub mod recover;
 pub mod standby;
 
-use crate::nodes::config::ConfigError;
-use crate::nodes::sql::SqlError;
-use crate::nodes::{DriverError, NodeError};
+use crate::nodes::NodeError;
 use crate::state::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,13 +28,4 @@ pub enum LifecycleError {
     Purge(std::io::Error),
 }
 
-macro_rules! via_node {
-    ($($t:ty),*) => {$(
-        impl From<$t> for LifecycleError {
-            fn from(e: $t) -> Self {
-                LifecycleError::Node(e.into())
-            }
-        }
-    )*};
-}
-via_node!(SqlError, DriverError, ConfigError);
+crate::nodes::from_node_errors!(LifecycleError);

@@ -36,9 +36,8 @@ pub fn pitr_plan(db: &DatabaseRecord) -> bool {
 }
 
 use crate::lifecycle::LifecycleError;
-use crate::nodes::config::ConfigError;
 use crate::nodes::sql::SqlError;
-use crate::nodes::{DriverError, NodeError};
+use crate::nodes::NodeError;
 use crate::state::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -92,13 +91,4 @@ pub enum PitrError {
     Time(#[from] time::error::Format),
 }
 
-macro_rules! via_node {
-    ($($t:ty),*) => {$(
-        impl From<$t> for PitrError {
-            fn from(e: $t) -> Self {
-                PitrError::Node(e.into())
-            }
-        }
-    )*};
-}
-via_node!(SqlError, DriverError, ConfigError);
+crate::nodes::from_node_errors!(PitrError);
