@@ -92,11 +92,14 @@ impl Platform {
             let mut locks = self.records.lock().unwrap_or_else(|e| e.into_inner());
             Arc::clone(locks.entry(id.to_owned()).or_default())
         };
-        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(mut db) = self.store.database(id)? else { return Ok(None) };
-        let out = change(&mut db)?;
-        self.store.put_database(&db)?;
-        Ok(Some((out, db)))
+        // Waiting for the lock and writing the record both block: off the runtime's workers.
+        crate::files::blocking_io(|| {
+            let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(mut db) = self.store.database(id)? else { return Ok(None) };
+            let out = change(&mut db)?;
+            self.store.put_database(&db)?;
+            Ok(Some((out, db)))
+        })
     }
 
     /// Inserts a new database record unless `conflict` finds a reason in the existing ones.
@@ -105,10 +108,12 @@ impl Platform {
         db: &DatabaseRecord,
         conflict: impl FnOnce(&[DatabaseRecord]) -> Result<(), E>,
     ) -> Result<(), E> {
-        let _guard = self.creating.lock().unwrap_or_else(|e| e.into_inner());
-        conflict(&self.store.databases()?)?;
-        self.store.put_database(db)?;
-        Ok(())
+        crate::files::blocking_io(|| {
+            let _guard = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+            conflict(&self.store.databases()?)?;
+            self.store.put_database(db)?;
+            Ok(())
+        })
     }
 
     pub fn node_spec(&self, node: &NodeRecord) -> NodeSpec {

@@ -128,9 +128,7 @@ pub fn read_secret_file(path: &Path) -> anyhow::Result<String> {
         }
     }
     let token = crate::secrets::generate_password();
-    let mut file =
-        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-    std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes())?;
+    crate::files::write_private(path, format!("{token}\n").as_bytes())?;
     Ok(token)
 }
 
