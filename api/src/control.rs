@@ -145,6 +145,13 @@ pub struct SetTls {
     pub force: bool,
 }
 
+/// Body of `PATCH /v1/databases/{id}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeDatabase {
+    pub plan: String,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Event {
     pub at: String,

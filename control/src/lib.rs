@@ -12,6 +12,7 @@
 //!   the record lock, the primary-change claims, and the one operation runner.
 //! - `lifecycle/`: provisioning, standbys, destruction, and recovery at start-up.
 //! - `ha/`: the watchers, failover, switchover and rejoin.
+//! - `changes/`: plan changes of a running database (rolling, with holds and a switchover).
 //! - `backups/`: logical backups, their schedule and retention.
 //! - `pitr/`: WAL archiving, base backups, the recoverable window and restores.
 //! - `api/`: the HTTP API, one file per resource.
@@ -30,6 +31,7 @@
 
 pub mod api;
 pub mod backups;
+pub mod changes;
 pub mod cli;
 pub mod files;
 pub mod ha;

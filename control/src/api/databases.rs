@@ -7,12 +7,14 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use pgwarden_api::control::{
-    CreateDatabase, Database, DatabaseOperation, DatabaseStatus, Env, Event, Plan, SetTls,
+    ChangeDatabase, CreateDatabase, Database, DatabaseOperation, DatabaseStatus, Env, Event, Plan,
+    SetTls,
 };
 
 use super::error::ApiError;
 use super::view::view;
 use super::{body, load, require_running, AppState};
+use crate::changes::plan;
 use crate::platform::now_rfc3339;
 use crate::state::{DatabaseRecord, UserRecord};
 use crate::{lifecycle, plans, secrets};
@@ -123,6 +125,41 @@ pub async fn destroy(
     lifecycle::destroy::run(platform, id, op.clone());
     let database = view(platform, &db).await;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation: op })))
+}
+
+/// `PATCH /v1/databases/{id}` `{"plan"}`: a plan change, as an operation (202).
+pub async fn change(
+    State(state): AppState,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<DatabaseOperation>), ApiError> {
+    let request: ChangeDatabase = body(&bytes)?;
+    let platform = &state.platform;
+    let db = load(platform, &id)?;
+    let plan = plan::check(&db, &request.plan).map_err(|e| match e {
+        plan::Refusal::UnknownPlan(..) => ApiError::unprocessable("unknown_plan", e.to_string()),
+        plan::Refusal::SamePlan(..) => ApiError::conflict("same_plan", e.to_string()),
+    })?;
+    require_running(&db)?;
+    if let Some(fenced) = db.nodes.iter().find(|n| n.fenced) {
+        return Err(ApiError::conflict(
+            "database_recovering",
+            format!("node {} is rejoining after a failover; try again when it has", fenced.name),
+        ));
+    }
+    let claim = platform.changes.try_planned(&id).ok_or_else(|| {
+        ApiError::conflict(
+            "primary_change_in_progress",
+            format!("a primary change of {id} is in progress; try again when it ends"),
+        )
+    })?;
+    let database = view(platform, &db).await;
+    let (p, database_id) = (platform.clone(), id.clone());
+    let operation =
+        platform.spawn_operation("plan_change", &database_id, move |progress| async move {
+            plan::change(&p, claim, &id, plan, progress).await
+        })?;
+    Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
 }
 
 pub async fn env(State(state): AppState, Path(id): Path<String>) -> Result<Json<Env>, ApiError> {

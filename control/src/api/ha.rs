@@ -77,7 +77,7 @@ pub async fn switchover(
     let p = platform.clone();
     let database_id = id.clone();
     let operation = platform.spawn_operation("switchover", &database_id, move |_| async move {
-        ha::switchover::switchover(&p, claim, &id, request.target.as_deref()).await.map(drop)
+        ha::switchover::switchover(&p, &claim, &id, request.target.as_deref()).await.map(drop)
     })?;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
 }

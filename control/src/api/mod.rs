@@ -45,7 +45,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/plans", get(databases::list_plans))
         .route("/v1/databases", get(databases::list).post(databases::create))
-        .route("/v1/databases/{id}", get(databases::show).delete(databases::destroy))
+        .route(
+            "/v1/databases/{id}",
+            get(databases::show).delete(databases::destroy).patch(databases::change),
+        )
         .route("/v1/databases/{id}/env", get(databases::env))
         .route("/v1/databases/{id}/tls", put(databases::set_tls))
         .route("/v1/databases/{id}/events", get(databases::events))

@@ -56,6 +56,13 @@ pub enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Change a database's plan (rolling on business plans: new connections wait, none fail).
+    Plan {
+        id: String,
+        plan: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Print DATABASE_URL and PGWARDEN_POSTGRESQL_URL.
     Env { id: String },
     /// Force TLS on or off.
@@ -297,6 +304,20 @@ pub async fn run(api: &str, data_dir: &std::path::Path, command: Command) -> any
                 client.wait(answer.operation).await?;
                 println!("{id} destroyed");
             }
+            Ok(())
+        }
+        Command::Plan { id, plan, no_wait } => {
+            let client = client()?;
+            let path = format!("/v1/databases/{id}");
+            let answer: DatabaseOperation =
+                client.call(Method::PATCH, &path, Some(json!({ "plan": plan }))).await?;
+            if no_wait {
+                println!("{id}: plan change started (operation {})", answer.operation.id);
+                return Ok(());
+            }
+            client.wait(answer.operation).await?;
+            let db: Database = client.call(Method::GET, &path, None).await?;
+            print_databases(&[db]);
             Ok(())
         }
         Command::Env { id } => {

@@ -54,7 +54,7 @@ async fn step<T, E: Into<HaError>>(
 /// planned-change claim. Returns the new primary and how long new sessions were held.
 pub async fn switchover(
     platform: &Arc<Platform>,
-    claim: ChangeGuard,
+    claim: &ChangeGuard,
     id: &str,
     target_name: Option<&str>,
 ) -> Result<(String, Duration), HaError> {
@@ -62,9 +62,9 @@ pub async fn switchover(
     let old = db.primary().cloned().ok_or_else(|| HaError::NoPrimary(id.to_owned()))?;
     let candidate = target(&db, target_name)?;
     let (old_spec, new_spec) = (platform.node_spec(&old), platform.node_spec(&candidate));
-    let standby = step(&claim, platform.session(&new_spec, "postgres")).await?;
+    let standby = step(claim, platform.session(&new_spec, "postgres")).await?;
     let in_recovery: bool =
-        step(&claim, standby.query_one("SELECT pg_is_in_recovery()", &[])).await?.get(0);
+        step(claim, standby.query_one("SELECT pg_is_in_recovery()", &[])).await?.get(0);
     if !in_recovery {
         return Err(HaError::NotAStandby(candidate.name.clone(), id.to_owned()));
     }
@@ -76,11 +76,11 @@ pub async fn switchover(
         let epoch = platform.publish_routes()?;
         let applied =
             async { Ok::<_, HaError>(platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await) };
-        if !step(&claim, applied).await? {
+        if !step(claim, applied).await? {
             warn!(database = id, epoch, "not every proxy applied the hold in time");
         }
         // 2. Stop the primary cleanly; with synchronous replication its WAL is on the standby.
-        let lsn: String = step(&claim, async {
+        let lsn: String = step(claim, async {
             let admin = platform.session(&old_spec, "postgres").await?;
             let row = admin.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?;
             Ok::<_, HaError>(row.get(0))

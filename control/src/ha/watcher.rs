@@ -96,7 +96,12 @@ async fn watch(platform: &Arc<Platform>, id: &str) {
     loop {
         ticks.tick().await;
         let Ok(Some(db)) = platform.store.database(id) else { return };
-        if db.status != DatabaseStatus::Running {
+        if db.nodes.len() < 2 {
+            return; // No standby any more (a plan change to a single-node plan).
+        }
+        // A database being updated (plan change) is watched too: its change claims the
+        // primary, and a failover preempts the change if the primary fails meanwhile.
+        if !matches!(db.status, DatabaseStatus::Running | DatabaseStatus::Updating) {
             if matches!(db.status, DatabaseStatus::Deleting | DatabaseStatus::Failed) {
                 return;
             }

@@ -50,9 +50,18 @@ impl ChangeGuard {
     /// The planned change stopped the primary itself: the watcher must not take that for a
     /// failure.
     pub fn primary_stopped_on_purpose(&self) {
+        self.set_primary_stopped(true);
+    }
+
+    /// The primary a planned change stopped serves again: a failure is a failure again.
+    pub fn primary_back(&self) {
+        self.set_primary_stopped(false);
+    }
+
+    fn set_primary_stopped(&self, stopped: bool) {
         let mut planned = self.slot.planned.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = planned.as_mut().filter(|p| Arc::ptr_eq(&p.claim, &self.claim)) {
-            p.primary_stopped = true;
+            p.primary_stopped = stopped;
         }
     }
 }

@@ -1,0 +1,35 @@
+//! Changes of a running database that keep it serving: plan changes (`plan.rs`). They build on
+//! `lifecycle/` (standbys) and `ha/` (switchover).
+
+pub mod plan;
+
+use crate::ha::HaError;
+use crate::lifecycle::LifecycleError;
+use crate::nodes::NodeError;
+use crate::state::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
+    #[error(transparent)]
+    Ha(#[from] HaError),
+    #[error("database {0} vanished")]
+    Vanished(String),
+    #[error("unknown plan {0}")]
+    UnknownPlan(String),
+    #[error("database {0} has no primary")]
+    NoPrimary(String),
+    #[error("standby {0} did not stream again within 60 s")]
+    NotStreaming(String),
+    #[error("the old primary of {0} did not rejoin as a synchronous standby within 120 s")]
+    NotRejoined(String),
+    #[error("a failover took over the database: its primary failed during the change")]
+    Preempted,
+}
+
+crate::nodes::from_node_errors!(ChangeError);

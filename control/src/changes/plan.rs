@@ -1,0 +1,378 @@
+//! Plan changes (SPEC §3, §4 `PATCH /v1/databases/{id}`), as one operation per database while
+//! it is `updating`:
+//!
+//! - one node before and after: the node restarts on the new parameters while the proxies hold
+//!   new sessions (established ones end with `57P01`);
+//! - two nodes before and after: rolling. PostgreSQL wants a hot standby's `max_connections` at
+//!   least the primary's, so a raise goes standby first (restart it, then a switchover makes it
+//!   the primary, and the old primary rejoins on the new parameters) and a lowering goes primary
+//!   first (restart it under a hold, then the standby);
+//! - one node to two: the primary changes first if its parameters do, then a standby is copied
+//!   and made synchronous;
+//! - two nodes to one: commits become asynchronous, the standby goes, then the primary changes
+//!   if its parameters do.
+//!
+//! The change holds the database's planned-change claim: a failover preempts it if the primary
+//! fails meanwhile, and the change then fails with the reason.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgwarden_api::control::{DatabaseStatus, NodeRole, Plan};
+
+use super::ChangeError;
+use crate::ha::switchover::switchover;
+use crate::lifecycle::standby::add_standby;
+use crate::nodes::config::slot_name;
+use crate::nodes::{blocking, NodeConfig};
+use crate::plans;
+use crate::platform::operations::Progress;
+use crate::platform::{ChangeGuard, Platform};
+use crate::state::{DatabaseRecord, NodeRecord, StoreError};
+
+/// How long the proxies may take to apply a table, and a restarted node to stream again.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(3);
+const STREAMING_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the old primary may take to rejoin as a synchronous standby after the switchover.
+const REJOIN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why a plan change is refused before anything moves.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("unknown plan {0:?}; valid plans: {1}")]
+    UnknownPlan(String, String),
+    #[error("database {0} is already on plan {1}")]
+    SamePlan(String, String),
+}
+
+/// The plan a change of `db` to `name` leads to, or why it cannot be done.
+pub fn check(db: &DatabaseRecord, name: &str) -> Result<Plan, Refusal> {
+    let plan = plans::find(name)
+        .ok_or_else(|| Refusal::UnknownPlan(name.to_owned(), plans::names().join(", ")))?;
+    if plan.name == db.plan {
+        return Err(Refusal::SamePlan(db.id.clone(), db.plan.clone()));
+    }
+    Ok(plan)
+}
+
+/// Changes `id` to `plan`; `claim` is its planned-change claim, taken by the caller. On failure
+/// the database is `running` again on what it had (the record names the plan its nodes run).
+pub async fn change(
+    platform: &Arc<Platform>,
+    claim: ChangeGuard,
+    id: &str,
+    plan: Plan,
+    mut op: Progress,
+) -> Result<(), ChangeError> {
+    let old = set_status(platform, id, DatabaseStatus::Updating)?;
+    platform.event(id, "plan_change_started", format!("from {} to {}", old.plan, plan.name));
+    let result = run(platform, claim, &old, &plan, &mut op).await;
+    let _ = set_status(platform, id, DatabaseStatus::Running);
+    match &result {
+        Ok(()) => platform.event(id, "plan_changed", format!("now on plan {}", plan.name)),
+        Err(e) => platform.event(id, "plan_change_failed", e.to_string()),
+    }
+    result
+}
+
+fn set_status(
+    platform: &Platform,
+    id: &str,
+    status: DatabaseStatus,
+) -> Result<DatabaseRecord, ChangeError> {
+    let (_, db) = platform
+        .update(id, |db| {
+            db.status = status;
+            Ok::<_, StoreError>(())
+        })?
+        .ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
+    Ok(db)
+}
+
+/// Records `plan` as the database's; returns the record.
+fn record_plan(platform: &Platform, id: &str, plan: &Plan) -> Result<DatabaseRecord, ChangeError> {
+    let (_, db) = platform
+        .update(id, |db| {
+            db.plan = plan.name.clone();
+            Ok::<_, StoreError>(())
+        })?
+        .ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
+    Ok(db)
+}
+
+async fn run(
+    platform: &Arc<Platform>,
+    claim: ChangeGuard,
+    old: &DatabaseRecord,
+    plan: &Plan,
+    op: &mut Progress,
+) -> Result<(), ChangeError> {
+    let id = old.id.as_str();
+    let old_plan =
+        plans::find(&old.plan).ok_or_else(|| ChangeError::UnknownPlan(old.plan.clone()))?;
+    let parameters_change = plans::parameters(&old_plan) != plans::parameters(plan);
+    let primary = old.primary().cloned().ok_or_else(|| ChangeError::NoPrimary(id.to_owned()))?;
+    let standbys: Vec<NodeRecord> =
+        old.nodes.iter().filter(|n| n.role == NodeRole::Replica).cloned().collect();
+    match (standbys.is_empty(), plan.nodes) {
+        (true, 1) => {
+            let db = record_plan(platform, id, plan)?;
+            op.set(0.3);
+            restart_primary_held(platform, &claim, &db, &primary).await?;
+        }
+        (false, n) if n > 1 => {
+            let raising = plan.max_connections >= old_plan.max_connections;
+            if raising {
+                // Standby first, then the switchover makes it the primary.
+                let db = record_plan(platform, id, plan)?;
+                for standby in &standbys {
+                    restart_standby(platform, &claim, &db, &primary, standby).await?;
+                }
+                op.set(0.4);
+                let target = standbys.iter().find(|s| !s.fenced).map(|s| s.name.clone());
+                switchover(platform, &claim, id, target.as_deref()).await?;
+                op.set(0.7);
+                // The watcher rejoins the old primary (on the new parameters: the record names
+                // the new plan) and makes commits synchronous again.
+                drop(claim);
+                wait_synchronous_again(platform, id).await?;
+            } else {
+                // Primary first: a standby may have more connections than its primary.
+                let db = record_plan(platform, id, plan)?;
+                restart_primary_held(platform, &claim, &db, &primary).await?;
+                op.set(0.5);
+                for standby in &standbys {
+                    restart_standby(platform, &claim, &db, &primary, standby).await?;
+                }
+            }
+        }
+        (true, _) => {
+            // One node to two: the primary first if its parameters change, then a standby.
+            let db = record_plan(platform, id, plan)?;
+            if parameters_change {
+                restart_primary_held(platform, &claim, &db, &primary).await?;
+            }
+            op.set(0.4);
+            add_standbys(platform, id, plan).await?;
+        }
+        (false, _) => {
+            // Two nodes to one: asynchronous commits, the standby goes, then the primary.
+            remove_standbys(platform, id, &primary, &standbys).await?;
+            op.set(0.5);
+            let db = record_plan(platform, id, plan)?;
+            if parameters_change {
+                restart_primary_held(platform, &claim, &db, &primary).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `work` unless a failover takes over first.
+async fn step<T, E: Into<ChangeError>>(
+    claim: &ChangeGuard,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, ChangeError> {
+    tokio::select! {
+        r = work => r.map_err(Into::into),
+        () = claim.cancelled() => Err(ChangeError::Preempted),
+    }
+}
+
+/// Rewrites `node`'s configuration for `db` and restarts it.
+async fn restart(
+    platform: &Platform,
+    node: &NodeRecord,
+    config: NodeConfig,
+) -> Result<(), ChangeError> {
+    let (driver, spec) = (platform.driver.clone(), platform.node_spec(node));
+    blocking(move || {
+        driver.configure(&spec, &config)?;
+        driver.stop(&spec)?;
+        driver.start(&spec)
+    })
+    .await?;
+    Ok(())
+}
+
+/// Restarts the primary on `db`'s parameters while the proxies hold new sessions.
+async fn restart_primary_held(
+    platform: &Arc<Platform>,
+    claim: &ChangeGuard,
+    db: &DatabaseRecord,
+    primary: &NodeRecord,
+) -> Result<(), ChangeError> {
+    let sync = if db.synchronous { db.replicas().next().map(|s| s.name.clone()) } else { None };
+    let config = platform.node_config(db, primary, sync.as_deref())?;
+    let id = db.id.as_str();
+    platform.holds.hold(id);
+    let held_at = Instant::now();
+    let result = async {
+        let epoch = platform.publish_routes()?;
+        let applied = async {
+            Ok::<_, ChangeError>(platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await)
+        };
+        if !step(claim, applied).await? {
+            tracing::warn!(database = id, epoch, "not every proxy applied the hold in time");
+        }
+        claim.primary_stopped_on_purpose();
+        let restarted = restart(platform, primary, config).await;
+        claim.primary_back();
+        restarted
+    }
+    .await;
+    platform.holds.release(id);
+    let epoch = platform.publish_routes()?;
+    platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await;
+    result?;
+    platform.event(
+        id,
+        "node_reconfigured",
+        format!(
+            "primary {} restarted on plan {} (new sessions held {} ms)",
+            primary.name,
+            db.plan,
+            held_at.elapsed().as_millis()
+        ),
+    );
+    Ok(())
+}
+
+/// Restarts a standby on `db`'s parameters and waits until it streams from `primary` again.
+async fn restart_standby(
+    platform: &Arc<Platform>,
+    claim: &ChangeGuard,
+    db: &DatabaseRecord,
+    primary: &NodeRecord,
+    standby: &NodeRecord,
+) -> Result<(), ChangeError> {
+    let config = platform.node_config(db, standby, None)?;
+    step(claim, restart(platform, standby, config)).await?;
+    let spec = platform.node_spec(primary);
+    let deadline = Instant::now() + STREAMING_TIMEOUT;
+    loop {
+        let streaming = step(claim, async {
+            let admin = platform.session(&spec, "postgres").await?;
+            let rows = admin
+                .query(
+                    "SELECT 1 FROM pg_stat_replication WHERE application_name = $1 AND state = 'streaming'",
+                    &[&standby.name],
+                )
+                .await?;
+            Ok::<_, ChangeError>(!rows.is_empty())
+        })
+        .await?;
+        if streaming {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(ChangeError::NotStreaming(standby.name.clone()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    platform.event(
+        &db.id,
+        "node_reconfigured",
+        format!("standby {} restarted on plan {} and streaming", standby.name, db.plan),
+    );
+    Ok(())
+}
+
+/// Waits until every node runs, none is fenced, and commits are synchronous.
+async fn wait_synchronous_again(platform: &Platform, id: &str) -> Result<(), ChangeError> {
+    let deadline = Instant::now() + REJOIN_TIMEOUT;
+    loop {
+        let db =
+            platform.store.database(id)?.ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
+        if db.synchronous && db.nodes.iter().all(|n| !n.fenced) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(ChangeError::NotRejoined(id.to_owned()));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Adds the standbys `plan` has beyond the primary: copied, streaming, synchronous.
+async fn add_standbys(platform: &Arc<Platform>, id: &str, plan: &Plan) -> Result<(), ChangeError> {
+    let db = platform.store.database(id)?.ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
+    let next = db
+        .nodes
+        .iter()
+        .filter_map(|n| n.name.rsplit('-').next()?.parse::<u32>().ok())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let missing = (plan.nodes as usize).saturating_sub(db.nodes.len());
+    let mut added = platform.new_nodes(id, next, missing)?;
+    for node in &mut added {
+        node.role = NodeRole::Replica;
+    }
+    let (_, db) = platform
+        .update(id, |db| {
+            db.nodes.extend(added.iter().cloned());
+            Ok::<_, StoreError>(())
+        })?
+        .ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
+    for standby in &added {
+        if let Err(e) = add_standby(platform, &db, standby).await {
+            // Leave nothing half-built: the node goes, the record forgets it.
+            let (driver, spec) = (platform.driver.clone(), platform.node_spec(standby));
+            let _ = blocking(move || driver.destroy(&spec)).await;
+            let _ = platform.update(id, |db| {
+                db.nodes.retain(|n| n.name != standby.name);
+                Ok::<_, StoreError>(())
+            });
+            return Err(e.into());
+        }
+    }
+    platform.update(id, |db| {
+        db.synchronous = true;
+        Ok::<_, StoreError>(())
+    })?;
+    platform.publish_routes()?;
+    Ok(())
+}
+
+/// Makes commits asynchronous, then removes `standbys` and their slots.
+async fn remove_standbys(
+    platform: &Arc<Platform>,
+    id: &str,
+    primary: &NodeRecord,
+    standbys: &[NodeRecord],
+) -> Result<(), ChangeError> {
+    let db = platform.update(id, |db| {
+        db.synchronous = false;
+        Ok::<_, StoreError>(())
+    })?;
+    let (_, db) = db.ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
+    let config = platform.node_config(&db, primary, None)?;
+    let (driver, spec) = (platform.driver.clone(), platform.node_spec(primary));
+    blocking(move || {
+        driver.configure(&spec, &config)?;
+        driver.reload(&spec)
+    })
+    .await?;
+    platform.event(id, "replication_asynchronous", "commits no longer wait for a standby");
+    let names: Vec<String> = standbys.iter().map(|s| s.name.clone()).collect();
+    platform.update(id, |db| {
+        db.nodes.retain(|n| !names.contains(&n.name));
+        Ok::<_, StoreError>(())
+    })?;
+    platform.publish_routes()?;
+    let admin = platform.session(&platform.node_spec(primary), "postgres").await?;
+    for standby in standbys {
+        let (driver, spec) = (platform.driver.clone(), platform.node_spec(standby));
+        blocking(move || driver.destroy(&spec)).await?;
+        admin
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot_name(&standby.name)],
+            )
+            .await?;
+        platform.event(id, "node_removed", format!("standby {} removed", standby.name));
+    }
+    Ok(())
+}
