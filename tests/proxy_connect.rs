@@ -279,3 +279,33 @@ async fn too_many_clients_get_53300() {
     }
     b.simple_query("SELECT 1").await.unwrap();
 }
+
+/// A libpq 17+ client (psycopg 3, `tests/clients/session.py`) sees its real backend through
+/// the proxy over TLS: its pid, NOTIFY's sender pid, cancel inside TLS, pg_terminate_backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_libpq_17_client_sees_its_real_backend_and_cancels_inside_tls() {
+    let node = PgNode::start();
+    let certs = TestCerts::new();
+    let proxy = TestProxy::start(Limits::default(), Some(certs.files())).await;
+    proxy.route(1, &[("app", &node.address(), false)]).await;
+    let conninfo = proxy.conninfo(
+        "app",
+        "app",
+        &format!("password={TEST_PASSWORD} sslmode=require connect_timeout=10"),
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/session.py");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3").arg(script).arg(&conninfo).output()
+    })
+    .await
+    .unwrap()
+    .expect("python3 with psycopg 3 (scripts/setup.sh installs it)");
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{stdout}");
+    assert!(out.status.success() && stdout.ends_with("ok\n"), "{stdout}{stderr}");
+    assert_eq!(
+        proxy.metric("pgwarden_proxy_cancel_requests_total{result=\"forwarded\"}").await,
+        1.0
+    );
+}

@@ -1,4 +1,6 @@
-//! Cancel keys: the proxy hands clients its own `BackendKeyData` and maps it to the real one.
+//! Cancel keys: the client is told its backend's real process id (so NOTIFY's sender pid,
+//! `pg_stat_activity` and `pg_terminate_backend` mean what they mean directly) with a secret of
+//! the proxy's own; the proxy maps that pair to the node and the node's real secret.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,12 +54,14 @@ impl CancelMap {
         self.keys.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Issues a fresh client key for `target`, valid while the guard lives.
+    /// Issues the client key for `target` (its real pid, a fresh secret), valid while the
+    /// guard lives.
     pub fn register(self: &Arc<Self>, target: CancelTarget) -> CancelGuard {
         let mut keys = self.lock();
         let key = loop {
-            let key = CancelKey { pid: rand::random::<i32>() & i32::MAX, secret: rand::random() };
-            if key.pid != 0 && !keys.contains_key(&key) {
+            // Two nodes may have backends with the same pid: the secret tells them apart.
+            let key = CancelKey { pid: target.key.pid, secret: rand::random() };
+            if !keys.contains_key(&key) {
                 break key;
             }
         };

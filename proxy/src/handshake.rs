@@ -13,7 +13,9 @@ use crate::tls::TlsStore;
 /// What a client asked for.
 pub enum Handshake {
     Startup(Startup),
-    Cancel(CancelKey),
+    /// A cancel request, and the connection it came on (to be closed cleanly: a TLS client
+    /// expects a close_notify, not a bare end of stream).
+    Cancel(CancelKey, ClientStream),
 }
 
 /// A client that sent a startup packet.
@@ -81,7 +83,7 @@ pub async fn accept(
             protocol::CANCEL_REQUEST_CODE if packet.len() == 16 => {
                 let pid = i32::from_be_bytes(packet[8..12].try_into().expect("16 bytes"));
                 let secret = i32::from_be_bytes(packet[12..16].try_into().expect("16 bytes"));
-                return Ok(Handshake::Cancel(CancelKey { pid, secret }));
+                return Ok(Handshake::Cancel(CancelKey { pid, secret }, stream));
             }
             code if code >> 16 == protocol::PROTOCOL_MAJOR_3 => {
                 return match protocol::parse_startup_params(&packet[8..]) {

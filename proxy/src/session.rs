@@ -57,8 +57,11 @@ async fn open(tcp: TcpStream, shared: &Shared) -> Option<Session> {
         }
     };
     match hs {
-        Ok(Handshake::Cancel(key)) => {
+        Ok(Handshake::Cancel(key, mut stream)) => {
             forward_cancel(shared, key).await;
+            // PostgreSQL answers a cancel request by closing; over TLS, with a close_notify.
+            let closing = tokio::io::AsyncWriteExt::shutdown(&mut stream);
+            let _ = tokio::time::timeout(shared.limits.handshake_timeout(), closing).await;
             None
         }
         Ok(Handshake::Startup(startup)) => start_session(startup, shared, over_limit).await,

@@ -50,6 +50,21 @@ pub async fn adopt_nodes(platform: &Arc<Platform>) {
                 ),
             }
         }
+        if db.status == DatabaseStatus::Updating {
+            // A plan change was cut short: the database serves on what its nodes run now.
+            let _ = platform.update(&db.id, |db| {
+                db.status = DatabaseStatus::Running;
+                Ok::<_, crate::state::StoreError>(())
+            });
+            platform.event(
+                &db.id,
+                "plan_change_failed",
+                format!(
+                    "plan change interrupted by a control plane restart; the record names plan {}",
+                    db.plan
+                ),
+            );
+        }
         if db.status == DatabaseStatus::Restoring {
             // Nothing of the current nodes is touched before a restore succeeded.
             let _ = platform.update(&db.id, |db| {
