@@ -16,7 +16,12 @@ async fn change(control: &TestControl, id: &str, plan: &str) -> Value {
         control.request("PATCH", &format!("/v1/databases/{id}"), Some(json!({"plan": plan}))).await;
     assert_eq!(r.status, 202, "{}", r.body);
     assert_eq!(r.json()["operation"]["kind"], "plan_change");
-    control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await
+    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+    if op["status"] != "succeeded" {
+        let events = control.request("GET", &format!("/v1/databases/{id}/events"), None).await;
+        println!("events of {id}: {}", events.body);
+    }
+    op
 }
 
 /// `SHOW shared_buffers` and `SHOW max_connections` on every node of `db`, over its socket.

@@ -138,11 +138,14 @@ async fn run(
                 drop(claim);
                 wait_synchronous_again(platform, id).await?;
             } else {
-                // Primary first: a standby may have more connections than its primary.
+                // Primary first: a standby may have more connections than its primary. The
+                // standby restarts on the lower values only once it has replayed the
+                // primary's record of them (until then it refuses them at start).
                 let db = record_plan(platform, id, plan)?;
                 restart_primary_held(platform, &claim, &db, &primary).await?;
                 op.set(0.5);
                 for standby in &standbys {
+                    wait_replayed(platform, &claim, &primary, standby).await?;
                     restart_standby(platform, &claim, &db, &primary, standby).await?;
                 }
             }
@@ -277,6 +280,39 @@ async fn restart_standby(
         format!("standby {} restarted on plan {} and streaming", standby.name, db.plan),
     );
     Ok(())
+}
+
+/// Waits until `standby` has replayed everything `primary` has written now.
+async fn wait_replayed(
+    platform: &Platform,
+    claim: &ChangeGuard,
+    primary: &NodeRecord,
+    standby: &NodeRecord,
+) -> Result<(), ChangeError> {
+    let source = step(claim, platform.session(&platform.node_spec(primary), "postgres")).await?;
+    let lsn: String =
+        step(claim, source.query_one("SELECT pg_current_wal_lsn()::text", &[])).await?.get(0);
+    let deadline = Instant::now() + STREAMING_TIMEOUT;
+    loop {
+        let replayed = step(claim, async {
+            let session = platform.session(&platform.node_spec(standby), "postgres").await?;
+            let row = session
+                .query_one(
+                    "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)",
+                    &[&lsn],
+                )
+                .await?;
+            Ok::<_, ChangeError>(row.get::<_, bool>(0))
+        })
+        .await?;
+        if replayed {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(ChangeError::NotStreaming(standby.name.clone()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits until every node runs, none is fenced, and commits are synchronous.

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use pgwarden_api::control::DatabaseStatus;
 use tokio::task::JoinHandle;
@@ -186,9 +187,10 @@ async fn replication_mode(
     state: &PrimaryState,
     standby_lost: bool,
 ) {
+    // Streaming and nearly caught up: under a steady write load the lag is rarely exactly 0.
     let caught_up = db
         .replicas()
-        .find(|r| state.standbys.iter().any(|(n, _, lag)| *n == r.name && *lag == 0))
+        .find(|r| state.standbys.iter().any(|(n, _, lag)| *n == r.name && *lag <= CATCH_UP_BYTES))
         .map(|r| r.name.clone());
     let wanted = match (db.synchronous, standby_lost, caught_up) {
         (true, true, _) => None,
@@ -207,6 +209,13 @@ async fn replication_mode(
     .await
     {
         return error!(database = %db.id, error = %e, "cannot change replication mode");
+    }
+    if let Some(standby) = &wanted {
+        // From now on commits wait for the standby; what was committed before counts as
+        // synchronous only once the standby has it too.
+        if let Err(e) = flushed_everything(platform, primary, standby).await {
+            return debug!(database = %db.id, standby, error = %e, "standby not caught up yet");
+        }
     }
     let synchronous = wanted.is_some();
     let recorded = platform.update(&db.id, |db| {
@@ -231,6 +240,37 @@ async fn replication_mode(
             "replication_degraded",
             "standby not streaming: commits are asynchronous until it is back",
         ),
+    }
+}
+
+/// A standby streaming at most this far behind is made synchronous (then awaited).
+const CATCH_UP_BYTES: u64 = 1 << 20;
+/// How long a standby being made synchronous may take to flush what the primary wrote.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until `standby` flushed everything `primary` had written when this was called.
+async fn flushed_everything(
+    platform: &Platform,
+    primary: &NodeRecord,
+    standby: &str,
+) -> Result<(), SqlError> {
+    let session = platform.session(&platform.node_spec(primary), "postgres").await?;
+    let lsn: String = session.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+    let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+    loop {
+        let row = session
+            .query_opt(
+                "SELECT flush_lsn >= $2::text::pg_lsn FROM pg_stat_replication WHERE application_name = $1",
+                &[&standby, &lsn],
+            )
+            .await?;
+        if row.is_some_and(|r| r.get::<_, Option<bool>>(0) == Some(true)) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(SqlError::Timeout { node: standby.to_owned(), after: CATCH_UP_WAIT });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
