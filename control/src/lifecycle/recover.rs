@@ -10,16 +10,32 @@ use tracing::{error, info, warn};
 
 use crate::nodes::blocking;
 use crate::platform::Platform;
+use crate::state::{DatabaseRecord, StoreError};
+
+/// What the previous run left, read before the API serves: anything the API starts afterwards
+/// is this run's own, never taken for interrupted work.
+pub struct Leftovers {
+    databases: Vec<DatabaseRecord>,
+    operations: Vec<Operation>,
+}
+
+impl Leftovers {
+    pub fn read(platform: &Platform) -> Result<Self, StoreError> {
+        let operations = platform
+            .store
+            .operations()?
+            .into_iter()
+            .filter(|o| matches!(o.status, OperationStatus::Pending | OperationStatus::Running))
+            .collect();
+        Ok(Self { databases: platform.store.databases()?, operations })
+    }
+}
 
 /// Starts the stopped nodes of every settled database and fails the operations a restart
 /// interrupted on them; publishes the routes. Returns once every node was started or given up.
-pub async fn adopt_nodes(platform: &Arc<Platform>) {
-    let databases = match platform.store.databases() {
-        Ok(d) => d,
-        Err(e) => return error!(error = %e, "cannot read databases"),
-    };
-    let interrupted = interrupted_operations(platform);
-    for db in databases {
+pub async fn adopt_nodes(platform: &Arc<Platform>, left: &Leftovers) {
+    let interrupted = &left.operations;
+    for db in left.databases.iter().cloned() {
         if matches!(db.status, DatabaseStatus::Provisioning | DatabaseStatus::Deleting) {
             continue;
         }
@@ -89,10 +105,9 @@ pub async fn adopt_nodes(platform: &Arc<Platform>) {
 }
 
 /// Resumes interrupted provisionings and destructions, each as its own task.
-pub fn resume_operations(platform: &Arc<Platform>) {
-    let databases = platform.store.databases().unwrap_or_default();
-    let interrupted = interrupted_operations(platform);
-    for db in databases {
+pub fn resume_operations(platform: &Arc<Platform>, left: Leftovers) {
+    let interrupted = left.operations;
+    for db in left.databases {
         let (kind, label) = match db.status {
             DatabaseStatus::Provisioning => ("provision", "provisioning"),
             DatabaseStatus::Deleting => ("destroy", "destruction"),
@@ -120,16 +135,6 @@ pub fn resume_operations(platform: &Arc<Platform>) {
             super::destroy::run(platform, db.id.clone(), op);
         }
     }
-}
-
-fn interrupted_operations(platform: &Platform) -> Vec<Operation> {
-    platform
-        .store
-        .operations()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|o| matches!(o.status, OperationStatus::Pending | OperationStatus::Running))
-        .collect()
 }
 
 /// Stops every node cleanly (fast shutdown: sessions end, everything committed is on disk).

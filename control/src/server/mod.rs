@@ -64,11 +64,13 @@ pub async fn serve(
     ));
     // Nodes are adopted (started if stopped) first, then watched; interrupted operations are
     // resumed only once the watchers run, each as a task of its own.
+    // What the previous run left is read now, before the API serves.
+    let left = recover::Leftovers::read(&platform).context("state store")?;
     let (recovering, watchers) = (platform.clone(), shutdown.child_token());
     tokio::spawn(async move {
-        recover::adopt_nodes(&recovering).await;
+        recover::adopt_nodes(&recovering, &left).await;
         tokio::spawn(crate::ha::watcher::supervise(recovering.clone(), watchers));
-        recover::resume_operations(&recovering);
+        recover::resume_operations(&recovering, left);
     });
     let state = Arc::new(ApiState { platform: platform.clone(), heartbeats, token });
     let served = axum::serve(listener, api::router(state))
