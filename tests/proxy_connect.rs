@@ -281,31 +281,56 @@ async fn too_many_clients_get_53300() {
 }
 
 /// A libpq 17+ client (psycopg 3, `tests/clients/session.py`) sees its real backend through
-/// the proxy over TLS: its pid, NOTIFY's sender pid, cancel inside TLS, pg_terminate_backend.
+/// the proxy over TLS, negotiated with an SSLRequest and directly (`sslnegotiation=direct`,
+/// ALPN `postgresql`): its pid, NOTIFY's sender pid, cancel inside TLS, pg_terminate_backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_libpq_17_client_sees_its_real_backend_and_cancels_inside_tls() {
     let node = PgNode::start();
     let certs = TestCerts::new();
     let proxy = TestProxy::start(Limits::default(), Some(certs.files())).await;
     proxy.route(1, &[("app", &node.address(), false)]).await;
-    let conninfo = proxy.conninfo(
-        "app",
-        "app",
-        &format!("password={TEST_PASSWORD} sslmode=require connect_timeout=10"),
-    );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/session.py");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3").arg(script).arg(&conninfo).output()
-    })
-    .await
-    .unwrap()
-    .expect("python3 with psycopg 3 (scripts/setup.sh installs it)");
-    let (stdout, stderr) =
-        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    println!("{stdout}");
-    assert!(out.status.success() && stdout.ends_with("ok\n"), "{stdout}{stderr}");
+    for negotiation in ["postgres", "direct"] {
+        let conninfo = proxy.conninfo(
+            "app",
+            "app",
+            &format!(
+                "password={TEST_PASSWORD} sslmode=require sslnegotiation={negotiation} connect_timeout=10"
+            ),
+        );
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/session.py");
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("python3").arg(script).arg(&conninfo).output()
+        })
+        .await
+        .unwrap()
+        .expect("python3 with psycopg 3 (scripts/setup.sh installs it)");
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        println!("sslnegotiation={negotiation}:\n{stdout}");
+        assert!(
+            out.status.success() && stdout.ends_with("ok\n"),
+            "{negotiation}: {stdout}{stderr}"
+        );
+    }
     assert_eq!(
         proxy.metric("pgwarden_proxy_cancel_requests_total{result=\"forwarded\"}").await,
-        1.0
+        2.0
     );
+}
+
+/// A connection that opens with a TLS ClientHello without the `postgresql` ALPN protocol is
+/// refused with 08P01, as PostgreSQL refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_without_the_postgresql_alpn_is_refused() {
+    use tokio::io::AsyncReadExt;
+    let certs = TestCerts::new();
+    let proxy = TestProxy::start(Limits::default(), Some(certs.files())).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut tls = pgwarden_e2e::tls_connect(tcp, &certs.ca_path(), "localhost").await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "neither answered nor closed");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(answer.first() == Some(&b'E') && text.contains("08P01"), "{text}");
+    assert!(text.contains("ALPN"), "{text}");
 }

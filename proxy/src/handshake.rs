@@ -44,7 +44,10 @@ pub async fn accept(
     max_packet: usize,
     metrics: &Metrics,
 ) -> Result<Handshake, HandshakeError> {
-    let mut stream = ClientStream::Plain(tcp);
+    let mut stream = match direct_tls(tcp, tls, metrics).await? {
+        Ok(tls) => ClientStream::Tls(Box::new(tls)),
+        Err(tcp) => ClientStream::Plain(tcp),
+    };
     let mut gss_refused = false;
     loop {
         let packet = read_packet(&mut stream, max_packet).await?;
@@ -101,6 +104,40 @@ pub async fn accept(
             }
         }
     }
+}
+
+/// The first byte of a TLS handshake record: a client opening with a ClientHello.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// PostgreSQL 17's direct TLS (`sslnegotiation=direct`): a connection that opens with a TLS
+/// ClientHello is accepted without the SSLRequest round trip, if it names the `postgresql`
+/// protocol (ALPN), as PostgreSQL itself requires. Any other connection is handed back.
+async fn direct_tls(
+    tcp: TcpStream,
+    tls: &TlsStore,
+    metrics: &Metrics,
+) -> Result<Result<tokio_rustls::server::TlsStream<TcpStream>, TcpStream>, HandshakeError> {
+    let mut first = [0u8; 1];
+    let opens_with_tls = tcp.peek(&mut first).await? == 1 && first[0] == TLS_HANDSHAKE;
+    let acceptor = match tls.acceptor() {
+        Some(acceptor) if opens_with_tls => acceptor,
+        _ => return Ok(Err(tcp)),
+    };
+    let mut stream = match acceptor.accept(tcp).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            metrics.tls_handshake(false);
+            return Err(HandshakeError::Tls(e));
+        }
+    };
+    metrics.tls_handshake(true);
+    if stream.get_ref().1.alpn_protocol() != Some(protocol::ALPN) {
+        let message = "direct TLS without the postgresql ALPN protocol";
+        let _ = stream.write_all(&protocol::fatal(SqlState::ProtocolViolation, message)).await;
+        let _ = stream.shutdown().await;
+        return Err(HandshakeError::Protocol(message.into()));
+    }
+    Ok(Ok(stream))
 }
 
 /// Reads one length-prefixed packet, checking the length before allocating.

@@ -4,6 +4,8 @@
 
 use bytes::{BufMut, BytesMut};
 
+/// The ALPN protocol name of PostgreSQL over TLS.
+pub const ALPN: &[u8] = b"postgresql";
 pub const SSL_REQUEST_CODE: u32 = 80_877_103;
 pub const GSSENC_REQUEST_CODE: u32 = 80_877_104;
 pub const CANCEL_REQUEST_CODE: u32 = 80_877_102;

@@ -56,7 +56,7 @@ fn build_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
     // PostgreSQL 17 clients send this ALPN on direct TLS; older clients send none.
-    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    config.alpn_protocols = vec![crate::protocol::ALPN.to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
