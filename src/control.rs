@@ -21,6 +21,7 @@ pub struct TestControl {
     /// The control plane's data dir.
     pub data: std::path::PathBuf,
     extra_proxies: Vec<String>,
+    engines_dir: Option<std::path::PathBuf>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -32,15 +33,17 @@ impl TestControl {
     }
 
     pub async fn start_with(extra_settings: Vec<(String, String)>) -> Self {
-        Self::start_full(extra_settings, Vec::new(), "data").await
+        Self::start_full(extra_settings, Vec::new(), "data", None).await
     }
 
     /// Also publishing to `extra_proxies` (admin addresses, first), with the data dir at
-    /// `data` under the test's temp dir (it may hold spaces and quotes).
+    /// `data` under the test's temp dir (it may hold spaces and quotes), and PostgreSQL builds
+    /// from `engines_dir` beside Debian's.
     pub async fn start_full(
         extra_settings: Vec<(String, String)>,
         extra_proxies: Vec<String>,
         data: &str,
+        engines_dir: Option<std::path::PathBuf>,
     ) -> Self {
         let dir = tempfile::Builder::new().prefix("pgwarden-control-").tempdir().expect("tempdir");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
@@ -63,6 +66,7 @@ impl TestControl {
             proxy,
             certs,
             extra_proxies,
+            engines_dir,
             shutdown: CancellationToken::new(),
             task: None,
         };
@@ -88,6 +92,7 @@ impl TestControl {
             extra_settings,
             health: Default::default(),
             backup_tick: Duration::from_millis(200),
+            engines_dir: self.engines_dir.clone(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         self.addr = listener.local_addr().expect("addr");

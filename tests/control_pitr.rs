@@ -319,7 +319,7 @@ fn exposed(dir: &std::path::Path, shared: &[std::path::PathBuf]) -> Vec<String> 
 async fn a_pitr_database_in_a_quoted_data_dir_is_private_restorable_and_destroyed_without_a_trace()
 {
     rustix::process::umask(rustix::fs::Mode::empty());
-    let control = TestControl::start_full(Vec::new(), Vec::new(), "my data/it's here").await;
+    let control = TestControl::start_full(Vec::new(), Vec::new(), "my data/it's here", None).await;
     let (db, id, url) = control.create_routed_database("quoted", "postgresql-business-512").await;
     assert_eq!(db["replication"], "synchronous", "{db}");
     window_reaching(&control, &id, OffsetDateTime::now_utc()).await;

@@ -18,7 +18,7 @@ async fn a_proxy_that_never_answers_does_not_stall_publication_to_the_other() {
             open.push(stream);
         }
     });
-    let control = TestControl::start_full(Vec::new(), vec![blackhole_addr], "data").await;
+    let control = TestControl::start_full(Vec::new(), vec![blackhole_addr], "data", None).await;
     let (_, id, url) = control.create_routed_database("reach", "postgresql-sandbox").await;
     assert!(psql(&url, None, "SELECT 1").success);
     // Each change still reaches the answering proxy.

@@ -76,6 +76,21 @@ pub struct Database {
 pub struct CreateDatabase {
     pub name: String,
     pub plan: String,
+    /// PostgreSQL build (`GET /v1/engines`); default: the newest of the default major.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// One PostgreSQL build installed on the host (`GET /v1/engines`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Engine {
+    /// Full version, `15.18`.
+    pub version: String,
+    pub major: u32,
+    /// Directory of its programs.
+    pub dir: String,
+    /// New databases get it unless they ask for another.
+    pub default: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

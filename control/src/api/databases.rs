@@ -7,15 +7,15 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use pgwarden_api::control::{
-    ChangeDatabase, CreateDatabase, Database, DatabaseOperation, DatabaseStatus, Env, Event, Plan,
-    SetTls,
+    ChangeDatabase, CreateDatabase, Database, DatabaseOperation, DatabaseStatus, Engine, Env,
+    Event, Plan, SetTls,
 };
 
 use super::error::ApiError;
 use super::view::view;
 use super::{body, load, require_running, AppState};
 use crate::changes::plan;
-use crate::platform::now_rfc3339;
+use crate::platform::{now_rfc3339, Platform};
 use crate::state::{DatabaseRecord, UserRecord};
 use crate::{lifecycle, plans, secrets};
 
@@ -55,6 +55,7 @@ pub async fn create(
             format!("unknown plan {:?}; valid plans: {}", request.plan, plans::names().join(", ")),
         )
     })?;
+    let engine = engine_for(platform, request.version.as_deref())?;
     let id = format!("{}-{}", request.name, rand::random_range(1000..10000));
     let name = id.replace('-', "_");
     let db = DatabaseRecord {
@@ -71,6 +72,7 @@ pub async fn create(
         error: None,
         synchronous: false,
         backup_hour_utc: 1,
+        engine,
     };
     // The check and the insert are one step: of two creates with the same name, one wins.
     platform.insert_new(&db, |existing| {
@@ -90,6 +92,56 @@ pub async fn create(
     lifecycle::provision::run(platform, id, op.clone());
     let database = view(platform, &db).await;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation: op })))
+}
+
+/// The server build a new database runs: `version`, or the default; `None` when it is the
+/// driver's own default build.
+fn engine_for(
+    platform: &Platform,
+    version: Option<&str>,
+) -> Result<Option<std::path::PathBuf>, ApiError> {
+    let engines = &platform.engines;
+    let default = engines.default_engine();
+    let engine = match version {
+        None => return Ok(None),
+        Some(v) => engines.find(v).ok_or_else(|| {
+            ApiError::unprocessable(
+                "unknown_version",
+                format!("PostgreSQL {v} is not installed; installed: {}", engines.versions()),
+            )
+        })?,
+    };
+    // The control plane's own client tools (dumps, base backups, rewinds) are of one major.
+    if default.is_some_and(|d| d.major != engine.major) || engines.toolset(engine.major).is_none() {
+        return Err(ApiError::unprocessable(
+            "unsupported_version",
+            format!(
+                "PostgreSQL {} needs the client tools of major {}, which this control plane does not run; use a {} build",
+                engine.version,
+                engine.major,
+                default.map_or("15".to_owned(), |d| d.major.to_string())
+            ),
+        ));
+    }
+    Ok((engine.bin != platform.pg_bin).then(|| engine.bin.clone()))
+}
+
+/// `GET /v1/engines`.
+pub async fn engines(State(state): AppState) -> Json<Vec<Engine>> {
+    let engines = &state.platform.engines;
+    let default = engines.default_engine().map(|e| e.version.clone());
+    Json(
+        engines
+            .all
+            .iter()
+            .map(|e| Engine {
+                version: e.version.clone(),
+                major: e.major,
+                dir: e.bin.display().to_string(),
+                default: Some(&e.version) == default.as_ref(),
+            })
+            .collect(),
+    )
 }
 
 pub async fn list(State(state): AppState) -> Result<Json<Vec<Database>>, ApiError> {

@@ -44,6 +44,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let authed = Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/plans", get(databases::list_plans))
+        .route("/v1/engines", get(databases::engines))
         .route("/v1/databases", get(databases::list).post(databases::create))
         .route(
             "/v1/databases/{id}",

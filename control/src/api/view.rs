@@ -10,11 +10,12 @@ use crate::nodes::sql::Timeouts;
 use crate::platform::Platform;
 use crate::state::DatabaseRecord;
 
-/// How long the view waits for the primary's version and lags.
+/// How long the view waits for each node's version (and the primary's lags).
 const LIVE_STATE: Duration = Duration::from_secs(1);
 
 pub async fn view(platform: &Arc<Platform>, db: &DatabaseRecord) -> Database {
     let mut nodes = Vec::new();
+    let mut primary_lags = None;
     for node in &db.nodes {
         let (driver, spec) = (platform.driver.clone(), platform.node_spec(node));
         let running =
@@ -36,29 +37,41 @@ pub async fn view(platform: &Arc<Platform>, db: &DatabaseRecord) -> Database {
             version: String::new(),
         });
     }
-    if let Some(primary) = db.primary() {
-        let spec = platform.node_spec(primary);
+    // Each node's own version; the primary's view of its standbys' lag.
+    for (node, record) in nodes.iter_mut().zip(&db.nodes) {
+        if node.status != "running" {
+            continue;
+        }
+        let spec = platform.node_spec(record);
         let live = async {
             let admin = platform
                 .session_within(&spec, "postgres", Timeouts::within(LIVE_STATE))
                 .await
                 .ok()?;
             let version: String = admin.query_one("SHOW server_version", &[]).await.ok()?.get(0);
-            let lags = admin
-                .query(
-                    "SELECT application_name, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::int8 FROM pg_stat_replication",
-                    &[],
-                )
-                .await
-                .ok()?;
+            let lags = if record.role == pgwarden_api::control::NodeRole::Primary {
+                admin
+                    .query(
+                        "SELECT application_name, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::int8 FROM pg_stat_replication",
+                        &[],
+                    )
+                    .await
+                    .ok()
+            } else {
+                None
+            };
             Some((version, lags))
         };
         if let Some((version, lags)) = live.await {
-            for node in &mut nodes {
-                node.version = version.clone();
-                if let Some(row) = lags.iter().find(|r| r.get::<_, String>(0) == node.name) {
-                    node.lag_bytes = row.get::<_, i64>(1).max(0) as u64;
-                }
+            // `15.18 (Debian 15.18-0+deb12u1)`: the version is the first word.
+            node.version = version.split_whitespace().next().unwrap_or_default().to_owned();
+            primary_lags = lags.or(primary_lags);
+        }
+    }
+    if let Some(lags) = primary_lags {
+        for node in &mut nodes {
+            if let Some(row) = lags.iter().find(|r| r.get::<_, String>(0) == node.name) {
+                node.lag_bytes = row.get::<_, i64>(1).max(0) as u64;
             }
         }
     }

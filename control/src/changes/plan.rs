@@ -342,7 +342,7 @@ async fn add_standbys(platform: &Arc<Platform>, id: &str, plan: &Plan) -> Result
         .unwrap_or(0)
         + 1;
     let missing = (plan.nodes as usize).saturating_sub(db.nodes.len());
-    let mut added = platform.new_nodes(id, next, missing)?;
+    let mut added = platform.new_nodes(id, db.engine.as_deref(), next, missing)?;
     for node in &mut added {
         node.role = NodeRole::Replica;
     }

@@ -38,11 +38,16 @@ pub enum Command {
     Up(UpArgs),
     /// List the plans.
     Plans,
+    /// The PostgreSQL builds installed.
+    Engines,
     /// Provision a database.
     Create {
         name: String,
         #[arg(long, default_value = "postgresql-sandbox")]
         plan: String,
+        /// PostgreSQL version (see `pgwarden engines`; default: the newest of the default major).
+        #[arg(long)]
+        version: Option<String>,
         #[arg(long)]
         no_wait: bool,
     },
@@ -181,6 +186,9 @@ pub struct ServeArgs {
     /// OS user nodes run as when pgwarden runs as root.
     #[arg(long, default_value = "postgres")]
     pub node_user: String,
+    /// More PostgreSQL builds, one per subdirectory (`<dir>/<name>/bin`), beside Debian's.
+    #[arg(long)]
+    pub engines_dir: Option<PathBuf>,
     #[command(flatten)]
     pub health: HealthArgs,
 }
@@ -218,6 +226,9 @@ pub struct UpArgs {
     pub first_node_port: u16,
     #[arg(long, default_value = "postgres")]
     pub node_user: String,
+    /// More PostgreSQL builds, one per subdirectory (`<dir>/<name>/bin`), beside Debian's.
+    #[arg(long)]
+    pub engines_dir: Option<PathBuf>,
     #[command(flatten)]
     pub health: HealthArgs,
 }
@@ -252,11 +263,27 @@ pub async fn run(api: &str, data_dir: &std::path::Path, command: Command) -> any
             );
             Ok(())
         }
-        Command::Create { name, plan, no_wait } => {
+        Command::Engines => {
+            let engines: Vec<pgwarden_api::control::Engine> =
+                client()?.call(Method::GET, "/v1/engines", None).await?;
+            let rows = engines
+                .into_iter()
+                .map(|e| {
+                    let default = if e.default { "yes" } else { "" };
+                    vec![e.version, e.major.to_string(), e.dir, default.into()]
+                })
+                .collect::<Vec<_>>();
+            print_table(&["VERSION", "MAJOR", "DIRECTORY", "DEFAULT"], &rows);
+            Ok(())
+        }
+        Command::Create { name, plan, version, no_wait } => {
             let client = client()?;
-            let answer: DatabaseOperation = client
-                .call(Method::POST, "/v1/databases", Some(json!({"name": name, "plan": plan})))
-                .await?;
+            let mut body = json!({"name": name, "plan": plan});
+            if let Some(version) = version {
+                body["version"] = version.into();
+            }
+            let answer: DatabaseOperation =
+                client.call(Method::POST, "/v1/databases", Some(body)).await?;
             let id = answer.database.id.clone();
             if no_wait {
                 println!("{id} provisioning (operation {})", answer.operation.id);

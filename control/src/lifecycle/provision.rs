@@ -50,7 +50,7 @@ async fn provision(
         let (driver, spec) = (platform.driver.clone(), platform.node_spec(&node));
         blocking(move || driver.destroy(&spec)).await?;
     }
-    db.nodes = platform.new_nodes(id, 1, plan.nodes as usize)?;
+    db.nodes = platform.new_nodes(id, db.engine.as_deref(), 1, plan.nodes as usize)?;
     platform.store.put_database(&db)?;
 
     let primary = db.primary().cloned().ok_or_else(|| LifecycleError::NoPrimary(id.to_owned()))?;

@@ -11,6 +11,9 @@ pub struct NodeSpec {
     pub dir: PathBuf,
     pub host: String,
     pub port: u16,
+    /// Directory of the server build the node runs (`initdb`, `pg_ctl`, `postgres`); `None`:
+    /// the driver's default.
+    pub bin: Option<PathBuf>,
 }
 
 /// Files and settings the control plane decides for a node.

@@ -42,8 +42,15 @@ impl LocalDriver {
         node.dir.join("data")
     }
 
-    fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new(self.bin.join(program));
+    /// `program` for `node`: the server programs of its own build, client tools from the
+    /// driver's toolset (the newest of the same major).
+    fn command(&self, node: &NodeSpec, program: &str) -> Command {
+        let server = matches!(program, "initdb" | "pg_ctl" | "postgres");
+        let bin = match &node.bin {
+            Some(bin) if server => bin,
+            _ => &self.bin,
+        };
+        let mut cmd = Command::new(bin.join(program));
         cmd.stdin(Stdio::null()).env_clear().env("PATH", "/usr/bin:/bin").env("LC_ALL", "C.UTF-8");
         // Programs that connect to a node (pg_basebackup, pg_rewind) give up on one that does
         // not answer.
@@ -159,7 +166,7 @@ impl LocalDriver {
 impl NodeDriver for LocalDriver {
     fn init(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError> {
         self.make_dir(node)?;
-        let mut cmd = self.command("initdb");
+        let mut cmd = self.command(node, "initdb");
         cmd.arg("-D").arg(Self::data(node)).args([
             "-U",
             "postgres",
@@ -181,7 +188,7 @@ impl NodeDriver for LocalDriver {
     ) -> Result<(), DriverError> {
         self.make_dir(node)?;
         self.write(&node.dir.join("ca.crt"), &config.tls.2, 0o644)?;
-        let mut cmd = self.command("pg_basebackup");
+        let mut cmd = self.command(node, "pg_basebackup");
         cmd.arg("-D")
             .arg(Self::data(node))
             .args(["-h", &upstream.host, "-p", &upstream.port.to_string(), "-U", &upstream.user])
@@ -201,7 +208,7 @@ impl NodeDriver for LocalDriver {
 
     fn start(&self, node: &NodeSpec) -> Result<(), DriverError> {
         let log = node.dir.join("postgres.log");
-        let mut cmd = self.command("pg_ctl");
+        let mut cmd = self.command(node, "pg_ctl");
         cmd.arg("start")
             .arg("-D")
             .arg(Self::data(node))
@@ -224,19 +231,19 @@ impl NodeDriver for LocalDriver {
         if !self.is_running(node) {
             return Ok(());
         }
-        let mut cmd = self.command("pg_ctl");
+        let mut cmd = self.command(node, "pg_ctl");
         cmd.arg("stop").arg("-D").arg(Self::data(node)).args(["-m", "fast", "-w", "-t", "60"]);
         self.run("pg_ctl stop", &mut cmd).map(drop)
     }
 
     fn reload(&self, node: &NodeSpec) -> Result<(), DriverError> {
-        let mut cmd = self.command("pg_ctl");
+        let mut cmd = self.command(node, "pg_ctl");
         cmd.arg("reload").arg("-D").arg(Self::data(node));
         self.run("pg_ctl reload", &mut cmd).map(drop)
     }
 
     fn is_running(&self, node: &NodeSpec) -> bool {
-        let mut cmd = self.command("pg_ctl");
+        let mut cmd = self.command(node, "pg_ctl");
         cmd.arg("status")
             .arg("-D")
             .arg(Self::data(node))
@@ -263,13 +270,13 @@ impl NodeDriver for LocalDriver {
     }
 
     fn promote(&self, node: &NodeSpec) -> Result<(), DriverError> {
-        let mut cmd = self.command("pg_ctl");
+        let mut cmd = self.command(node, "pg_ctl");
         cmd.arg("promote").arg("-D").arg(Self::data(node)).args(["-w", "-t", "60"]);
         self.run("pg_ctl promote", &mut cmd).map(drop)
     }
 
     fn rewind(&self, node: &NodeSpec, source: &NodeSpec) -> Result<(), DriverError> {
-        let mut cmd = self.command("pg_rewind");
+        let mut cmd = self.command(node, "pg_rewind");
         cmd.arg("--target-pgdata")
             .arg(Self::data(node))
             .arg(format!("--source-server={}", self.admin_conninfo(source, "postgres")));
@@ -333,7 +340,7 @@ impl NodeDriver for LocalDriver {
 
     fn destroy(&self, node: &NodeSpec) -> Result<(), DriverError> {
         if self.is_running(node) {
-            let mut cmd = self.command("pg_ctl");
+            let mut cmd = self.command(node, "pg_ctl");
             cmd.arg("stop").arg("-D").arg(Self::data(node)).args(["-m", "immediate", "-w"]);
             self.run("pg_ctl stop", &mut cmd)?;
         }

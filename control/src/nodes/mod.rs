@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod driver;
+pub mod engines;
 pub mod local;
 pub mod ports;
 pub mod roles;

@@ -136,7 +136,7 @@ async fn do_restore(
         .max()
         .unwrap_or(0)
         + 1;
-    let new_nodes = platform.new_nodes(id, next, old_nodes.len())?;
+    let new_nodes = platform.new_nodes(id, db.engine.as_deref(), next, old_nodes.len())?;
     let mut restored = db.clone();
     restored.nodes = new_nodes.clone();
     let cleanup = |platform: Arc<Platform>, nodes: Vec<NodeRecord>| async move {

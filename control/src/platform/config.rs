@@ -23,6 +23,8 @@ pub struct PlatformConfig {
     /// Extra `postgresql.conf` settings for every new node (value as PostgreSQL expects it,
     /// quoted where needed), e.g. `shared_preload_libraries`.
     pub extra_settings: Vec<(String, String)>,
+    /// More PostgreSQL builds, one per subdirectory (`<dir>/<name>/bin`), beside Debian's.
+    pub engines_dir: Option<PathBuf>,
 }
 
 /// How nodes are watched and when a primary is declared dead.
@@ -64,6 +66,7 @@ impl std::fmt::Debug for PlatformConfig {
             .field("health", &self.health)
             .field("backup_tick", &self.backup_tick)
             .field("extra_settings", &self.extra_settings)
+            .field("engines_dir", &self.engines_dir)
             .finish_non_exhaustive()
     }
 }

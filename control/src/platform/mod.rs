@@ -26,6 +26,7 @@ pub use config::{HealthConfig, PlatformConfig};
 
 use crate::metrics::Metrics;
 use crate::nodes::config::{node_config, ConfigError};
+use crate::nodes::engines::Engines;
 use crate::nodes::ports::Ports;
 use crate::nodes::sql::{Session, SqlError, Timeouts};
 use crate::nodes::{NodeConfig, NodeDriver, NodeSpec};
@@ -47,6 +48,8 @@ pub struct Platform {
     pub backups: Arc<dyn BackupStorage>,
     /// Directory of the PostgreSQL client programs (pg_dump, pg_restore).
     pub pg_bin: PathBuf,
+    /// The PostgreSQL builds installed, found at start.
+    pub engines: Engines,
     records: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Serializes the check-then-insert of a new database (unique names).
     creating: Mutex<()>,
@@ -61,6 +64,7 @@ impl Platform {
         backups: Arc<dyn BackupStorage>,
         pg_bin: PathBuf,
     ) -> Arc<Self> {
+        let engines = Engines::discover(config.engines_dir.as_deref());
         let metrics = Metrics::new();
         let publisher =
             Publisher::start(config.proxies.clone(), config.proxy_token.clone(), metrics.clone());
@@ -76,6 +80,7 @@ impl Platform {
             ports: Ports::default(),
             backups,
             pg_bin,
+            engines,
             records: Mutex::default(),
             creating: Mutex::default(),
         })
@@ -122,6 +127,7 @@ impl Platform {
             dir: node.dir.clone(),
             host: node.host.clone(),
             port: node.port,
+            bin: node.engine.clone(),
         }
     }
 
@@ -160,6 +166,7 @@ impl Platform {
     pub fn new_nodes(
         &self,
         id: &str,
+        engine: Option<&std::path::Path>,
         first: u32,
         count: usize,
     ) -> Result<Vec<NodeRecord>, StoreError> {
@@ -180,6 +187,7 @@ impl Platform {
                     dir: self.nodes_dir().join(format!("{name}.{attempt:04x}")),
                     name,
                     fenced: false,
+                    engine: engine.map(ToOwned::to_owned),
                 }
             })
             .collect())

@@ -40,6 +40,7 @@ fn platform_config(
     proxy_token: String,
     first_node_port: u16,
     health: &HealthArgs,
+    engines_dir: Option<PathBuf>,
 ) -> PlatformConfig {
     PlatformConfig {
         data_dir: data_dir.to_owned(),
@@ -52,6 +53,7 @@ fn platform_config(
         extra_settings: Vec::new(),
         health: health_config(health),
         backup_tick: Duration::from_secs(30),
+        engines_dir,
     }
 }
 
@@ -92,6 +94,7 @@ pub async fn serve_command(data_dir: &Path, args: ServeArgs) -> anyhow::Result<(
         proxy_token,
         args.first_node_port,
         &args.health,
+        args.engines_dir.clone(),
     );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -125,8 +128,15 @@ pub async fn up(data_dir: &Path, args: UpArgs) -> anyhow::Result<()> {
 
     let client = (args.client_listen.ip().to_string(), args.client_listen.port());
     let admins = args.proxy_admin.iter().map(|a| a.to_string()).collect();
-    let config =
-        platform_config(&data_dir, client, admins, proxy_token, args.first_node_port, &args.health);
+    let config = platform_config(
+        &data_dir,
+        client,
+        admins,
+        proxy_token,
+        args.first_node_port,
+        &args.health,
+        args.engines_dir.clone(),
+    );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -29,6 +29,9 @@ pub struct DatabaseRecord {
     /// Hour (UTC) of the daily backup.
     #[serde(default = "default_backup_hour")]
     pub backup_hour_utc: u8,
+    /// Directory of the server build new nodes run (`None`: the default build).
+    #[serde(default)]
+    pub engine: Option<PathBuf>,
 }
 
 fn default_backup_hour() -> u8 {
@@ -50,6 +53,7 @@ impl std::fmt::Debug for DatabaseRecord {
             .field("error", &self.error)
             .field("synchronous", &self.synchronous)
             .field("backup_hour_utc", &self.backup_hour_utc)
+            .field("engine", &self.engine)
             .finish_non_exhaustive()
     }
 }
@@ -76,6 +80,9 @@ pub struct NodeRecord {
     /// Fenced after a failover: never routed to; rejoins as a standby when it can.
     #[serde(default)]
     pub fenced: bool,
+    /// Directory of the server build the node runs (`None`: the default build).
+    #[serde(default)]
+    pub engine: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -105,6 +112,7 @@ mod tests {
             error: None,
             synchronous: false,
             backup_hour_utc: 1,
+            engine: None,
         };
         let shown = format!("{record:?}");
         assert!(shown.contains("a_1"), "{shown}");

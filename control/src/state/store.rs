@@ -281,6 +281,7 @@ mod tests {
             error: None,
             synchronous: false,
             backup_hour_utc: 1,
+            engine: None,
         }
     }
 
