@@ -1,0 +1,108 @@
+//! Plan-change benchmark on real databases behind a real proxy, under a writer (one connection,
+//! inserts back to back, reconnecting after errors) and a connector (a new session every 20 ms).
+//!
+//!   cargo bench --bench plan -- [rounds=3]
+//!
+//! Paths, each round going up then back down: a single node (sandbox ↔ starter-1024, a restart
+//! under a hold), business ↔ business (512 ↔ 1024: rolling with a switchover up, primary first
+//! down) and starter ↔ business (512: a standby added, then removed). For every change: total
+//! duration of the operation, longest wait of a new connection and new connections that
+//! failed; at the end, acknowledged inserts lost.
+
+use std::time::{Duration, Instant};
+
+use pgwarden_e2e::{lost_writes, psql, Connector, TestControl, Writer};
+use serde_json::json;
+
+struct Measure {
+    path: &'static str,
+    took: Duration,
+    longest_wait: Duration,
+    failed: usize,
+    attempts: usize,
+}
+
+async fn change(
+    control: &TestControl,
+    id: &str,
+    url: &str,
+    plan: &str,
+    path: &'static str,
+) -> Measure {
+    let connector = Connector::start(url.to_owned());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let r =
+        control.request("PATCH", &format!("/v1/databases/{id}"), Some(json!({"plan": plan}))).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+    let took = started.elapsed();
+    assert_eq!(op["status"], "succeeded", "{path} to {plan}: {op}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let outcomes = connector.stop().await;
+    let longest_wait =
+        outcomes.iter().filter_map(|o| o.as_ref().ok()).max().copied().unwrap_or_default();
+    let failed = outcomes.iter().filter(|o| o.is_err()).count();
+    eprintln!(
+        "{path} → {plan}: {} ms, {} new connections, {failed} failed, longest wait {} ms",
+        took.as_millis(),
+        outcomes.len(),
+        longest_wait.as_millis()
+    );
+    Measure { path, took, longest_wait, failed, attempts: outcomes.len() }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let rounds: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(3);
+    let control = TestControl::start().await;
+    let paths: [(&str, &str, &str, &'static str); 3] = [
+        ("single", "postgresql-sandbox", "postgresql-starter-1024", "single node restart"),
+        ("rolling", "postgresql-business-512", "postgresql-business-1024", "business ↔ business"),
+        ("grow", "postgresql-starter-512", "postgresql-business-512", "starter ↔ business"),
+    ];
+    let mut measures = Vec::new();
+    let mut lost_total = 0;
+    let mut acked_total = 0;
+    for (name, from, to, path) in paths {
+        let (_, id, url) = control.create_routed_database(name, from).await;
+        control
+            .wait_database(&id, "every node running", |db| {
+                db["nodes"].as_array().unwrap().iter().all(|n| n["status"] == "running")
+            })
+            .await;
+        assert!(psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)").success);
+        let writer = Writer::start(url.clone());
+        for _ in 0..rounds {
+            for plan in [to, from] {
+                measures.push(change(&control, &id, &url, plan, path).await);
+                if plan.contains("business") {
+                    control.wait_synchronous(&id, "synchronous before the next change").await;
+                }
+            }
+        }
+        let acked = writer.stop().await;
+        let out = psql(&url, None, "SELECT string_agg(n::text, ',') FROM w");
+        lost_total += lost_writes(&acked, &out.stdout).len();
+        acked_total += acked.len();
+    }
+    println!("| path | changes | median duration | max duration | longest wait of a new connection | new connections failed |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (_, _, _, path) in paths {
+        let of: Vec<&Measure> = measures.iter().filter(|m| m.path == path).collect();
+        let mut took: Vec<Duration> = of.iter().map(|m| m.took).collect();
+        took.sort();
+        let wait = of.iter().map(|m| m.longest_wait).max().unwrap_or_default();
+        let failed: usize = of.iter().map(|m| m.failed).sum();
+        let attempts: usize = of.iter().map(|m| m.attempts).sum();
+        println!(
+            "| {path} | {} | {} ms | {} ms | {} ms | {failed} of {attempts} |",
+            of.len(),
+            took[took.len() / 2].as_millis(),
+            took.last().unwrap().as_millis(),
+            wait.as_millis()
+        );
+    }
+    println!("acknowledged inserts lost: {lost_total} of {acked_total}");
+    assert_eq!(lost_total, 0, "acknowledged inserts lost");
+}
