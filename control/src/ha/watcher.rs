@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use pgwarden_api::control::DatabaseStatus;
 use tokio::task::JoinHandle;
@@ -47,14 +46,32 @@ pub async fn supervise(platform: Arc<Platform>, shutdown: CancellationToken) {
 
 /// What a check of the primary saw.
 pub(crate) struct PrimaryState {
-    /// `(application_name, sync_state, bytes not yet flushed by it)` for each streaming standby.
-    pub standbys: Vec<(String, String, u64)>,
+    /// WAL position the primary has written up to (bytes from 0/0).
+    pub written: i64,
+    pub standbys: Vec<StandbyState>,
+}
+
+/// A streaming standby, as its primary sees it.
+pub(crate) struct StandbyState {
+    pub name: String,
+    /// Bytes written by the primary not yet flushed by the standby.
+    pub lag: u64,
+    /// WAL position the standby has flushed up to.
+    pub flushed: i64,
 }
 
 impl PrimaryState {
     pub fn lags(&self) -> Vec<(String, u64)> {
-        self.standbys.iter().map(|(n, _, lag)| (n.clone(), *lag)).collect()
+        self.standbys.iter().map(|s| (s.name.clone(), s.lag)).collect()
     }
+}
+
+/// Commits were just made to wait for `standby` on `primary`; they count as synchronous once
+/// the standby has flushed what was written before (`after`, taken at the next check).
+struct Switch {
+    primary: String,
+    standby: String,
+    after: Option<i64>,
 }
 
 /// Work the watcher started and that must not run twice at once.
@@ -90,6 +107,7 @@ async fn watch(platform: &Arc<Platform>, id: &str) {
     // Lag of each standby at the last good check, for the failover decision.
     let mut last_lag: Vec<(String, u64)> = Vec::new();
     let mut repair = Background::default();
+    let mut switching: Option<Switch> = None;
     // Checks at a fixed cadence: a check that times out does not delay the next one.
     let mut ticks = tokio::time::interval(health.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -114,19 +132,16 @@ async fn watch(platform: &Arc<Platform>, id: &str) {
                 failures = 0;
                 last_lag = state.lags();
                 let streaming =
-                    db.replicas().any(|r| state.standbys.iter().any(|(n, _, _)| *n == r.name));
+                    db.replicas().any(|r| state.standbys.iter().any(|s| s.name == r.name));
                 standby_missing = if streaming { 0 } else { standby_missing + 1 };
                 if platform.changes.busy(id) {
                     continue; // A primary change is running: leave the nodes to it.
                 }
-                replication_mode(
-                    platform,
-                    &db,
-                    &primary,
-                    &state,
-                    standby_missing >= health.failures,
-                )
-                .await;
+                if switching.as_ref().is_some_and(|s| s.primary != primary.name) {
+                    switching = None; // The primary changed since: its settings are new.
+                }
+                let lost = standby_missing >= health.failures;
+                replication_mode(platform, &db, &primary, &state, lost, &mut switching).await;
                 if let Some(fenced) = db.nodes.iter().find(|n| n.fenced).cloned() {
                     let (platform, id) = (platform.clone(), id.to_owned());
                     repair.start(async move { rejoin(&platform, &id, &fenced).await });
@@ -165,113 +180,149 @@ pub(crate) async fn check_primary(
     let timeouts = Timeouts::within(platform.config.health.timeout);
     let spec = platform.node_spec(primary);
     let session = platform.session_within(&spec, "postgres", timeouts).await?;
+    let written: i64 = session
+        .query_one("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8", &[])
+        .await?
+        .get(0);
     let rows = session
         .query(
-            "SELECT application_name, sync_state, \
-             coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn), 0)::int8 \
+            "SELECT application_name, coalesce(pg_wal_lsn_diff(flush_lsn, '0/0'), 0)::int8 \
              FROM pg_stat_replication WHERE state = 'streaming'",
             &[],
         )
         .await?;
-    let standbys =
-        rows.iter().map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2).max(0) as u64)).collect();
-    Ok(PrimaryState { standbys })
+    let standbys = rows
+        .iter()
+        .map(|r| {
+            let flushed: i64 = r.get(1);
+            StandbyState { name: r.get(0), lag: (written - flushed).max(0) as u64, flushed }
+        })
+        .collect();
+    Ok(PrimaryState { written, standbys })
 }
 
-/// Degrades to asynchronous commits when the standby is gone, back to synchronous when it has
-/// caught up.
+/// Degrades to asynchronous commits when the standby is gone; makes them synchronous again
+/// when it streams nearly caught up, and records it once the standby has everything written
+/// before the switch. Never waits on a node beyond one reload: the watcher's checks go on.
 async fn replication_mode(
     platform: &Arc<Platform>,
     db: &DatabaseRecord,
     primary: &NodeRecord,
     state: &PrimaryState,
     standby_lost: bool,
+    switching: &mut Option<Switch>,
 ) {
+    if standby_lost && (db.synchronous || switching.is_some()) {
+        // Asynchronous again, also when a switch was under way: commits must not wait for a
+        // standby that is gone.
+        if set_synchronous_standby(platform, db, primary, None).await {
+            *switching = None;
+            if db.synchronous {
+                record(platform, db, primary, false);
+            }
+        }
+        return;
+    }
+    if db.synchronous {
+        return;
+    }
+    if let Some(switch) = switching {
+        let Some(standby) = state.standbys.iter().find(|s| s.name == switch.standby) else {
+            return;
+        };
+        match switch.after {
+            None => switch.after = Some(state.written),
+            Some(after) if standby.flushed >= after => {
+                let name = switch.standby.clone();
+                *switching = None;
+                if record(platform, db, primary, true) {
+                    platform.event(
+                        &db.id,
+                        "replication_synchronous",
+                        format!("standby {name} caught up: commits are synchronous again"),
+                    );
+                }
+            }
+            Some(_) => {}
+        }
+        return;
+    }
     // Streaming and nearly caught up: under a steady write load the lag is rarely exactly 0.
     let caught_up = db
         .replicas()
-        .find(|r| state.standbys.iter().any(|(n, _, lag)| *n == r.name && *lag <= CATCH_UP_BYTES))
-        .map(|r| r.name.clone());
-    let wanted = match (db.synchronous, standby_lost, caught_up) {
-        (true, true, _) => None,
-        (false, false, Some(standby)) => Some(standby),
-        _ => return,
-    };
-    let config = match platform.node_config(db, primary, wanted.as_deref()) {
-        Ok(config) => config,
-        Err(e) => return error!(database = %db.id, error = %e, "cannot change replication mode"),
-    };
-    let (driver, spec) = (platform.driver.clone(), platform.node_spec(primary));
-    if let Err(e) = blocking(move || {
-        driver.configure(&spec, &config)?;
-        driver.reload(&spec)
-    })
-    .await
-    {
-        return error!(database = %db.id, error = %e, "cannot change replication mode");
-    }
-    if let Some(standby) = &wanted {
-        // From now on commits wait for the standby; what was committed before counts as
-        // synchronous only once the standby has it too.
-        if let Err(e) = flushed_everything(platform, primary, standby).await {
-            return debug!(database = %db.id, standby, error = %e, "standby not caught up yet");
+        .find(|r| state.standbys.iter().any(|s| s.name == r.name && s.lag <= CATCH_UP_BYTES));
+    if let Some(standby) = caught_up {
+        if set_synchronous_standby(platform, db, primary, Some(&standby.name)).await {
+            *switching = Some(Switch {
+                primary: primary.name.clone(),
+                standby: standby.name.clone(),
+                after: None,
+            });
         }
-    }
-    let synchronous = wanted.is_some();
-    let recorded = platform.update(&db.id, |db| {
-        // Only if the primary is still the one reconfigured.
-        if db.primary().is_some_and(|p| p.name == primary.name) {
-            db.synchronous = synchronous;
-        }
-        Ok::<_, StoreError>(())
-    });
-    if let Err(e) = recorded {
-        return error!(database = %db.id, error = %e, "cannot record replication mode");
-    }
-    platform.metrics.replication_mode(synchronous);
-    match wanted {
-        Some(standby) => platform.event(
-            &db.id,
-            "replication_synchronous",
-            format!("standby {standby} caught up: commits are synchronous again"),
-        ),
-        None => platform.event(
-            &db.id,
-            "replication_degraded",
-            "standby not streaming: commits are asynchronous until it is back",
-        ),
     }
 }
 
-/// A standby streaming at most this far behind is made synchronous (then awaited).
+/// A standby streaming at most this far behind is made synchronous.
 const CATCH_UP_BYTES: u64 = 1 << 20;
-/// How long a standby being made synchronous may take to flush what the primary wrote.
-const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
-/// Waits until `standby` flushed everything `primary` had written when this was called.
-async fn flushed_everything(
+/// Rewrites the primary's `synchronous_standby_names` and reloads it. False on failure (logged).
+async fn set_synchronous_standby(
     platform: &Platform,
+    db: &DatabaseRecord,
     primary: &NodeRecord,
-    standby: &str,
-) -> Result<(), SqlError> {
-    let session = platform.session(&platform.node_spec(primary), "postgres").await?;
-    let lsn: String = session.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
-    let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
-    loop {
-        let row = session
-            .query_opt(
-                "SELECT flush_lsn >= $2::text::pg_lsn FROM pg_stat_replication WHERE application_name = $1",
-                &[&standby, &lsn],
-            )
-            .await?;
-        if row.is_some_and(|r| r.get::<_, Option<bool>>(0) == Some(true)) {
-            return Ok(());
+    standby: Option<&str>,
+) -> bool {
+    let config = match platform.node_config(db, primary, standby) {
+        Ok(config) => config,
+        Err(e) => {
+            error!(database = %db.id, error = %e, "cannot change replication mode");
+            return false;
         }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(SqlError::Timeout { node: standby.to_owned(), after: CATCH_UP_WAIT });
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (driver, spec) = (platform.driver.clone(), platform.node_spec(primary));
+    let reloaded = blocking(move || {
+        driver.configure(&spec, &config)?;
+        driver.reload(&spec)
+    })
+    .await;
+    if let Err(e) = &reloaded {
+        error!(database = %db.id, error = %e, "cannot change replication mode");
     }
+    reloaded.is_ok()
+}
+
+/// Records whether commits are synchronous (if `primary` is still the primary). The event of a
+/// degrade is recorded here; the caller records the way back, naming the standby.
+fn record(
+    platform: &Platform,
+    db: &DatabaseRecord,
+    primary: &NodeRecord,
+    synchronous: bool,
+) -> bool {
+    let recorded = platform.update(&db.id, |db| {
+        let same = db.primary().is_some_and(|p| p.name == primary.name);
+        if same {
+            db.synchronous = synchronous;
+        }
+        Ok::<_, StoreError>(same)
+    });
+    match recorded {
+        Ok(Some((true, _))) => {}
+        Ok(_) => return false,
+        Err(e) => {
+            error!(database = %db.id, error = %e, "cannot record replication mode");
+            return false;
+        }
+    }
+    platform.metrics.replication_mode(synchronous);
+    if !synchronous {
+        platform.event(
+            &db.id,
+            "replication_degraded",
+            "standby not streaming: commits are asynchronous until it is back",
+        );
+    }
+    true
 }
 
 /// Starts standbys whose processes are gone (crashed or killed); they catch up by streaming.
