@@ -180,6 +180,13 @@ pub struct ServeArgs {
     /// Where clients reach the proxies (host:port in every DATABASE_URL).
     #[arg(long, default_value = "127.0.0.1:6432")]
     pub client_addr: String,
+    #[command(flatten)]
+    pub nodes: NodeArgs,
+}
+
+/// Where nodes run and how they are watched: the options `serve` and `up` share.
+#[derive(clap::Args, Clone)]
+pub struct NodeArgs {
     /// First port tried for nodes.
     #[arg(long, default_value_t = 15432)]
     pub first_node_port: u16,
@@ -222,15 +229,8 @@ pub struct UpArgs {
     /// Admin addresses of the two proxies.
     #[arg(long, num_args = 2, default_values = ["127.0.0.1:9181", "127.0.0.1:9182"])]
     pub proxy_admin: Vec<SocketAddr>,
-    #[arg(long, default_value_t = 15432)]
-    pub first_node_port: u16,
-    #[arg(long, default_value = "postgres")]
-    pub node_user: String,
-    /// More PostgreSQL builds, one per subdirectory (`<dir>/<name>/bin`), beside Debian's.
-    #[arg(long)]
-    pub engines_dir: Option<PathBuf>,
     #[command(flatten)]
-    pub health: HealthArgs,
+    pub nodes: NodeArgs,
 }
 
 /// Runs a client command (`serve` and `up` are not: the binary gives them to `server`).

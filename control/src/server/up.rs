@@ -13,7 +13,7 @@ use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{split_host_port, Client, HealthArgs, ServeArgs, UpArgs};
+use crate::cli::{split_host_port, Client, HealthArgs, NodeArgs, ServeArgs, UpArgs};
 use crate::httpc::Timeouts;
 use crate::server::{read_secret_file, NodeOptions};
 use crate::{HealthConfig, PlatformConfig};
@@ -38,9 +38,7 @@ fn platform_config(
     (client_host, client_port): (String, u16),
     proxies: Vec<String>,
     proxy_token: String,
-    first_node_port: u16,
-    health: &HealthArgs,
-    engines_dir: Option<PathBuf>,
+    nodes: &NodeArgs,
 ) -> PlatformConfig {
     PlatformConfig {
         data_dir: data_dir.to_owned(),
@@ -49,11 +47,11 @@ fn platform_config(
         proxies,
         proxy_token,
         node_host: "127.0.0.1".into(),
-        first_node_port,
+        first_node_port: nodes.first_node_port,
         extra_settings: Vec::new(),
-        health: health_config(health),
+        health: health_config(&nodes.health),
         backup_tick: Duration::from_secs(30),
-        engines_dir,
+        engines_dir: nodes.engines_dir.clone(),
     }
 }
 
@@ -87,19 +85,12 @@ pub async fn serve_command(data_dir: &Path, args: ServeArgs) -> anyhow::Result<(
     };
     let (client_host, client_port) = split_host_port(&args.client_addr)?;
     let proxies = args.proxy_admins.clone();
-    let config = platform_config(
-        data_dir,
-        (client_host, client_port),
-        proxies,
-        proxy_token,
-        args.first_node_port,
-        &args.health,
-        args.engines_dir.clone(),
-    );
+    let config =
+        platform_config(data_dir, (client_host, client_port), proxies, proxy_token, &args.nodes);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let nodes = NodeOptions { user: args.node_user, ..NodeOptions::default() };
+    let nodes = NodeOptions { user: args.nodes.node_user, ..NodeOptions::default() };
     crate::serve(listener, config, nodes, on_signals()?).await
 }
 
@@ -128,20 +119,15 @@ pub async fn up(data_dir: &Path, args: UpArgs) -> anyhow::Result<()> {
 
     let client = (args.client_listen.ip().to_string(), args.client_listen.port());
     let admins = args.proxy_admin.iter().map(|a| a.to_string()).collect();
-    let config = platform_config(
-        &data_dir,
-        client,
-        admins,
-        proxy_token,
-        args.first_node_port,
-        &args.health,
-        args.engines_dir.clone(),
-    );
+    let config = platform_config(&data_dir, client, admins, proxy_token, &args.nodes);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let nodes =
-        NodeOptions { user: args.node_user.clone(), stop_on_exit: true, ..NodeOptions::default() };
+    let nodes = NodeOptions {
+        user: args.nodes.node_user.clone(),
+        stop_on_exit: true,
+        ..NodeOptions::default()
+    };
     let server = tokio::spawn(crate::serve(listener, config, nodes, shutdown.clone()));
 
     let provisioned = tokio::select! {
