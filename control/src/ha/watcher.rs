@@ -180,22 +180,23 @@ pub(crate) async fn check_primary(
     let timeouts = Timeouts::within(platform.config.health.timeout);
     let spec = platform.node_spec(primary);
     let session = platform.session_within(&spec, "postgres", timeouts).await?;
-    let written: i64 = session
-        .query_one("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8", &[])
-        .await?
-        .get(0);
+    // One round trip: the primary's position, and each streaming standby's (none: one row of
+    // NULLs).
     let rows = session
         .query(
-            "SELECT application_name, coalesce(pg_wal_lsn_diff(flush_lsn, '0/0'), 0)::int8 \
-             FROM pg_stat_replication WHERE state = 'streaming'",
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8, r.application_name, \
+             coalesce(pg_wal_lsn_diff(r.flush_lsn, '0/0'), 0)::int8 \
+             FROM (SELECT 1) AS one LEFT JOIN pg_stat_replication AS r ON r.state = 'streaming'",
             &[],
         )
         .await?;
+    let written: i64 = rows.first().map_or(0, |r| r.get(0));
     let standbys = rows
         .iter()
-        .map(|r| {
-            let flushed: i64 = r.get(1);
-            StandbyState { name: r.get(0), lag: (written - flushed).max(0) as u64, flushed }
+        .filter_map(|r| {
+            let name: String = r.get::<_, Option<String>>(1)?;
+            let flushed: i64 = r.get(2);
+            Some(StandbyState { name, lag: (written - flushed).max(0) as u64, flushed })
         })
         .collect();
     Ok(PrimaryState { written, standbys })
