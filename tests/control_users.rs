@@ -155,3 +155,29 @@ async fn force_tls_refuses_plaintext_and_accepts_tls() {
         .await;
     assert_eq!(r.status, 400);
 }
+
+/// A role left on the node by a create whose grants never finished (the node stopped
+/// answering) is taken over by the next create of that name: new password, grants, recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_left_on_the_node_by_an_unfinished_create_is_taken_over() {
+    let control = TestControl::start().await;
+    let db = control.create_database("half", "postgresql-sandbox").await;
+    let id = db["id"].as_str().unwrap().to_owned();
+    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    let node = db["nodes"][0]["name"].as_str().unwrap();
+    let socket = control.node_data_dir(node).parent().unwrap().display().to_string();
+    let superuser =
+        format!("host='{socket}' port={} user=postgres dbname=postgres", db["nodes"][0]["port"]);
+    let out = psql(&superuser, None, "CREATE ROLE stranded LOGIN PASSWORD 'old-password-123'");
+    assert!(out.success, "{}", out.stderr);
+
+    let r = control
+        .request("POST", &format!("/v1/databases/{id}/users"), Some(json!({"name": "stranded"})))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let url = r.json()["database_url"].as_str().unwrap().to_owned();
+    let out = psql(&url, None, "CREATE TABLE mine(x int); SELECT current_user");
+    assert!(out.success, "the new password works and the grants are there: {}", out.stderr);
+    let users = control.request("GET", &format!("/v1/databases/{id}/users"), None).await.json();
+    assert!(users.as_array().unwrap().iter().any(|u| u["name"] == "stranded"), "{users}");
+}

@@ -103,7 +103,11 @@ fn engine_for(
     let engines = &platform.engines;
     let default = engines.default_engine();
     let engine = match version {
-        None => return Ok(None),
+        // The build `GET /v1/engines` says is the default (none found: the driver's own).
+        None => match default {
+            Some(engine) if engines.toolset(engine.major).is_some() => engine,
+            _ => return Ok(None),
+        },
         Some(v) => engines.find(v).ok_or_else(|| {
             ApiError::unprocessable(
                 "unknown_version",

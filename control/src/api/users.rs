@@ -79,10 +79,13 @@ pub async fn create(
     let password = secrets::generate_password();
     let admin = primary_session(platform, &db, &db.name).await?;
     match roles::create_role(&admin, &request.name, &password, "").await {
+        // The role is on the node but not in the record: an earlier create whose grants did not
+        // finish (the node stopped answering). Only pgwarden creates roles, so it is taken over
+        // with the new password, and the grants run again.
         Err(SqlError::Query { source, .. })
             if source.code().is_some_and(|c| c.code() == DUPLICATE_OBJECT) =>
         {
-            return Err(duplicate(&request.name));
+            roles::set_password(&admin, &request.name, &password).await?;
         }
         other => other?,
     }

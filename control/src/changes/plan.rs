@@ -392,12 +392,8 @@ async fn remove_standbys(
     })
     .await?;
     platform.event(id, "replication_asynchronous", "commits no longer wait for a standby");
-    let names: Vec<String> = standbys.iter().map(|s| s.name.clone()).collect();
-    platform.update(id, |db| {
-        db.nodes.retain(|n| !names.contains(&n.name));
-        Ok::<_, StoreError>(())
-    })?;
-    platform.publish_routes()?;
+    // Each standby leaves the record only once it and its slot are gone: a failure leaves it
+    // recorded (and destroyed with the database), never running unknown to the control plane.
     let admin = platform.session(&platform.node_spec(primary), "postgres").await?;
     for standby in standbys {
         let (driver, spec) = (platform.driver.clone(), platform.node_spec(standby));
@@ -408,7 +404,12 @@ async fn remove_standbys(
                 &[&slot_name(&standby.name)],
             )
             .await?;
+        platform.update(id, |db| {
+            db.nodes.retain(|n| n.name != standby.name);
+            Ok::<_, StoreError>(())
+        })?;
         platform.event(id, "node_removed", format!("standby {} removed", standby.name));
     }
+    platform.publish_routes()?;
     Ok(())
 }
