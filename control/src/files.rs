@@ -25,11 +25,21 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
 }
 
-/// Writes `contents` into a new or truncated 0600 file.
+/// Writes `contents` into a 0600 file at `path`, atomically: a reader sees the old file or the
+/// whole new one, never an empty or partial one (a token read while it is being written).
 pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let mut file = create_private(path)?;
-    file.write_all(contents)?;
-    file.sync_all()
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let written = (|| {
+        let mut file = create_private(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Opens `path` for writing (created or truncated) with mode 0600 from its creation on.
@@ -58,4 +68,22 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         ctx.update(&buf[..n]);
     }
     Ok(ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_files_are_written_whole_and_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        write_private(&path, b"first").unwrap();
+        write_private(&path, b"second").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"second");
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let names: Vec<_> =
+            fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names, ["token"], "no temporary file left");
+    }
 }
