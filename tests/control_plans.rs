@@ -172,6 +172,23 @@ async fn a_business_database_changes_plan_up_then_down_without_failed_connection
     assert!(lost.is_empty(), "{} acknowledged inserts lost: {lost:?}", lost.len());
 }
 
+/// A plan change that starts right after provisioning, before the control plane's supervisor
+/// passed over the new database: the old primary still rejoins after the switchover (CI saw it
+/// wait 120 s for a watcher that was never started for a database already `updating`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_change_at_once_after_provisioning_still_brings_the_old_primary_back() {
+    let control = TestControl::start().await;
+    let db = control.create_database("eager", "postgresql-business-512").await;
+    let id = db["id"].as_str().unwrap();
+    let started = Instant::now();
+    let op = change(&control, id, "postgresql-business-1024").await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    println!("plan change right after provisioning took {:?}", started.elapsed());
+    let db = control.wait_synchronous(id, "both nodes back, synchronous").await;
+    let settings = settings_of_every_node(&control, &db);
+    assert!(settings.iter().all(|(b, c)| b == "256MB" && c == "80"), "{settings:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starter_to_business_adds_a_synchronous_standby_and_back_removes_it() {
     let control = TestControl::start().await;

@@ -21,9 +21,12 @@ pub async fn supervise(platform: Arc<Platform>, shutdown: CancellationToken) {
     let watched: Arc<Mutex<HashSet<String>>> = Arc::default();
     loop {
         for db in platform.store.databases().unwrap_or_default() {
+            // Also a database already `updating` again: a plan change started between two
+            // passes relies on the watcher to rejoin the old primary after its switchover.
             let replicated = db.nodes.len() > 1;
+            let alive = !matches!(db.status, DatabaseStatus::Deleting | DatabaseStatus::Failed);
             if replicated
-                && db.status == DatabaseStatus::Running
+                && alive
                 && watched.lock().unwrap_or_else(|e| e.into_inner()).insert(db.id.clone())
             {
                 let (platform, watched, shutdown) =
