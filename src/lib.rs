@@ -27,7 +27,7 @@ pub use node::{
     free_port, node_data_dirs, postmaster_pid, stop_immediately, NodeOptions, PgNode, TEST_PASSWORD,
 };
 pub use proxy::{TestCerts, TestProxy};
-pub use tls::tls_connect;
+pub use tls::{connect_with_binding, tls_connect};
 
 /// Path of a workspace binary (`pgwarden`, `pgwarden-proxy`) built next to the running test.
 /// Cargo builds them for the `control/` and `proxy/` crates' own CLI tests.

@@ -125,6 +125,7 @@ impl TestProxy {
                         primary: primary.to_string(),
                         replicas: vec![],
                         hold: false,
+                        users: None,
                     };
                     (db.to_string(), route)
                 })

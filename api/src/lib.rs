@@ -42,6 +42,31 @@ pub struct DatabaseRoute {
     /// during a planned switchover. Established sessions are not affected.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hold: bool,
+    /// The users that may log in, with their SCRAM verifiers. When present, the proxy
+    /// authenticates clients itself (a user not listed is refused); when absent, the node does
+    /// (the exchange is relayed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<Verifiers>,
+}
+
+/// SCRAM verifiers by user name, as `pg_authid.rolpassword` holds them
+/// (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`). Not passwords, but what an
+/// offline guess of one starts from: `Debug` names the users only.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Verifiers(pub BTreeMap<String, String>);
+
+impl Verifiers {
+    /// The same users with every verifier replaced, for showing a table.
+    pub fn hidden(&self) -> Self {
+        Self(self.0.keys().map(|u| (u.clone(), "(hidden)".to_owned())).collect())
+    }
+}
+
+impl std::fmt::Debug for Verifiers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// A proxy's role in its active/standby pair.

@@ -67,7 +67,12 @@ async fn get_routes(
     headers: HeaderMap,
 ) -> Result<Json<RoutingTable>, AdminError> {
     authorize(&shared, &headers)?;
-    Ok(Json(shared.routes.load().table.clone()))
+    // Verifiers never leave the proxy: the users are listed, their verifiers hidden.
+    let mut table = shared.routes.load().table.clone();
+    for route in table.databases.values_mut() {
+        route.users = route.users.as_ref().map(|users| users.hidden());
+    }
+    Ok(Json(table))
 }
 
 async fn put_routes(

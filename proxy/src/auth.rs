@@ -1,6 +1,13 @@
-//! The authentication exchange, relayed between client and node message by message until the
-//! node says `ReadyForQuery`. The only message changed on the way is `BackendKeyData`: the client
-//! gets the proxy's key, registered in the cancel map against the node's real one.
+//! Authentication, in one of two ways chosen by the route:
+//!
+//! - the proxy authenticates the client itself ([`authenticate_client`], SCRAM-SHA-256, and
+//!   SCRAM-SHA-256-PLUS over TLS) against the user's verifier, then logs in to the node as the
+//!   same user with the ClientKey the client's proof revealed ([`Login`]);
+//! - or the exchange is relayed between client and node message by message.
+//!
+//! Either way the node's messages up to `ReadyForQuery` reach the client; the only one changed
+//! on the way is `BackendKeyData`, whose secret is the proxy's (registered in the cancel map
+//! against the node's real key).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::cancel::{CancelGuard, CancelKey, CancelMap, CancelTarget};
-use crate::protocol::{self, tag};
+use crate::protocol::{self, auth_code, tag};
+use crate::routes::Credential;
+use crate::scram::{self, Binding, ClientExchange, ClientKey, Keys, ScramError, ServerExchange};
 use crate::stream::ClientStream;
 
 /// PostgreSQL's own bound on an authentication token (`PG_MAX_AUTH_TOKEN_LENGTH`).
@@ -35,6 +44,93 @@ pub enum AuthError {
     NodeTimeout,
     #[error("the client did not answer in time")]
     ClientTimeout,
+    /// Wrong password, or a user the proxy does not know (the client cannot tell which).
+    #[error("password authentication failed for user {0:?}")]
+    BadPassword(String),
+    #[error("user {0:?} has a password the proxy cannot check (not a SCRAM verifier)")]
+    NotScram(String),
+    #[error("client's SCRAM exchange failed: {0}")]
+    ClientScram(ScramError),
+    #[error("logging in to the node failed: {0}")]
+    NodeScram(ScramError),
+    #[error("the node asked for authentication code {0}, but the proxy logs in with SCRAM only")]
+    NodeMethod(i32),
+}
+
+/// What the proxy logs in to the node with: the user's verifier and the ClientKey the client
+/// proved it has.
+pub struct Login {
+    keys: Keys,
+    client_key: ClientKey,
+}
+
+/// Runs the client's SCRAM exchange for `user` (`None`: a user the route does not list, which
+/// fails the same way as a wrong password, after the same exchange). `end_point` is the
+/// `tls-server-end-point` hash of the proxy's certificate when the client came over TLS: then
+/// `SCRAM-SHA-256-PLUS` is offered first. On success the client has had `AuthenticationSASLFinal`;
+/// `AuthenticationOk` comes from the node.
+pub async fn authenticate_client(
+    client: &mut ClientStream,
+    user: &str,
+    credential: Option<&Credential>,
+    decoy_secret: &[u8; 32],
+    end_point: Option<&[u8]>,
+    limit: std::time::Duration,
+) -> Result<Login, AuthError> {
+    let keys = match credential {
+        Some(Credential::Scram(keys)) => Some(keys.clone()),
+        Some(Credential::Unsupported) => return Err(AuthError::NotScram(user.to_owned())),
+        None => None,
+    };
+    let known = keys.is_some();
+    let keys = keys.unwrap_or_else(|| Keys::decoy(user, decoy_secret));
+    let (offer, binding) = match end_point {
+        Some(hash) => (
+            protocol::authentication_sasl(&[scram::MECHANISM_PLUS, scram::MECHANISM]),
+            Binding::Tls(hash),
+        ),
+        None => (protocol::authentication_sasl(&[scram::MECHANISM]), Binding::None),
+    };
+    send_within(client, &offer, limit).await?;
+    let initial = read_client_within(client, limit).await?;
+    let (mechanism, client_first) =
+        protocol::parse_sasl_initial_response(&initial[5..]).ok_or(AuthError::ClientProtocol)?;
+    let exchange = ServerExchange::start(mechanism, client_first, &keys, binding, &scram::nonce())
+        .map_err(AuthError::ClientScram)?;
+    let server_first = exchange.server_first().as_bytes();
+    send_within(client, &protocol::authentication(auth_code::SASL_CONTINUE, server_first), limit)
+        .await?;
+    let response = read_client_within(client, limit).await?;
+    match exchange.finish(&response[5..], &keys) {
+        Ok((client_key, server_final)) if known => {
+            let last = protocol::authentication(auth_code::SASL_FINAL, server_final.as_bytes());
+            send_within(client, &last, limit).await?;
+            Ok(Login { keys, client_key })
+        }
+        Ok(_) | Err(ScramError::BadProof) => Err(AuthError::BadPassword(user.to_owned())),
+        Err(e) => Err(AuthError::ClientScram(e)),
+    }
+}
+
+/// A client message that must come within `limit`; only `p` (SASL) messages are expected.
+async fn read_client_within(
+    client: &mut ClientStream,
+    limit: std::time::Duration,
+) -> Result<BytesMut, AuthError> {
+    let message = tokio::time::timeout(limit, read_client_message(client))
+        .await
+        .map_err(|_| AuthError::ClientTimeout)??;
+    if message[0] != b'p' {
+        return Err(AuthError::ClientProtocol);
+    }
+    Ok(message)
+}
+
+/// The node's side of a SCRAM login in progress.
+enum NodeExchange {
+    None,
+    Started(ClientExchange),
+    Sent { expected: String },
 }
 
 /// How long each side has for each of its steps.
@@ -59,6 +155,7 @@ pub async fn relay(
     node: &mut TcpStream,
     node_addr: SocketAddr,
     startup_packet: &[u8],
+    login: Option<&Login>,
     cancels: &Arc<CancelMap>,
     deadlines: Deadlines,
 ) -> Result<Authenticated, AuthError> {
@@ -69,6 +166,7 @@ pub async fn relay(
     let mut inbuf = BytesMut::with_capacity(2048);
     let mut out = BytesMut::with_capacity(1024);
     let mut cancel = None;
+    let mut exchange = NodeExchange::None;
     loop {
         let (msg_tag, len) =
             tokio::time::timeout(deadlines.node, next_node_message(node, &mut inbuf))
@@ -96,6 +194,20 @@ pub async fn relay(
                 send_within(client, &out, deadlines.client).await?;
                 return Err(AuthError::Refused);
             }
+            tag::AUTHENTICATION if len >= 9 && login.is_some() => {
+                let code = i32::from_be_bytes(message[5..9].try_into().expect("9 bytes"));
+                let login = login.expect("checked");
+                let answer = log_in(code, &message[9..], login, &mut exchange)?;
+                if code == auth_code::OK {
+                    out.extend_from_slice(&message);
+                }
+                if let Some(answer) = answer {
+                    tokio::time::timeout(deadlines.node, node.write_all(&answer))
+                        .await
+                        .map_err(|_| AuthError::NodeTimeout)?
+                        .map_err(AuthError::Node)?;
+                }
+            }
             tag::AUTHENTICATION if len >= 9 => {
                 out.extend_from_slice(&message);
                 let code = i32::from_be_bytes(message[5..9].try_into().expect("9 bytes"));
@@ -115,6 +227,43 @@ pub async fn relay(
             tag::AUTHENTICATION | tag::BACKEND_KEY_DATA => return Err(AuthError::NodeProtocol),
             _ => out.extend_from_slice(&message),
         }
+    }
+}
+
+/// The proxy's answer to the node's authentication message `code` (with `data`), if one is due.
+fn log_in(
+    code: i32,
+    data: &[u8],
+    login: &Login,
+    exchange: &mut NodeExchange,
+) -> Result<Option<BytesMut>, AuthError> {
+    match (code, std::mem::replace(exchange, NodeExchange::None)) {
+        (auth_code::OK, NodeExchange::None) => Ok(None),
+        (auth_code::SASL, NodeExchange::None) => {
+            let offered = protocol::sasl_mechanisms(data);
+            if !offered.contains(&scram::MECHANISM.as_bytes()) {
+                return Err(AuthError::NodeScram(ScramError::Mechanism));
+            }
+            let client = ClientExchange::start(Binding::None, scram::nonce());
+            let first = protocol::sasl_initial_response(
+                client.mechanism(),
+                client.client_first().as_bytes(),
+            );
+            *exchange = NodeExchange::Started(client);
+            Ok(Some(first))
+        }
+        (auth_code::SASL_CONTINUE, NodeExchange::Started(client)) => {
+            let (last, expected) = client
+                .finish(data, &login.keys, &login.client_key)
+                .map_err(AuthError::NodeScram)?;
+            *exchange = NodeExchange::Sent { expected };
+            Ok(Some(protocol::sasl_response(last.as_bytes())))
+        }
+        (auth_code::SASL_FINAL, NodeExchange::Sent { expected }) => {
+            scram::check_server_final(data, &expected).map_err(AuthError::NodeScram)?;
+            Ok(None)
+        }
+        (code, _) => Err(AuthError::NodeMethod(code)),
     }
 }
 

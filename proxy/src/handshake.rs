@@ -1,6 +1,8 @@
 //! The client's side of connection start: SSL/GSS negotiation, then a startup packet or a
 //! cancel request. Returns a typed phase; nothing here talks to a node.
 
+use std::sync::Arc;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -24,6 +26,8 @@ pub struct Startup {
     pub params: StartupParams,
     /// The whole packet, length included, relayed to the node unchanged.
     pub packet: Vec<u8>,
+    /// Over TLS: the `tls-server-end-point` data of the certificate the client saw.
+    pub end_point: Option<Arc<[u8]>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +48,12 @@ pub async fn accept(
     max_packet: usize,
     metrics: &Metrics,
 ) -> Result<Handshake, HandshakeError> {
+    let mut end_point = None;
     let mut stream = match direct_tls(tcp, tls, metrics).await? {
-        Ok(tls) => ClientStream::Tls(Box::new(tls)),
+        Ok((tls, hash)) => {
+            end_point = Some(hash);
+            ClientStream::Tls(Box::new(tls))
+        }
         Err(tcp) => ClientStream::Plain(tcp),
     };
     let mut gss_refused = false;
@@ -65,9 +73,10 @@ pub async fn accept(
                 tcp.write_all(b"S").await?;
                 // Nothing was read past the SSLRequest, so no plaintext can leak into the TLS
                 // session: bytes the client sent early are fed to the TLS handshake and fail it.
-                match acceptor.accept(tcp).await {
+                match acceptor.acceptor.accept(tcp).await {
                     Ok(tls) => {
                         metrics.tls_handshake(true);
+                        end_point = Some(acceptor.end_point.clone());
                         stream = ClientStream::Tls(Box::new(tls));
                     }
                     Err(e) => {
@@ -90,7 +99,9 @@ pub async fn accept(
             }
             code if code >> 16 == protocol::PROTOCOL_MAJOR_3 => {
                 return match protocol::parse_startup_params(&packet[8..]) {
-                    Ok(params) => Ok(Handshake::Startup(Startup { stream, params, packet })),
+                    Ok(params) => {
+                        Ok(Handshake::Startup(Startup { stream, params, packet, end_point }))
+                    }
                     Err(e) => reject(stream, &e.to_string()).await,
                 };
             }
@@ -116,14 +127,14 @@ async fn direct_tls(
     tcp: TcpStream,
     tls: &TlsStore,
     metrics: &Metrics,
-) -> Result<Result<tokio_rustls::server::TlsStream<TcpStream>, TcpStream>, HandshakeError> {
+) -> Result<Result<(TlsStream, Arc<[u8]>), TcpStream>, HandshakeError> {
     let mut first = [0u8; 1];
     let opens_with_tls = tcp.peek(&mut first).await? == 1 && first[0] == TLS_HANDSHAKE;
     let acceptor = match tls.acceptor() {
         Some(acceptor) if opens_with_tls => acceptor,
         _ => return Ok(Err(tcp)),
     };
-    let mut stream = match acceptor.accept(tcp).await {
+    let mut stream = match acceptor.acceptor.accept(tcp).await {
         Ok(stream) => stream,
         Err(e) => {
             metrics.tls_handshake(false);
@@ -137,8 +148,10 @@ async fn direct_tls(
         let _ = stream.shutdown().await;
         return Err(HandshakeError::Protocol(message.into()));
     }
-    Ok(Ok(stream))
+    Ok(Ok((stream, acceptor.end_point.clone())))
 }
+
+type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
 
 /// Reads one length-prefixed packet, checking the length before allocating.
 async fn read_packet(stream: &mut ClientStream, max: usize) -> Result<Vec<u8>, HandshakeError> {

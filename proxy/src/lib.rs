@@ -28,6 +28,7 @@ pub mod open_files;
 mod passthrough;
 mod protocol;
 mod routes;
+mod scram;
 mod server;
 mod session;
 mod stream;
@@ -57,6 +58,8 @@ pub(crate) struct Shared {
     metrics: Metrics,
     role: ha::Role,
     admin_token: String,
+    /// Keys decoy SCRAM exchanges for unknown users (random per process).
+    decoy_secret: [u8; 32],
     /// Set when the proxy stops accepting clients.
     draining: CancellationToken,
     /// Set when remaining sessions must end now.

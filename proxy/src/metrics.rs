@@ -19,10 +19,12 @@ pub enum Rejection {
     ClientGone,
     HoldTimeout,
     NodeTimeout,
+    BadPassword,
+    NodeLogin,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 11] = [
+    const ALL: [Rejection; 13] = [
         Self::TooManyClients,
         Self::HandshakeTimeout,
         Self::Malformed,
@@ -34,6 +36,8 @@ impl Rejection {
         Self::ClientGone,
         Self::HoldTimeout,
         Self::NodeTimeout,
+        Self::BadPassword,
+        Self::NodeLogin,
     ];
 
     fn label(self) -> &'static str {
@@ -48,6 +52,8 @@ impl Rejection {
             Self::ShuttingDown => "shutting_down",
             Self::ClientGone => "client_gone",
             Self::HoldTimeout => "hold_timeout",
+            Self::BadPassword => "bad_password",
+            Self::NodeLogin => "node_login_failed",
             Self::NodeTimeout => "node_timeout",
         }
     }

@@ -30,6 +30,8 @@ pub enum SqlState {
     UnknownDatabase,
     /// 53300 too_many_connections
     TooManyConnections,
+    /// 28P01 invalid_password
+    InvalidPassword,
     /// 57P01 admin_shutdown
     AdminShutdown,
     /// 57P03 cannot_connect_now
@@ -41,6 +43,7 @@ impl SqlState {
         match self {
             Self::ProtocolViolation => "08P01",
             Self::InvalidAuthorization => "28000",
+            Self::InvalidPassword => "28P01",
             Self::UnknownDatabase => "3D000",
             Self::TooManyConnections => "53300",
             Self::AdminShutdown => "57P01",
@@ -74,6 +77,72 @@ pub fn backend_key_data(pid: i32, secret: i32) -> [u8; 13] {
     m[5..9].copy_from_slice(&pid.to_be_bytes());
     m[9..13].copy_from_slice(&secret.to_be_bytes());
     m
+}
+
+/// Authentication request codes.
+pub mod auth_code {
+    pub const OK: i32 = 0;
+    pub const SASL: i32 = 10;
+    pub const SASL_CONTINUE: i32 = 11;
+    pub const SASL_FINAL: i32 = 12;
+}
+
+/// An `Authentication*` message with `code` and `data` after it.
+pub fn authentication(code: i32, data: &[u8]) -> BytesMut {
+    let mut msg = BytesMut::with_capacity(9 + data.len());
+    msg.put_u8(tag::AUTHENTICATION);
+    msg.put_i32((8 + data.len()) as i32);
+    msg.put_i32(code);
+    msg.put_slice(data);
+    msg
+}
+
+/// `AuthenticationSASL` offering `mechanisms`.
+pub fn authentication_sasl(mechanisms: &[&str]) -> BytesMut {
+    let mut list = Vec::new();
+    for m in mechanisms {
+        list.extend_from_slice(m.as_bytes());
+        list.push(0);
+    }
+    list.push(0);
+    authentication(auth_code::SASL, &list)
+}
+
+/// The mechanisms an `AuthenticationSASL` body (after the code) lists.
+pub fn sasl_mechanisms(body: &[u8]) -> Vec<&[u8]> {
+    body.split(|b| *b == 0).take_while(|m| !m.is_empty()).collect()
+}
+
+/// A `SASLInitialResponse` (`p`): mechanism, then the client's first message.
+pub fn sasl_initial_response(mechanism: &str, data: &[u8]) -> BytesMut {
+    let mut msg = BytesMut::with_capacity(10 + mechanism.len() + data.len());
+    msg.put_u8(b'p');
+    msg.put_i32((4 + mechanism.len() + 1 + 4 + data.len()) as i32);
+    msg.put_slice(mechanism.as_bytes());
+    msg.put_u8(0);
+    msg.put_i32(data.len() as i32);
+    msg.put_slice(data);
+    msg
+}
+
+/// A `SASLResponse` (`p`) carrying `data`.
+pub fn sasl_response(data: &[u8]) -> BytesMut {
+    let mut msg = BytesMut::with_capacity(5 + data.len());
+    msg.put_u8(b'p');
+    msg.put_i32((4 + data.len()) as i32);
+    msg.put_slice(data);
+    msg
+}
+
+/// The mechanism and data of a `SASLInitialResponse` body (after tag and length).
+pub fn parse_sasl_initial_response(body: &[u8]) -> Option<(&str, &[u8])> {
+    let end = body.iter().position(|b| *b == 0)?;
+    let mechanism = std::str::from_utf8(&body[..end]).ok()?;
+    let rest = &body[end + 1..];
+    let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+    let data = &rest[4..];
+    // -1: no initial response, which SCRAM does not allow.
+    (usize::try_from(len).ok()? == data.len()).then_some((mechanism, data))
 }
 
 /// A `CancelRequest` packet.
@@ -152,6 +221,26 @@ mod tests {
         assert_eq!(parse_startup_params(b"user\0\0"), Err(StartupParseError::Layout));
         assert_eq!(parse_startup_params(b"\0"), Err(StartupParseError::NoUser));
         assert_eq!(parse_startup_params(b"user\0\xff\0\0"), Err(StartupParseError::Encoding));
+    }
+
+    #[test]
+    fn sasl_messages_round_trip_and_bad_lengths_are_refused() {
+        let m = sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=x");
+        assert_eq!(i32::from_be_bytes(m[1..5].try_into().unwrap()) as usize + 1, m.len());
+        assert_eq!(
+            parse_sasl_initial_response(&m[5..]),
+            Some(("SCRAM-SHA-256", &b"n,,n=,r=x"[..]))
+        );
+        for bad in [&b""[..], b"SCRAM", b"SCRAM\0\0\0", b"S\0\xff\xff\xff\xff", b"S\0\0\0\0\x05ab"]
+        {
+            assert_eq!(parse_sasl_initial_response(bad), None, "{bad:?}");
+        }
+        let offer = authentication_sasl(&["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
+        assert_eq!(
+            sasl_mechanisms(&offer[9..]),
+            [&b"SCRAM-SHA-256-PLUS"[..], &b"SCRAM-SHA-256"[..]]
+        );
+        assert!(sasl_mechanisms(b"").is_empty());
     }
 
     #[test]

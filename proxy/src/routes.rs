@@ -9,8 +9,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use pgwarden_api::RoutingTable;
+use pgwarden_api::{RoutingTable, Verifiers};
 use tokio_util::sync::CancellationToken;
+
+use crate::scram::Keys;
 
 /// Why a routing table was refused. The current table is unchanged in every case.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,37 @@ pub struct Route {
     pub hold: bool,
     /// Cancelled when this primary stops being the database's primary.
     pub moved: CancellationToken,
+    /// Who may log in, when the proxy authenticates clients itself (else the node does).
+    pub users: Option<HashMap<String, Credential>>,
+}
+
+/// What the proxy knows of one user's password.
+pub enum Credential {
+    Scram(Keys),
+    /// Something the proxy cannot check a SCRAM exchange against (an MD5 hash).
+    Unsupported,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Scram(_) => "Scram(..)",
+            Self::Unsupported => "Unsupported",
+        })
+    }
+}
+
+/// The credentials of a table entry's users.
+fn credentials(users: &Verifiers) -> HashMap<String, Credential> {
+    users
+        .0
+        .iter()
+        .map(|(user, verifier)| {
+            let credential =
+                Keys::parse(verifier).map_or(Credential::Unsupported, Credential::Scram);
+            (user.clone(), credential)
+        })
+        .collect()
 }
 
 /// An immutable routing table as sessions see it.
@@ -146,6 +179,7 @@ impl RouteStore {
                 force_tls: entry.force_tls,
                 hold: entry.hold,
                 moved,
+                users: entry.users.as_ref().map(credentials),
             };
             routes.insert(name.clone(), Arc::new(route));
         }
@@ -210,6 +244,7 @@ mod tests {
                     primary: p.to_string(),
                     replicas: vec![],
                     hold: false,
+                    users: None,
                 };
                 (n.to_string(), route)
             })

@@ -95,6 +95,7 @@ pub async fn run_on(
     }
     let shared = Arc::new(Shared {
         admin_token: config.resolve_admin_token()?,
+        decoy_secret: rand::random(),
         limits,
         routes: RouteStore::default(),
         tls: TlsStore::load(config.tls.clone()).context("cannot load TLS certificate")?,

@@ -102,7 +102,7 @@ async fn forward_cancel(shared: &Shared, key: cancel::CancelKey) {
 }
 
 async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> Option<Session> {
-    let Startup { mut stream, params, packet } = startup;
+    let Startup { mut stream, params, packet, end_point } = startup;
     let span = Span::current();
     span.record("user", params.user.as_str());
     span.record("database", params.database.as_str());
@@ -117,26 +117,51 @@ async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> O
         refuse(&mut stream, SqlState::CannotConnectNow, "the proxy is shutting down").await;
         return None;
     }
+    // The client proves who it is before anything is asked of a node (when the route lists
+    // its users; else the node authenticates it, through the relay).
+    let first = match admit(shared.routes.load().route(&params.database), &stream, &params) {
+        Ok(route) => route,
+        Err((reason, state, message)) => {
+            metrics.rejected(reason);
+            refuse(&mut stream, state, &message).await;
+            return None;
+        }
+    };
+    let login = match &first.users {
+        Some(users) => {
+            let authenticated = auth::authenticate_client(
+                &mut stream,
+                &params.user,
+                users.get(&params.user),
+                &shared.decoy_secret,
+                end_point.as_deref(),
+                shared.limits.handshake_timeout(),
+            )
+            .await;
+            match authenticated {
+                Ok(login) => Some(login),
+                Err(e) => {
+                    refuse_auth(&mut stream, e, shared).await;
+                    return None;
+                }
+            }
+        }
+        None => None,
+    };
+    drop(first);
     let hold_deadline = tokio::time::Instant::now() + shared.limits.hold_timeout();
     let mut attempts = 0;
     while attempts < ROUTE_ATTEMPTS {
         let mut changes = shared.routes.subscribe();
         let starting = shared.routes.starting(&params.database);
-        let Some(route) = shared.routes.load().route(&params.database) else {
-            metrics.rejected(Rejection::UnknownDatabase);
-            let message = format!("database \"{}\" does not exist", params.database);
-            refuse(&mut stream, SqlState::UnknownDatabase, &message).await;
-            return None;
+        let route = match admit(shared.routes.load().route(&params.database), &stream, &params) {
+            Ok(route) => route,
+            Err((reason, state, message)) => {
+                metrics.rejected(reason);
+                refuse(&mut stream, state, &message).await;
+                return None;
+            }
         };
-        if route.force_tls && !stream.is_tls() {
-            metrics.rejected(Rejection::TlsRequired);
-            let message = format!(
-                "TLS is required for database \"{}\": connect with sslmode=require",
-                params.database
-            );
-            refuse(&mut stream, SqlState::InvalidAuthorization, &message).await;
-            return None;
-        }
         if route.hold {
             // A planned switchover: wait for the table that releases this database.
             drop(starting);
@@ -174,8 +199,15 @@ async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> O
             client: shared.limits.handshake_timeout(),
             node: shared.limits.backend_auth_timeout(),
         };
-        let relayed =
-            auth::relay(&mut stream, &mut node, node_addr, &packet, &shared.cancels, deadlines);
+        let relayed = auth::relay(
+            &mut stream,
+            &mut node,
+            node_addr,
+            &packet,
+            login.as_ref(),
+            &shared.cancels,
+            deadlines,
+        );
         return match relayed.await {
             Ok(auth) => {
                 metrics.accepted.inc();
@@ -204,8 +236,22 @@ async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> O
                         let message = "invalid authentication message from the client";
                         refuse(&mut stream, SqlState::ProtocolViolation, message).await;
                     }
-                    // The client is gone; the node already answered (Refused is handled above).
-                    AuthError::Client(_) | AuthError::Refused => {}
+                    AuthError::NodeScram(_) | AuthError::NodeMethod(_) => {
+                        metrics.rejected(Rejection::NodeLogin);
+                        warn!(node = %route.primary, error = %e, "could not log in to the node");
+                        let message = format!(
+                            "the proxy could not log in to the database node of \"{}\" as \"{}\": {e}",
+                            params.database, params.user
+                        );
+                        refuse(&mut stream, SqlState::CannotConnectNow, &message).await;
+                    }
+                    // The client is gone; the node already answered (Refused is handled above);
+                    // the client's own exchange ended before the node was contacted.
+                    AuthError::Client(_)
+                    | AuthError::Refused
+                    | AuthError::BadPassword(_)
+                    | AuthError::NotScram(_)
+                    | AuthError::ClientScram(_) => {}
                 }
                 None
             }
@@ -215,6 +261,67 @@ async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> O
     let message = format!("the primary of database \"{}\" is moving; retry", params.database);
     refuse(&mut stream, SqlState::CannotConnectNow, &message).await;
     None
+}
+
+/// The route of `params.database` if this client may use it: refusal reason, SQLSTATE and
+/// message otherwise.
+fn admit(
+    route: Option<Arc<Route>>,
+    stream: &crate::stream::ClientStream,
+    params: &crate::protocol::StartupParams,
+) -> Result<Arc<Route>, (Rejection, SqlState, String)> {
+    let Some(route) = route else {
+        let message = format!("database \"{}\" does not exist", params.database);
+        return Err((Rejection::UnknownDatabase, SqlState::UnknownDatabase, message));
+    };
+    if route.force_tls && !stream.is_tls() {
+        let message = format!(
+            "TLS is required for database \"{}\": connect with sslmode=require",
+            params.database
+        );
+        return Err((Rejection::TlsRequired, SqlState::InvalidAuthorization, message));
+    }
+    Ok(route)
+}
+
+/// Tells a client why the proxy did not authenticate it.
+async fn refuse_auth(stream: &mut crate::stream::ClientStream, e: AuthError, shared: &Shared) {
+    let metrics = &shared.metrics;
+    debug!(error = %e, "client authentication failed");
+    let (state, message) = match e {
+        AuthError::BadPassword(user) => {
+            metrics.rejected(Rejection::BadPassword);
+            (
+                SqlState::InvalidPassword,
+                format!("password authentication failed for user \"{user}\""),
+            )
+        }
+        AuthError::NotScram(user) => {
+            metrics.rejected(Rejection::BadPassword);
+            let message = format!(
+                "user \"{user}\" has a password the proxy cannot check: set it again with \
+                 password_encryption = 'scram-sha-256' (MD5 passwords are not supported)"
+            );
+            (SqlState::InvalidAuthorization, message)
+        }
+        AuthError::ClientScram(e) => {
+            metrics.rejected(Rejection::Malformed);
+            (SqlState::ProtocolViolation, format!("SCRAM authentication failed: {e}"))
+        }
+        AuthError::ClientProtocol => {
+            metrics.rejected(Rejection::Malformed);
+            (SqlState::ProtocolViolation, "invalid authentication message from the client".into())
+        }
+        AuthError::ClientTimeout => {
+            metrics.rejected(Rejection::HandshakeTimeout);
+            return;
+        }
+        _ => {
+            metrics.rejected(Rejection::ClientGone);
+            return;
+        }
+    };
+    refuse(stream, state, &message).await;
 }
 
 async fn connect(addr: &str, shared: &Shared) -> std::io::Result<TcpStream> {

@@ -21,11 +21,18 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
+/// An acceptor and what channel binding needs of its certificate.
+pub struct Acceptor {
+    pub acceptor: TlsAcceptor,
+    /// `tls-server-end-point` data of the certificate the acceptor presents.
+    pub end_point: Arc<[u8]>,
+}
+
 /// The current TLS acceptor (none when no certificate is configured). New handshakes take the
 /// acceptor in place when they start; a reload never touches established sessions.
 pub struct TlsStore {
     files: Option<TlsFiles>,
-    acceptor: ArcSwapOption<TlsAcceptor>,
+    acceptor: ArcSwapOption<Acceptor>,
 }
 
 impl TlsStore {
@@ -34,7 +41,7 @@ impl TlsStore {
         Ok(Self { files, acceptor: ArcSwapOption::new(acceptor) })
     }
 
-    pub fn acceptor(&self) -> Option<Arc<TlsAcceptor>> {
+    pub fn acceptor(&self) -> Option<Arc<Acceptor>> {
         self.acceptor.load_full()
     }
 
@@ -47,8 +54,9 @@ impl TlsStore {
     }
 }
 
-fn build_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
+fn build_acceptor(files: &TlsFiles) -> Result<Acceptor, TlsError> {
     let certs = read_certs(&files.cert)?;
+    let end_point = crate::scram::end_point_hash(&certs[0]).into();
     let key = read_key(&files.key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -57,7 +65,7 @@ fn build_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
         .with_single_cert(certs, key)?;
     // PostgreSQL 17 clients send this ALPN on direct TLS; older clients send none.
     config.alpn_protocols = vec![crate::protocol::ALPN.to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(Acceptor { acceptor: TlsAcceptor::from(Arc::new(config)), end_point })
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

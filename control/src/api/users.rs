@@ -11,7 +11,7 @@ use super::error::ApiError;
 use super::{body, load, require_running, AppState};
 use crate::nodes::roles;
 use crate::nodes::sql::{Session, SqlError};
-use crate::platform::Platform;
+use crate::platform::{verifiers, Platform};
 use crate::secrets;
 use crate::state::{DatabaseRecord, UserRecord};
 
@@ -100,6 +100,7 @@ pub async fn create(
             Ok::<_, ApiError>(())
         })?
         .ok_or_else(|| ApiError::not_found("database", &id))?;
+    verifiers::publish_now(platform, &id).await;
     let access = if request.read_only { "read-only" } else { "read-write" };
     platform.event(&id, "user_created", format!("{access} user {} created", request.name));
     let database_url = platform.url(&request.name, &password, &db.name);
@@ -128,6 +129,7 @@ pub async fn delete(
         db.users.retain(|u| u.name != name);
         Ok::<_, ApiError>(())
     })?;
+    verifiers::publish_now(platform, &id).await;
     platform.event(&id, "user_deleted", format!("user {name} deleted"));
     Ok(StatusCode::NO_CONTENT)
 }
@@ -148,6 +150,7 @@ pub async fn reset_password(
             Ok::<_, ApiError>(())
         })?;
     }
+    verifiers::publish_now(platform, &id).await;
     platform.event(&id, "password_reset", format!("password of {name} reset"));
     let database_url = platform.url(&name, &password, &db.name);
     Ok(Json(UserWithPassword { user: user_view(&user), password, database_url }))

@@ -32,6 +32,7 @@ async fn destroy(platform: &Arc<Platform>, id: &str) -> Result<(), LifecycleErro
         return Err(LifecycleError::Vanished(id.to_owned()));
     };
     platform.publish_routes()?;
+    platform.verifiers.forget(id);
     // Standbys first: a synchronous primary must not wait for a vanished standby.
     let mut nodes = db.nodes.clone();
     nodes.sort_by_key(|n| n.role == NodeRole::Primary);

@@ -83,6 +83,8 @@ async fn provision(
         op.set(0.9);
     }
 
+    // The proxies authenticate the first client already: the verifiers go with the first table.
+    platform.verifiers.set(id, roles::verifiers(&admin).await?);
     db.status = DatabaseStatus::Running;
     db.error = None;
     platform.store.put_database(&db)?;

@@ -1,6 +1,8 @@
 //! Database roles and their privileges, exactly as SPEC §5 lists them, run through a bounded
 //! [`Session`].
 
+use pgwarden_api::Verifiers;
+
 use crate::nodes::sql::{Session, SqlError};
 use crate::secrets;
 
@@ -48,6 +50,20 @@ pub fn grants(user: &str, owner: &str, database: &str, read_only: bool) -> Vec<S
             format!("ALTER DEFAULT PRIVILEGES FOR USER {o} IN SCHEMA public GRANT ALL ON SEQUENCES TO {u}"),
         ]
     }
+}
+
+/// The password verifiers of the roles clients may log in as (not superusers, not the
+/// replication role), as the node's catalog holds them: SCRAM verifiers, or an MD5 hash for a
+/// role whose password was set that way.
+pub async fn verifiers(admin: &Session) -> Result<Verifiers, SqlError> {
+    let rows = admin
+        .query(
+            "SELECT rolname::text, rolpassword FROM pg_authid \
+             WHERE rolcanlogin AND rolpassword IS NOT NULL AND NOT rolsuper AND NOT rolreplication",
+            &[],
+        )
+        .await?;
+    Ok(Verifiers(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
 }
 
 /// Creates a login role with a SCRAM verifier of `password` (the password itself never reaches

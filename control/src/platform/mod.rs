@@ -12,6 +12,7 @@
 pub mod changes;
 pub mod config;
 pub mod operations;
+pub mod verifiers;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,7 +31,7 @@ use crate::nodes::engines::Engines;
 use crate::nodes::ports::Ports;
 use crate::nodes::sql::{Session, SqlError, Timeouts};
 use crate::nodes::{NodeConfig, NodeDriver, NodeSpec};
-use crate::routing::{table, Holds, Publisher};
+use crate::routing::{table, Holds, Publisher, VerifierCache};
 use crate::state::{DatabaseRecord, NodeRecord, Store, StoreError};
 use crate::storage::BackupStorage;
 
@@ -43,6 +44,8 @@ pub struct Platform {
     pub publisher: Publisher,
     /// Databases whose new sessions the proxies hold.
     pub holds: Holds,
+    /// The users' SCRAM verifiers the proxies authenticate clients with.
+    pub verifiers: VerifierCache,
     pub changes: PrimaryChanges,
     pub ports: Ports,
     pub backups: Arc<dyn BackupStorage>,
@@ -76,6 +79,7 @@ impl Platform {
             metrics,
             publisher,
             holds: Holds::default(),
+            verifiers: VerifierCache::default(),
             changes: PrimaryChanges::default(),
             ports: Ports::default(),
             backups,
@@ -219,7 +223,7 @@ impl Platform {
         let databases = self.store.databases()?;
         let epoch = self.store.next_counter("epoch")?;
         self.metrics.epoch.set(epoch as i64);
-        self.publisher.publish(table::build(&databases, &self.holds, epoch));
+        self.publisher.publish(table::build(&databases, &self.holds, &self.verifiers, epoch));
         Ok(epoch)
     }
 }

@@ -1,9 +1,12 @@
 //! Routing: the table every proxy routes by (`table.rs`: built from the records, with the holds
 //! of planned operations), and the publisher that keeps each proxy on the newest one
-//! (`publisher.rs`, over the proxies' admin API with bounded HTTP calls).
+//! (`publisher.rs`, over the proxies' admin API with bounded HTTP calls), and the users'
+//! SCRAM verifiers that go with it (`verifiers.rs`, in memory only).
 
 pub mod publisher;
 pub mod table;
+pub mod verifiers;
 
 pub use publisher::Publisher;
 pub use table::Holds;
+pub use verifiers::VerifierCache;

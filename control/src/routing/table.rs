@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use pgwarden_api::control::DatabaseStatus;
 use pgwarden_api::{DatabaseRoute, RoutingTable};
 
+use super::VerifierCache;
 use crate::state::DatabaseRecord;
 
 /// Databases whose new sessions the proxies hold (a planned primary change is in progress).
@@ -28,8 +29,14 @@ impl Holds {
     }
 }
 
-/// The table for `databases` at `epoch`: running (or updating) databases with a primary.
-pub fn build(databases: &[DatabaseRecord], holds: &Holds, epoch: u64) -> RoutingTable {
+/// The table for `databases` at `epoch`: running (or updating) databases with a primary, with
+/// their users' verifiers once they have been read.
+pub fn build(
+    databases: &[DatabaseRecord],
+    holds: &Holds,
+    verifiers: &VerifierCache,
+    epoch: u64,
+) -> RoutingTable {
     let mut routes = BTreeMap::new();
     for db in databases {
         if !matches!(db.status, DatabaseStatus::Running | DatabaseStatus::Updating) {
@@ -41,6 +48,7 @@ pub fn build(databases: &[DatabaseRecord], holds: &Holds, epoch: u64) -> Routing
             primary: format!("{}:{}", primary.host, primary.port),
             replicas: db.replicas().map(|n| format!("{}:{}", n.host, n.port)).collect(),
             hold: holds.is_held(&db.id),
+            users: verifiers.get(&db.id),
         };
         routes.insert(db.name.clone(), route);
     }

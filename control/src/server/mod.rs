@@ -57,6 +57,7 @@ pub async fn serve(
         heartbeats.clone(),
         shutdown.child_token(),
     ));
+    tokio::spawn(crate::platform::verifiers::keep_fresh(platform.clone(), shutdown.child_token()));
     tokio::spawn(crate::backups::schedule::schedule(
         platform.clone(),
         platform.config.backup_tick,
