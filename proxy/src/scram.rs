@@ -187,10 +187,7 @@ impl ServerExchange {
         if !user.starts_with("n=") {
             return Err(ScramError::Malformed("no user name attribute"));
         }
-        let client_nonce = attributes
-            .next()
-            .and_then(|a| a.strip_prefix("r="))
-            .ok_or(ScramError::Malformed("no nonce"))?;
+        let client_nonce = attribute(&mut attributes, "r=", "no nonce")?;
         if client_nonce.is_empty() || !client_nonce.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
             return Err(ScramError::Malformed("invalid nonce"));
         }
@@ -223,14 +220,8 @@ impl ServerExchange {
         let (without_proof, proof) =
             text.rsplit_once(",p=").ok_or(ScramError::Malformed("no proof"))?;
         let mut attributes = without_proof.split(',');
-        let channel = attributes
-            .next()
-            .and_then(|a| a.strip_prefix("c="))
-            .ok_or(ScramError::Malformed("no channel binding attribute"))?;
-        let nonce = attributes
-            .next()
-            .and_then(|a| a.strip_prefix("r="))
-            .ok_or(ScramError::Malformed("no nonce"))?;
+        let channel = attribute(&mut attributes, "c=", "no channel binding attribute")?;
+        let nonce = attribute(&mut attributes, "r=", "no nonce")?;
         if channel != self.expected_binding {
             return Err(ScramError::ChannelBinding("binding data does not match"));
         }
@@ -300,18 +291,9 @@ impl ClientExchange {
         let text =
             std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let mut attributes = text.split(',');
-        let nonce = attributes
-            .next()
-            .and_then(|a| a.strip_prefix("r="))
-            .ok_or(ScramError::Malformed("no nonce"))?;
-        let salt = attributes
-            .next()
-            .and_then(|a| a.strip_prefix("s="))
-            .ok_or(ScramError::Malformed("no salt"))?;
-        let iterations = attributes
-            .next()
-            .and_then(|a| a.strip_prefix("i="))
-            .ok_or(ScramError::Malformed("no iteration count"))?;
+        let nonce = attribute(&mut attributes, "r=", "no nonce")?;
+        let salt = attribute(&mut attributes, "s=", "no salt")?;
+        let iterations = attribute(&mut attributes, "i=", "no iteration count")?;
         if nonce.len() <= self.nonce.len() || !nonce.starts_with(&self.nonce) {
             return Err(ScramError::Malformed("the node's nonce does not extend ours"));
         }
@@ -397,6 +379,15 @@ fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     Some((tag, &rest[..len], &rest[len..]))
 }
 
+/// The next attribute of a SCRAM message, which must be `prefix` (`r=`, `s=`...): its value.
+fn attribute<'a>(
+    attributes: &mut impl Iterator<Item = &'a str>,
+    prefix: &str,
+    missing: &'static str,
+) -> Result<&'a str, ScramError> {
+    attributes.next().and_then(|a| a.strip_prefix(prefix)).ok_or(ScramError::Malformed(missing))
+}
+
 fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; KEY_LEN] {
     let key = hmac::Key::new(hmac::HMAC_SHA256, key);
     let mut out = [0u8; KEY_LEN];
@@ -479,18 +470,18 @@ pub(crate) mod tests {
         Keys::parse(&verifier(password, b"0123456789abcdef", 4096)).unwrap()
     }
 
+    /// A server exchange for a client that does not bind (`n,,`).
+    fn start_unbound(keys: &Keys, bare: &str, server_nonce: &str) -> ServerExchange {
+        let first = format!("n,,{bare}");
+        ServerExchange::start(MECHANISM, first.as_bytes(), keys, Binding::None, server_nonce)
+            .unwrap()
+    }
+
     #[test]
     fn right_password_gives_the_client_key_and_a_signature_the_client_can_check() {
         let keys = keys("s3cret");
         let bare = "n=,r=clientnonce";
-        let exchange = ServerExchange::start(
-            MECHANISM,
-            format!("n,,{bare}").as_bytes(),
-            &keys,
-            Binding::None,
-            "srv",
-        )
-        .unwrap();
+        let exchange = start_unbound(&keys, bare, "srv");
         let fin = client_final("s3cret", "n,,", &[], bare, exchange.server_first());
         let (client_key, server_final) = exchange.finish(fin.as_bytes(), &keys).unwrap();
         assert!(server_final.starts_with("v="));
@@ -514,14 +505,7 @@ pub(crate) mod tests {
         let keys = keys("s3cret");
         let bare = "n=,r=abc";
         for keys in [keys, Keys::decoy("nobody", &[7; 32])] {
-            let exchange = ServerExchange::start(
-                MECHANISM,
-                format!("n,,{bare}").as_bytes(),
-                &keys,
-                Binding::None,
-                "x",
-            )
-            .unwrap();
+            let exchange = start_unbound(&keys, bare, "x");
             let fin = client_final("wrong", "n,,", &[], bare, exchange.server_first());
             assert_eq!(exchange.finish(fin.as_bytes(), &keys).unwrap_err(), ScramError::BadProof);
         }
@@ -537,30 +521,22 @@ pub(crate) mod tests {
         let bare = "n=,r=n1";
         let gs2 = "p=tls-server-end-point,,";
         let first = format!("{gs2}{bare}");
-        let exchange = ServerExchange::start(
-            MECHANISM_PLUS,
-            first.as_bytes(),
-            &keys,
-            Binding::Tls(&hash),
-            "s",
-        )
-        .unwrap();
-        let fin = client_final("pw", gs2, &hash, bare, exchange.server_first());
-        assert!(exchange.finish(fin.as_bytes(), &keys).is_ok());
-        // Bound to another certificate (a man in the middle): refused.
-        let exchange = ServerExchange::start(
-            MECHANISM_PLUS,
-            first.as_bytes(),
-            &keys,
-            Binding::Tls(&hash),
-            "s",
-        )
-        .unwrap();
-        let fin = client_final("pw", gs2, &[1u8; 32], bare, exchange.server_first());
-        assert!(matches!(
-            exchange.finish(fin.as_bytes(), &keys),
-            Err(ScramError::ChannelBinding(_))
-        ));
+        // Bound to the proxy's certificate: accepted; to another one (a man in the middle): not.
+        for (client_sees, accepted) in [(hash, true), ([1u8; 32], false)] {
+            let exchange = ServerExchange::start(
+                MECHANISM_PLUS,
+                first.as_bytes(),
+                &keys,
+                Binding::Tls(&hash),
+                "s",
+            )
+            .unwrap();
+            let fin = client_final("pw", gs2, &client_sees, bare, exchange.server_first());
+            match exchange.finish(fin.as_bytes(), &keys) {
+                Ok(_) => assert!(accepted),
+                Err(e) => assert!(!accepted && matches!(e, ScramError::ChannelBinding(_)), "{e}"),
+            }
+        }
         let start = |mech, first: &str, binding| {
             ServerExchange::start(mech, first.as_bytes(), &keys, binding, "s").map(|_| ())
         };

@@ -119,14 +119,7 @@ async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> O
     }
     // The client proves who it is before anything is asked of a node (when the route lists
     // its users; else the node authenticates it, through the relay).
-    let first = match admit(shared.routes.load().route(&params.database), &stream, &params) {
-        Ok(route) => route,
-        Err((reason, state, message)) => {
-            metrics.rejected(reason);
-            refuse(&mut stream, state, &message).await;
-            return None;
-        }
-    };
+    let first = admit(shared, &mut stream, &params).await?;
     let login = match &first.users {
         Some(users) => {
             let authenticated = auth::authenticate_client(
@@ -154,14 +147,7 @@ async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> O
     while attempts < ROUTE_ATTEMPTS {
         let mut changes = shared.routes.subscribe();
         let starting = shared.routes.starting(&params.database);
-        let route = match admit(shared.routes.load().route(&params.database), &stream, &params) {
-            Ok(route) => route,
-            Err((reason, state, message)) => {
-                metrics.rejected(reason);
-                refuse(&mut stream, state, &message).await;
-                return None;
-            }
-        };
+        let route = admit(shared, &mut stream, &params).await?;
         if route.hold {
             // A planned switchover: wait for the table that releases this database.
             drop(starting);
@@ -263,25 +249,32 @@ async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> O
     None
 }
 
-/// The route of `params.database` if this client may use it: refusal reason, SQLSTATE and
-/// message otherwise.
-fn admit(
-    route: Option<Arc<Route>>,
-    stream: &crate::stream::ClientStream,
+/// The current route of `params.database` if this client may use it; else the client is told
+/// why (and `None`).
+async fn admit(
+    shared: &Shared,
+    stream: &mut crate::stream::ClientStream,
     params: &crate::protocol::StartupParams,
-) -> Result<Arc<Route>, (Rejection, SqlState, String)> {
-    let Some(route) = route else {
-        let message = format!("database \"{}\" does not exist", params.database);
-        return Err((Rejection::UnknownDatabase, SqlState::UnknownDatabase, message));
+) -> Option<Arc<Route>> {
+    let (reason, state, message) = match shared.routes.load().route(&params.database) {
+        None => (
+            Rejection::UnknownDatabase,
+            SqlState::UnknownDatabase,
+            format!("database \"{}\" does not exist", params.database),
+        ),
+        Some(route) if route.force_tls && !stream.is_tls() => (
+            Rejection::TlsRequired,
+            SqlState::InvalidAuthorization,
+            format!(
+                "TLS is required for database \"{}\": connect with sslmode=require",
+                params.database
+            ),
+        ),
+        Some(route) => return Some(route),
     };
-    if route.force_tls && !stream.is_tls() {
-        let message = format!(
-            "TLS is required for database \"{}\": connect with sslmode=require",
-            params.database
-        );
-        return Err((Rejection::TlsRequired, SqlState::InvalidAuthorization, message));
-    }
-    Ok(route)
+    shared.metrics.rejected(reason);
+    refuse(stream, state, &message).await;
+    None
 }
 
 /// Tells a client why the proxy did not authenticate it.
