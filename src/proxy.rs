@@ -130,6 +130,7 @@ impl TestProxy {
                     (db.to_string(), route)
                 })
                 .collect(),
+            node_ca: None,
         };
         let answer = self.put_routes(&table).await;
         assert_eq!(answer.status, 200, "routes refused: {}", answer.body);

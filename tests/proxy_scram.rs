@@ -63,7 +63,8 @@ async fn clients_log_in_with_scram_through_the_proxy_and_bind_the_channel() {
         "SELECT current_user || ',' || (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())",
     );
     assert!(out.success, "{}", out.stderr);
-    assert!(out.stdout.trim().starts_with(&format!("{name},")), "{}", out.stdout);
+    // The proxy's own session on the node is encrypted too.
+    assert_eq!(out.stdout.trim(), format!("{name},true"));
     // Without TLS there is nothing to bind to: libpq refuses to go on.
     let out = psql(&with(&url, "sslmode=disable&channel_binding=require"), None, "SELECT 1");
     assert!(!out.success);
@@ -195,6 +196,31 @@ async fn wrong_passwords_and_unknown_users_are_refused_by_the_proxy_alone() {
         .await,
         "{last}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_plaintext_logins_so_force_tls_cannot_be_bypassed() {
+    let control = TestControl::start().await;
+    let (db, id, url) = control.create_routed_database("sealed", "postgresql-starter-512").await;
+    let r = control
+        .request("PUT", &format!("/v1/databases/{id}/tls"), Some(json!({"force": true})))
+        .await;
+    assert!(r.status < 300, "{}", r.body);
+    let (name, port) = (db["name"].as_str().unwrap(), &db["nodes"][0]["port"]);
+    let password = password_of(&url);
+    let direct = |sslmode: &str| {
+        format!(
+            "host=127.0.0.1 port={port} user={name} dbname={name} password={password} sslmode={sslmode}"
+        )
+    };
+    // Straight to the node's port in plaintext, with the right password: refused.
+    let out = psql(&direct("disable"), None, "SELECT 1");
+    assert!(!out.success, "a plaintext login reached the node");
+    assert!(out.stderr.contains("no encryption"), "{}", out.stderr);
+    // Through the proxy in plaintext: refused by force-TLS; with TLS: fine.
+    let out = psql(&with(&url, "sslmode=disable"), None, "SELECT 1");
+    assert!(out.stderr.contains("TLS is required"), "{}", out.stderr);
+    assert!(psql(&with(&url, "sslmode=require"), None, "SELECT 1").success);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,6 +24,11 @@ pub struct RoutingTable {
     pub epoch: u64,
     #[serde(default)]
     pub databases: BTreeMap<String, DatabaseRoute>,
+    /// The CA (PEM) that signs the nodes' certificates. When present, the proxy reaches every
+    /// node over TLS and verifies its certificate against it (`verify-full`: the address it
+    /// connects to must be in the certificate); when absent, in plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_ca: Option<String>,
 }
 
 /// Where one database lives.

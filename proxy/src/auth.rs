@@ -14,13 +14,12 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::cancel::{CancelGuard, CancelKey, CancelMap, CancelTarget};
 use crate::protocol::{self, auth_code, tag};
 use crate::routes::Credential;
 use crate::scram::{self, Binding, ClientExchange, ClientKey, Keys, ScramError, ServerExchange};
-use crate::stream::ClientStream;
+use crate::stream::{ClientStream, NodeStream};
 
 /// PostgreSQL's own bound on an authentication token (`PG_MAX_AUTH_TOKEN_LENGTH`).
 const MAX_CLIENT_AUTH_MESSAGE: usize = 65_535;
@@ -152,7 +151,7 @@ pub struct Authenticated {
 
 pub async fn relay(
     client: &mut ClientStream,
-    node: &mut TcpStream,
+    node: &mut NodeStream,
     node_addr: SocketAddr,
     startup_packet: &[u8],
     login: Option<&Login>,
@@ -167,6 +166,7 @@ pub async fn relay(
     let mut out = BytesMut::with_capacity(1024);
     let mut cancel = None;
     let mut exchange = NodeExchange::None;
+    let end_point = node.end_point();
     loop {
         let (msg_tag, len) =
             tokio::time::timeout(deadlines.node, next_node_message(node, &mut inbuf))
@@ -197,7 +197,8 @@ pub async fn relay(
             tag::AUTHENTICATION if len >= 9 && login.is_some() => {
                 let code = i32::from_be_bytes(message[5..9].try_into().expect("9 bytes"));
                 let login = login.expect("checked");
-                let answer = log_in(code, &message[9..], login, &mut exchange)?;
+                let binding = end_point.as_deref().map_or(Binding::None, Binding::Tls);
+                let answer = log_in(code, &message[9..], login, binding, &mut exchange)?;
                 if code == auth_code::OK {
                     out.extend_from_slice(&message);
                 }
@@ -209,8 +210,19 @@ pub async fn relay(
                 }
             }
             tag::AUTHENTICATION if len >= 9 => {
-                out.extend_from_slice(&message);
                 let code = i32::from_be_bytes(message[5..9].try_into().expect("9 bytes"));
+                if code == auth_code::SASL && end_point.is_some() {
+                    // The node offers -PLUS over its TLS with the proxy, but a client's binding
+                    // would be to the proxy's certificate: relayed, only unbound SCRAM works.
+                    let unbound: Vec<&str> = protocol::sasl_mechanisms(&message[9..])
+                        .into_iter()
+                        .filter_map(|m| std::str::from_utf8(m).ok())
+                        .filter(|m| !m.ends_with("-PLUS"))
+                        .collect();
+                    out.extend_from_slice(&protocol::authentication_sasl(&unbound));
+                } else {
+                    out.extend_from_slice(&message);
+                }
                 if needs_client_response(code) {
                     send_within(client, &out, deadlines.client).await?;
                     out.clear();
@@ -235,16 +247,20 @@ fn log_in(
     code: i32,
     data: &[u8],
     login: &Login,
+    binding: Binding<'_>,
     exchange: &mut NodeExchange,
 ) -> Result<Option<BytesMut>, AuthError> {
     match (code, std::mem::replace(exchange, NodeExchange::None)) {
         (auth_code::OK, NodeExchange::None) => Ok(None),
         (auth_code::SASL, NodeExchange::None) => {
+            // Over TLS the node offers -PLUS, and the login is bound to its certificate.
             let offered = protocol::sasl_mechanisms(data);
-            if !offered.contains(&scram::MECHANISM.as_bytes()) {
-                return Err(AuthError::NodeScram(ScramError::Mechanism));
-            }
-            let client = ClientExchange::start(Binding::None, scram::nonce());
+            let binding = match binding {
+                Binding::Tls(_) if offered.contains(&scram::MECHANISM_PLUS.as_bytes()) => binding,
+                _ if offered.contains(&scram::MECHANISM.as_bytes()) => Binding::None,
+                _ => return Err(AuthError::NodeScram(ScramError::Mechanism)),
+            };
+            let client = ClientExchange::start(binding, scram::nonce());
             let first = protocol::sasl_initial_response(
                 client.mechanism(),
                 client.client_first().as_bytes(),
@@ -274,7 +290,7 @@ fn needs_client_response(code: i32) -> bool {
 
 /// Buffers until `inbuf` starts with a whole message; returns its tag and total length.
 async fn next_node_message(
-    node: &mut TcpStream,
+    node: &mut NodeStream,
     inbuf: &mut BytesMut,
 ) -> Result<(u8, usize), AuthError> {
     loop {

@@ -21,10 +21,11 @@ pub enum Rejection {
     NodeTimeout,
     BadPassword,
     NodeLogin,
+    NodeTls,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 13] = [
+    const ALL: [Rejection; 14] = [
         Self::TooManyClients,
         Self::HandshakeTimeout,
         Self::Malformed,
@@ -38,6 +39,7 @@ impl Rejection {
         Self::NodeTimeout,
         Self::BadPassword,
         Self::NodeLogin,
+        Self::NodeTls,
     ];
 
     fn label(self) -> &'static str {
@@ -54,6 +56,7 @@ impl Rejection {
             Self::HoldTimeout => "hold_timeout",
             Self::BadPassword => "bad_password",
             Self::NodeLogin => "node_login_failed",
+            Self::NodeTls => "node_tls_failed",
             Self::NodeTimeout => "node_timeout",
         }
     }

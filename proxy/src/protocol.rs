@@ -145,6 +145,14 @@ pub fn parse_sasl_initial_response(body: &[u8]) -> Option<(&str, &[u8])> {
     (usize::try_from(len).ok()? == data.len()).then_some((mechanism, data))
 }
 
+/// An `SSLRequest` packet.
+pub fn ssl_request() -> [u8; 8] {
+    let mut m = [0u8; 8];
+    m[0..4].copy_from_slice(&8i32.to_be_bytes());
+    m[4..8].copy_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+    m
+}
+
 /// A `CancelRequest` packet.
 pub fn cancel_request(pid: i32, secret: i32) -> [u8; 16] {
     let mut m = [0u8; 16];

@@ -12,6 +12,8 @@ use arc_swap::ArcSwap;
 use pgwarden_api::{RoutingTable, Verifiers};
 use tokio_util::sync::CancellationToken;
 
+use tokio_rustls::TlsConnector;
+
 use crate::scram::Keys;
 
 /// Why a routing table was refused. The current table is unchanged in every case.
@@ -24,7 +26,6 @@ pub enum RouteError {
 }
 
 /// Where new sessions of one database go.
-#[derive(Debug)]
 pub struct Route {
     pub primary: String,
     pub force_tls: bool,
@@ -34,6 +35,8 @@ pub struct Route {
     pub moved: CancellationToken,
     /// Who may log in, when the proxy authenticates clients itself (else the node does).
     pub users: Option<HashMap<String, Credential>>,
+    /// TLS to the node, verified against the nodes' CA (else plaintext).
+    pub node_tls: Option<Arc<TlsConnector>>,
 }
 
 /// What the proxy knows of one user's password.
@@ -41,6 +44,18 @@ pub enum Credential {
     Scram(Keys),
     /// Something the proxy cannot check a SCRAM exchange against (an MD5 hash).
     Unsupported,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("primary", &self.primary)
+            .field("force_tls", &self.force_tls)
+            .field("hold", &self.hold)
+            .field("users", &self.users.as_ref().map(|u| u.len()))
+            .field("node_tls", &self.node_tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Credential {
@@ -66,10 +81,12 @@ fn credentials(users: &Verifiers) -> HashMap<String, Credential> {
 }
 
 /// An immutable routing table as sessions see it.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Snapshot {
     pub table: RoutingTable,
     routes: HashMap<String, Arc<Route>>,
+    /// The nodes' CA (PEM) and the connector built from it.
+    node_tls: Option<(String, Arc<TlsConnector>)>,
 }
 
 impl Snapshot {
@@ -168,6 +185,17 @@ impl RouteStore {
         if table.epoch <= old.table.epoch {
             return Err(RouteError::StaleEpoch { offered: table.epoch, current: old.table.epoch });
         }
+        // The connector is rebuilt only when the CA changes.
+        let node_tls = match (&table.node_ca, &old.node_tls) {
+            (None, _) => None,
+            (Some(pem), Some((old_pem, connector))) if pem == old_pem => {
+                Some((old_pem.clone(), connector.clone()))
+            }
+            (Some(pem), _) => {
+                let connector = crate::tls::node_connector(pem).map_err(RouteError::Invalid)?;
+                Some((pem.clone(), Arc::new(connector)))
+            }
+        };
         let mut routes = HashMap::with_capacity(table.databases.len());
         for (name, entry) in &table.databases {
             let moved = match old.routes.get(name) {
@@ -180,11 +208,12 @@ impl RouteStore {
                 hold: entry.hold,
                 moved,
                 users: entry.users.as_ref().map(credentials),
+                node_tls: node_tls.as_ref().map(|(_, c)| c.clone()),
             };
             routes.insert(name.clone(), Arc::new(route));
         }
         let epoch = table.epoch;
-        self.current.store(Arc::new(Snapshot { table, routes }));
+        self.current.store(Arc::new(Snapshot { table, routes, node_tls }));
         let new = self.current.load();
         for (name, prev) in &old.routes {
             let kept = new.routes.get(name).is_some_and(|r| r.primary == prev.primary);
@@ -249,7 +278,7 @@ mod tests {
                 (n.to_string(), route)
             })
             .collect();
-        RoutingTable { epoch, databases }
+        RoutingTable { epoch, databases, node_ca: None }
     }
 
     #[test]

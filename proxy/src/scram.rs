@@ -501,6 +501,33 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_login_to_a_node_binds_to_the_node_certificate() {
+        let keys = keys("pw");
+        let bare = "n=,r=c";
+        let exchange = start_unbound(&keys, bare, "s");
+        let fin = client_final("pw", "n,,", &[], bare, exchange.server_first());
+        let (client_key, _) = exchange.finish(fin.as_bytes(), &keys).unwrap();
+        let node_cert = [5u8; 32];
+        for (node_sees, accepted) in [(node_cert, true), ([6u8; 32], false)] {
+            let to_node = ClientExchange::start(Binding::Tls(&node_cert), "pn".into());
+            assert_eq!(to_node.mechanism(), MECHANISM_PLUS);
+            let first = to_node.client_first();
+            assert!(first.starts_with("p=tls-server-end-point,,"), "{first}");
+            let node = ServerExchange::start(
+                MECHANISM_PLUS,
+                first.as_bytes(),
+                &keys,
+                Binding::Tls(&node_sees),
+                "N",
+            )
+            .unwrap();
+            let (fin, _) =
+                to_node.finish(node.server_first().as_bytes(), &keys, &client_key).unwrap();
+            assert_eq!(node.finish(fin.as_bytes(), &keys).is_ok(), accepted);
+        }
+    }
+
+    #[test]
     fn wrong_password_and_unknown_user_fail_the_same_way() {
         let keys = keys("s3cret");
         let bare = "n=,r=abc";

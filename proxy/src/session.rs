@@ -1,12 +1,13 @@
 //! One client connection from accept to close: handshake, routing, authentication through the
 //! node, then the byte pump until either side ends or the proxy ends the session.
 
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn, Instrument, Span};
+use tracing::{debug, error, info, warn, Instrument, Span};
 
 use crate::auth::{self, AuthError};
 use crate::cancel;
@@ -15,6 +16,7 @@ use crate::metrics::{CancelResult, ConnectionGauge, Rejection, Termination};
 use crate::passthrough::{self, RelayEnd};
 use crate::protocol::SqlState;
 use crate::routes::Route;
+use crate::stream::NodeStream;
 use crate::Shared;
 
 /// How long the proxy waits for a node to finish its current message before ending a session.
@@ -80,7 +82,7 @@ async fn open(tcp: TcpStream, shared: &Shared) -> Option<Session> {
 /// An authenticated session, ready to relay.
 struct Session {
     client: crate::stream::ClientStream,
-    node: TcpStream,
+    node: NodeStream,
     route: Arc<Route>,
     database: String,
     auth: auth::Authenticated,
@@ -163,15 +165,27 @@ async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> O
             continue;
         }
         attempts += 1;
-        let mut node = match connect(&route.primary, shared).await {
+        let (mut node, node_addr) = match connect(&route, shared).await {
             Ok(node) => node,
             Err(e) => {
-                metrics.rejected(Rejection::NoPrimary);
-                warn!(node = %route.primary, error = %e, "primary unreachable");
-                let message = format!(
-                    "no primary is reachable for database \"{}\" right now; retry shortly",
-                    params.database
-                );
+                let message = match e {
+                    NodeConnectError::Unreachable(_) => {
+                        metrics.rejected(Rejection::NoPrimary);
+                        warn!(node = %route.primary, error = %e, "primary unreachable");
+                        format!(
+                            "no primary is reachable for database \"{}\" right now; retry shortly",
+                            params.database
+                        )
+                    }
+                    NodeConnectError::NoTls | NodeConnectError::Tls(_) => {
+                        metrics.rejected(Rejection::NodeTls);
+                        error!(node = %route.primary, error = %e, "no verified TLS connection to the node");
+                        format!(
+                            "the proxy could not open a verified TLS connection to the database node of \"{}\"",
+                            params.database
+                        )
+                    }
+                };
                 refuse(&mut stream, SqlState::CannotConnectNow, &message).await;
                 return None;
             }
@@ -180,7 +194,6 @@ async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> O
             continue;
         }
         span.record("node", route.primary.as_str());
-        let node_addr = node.peer_addr().ok()?;
         let deadlines = auth::Deadlines {
             client: shared.limits.handshake_timeout(),
             node: shared.limits.backend_auth_timeout(),
@@ -317,15 +330,69 @@ async fn refuse_auth(stream: &mut crate::stream::ClientStream, e: AuthError, sha
     refuse(stream, state, &message).await;
 }
 
-async fn connect(addr: &str, shared: &Shared) -> std::io::Result<TcpStream> {
+#[derive(Debug, thiserror::Error)]
+enum NodeConnectError {
+    #[error("{0}")]
+    Unreachable(std::io::Error),
+    #[error("the node does not accept TLS")]
+    NoTls,
+    #[error("TLS with the node failed: {0}")]
+    Tls(std::io::Error),
+}
+
+/// Connects to the route's primary, over TLS verified against the nodes' CA when the route
+/// says so (the node's certificate must name the address connected to). The whole of it is
+/// bounded by the backend connect timeout. Also returns the node's address (for cancels).
+async fn connect(
+    route: &Route,
+    shared: &Shared,
+) -> Result<(NodeStream, SocketAddr), NodeConnectError> {
     let start = Instant::now();
-    let node =
-        tokio::time::timeout(shared.limits.backend_connect_timeout(), TcpStream::connect(addr))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let limit = shared.limits.backend_connect_timeout();
+    let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
+    let tcp = tokio::time::timeout(limit, TcpStream::connect(&route.primary))
+        .await
+        .map_err(|_| NodeConnectError::Unreachable(timed_out()))?
+        .map_err(NodeConnectError::Unreachable)?;
+    tcp.set_nodelay(true).map_err(NodeConnectError::Unreachable)?;
+    let addr = tcp.peer_addr().map_err(NodeConnectError::Unreachable)?;
+    let node = match &route.node_tls {
+        None => NodeStream::Plain(tcp),
+        Some(connector) => {
+            let handshake = start_tls(tcp, connector, host_of(&route.primary));
+            let tls = tokio::time::timeout(limit.saturating_sub(start.elapsed()), handshake)
+                .await
+                .map_err(|_| NodeConnectError::Tls(timed_out()))??;
+            NodeStream::Tls(Box::new(tls))
+        }
+    };
     shared.metrics.backend_connect_seconds.observe(start.elapsed().as_secs_f64());
-    node.set_nodelay(true)?;
-    Ok(node)
+    Ok((node, addr))
+}
+
+/// SSLRequest, then a TLS handshake that verifies the node's certificate for `host`.
+async fn start_tls(
+    mut tcp: TcpStream,
+    connector: &tokio_rustls::TlsConnector,
+    host: &str,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, NodeConnectError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(&crate::protocol::ssl_request()).await.map_err(NodeConnectError::Unreachable)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(NodeConnectError::Unreachable)?;
+    if answer[0] != b'S' {
+        return Err(NodeConnectError::NoTls);
+    }
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned()).map_err(|e| {
+        NodeConnectError::Tls(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    })?;
+    connector.connect(name, tcp).await.map_err(NodeConnectError::Tls)
+}
+
+/// The host of `host:port` (IPv6 without its brackets).
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
 }
 
 async fn run_session(session: Session, shared: &Shared, span: Span) {
@@ -349,7 +416,7 @@ async fn run_session(session: Session, shared: &Shared, span: Span) {
 async fn finish_session(
     end: RelayEnd<Termination>,
     mut client: crate::stream::ClientStream,
-    node: TcpStream,
+    node: NodeStream,
     database: String,
     shared: &Shared,
 ) {

@@ -1,4 +1,4 @@
-//! A client connection: plain TCP, or TLS over TCP once negotiated.
+//! A connection to a client or a node: plain TCP, or TLS over TCP once negotiated.
 
 use std::io;
 use std::pin::Pin;
@@ -6,20 +6,37 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 
-pub enum ClientStream {
+/// Plain TCP, or TLS (`T`) over TCP.
+pub enum MaybeTls<T> {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<T>),
 }
 
-impl ClientStream {
+/// A client's connection (the proxy is the TLS server).
+pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
+/// A connection to a node (the proxy is the TLS client).
+pub type NodeStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl<T> MaybeTls<T> {
     pub fn is_tls(&self) -> bool {
         matches!(self, Self::Tls(_))
     }
 }
 
-impl AsyncRead for ClientStream {
+impl NodeStream {
+    /// The `tls-server-end-point` data of the node's certificate, over TLS.
+    pub fn end_point(&self) -> Option<Vec<u8>> {
+        match self {
+            Self::Plain(_) => None,
+            Self::Tls(s) => {
+                s.get_ref().1.peer_certificates()?.first().map(|c| crate::scram::end_point_hash(c))
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -32,7 +49,7 @@ impl AsyncRead for ClientStream {
     }
 }
 
-impl AsyncWrite for ClientStream {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -1,13 +1,14 @@
-//! Client-side TLS: the acceptor built from the configured PEM files, replaceable at runtime.
+//! TLS: towards clients, the acceptor built from the configured PEM files, replaceable at
+//! runtime; towards nodes, a connector trusting the nodes' CA.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use rustls::ServerConfig;
+use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::TlsFiles;
 
@@ -66,6 +67,25 @@ fn build_acceptor(files: &TlsFiles) -> Result<Acceptor, TlsError> {
     // PostgreSQL 17 clients send this ALPN on direct TLS; older clients send none.
     config.alpn_protocols = vec![crate::protocol::ALPN.to_vec()];
     Ok(Acceptor { acceptor: TlsAcceptor::from(Arc::new(config)), end_point })
+}
+
+/// A connector that trusts only `ca_pem` (the nodes' CA), for TLS from the proxy to nodes.
+pub fn node_connector(ca_pem: &str) -> Result<TlsConnector, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("node_ca: {e}"))?;
+        roots.add(cert).map_err(|e| format!("node_ca: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("node_ca holds no certificate".into());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

@@ -99,6 +99,9 @@ pub async fn adopt_nodes(platform: &Arc<Platform>, left: &Leftovers) {
             platform.update_operation(&mut op, OperationStatus::Failed, progress);
         }
     }
+    // The first table carries the verifiers: proxies that restarted with this control plane
+    // authenticate clients from the start.
+    crate::platform::verifiers::refresh_all(platform).await;
     if let Err(e) = platform.publish_routes() {
         error!(error = %e, "cannot publish routes");
     }

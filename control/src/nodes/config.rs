@@ -95,7 +95,8 @@ pub fn node_config(
             settings.push(("primary_slot_name".into(), quote(&slot_name(&node.name))));
         }
     }
-    let names: Vec<&str> = vec![node.host.as_str(), "localhost"];
+    // The address the proxies and standbys connect to, and the node's name.
+    let names: Vec<&str> = vec![node.host.as_str(), node.name.as_str(), "localhost"];
     let cert = ca.issue_server(&names).map_err(|e| ConfigError::Certificate(e.to_string()))?;
     Ok(NodeConfig {
         settings,
@@ -105,8 +106,9 @@ pub fn node_config(
     })
 }
 
-/// Clients (through the proxies) with SCRAM; replication only over TLS and only for the
-/// replication role; the superuser only over the node's private Unix socket.
+/// Clients (through the proxies) over TLS only, with SCRAM; replication only over TLS and only
+/// for the replication role; the superuser only over the node's private Unix socket. A
+/// plaintext TCP login matches no line and is refused.
 fn hba() -> String {
     format!(
         "# Managed by pgwarden.\n\
@@ -116,7 +118,7 @@ fn hba() -> String {
          host    replication  all                  all   reject\n\
          host    all          {REPLICATION_ROLE}  all   reject\n\
          host    all          postgres             all   reject\n\
-         host    all          all                  all   scram-sha-256\n"
+         hostssl all          all                  all   scram-sha-256\n"
     )
 }
 

@@ -223,7 +223,9 @@ impl Platform {
         let databases = self.store.databases()?;
         let epoch = self.store.next_counter("epoch")?;
         self.metrics.epoch.set(epoch as i64);
-        self.publisher.publish(table::build(&databases, &self.holds, &self.verifiers, epoch));
+        let node_ca = self.ca.cert_pem();
+        let table = table::build(&databases, &self.holds, &self.verifiers, node_ca, epoch);
+        self.publisher.publish(table);
         Ok(epoch)
     }
 }

@@ -51,28 +51,33 @@ pub async fn publish_now(platform: &Platform, id: &str) {
     }
 }
 
+/// Reads every database's verifiers, all at once, each read bounded; true when any changed.
+pub async fn refresh_all(platform: &Arc<Platform>) -> bool {
+    let timeouts = Timeouts::within(platform.config.health.timeout.max(Duration::from_secs(1)));
+    let mut changed = false;
+    let mut reads = tokio::task::JoinSet::new();
+    for db in platform.store.databases().unwrap_or_default() {
+        let platform = platform.clone();
+        reads.spawn(async move {
+            let read = refresh(&platform, &db.id, timeouts).await;
+            (db.id, read)
+        });
+    }
+    while let Some(joined) = reads.join_next().await {
+        match joined {
+            Ok((_, Ok(true))) => changed = true,
+            Ok((_, Ok(false))) => {}
+            Ok((id, Err(e))) => debug!(database = %id, error = %e, "verifiers not read"),
+            Err(e) => warn!(error = %e, "verifier read failed"),
+        }
+    }
+    changed
+}
+
 /// Reads every database's verifiers every few seconds; publishes when any changed.
 pub async fn keep_fresh(platform: Arc<Platform>, shutdown: CancellationToken) {
-    let timeouts = Timeouts::within(platform.config.health.timeout.max(Duration::from_secs(1)));
     loop {
-        let mut changed = false;
-        let mut reads = tokio::task::JoinSet::new();
-        for db in platform.store.databases().unwrap_or_default() {
-            let platform = platform.clone();
-            reads.spawn(async move {
-                let read = refresh(&platform, &db.id, timeouts).await;
-                (db.id, read)
-            });
-        }
-        while let Some(joined) = reads.join_next().await {
-            match joined {
-                Ok((_, Ok(true))) => changed = true,
-                Ok((_, Ok(false))) => {}
-                Ok((id, Err(e))) => debug!(database = %id, error = %e, "verifiers not read"),
-                Err(e) => warn!(error = %e, "verifier read failed"),
-            }
-        }
-        if changed {
+        if refresh_all(&platform).await {
             if let Err(e) = platform.publish_routes() {
                 warn!(error = %e, "cannot publish the new verifiers");
             }

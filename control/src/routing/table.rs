@@ -30,11 +30,12 @@ impl Holds {
 }
 
 /// The table for `databases` at `epoch`: running (or updating) databases with a primary, with
-/// their users' verifiers once they have been read.
+/// their users' verifiers once they have been read, and the CA the proxies verify nodes with.
 pub fn build(
     databases: &[DatabaseRecord],
     holds: &Holds,
     verifiers: &VerifierCache,
+    node_ca: &str,
     epoch: u64,
 ) -> RoutingTable {
     let mut routes = BTreeMap::new();
@@ -52,5 +53,5 @@ pub fn build(
         };
         routes.insert(db.name.clone(), route);
     }
-    RoutingTable { epoch, databases: routes }
+    RoutingTable { epoch, databases: routes, node_ca: Some(node_ca.to_owned()) }
 }
