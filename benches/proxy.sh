@@ -19,6 +19,11 @@
 # second pgwarden-proxy's configuration, run as the extra target "pgwarden-alt", e.g.
 # PW_ALT='worker_threads = 1'; tables go inline: PW_ALT='limits = { max_client_connections = 50 }').
 #
+# TLS to the node: "pgwarden-nodetls" is pgwarden-proxy as the control plane runs it (it
+# authenticates clients itself with SCRAM from the role's verifier, and reaches the node over TLS
+# verified against the CA, its login bound to the node's certificate); "pgbouncer-nodetls" is
+# PgBouncer with server_tls_sslmode=verify-full. Their plaintext rows are TLS on the node leg only.
+#
 # TLS: pgwarden-proxy and PgBouncer terminate client TLS and reach the node in plaintext;
 # HAProxy in TCP mode cannot terminate PostgreSQL's in-band TLS, so its TLS row is TLS end to end
 # with PostgreSQL through HAProxy (what HAProxy + Patroni users get). Direct TLS is the baseline
@@ -41,6 +46,7 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   # runuser does not pass the signal on: stop PgBouncer through its own pidfile.
   [ -f "$work/pgbouncer.pid" ] && kill "$(cat "$work/pgbouncer.pid")" 2>/dev/null || true
+  [ -f "$work/pgbouncer-tls.pid" ] && kill "$(cat "$work/pgbouncer-tls.pid")" 2>/dev/null || true
   [ -f "$work/data/postmaster.pid" ] && as_node "$PGBIN/pg_ctl" -D "$work/data" -m fast stop >/dev/null 2>&1 || true
   rm -rf "$work"
 }
@@ -59,6 +65,7 @@ openssl x509 -req -in "$work/server.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key
 chmod 600 "$work/server.key"
 
 PG_PORT=$(free_port); PW_PORT=$(free_port); PW_ADMIN=$(free_port); PGB_PORT=$(free_port); HA_PORT=$(free_port)
+PWT_PORT=$(free_port); PWT_ADMIN=$(free_port); PGBT_PORT=$(free_port)
 PASSWORD=bench-password
 [ "$(id -u)" = 0 ] && chown -R "$RUN_AS" "$work"
 echo "$PASSWORD" > "$work/pw"; [ "$(id -u)" = 0 ] && chown "$RUN_AS" "$work/pw"
@@ -97,6 +104,18 @@ TOML
 RUST_LOG=warn target/release/pgwarden-proxy --config "$work/proxy.toml" >"$work/proxy.log" 2>&1 &
 pids+=($!)
 PW_PID=$!
+# The same proxy as the control plane configures it: verifiers and the nodes' CA in the table.
+python3 - "$work" "$PG_PORT" "$SCRAM" > "$work/routes-tls.json" <<'PY'
+import json, sys
+work, port, scram = sys.argv[1:4]
+print(json.dumps({"epoch": 1, "node_ca": open(f"{work}/ca.crt").read(),
+                  "databases": {"bench": {"primary": f"127.0.0.1:{port}", "users": {"bench": scram}}}}))
+PY
+sed -e "s/127.0.0.1:$PW_PORT/127.0.0.1:$PWT_PORT/" -e "s/127.0.0.1:$PW_ADMIN/127.0.0.1:$PWT_ADMIN/" \
+  -e "s#$work/routes.json#$work/routes-tls.json#" "$work/proxy.toml" > "$work/proxy-tls.toml"
+RUST_LOG=warn target/release/pgwarden-proxy --config "$work/proxy-tls.toml" >"$work/proxy-tls.log" 2>&1 &
+pids+=($!)
+PWT_PID=$!
 PWA_PORT=$(free_port); PWA_PID=
 if [ -n "${PW_ALT:-}" ]; then
   sed -e "s/127.0.0.1:$PW_PORT/127.0.0.1:$PWA_PORT/" -e "s/127.0.0.1:$PW_ADMIN/127.0.0.1:$(free_port)/" \
@@ -128,7 +147,13 @@ client_tls_key_file = $work/server.key
 logfile = $work/pgbouncer.log
 pidfile = $work/pgbouncer.pid
 INI
+# The same with TLS to the node, verified (CA and the address in the certificate).
+sed -e "s/^listen_port = .*/listen_port = $PGBT_PORT/" -e "s#pgbouncer\.\(log\|pid\)#pgbouncer-tls.\1#" \
+  "$work/pgbouncer.ini" > "$work/pgbouncer-tls.ini"
+printf 'server_tls_sslmode = verify-full\nserver_tls_ca_file = %s\n' "$work/ca.crt" >> "$work/pgbouncer-tls.ini"
 [ "$(id -u)" = 0 ] && chown -R "$RUN_AS" "$work"
+as_node sh -c 'ulimit -n "$(ulimit -Hn)" && exec pgbouncer -q "$0"' "$work/pgbouncer-tls.ini" &
+pids+=($!)
 # As the node's user, whose soft limit on open files may be 1024: raised to the hard limit.
 as_node sh -c 'ulimit -n "$(ulimit -Hn)" && exec pgbouncer -q "$0"' "$work/pgbouncer.ini" &
 pids+=($!)
@@ -150,14 +175,16 @@ haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
 pids+=($!)
 HA_PID=$!
 
-for port in $PW_PORT $PGB_PORT $HA_PORT ${PWA_PID:+$PWA_PORT}; do
+for port in $PW_PORT $PWT_PORT $PGB_PORT $PGBT_PORT $HA_PORT ${PWA_PID:+$PWA_PORT}; do
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 done
 
-PGB_PID=$(cat "$work/pgbouncer.pid")
+for _ in $(seq 50); do [ -s "$work/pgbouncer-tls.pid" ] && break; sleep 0.1; done
+PGB_PID=$(cat "$work/pgbouncer.pid"); PGBT_PID=$(cat "$work/pgbouncer-tls.pid")
 HZ=$(getconf CLK_TCK)
 pid_of() {
-  case $1 in pgwarden) echo "$PW_PID" ;; pgwarden-alt) echo "$PWA_PID" ;; pgbouncer) echo "$PGB_PID" ;; haproxy) echo "$HA_PID" ;; esac
+  case $1 in pgwarden) echo "$PW_PID" ;; pgwarden-alt) echo "$PWA_PID" ;; pgbouncer) echo "$PGB_PID" ;; haproxy) echo "$HA_PID" ;;
+    pgwarden-nodetls) echo "$PWT_PID" ;; pgbouncer-nodetls) echo "$PGBT_PID" ;; esac
 }
 # CPU ticks (user + system) of a target's process; empty for direct PostgreSQL.
 ticks() {
@@ -209,8 +236,9 @@ if [ -n "${MEMORY_SESSIONS:-}" ]; then
 fi
 
 # name|port|sslmode
-declare -A port_of=([direct]=$PG_PORT [pgwarden]=$PW_PORT [pgwarden-alt]=$PWA_PORT [pgbouncer]=$PGB_PORT [haproxy]=$HA_PORT)
-names=${TARGETS:-direct pgwarden ${PWA_PID:+pgwarden-alt} pgbouncer haproxy}
+declare -A port_of=([direct]=$PG_PORT [pgwarden]=$PW_PORT [pgwarden-alt]=$PWA_PORT [pgbouncer]=$PGB_PORT [haproxy]=$HA_PORT
+  [pgwarden-nodetls]=$PWT_PORT [pgbouncer-nodetls]=$PGBT_PORT)
+names=${TARGETS:-direct pgwarden ${PWA_PID:+pgwarden-alt} pgwarden-nodetls pgbouncer pgbouncer-nodetls haproxy}
 targets=()
 for sslmode in ${SSLMODES:-disable require}; do
   for name in $names; do targets+=("$name|${port_of[$name]}|$sslmode"); done

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use pgwarden_api::{DatabaseRoute, RoutingTable, Verifiers};
 use pgwarden_e2e::{pg_bin, ClientOutput, PgNode, TestProxy, TEST_PASSWORD};
 use pgwarden_proxy::config::Limits;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -213,12 +214,7 @@ async fn a_malformed_password_message_gets_08p01_not_a_silent_close() {
     let node = PgNode::start();
     let proxy = TestProxy::start(Limits::default(), None).await;
     proxy.route(1, &[("app", &node.address(), false)]).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    let params = b"user\0app\0database\0app\0\0";
-    let mut startup = ((8 + params.len()) as i32).to_be_bytes().to_vec();
-    startup.extend_from_slice(&196_608u32.to_be_bytes());
-    startup.extend_from_slice(params);
-    s.write_all(&startup).await.unwrap();
+    let mut s = send_startup(&proxy).await;
     // The node asks for SCRAM (AuthenticationSASL).
     let mut header = [0u8; 5];
     s.read_exact(&mut header).await.unwrap();
@@ -282,4 +278,78 @@ async fn a_node_that_never_answers_gets_the_client_57p03_not_a_silent_close() {
         proxy.metric("pgwarden_proxy_connections_rejected_total{reason=\"node_timeout\"}").await,
         1.0
     );
+}
+
+/// Connects and sends a startup packet for user and database `app`.
+async fn send_startup(proxy: &TestProxy) -> TcpStream {
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let params = b"user\0app\0database\0app\0\0";
+    let mut startup = ((8 + params.len()) as i32).to_be_bytes().to_vec();
+    startup.extend_from_slice(&196_608u32.to_be_bytes());
+    startup.extend_from_slice(params);
+    s.write_all(&startup).await.unwrap();
+    s
+}
+
+/// A route whose users the proxy authenticates itself, with `app`'s verifier from the node.
+async fn proxy_authenticating(node: &PgNode) -> TestProxy {
+    let proxy = TestProxy::start(Limits::default(), None).await;
+    let out = node.superuser_sql("SELECT rolpassword FROM pg_authid WHERE rolname = 'app'");
+    assert!(out.success, "{}", out.stderr);
+    let route = DatabaseRoute {
+        force_tls: false,
+        primary: node.address(),
+        replicas: vec![],
+        hold: false,
+        users: Some(Verifiers([("app".to_owned(), out.stdout.trim().to_owned())].into())),
+    };
+    let table =
+        RoutingTable { epoch: 1, databases: [("app".to_owned(), route)].into(), node_ca: None };
+    let r = proxy.put_routes(&table).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    proxy
+}
+
+/// Sends a startup packet for `app` and reads the proxy's AuthenticationSASL.
+async fn start_scram(proxy: &TestProxy) -> TcpStream {
+    let mut s = send_startup(proxy).await;
+    let mut header = [0u8; 9];
+    s.read_exact(&mut header).await.unwrap();
+    assert_eq!((header[0], &header[5..9]), (b'R', &10i32.to_be_bytes()[..]), "AuthenticationSASL");
+    let len = i32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len - 8];
+    s.read_exact(&mut body).await.unwrap();
+    assert_eq!(body, b"SCRAM-SHA-256\0\0");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_messages_past_their_limit_or_malformed_get_08p01_from_the_proxy_alone() {
+    let node = PgNode::start();
+    let proxy = proxy_authenticating(&node).await;
+    // PostgreSQL's bound on an authentication message (PG_MAX_AUTH_TOKEN_LENGTH, 65535): one
+    // byte over is refused before it is read.
+    let over = [&[b'p'][..], &65_536i32.to_be_bytes()].concat();
+    // At the bound, a well-framed message that is not SCRAM; and a message that is not SASL.
+    let mut at_bound = vec![b'p'];
+    at_bound.extend_from_slice(&65_535i32.to_be_bytes());
+    at_bound.extend_from_slice(b"SCRAM-SHA-256\0");
+    let rest = 65_535 - 4 - 14 - 4;
+    at_bound.extend_from_slice(&(rest as i32).to_be_bytes());
+    at_bound.extend(std::iter::repeat_n(b'x', rest));
+    let query = [&[b'Q'][..], &9i32.to_be_bytes(), b"SELECT\0"].concat();
+    for message in [over, at_bound, query] {
+        let mut s = start_scram(&proxy).await;
+        let _ = s.write_all(&message).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+        assert_eq!(sqlstate(&answer).as_deref(), Some("08P01"), "{:?}", &message[..5]);
+    }
+    assert_eq!(
+        proxy.metric("pgwarden_proxy_backend_connect_seconds_count").await,
+        0.0,
+        "a client that never authenticated reached the node"
+    );
+    // And a real client still logs in.
+    assert_serving(&proxy).await;
 }

@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 
 use crate::cancel::CancelKey;
 use crate::metrics::Metrics;
-use crate::protocol::{self, SqlState, StartupParams};
+use crate::protocol::{self, Request, SqlState, StartupParams};
 use crate::stream::ClientStream;
 use crate::tls::TlsStore;
 
@@ -59,9 +59,12 @@ pub async fn accept(
     let mut gss_refused = false;
     loop {
         let packet = read_packet(&mut stream, max_packet).await?;
-        let code = u32::from_be_bytes(packet[4..8].try_into().expect("8 bytes checked"));
-        match code {
-            protocol::SSL_REQUEST_CODE if packet.len() == 8 => {
+        let request = match protocol::classify(&packet) {
+            Ok(request) => request,
+            Err(message) => return reject(stream, &message).await,
+        };
+        match request {
+            Request::Ssl => {
                 let ClientStream::Plain(mut tcp) = stream else {
                     return reject(stream, "SSLRequest received on a TLS connection").await;
                 };
@@ -85,33 +88,19 @@ pub async fn accept(
                     }
                 }
             }
-            protocol::GSSENC_REQUEST_CODE if packet.len() == 8 && !gss_refused => {
+            Request::GssEnc if !gss_refused => {
                 if stream.is_tls() {
                     return reject(stream, "GSSENCRequest received on a TLS connection").await;
                 }
                 stream.write_all(b"N").await?;
                 gss_refused = true;
             }
-            protocol::CANCEL_REQUEST_CODE if packet.len() == 16 => {
-                let pid = i32::from_be_bytes(packet[8..12].try_into().expect("16 bytes"));
-                let secret = i32::from_be_bytes(packet[12..16].try_into().expect("16 bytes"));
+            Request::GssEnc => return reject(stream, "GSSENCRequest sent twice").await,
+            Request::Cancel(pid, secret) => {
                 return Ok(Handshake::Cancel(CancelKey { pid, secret }, stream));
             }
-            code if code >> 16 == protocol::PROTOCOL_MAJOR_3 => {
-                return match protocol::parse_startup_params(&packet[8..]) {
-                    Ok(params) => {
-                        Ok(Handshake::Startup(Startup { stream, params, packet, end_point }))
-                    }
-                    Err(e) => reject(stream, &e.to_string()).await,
-                };
-            }
-            code => {
-                let message = format!(
-                    "unsupported frontend protocol {}.{}: server supports 3.0",
-                    code >> 16,
-                    code & 0xffff
-                );
-                return reject(stream, &message).await;
+            Request::Startup(params) => {
+                return Ok(Handshake::Startup(Startup { stream, params, packet, end_point }));
             }
         }
     }

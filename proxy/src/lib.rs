@@ -14,13 +14,16 @@
 //! `admin.rs` serves health, metrics (`metrics.rs`) and the routing table over HTTP;
 //! `server.rs` runs the accept loop and graceful shutdown; `config.rs` is `proxy.toml`;
 //! `open_files.rs` turns the limit on open files into a session limit; `workers.rs` runs
-//! sessions on one single-threaded runtime per CPU.
+//! sessions on one single-threaded runtime per CPU. `scram.rs` is SCRAM on both legs;
+//! `fuzz.rs` holds the fuzz targets of every parser and the fuzzer that runs them.
 #![forbid(unsafe_code)]
 
 mod admin;
 mod auth;
 mod cancel;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzz;
 mod ha;
 mod handshake;
 mod metrics;

@@ -57,14 +57,14 @@ pub enum RelayEnd<T> {
 
 /// Message framing of the node-to-client stream: how far the current message still goes.
 #[derive(Default)]
-struct Frames {
+pub(crate) struct Frames {
     header: [u8; 5],
     header_len: usize,
     body_left: usize,
 }
 
 impl Frames {
-    fn advance(&mut self, mut data: &[u8]) {
+    pub(crate) fn advance(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             if self.body_left > 0 {
                 let n = self.body_left.min(data.len());
@@ -85,7 +85,7 @@ impl Frames {
     }
 
     /// Bytes until the end of the current message (0 at a boundary).
-    fn to_boundary(&self) -> usize {
+    pub(crate) fn to_boundary(&self) -> usize {
         if self.body_left > 0 {
             self.body_left
         } else if self.header_len > 0 {

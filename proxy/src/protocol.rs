@@ -163,6 +163,43 @@ pub fn cancel_request(pid: i32, secret: i32) -> [u8; 16] {
     m
 }
 
+/// What a client's first packets (length prefix included) ask for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Request {
+    Ssl,
+    GssEnc,
+    /// A `CancelRequest`: process id and secret.
+    Cancel(i32, i32),
+    Startup(StartupParams),
+}
+
+/// Reads one packet of the connection start; the error is the message for the client.
+pub fn classify(packet: &[u8]) -> Result<Request, String> {
+    if packet.len() < 8
+        || i32::from_be_bytes(packet[..4].try_into().expect("4")) as usize != packet.len()
+    {
+        return Err(format!("invalid length of startup packet: {}", packet.len()));
+    }
+    let code = u32::from_be_bytes(packet[4..8].try_into().expect("8 bytes checked"));
+    match code {
+        SSL_REQUEST_CODE if packet.len() == 8 => Ok(Request::Ssl),
+        GSSENC_REQUEST_CODE if packet.len() == 8 => Ok(Request::GssEnc),
+        CANCEL_REQUEST_CODE if packet.len() == 16 => {
+            let pid = i32::from_be_bytes(packet[8..12].try_into().expect("16 bytes"));
+            let secret = i32::from_be_bytes(packet[12..16].try_into().expect("16 bytes"));
+            Ok(Request::Cancel(pid, secret))
+        }
+        code if code >> 16 == PROTOCOL_MAJOR_3 => {
+            parse_startup_params(&packet[8..]).map(Request::Startup).map_err(|e| e.to_string())
+        }
+        code => Err(format!(
+            "unsupported frontend protocol {}.{}: server supports 3.0",
+            code >> 16,
+            code & 0xffff
+        )),
+    }
+}
+
 /// The parameters of a `StartupMessage` body (after the protocol version).
 #[derive(Debug, PartialEq, Eq)]
 pub struct StartupParams {

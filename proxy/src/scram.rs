@@ -96,6 +96,13 @@ impl Keys {
 #[derive(Clone)]
 pub struct ClientKey([u8; KEY_LEN]);
 
+impl ClientKey {
+    /// A key no client has (for fuzzing the node side without a client).
+    pub(crate) fn zero() -> Self {
+        Self([0; KEY_LEN])
+    }
+}
+
 impl std::fmt::Debug for ClientKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ClientKey(..)")
