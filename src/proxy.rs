@@ -77,6 +77,19 @@ impl TestProxy {
         limits: Limits,
         tls: Option<TlsFiles>,
     ) -> Self {
+        Self::start_configured(clients, admin, |config| {
+            config.limits = limits;
+            config.tls = tls;
+        })
+        .await
+    }
+
+    /// Starts a proxy whose configuration `configure` completes (limits, TLS, domain...).
+    pub async fn start_configured(
+        clients: SocketAddr,
+        admin: SocketAddr,
+        configure: impl FnOnce(&mut Config),
+    ) -> Self {
         // The proxy's log, with the test's output: `RUST_LOG=pgwarden_proxy=debug`.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -84,8 +97,7 @@ impl TestProxy {
             .try_init();
         let token = format!("test-token-{}", std::process::id());
         let mut config = Config::with_token(token.clone());
-        config.limits = limits;
-        config.tls = tls;
+        configure(&mut config);
         let listeners = Listeners {
             clients: Some(tokio::net::TcpListener::bind(clients).await.expect("bind")),
             admin: tokio::net::TcpListener::bind(admin).await.expect("bind"),
@@ -125,6 +137,7 @@ impl TestProxy {
                         primary: primary.to_string(),
                         replicas: vec![],
                         hold: false,
+                        id: None,
                         users: None,
                     };
                     (db.to_string(), route)

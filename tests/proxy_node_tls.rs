@@ -13,6 +13,7 @@ fn table(epoch: u64, primary: &str, node_ca: &Ca) -> RoutingTable {
         primary: primary.to_owned(),
         replicas: vec![],
         hold: false,
+        id: None,
         users: None,
     };
     RoutingTable {
@@ -84,4 +85,57 @@ async fn nodes_are_reached_over_verified_tls_only() {
     bad.node_ca = Some("not a certificate".into());
     let r = proxy.put_routes(&bad).await;
     assert_eq!(r.status, 400, "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_server_name_under_the_domain_selects_the_database() {
+    let node = PgNode::start();
+    let certs = TestCerts::new();
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let proxy = TestProxy::start_configured(any, any, |config| {
+        config.tls = Some(certs.files());
+        config.domain = Some("db.test".into());
+    })
+    .await;
+    let route = DatabaseRoute {
+        force_tls: false,
+        primary: node.address(),
+        replicas: vec![],
+        hold: false,
+        id: Some("shop-1234".into()),
+        users: None,
+    };
+    let table = RoutingTable { epoch: 1, databases: [("app".into(), route)].into(), node_ca: None };
+    assert_eq!(proxy.put_routes(&table).await.status, 200);
+    // libpq sends the host name as SNI and connects to hostaddr; the startup packet names no
+    // routed database (dbname=app is what the node serves, user "app" would be the default).
+    let by_name = |host: &str, dbname: &str| {
+        format!(
+            "host={host} hostaddr=127.0.0.1 port={} user=app dbname={dbname} sslmode=require \
+             channel_binding=disable",
+            proxy.port()
+        )
+    };
+    let out = psql(
+        &by_name("SHOP-1234.db.test", "app"),
+        Some(TEST_PASSWORD),
+        "SELECT current_database()",
+    );
+    assert!(out.success, "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "app");
+    // The name wins over a startup database the proxy does not route ("postgres"), which the
+    // node then serves.
+    let sql = "SELECT current_database()";
+    let out = psql(&by_name("shop-1234.db.test", "postgres"), Some(TEST_PASSWORD), sql);
+    assert!(out.success, "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "postgres");
+    // An unknown id under the domain: 3D000, naming the id.
+    let out = psql(&by_name("nope.db.test", "app"), Some(TEST_PASSWORD), "SELECT 1");
+    assert!(!out.success);
+    assert!(out.stderr.contains("database with id \"nope\""), "{}", out.stderr);
+    // Names outside the domain, and plaintext clients, route by the startup packet as before.
+    let out = psql(&by_name("localhost", "app"), Some(TEST_PASSWORD), "SELECT 1");
+    assert!(out.success, "{}", out.stderr);
+    let out = psql(&by_name("other.example", "nothing"), Some(TEST_PASSWORD), "SELECT 1");
+    assert!(out.stderr.contains("database \"nothing\" does not exist"), "{}", out.stderr);
 }

@@ -301,6 +301,7 @@ async fn proxy_authenticating(node: &PgNode) -> TestProxy {
         primary: node.address(),
         replicas: vec![],
         hold: false,
+        id: None,
         users: Some(Verifiers([("app".to_owned(), out.stdout.trim().to_owned())].into())),
     };
     let table =

@@ -47,6 +47,10 @@ pub struct DatabaseRoute {
     /// during a planned switchover. Established sessions are not affected.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hold: bool,
+    /// The database's id, which a TLS client may name as `<id>.<domain>` (SNI) instead of
+    /// naming the database in its startup packet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// The users that may log in, with their SCRAM verifiers. When present, the proxy
     /// authenticates clients itself (a user not listed is refused); when absent, the node does
     /// (the exchange is relayed).

@@ -36,6 +36,9 @@ pub struct Config {
     pub routes_file: Option<PathBuf>,
     /// Server certificate for client TLS; without it `SSLRequest` is answered `N`.
     pub tls: Option<TlsFiles>,
+    /// With a domain, a TLS client whose server name (SNI) is `<database id>.<domain>` is routed
+    /// to that database, whatever its startup packet's `database` says. Default: unset.
+    pub domain: Option<String>,
     #[serde(default)]
     pub limits: Limits,
     /// Active/standby pair: without it, this proxy is active on its own.
@@ -64,6 +67,7 @@ impl std::fmt::Debug for Config {
             .field("admin_token_file", &self.admin_token_file)
             .field("routes_file", &self.routes_file)
             .field("tls", &self.tls)
+            .field("domain", &self.domain)
             .field("limits", &self.limits)
             .field("ha", &self.ha)
             .field("worker_threads", &self.worker_threads)
@@ -167,6 +171,7 @@ impl Config {
             admin_token_file: None,
             routes_file: None,
             tls: None,
+            domain: None,
             limits: Limits::default(),
             ha: None,
             worker_threads: None,

@@ -28,6 +28,8 @@ pub struct Startup {
     pub packet: Vec<u8>,
     /// Over TLS: the `tls-server-end-point` data of the certificate the client saw.
     pub end_point: Option<Arc<[u8]>>,
+    /// Over TLS: the server name the client asked for (SNI), lower-case.
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +102,13 @@ pub async fn accept(
                 return Ok(Handshake::Cancel(CancelKey { pid, secret }, stream));
             }
             Request::Startup(params) => {
-                return Ok(Handshake::Startup(Startup { stream, params, packet, end_point }));
+                let server_name = match &stream {
+                    ClientStream::Tls(tls) => tls.get_ref().1.server_name().map(str::to_owned),
+                    ClientStream::Plain(_) => None,
+                };
+                let server_name = server_name.map(|n| n.to_ascii_lowercase());
+                let startup = Startup { stream, params, packet, end_point, server_name };
+                return Ok(Handshake::Startup(startup));
             }
         }
     }

@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     metrics: Metrics,
     role: ha::Role,
     admin_token: String,
+    /// SNI names `<database id>.<domain>` select a database (`Config::domain`).
+    domain: Option<String>,
     /// Keys decoy SCRAM exchanges for unknown users (random per process).
     decoy_secret: [u8; 32],
     /// Set when the proxy stops accepting clients.

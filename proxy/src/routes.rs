@@ -94,6 +94,12 @@ impl Snapshot {
         self.routes.get(database).cloned()
     }
 
+    /// The name and route of the database whose id is `id`.
+    pub fn route_by_id(&self, id: &str) -> Option<(String, Arc<Route>)> {
+        let (name, _) = self.table.databases.iter().find(|(_, r)| r.id.as_deref() == Some(id))?;
+        Some((name.clone(), self.routes.get(name)?.clone()))
+    }
+
     pub fn epoch(&self) -> u64 {
         self.table.epoch
     }
@@ -273,6 +279,7 @@ mod tests {
                     primary: p.to_string(),
                     replicas: vec![],
                     hold: false,
+                    id: None,
                     users: None,
                 };
                 (n.to_string(), route)

@@ -96,6 +96,7 @@ pub async fn run_on(
     let shared = Arc::new(Shared {
         admin_token: config.resolve_admin_token()?,
         decoy_secret: rand::random(),
+        domain: config.domain.as_ref().map(|d| d.trim_start_matches('.').to_ascii_lowercase()),
         limits,
         routes: RouteStore::default(),
         tls: TlsStore::load(config.tls.clone()).context("cannot load TLS certificate")?,

@@ -104,7 +104,23 @@ async fn forward_cancel(shared: &Shared, key: cancel::CancelKey) {
 }
 
 async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> Option<Session> {
-    let Startup { mut stream, params, packet, end_point } = startup;
+    let Startup { mut stream, mut params, packet, end_point, server_name } = startup;
+    // A TLS server name `<database id>.<domain>` names the database: it replaces the startup
+    // packet's for routing (the node still gets the packet as sent).
+    let by_id = server_name.as_deref().zip(shared.domain.as_deref()).and_then(|(name, domain)| {
+        name.strip_suffix(domain)?.strip_suffix('.').filter(|id| !id.is_empty()).map(str::to_owned)
+    });
+    if let Some(id) = &by_id {
+        match shared.routes.load().route_by_id(id) {
+            Some((name, _)) => params.database = name,
+            None => {
+                shared.metrics.rejected(Rejection::UnknownDatabase);
+                let message = format!("database with id \"{id}\" (TLS server name) does not exist");
+                refuse(&mut stream, SqlState::UnknownDatabase, &message).await;
+                return None;
+            }
+        }
+    }
     let span = Span::current();
     span.record("user", params.user.as_str());
     span.record("database", params.database.as_str());

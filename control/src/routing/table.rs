@@ -49,6 +49,7 @@ pub fn build(
             primary: format!("{}:{}", primary.host, primary.port),
             replicas: db.replicas().map(|n| format!("{}:{}", n.host, n.port)).collect(),
             hold: holds.is_held(&db.id),
+            id: Some(db.id.clone()),
             users: verifiers.get(&db.id),
         };
         routes.insert(db.name.clone(), route);
