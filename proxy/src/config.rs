@@ -102,6 +102,12 @@ pub struct Limits {
     pub backend_connect_timeout_secs: f64,
     /// Largest startup packet accepted, in bytes. Default 10000.
     pub max_startup_packet: usize,
+    /// Connections that have not authenticated yet, in all; a new one beyond it ends the
+    /// oldest of them. Default 4096.
+    pub max_starting: usize,
+    /// Connections that have not authenticated yet from one client address; beyond it a new
+    /// one gets `53300` at once. Default 256.
+    pub max_starting_per_source: usize,
     /// On SIGTERM, seconds sessions may keep running before they are ended with `57P01`.
     /// Default 30.
     pub shutdown_grace_secs: f64,
@@ -118,6 +124,8 @@ impl Default for Limits {
             backend_auth_timeout_secs: 30.0,
             backend_connect_timeout_secs: 5.0,
             max_startup_packet: 10_000,
+            max_starting: 4096,
+            max_starting_per_source: 256,
             shutdown_grace_secs: 30.0,
             hold_timeout_secs: 5.0,
         }
@@ -196,6 +204,9 @@ impl Config {
         let l = &self.limits;
         if l.max_client_connections == 0 {
             return invalid("limits.max_client_connections must be at least 1");
+        }
+        if l.max_starting == 0 || l.max_starting_per_source == 0 {
+            return invalid("limits.max_starting and max_starting_per_source must be at least 1");
         }
         if l.max_startup_packet < 64 {
             return invalid("limits.max_startup_packet must be at least 64");

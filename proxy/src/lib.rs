@@ -10,7 +10,8 @@
 //! 4. `passthrough.rs` copies bytes both ways until a side closes, or until the route's primary
 //!    moves or the proxy shuts down, when the client gets a FATAL `57P01` at a message boundary.
 //!
-//! `ha.rs` is the active/standby pair: a standby holds no client address until its peer dies.
+//! `admission.rs` bounds the connections still starting, per client address and in all, and
+//! slows an address's failed logins. `ha.rs` is the active/standby pair: a standby holds no client address until its peer dies.
 //! `admin.rs` serves health, metrics (`metrics.rs`) and the routing table over HTTP;
 //! `server.rs` runs the accept loop and graceful shutdown; `config.rs` is `proxy.toml`;
 //! `open_files.rs` turns the limit on open files into a session limit; `workers.rs` runs
@@ -19,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admission;
 mod auth;
 mod cancel;
 pub mod config;
@@ -55,6 +57,7 @@ use tokio_util::sync::CancellationToken;
 /// State shared by every task of one proxy.
 pub(crate) struct Shared {
     limits: Limits,
+    admission: Arc<admission::Admission>,
     routes: RouteStore,
     tls: TlsStore,
     cancels: Arc<CancelMap>,

@@ -22,10 +22,12 @@ pub enum Rejection {
     BadPassword,
     NodeLogin,
     NodeTls,
+    TooManyStarting,
+    Evicted,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 14] = [
+    const ALL: [Rejection; 16] = [
         Self::TooManyClients,
         Self::HandshakeTimeout,
         Self::Malformed,
@@ -40,6 +42,8 @@ impl Rejection {
         Self::BadPassword,
         Self::NodeLogin,
         Self::NodeTls,
+        Self::TooManyStarting,
+        Self::Evicted,
     ];
 
     fn label(self) -> &'static str {
@@ -57,6 +61,8 @@ impl Rejection {
             Self::BadPassword => "bad_password",
             Self::NodeLogin => "node_login_failed",
             Self::NodeTls => "node_tls_failed",
+            Self::TooManyStarting => "too_many_starting_from_source",
+            Self::Evicted => "evicted_while_starting",
             Self::NodeTimeout => "node_timeout",
         }
     }

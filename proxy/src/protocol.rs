@@ -1,8 +1,11 @@
 //! The few PostgreSQL wire-protocol messages the proxy reads or writes itself.
 //!
-//! Everything else is relayed as bytes. Lengths are checked before anything is allocated.
+//! Everything else is relayed as bytes. Lengths are checked before anything is allocated. The
+//! messages the proxy sends to nodes as a client are encoded by `postgres-protocol` (the
+//! codec tokio-postgres uses); what it answers clients as a server, and what it parses, is here.
 
 use bytes::{BufMut, BytesMut};
+use postgres_protocol::message::frontend;
 
 /// The ALPN protocol name of PostgreSQL over TLS.
 pub const ALPN: &[u8] = b"postgresql";
@@ -116,21 +119,15 @@ pub fn sasl_mechanisms(body: &[u8]) -> Vec<&[u8]> {
 /// A `SASLInitialResponse` (`p`): mechanism, then the client's first message.
 pub fn sasl_initial_response(mechanism: &str, data: &[u8]) -> BytesMut {
     let mut msg = BytesMut::with_capacity(10 + mechanism.len() + data.len());
-    msg.put_u8(b'p');
-    msg.put_i32((4 + mechanism.len() + 1 + 4 + data.len()) as i32);
-    msg.put_slice(mechanism.as_bytes());
-    msg.put_u8(0);
-    msg.put_i32(data.len() as i32);
-    msg.put_slice(data);
+    frontend::sasl_initial_response(mechanism, data, &mut msg)
+        .expect("mechanism without NUL, data under 2 GiB");
     msg
 }
 
 /// A `SASLResponse` (`p`) carrying `data`.
 pub fn sasl_response(data: &[u8]) -> BytesMut {
     let mut msg = BytesMut::with_capacity(5 + data.len());
-    msg.put_u8(b'p');
-    msg.put_i32((4 + data.len()) as i32);
-    msg.put_slice(data);
+    frontend::sasl_response(data, &mut msg).expect("data under 2 GiB");
     msg
 }
 
@@ -146,20 +143,16 @@ pub fn parse_sasl_initial_response(body: &[u8]) -> Option<(&str, &[u8])> {
 }
 
 /// An `SSLRequest` packet.
-pub fn ssl_request() -> [u8; 8] {
-    let mut m = [0u8; 8];
-    m[0..4].copy_from_slice(&8i32.to_be_bytes());
-    m[4..8].copy_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+pub fn ssl_request() -> BytesMut {
+    let mut m = BytesMut::with_capacity(8);
+    frontend::ssl_request(&mut m);
     m
 }
 
 /// A `CancelRequest` packet.
-pub fn cancel_request(pid: i32, secret: i32) -> [u8; 16] {
-    let mut m = [0u8; 16];
-    m[0..4].copy_from_slice(&16i32.to_be_bytes());
-    m[4..8].copy_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
-    m[8..12].copy_from_slice(&pid.to_be_bytes());
-    m[12..16].copy_from_slice(&secret.to_be_bytes());
+pub fn cancel_request(pid: i32, secret: i32) -> BytesMut {
+    let mut m = BytesMut::with_capacity(16);
+    frontend::cancel_request(pid, secret, &mut m);
     m
 }
 

@@ -93,7 +93,12 @@ pub async fn run_on(
         );
         limits.max_client_connections = capacity;
     }
+    // Each starting connection holds a descriptor too.
+    limits.max_starting = limits.max_starting.min(capacity);
+    let admission =
+        crate::admission::Admission::new(limits.max_starting, limits.max_starting_per_source);
     let shared = Arc::new(Shared {
+        admission,
         admin_token: config.resolve_admin_token()?,
         decoy_secret: rand::random(),
         domain: config.domain.as_ref().map(|d| d.trim_start_matches('.').to_ascii_lowercase()),

@@ -1,7 +1,7 @@
 //! One client connection from accept to close: handshake, routing, authentication through the
 //! node, then the byte pump until either side ends or the proxy ends the session.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tracing::{debug, error, info, warn, Instrument, Span};
 
+use crate::admission::Refused;
 use crate::auth::{self, AuthError};
 use crate::cancel;
 use crate::handshake::{self, refuse, Handshake, HandshakeError, Startup};
@@ -27,9 +28,32 @@ const ROUTE_ATTEMPTS: usize = 3;
 /// Serves one client connection. `span` (peer, database, user, node) covers the setup and the
 /// end of the session but not the relay in between: entering a span at each of the relay's
 /// wake-ups costs more than the copying does.
-pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, span: Span) {
+pub async fn serve(mut tcp: TcpStream, shared: Arc<Shared>, span: Span) {
     let _gauge = ConnectionGauge::new(&shared.metrics.client_connections);
-    if let Some(session) = open(tcp, &shared).instrument(span.clone()).await {
+    let Ok(peer) = tcp.peer_addr() else { return };
+    let starting = match shared.admission.admit(peer.ip()) {
+        Ok(starting) => starting,
+        Err(Refused::TooManyFromSource) => {
+            shared.metrics.rejected(Rejection::TooManyStarting);
+            let message = "too many connections are starting from your address; retry shortly";
+            let refusal = crate::protocol::fatal(SqlState::TooManyConnections, message);
+            let sent = tokio::io::AsyncWriteExt::write_all(&mut tcp, &refusal);
+            let _ = tokio::time::timeout(Duration::from_secs(1), sent).await;
+            return;
+        }
+    };
+    // A connection that has not authenticated yet gives its place to a newer one when the
+    // proxy has too many of them (admission.rs).
+    let opened = tokio::select! {
+        opened = open(tcp, &shared, peer.ip()).instrument(span.clone()) => opened,
+        () = starting.evicted.cancelled() => {
+            shared.metrics.rejected(Rejection::Evicted);
+            debug!(parent: &span, "starting connection ended to make room for a newer one");
+            None
+        }
+    };
+    drop(starting);
+    if let Some(session) = opened {
         run_session(session, &shared, span).await;
     }
 }
@@ -37,7 +61,7 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, span: Span) {
 /// Handshake, routing and authentication. The handshake timeout bounds what the client must
 /// send (TLS handshake and startup packet here, each authentication message in `auth`); the
 /// node's part has bounds of its own, and a node too slow ends in an ErrorResponse, not a close.
-async fn open(tcp: TcpStream, shared: &Shared) -> Option<Session> {
+async fn open(tcp: TcpStream, shared: &Shared, peer: IpAddr) -> Option<Session> {
     let over_limit =
         shared.metrics.client_connections.get() as usize > shared.limits.max_client_connections;
     let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout();
@@ -66,7 +90,7 @@ async fn open(tcp: TcpStream, shared: &Shared) -> Option<Session> {
             let _ = tokio::time::timeout(shared.limits.handshake_timeout(), closing).await;
             None
         }
-        Ok(Handshake::Startup(startup)) => start_session(startup, shared, over_limit).await,
+        Ok(Handshake::Startup(startup)) => start_session(startup, shared, peer, over_limit).await,
         Err(e) => {
             shared.metrics.rejected(match e {
                 HandshakeError::Protocol(_) => Rejection::Malformed,
@@ -103,7 +127,12 @@ async fn forward_cancel(shared: &Shared, key: cancel::CancelKey) {
     }
 }
 
-async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> Option<Session> {
+async fn start_session(
+    startup: Startup,
+    shared: &Shared,
+    peer: IpAddr,
+    over_limit: bool,
+) -> Option<Session> {
     let Startup { mut stream, mut params, packet, end_point, server_name } = startup;
     // A TLS server name `<database id>.<domain>` names the database: it replaces the startup
     // packet's for routing (the node still gets the packet as sent).
@@ -152,7 +181,7 @@ async fn start_session(startup: Startup, shared: &Shared, over_limit: bool) -> O
             match authenticated {
                 Ok(login) => Some(login),
                 Err(e) => {
-                    refuse_auth(&mut stream, e, shared).await;
+                    refuse_auth(&mut stream, e, shared, peer).await;
                     return None;
                 }
             }
@@ -307,12 +336,19 @@ async fn admit(
 }
 
 /// Tells a client why the proxy did not authenticate it.
-async fn refuse_auth(stream: &mut crate::stream::ClientStream, e: AuthError, shared: &Shared) {
+async fn refuse_auth(
+    stream: &mut crate::stream::ClientStream,
+    e: AuthError,
+    shared: &Shared,
+    peer: IpAddr,
+) {
     let metrics = &shared.metrics;
     debug!(error = %e, "client authentication failed");
     let (state, message) = match e {
         AuthError::BadPassword(user) => {
             metrics.rejected(Rejection::BadPassword);
+            // Repeated failures from one address are answered ever later (admission.rs).
+            tokio::time::sleep(shared.admission.login_failed(peer)).await;
             (
                 SqlState::InvalidPassword,
                 format!("password authentication failed for user \"{user}\""),
