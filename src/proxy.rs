@@ -119,6 +119,26 @@ impl TestProxy {
         self.addr.port()
     }
 
+    /// Routes `database` to `node` at `epoch` with `app`'s SCRAM verifier from the node's
+    /// catalog: the proxy authenticates `app` itself, as with tables the control plane pushes.
+    pub async fn route_authenticating(&self, epoch: u64, database: &str, node: &crate::PgNode) {
+        let out = node.superuser_sql("SELECT rolpassword FROM pg_authid WHERE rolname = 'app'");
+        assert!(out.success, "{}", out.stderr);
+        let users =
+            pgwarden_api::Verifiers([("app".to_owned(), out.stdout.trim().to_owned())].into());
+        let route = DatabaseRoute {
+            force_tls: false,
+            primary: node.address(),
+            replicas: vec![],
+            hold: false,
+            id: None,
+            users: Some(users),
+        };
+        let databases = [(database.to_owned(), route)].into();
+        let answer = self.put_routes(&RoutingTable { epoch, databases, node_ca: None }).await;
+        assert_eq!(answer.status, 200, "routes refused: {}", answer.body);
+    }
+
     /// `PUT /v1/routes` with the admin token.
     pub async fn put_routes(&self, table: &RoutingTable) -> HttpResponse {
         let body = serde_json::to_string(table).expect("json");

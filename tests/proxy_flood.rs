@@ -6,7 +6,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use pgwarden_api::{DatabaseRoute, RoutingTable, Verifiers};
 use pgwarden_e2e::{PgNode, TestProxy, TEST_PASSWORD};
 use pgwarden_proxy::config::Limits;
 use tokio::io::AsyncReadExt;
@@ -14,19 +13,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 async fn proxy_for(node: &PgNode, limits: Limits) -> TestProxy {
     let proxy = TestProxy::start(limits, None).await;
-    let out = node.superuser_sql("SELECT rolpassword FROM pg_authid WHERE rolname = 'app'");
-    assert!(out.success, "{}", out.stderr);
-    let route = DatabaseRoute {
-        force_tls: false,
-        primary: node.address(),
-        replicas: vec![],
-        hold: false,
-        id: None,
-        users: Some(Verifiers([("app".to_owned(), out.stdout.trim().to_owned())].into())),
-    };
-    let table =
-        RoutingTable { epoch: 1, databases: [("app".to_owned(), route)].into(), node_ca: None };
-    assert_eq!(proxy.put_routes(&table).await.status, 200);
+    proxy.route_authenticating(1, "app", node).await;
     proxy
 }
 

@@ -4,7 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use pgwarden_api::{DatabaseRoute, RoutingTable, Verifiers};
 use pgwarden_e2e::{pg_bin, ClientOutput, PgNode, TestProxy, TEST_PASSWORD};
 use pgwarden_proxy::config::Limits;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -291,23 +290,10 @@ async fn send_startup(proxy: &TestProxy) -> TcpStream {
     s
 }
 
-/// A route whose users the proxy authenticates itself, with `app`'s verifier from the node.
+/// A proxy that authenticates `app` itself.
 async fn proxy_authenticating(node: &PgNode) -> TestProxy {
     let proxy = TestProxy::start(Limits::default(), None).await;
-    let out = node.superuser_sql("SELECT rolpassword FROM pg_authid WHERE rolname = 'app'");
-    assert!(out.success, "{}", out.stderr);
-    let route = DatabaseRoute {
-        force_tls: false,
-        primary: node.address(),
-        replicas: vec![],
-        hold: false,
-        id: None,
-        users: Some(Verifiers([("app".to_owned(), out.stdout.trim().to_owned())].into())),
-    };
-    let table =
-        RoutingTable { epoch: 1, databases: [("app".to_owned(), route)].into(), node_ca: None };
-    let r = proxy.put_routes(&table).await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    proxy.route_authenticating(1, "app", node).await;
     proxy
 }
 

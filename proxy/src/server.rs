@@ -11,8 +11,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn};
 
+use crate::admission::Refused;
 use crate::cancel::CancelMap;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Rejection};
+use crate::protocol::{fatal, SqlState};
 use crate::routes::RouteStore;
 use crate::tls::TlsStore;
 use crate::workers::Workers;
@@ -164,6 +166,19 @@ pub async fn run_on(
         };
         match accepted {
             Ok((tcp, peer)) => {
+                // Admitted here, in arrival order: the oldest starting connection is the one
+                // that came first.
+                let starting = match shared.admission.admit(peer.ip()) {
+                    Ok(starting) => starting,
+                    Err(Refused::TooManyFromSource) => {
+                        shared.metrics.rejected(Rejection::TooManyStarting);
+                        let message =
+                            "too many connections are starting from your address; retry shortly";
+                        // One small message fits the socket's buffer: never waits.
+                        let _ = tcp.try_write(&fatal(SqlState::TooManyConnections, message));
+                        continue;
+                    }
+                };
                 let _ = tcp.set_nodelay(true);
                 let span = info_span!(
                     "session",
@@ -173,7 +188,8 @@ pub async fn run_on(
                     node = tracing::field::Empty
                 );
                 let shared = Arc::clone(&shared);
-                workers.spawn(&tracker, tcp, move |tcp| session::serve(tcp, shared, span));
+                workers
+                    .spawn(&tracker, tcp, move |tcp| session::serve(tcp, shared, span, starting));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.

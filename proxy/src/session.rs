@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tracing::{debug, error, info, warn, Instrument, Span};
 
-use crate::admission::Refused;
+use crate::admission::Starting;
 use crate::auth::{self, AuthError};
 use crate::cancel;
 use crate::handshake::{self, refuse, Handshake, HandshakeError, Startup};
@@ -25,23 +25,13 @@ const STOP_DRAIN: Duration = Duration::from_secs(2);
 /// Routing attempts when the primary moves while a session is being set up.
 const ROUTE_ATTEMPTS: usize = 3;
 
-/// Serves one client connection. `span` (peer, database, user, node) covers the setup and the
+/// Serves one client connection, admitted (in arrival order, by the accept loop) as
+/// `starting`. `span` (peer, database, user, node) covers the setup and the
 /// end of the session but not the relay in between: entering a span at each of the relay's
 /// wake-ups costs more than the copying does.
-pub async fn serve(mut tcp: TcpStream, shared: Arc<Shared>, span: Span) {
+pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, span: Span, starting: Starting) {
     let _gauge = ConnectionGauge::new(&shared.metrics.client_connections);
     let Ok(peer) = tcp.peer_addr() else { return };
-    let starting = match shared.admission.admit(peer.ip()) {
-        Ok(starting) => starting,
-        Err(Refused::TooManyFromSource) => {
-            shared.metrics.rejected(Rejection::TooManyStarting);
-            let message = "too many connections are starting from your address; retry shortly";
-            let refusal = crate::protocol::fatal(SqlState::TooManyConnections, message);
-            let sent = tokio::io::AsyncWriteExt::write_all(&mut tcp, &refusal);
-            let _ = tokio::time::timeout(Duration::from_secs(1), sent).await;
-            return;
-        }
-    };
     // A connection that has not authenticated yet gives its place to a newer one when the
     // proxy has too many of them (admission.rs).
     let opened = tokio::select! {
