@@ -225,6 +225,27 @@ impl TestControl {
             .unwrap_or_else(|| panic!("no directory for node {name}"))
     }
 
+    /// The one-line answer of `sql` on every node of `db` (a database object of the API), as
+    /// the superuser over each node's own socket.
+    pub fn sql_on_every_node(&self, db: &Value, sql: &str) -> Vec<String> {
+        db["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| {
+                let dir = self.node_data_dir(n["name"].as_str().expect("name"));
+                let conninfo = format!(
+                    "host='{}' port={} user=postgres dbname=postgres",
+                    dir.parent().expect("node dir").display(),
+                    n["port"]
+                );
+                let out = crate::psql(&conninfo, None, sql);
+                assert!(out.success, "{sql}: {}", out.stderr);
+                out.stdout.trim().to_owned()
+            })
+            .collect()
+    }
+
     /// Waits until database `id` replicates synchronously with every node running.
     pub async fn wait_synchronous(&self, id: &str, what: &str) -> Value {
         self.wait_database(id, what, |db| {

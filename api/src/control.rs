@@ -167,6 +167,13 @@ pub struct ChangeDatabase {
     pub plan: String,
 }
 
+/// Body of `POST /v1/databases/{id}/engine-upgrade`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineUpgrade {
+    pub version: String,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Event {
     pub at: String,

@@ -7,14 +7,14 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use pgwarden_api::control::{
-    ChangeDatabase, CreateDatabase, Database, DatabaseOperation, DatabaseStatus, Engine, Env,
-    Event, Plan, SetTls,
+    ChangeDatabase, CreateDatabase, Database, DatabaseOperation, DatabaseStatus, Engine,
+    EngineUpgrade, Env, Event, Plan, SetTls,
 };
 
 use super::error::ApiError;
 use super::view::view;
 use super::{body, load, require_running, AppState};
-use crate::changes::plan;
+use crate::changes::{plan, upgrade};
 use crate::platform::{now_rfc3339, Platform};
 use crate::state::{DatabaseRecord, UserRecord};
 use crate::{lifecycle, plans, secrets};
@@ -196,19 +196,7 @@ pub async fn change(
         plan::Refusal::UnknownPlan(..) => ApiError::unprocessable("unknown_plan", e.to_string()),
         plan::Refusal::SamePlan(..) => ApiError::conflict("same_plan", e.to_string()),
     })?;
-    require_running(&db)?;
-    if let Some(fenced) = db.nodes.iter().find(|n| n.fenced) {
-        return Err(ApiError::conflict(
-            "database_recovering",
-            format!("node {} is rejoining after a failover; try again when it has", fenced.name),
-        ));
-    }
-    let claim = platform.changes.try_planned(&id).ok_or_else(|| {
-        ApiError::conflict(
-            "primary_change_in_progress",
-            format!("a primary change of {id} is in progress; try again when it ends"),
-        )
-    })?;
+    let claim = claim_running(platform, &db)?;
     let database = view(platform, &db).await;
     let (p, database_id) = (platform.clone(), id.clone());
     let operation =
@@ -216,6 +204,56 @@ pub async fn change(
             plan::change(&p, claim, &id, plan, progress).await
         })?;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
+}
+
+/// `POST /v1/databases/{id}/engine-upgrade` `{"version"}`: a minor upgrade, as an operation.
+pub async fn upgrade_engine(
+    State(state): AppState,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<DatabaseOperation>), ApiError> {
+    let request: EngineUpgrade = body(&bytes)?;
+    let platform = &state.platform;
+    let db = load(platform, &id)?;
+    let engine = upgrade::check(platform, &db, &request.version).map_err(|e| match e {
+        upgrade::Refusal::Same(..) => ApiError::conflict("same_version", e.to_string()),
+        upgrade::Refusal::Unknown(..) => ApiError::unprocessable("unknown_version", e.to_string()),
+        upgrade::Refusal::Downgrade { .. } => ApiError::unprocessable("downgrade", e.to_string()),
+        upgrade::Refusal::Major { .. } => {
+            ApiError::unprocessable("major_upgrade_unavailable", e.to_string())
+        }
+        upgrade::Refusal::NoToolset(..) => {
+            ApiError::unprocessable("unsupported_version", e.to_string())
+        }
+    })?;
+    let claim = claim_running(platform, &db)?;
+    let database = view(platform, &db).await;
+    let (p, database_id) = (platform.clone(), id.clone());
+    let operation =
+        platform.spawn_operation("engine_upgrade", &database_id, move |progress| async move {
+            upgrade::upgrade(&p, claim, &id, engine, progress).await
+        })?;
+    Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
+}
+
+/// The planned-change claim of a running database with every node in place.
+fn claim_running(
+    platform: &Platform,
+    db: &DatabaseRecord,
+) -> Result<crate::platform::ChangeGuard, ApiError> {
+    require_running(db)?;
+    if let Some(fenced) = db.nodes.iter().find(|n| n.fenced) {
+        return Err(ApiError::conflict(
+            "database_recovering",
+            format!("node {} is rejoining after a failover; try again when it has", fenced.name),
+        ));
+    }
+    platform.changes.try_planned(&db.id).ok_or_else(|| {
+        ApiError::conflict(
+            "primary_change_in_progress",
+            format!("a primary change of {} is in progress; try again when it ends", db.id),
+        )
+    })
 }
 
 pub async fn env(State(state): AppState, Path(id): Path<String>) -> Result<Json<Env>, ApiError> {

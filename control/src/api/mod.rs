@@ -51,6 +51,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(databases::show).delete(databases::destroy).patch(databases::change),
         )
         .route("/v1/databases/{id}/env", get(databases::env))
+        .route("/v1/databases/{id}/engine-upgrade", post(databases::upgrade_engine))
         .route("/v1/databases/{id}/tls", put(databases::set_tls))
         .route("/v1/databases/{id}/events", get(databases::events))
         .route("/v1/databases/{id}/users", get(users::list).post(users::create))

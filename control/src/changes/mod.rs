@@ -1,7 +1,9 @@
-//! Changes of a running database that keep it serving: plan changes (`plan.rs`). They build on
+//! Changes of a running database that keep it serving: plan changes (`plan.rs`) and minor
+//! engine upgrades (`upgrade.rs`, which rolls the same way). They build on
 //! `lifecycle/` (standbys) and `ha/` (switchover).
 
 pub mod plan;
+pub mod upgrade;
 
 use crate::ha::HaError;
 use crate::lifecycle::LifecycleError;
@@ -33,3 +35,18 @@ pub enum ChangeError {
 }
 
 crate::nodes::from_node_errors!(ChangeError);
+
+/// Applies `change` to database `id`'s record (under its lock); returns the record.
+fn update_record(
+    platform: &crate::platform::Platform,
+    id: &str,
+    change: impl FnOnce(&mut crate::state::DatabaseRecord),
+) -> Result<crate::state::DatabaseRecord, ChangeError> {
+    let (_, db) = platform
+        .update(id, |db| {
+            change(db);
+            Ok::<_, StoreError>(())
+        })?
+        .ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
+    Ok(db)
+}

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use pgwarden_api::control::{DatabaseStatus, NodeRole, Plan};
 
-use super::ChangeError;
+use super::{update_record, ChangeError};
 use crate::ha::switchover::switchover;
 use crate::lifecycle::standby::add_standby;
 use crate::nodes::config::slot_name;
@@ -76,29 +76,17 @@ pub async fn change(
     result
 }
 
-fn set_status(
+pub(super) fn set_status(
     platform: &Platform,
     id: &str,
     status: DatabaseStatus,
 ) -> Result<DatabaseRecord, ChangeError> {
-    let (_, db) = platform
-        .update(id, |db| {
-            db.status = status;
-            Ok::<_, StoreError>(())
-        })?
-        .ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
-    Ok(db)
+    update_record(platform, id, |db| db.status = status)
 }
 
 /// Records `plan` as the database's; returns the record.
 fn record_plan(platform: &Platform, id: &str, plan: &Plan) -> Result<DatabaseRecord, ChangeError> {
-    let (_, db) = platform
-        .update(id, |db| {
-            db.plan = plan.name.clone();
-            Ok::<_, StoreError>(())
-        })?
-        .ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
-    Ok(db)
+    update_record(platform, id, |db| db.plan = plan.name.clone())
 }
 
 async fn run(
@@ -119,7 +107,7 @@ async fn run(
         (true, 1) => {
             let db = record_plan(platform, id, plan)?;
             op.set(0.3);
-            restart_primary_held(platform, &claim, &db, &primary).await?;
+            restart_primary_held(platform, &claim, &db, &primary, &on_plan(&db)).await?;
         }
         (false, n) if n > 1 => {
             let raising = plan.max_connections >= old_plan.max_connections;
@@ -127,7 +115,8 @@ async fn run(
                 // Standby first, then the switchover makes it the primary.
                 let db = record_plan(platform, id, plan)?;
                 for standby in &standbys {
-                    restart_standby(platform, &claim, &db, &primary, standby).await?;
+                    restart_standby(platform, &claim, &db, &primary, standby, &on_plan(&db))
+                        .await?;
                 }
                 op.set(0.4);
                 let target = standbys.iter().find(|s| !s.fenced).map(|s| s.name.clone());
@@ -142,11 +131,12 @@ async fn run(
                 // standby restarts on the lower values only once it has replayed the
                 // primary's record of them (until then it refuses them at start).
                 let db = record_plan(platform, id, plan)?;
-                restart_primary_held(platform, &claim, &db, &primary).await?;
+                restart_primary_held(platform, &claim, &db, &primary, &on_plan(&db)).await?;
                 op.set(0.5);
                 for standby in &standbys {
                     wait_replayed(platform, &claim, &primary, standby).await?;
-                    restart_standby(platform, &claim, &db, &primary, standby).await?;
+                    restart_standby(platform, &claim, &db, &primary, standby, &on_plan(&db))
+                        .await?;
                 }
             }
         }
@@ -154,7 +144,7 @@ async fn run(
             // One node to two: the primary first if its parameters change, then a standby.
             let db = record_plan(platform, id, plan)?;
             if parameters_change {
-                restart_primary_held(platform, &claim, &db, &primary).await?;
+                restart_primary_held(platform, &claim, &db, &primary, &on_plan(&db)).await?;
             }
             op.set(0.4);
             add_standbys(platform, id, plan).await?;
@@ -165,11 +155,16 @@ async fn run(
             op.set(0.5);
             let db = record_plan(platform, id, plan)?;
             if parameters_change {
-                restart_primary_held(platform, &claim, &db, &primary).await?;
+                restart_primary_held(platform, &claim, &db, &primary, &on_plan(&db)).await?;
             }
         }
     }
     Ok(())
+}
+
+/// How an event names the plan a node restarted on.
+fn on_plan(db: &DatabaseRecord) -> String {
+    format!("plan {}", db.plan)
 }
 
 /// Runs `work` unless a failover takes over first.
@@ -200,11 +195,12 @@ async fn restart(
 }
 
 /// Restarts the primary on `db`'s parameters while the proxies hold new sessions.
-async fn restart_primary_held(
+pub(super) async fn restart_primary_held(
     platform: &Arc<Platform>,
     claim: &ChangeGuard,
     db: &DatabaseRecord,
     primary: &NodeRecord,
+    what: &str,
 ) -> Result<(), ChangeError> {
     let sync = if db.synchronous { db.replicas().next().map(|s| s.name.clone()) } else { None };
     let config = platform.node_config(db, primary, sync.as_deref())?;
@@ -233,9 +229,8 @@ async fn restart_primary_held(
         id,
         "node_reconfigured",
         format!(
-            "primary {} restarted on plan {} (new sessions held {} ms)",
+            "primary {} restarted on {what} (new sessions held {} ms)",
             primary.name,
-            db.plan,
             held_at.elapsed().as_millis()
         ),
     );
@@ -243,12 +238,13 @@ async fn restart_primary_held(
 }
 
 /// Restarts a standby on `db`'s parameters and waits until it streams from `primary` again.
-async fn restart_standby(
+pub(super) async fn restart_standby(
     platform: &Arc<Platform>,
     claim: &ChangeGuard,
     db: &DatabaseRecord,
     primary: &NodeRecord,
     standby: &NodeRecord,
+    what: &str,
 ) -> Result<(), ChangeError> {
     let config = platform.node_config(db, standby, None)?;
     step(claim, restart(platform, standby, config)).await?;
@@ -277,7 +273,7 @@ async fn restart_standby(
     platform.event(
         &db.id,
         "node_reconfigured",
-        format!("standby {} restarted on plan {} and streaming", standby.name, db.plan),
+        format!("standby {} restarted on {what} and streaming", standby.name),
     );
     Ok(())
 }
@@ -316,7 +312,10 @@ async fn wait_replayed(
 }
 
 /// Waits until every node runs, none is fenced, and commits are synchronous.
-async fn wait_synchronous_again(platform: &Platform, id: &str) -> Result<(), ChangeError> {
+pub(super) async fn wait_synchronous_again(
+    platform: &Platform,
+    id: &str,
+) -> Result<(), ChangeError> {
     let deadline = Instant::now() + REJOIN_TIMEOUT;
     loop {
         let db =

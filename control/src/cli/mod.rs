@@ -68,6 +68,13 @@ pub enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Upgrade a database to another build of its PostgreSQL major (rolling on business plans).
+    Upgrade {
+        id: String,
+        version: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Print DATABASE_URL and PGWARDEN_POSTGRESQL_URL.
     Env { id: String },
     /// Force TLS on or off.
@@ -331,6 +338,21 @@ pub async fn run(api: &str, data_dir: &std::path::Path, command: Command) -> any
                 client.wait(answer.operation).await?;
                 println!("{id} destroyed");
             }
+            Ok(())
+        }
+        Command::Upgrade { id, version, no_wait } => {
+            let client = client()?;
+            let path = format!("/v1/databases/{id}");
+            let body = json!({ "version": version });
+            let answer: DatabaseOperation =
+                client.call(Method::POST, &format!("{path}/engine-upgrade"), Some(body)).await?;
+            if no_wait {
+                println!("{id}: engine upgrade started (operation {})", answer.operation.id);
+                return Ok(());
+            }
+            client.wait(answer.operation).await?;
+            let db: Database = client.call(Method::GET, &path, None).await?;
+            print_databases(&[db]);
             Ok(())
         }
         Command::Plan { id, plan, no_wait } => {
