@@ -5,13 +5,15 @@
 //!
 //! Paths, each round going up then back down: a single node (sandbox ↔ starter-1024, a restart
 //! under a hold), business ↔ business (512 ↔ 1024: rolling with a switchover up, primary first
-//! down) and starter ↔ business (512: a standby added, then removed). For every change: total
-//! duration of the operation, longest wait of a new connection and new connections that
-//! failed; at the end, acknowledged inserts lost.
+//! down) and starter ↔ business (512: a standby added, then removed); and minor engine
+//! upgrades from PostgreSQL 15.17 to the default build (Debian's 15), on a single node and on a
+//! business database, each round on a new database (when `scripts/setup.sh` installed 15.17).
+//! For every change: total duration of the operation, longest wait of a new connection and new
+//! connections that failed; at the end, acknowledged inserts lost.
 
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{lost_writes, psql, Connector, TestControl, Writer};
+use pgwarden_e2e::{engines_dir, lost_writes, psql, Connector, TestControl, Writer};
 use serde_json::json;
 
 struct Measure {
@@ -29,11 +31,22 @@ async fn change(
     plan: &str,
     path: &'static str,
 ) -> Measure {
+    let request = ("PATCH", format!("/v1/databases/{id}"), json!({"plan": plan}));
+    measure(control, url, plan, path, request).await
+}
+
+/// Runs `request` (an operation) under a connector on `url`; what new connections saw.
+async fn measure(
+    control: &TestControl,
+    url: &str,
+    plan: &str,
+    path: &'static str,
+    (method, target, body): (&str, String, serde_json::Value),
+) -> Measure {
     let connector = Connector::start(url.to_owned());
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
-    let r =
-        control.request("PATCH", &format!("/v1/databases/{id}"), Some(json!({"plan": plan}))).await;
+    let r = control.request(method, &target, Some(body)).await;
     assert_eq!(r.status, 202, "{}", r.body);
     let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
     let took = started.elapsed();
@@ -55,7 +68,8 @@ async fn change(
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let rounds: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(3);
-    let control = TestControl::start().await;
+    let engines = engines_dir();
+    let control = TestControl::start_full(Vec::new(), Vec::new(), "data", engines.clone()).await;
     let paths: [(&str, &str, &str, &'static str); 3] = [
         ("single", "postgresql-sandbox", "postgresql-starter-1024", "single node restart"),
         ("rolling", "postgresql-business-512", "postgresql-business-1024", "business ↔ business"),
@@ -86,10 +100,55 @@ async fn main() {
         lost_total += lost_writes(&acked, &out.stdout).len();
         acked_total += acked.len();
     }
+    // Minor upgrades: each round on a new database created on 15.17.
+    let upgrades = [
+        ("postgresql-sandbox", "minor upgrade, single node"),
+        ("postgresql-business-512", "minor upgrade, business"),
+    ];
+    if engines.is_none() {
+        eprintln!(
+            "minor upgrades not measured: PostgreSQL 15.17 is not installed (scripts/setup.sh)"
+        );
+    }
+    for (round, (plan, path)) in upgrades.iter().cycle().take(2 * rounds).enumerate() {
+        if engines.is_none() {
+            break;
+        }
+        let body = json!({"name": format!("up{round}"), "plan": plan, "version": "15.17"});
+        let r = control.request("POST", "/v1/databases", Some(body)).await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+        let id = r.json()["database"]["id"].as_str().unwrap().to_owned();
+        let db = control
+            .wait_database(&id, "every node running", |db| {
+                db["status"] == "running"
+                    && db["nodes"].as_array().unwrap().iter().all(|n| n["status"] == "running")
+            })
+            .await;
+        control.wait_routed(db["name"].as_str().unwrap(), true).await;
+        let url = db["database_url"].as_str().unwrap().to_owned();
+        assert!(psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)").success);
+        let writer = Writer::start(url.clone());
+        let engines = control.request("GET", "/v1/engines", None).await.json();
+        let default = engines.as_array().unwrap().iter().find(|e| e["default"] == true).cloned();
+        let version = default.expect("default build")["version"].clone();
+        let request =
+            ("POST", format!("/v1/databases/{id}/engine-upgrade"), json!({"version": version}));
+        let label = format!("PostgreSQL {}", version.as_str().unwrap_or_default());
+        measures.push(measure(&control, &url, &label, path, request).await);
+        let acked = writer.stop().await;
+        let out = psql(&url, None, "SELECT string_agg(n::text, ',') FROM w");
+        lost_total += lost_writes(&acked, &out.stdout).len();
+        acked_total += acked.len();
+    }
     println!("| path | changes | median duration | max duration | longest wait of a new connection | new connections failed |");
     println!("|---|---:|---:|---:|---:|---:|");
-    for (_, _, _, path) in paths {
+    let all_paths = paths.iter().map(|p| p.3).chain(upgrades.iter().map(|u| u.1));
+    for path in all_paths {
         let of: Vec<&Measure> = measures.iter().filter(|m| m.path == path).collect();
+        if of.is_empty() {
+            continue;
+        }
         let mut took: Vec<Duration> = of.iter().map(|m| m.took).collect();
         took.sort();
         let wait = of.iter().map(|m| m.longest_wait).max().unwrap_or_default();

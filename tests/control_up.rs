@@ -250,15 +250,49 @@ fn env_url(data: &Path, api: &str, id: &str) -> String {
         .to_owned()
 }
 
+/// Waits (at most `within`, else fails saying `never`) until `now` holds, then kills `serving`
+/// with SIGKILL.
+async fn kill_9_once(serving: &mut Serve, within: Duration, never: &str, now: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !now() {
+        assert!(Instant::now() < deadline, "{never}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(serving.child.id(), "-KILL");
+    wait_exit(&mut serving.child, Duration::from_secs(10));
+}
+
+/// A data dir and a proxy for `pgwarden serve` processes, killed and cleaned up on drop.
+struct Bed {
+    _dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+    proxy: TestProxy,
+    ports: (u16, u16),
+    cleanup: Cleanup,
+}
+
+impl Bed {
+    async fn new() -> Self {
+        let dir = data_dir();
+        let data = dir.path().join("pw");
+        let proxy = TestProxy::start(Limits::default(), None).await;
+        let cleanup = Cleanup(data.clone(), vec![]);
+        Self { _dir: dir, data, proxy, ports: (free_port(), free_port()), cleanup }
+    }
+
+    /// Starts `pgwarden serve` on the bed (the same API and node ports every time).
+    fn serve(&mut self) -> Serve {
+        let serving = serve(&self.data, &self.proxy, self.ports.0, self.ports.1);
+        self.cleanup.1.push(serving.child.id());
+        serving
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_serve_keeps_databases_adopts_nodes_and_republishes_routes() {
-    let dir = data_dir();
-    let data = dir.path().join("pw");
-    let proxy = TestProxy::start(Limits::default(), None).await;
-    let (api_port, node_port) = (free_port(), free_port());
-    let mut cleanup = Cleanup(data.clone(), vec![]);
-    let mut first = serve(&data, &proxy, api_port, node_port);
-    cleanup.1.push(first.child.id());
+    let mut bed = Bed::new().await;
+    let data = bed.data.clone();
+    let mut first = bed.serve();
     let created = cli(&data, &first.api, &["create", "billing", "--plan", "postgresql-sandbox"]);
     let id =
         created.split_whitespace().find(|w| w.starts_with("billing-")).expect(&created).to_owned();
@@ -271,20 +305,19 @@ async fn kill_9_of_serve_keeps_databases_adopts_nodes_and_republishes_routes() {
     assert!(psql(&url, None, "CREATE TABLE t(x int); INSERT INTO t VALUES (1)").success);
     let node = node_data_dirs(&data).pop().unwrap();
     let pid_before = postmaster_pid(&node).expect("node running");
-    let epoch_before = proxy.metric("pgwarden_proxy_epoch").await;
+    let epoch_before = bed.proxy.metric("pgwarden_proxy_epoch").await;
 
     signal(first.child.id(), "-KILL");
     wait_exit(&mut first.child, Duration::from_secs(10));
     // The database keeps serving while the control plane is down.
     assert_eq!(psql(&url, None, "SELECT count(*) FROM t").stdout.trim(), "1");
 
-    let mut second = serve(&data, &proxy, api_port, node_port);
-    cleanup.1.push(second.child.id());
+    let mut second = bed.serve();
     assert_eq!(env_url(&data, &second.api, &id), url, "same credentials");
     let listed = cli(&data, &second.api, &["list"]);
     assert!(listed.contains(&id) && listed.contains("running"), "{listed}");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while proxy.metric("pgwarden_proxy_epoch").await <= epoch_before {
+    while bed.proxy.metric("pgwarden_proxy_epoch").await <= epoch_before {
         assert!(Instant::now() < deadline, "routes not republished");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -316,13 +349,9 @@ async fn kill_9_of_serve_keeps_databases_adopts_nodes_and_republishes_routes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provisioning_interrupted_by_kill_9_is_finished_on_restart() {
-    let dir = data_dir();
-    let data = dir.path().join("pw");
-    let proxy = TestProxy::start(Limits::default(), None).await;
-    let (api_port, node_port) = (free_port(), free_port());
-    let mut cleanup = Cleanup(data.clone(), vec![]);
-    let mut first = serve(&data, &proxy, api_port, node_port);
-    cleanup.1.push(first.child.id());
+    let mut bed = Bed::new().await;
+    let data = bed.data.clone();
+    let mut first = bed.serve();
     let created = cli(
         &data,
         &first.api,
@@ -330,16 +359,11 @@ async fn provisioning_interrupted_by_kill_9_is_finished_on_restart() {
     );
     let id = created.split_whitespace().next().unwrap().to_owned();
     // Kill it in the middle: once the primary exists, before the standby is ready.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while node_data_dirs(&data).iter().all(|d| !running(d)) {
-        assert!(Instant::now() < deadline, "provisioning never started a node");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    signal(first.child.id(), "-KILL");
-    wait_exit(&mut first.child, Duration::from_secs(10));
+    let started = || node_data_dirs(&data).iter().any(|d| running(d));
+    kill_9_once(&mut first, Duration::from_secs(30), "provisioning never started a node", started)
+        .await;
 
-    let mut second = serve(&data, &proxy, api_port, node_port);
-    cleanup.1.push(second.child.id());
+    let mut second = bed.serve();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let shown = cli(&data, &second.api, &["show", &id]);
@@ -376,6 +400,64 @@ async fn provisioning_interrupted_by_kill_9_is_finished_on_restart() {
     assert_eq!(running_nodes, 2);
     cli(&data, &second.api, &["destroy", &id]);
     assert!(node_data_dirs(&data).iter().all(|d| !running(d)));
+    signal(second.child.id(), "-TERM");
+    wait_exit(&mut second.child, Duration::from_secs(30));
+}
+
+/// `SHOW max_connections` on every running node under `data`, over its socket (port and socket
+/// directory from its `postmaster.pid`).
+fn max_connections_of_running_nodes(data: &Path) -> Vec<String> {
+    node_data_dirs(data)
+        .iter()
+        .filter(|d| running(d))
+        .map(|d| {
+            let pid_file = std::fs::read_to_string(d.join("postmaster.pid")).unwrap();
+            let lines: Vec<&str> = pid_file.lines().collect();
+            let conninfo =
+                format!("host='{}' port={} user=postgres dbname=postgres", lines[4], lines[3]);
+            psql(&conninfo, None, "SHOW max_connections").stdout.trim().to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_change_cut_by_kill_9_is_finished_on_restart() {
+    let mut bed = Bed::new().await;
+    let data = bed.data.clone();
+    let mut first = bed.serve();
+    let created =
+        cli(&data, &first.api, &["create", "resumed", "--plan", "postgresql-business-512"]);
+    let id =
+        created.split_whitespace().find(|w| w.starts_with("resumed-")).expect(&created).to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cli(&data, &first.api, &["events", &id]).contains("replication_synchronous") {
+        assert!(Instant::now() < deadline, "never synchronous");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cli(&data, &first.api, &["plan", &id, "postgresql-business-1024", "--no-wait"]);
+    // Cut it once a node restarted on the new plan (before the switchover, if this is quick
+    // enough; any later point must be finished the same way).
+    let api = first.api.clone();
+    let restarted = || cli(&data, &api, &["events", &id]).contains("node_reconfigured");
+    let never = "the plan change never restarted a node";
+    kill_9_once(&mut first, Duration::from_secs(60), never, restarted).await;
+
+    let mut second = bed.serve();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let events = cli(&data, &second.api, &["events", &id]);
+        assert!(!events.contains("change_resume_failed"), "{events}");
+        let shown = cli(&data, &second.api, &["show", &id]);
+        let finished =
+            events.contains("change_finished") && shown.contains("postgresql-business-1024");
+        if finished && max_connections_of_running_nodes(&data) == ["80", "80"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the change was not finished: {shown}\n{events}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let url = env_url(&data, &second.api, &id);
+    assert!(psql(&url, None, "SELECT 1").success);
     signal(second.child.id(), "-TERM");
     wait_exit(&mut second.child, Duration::from_secs(30));
 }

@@ -3,6 +3,7 @@
 //! `lifecycle/` (standbys) and `ha/` (switchover).
 
 pub mod plan;
+pub mod resume;
 pub mod upgrade;
 
 use crate::ha::HaError;

@@ -279,7 +279,7 @@ pub(super) async fn restart_standby(
 }
 
 /// Waits until `standby` has replayed everything `primary` has written now.
-async fn wait_replayed(
+pub(super) async fn wait_replayed(
     platform: &Platform,
     claim: &ChangeGuard,
     primary: &NodeRecord,

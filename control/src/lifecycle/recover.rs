@@ -1,7 +1,9 @@
 //! What a start of the control plane does with what the previous run left: nodes of settled
 //! databases are adopted (running) or started (`adopt_nodes`), supervision starts, and only then
 //! are interrupted provisionings and destructions resumed (`resume_operations`), each as its own
-//! task, so that no resumed operation delays a failover.
+//! task, so that no resumed operation delays a failover. Plan changes and engine upgrades cut
+//! short are finished by `changes::resume` (the server starts it with
+//! `Leftovers::interrupted_changes`).
 
 use std::sync::Arc;
 
@@ -19,7 +21,24 @@ pub struct Leftovers {
     operations: Vec<Operation>,
 }
 
+/// Operations that leave a database `updating` and that a restart finishes (`changes::resume`).
+pub const RESUMABLE_CHANGES: [&str; 2] = ["plan_change", "engine_upgrade"];
+
 impl Leftovers {
+    /// The databases a plan change or engine upgrade left `updating`, with that operation.
+    pub fn interrupted_changes(&self) -> Vec<(DatabaseRecord, Operation)> {
+        self.databases
+            .iter()
+            .filter(|db| db.status == DatabaseStatus::Updating)
+            .filter_map(|db| {
+                let op = self.operations.iter().find(|o| {
+                    o.database_id == db.id && RESUMABLE_CHANGES.contains(&o.kind.as_str())
+                })?;
+                Some((db.clone(), op.clone()))
+            })
+            .collect()
+    }
+
     pub fn read(platform: &Platform) -> Result<Self, StoreError> {
         let operations = platform
             .store
@@ -35,10 +54,13 @@ impl Leftovers {
 /// interrupted on them; publishes the routes. Returns once every node was started or given up.
 pub async fn adopt_nodes(platform: &Arc<Platform>, left: &Leftovers) {
     let interrupted = &left.operations;
+    let resumable: Vec<String> =
+        left.interrupted_changes().into_iter().map(|(db, _)| db.id).collect();
     for db in left.databases.iter().cloned() {
         if matches!(db.status, DatabaseStatus::Provisioning | DatabaseStatus::Deleting) {
             continue;
         }
+        let resumed = resumable.contains(&db.id);
         // Primaries first: a standby starts streaming at once.
         let mut nodes = db.nodes.clone();
         nodes.sort_by_key(|n| n.role != NodeRole::Primary);
@@ -66,8 +88,8 @@ pub async fn adopt_nodes(platform: &Arc<Platform>, left: &Leftovers) {
                 ),
             }
         }
-        if db.status == DatabaseStatus::Updating {
-            // A plan change was cut short: the database serves on what its nodes run now.
+        if db.status == DatabaseStatus::Updating && !resumed {
+            // A change with no operation to finish: the database serves on what its nodes run.
             let _ = platform.update(&db.id, |db| {
                 db.status = DatabaseStatus::Running;
                 Ok::<_, crate::state::StoreError>(())
@@ -93,7 +115,8 @@ pub async fn adopt_nodes(platform: &Arc<Platform>, left: &Leftovers) {
                 "restore interrupted by a control plane restart; the database is as it was",
             );
         }
-        if let Some(mut op) = interrupted.iter().find(|o| o.database_id == db.id).cloned() {
+        let left_op = interrupted.iter().find(|o| o.database_id == db.id).cloned();
+        if let Some(mut op) = left_op.filter(|_| !resumed) {
             op.error = Some("interrupted by a control plane restart".into());
             let progress = op.progress;
             platform.update_operation(&mut op, OperationStatus::Failed, progress);

@@ -71,7 +71,9 @@ pub async fn serve(
     tokio::spawn(async move {
         recover::adopt_nodes(&recovering, &left).await;
         tokio::spawn(crate::ha::watcher::supervise(recovering.clone(), watchers));
+        let changes = left.interrupted_changes();
         recover::resume_operations(&recovering, left);
+        crate::changes::resume::resume_interrupted(&recovering, changes);
     });
     let state = Arc::new(ApiState { platform: platform.clone(), heartbeats, token });
     let served = axum::serve(listener, api::router(state))

@@ -1,0 +1,116 @@
+//! A plan change or engine upgrade cut short by a control plane restart (kill -9 included) is
+//! finished on the next start, never left half-done. The record already names the target (the
+//! new plan, each node's build): every node is restarted on what its record says, in the order
+//! that keeps the database serving and PostgreSQL's rules satisfied —
+//!
+//! - one node: a restart under a hold;
+//! - with standbys, raising (or same) `max_connections`: standbys first, then a switchover, and
+//!   the old primary rejoins on the new configuration;
+//! - lowering: the primary first under a hold, then each standby once it replayed the primary's
+//!   record of the lower value.
+//!
+//! Nodes already on the target restart once more: simpler than finding out which are, and a
+//! planned restart is invisible to new connections. A change that was adding or removing a
+//! standby is not resumed: the watcher restarts or rejoins the standby the record names.
+
+use std::sync::Arc;
+
+use pgwarden_api::control::{DatabaseStatus, NodeRole};
+
+use super::plan::{
+    restart_primary_held, restart_standby, set_status, wait_replayed, wait_synchronous_again,
+};
+use super::ChangeError;
+use crate::ha::switchover::switchover;
+use crate::plans;
+use crate::platform::operations::Progress;
+use crate::platform::{ChangeGuard, Platform};
+
+/// Finishes every change `left` holds, each as its operation (the interrupted one, which then
+/// succeeds or fails with the reason).
+pub fn resume_interrupted(
+    platform: &Arc<Platform>,
+    changes: Vec<(crate::state::DatabaseRecord, pgwarden_api::control::Operation)>,
+) {
+    for (db, op) in changes {
+        let Some(claim) = platform.changes.try_planned(&db.id) else {
+            // A failover claimed the primary first; it settles the database.
+            let _ = set_status(platform, &db.id, DatabaseStatus::Running);
+            continue;
+        };
+        tracing::warn!(database = %db.id, operation = %op.id, "finishing an interrupted change");
+        let (p, id) = (platform.clone(), db.id.clone());
+        platform.run_operation(op, move |progress| async move {
+            resume(&p, claim, &id, progress).await
+        });
+    }
+}
+
+/// Finishes the interrupted change of `id`; `claim` is its planned-change claim.
+pub async fn resume(
+    platform: &Arc<Platform>,
+    claim: ChangeGuard,
+    id: &str,
+    mut op: Progress,
+) -> Result<(), ChangeError> {
+    let db = set_status(platform, id, DatabaseStatus::Updating)?;
+    platform.event(
+        id,
+        "change_resumed",
+        format!("finishing the change to plan {} cut short by a control plane restart", db.plan),
+    );
+    let result = run(platform, claim, id, &mut op).await;
+    let _ = set_status(platform, id, DatabaseStatus::Running);
+    match &result {
+        Ok(()) => platform.event(id, "change_finished", "every node runs what its record says"),
+        Err(e) => platform.event(id, "change_resume_failed", e.to_string()),
+    }
+    result
+}
+
+async fn run(
+    platform: &Arc<Platform>,
+    claim: ChangeGuard,
+    id: &str,
+    op: &mut Progress,
+) -> Result<(), ChangeError> {
+    let db = platform.store.database(id)?.ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
+    let plan = plans::find(&db.plan).ok_or_else(|| ChangeError::UnknownPlan(db.plan.clone()))?;
+    let what = format!("plan {} (resumed)", db.plan);
+    let primary = db.primary().cloned().ok_or_else(|| ChangeError::NoPrimary(id.to_owned()))?;
+    // A fenced standby (an old primary the cut switchover left) is rejoined by the watcher,
+    // on the configuration its record names.
+    let standbys: Vec<_> =
+        db.nodes.iter().filter(|n| n.role == NodeRole::Replica && !n.fenced).collect();
+    if standbys.is_empty() {
+        op.set(0.3);
+        restart_primary_held(platform, &claim, &db, &primary, &what).await?;
+        drop(claim);
+        return if db.nodes.len() > 1 {
+            wait_synchronous_again(platform, id).await
+        } else {
+            Ok(())
+        };
+    }
+    let admin = platform.session(&platform.node_spec(&primary), "postgres").await?;
+    let live: String = admin.query_one("SHOW max_connections", &[]).await?.get(0);
+    drop(admin);
+    if live.parse::<u32>().is_ok_and(|live| plan.max_connections < live) {
+        restart_primary_held(platform, &claim, &db, &primary, &what).await?;
+        op.set(0.5);
+        for standby in standbys {
+            wait_replayed(platform, &claim, &primary, standby).await?;
+            restart_standby(platform, &claim, &db, &primary, standby, &what).await?;
+        }
+        return Ok(());
+    }
+    for standby in &standbys {
+        restart_standby(platform, &claim, &db, &primary, standby, &what).await?;
+    }
+    op.set(0.4);
+    let target = standbys.iter().find(|s| !s.fenced).map(|s| s.name.clone());
+    switchover(platform, &claim, id, target.as_deref()).await?;
+    op.set(0.7);
+    drop(claim);
+    wait_synchronous_again(platform, id).await
+}
