@@ -139,3 +139,28 @@ async fn a_tls_server_name_under_the_domain_selects_the_database() {
     let out = psql(&by_name("other.example", "nothing"), Some(TEST_PASSWORD), "SELECT 1");
     assert!(out.stderr.contains("database \"nothing\" does not exist"), "{}", out.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaches_a_node_behind_tls() {
+    let platform_ca = Ca::generate().unwrap();
+    let node = node_with_cert(&platform_ca, &["127.0.0.1"]);
+    let proxy = TestProxy::start(Limits::default(), None).await;
+    let r = proxy.put_routes(&table(1, &node.address(), &platform_ca)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let conninfo = proxy.conninfo("app", "app", &format!("password={TEST_PASSWORD}"));
+    let (client, connection) =
+        tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let token = client.cancel_token();
+    let sleeping =
+        tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.expect("cancel sent");
+    let err = sleeping.await.unwrap().expect_err("cancelled");
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{err:?}");
+    assert_eq!(
+        proxy.metric("pgwarden_proxy_cancel_requests_total{result=\"forwarded\"}").await,
+        1.0,
+        "forwarded to the node over TLS"
+    );
+}

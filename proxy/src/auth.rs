@@ -9,13 +9,12 @@
 //! on the way is `BackendKeyData`, whose secret is the proxy's (registered in the cancel map
 //! against the node's real key).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::cancel::{CancelGuard, CancelKey, CancelMap, CancelTarget};
+use crate::cancel::{CancelGuard, CancelKey, CancelMap, CancelTarget, NodeAddress};
 use crate::protocol::{self, auth_code, tag};
 use crate::routes::Credential;
 use crate::scram::{self, Binding, ClientExchange, ClientKey, Keys, ScramError, ServerExchange};
@@ -152,7 +151,7 @@ pub struct Authenticated {
 pub async fn relay(
     client: &mut ClientStream,
     node: &mut NodeStream,
-    node_addr: SocketAddr,
+    node_addr: NodeAddress,
     startup_packet: &[u8],
     login: Option<&Login>,
     cancels: &Arc<CancelMap>,
@@ -177,7 +176,8 @@ pub async fn relay(
             tag::BACKEND_KEY_DATA if len == 13 => {
                 let pid = i32::from_be_bytes(message[5..9].try_into().expect("13 bytes"));
                 let secret = i32::from_be_bytes(message[9..13].try_into().expect("13 bytes"));
-                let target = CancelTarget { node: node_addr, key: CancelKey { pid, secret } };
+                let key = CancelKey { pid, secret };
+                let target = CancelTarget { node: node_addr.clone(), key };
                 let guard = cancels.register(target);
                 let key = guard.key();
                 out.extend_from_slice(&protocol::backend_key_data(key.pid, key.secret));

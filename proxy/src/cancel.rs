@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::protocol;
 
@@ -19,11 +20,24 @@ pub struct CancelKey {
     pub secret: i32,
 }
 
-/// Where a cancel must go: the node and its own key for the backend.
-#[derive(Clone, Copy, Debug)]
+/// Where a cancel must go: the node, how to reach it, and its own key for the backend.
+#[derive(Clone)]
 pub struct CancelTarget {
-    pub node: SocketAddr,
+    pub node: NodeAddress,
     pub key: CancelKey,
+}
+
+/// A node's address, and the TLS (verified for `host`) its sessions were opened with.
+#[derive(Clone)]
+pub struct NodeAddress {
+    pub addr: SocketAddr,
+    pub tls: Option<(Arc<TlsConnector>, String)>,
+}
+
+impl std::fmt::Display for NodeAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", self.addr, if self.tls.is_some() { " (TLS)" } else { "" })
+    }
 }
 
 #[derive(Default)]
@@ -70,16 +84,31 @@ impl CancelMap {
     }
 
     pub fn target(&self, key: CancelKey) -> Option<CancelTarget> {
-        self.lock().get(&key).copied()
+        self.lock().get(&key).cloned()
     }
 }
 
-/// Sends the real `CancelRequest` to the node. PostgreSQL answers nothing; it closes.
+/// Sends the real `CancelRequest` to the node, inside TLS when its sessions use TLS (the key
+/// never crosses the network in the clear). PostgreSQL answers nothing; it closes.
 pub async fn forward(target: CancelTarget, timeout: Duration) -> std::io::Result<()> {
+    let request = protocol::cancel_request(target.key.pid, target.key.secret);
     let send = async {
-        let mut node = TcpStream::connect(target.node).await?;
-        node.write_all(&protocol::cancel_request(target.key.pid, target.key.secret)).await?;
-        node.shutdown().await
+        let mut tcp = TcpStream::connect(target.node.addr).await?;
+        let Some((connector, host)) = &target.node.tls else {
+            tcp.write_all(&request).await?;
+            return tcp.shutdown().await;
+        };
+        tcp.write_all(&protocol::ssl_request()).await?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await?;
+        if answer[0] != b'S' {
+            return Err(std::io::Error::other("the node does not accept TLS"));
+        }
+        let name = rustls_pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let mut tls = connector.connect(name, tcp).await?;
+        tls.write_all(&request).await?;
+        tls.shutdown().await
     };
     tokio::time::timeout(timeout, send)
         .await

@@ -12,6 +12,7 @@ use tracing::{debug, error, info, warn, Instrument, Span};
 use crate::admission::Starting;
 use crate::auth::{self, AuthError};
 use crate::cancel;
+use crate::cancel::NodeAddress;
 use crate::handshake::{self, refuse, Handshake, HandshakeError, Startup};
 use crate::metrics::{CancelResult, ConnectionGauge, Rejection, Termination};
 use crate::passthrough::{self, RelayEnd};
@@ -108,11 +109,12 @@ async fn forward_cancel(shared: &Shared, key: cancel::CancelKey) {
         debug!("cancel request with an unknown key");
         return;
     };
+    let node = target.node.clone();
     match cancel::forward(target, shared.limits.backend_connect_timeout()).await {
         Ok(()) => shared.metrics.cancel_request(CancelResult::Forwarded),
         Err(e) => {
             shared.metrics.cancel_request(CancelResult::Failed);
-            warn!(node = %target.node, error = %e, "could not forward cancel request");
+            warn!(%node, error = %e, "could not forward cancel request");
         }
     }
 }
@@ -233,10 +235,11 @@ async fn start_session(
             client: shared.limits.handshake_timeout(),
             node: shared.limits.backend_auth_timeout(),
         };
+        let tls = route.node_tls.clone().map(|c| (c, host_of(&route.primary).to_owned()));
         let relayed = auth::relay(
             &mut stream,
             &mut node,
-            node_addr,
+            NodeAddress { addr: node_addr, tls },
             &packet,
             login.as_ref(),
             &shared.cancels,
