@@ -71,6 +71,13 @@ pub struct Starting {
     pub evicted: CancellationToken,
 }
 
+impl Starting {
+    /// The client address it was admitted for.
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+}
+
 impl Drop for Starting {
     fn drop(&mut self) {
         let mut state = self.admission.lock();

@@ -32,11 +32,11 @@ const ROUTE_ATTEMPTS: usize = 3;
 /// wake-ups costs more than the copying does.
 pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, span: Span, starting: Starting) {
     let _gauge = ConnectionGauge::new(&shared.metrics.client_connections);
-    let Ok(peer) = tcp.peer_addr() else { return };
+    let peer = starting.ip();
     // A connection that has not authenticated yet gives its place to a newer one when the
     // proxy has too many of them (admission.rs).
     let opened = tokio::select! {
-        opened = open(tcp, &shared, peer.ip()).instrument(span.clone()) => opened,
+        opened = open(tcp, &shared, peer).instrument(span.clone()) => opened,
         () = starting.evicted.cancelled() => {
             shared.metrics.rejected(Rejection::Evicted);
             debug!(parent: &span, "starting connection ended to make room for a newer one");

@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use pgwarden_api::control::{DatabaseStatus, NodeRole};
+use pgwarden_api::control::{DatabaseStatus, NodeRole, OperationStatus};
 
 use super::plan::{
     restart_primary_held, restart_standby, set_status, wait_replayed, wait_synchronous_again,
@@ -34,8 +34,13 @@ pub fn resume_interrupted(
 ) {
     for (db, op) in changes {
         let Some(claim) = platform.changes.try_planned(&db.id) else {
-            // A failover claimed the primary first; it settles the database.
+            // A failover claimed the primary first; it settles the database. The operation
+            // ends too: a client polling it must not wait forever.
             let _ = set_status(platform, &db.id, DatabaseStatus::Running);
+            let mut op = op;
+            op.error = Some("interrupted by a control plane restart, then by a failover".into());
+            let at = op.progress;
+            platform.update_operation(&mut op, OperationStatus::Failed, at);
             continue;
         };
         tracing::warn!(database = %db.id, operation = %op.id, "finishing an interrupted change");
