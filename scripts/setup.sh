@@ -58,6 +58,47 @@ PY
   "$engines/$engine_version/bin/postgres" --version
 fi
 
+# A newer major for the major-upgrade tests: PostgreSQL 18 with its full toolset, built once
+# from the upstream tarball of Debian's postgresql-18 source package (Debian's development suite,
+# fetched through a deb-src entry that serves sources only) into the same cache. About 5 minutes
+# on 2 cores; skipped when a build of 18 is already there. PGWARDEN_SKIP_PG18=1 skips it.
+if [ "${PGWARDEN_SKIP_PG18:-}" != 1 ] && ! ls "$engines"/18.*/bin/pg_dump >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  need=()
+  for pkg in dpkg-dev libssl-dev zlib1g-dev libreadline-dev libicu-dev pkg-config bzip2 make gcc bison flex; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+  done
+  src_list=/etc/apt/sources.list.d/pgwarden-sid-src.sources
+  if [ ! -f "$src_list" ]; then
+    printf '%s\n' 'Types: deb-src' 'URIs: http://deb.debian.org/debian' 'Suites: sid' \
+      'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
+      | $sudo tee "$src_list" >/dev/null
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing ${need[*]} to build PostgreSQL 18"
+    $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && apt-get source --download-only -qq postgresql-18 >/dev/null 2>&1)
+  tarball="$(ls "$tmp"/postgresql-18_*.orig.tar.* | head -n1)"
+  pg18="$(basename "$tarball" | sed -E 's/^postgresql-18_([0-9.]+)\.orig.*/\1/')"
+  echo "setup: building PostgreSQL $pg18 from Debian's source package into $engines/$pg18 (once)"
+  tar xf "$tarball" -C "$tmp"
+  (
+    cd "$tmp/postgresql-$pg18"
+    ./configure --quiet --prefix="$engines/$pg18" --with-openssl --with-icu >/dev/null
+    make -s -j"$(nproc)" >/dev/null 2>&1 || make -s >/dev/null
+    rm -rf "${engines:?}/$pg18"
+    make -s install >/dev/null
+  )
+  chmod -R a+rX "$engines"
+  rm -rf "$tmp"
+  "$engines/$pg18/bin/postgres" --version
+fi
+
 if [ "$(id -u)" = 0 ] && ! id -u "${PGWARDEN_NODE_USER:-postgres}" >/dev/null 2>&1; then
   useradd --system --home-dir /var/lib/postgresql --shell /bin/bash "${PGWARDEN_NODE_USER:-postgres}"
 fi

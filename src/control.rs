@@ -22,6 +22,8 @@ pub struct TestControl {
     pub data: std::path::PathBuf,
     extra_proxies: Vec<String>,
     engines_dir: Option<std::path::PathBuf>,
+    /// How long clusters a major upgrade replaced are kept (default: a day).
+    rollback_window: Duration,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -45,6 +47,24 @@ impl TestControl {
         data: &str,
         engines_dir: Option<std::path::PathBuf>,
     ) -> Self {
+        Self::start_keeping(
+            extra_settings,
+            extra_proxies,
+            data,
+            engines_dir,
+            Duration::from_secs(86_400),
+        )
+        .await
+    }
+
+    /// As `start_full`, keeping the clusters a major upgrade replaced for `rollback_window`.
+    pub async fn start_keeping(
+        extra_settings: Vec<(String, String)>,
+        extra_proxies: Vec<String>,
+        data: &str,
+        engines_dir: Option<std::path::PathBuf>,
+        rollback_window: Duration,
+    ) -> Self {
         let dir = tempfile::Builder::new().prefix("pgwarden-control-").tempdir().expect("tempdir");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
@@ -67,6 +87,7 @@ impl TestControl {
             certs,
             extra_proxies,
             engines_dir,
+            rollback_window,
             shutdown: CancellationToken::new(),
             task: None,
         };
@@ -93,6 +114,7 @@ impl TestControl {
             health: Default::default(),
             backup_tick: Duration::from_millis(200),
             engines_dir: self.engines_dir.clone(),
+            rollback_window: self.rollback_window,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         self.addr = listener.local_addr().expect("addr");

@@ -22,7 +22,7 @@ mod tls;
 pub use clients::{pg_bin, psql, ClientOutput};
 pub use control::TestControl;
 pub use http::{http_request, HttpResponse};
-pub use load::{lost_writes, Ack, Connector, Writer};
+pub use load::{assert_no_failed, lost_writes, Ack, Connector, Writer};
 pub use node::{
     free_port, node_data_dirs, postmaster_pid, stop_immediately, NodeOptions, PgNode, TEST_PASSWORD,
 };

@@ -149,3 +149,17 @@ pub fn lost_writes(acks: &[Ack], present: &str) -> Vec<i64> {
         .collect();
     acks.iter().map(|a| a.n).filter(|n| !present.contains(n)).collect()
 }
+
+/// Asserts that no new connection of a `Connector` failed; prints how many there were and the
+/// longest wait.
+pub fn assert_no_failed(outcomes: &[Result<Duration, String>], what: &str) {
+    let failed: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{what}: {} of {} new connections failed: {failed:?}",
+        failed.len(),
+        outcomes.len()
+    );
+    let longest = outcomes.iter().filter_map(|o| o.as_ref().ok()).max();
+    println!("{what}: {} new connections, longest wait {longest:?}", outcomes.len());
+}

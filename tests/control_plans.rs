@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{lost_writes, psql, Connector, TestControl, Writer};
+use pgwarden_e2e::{assert_no_failed, lost_writes, psql, Connector, TestControl, Writer};
 use serde_json::{json, Value};
 use tokio_postgres::NoTls;
 
@@ -36,18 +36,6 @@ fn settings_of_every_node(control: &TestControl, db: &Value) -> Vec<(String, Str
             (buffers.to_owned(), connections.to_owned())
         })
         .collect()
-}
-
-fn assert_no_failed(outcomes: &[Result<Duration, String>], what: &str) {
-    let failed: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
-    assert!(
-        failed.is_empty(),
-        "{what}: {} of {} new connections failed: {failed:?}",
-        failed.len(),
-        outcomes.len()
-    );
-    let longest = outcomes.iter().filter_map(|o| o.as_ref().ok()).max();
-    println!("{what}: {} new connections, longest wait {longest:?}", outcomes.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use pgwarden_e2e::{engines_dir, lost_writes, psql, Connector, TestControl, Writer};
+use pgwarden_e2e::{
+    assert_no_failed, engines_dir, lost_writes, psql, Connector, TestControl, Writer,
+};
 use serde_json::{json, Value};
 use tokio_postgres::NoTls;
 
@@ -60,13 +62,6 @@ async fn upgrade(control: &TestControl, id: &str, version: &str) -> Value {
 fn versions_on_every_node(control: &TestControl, db: &Value) -> Vec<String> {
     let answers = control.sql_on_every_node(db, "SHOW server_version");
     answers.iter().map(|v| v.split_whitespace().next().unwrap_or_default().to_owned()).collect()
-}
-
-fn assert_no_failed(outcomes: &[Result<Duration, String>], what: &str) {
-    let failed: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
-    assert!(failed.is_empty(), "{what}: {} of {} failed: {failed:?}", failed.len(), outcomes.len());
-    let longest = outcomes.iter().filter_map(|o| o.as_ref().ok()).max();
-    println!("{what}: {} new connections, longest wait {longest:?}", outcomes.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

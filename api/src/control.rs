@@ -172,6 +172,10 @@ pub struct ChangeDatabase {
 #[serde(deny_unknown_fields)]
 pub struct EngineUpgrade {
     pub version: String,
+    /// Major upgrades: how long new sessions may be held for the swap (default 10 000 ms); past
+    /// it the swap is abandoned and the database stays on its current cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_budget_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

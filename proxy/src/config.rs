@@ -111,8 +111,9 @@ pub struct Limits {
     /// On SIGTERM, seconds sessions may keep running before they are ended with `57P01`.
     /// Default 30.
     pub shutdown_grace_secs: f64,
-    /// Seconds a new session may wait for a database whose route is on hold (switchover)
-    /// before it gets `57P03`. Default 5.
+    /// Seconds a new session may wait for a database whose route is on hold (switchover, major
+    /// upgrade) before it gets `57P03`. Default 12: above a major upgrade's default hold
+    /// budget (10 s), past which the control plane gives the hold up itself.
     pub hold_timeout_secs: f64,
 }
 
@@ -127,7 +128,7 @@ impl Default for Limits {
             max_starting: 4096,
             max_starting_per_source: 256,
             shutdown_grace_secs: 30.0,
-            hold_timeout_secs: 5.0,
+            hold_timeout_secs: 12.0,
         }
     }
 }

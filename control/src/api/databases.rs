@@ -1,6 +1,7 @@
 //! Plans and databases: create, list, show, destroy, env, TLS, events.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -14,7 +15,7 @@ use pgwarden_api::control::{
 use super::error::ApiError;
 use super::view::view;
 use super::{body, load, require_running, AppState};
-use crate::changes::{plan, upgrade};
+use crate::changes::{major, plan, upgrade};
 use crate::platform::{now_rfc3339, Platform};
 use crate::state::{DatabaseRecord, UserRecord};
 use crate::{lifecycle, plans, secrets};
@@ -73,6 +74,8 @@ pub async fn create(
         synchronous: false,
         backup_hour_utc: 1,
         engine,
+        upgrade: None,
+        retired: Vec::new(),
     };
     // The check and the insert are one step: of two creates with the same name, one wins.
     platform.insert_new(&db, |existing| {
@@ -115,15 +118,13 @@ fn engine_for(
             )
         })?,
     };
-    // The control plane's own client tools (dumps, base backups, rewinds) are of one major.
-    if default.is_some_and(|d| d.major != engine.major) || engines.toolset(engine.major).is_none() {
+    // Dumps, base backups and rewinds need the client tools of the database's major.
+    if engines.toolset(engine.major).is_none() {
         return Err(ApiError::unprocessable(
             "unsupported_version",
             format!(
-                "PostgreSQL {} needs the client tools of major {}, which this control plane does not run; use a {} build",
-                engine.version,
-                engine.major,
-                default.map_or("15".to_owned(), |d| d.major.to_string())
+                "PostgreSQL {} needs the client tools of major {}, and no full build of it is installed",
+                engine.version, engine.major,
             ),
         ));
     }
@@ -206,7 +207,8 @@ pub async fn change(
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
 }
 
-/// `POST /v1/databases/{id}/engine-upgrade` `{"version"}`: a minor upgrade, as an operation.
+/// `POST /v1/databases/{id}/engine-upgrade` `{"version", "hold_budget_ms"}`: a minor or major
+/// upgrade, as an operation.
 pub async fn upgrade_engine(
     State(state): AppState,
     Path(id): Path<String>,
@@ -215,23 +217,39 @@ pub async fn upgrade_engine(
     let request: EngineUpgrade = body(&bytes)?;
     let platform = &state.platform;
     let db = load(platform, &id)?;
-    let engine = upgrade::check(platform, &db, &request.version).map_err(|e| match e {
+    let target = upgrade::check(platform, &db, &request.version).map_err(|e| match e {
         upgrade::Refusal::Same(..) => ApiError::conflict("same_version", e.to_string()),
         upgrade::Refusal::Unknown(..) => ApiError::unprocessable("unknown_version", e.to_string()),
         upgrade::Refusal::Downgrade { .. } => ApiError::unprocessable("downgrade", e.to_string()),
-        upgrade::Refusal::Major { .. } => {
-            ApiError::unprocessable("major_upgrade_unavailable", e.to_string())
-        }
         upgrade::Refusal::NoToolset(..) => {
             ApiError::unprocessable("unsupported_version", e.to_string())
         }
     })?;
+    if let upgrade::Target::Major(_) = &target {
+        require_running(&db)?;
+        major::precheck(platform, &db).await.map_err(|e| match e {
+            major::Refusal::NotReplicable(..) => {
+                ApiError::unprocessable("not_replicable", e.to_string())
+            }
+            major::Refusal::NotLogical(..) => ApiError::conflict("restart_needed", e.to_string()),
+            major::Refusal::Change(e) => ApiError::unavailable(e.to_string()),
+        })?;
+    }
     let claim = claim_running(platform, &db)?;
     let database = view(platform, &db).await;
     let (p, database_id) = (platform.clone(), id.clone());
+    let heartbeats = state.heartbeats.clone();
+    let budget = request.hold_budget_ms.map_or(major::DEFAULT_HOLD_BUDGET, Duration::from_millis);
     let operation =
         platform.spawn_operation("engine_upgrade", &database_id, move |progress| async move {
-            upgrade::upgrade(&p, claim, &id, engine, progress).await
+            match target {
+                upgrade::Target::Minor(engine) => {
+                    upgrade::upgrade(&p, claim, &id, engine, progress).await
+                }
+                upgrade::Target::Major(engine) => {
+                    major::upgrade(&p, &heartbeats, claim, &id, engine, budget, progress).await
+                }
+            }
         })?;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
 }

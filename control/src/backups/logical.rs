@@ -115,7 +115,7 @@ async fn take(platform: &Arc<Platform>, backup: &mut Backup) -> Result<(), Backu
     let conninfo = platform.driver.admin_conninfo(&platform.node_spec(&source), &db.name);
     let scratch =
         platform.backups.scratch().join(format!("{}-{}.dump", backup.database_id, backup.id));
-    let bin = platform.pg_bin.clone();
+    let bin = platform.tools(&db);
     let file = scratch.clone();
     let (size, sha256) =
         tokio::task::spawn_blocking(move || dump_and_verify(&bin, &conninfo, &file))

@@ -1,7 +1,9 @@
-//! Changes of a running database that keep it serving: plan changes (`plan.rs`) and minor
-//! engine upgrades (`upgrade.rs`, which rolls the same way). They build on
+//! Changes of a running database that keep it serving: plan changes (`plan.rs`), minor
+//! engine upgrades (`upgrade.rs`, which rolls the same way) and major ones (`major.rs`, onto a
+//! new cluster through logical replication). They build on
 //! `lifecycle/` (standbys) and `ha/` (switchover).
 
+pub mod major;
 pub mod plan;
 pub mod resume;
 pub mod upgrade;
@@ -33,12 +35,23 @@ pub enum ChangeError {
     NotRejoined(String),
     #[error("a failover took over the database: its primary failed during the change")]
     Preempted,
+    #[error("{what} failed: {sentence}")]
+    Program { what: &'static str, sentence: String },
+    #[error("the new cluster did not catch up within {0} s")]
+    NotSynced(u64),
+    #[error("{0} took the hold past its budget")]
+    Budget(&'static str),
+    #[error(
+        "the swap to the new cluster was abandoned after {held_ms} ms (hold budget {budget_ms} \
+         ms): {reason}; the database stays on its current cluster"
+    )]
+    HoldBudget { held_ms: u64, budget_ms: u64, reason: String },
 }
 
 crate::nodes::from_node_errors!(ChangeError);
 
 /// Applies `change` to database `id`'s record (under its lock); returns the record.
-fn update_record(
+pub(crate) fn update_record(
     platform: &crate::platform::Platform,
     id: &str,
     change: impl FnOnce(&mut crate::state::DatabaseRecord),

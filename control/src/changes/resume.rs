@@ -9,6 +9,9 @@
 //! - lowering: the primary first under a hold, then each standby once it replayed the primary's
 //!   record of the lower value.
 //!
+//! A major upgrade cut before its swap is rolled back instead (`major::rollback_interrupted`):
+//! the old cluster never stopped serving.
+//!
 //! Nodes already on the target restart once more: simpler than finding out which are, and a
 //! planned restart is invisible to new connections. A change that was adding or removing a
 //! standby is not resumed: the watcher restarts or rejoins the standby the record names.
@@ -33,6 +36,12 @@ pub fn resume_interrupted(
     changes: Vec<(crate::state::DatabaseRecord, pgwarden_api::control::Operation)>,
 ) {
     for (db, op) in changes {
+        if db.upgrade.is_some() {
+            // A major upgrade before its swap: the old cluster still serves; the new one goes.
+            tracing::warn!(database = %db.id, operation = %op.id, "rolling back an interrupted major upgrade");
+            super::major::rollback_interrupted(platform, db.id.clone(), Some(op));
+            continue;
+        }
         let Some(claim) = platform.changes.try_planned(&db.id) else {
             // A failover claimed the primary first; it settles the database. The operation
             // ends too: a client polling it must not wait forever.

@@ -8,7 +8,7 @@
 //!   it the primary (new sessions held, none refused), and the old primary rejoins on the new
 //!   build (the health watcher rewinds and starts it with the binaries its record names).
 //!
-//! A major upgrade needs a new cluster (logical replication); it is refused here with the reason.
+//! A major upgrade needs a new cluster (logical replication): `major.rs`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,11 +32,6 @@ pub enum Refusal {
     Same(String, String),
     #[error("PostgreSQL {wanted} is older than the {current} database {id} runs; installed: {installed}")]
     Downgrade { id: String, wanted: String, current: String, installed: String },
-    #[error(
-        "PostgreSQL {wanted} is another major version than {current}: major upgrades are not \
-         available yet (installed: {installed})"
-    )]
-    Major { wanted: String, current: String, installed: String },
     #[error("PostgreSQL {0} has no client tools of its major installed")]
     NoToolset(String),
 }
@@ -51,26 +46,31 @@ pub fn current<'e>(
     engines.all.iter().find(|e| e.bin == bin)
 }
 
+/// Where an upgrade leads.
+#[derive(Debug)]
+pub enum Target {
+    /// Another build of the same major: the nodes restart on it (this module).
+    Minor(Engine),
+    /// A newer major: a new cluster takes over (`major.rs`).
+    Major(Engine),
+}
+
 /// The build an upgrade of `db` to `version` leads to, or why it cannot be done.
-pub fn check(platform: &Platform, db: &DatabaseRecord, version: &str) -> Result<Engine, Refusal> {
+pub fn check(platform: &Platform, db: &DatabaseRecord, version: &str) -> Result<Target, Refusal> {
     let engines = &platform.engines;
     let installed = engines.versions();
     let wanted = engines
         .find(version)
         .ok_or_else(|| Refusal::Unknown(version.to_owned(), installed.clone()))?;
+    if engines.toolset(wanted.major).is_none() {
+        return Err(Refusal::NoToolset(wanted.version.clone()));
+    }
     let Some(now) = current(engines, &platform.pg_bin, db) else {
         // The build the database was created on is gone: any build of the major it had serves.
-        return Ok(wanted.clone());
+        return Ok(Target::Minor(wanted.clone()));
     };
     if wanted.bin == now.bin || wanted.version == now.version {
         return Err(Refusal::Same(db.id.clone(), now.version.clone()));
-    }
-    if wanted.major != now.major {
-        return Err(Refusal::Major {
-            wanted: wanted.version.clone(),
-            current: now.version.clone(),
-            installed,
-        });
     }
     if version_key(&wanted.version) < version_key(&now.version) {
         return Err(Refusal::Downgrade {
@@ -80,10 +80,11 @@ pub fn check(platform: &Platform, db: &DatabaseRecord, version: &str) -> Result<
             installed,
         });
     }
-    if engines.toolset(wanted.major).is_none() {
-        return Err(Refusal::NoToolset(wanted.version.clone()));
-    }
-    Ok(wanted.clone())
+    Ok(if wanted.major == now.major {
+        Target::Minor(wanted.clone())
+    } else {
+        Target::Major(wanted.clone())
+    })
 }
 
 fn version_key(version: &str) -> Vec<u32> {

@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hyper::Method;
 use pgwarden_api::control::{
-    Database, DatabaseOperation, Env, Event, Plan, User, UserWithPassword,
+    Database, DatabaseOperation, EngineUpgrade, Env, Event, Plan, User, UserWithPassword,
 };
 use serde_json::json;
 
@@ -68,10 +68,14 @@ pub enum Command {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Upgrade a database to another build of its PostgreSQL major (rolling on business plans).
+    /// Upgrade a database to a newer build: of its major (rolling on business plans), or of a
+    /// newer major (online, onto a new cluster through logical replication).
     Upgrade {
         id: String,
         version: String,
+        /// Major upgrades: longest hold of new connections for the swap (default 10000).
+        #[arg(long)]
+        hold_budget_ms: Option<u64>,
         #[arg(long)]
         no_wait: bool,
     },
@@ -203,6 +207,9 @@ pub struct NodeArgs {
     /// More PostgreSQL builds, one per subdirectory (`<dir>/<name>/bin`), beside Debian's.
     #[arg(long)]
     pub engines_dir: Option<PathBuf>,
+    /// Seconds a cluster replaced by a major upgrade is kept, stopped, before it is removed.
+    #[arg(long, default_value_t = 86_400)]
+    pub rollback_window_secs: u64,
     #[command(flatten)]
     pub health: HealthArgs,
 }
@@ -340,10 +347,10 @@ pub async fn run(api: &str, data_dir: &std::path::Path, command: Command) -> any
             }
             Ok(())
         }
-        Command::Upgrade { id, version, no_wait } => {
+        Command::Upgrade { id, version, hold_budget_ms, no_wait } => {
             let client = client()?;
             let path = format!("/v1/databases/{id}");
-            let body = json!({ "version": version });
+            let body = serde_json::to_value(EngineUpgrade { version, hold_budget_ms })?;
             let answer: DatabaseOperation =
                 client.call(Method::POST, &format!("{path}/engine-upgrade"), Some(body)).await?;
             if no_wait {

@@ -33,9 +33,12 @@ async fn destroy(platform: &Arc<Platform>, id: &str) -> Result<(), LifecycleErro
     };
     platform.publish_routes()?;
     platform.verifiers.forget(id);
-    // Standbys first: a synchronous primary must not wait for a vanished standby.
+    // Standbys first: a synchronous primary must not wait for a vanished standby. Then the
+    // nodes of a major upgrade in progress and of the clusters one replaced.
     let mut nodes = db.nodes.clone();
     nodes.sort_by_key(|n| n.role == NodeRole::Primary);
+    nodes.extend(db.upgrade.iter().flat_map(|u| u.nodes.iter().cloned()));
+    nodes.extend(db.retired.iter().flat_map(|r| r.nodes.iter().cloned()));
     for node in nodes {
         let (driver, spec) = (platform.driver.clone(), platform.node_spec(&node));
         blocking(move || driver.destroy(&spec)).await?;

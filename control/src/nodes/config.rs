@@ -60,7 +60,8 @@ pub fn node_config(
     let mut settings: Vec<(String, String)> =
         plans::parameters(&plan).into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     settings.extend([
-        ("wal_level".into(), "replica".into()),
+        // Logical: a major upgrade replicates into a new cluster without a restart first.
+        ("wal_level".into(), "logical".into()),
         ("max_wal_senders".into(), "10".into()),
         ("max_replication_slots".into(), "10".into()),
         ("hot_standby".into(), "on".into()),

@@ -42,12 +42,14 @@ impl LocalDriver {
         node.dir.join("data")
     }
 
-    /// `program` for `node`: the server programs of its own build, client tools from the
-    /// driver's toolset (the newest of the same major).
+    /// `program` for `node`: the server programs of its own build; client tools of its build
+    /// too when it has them (a full toolset), else the driver's (a server-only build of the
+    /// driver's major).
     fn command(&self, node: &NodeSpec, program: &str) -> Command {
         let server = matches!(program, "initdb" | "pg_ctl" | "postgres");
         let bin = match &node.bin {
-            Some(bin) if server => bin,
+            // A full build has its own client tools: those of another major refuse its nodes.
+            Some(bin) if server || bin.join(program).exists() => bin,
             _ => &self.bin,
         };
         let mut cmd = Command::new(bin.join(program));

@@ -214,7 +214,7 @@ async fn start_receiver(
         crate::files::private_dir(&dir)?;
         crate::files::create_private(&dir.parent().unwrap_or(&dir).join("pg_receivewal.log"))
     })?;
-    Command::new(platform.pg_bin.join("pg_receivewal"))
+    Command::new(platform.tools(db).join("pg_receivewal"))
         .arg("-D")
         .arg(&dir)
         .args(["--slot", ARCHIVER, "--synchronous", "--no-loop", "--no-password", "-d"])

@@ -62,7 +62,7 @@ pub async fn take_base_backup(
     let dir = base_dir(platform, &db.id);
     crate::files::blocking_io(|| crate::files::private_dir(&dir))?;
     let (tmp, done) = (dir.join(format!(".{id}")), dir.join(&id));
-    let bin = platform.pg_bin.clone();
+    let bin = platform.tools(db);
     let conninfo = replication_conninfo(platform, &source, "pgwarden_base_backup");
     let password = db.replication_password.clone();
     let work = tmp.clone();

@@ -87,7 +87,7 @@ pub async fn check_restorable(
         .rfind(|b| parse_time(&b.finished_at).is_some_and(|t| t <= target))
         .ok_or(PitrError::NoBaseBefore)?;
     // The base backup must still match its manifest (checksums of every file).
-    let (bin, dir) = (platform.pg_bin.clone(), base_dir(platform, &db.id).join(&base.id));
+    let (bin, dir) = (platform.tools(db), base_dir(platform, &db.id).join(&base.id));
     let verified = tokio::task::spawn_blocking(move || {
         std::process::Command::new(bin.join("pg_verifybackup"))
             .args(["--ignore", "pgwarden-base.json"])

@@ -25,6 +25,8 @@ pub struct PlatformConfig {
     pub extra_settings: Vec<(String, String)>,
     /// More PostgreSQL builds, one per subdirectory (`<dir>/<name>/bin`), beside Debian's.
     pub engines_dir: Option<PathBuf>,
+    /// How long a cluster a major upgrade replaced is kept (stopped) before it is removed.
+    pub rollback_window: std::time::Duration,
 }
 
 /// How nodes are watched and when a primary is declared dead.
@@ -67,6 +69,7 @@ impl std::fmt::Debug for PlatformConfig {
             .field("backup_tick", &self.backup_tick)
             .field("extra_settings", &self.extra_settings)
             .field("engines_dir", &self.engines_dir)
+            .field("rollback_window", &self.rollback_window)
             .finish_non_exhaustive()
     }
 }

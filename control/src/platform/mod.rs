@@ -159,6 +159,18 @@ impl Platform {
         Session::open(&node.name, &self.driver.admin_conninfo(node, database), timeouts).await
     }
 
+    /// Directory of the client programs (pg_dump, pg_basebackup, pg_receivewal...) for `db`:
+    /// the newest full toolset of the major it runs (a client of another major refuses it).
+    pub fn tools(&self, db: &DatabaseRecord) -> PathBuf {
+        let bin = db.engine.as_deref().unwrap_or(&self.pg_bin);
+        self.engines
+            .all
+            .iter()
+            .find(|e| e.bin == bin)
+            .and_then(|e| self.engines.toolset(e.major))
+            .map_or_else(|| self.pg_bin.clone(), |e| e.bin.clone())
+    }
+
     pub fn nodes_dir(&self) -> PathBuf {
         self.config.data_dir.join("nodes")
     }
@@ -175,8 +187,17 @@ impl Platform {
         count: usize,
     ) -> Result<Vec<NodeRecord>, StoreError> {
         let attempt: u16 = rand::random();
-        let used: Vec<u16> =
-            self.store.databases()?.iter().flat_map(|d| d.nodes.iter().map(|n| n.port)).collect();
+        // Nodes of a major upgrade in progress and of retired clusters keep their ports.
+        let used: Vec<u16> = self
+            .store
+            .databases()?
+            .iter()
+            .flat_map(|d| {
+                let upgrading = d.upgrade.iter().flat_map(|u| u.nodes.iter());
+                let retired = d.retired.iter().flat_map(|r| r.nodes.iter());
+                d.nodes.iter().chain(upgrading).chain(retired).map(|n| n.port)
+            })
+            .collect();
         let ports =
             self.ports.allocate(&self.config.node_host, self.config.first_node_port, &used, count);
         Ok(ports

@@ -58,6 +58,10 @@ pub async fn serve(
         shutdown.child_token(),
     ));
     tokio::spawn(crate::platform::verifiers::keep_fresh(platform.clone(), shutdown.child_token()));
+    tokio::spawn(crate::changes::major::supervise_retired(
+        platform.clone(),
+        shutdown.child_token(),
+    ));
     tokio::spawn(crate::backups::schedule::schedule(
         platform.clone(),
         platform.config.backup_tick,

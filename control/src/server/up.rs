@@ -52,6 +52,7 @@ fn platform_config(
         health: health_config(&nodes.health),
         backup_tick: Duration::from_secs(30),
         engines_dir: nodes.engines_dir.clone(),
+        rollback_window: Duration::from_secs(nodes.rollback_window_secs),
     }
 }
 

@@ -4,5 +4,5 @@
 pub mod records;
 pub mod store;
 
-pub use records::{DatabaseRecord, NodeRecord, UserRecord};
+pub use records::{DatabaseRecord, MajorUpgrade, NodeRecord, RetiredCluster, UserRecord};
 pub use store::{Store, StoreError};

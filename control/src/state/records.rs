@@ -32,6 +32,35 @@ pub struct DatabaseRecord {
     /// Directory of the server build new nodes run (`None`: the default build).
     #[serde(default)]
     pub engine: Option<PathBuf>,
+    /// A major upgrade in progress: the new cluster being filled (a restart rolls it back).
+    #[serde(default)]
+    pub upgrade: Option<MajorUpgrade>,
+    /// Clusters a major upgrade replaced: kept stopped for the rollback window, then removed.
+    #[serde(default)]
+    pub retired: Vec<RetiredCluster>,
+}
+
+/// A major upgrade between its first new node and the swap of the routes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MajorUpgrade {
+    /// The version the new cluster runs.
+    pub version: String,
+    /// Directory of its server build.
+    pub engine: Option<PathBuf>,
+    /// The new cluster's nodes (the first is its primary).
+    pub nodes: Vec<NodeRecord>,
+    /// The old database's connection limit, set to 0 during the hold; restored on rollback.
+    #[serde(default)]
+    pub connection_limit: Option<i32>,
+}
+
+/// The nodes of a cluster a major upgrade replaced, stopped.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RetiredCluster {
+    pub version: String,
+    pub nodes: Vec<NodeRecord>,
+    /// When they are removed (RFC 3339).
+    pub remove_after: String,
 }
 
 fn default_backup_hour() -> u8 {
@@ -54,6 +83,8 @@ impl std::fmt::Debug for DatabaseRecord {
             .field("synchronous", &self.synchronous)
             .field("backup_hour_utc", &self.backup_hour_utc)
             .field("engine", &self.engine)
+            .field("upgrade", &self.upgrade)
+            .field("retired", &self.retired)
             .finish_non_exhaustive()
     }
 }
@@ -113,6 +144,8 @@ mod tests {
             synchronous: false,
             backup_hour_utc: 1,
             engine: None,
+            upgrade: None,
+            retired: vec![],
         };
         let shown = format!("{record:?}");
         assert!(shown.contains("a_1"), "{shown}");

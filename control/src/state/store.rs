@@ -282,6 +282,8 @@ mod tests {
             synchronous: false,
             backup_hour_utc: 1,
             engine: None,
+            upgrade: None,
+            retired: vec![],
         }
     }
 

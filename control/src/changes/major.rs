@@ -1,0 +1,772 @@
+//! Major engine upgrades, online (SPEC §4 `POST /v1/databases/{id}/engine-upgrade` with a
+//! version of another major). A data directory cannot move across majors, so a new cluster
+//! takes over:
+//!
+//! 1. the new cluster (a primary, and a synchronous standby on plans that have one) starts on
+//!    the new build and gets the roles (same names, same SCRAM verifiers, same memberships;
+//!    `pg_dumpall --roles-only`) and the schema with its GRANTs (`pg_dump --schema-only
+//!    --create`), both with the new major's client tools;
+//! 2. logical replication (a publication of every table on the current primary, a subscription
+//!    on the new one) copies the data and then follows the application's writes;
+//! 3. once the new cluster has caught up, the proxies hold new sessions; the old database takes
+//!    no more sessions (connection limit 0, its sessions end with `57P01`); the last changes are
+//!    applied (the slot confirms the old primary's last WAL position); sequences are set to the
+//!    old values; the routes swap to the new cluster and the held sessions go to it;
+//! 4. the old cluster is stopped and kept for the rollback window, then removed.
+//!
+//! The hold has a budget: past it the swap is abandoned, the old database takes sessions
+//! again, the routes never moved, and the operation fails with the reason. Every failure before
+//! the swap removes the new cluster and what the upgrade made on the old one; a control plane
+//! restart in the middle does the same (`rollback_interrupted`). PITR starts a new window on the
+//! new cluster; the old archive is set aside.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgwarden_api::control::{DatabaseStatus, Operation, OperationStatus};
+use time::OffsetDateTime;
+use tracing::{error, warn};
+
+use super::plan::set_status;
+use super::ChangeError;
+use crate::lifecycle::standby::add_standby;
+use crate::nodes::config::conninfo;
+use crate::nodes::driver::client_sentence;
+use crate::nodes::engines::Engine;
+use crate::nodes::roles::{ident, literal};
+use crate::nodes::sql::{Session, Timeouts};
+use crate::nodes::{blocking, roles};
+use crate::pitr::{base_dir, pitr_plan, wal_dir, Heartbeats};
+use crate::platform::operations::Progress;
+use crate::platform::{ChangeGuard, Platform};
+use crate::state::{DatabaseRecord, MajorUpgrade, NodeRecord, RetiredCluster, StoreError};
+use crate::{plans, secrets};
+
+/// How long new sessions may be held for the swap unless the request says otherwise.
+pub const DEFAULT_HOLD_BUDGET: Duration = Duration::from_secs(10);
+/// Publication, subscription and slot of the upgrade.
+const REPLICATION_NAME: &str = "pgwarden_upgrade";
+/// The role the subscription reads the old primary with (dropped afterwards).
+const UPGRADER: &str = "pgwarden_upgrader";
+/// How long the initial copy and catch-up may take.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+/// The hold starts once the new cluster is this close to the old primary.
+const NEAR_BYTES: i64 = 1 << 20;
+const APPLY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Statements that wait on other transactions (creating the slot) or copy (the schema).
+const LONG: Timeouts =
+    Timeouts { connect: Duration::from_secs(3), statement: Duration::from_secs(300) };
+
+/// Why a major upgrade cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("logical replication cannot carry {}: add a primary key (or a replica identity), make unlogged tables logged, move large objects into tables", .0.join("; "))]
+    NotReplicable(Vec<String>),
+    #[error(
+        "the primary runs with wal_level {0} (it started before pgwarden set logical): a plan \
+         change or minor upgrade restarts it with logical, then the major upgrade can run"
+    )]
+    NotLogical(String),
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+}
+
+/// What logical replication cannot carry in `db`, or why the upgrade cannot start.
+pub async fn precheck(platform: &Platform, db: &DatabaseRecord) -> Result<(), Refusal> {
+    let primary = db.primary().ok_or_else(|| ChangeError::NoPrimary(db.id.clone()))?;
+    let session = platform
+        .session(&platform.node_spec(primary), &db.name)
+        .await
+        .map_err(ChangeError::from)?;
+    let level: String =
+        session.query_one("SHOW wal_level", &[]).await.map_err(ChangeError::from)?.get(0);
+    if level != "logical" {
+        return Err(Refusal::NotLogical(level));
+    }
+    let rows = session
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) || CASE WHEN c.relpersistence = 'u' \
+             THEN ' (unlogged table)' ELSE ' (no primary key or replica identity)' END \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'r' AND c.relpersistence <> 't' \
+             AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+             AND n.nspname NOT LIKE 'pg\\_toast%' \
+             AND (c.relpersistence = 'u' OR c.relreplident = 'n' OR (c.relreplident = 'd' AND \
+             NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))) \
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(ChangeError::from)?;
+    let mut offenders: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let large: i64 = session
+        .query_one("SELECT count(*) FROM pg_largeobject_metadata", &[])
+        .await
+        .map_err(ChangeError::from)?
+        .get(0);
+    if large > 0 {
+        offenders.push(format!("{large} large object(s)"));
+    }
+    if offenders.is_empty() {
+        Ok(())
+    } else {
+        Err(Refusal::NotReplicable(offenders))
+    }
+}
+
+/// Upgrades `id` to `engine` (another major) with new sessions held at most `budget`;
+/// `claim` is its planned-change claim, taken by the caller.
+pub async fn upgrade(
+    platform: &Arc<Platform>,
+    heartbeats: &Heartbeats,
+    claim: ChangeGuard,
+    id: &str,
+    engine: Engine,
+    budget: Duration,
+    mut op: Progress,
+) -> Result<(), ChangeError> {
+    let old = set_status(platform, id, DatabaseStatus::Updating)?;
+    let from = super::upgrade::current(&platform.engines, &platform.pg_bin, &old)
+        .map_or_else(|| "its build".to_owned(), |e| format!("PostgreSQL {}", e.version));
+    platform.event(
+        id,
+        "engine_upgrade_started",
+        format!(
+            "major upgrade from {from} to PostgreSQL {} through logical replication (hold budget {} ms)",
+            engine.version,
+            budget.as_millis()
+        ),
+    );
+    let result = run(platform, heartbeats, &claim, &old, &engine, budget, &mut op).await;
+    if let Err(e) = &result {
+        platform.event(id, "engine_upgrade_failed", e.to_string());
+        clean_up(platform, id).await;
+    }
+    drop(claim);
+    let _ = set_status(platform, id, DatabaseStatus::Running);
+    if result.is_ok() {
+        platform.event(id, "engine_upgraded", format!("now on PostgreSQL {}", engine.version));
+    }
+    result
+}
+
+/// Runs `work` unless a failover takes the old cluster over first.
+async fn step<T, E: Into<ChangeError>>(
+    claim: &ChangeGuard,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ChangeError> {
+    tokio::select! {
+        r = work => r.map_err(Into::into),
+        () = claim.cancelled() => Err(ChangeError::Preempted),
+    }
+}
+
+async fn run(
+    platform: &Arc<Platform>,
+    heartbeats: &Heartbeats,
+    claim: &ChangeGuard,
+    old: &DatabaseRecord,
+    engine: &Engine,
+    budget: Duration,
+    op: &mut Progress,
+) -> Result<(), ChangeError> {
+    let id = old.id.as_str();
+    let plan = plans::find(&old.plan).ok_or_else(|| ChangeError::UnknownPlan(old.plan.clone()))?;
+    let old_primary =
+        old.primary().cloned().ok_or_else(|| ChangeError::NoPrimary(id.to_owned()))?;
+    let bin = (engine.bin != platform.pg_bin).then(|| engine.bin.clone());
+    // The new nodes, recorded before anything exists: a restart finds and removes them.
+    let next = all_nodes(old)
+        .filter_map(|n| n.name.rsplit('-').next()?.parse::<u32>().ok())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let nodes = platform.new_nodes(id, bin.as_deref(), next, plan.nodes as usize)?;
+    let mut new = old.clone();
+    new.nodes = nodes.clone();
+    new.engine = bin.clone();
+    new.synchronous = false;
+    super::update_record(platform, id, |db| {
+        db.upgrade = Some(MajorUpgrade {
+            version: engine.version.clone(),
+            engine: bin.clone(),
+            nodes: nodes.clone(),
+            connection_limit: None,
+        });
+    })?;
+    let tools = engine.bin.clone();
+    let new_primary =
+        new.primary().cloned().ok_or_else(|| ChangeError::NoPrimary(id.to_owned()))?;
+    let (old_spec, new_spec) = (platform.node_spec(&old_primary), platform.node_spec(&new_primary));
+
+    // 1. The new primary, with the roles and the schema.
+    let config = platform.node_config(&new, &new_primary, None)?;
+    let (driver, spec) = (platform.driver.clone(), new_spec.clone());
+    step(
+        claim,
+        blocking(move || {
+            driver.init(&spec, &config)?;
+            driver.start(&spec)
+        }),
+    )
+    .await?;
+    platform.event(
+        id,
+        "node_started",
+        format!("new primary {} started on PostgreSQL {}", new_primary.name, engine.version),
+    );
+    op.set(0.1);
+    let old_admin = platform.driver.admin_conninfo(&old_spec, "postgres");
+    let new_admin = platform.driver.admin_conninfo(&new_spec, "postgres");
+    let old_db = platform.driver.admin_conninfo(&old_spec, &old.name);
+    let scratch = platform.backups.scratch();
+    let (t, s, a, b, d) = (tools.clone(), scratch.clone(), old_admin, new_admin.clone(), old_db);
+    step(claim, async move {
+        tokio::task::spawn_blocking(move || copy_definitions(&t, &s, &a, &d, &b))
+            .await
+            .map_err(crate::nodes::NodeError::from)?
+    })
+    .await?;
+    platform.event(id, "schema_copied", "roles, schema and GRANTs copied to the new cluster");
+    op.set(0.2);
+
+    // 2. Its standby, synchronous, before the data arrives: it streams everything.
+    for standby in new.replicas().cloned().collect::<Vec<_>>() {
+        step(claim, add_standby(platform, &new, &standby)).await?;
+        new.synchronous = true;
+    }
+    op.set(0.3);
+
+    // 3. The data, then the application's writes, through logical replication.
+    let password = secrets::generate_password();
+    let old_session = step(claim, platform.session(&old_spec, &old.name)).await?;
+    let old_postgres = step(claim, platform.session(&old_spec, "postgres")).await?;
+    roles::create_role(&old_postgres, UPGRADER, &password, "REPLICATION").await?;
+    old_postgres.batch_execute(&format!("GRANT pg_read_all_data TO {UPGRADER}")).await?;
+    old_session
+        .batch_execute(&format!("CREATE PUBLICATION {REPLICATION_NAME} FOR ALL TABLES"))
+        .await?;
+    let (port, ca) = (old_primary.port.to_string(), new_primary.dir.join("ca.crt"));
+    let source = conninfo(&[
+        ("host", &old_primary.host),
+        ("port", &port),
+        ("dbname", &old.name),
+        ("user", UPGRADER),
+        ("password", &password),
+        ("sslmode", "verify-full"),
+        ("sslrootcert", &ca.display().to_string()),
+        ("application_name", REPLICATION_NAME),
+        ("connect_timeout", "5"),
+    ]);
+    let new_session = step(claim, platform.session_within(&new_spec, &old.name, LONG)).await?;
+    step(
+        claim,
+        new_session.batch_execute(&format!(
+            "CREATE SUBSCRIPTION {REPLICATION_NAME} CONNECTION {} PUBLICATION {REPLICATION_NAME} \
+             WITH (copy_data = true)",
+            literal(&source)
+        )),
+    )
+    .await?;
+    platform.event(id, "replication_started", "copying the data through logical replication");
+    step(claim, wait_near(&old_session, &new_session, op)).await?;
+    platform.event(id, "replication_caught_up", "the new cluster follows the old one closely");
+    op.set(0.8);
+
+    // 4. The swap, under a hold with a budget.
+    let held_at = Instant::now();
+    let swapped = swap(platform, claim, old, &old_session, &old_postgres, &new_session, budget)
+        .await
+        .map_err(|reason| match reason {
+            ChangeError::Preempted => ChangeError::Preempted,
+            reason => ChangeError::HoldBudget {
+                held_ms: held_at.elapsed().as_millis() as u64,
+                budget_ms: budget.as_millis() as u64,
+                reason: reason.to_string(),
+            },
+        });
+    let limit = match swapped {
+        Ok(limit) => limit,
+        Err(e) => {
+            // The routes never moved: the held sessions go to the old primary again, which
+            // `clean_up` opens to them again.
+            platform.holds.release(id);
+            if let Ok(epoch) = platform.publish_routes() {
+                platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await;
+            }
+            return Err(e);
+        }
+    };
+    let old_version = super::upgrade::current(&platform.engines, &platform.pg_bin, old)
+        .map_or_else(|| "?".to_owned(), |e| e.version.clone());
+    if pitr_plan(old) {
+        set_archive_aside(platform, id, op.id());
+        heartbeats.forget(id);
+    }
+    let window = time::Duration::try_from(platform.config.rollback_window).unwrap_or_default();
+    let remove_after = (OffsetDateTime::now_utc() + window)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    super::update_record(platform, id, |db| {
+        db.retired.push(RetiredCluster {
+            version: old_version.clone(),
+            nodes: db.nodes.clone(),
+            remove_after: remove_after.clone(),
+        });
+        db.nodes = new.nodes.clone();
+        db.engine = new.engine.clone();
+        db.synchronous = new.synchronous;
+        db.upgrade = None;
+    })?;
+    platform.holds.release(id);
+    let epoch = platform.publish_routes()?;
+    platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await;
+    platform.event(
+        id,
+        "switched_cluster",
+        format!(
+            "routes on the PostgreSQL {} cluster (new sessions held {} ms), routing epoch {epoch}",
+            engine.version,
+            held_at.elapsed().as_millis()
+        ),
+    );
+    op.set(0.9);
+
+    // 5. The old cluster: what the upgrade made there goes, then it stops (kept until
+    // `remove_after`).
+    drop((old_session, new_session));
+    undo_on_old(platform, old, &old_postgres, Some(limit)).await;
+    drop(old_postgres);
+    stop_nodes(platform, &old.nodes).await;
+    platform.event(
+        id,
+        "old_cluster_stopped",
+        format!("the PostgreSQL {old_version} nodes are stopped and kept until {remove_after}"),
+    );
+    Ok(())
+}
+
+fn all_nodes(db: &DatabaseRecord) -> impl Iterator<Item = &NodeRecord> {
+    let upgrading = db.upgrade.iter().flat_map(|u| u.nodes.iter());
+    db.nodes.iter().chain(upgrading).chain(db.retired.iter().flat_map(|r| r.nodes.iter()))
+}
+
+/// Roles (with their verifiers and memberships) and the database's schema with its GRANTs,
+/// from the old primary into the new one, with the new major's client tools.
+fn copy_definitions(
+    tools: &Path,
+    scratch: &Path,
+    old_admin: &str,
+    old_db: &str,
+    new_admin: &str,
+) -> Result<(), ChangeError> {
+    let file = scratch.join(format!("upgrade-{:016x}.sql", rand::random::<u64>()));
+    let result = (|| {
+        // Private from its first byte: it holds the roles' verifiers.
+        crate::files::create_private(&file).map_err(|e| program_error("scratch file", &e))?;
+        program(
+            std::process::Command::new(tools.join("pg_dumpall"))
+                .args(["--roles-only", "--no-password", "--dbname", old_admin, "--file"])
+                .arg(&file),
+            "pg_dumpall",
+        )?;
+        // The bootstrap superuser exists in every new cluster; every other role is created.
+        let roles = std::fs::read_to_string(&file).map_err(|e| program_error("pg_dumpall", &e))?;
+        let roles: String = roles
+            .lines()
+            .filter(|l| *l != "CREATE ROLE postgres;")
+            .map(|l| format!("{l}\n"))
+            .collect();
+        crate::files::write_private(&file, roles.as_bytes())
+            .map_err(|e| program_error("scratch file", &e))?;
+        restore(tools, new_admin, &file)?;
+        program(
+            std::process::Command::new(tools.join("pg_dump"))
+                .args([
+                    "--schema-only",
+                    "--create",
+                    "--no-publications",
+                    "--no-subscriptions",
+                    "--no-password",
+                    "--dbname",
+                    old_db,
+                    "--file",
+                ])
+                .arg(&file),
+            "pg_dump",
+        )?;
+        restore(tools, new_admin, &file)
+    })();
+    let _ = std::fs::remove_file(&file);
+    result
+}
+
+/// Runs a SQL file with psql (it holds psql meta-commands), stopping at the first error.
+fn restore(tools: &Path, conninfo: &str, file: &Path) -> Result<(), ChangeError> {
+    program(
+        std::process::Command::new(tools.join("psql"))
+            .args(["--no-psqlrc", "--quiet", "--no-password", "-v", "ON_ERROR_STOP=1"])
+            .args(["--dbname", conninfo, "--file"])
+            .arg(file),
+        "psql",
+    )
+}
+
+fn program(cmd: &mut std::process::Command, what: &'static str) -> Result<(), ChangeError> {
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .map_err(|e| program_error(what, &e))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    error!(program = what, output = %stderr.trim(), "major upgrade program failed");
+    Err(ChangeError::Program { what, sentence: client_sentence(&stderr) })
+}
+
+fn program_error(what: &'static str, e: &std::io::Error) -> ChangeError {
+    ChangeError::Program { what, sentence: e.to_string() }
+}
+
+/// Waits until every table is copied and the new cluster is within `NEAR_BYTES` of the old
+/// primary.
+async fn wait_near(old: &Session, new: &Session, op: &mut Progress) -> Result<(), ChangeError> {
+    let deadline = Instant::now() + SYNC_TIMEOUT;
+    loop {
+        let row = new
+            .query_one(
+                "SELECT count(*) FILTER (WHERE srsubstate <> 'r'), count(*) FROM pg_subscription_rel",
+                &[],
+            )
+            .await?;
+        let (copying, tables): (i64, i64) = (row.get(0), row.get(1));
+        if tables > 0 {
+            op.set(0.3 + 0.4 * (tables - copying) as f64 / tables as f64);
+        }
+        if copying == 0 {
+            let lag: Option<i64> = old
+                .query_opt(
+                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 \
+                     FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&REPLICATION_NAME],
+                )
+                .await?
+                .and_then(|r| r.get(0));
+            if lag.is_some_and(|lag| lag <= NEAR_BYTES) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(ChangeError::NotSynced(SYNC_TIMEOUT.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The held part: the old database takes no more sessions, the last changes arrive, the
+/// sequences follow, the subscription goes. Any error (or the budget running out) abandons it.
+async fn swap(
+    platform: &Arc<Platform>,
+    claim: &ChangeGuard,
+    old: &DatabaseRecord,
+    old_db: &Session,
+    old_postgres: &Session,
+    new_db: &Session,
+    budget: Duration,
+) -> Result<i32, ChangeError> {
+    let id = old.id.as_str();
+    let deadline = Instant::now() + budget;
+    let within = |what: &'static str| {
+        if Instant::now() > deadline {
+            Err(ChangeError::Budget(what))
+        } else {
+            Ok(())
+        }
+    };
+    platform.holds.hold(id);
+    let epoch = platform.publish_routes()?;
+    let applied =
+        async { Ok::<_, ChangeError>(platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await) };
+    if !step(claim, applied).await? {
+        warn!(database = id, epoch, "not every proxy applied the hold in time");
+    }
+    // No session of the application writes any more: the limit keeps new ones out (superusers,
+    // the platform's own, pass), the running ones end.
+    let limit: i32 = old_postgres
+        .query_one("SELECT datconnlimit FROM pg_database WHERE datname = $1", &[&old.name])
+        .await?
+        .get(0);
+    super::update_record(platform, id, |db| {
+        if let Some(u) = db.upgrade.as_mut() {
+            u.connection_limit = Some(limit);
+        }
+    })?;
+    old_postgres
+        .batch_execute(&format!("ALTER DATABASE {} CONNECTION LIMIT 0", ident(&old.name)))
+        .await?;
+    let wait_ms = i64::try_from(deadline.saturating_duration_since(Instant::now()).as_millis())
+        .unwrap_or(i64::MAX)
+        .clamp(1, 5000);
+    old_postgres
+        .query(
+            "SELECT pg_terminate_backend(a.pid, $2) FROM pg_stat_activity a \
+             JOIN pg_roles r ON r.oid = a.usesysid \
+             WHERE a.datname = $1 AND a.backend_type = 'client backend' AND NOT r.rolsuper \
+             AND a.pid <> pg_backend_pid()",
+            &[&old.name, &wait_ms],
+        )
+        .await?;
+    within("ending the old database's sessions")?;
+    // Everything written until now reaches the new cluster.
+    let lsn: String = old_db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+    loop {
+        let row = old_db
+            .query_opt(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots \
+                 WHERE slot_name = $2",
+                &[&lsn, &REPLICATION_NAME],
+            )
+            .await?;
+        if row.and_then(|r| r.get::<_, Option<bool>>(0)).unwrap_or(false) {
+            break;
+        }
+        within("applying the last changes")?;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Sequences are not replicated: they take the old values.
+    let sequences = old_db
+        .query(
+            "SELECT format('%I.%I', schemaname, sequencename), last_value FROM pg_sequences \
+             WHERE last_value IS NOT NULL",
+            &[],
+        )
+        .await?;
+    for row in &sequences {
+        let (name, value): (String, i64) = (row.get(0), row.get(1));
+        new_db.execute("SELECT setval($1::text::regclass, $2, true)", &[&name, &value]).await?;
+    }
+    within("setting the sequences")?;
+    drop_subscription(new_db).await?;
+    within("ending the replication")?;
+    if claim.is_cancelled() {
+        return Err(ChangeError::Preempted);
+    }
+    Ok(limit)
+}
+
+/// Removes the subscription without reaching back to the old primary (its slot goes with
+/// `undo_on_old`).
+async fn drop_subscription(new_db: &Session) -> Result<(), ChangeError> {
+    let exists = new_db
+        .query_opt("SELECT 1 FROM pg_subscription WHERE subname = $1", &[&REPLICATION_NAME])
+        .await?
+        .is_some();
+    if exists {
+        new_db
+            .batch_execute(&format!(
+                "ALTER SUBSCRIPTION {REPLICATION_NAME} DISABLE; \
+                 ALTER SUBSCRIPTION {REPLICATION_NAME} SET (slot_name = NONE); \
+                 DROP SUBSCRIPTION {REPLICATION_NAME}"
+            ))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Drops the slot, publication and role the upgrade made on the old primary and gives the old
+/// database its connection limit back (`limit`; `None`: the one recorded, if any). Best effort:
+/// what fails is logged.
+async fn undo_on_old(
+    platform: &Platform,
+    old: &DatabaseRecord,
+    postgres: &Session,
+    limit: Option<i32>,
+) {
+    let limit = limit.or_else(|| {
+        let db = platform.store.database(&old.id).ok().flatten()?;
+        db.upgrade.and_then(|u| u.connection_limit)
+    });
+    if let Some(limit) = limit {
+        let sql = format!("ALTER DATABASE {} CONNECTION LIMIT {limit}", ident(&old.name));
+        if let Err(e) = postgres.batch_execute(&sql).await {
+            warn!(database = %old.id, error = %e, "cannot restore the connection limit");
+        }
+    }
+    // The slot can be dropped once its walsender has gone (the subscription stopped).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let dropped = postgres
+            .query(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND NOT active",
+                &[&REPLICATION_NAME],
+            )
+            .await;
+        let left = postgres
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&REPLICATION_NAME],
+            )
+            .await;
+        match (dropped, left) {
+            (Ok(_), Ok(None)) => break,
+            _ if Instant::now() > deadline => {
+                warn!(database = %old.id, "the upgrade's replication slot is still there");
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    if let Some(primary) = old.primary() {
+        let drop = format!("DROP PUBLICATION IF EXISTS {REPLICATION_NAME}");
+        match platform.session(&platform.node_spec(primary), &old.name).await {
+            Ok(session) => {
+                if let Err(e) = session.batch_execute(&drop).await {
+                    warn!(database = %old.id, error = %e, "cannot drop the upgrade's publication");
+                }
+            }
+            Err(e) => {
+                warn!(database = %old.id, error = %e, "cannot drop the upgrade's publication")
+            }
+        }
+    }
+    if let Err(e) = postgres.batch_execute(&format!("DROP ROLE IF EXISTS {UPGRADER}")).await {
+        warn!(database = %old.id, error = %e, "cannot drop the upgrade role");
+    }
+}
+
+async fn stop_nodes(platform: &Platform, nodes: &[NodeRecord]) {
+    for node in nodes {
+        let (driver, spec) = (platform.driver.clone(), platform.node_spec(node));
+        let stopped = blocking(move || {
+            if !driver.is_running(&spec) {
+                return Ok(());
+            }
+            driver.stop(&spec).or_else(|_| driver.fence(&spec))
+        })
+        .await;
+        if let Err(e) = stopped {
+            warn!(node = %node.name, error = %e, "cannot stop a retired node");
+        }
+    }
+}
+
+/// Moves the PITR archive aside: the new cluster's WAL starts a new recoverable window.
+fn set_archive_aside(platform: &Platform, id: &str, op: &str) {
+    let (wal, bases) = (wal_dir(platform, id), base_dir(platform, id));
+    let wal_aside: PathBuf = wal.with_file_name(format!("wal-before-{op}"));
+    let bases_aside: PathBuf = bases.with_file_name(format!("base-before-{op}"));
+    crate::files::blocking_io(|| {
+        let _ = std::fs::rename(&wal, &wal_aside);
+        let _ = std::fs::rename(&bases, &bases_aside);
+    });
+}
+
+/// Removes the new cluster of an upgrade that did not swap, and what it made on the old
+/// primary; the record forgets the upgrade.
+async fn clean_up(platform: &Arc<Platform>, id: &str) {
+    let Ok(Some(db)) = platform.store.database(id) else { return };
+    let Some(upgrade) = db.upgrade.clone() else { return };
+    // The new nodes first: the subscription's walsender on the old primary goes with them.
+    for node in &upgrade.nodes {
+        let (driver, spec) = (platform.driver.clone(), platform.node_spec(node));
+        if let Err(e) = blocking(move || driver.destroy(&spec)).await {
+            warn!(node = %node.name, error = %e, "cannot remove a node of the abandoned upgrade");
+        }
+    }
+    if let Some(primary) = db.primary() {
+        match platform.session(&platform.node_spec(primary), "postgres").await {
+            Ok(postgres) => undo_on_old(platform, &db, &postgres, upgrade.connection_limit).await,
+            Err(e) => warn!(database = id, error = %e, "cannot undo the upgrade on the primary"),
+        }
+    }
+    let _ = super::update_record(platform, id, |db| db.upgrade = None);
+    platform.event(
+        id,
+        "upgrade_rolled_back",
+        format!(
+            "the PostgreSQL {} cluster was removed; the database stays where it was",
+            upgrade.version
+        ),
+    );
+}
+
+/// A major upgrade a control plane restart cut before its swap: rolled back, its operation
+/// failed with the reason.
+pub fn rollback_interrupted(platform: &Arc<Platform>, id: String, op: Option<Operation>) {
+    let platform = platform.clone();
+    tokio::spawn(async move {
+        clean_up(&platform, &id).await;
+        let _ = set_status(&platform, &id, DatabaseStatus::Running);
+        if let Some(mut op) = op {
+            op.error = Some(
+                "interrupted by a control plane restart; rolled back: the database stays on its \
+                 current cluster"
+                    .into(),
+            );
+            let at = op.progress;
+            platform.update_operation(&mut op, OperationStatus::Failed, at);
+        }
+    });
+}
+
+/// Keeps retired clusters stopped and removes them when their rollback window ends; rolls back
+/// an upgrade its control plane left behind without an operation. Runs until `shutdown`.
+pub async fn supervise_retired(
+    platform: Arc<Platform>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        for db in platform.store.databases().unwrap_or_default() {
+            if db.upgrade.is_some()
+                && db.status == DatabaseStatus::Running
+                && !platform.changes.busy(&db.id)
+            {
+                clean_up(&platform, &db.id).await;
+            }
+            let now = OffsetDateTime::now_utc();
+            for cluster in &db.retired {
+                let due = OffsetDateTime::parse(
+                    &cluster.remove_after,
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .is_ok_and(|t| t <= now);
+                if !due {
+                    stop_nodes(&platform, &cluster.nodes).await;
+                    continue;
+                }
+                let mut removed = true;
+                for node in &cluster.nodes {
+                    let (driver, spec) = (platform.driver.clone(), platform.node_spec(node));
+                    if let Err(e) = blocking(move || driver.destroy(&spec)).await {
+                        warn!(node = %node.name, error = %e, "cannot remove a retired node");
+                        removed = false;
+                    }
+                }
+                if removed {
+                    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+                    let _ = platform.update(&db.id, |db| {
+                        db.retired.retain(|r| r.remove_after != cluster.remove_after);
+                        Ok::<_, StoreError>(())
+                    });
+                    platform.event(
+                        &db.id,
+                        "old_cluster_removed",
+                        format!(
+                            "the PostgreSQL {} nodes {} were removed (rollback window over)",
+                            cluster.version,
+                            names.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
