@@ -195,7 +195,13 @@ struct Serve {
     api: String,
 }
 
-fn serve(data: &Path, proxy: &TestProxy, api_port: u16, first_node_port: u16) -> Serve {
+fn serve(
+    data: &Path,
+    proxy: &TestProxy,
+    api_port: u16,
+    first_node_port: u16,
+    engines: Option<&Path>,
+) -> Serve {
     std::fs::create_dir_all(data).unwrap();
     let token_file = data.join("proxy-admin-token");
     std::fs::write(&token_file, &proxy.token).unwrap();
@@ -214,6 +220,7 @@ fn serve(data: &Path, proxy: &TestProxy, api_port: u16, first_node_port: u16) ->
             "--first-node-port",
             &first_node_port.to_string(),
         ])
+        .args(engines.map(|dir| format!("--engines-dir={}", dir.display())))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -268,6 +275,7 @@ struct Bed {
     data: std::path::PathBuf,
     proxy: TestProxy,
     ports: (u16, u16),
+    engines: Option<std::path::PathBuf>,
     cleanup: Cleanup,
 }
 
@@ -277,12 +285,13 @@ impl Bed {
         let data = dir.path().join("pw");
         let proxy = TestProxy::start(Limits::default(), None).await;
         let cleanup = Cleanup(data.clone(), vec![]);
-        Self { _dir: dir, data, proxy, ports: (free_port(), free_port()), cleanup }
+        Self { _dir: dir, data, proxy, ports: (free_port(), free_port()), engines: None, cleanup }
     }
 
     /// Starts `pgwarden serve` on the bed (the same API and node ports every time).
     fn serve(&mut self) -> Serve {
-        let serving = serve(&self.data, &self.proxy, self.ports.0, self.ports.1);
+        let engines = self.engines.as_deref();
+        let serving = serve(&self.data, &self.proxy, self.ports.0, self.ports.1, engines);
         self.cleanup.1.push(serving.child.id());
         serving
     }
@@ -458,6 +467,93 @@ async fn a_plan_change_cut_by_kill_9_is_finished_on_restart() {
     }
     let url = env_url(&data, &second.api, &id);
     assert!(psql(&url, None, "SELECT 1").success);
+    signal(second.child.id(), "-TERM");
+    wait_exit(&mut second.child, Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_major_upgrade_cut_by_kill_9_is_rolled_back_on_restart_and_can_run_again() {
+    let engines = pgwarden_e2e::engines_dir();
+    let v18 = engines.as_ref().and_then(|dir| {
+        let names = std::fs::read_dir(dir).ok()?.flatten();
+        names.map(|e| e.file_name().to_string_lossy().into_owned()).find(|n| n.starts_with("18."))
+    });
+    let (Some(engines), Some(v18)) = (engines, v18) else {
+        println!("SKIPPED: no PostgreSQL 18 build in the engines directory (run scripts/setup.sh)");
+        return;
+    };
+    let mut bed = Bed::new().await;
+    bed.engines = Some(engines);
+    let data = bed.data.clone();
+    let mut first = bed.serve();
+    let created = cli(&data, &first.api, &["create", "major", "--plan", "postgresql-sandbox"]);
+    let id =
+        created.split_whitespace().find(|w| w.starts_with("major-")).expect(&created).to_owned();
+    let url = env_url(&data, &first.api, &id);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !psql(&url, None, "SELECT 1").success {
+        assert!(Instant::now() < deadline, "never routed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rows = "CREATE TABLE t(id int8 PRIMARY KEY); \
+                INSERT INTO t SELECT generate_series(1, 200000);";
+    assert!(psql(&url, None, rows).success);
+    let nodes_before = node_data_dirs(&data).len();
+    let started = cli(&data, &first.api, &["upgrade", &id, &v18, "--no-wait"]);
+    let op =
+        started.split(['(', ')', ' ']).find(|w| w.starts_with("op-")).expect(&started).to_owned();
+    // Cut it while the data is copied: the new cluster, the publication, the slot and the role
+    // all exist.
+    let api = first.api.clone();
+    let copying = || cli(&data, &api, &["events", &id]).contains("replication_started");
+    kill_9_once(&mut first, Duration::from_secs(60), "the copy never started", copying).await;
+
+    let second = bed.serve();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let events = cli(&data, &second.api, &["events", &id]);
+        if events.contains("upgrade_rolled_back")
+            && cli(&data, &second.api, &["show", &id]).contains("running")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the upgrade was not rolled back: {events}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The database is as it was: on 15, writable, nothing of the upgrade left.
+    let version = psql(&url, None, "SHOW server_version");
+    assert!(version.stdout.trim().starts_with("15."), "{}", version.stdout);
+    assert!(psql(&url, None, "INSERT INTO t VALUES (0)").success);
+    assert_eq!(node_data_dirs(&data).len(), nodes_before, "the new cluster's nodes are gone");
+    let node = node_data_dirs(&data).pop().unwrap();
+    let port = std::fs::read_to_string(node.join("postmaster.pid")).unwrap();
+    let port = port.lines().nth(3).unwrap().trim().to_owned();
+    let socket = format!(
+        "host='{}' port={port} user=postgres dbname=postgres",
+        node.parent().unwrap().display()
+    );
+    let left = psql(
+        &socket,
+        None,
+        "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgwarden_upgrade') \
+         + (SELECT count(*) FROM pg_roles WHERE rolname = 'pgwarden_upgrader')",
+    );
+    assert_eq!(left.stdout.trim(), "0", "{}", left.stderr);
+    // The interrupted operation failed with the reason, and the upgrade can run again.
+    let token = std::fs::read_to_string(data.join("token")).unwrap();
+    let api_addr = second.api.trim_start_matches("http://").parse().unwrap();
+    let path = format!("/v1/operations/{op}");
+    let answer =
+        pgwarden_e2e::http_request(api_addr, "GET", &path, Some(token.trim()), None).unwrap();
+    let op: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    assert_eq!(op["status"], "failed", "{op}");
+    assert!(op["error"].as_str().unwrap().contains("rolled back"), "{op}");
+    cli(&data, &second.api, &["upgrade", &id, &v18]);
+    let version = psql(&url, None, "SHOW server_version");
+    assert!(version.stdout.trim().starts_with(&v18), "{}", version.stdout);
+    let count = psql(&url, None, "SELECT count(*) FROM t");
+    assert_eq!(count.stdout.trim(), "200001");
+    let mut second = second;
     signal(second.child.id(), "-TERM");
     wait_exit(&mut second.child, Duration::from_secs(30));
 }
