@@ -1,13 +1,16 @@
 //! Plan-change benchmark on real databases behind a real proxy, under a writer (one connection,
 //! inserts back to back, reconnecting after errors) and a connector (a new session every 20 ms).
 //!
-//!   cargo bench --bench plan -- [rounds=3]
+//!   cargo bench --bench plan -- [rounds=3] [major_gb=1]
 //!
 //! Paths, each round going up then back down: a single node (sandbox ↔ starter-1024, a restart
 //! under a hold), business ↔ business (512 ↔ 1024: rolling with a switchover up, primary first
 //! down) and starter ↔ business (512: a standby added, then removed); and minor engine
 //! upgrades from PostgreSQL 15.17 to the default build (Debian's 15), on a single node and on a
 //! business database, each round on a new database (when `scripts/setup.sh` installed 15.17).
+//! And a major upgrade (Debian's 15 to PostgreSQL 18, when `scripts/setup.sh` built it) of a
+//! business database loaded with `major_gb` GB, under the writer, with five established sessions
+//! (the swap ends them) and the hold the swap took from its event.
 //! For every change: total duration of the operation, longest wait of a new connection and new
 //! connections that failed; at the end, acknowledged inserts lost.
 
@@ -141,9 +144,23 @@ async fn main() {
         lost_total += lost_writes(&acked, &out.stdout).len();
         acked_total += acked.len();
     }
+    let major_gb: f64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.strip_prefix("major_gb=").and_then(|v| v.parse().ok()))
+        .unwrap_or(1.0);
+    let major = major_upgrade(&control, major_gb).await;
+    if let Some((m, lost, acked, _, _)) = &major {
+        lost_total += lost;
+        acked_total += acked;
+        measures.push(Measure { path: "major upgrade, business", ..*m });
+    }
     println!("| path | changes | median duration | max duration | longest wait of a new connection | new connections failed |");
     println!("|---|---:|---:|---:|---:|---:|");
-    let all_paths = paths.iter().map(|p| p.3).chain(upgrades.iter().map(|u| u.1));
+    let all_paths = paths
+        .iter()
+        .map(|p| p.3)
+        .chain(upgrades.iter().map(|u| u.1))
+        .chain(["major upgrade, business"]);
     for path in all_paths {
         let of: Vec<&Measure> = measures.iter().filter(|m| m.path == path).collect();
         if of.is_empty() {
@@ -162,6 +179,70 @@ async fn main() {
             wait.as_millis()
         );
     }
+    if let Some((m, _, _, held, ended)) = &major {
+        println!(
+            "major upgrade of {major_gb} GB: {} ms in all, new sessions held {held} ms, {} of {} \
+             new connections failed, longest wait {} ms, established sessions ended: {ended} of 5",
+            m.took.as_millis(),
+            m.failed,
+            m.attempts,
+            m.longest_wait.as_millis()
+        );
+    }
     println!("acknowledged inserts lost: {lost_total} of {acked_total}");
     assert_eq!(lost_total, 0, "acknowledged inserts lost");
+}
+
+/// A major upgrade of a business database holding `gb` GB, under the writer: what new
+/// connections saw, acknowledged inserts lost and written, the hold in ms (from the
+/// `switched_cluster` event) and how many of five established sessions ended.
+async fn major_upgrade(
+    control: &TestControl,
+    gb: f64,
+) -> Option<(Measure, usize, usize, String, usize)> {
+    let engines = control.request("GET", "/v1/engines", None).await.json();
+    let Some(v18) = engines.as_array().unwrap().iter().find(|e| e["major"] == 18).cloned() else {
+        eprintln!("major upgrade not measured: no PostgreSQL 18 build (scripts/setup.sh)");
+        return None;
+    };
+    let (_, id, url) = control.create_routed_database("major", "postgresql-business-512").await;
+    control.wait_synchronous(&id, "a synchronous standby").await;
+    let rows = (gb * 1_000_000.0) as i64;
+    let load = format!(
+        "CREATE TABLE big(id int8 PRIMARY KEY, body text); \
+         INSERT INTO big SELECT g, repeat(md5(g::text), 31) FROM generate_series(1, {rows}) g; \
+         CREATE TABLE w(n int8 PRIMARY KEY);"
+    );
+    let started = Instant::now();
+    assert!(psql(&url, None, &load).success);
+    let size = psql(&url, None, "SELECT pg_size_pretty(pg_database_size(current_database()))");
+    eprintln!("loaded {} in {} s", size.stdout.trim(), started.elapsed().as_secs());
+    let mut established = Vec::new();
+    for _ in 0..5 {
+        let (client, connection) =
+            tokio_postgres::connect(&url, tokio_postgres::NoTls).await.ok()?;
+        established.push((client, tokio::spawn(connection)));
+    }
+    let writer = Writer::start(url.clone());
+    let version = v18["version"].clone();
+    let request =
+        ("POST", format!("/v1/databases/{id}/engine-upgrade"), json!({"version": version}));
+    let label = format!("PostgreSQL {}", version.as_str().unwrap_or_default());
+    let m = measure(control, &url, &label, "major upgrade, business", request).await;
+    let acked = writer.stop().await;
+    let out = psql(&url, None, "SELECT string_agg(n::text, ',') FROM w");
+    let lost = lost_writes(&acked, &out.stdout).len();
+    let ended = established.iter().filter(|(_, task)| task.is_finished()).count();
+    let events = control.request("GET", &format!("/v1/databases/{id}/events"), None).await.json();
+    let held = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "switched_cluster")
+        .and_then(|e| e["message"].as_str())
+        .and_then(|m| m.split("held ").nth(1))
+        .and_then(|m| m.split(' ').next())
+        .unwrap_or("?")
+        .to_owned();
+    Some((m, lost, acked.len(), held, ended))
 }
