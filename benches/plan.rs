@@ -8,7 +8,7 @@
 //! down) and starter ↔ business (512: a standby added, then removed); and minor engine
 //! upgrades from PostgreSQL 15.17 to the default build (Debian's 15), on a single node and on a
 //! business database, each round on a new database (when `scripts/setup.sh` installed 15.17).
-//! And a major upgrade (Debian's 15 to PostgreSQL 18, when `scripts/setup.sh` built it) of a
+//! And a major upgrade (Debian's 15 to PostgreSQL 18, when `scripts/setup.sh --engines` built it) of a
 //! business database loaded with `major_gb` GB, under the writer, with five established sessions
 //! (the swap ends them) and the hold the swap took from its event.
 //! For every change: total duration of the operation, longest wait of a new connection and new
@@ -202,7 +202,7 @@ async fn major_upgrade(
 ) -> Option<(Measure, usize, usize, String, usize)> {
     let engines = control.request("GET", "/v1/engines", None).await.json();
     let Some(v18) = engines.as_array().unwrap().iter().find(|e| e["major"] == 18).cloned() else {
-        eprintln!("major upgrade not measured: no PostgreSQL 18 build (scripts/setup.sh)");
+        eprintln!("major upgrade not measured: no PostgreSQL 18 build (scripts/setup.sh --engines)");
         return None;
     };
     let (_, id, url) = control.create_routed_database("major", "postgresql-business-512").await;

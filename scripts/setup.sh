@@ -2,14 +2,25 @@
 # Installs what pgwarden needs on a Debian machine, only what is missing (idempotent):
 # PostgreSQL 15 server and clients (psql, pgbench, pg_basebackup), psycopg 3 (a libpq 17+
 # client for the tests) and the `postgres` OS user that nodes run as when pgwarden runs as root.
-# With --bench, also PgBouncer and HAProxy.
+# With --bench, also PgBouncer and HAProxy; with --engines, also PostgreSQL 18 (built once) for
+# the major-upgrade tests and benchmark (scripts/test.sh asks for it).
 set -euo pipefail
+
+bench=0
+engines_wanted=0
+for arg in "$@"; do
+  case "$arg" in
+    --bench) bench=1 ;;
+    --engines) engines_wanted=1 ;;
+    *) echo "setup: unknown option $arg (--bench, --engines)" >&2; exit 2 ;;
+  esac
+done
 
 want=()
 [ -x /usr/lib/postgresql/15/bin/postgres ] || want+=(postgresql-15)
 [ -x /usr/lib/postgresql/15/bin/psql ] || want+=(postgresql-client-15)
 command -v openssl >/dev/null || want+=(openssl)
-if [ "${1:-}" = "--bench" ]; then
+if [ "$bench" = 1 ]; then
   command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || want+=(pgbouncer)
   command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || want+=(haproxy)
 fi
@@ -61,8 +72,8 @@ fi
 # A newer major for the major-upgrade tests: PostgreSQL 18 with its full toolset, built once
 # from the upstream tarball of Debian's postgresql-18 source package (Debian's development suite,
 # fetched through a deb-src entry that serves sources only) into the same cache. About 5 minutes
-# on 2 cores; skipped when a build of 18 is already there. PGWARDEN_SKIP_PG18=1 skips it.
-if [ "${PGWARDEN_SKIP_PG18:-}" != 1 ] && ! ls "$engines"/18.*/bin/pg_dump >/dev/null 2>&1; then
+# on 2 cores; only with --engines, and skipped when a build of 18 is already there.
+if [ "$engines_wanted" = 1 ] && ! ls "$engines"/18.*/bin/pg_dump >/dev/null 2>&1; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
   need=()

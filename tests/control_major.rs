@@ -25,7 +25,7 @@ async fn control_with_18(window: Duration) -> Option<(TestControl, String)> {
     let newest_18 = list.as_array().unwrap().iter().find(|e| e["major"] == 18).cloned();
     let Some(engine) = newest_18 else {
         println!(
-            "SKIPPED: no PostgreSQL 18 build installed (scripts/setup.sh builds it from Debian's \
+            "SKIPPED: no PostgreSQL 18 build installed (scripts/setup.sh --engines builds it from Debian's \
              postgresql-18 source package into the engines directory); installed: {list}"
         );
         return None;

@@ -479,7 +479,7 @@ async fn a_major_upgrade_cut_by_kill_9_is_rolled_back_on_restart_and_can_run_aga
         names.map(|e| e.file_name().to_string_lossy().into_owned()).find(|n| n.starts_with("18."))
     });
     let (Some(engines), Some(v18)) = (engines, v18) else {
-        println!("SKIPPED: no PostgreSQL 18 build in the engines directory (run scripts/setup.sh)");
+        println!("SKIPPED: no PostgreSQL 18 build in the engines directory (run scripts/setup.sh --engines)");
         return;
     };
     let mut bed = Bed::new().await;
