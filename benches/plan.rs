@@ -202,7 +202,9 @@ async fn major_upgrade(
 ) -> Option<(Measure, usize, usize, String, usize)> {
     let engines = control.request("GET", "/v1/engines", None).await.json();
     let Some(v18) = engines.as_array().unwrap().iter().find(|e| e["major"] == 18).cloned() else {
-        eprintln!("major upgrade not measured: no PostgreSQL 18 build (scripts/setup.sh --engines)");
+        eprintln!(
+            "major upgrade not measured: no PostgreSQL 18 build (scripts/setup.sh --engines)"
+        );
         return None;
     };
     let (_, id, url) = control.create_routed_database("major", "postgresql-business-512").await;
