@@ -82,6 +82,33 @@ pub async fn resume(
     result
 }
 
+/// Waits until `node` accepts sessions, starting it if it is stopped: the killed control plane
+/// may have left it stopping (a `pg_ctl stop` it started outlives it) or stopped.
+async fn serving(platform: &Platform, node: &crate::state::NodeRecord) -> Result<(), ChangeError> {
+    let spec = platform.node_spec(node);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let session = platform.session(&spec, "postgres").await;
+        match session {
+            Ok(_) => return Ok(()),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e.into()),
+            Err(_) => {
+                let (driver, spec) = (platform.driver.clone(), spec.clone());
+                // Not running (any more): start it; running (starting or stopping): wait.
+                let _ = crate::nodes::blocking(move || {
+                    if driver.is_running(&spec) {
+                        Ok(())
+                    } else {
+                        driver.start(&spec)
+                    }
+                })
+                .await;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
 async fn run(
     platform: &Arc<Platform>,
     claim: ChangeGuard,
@@ -92,6 +119,7 @@ async fn run(
     let plan = plans::find(&db.plan).ok_or_else(|| ChangeError::UnknownPlan(db.plan.clone()))?;
     let what = format!("plan {} (resumed)", db.plan);
     let primary = db.primary().cloned().ok_or_else(|| ChangeError::NoPrimary(id.to_owned()))?;
+    serving(platform, &primary).await?;
     // A fenced standby (an old primary the cut switchover left) is rejoined by the watcher,
     // on the configuration its record names.
     let standbys: Vec<_> =
