@@ -101,6 +101,7 @@ impl TestControl {
             data_dir: self.data.clone(),
             client_host: "127.0.0.1".into(),
             client_port: self.proxy.port(),
+            client_pool_port: Some(self.proxy.pool_addr.port()),
             proxies: self
                 .extra_proxies
                 .iter()

@@ -96,14 +96,28 @@ impl PgNode {
         if let Some((uid, gid)) = service_user()? {
             chown(dir.path().join("postgres.log"), Some(uid), Some(gid))?;
         }
+        let mut node = Self { port, dir, child: None };
+        node.spawn(log)?;
+        Ok(node)
+    }
+
+    fn spawn(&mut self, log: fs::File) -> anyhow::Result<()> {
         let mut cmd = Command::new(pg_bin("postgres"));
-        cmd.arg("-D").arg(&data).args(["-p", &port.to_string()]);
+        cmd.arg("-D").arg(self.dir.path().join("data")).args(["-p", &self.port.to_string()]);
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         as_service_user(&mut cmd)?;
-        let child = cmd.spawn().context("cannot run postgres")?;
-        let mut node = Self { port, dir, child: Some(child) };
-        node.wait_ready()?;
-        Ok(node)
+        self.child = Some(cmd.spawn().context("cannot run postgres")?);
+        self.wait_ready()
+    }
+
+    /// Starts the server again (after `stop`, or once it exited), on the same port and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("postgres.log"))
+            .expect("log");
+        self.spawn(log).unwrap_or_else(|e| panic!("cannot restart PostgreSQL: {e:#}"));
     }
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {

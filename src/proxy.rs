@@ -56,6 +56,8 @@ impl Default for TestCerts {
 /// A running proxy. Dropping it shuts it down.
 pub struct TestProxy {
     pub addr: SocketAddr,
+    /// The transaction-pooling address (`pool_listen`).
+    pub pool_addr: SocketAddr,
     pub admin: SocketAddr,
     pub token: String,
     pub shutdown: CancellationToken,
@@ -98,8 +100,12 @@ impl TestProxy {
         let token = format!("test-token-{}", std::process::id());
         let mut config = Config::with_token(token.clone());
         configure(&mut config);
+        let pool = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let pool_addr = pool.local_addr().expect("addr");
+        config.pool_listen = Some(pool_addr);
         let listeners = Listeners {
             clients: Some(tokio::net::TcpListener::bind(clients).await.expect("bind")),
+            pool: Some(pool),
             admin: tokio::net::TcpListener::bind(admin).await.expect("bind"),
         };
         let addr = listeners.clients.as_ref().expect("bound").local_addr().expect("addr");
@@ -112,7 +118,7 @@ impl TestProxy {
             Workers::start(tokio::runtime::Handle::current(), 1, false).expect("worker thread");
         let run = pgwarden_proxy::run_on(config, listeners, shutdown.clone(), workers);
         let task = tokio::spawn(run);
-        Self { addr, admin, token, shutdown, task: Some(task), threads: Some(threads) }
+        Self { addr, pool_addr, admin, token, shutdown, task: Some(task), threads: Some(threads) }
     }
 
     pub fn port(&self) -> u16 {
@@ -122,6 +128,17 @@ impl TestProxy {
     /// Routes `database` to `node` at `epoch` with `app`'s SCRAM verifier from the node's
     /// catalog: the proxy authenticates `app` itself, as with tables the control plane pushes.
     pub async fn route_authenticating(&self, epoch: u64, database: &str, node: &crate::PgNode) {
+        self.route_pooled(epoch, database, node, None).await;
+    }
+
+    /// As `route_authenticating`, with at most `pool_size` pooled server connections.
+    pub async fn route_pooled(
+        &self,
+        epoch: u64,
+        database: &str,
+        node: &crate::PgNode,
+        pool_size: Option<u32>,
+    ) {
         let out = node.superuser_sql("SELECT rolpassword FROM pg_authid WHERE rolname = 'app'");
         assert!(out.success, "{}", out.stderr);
         let users =
@@ -133,6 +150,7 @@ impl TestProxy {
             hold: false,
             id: None,
             users: Some(users),
+            pool_size,
         };
         let databases = [(database.to_owned(), route)].into();
         let answer = self.put_routes(&RoutingTable { epoch, databases, node_ca: None }).await;
@@ -159,6 +177,7 @@ impl TestProxy {
                         hold: false,
                         id: None,
                         users: None,
+                        pool_size: None,
                     };
                     (db.to_string(), route)
                 })

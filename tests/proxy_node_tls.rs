@@ -15,6 +15,7 @@ fn table(epoch: u64, primary: &str, node_ca: &Ca) -> RoutingTable {
         hold: false,
         id: None,
         users: None,
+        pool_size: None,
     };
     RoutingTable {
         epoch,
@@ -104,6 +105,7 @@ async fn a_tls_server_name_under_the_domain_selects_the_database() {
         hold: false,
         id: Some("shop-1234".into()),
         users: None,
+        pool_size: None,
     };
     let table = RoutingTable { epoch: 1, databases: [("app".into(), route)].into(), node_ca: None };
     assert_eq!(proxy.put_routes(&table).await.status, 200);

@@ -127,6 +127,9 @@ pub struct Env {
     pub database_url: String,
     #[serde(rename = "PGWARDEN_POSTGRESQL_URL")]
     pub pgwarden_postgresql_url: String,
+    /// The same credentials on the proxies' transaction-pooling address.
+    #[serde(rename = "DATABASE_POOL_URL", default, skip_serializing_if = "Option::is_none")]
+    pub database_pool_url: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,6 +280,7 @@ impl std::fmt::Debug for Env {
         f.debug_struct("Env")
             .field("DATABASE_URL", &redact_url(&self.database_url))
             .field("PGWARDEN_POSTGRESQL_URL", &redact_url(&self.pgwarden_postgresql_url))
+            .field("DATABASE_POOL_URL", &self.database_pool_url.as_deref().map(redact_url))
             .finish()
     }
 }
@@ -289,7 +293,11 @@ mod tests {
     fn debug_never_prints_a_password() {
         let url = "postgres://app_1:s3cretPassw0rd@127.0.0.1:6432/app_1";
         assert_eq!(redact_url(url), "postgres://app_1:<redacted>@127.0.0.1:6432/app_1");
-        let env = Env { database_url: url.into(), pgwarden_postgresql_url: url.into() };
+        let env = Env {
+            database_url: url.into(),
+            pgwarden_postgresql_url: url.into(),
+            database_pool_url: Some(url.replace("6432", "6433")),
+        };
         let user = UserWithPassword {
             user: User { name: "u".into(), read_only: false, default: false },
             password: "s3cretPassw0rd".into(),

@@ -56,6 +56,10 @@ pub struct DatabaseRoute {
     /// (the exchange is relayed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub users: Option<Verifiers>,
+    /// Transaction pooling: server connections the proxy may open to the primary for the
+    /// pooled clients of this database (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<u32>,
 }
 
 /// SCRAM verifiers by user name, as `pg_authid.rolpassword` holds them

@@ -57,6 +57,7 @@ pub enum AuthError {
 
 /// What the proxy logs in to the node with: the user's verifier and the ClientKey the client
 /// proved it has.
+#[derive(Clone)]
 pub struct Login {
     keys: Keys,
     client_key: ClientKey,
@@ -174,9 +175,7 @@ pub async fn relay(
         let message = inbuf.split_to(len);
         match msg_tag {
             tag::BACKEND_KEY_DATA if len == 13 => {
-                let pid = i32::from_be_bytes(message[5..9].try_into().expect("13 bytes"));
-                let secret = i32::from_be_bytes(message[9..13].try_into().expect("13 bytes"));
-                let key = CancelKey { pid, secret };
+                let key = key_of(&message);
                 let target = CancelTarget { node: node_addr.clone(), key };
                 let guard = cancels.register(target);
                 let key = guard.key();
@@ -238,6 +237,71 @@ pub async fn relay(
             }
             tag::AUTHENTICATION | tag::BACKEND_KEY_DATA => return Err(AuthError::NodeProtocol),
             _ => out.extend_from_slice(&message),
+        }
+    }
+}
+
+/// The key of a 13-byte `BackendKeyData` message.
+fn key_of(message: &[u8]) -> CancelKey {
+    let pid = i32::from_be_bytes(message[5..9].try_into().expect("13 bytes"));
+    let secret = i32::from_be_bytes(message[9..13].try_into().expect("13 bytes"));
+    CancelKey { pid, secret }
+}
+
+/// A server connection of a pool, logged in: the node's `ParameterStatus` values and its
+/// cancel key.
+pub struct NodeLogin {
+    pub params: Vec<(String, String)>,
+    pub key: Option<CancelKey>,
+}
+
+/// Logs in to the node as `login`'s user with `startup` (no client involved: transaction
+/// pooling), each of the node's answers within `limit`.
+pub async fn log_in_node(
+    node: &mut NodeStream,
+    startup: &[u8],
+    login: &Login,
+    limit: std::time::Duration,
+) -> Result<NodeLogin, AuthError> {
+    tokio::time::timeout(limit, node.write_all(startup))
+        .await
+        .map_err(|_| AuthError::NodeTimeout)?
+        .map_err(AuthError::Node)?;
+    let mut inbuf = BytesMut::with_capacity(2048);
+    let mut exchange = NodeExchange::None;
+    let end_point = node.end_point();
+    let mut out = NodeLogin { params: Vec::new(), key: None };
+    loop {
+        let (msg_tag, len) = tokio::time::timeout(limit, next_node_message(node, &mut inbuf))
+            .await
+            .map_err(|_| AuthError::NodeTimeout)??;
+        let message = inbuf.split_to(len);
+        match msg_tag {
+            tag::BACKEND_KEY_DATA if len == 13 => out.key = Some(key_of(&message)),
+            tag::READY_FOR_QUERY if inbuf.is_empty() => return Ok(out),
+            tag::ERROR_RESPONSE => return Err(AuthError::Refused),
+            tag::AUTHENTICATION if len >= 9 => {
+                let code = i32::from_be_bytes(message[5..9].try_into().expect("9 bytes"));
+                let binding = end_point.as_deref().map_or(Binding::None, Binding::Tls);
+                if let Some(answer) = log_in(code, &message[9..], login, binding, &mut exchange)? {
+                    tokio::time::timeout(limit, node.write_all(&answer))
+                        .await
+                        .map_err(|_| AuthError::NodeTimeout)?
+                        .map_err(AuthError::Node)?;
+                }
+            }
+            b'S' => {
+                let mut parts = message[5..].split(|b| *b == 0);
+                let name = parts.next().and_then(|p| std::str::from_utf8(p).ok());
+                let value = parts.next().and_then(|p| std::str::from_utf8(p).ok());
+                if let (Some(name), Some(value)) = (name, value) {
+                    out.params.push((name.to_owned(), value.to_owned()));
+                }
+            }
+            tag::READY_FOR_QUERY | tag::AUTHENTICATION | tag::BACKEND_KEY_DATA => {
+                return Err(AuthError::NodeProtocol)
+            }
+            _ => {} // notices
         }
     }
 }

@@ -42,7 +42,8 @@ impl std::fmt::Display for NodeAddress {
 
 #[derive(Default)]
 pub struct CancelMap {
-    keys: Mutex<HashMap<CancelKey, CancelTarget>>,
+    /// `None`: a pooled client between transactions (nothing to cancel).
+    keys: Mutex<HashMap<CancelKey, Option<CancelTarget>>>,
 }
 
 /// Removes its key from the map when the session ends.
@@ -64,7 +65,7 @@ impl Drop for CancelGuard {
 }
 
 impl CancelMap {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CancelKey, CancelTarget>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CancelKey, Option<CancelTarget>>> {
         self.keys.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -79,12 +80,34 @@ impl CancelMap {
                 break key;
             }
         };
-        keys.insert(key, target);
+        keys.insert(key, Some(target));
         CancelGuard { map: Arc::clone(self), key }
     }
 
+    /// Issues a key for a pooled client: its pid is made up (the backend changes with each
+    /// transaction), and it cancels whatever `retarget` last named.
+    pub fn register_pooled(self: &Arc<Self>) -> CancelGuard {
+        let mut keys = self.lock();
+        let key = loop {
+            let key = CancelKey { pid: rand::random::<i32>() & i32::MAX, secret: rand::random() };
+            if !keys.contains_key(&key) {
+                break key;
+            }
+        };
+        keys.insert(key, None);
+        CancelGuard { map: Arc::clone(self), key }
+    }
+
+    /// Points a pooled client's key at the backend running its transaction (`None` between
+    /// transactions).
+    pub fn retarget(&self, key: CancelKey, target: Option<CancelTarget>) {
+        if let Some(slot) = self.lock().get_mut(&key) {
+            *slot = target;
+        }
+    }
+
     pub fn target(&self, key: CancelKey) -> Option<CancelTarget> {
-        self.lock().get(&key).cloned()
+        self.lock().get(&key).cloned().flatten()
     }
 }
 

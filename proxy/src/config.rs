@@ -25,6 +25,9 @@ pub struct Config {
     /// Client address. Default `127.0.0.1:6432`.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Transaction-pooling client address (`DATABASE_POOL_URL`): sessions there share the
+    /// database's server connections between transactions. Default: unset (no pooling).
+    pub pool_listen: Option<SocketAddr>,
     /// Admin HTTP address (health, metrics, routes). Default `127.0.0.1:9181`.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
@@ -62,6 +65,7 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("listen", &self.listen)
+            .field("pool_listen", &self.pool_listen)
             .field("admin_listen", &self.admin_listen)
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
             .field("admin_token_file", &self.admin_token_file)
@@ -115,6 +119,12 @@ pub struct Limits {
     /// upgrade) before it gets `57P03`. Default 12: above a major upgrade's default hold
     /// budget (10 s), past which the control plane gives the hold up itself.
     pub hold_timeout_secs: f64,
+    /// Transaction pooling: seconds a transaction may wait for one of its database's server
+    /// connections before the client gets `53300` (its connection stays open). Default 10.
+    pub pool_wait_timeout_secs: f64,
+    /// Transaction pooling: clients of one database that may wait for a server connection at
+    /// once; beyond it a new transaction gets `53300` at once. Default 10000.
+    pub pool_max_waiting: usize,
 }
 
 impl Default for Limits {
@@ -129,6 +139,8 @@ impl Default for Limits {
             max_starting_per_source: 256,
             shutdown_grace_secs: 30.0,
             hold_timeout_secs: 12.0,
+            pool_wait_timeout_secs: 10.0,
+            pool_max_waiting: 10_000,
         }
     }
 }
@@ -148,6 +160,9 @@ impl Limits {
     }
     pub fn hold_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.hold_timeout_secs)
+    }
+    pub fn pool_wait_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.pool_wait_timeout_secs)
     }
 }
 
@@ -175,6 +190,7 @@ impl Config {
     pub fn with_token(admin_token: impl Into<String>) -> Self {
         Self {
             listen: default_listen(),
+            pool_listen: None,
             admin_listen: default_admin_listen(),
             admin_token: Some(admin_token.into()),
             admin_token_file: None,
@@ -218,6 +234,7 @@ impl Config {
             ("limits.backend_connect_timeout_secs", l.backend_connect_timeout_secs),
             ("limits.shutdown_grace_secs", l.shutdown_grace_secs),
             ("limits.hold_timeout_secs", l.hold_timeout_secs),
+            ("limits.pool_wait_timeout_secs", l.pool_wait_timeout_secs),
         ] {
             if !(0.0..=86_400.0).contains(&v) || (v == 0.0 && key != "limits.shutdown_grace_secs") {
                 return Err(ConfigError::Invalid(format!("{key} must be between 0 and 86400")));

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use pgwarden_api::{ProxyHealth, ProxyRole};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -87,13 +87,13 @@ impl Role {
 
 /// Stays standby while the peer is active; returns the client listener once this proxy holds
 /// the client address, or `None` on shutdown.
-pub async fn wait_until_active(
+pub async fn wait_until_active<L>(
     ha: &HaConfig,
-    bind: impl Fn() -> std::io::Result<TcpListener>,
+    bind: impl Fn() -> std::io::Result<L>,
     role: &Role,
     metrics: &Metrics,
     shutdown: &CancellationToken,
-) -> Option<TcpListener> {
+) -> Option<L> {
     let interval = Duration::from_millis(ha.heartbeat_interval_ms.max(10));
     let takeover_after = Duration::from_millis(ha.takeover_after_ms);
     let mut last_seen_active: Option<Instant> = None;

@@ -10,6 +10,10 @@
 //! 4. `passthrough.rs` copies bytes both ways until a side closes, or until the route's primary
 //!    moves or the proxy shuts down, when the client gets a FATAL `57P01` at a message boundary.
 //!
+//! On the pool address (`pool_listen`), step 3 is the proxy's own SCRAM and steps 4 onwards are
+//! `pooled.rs`: each transaction borrows a server connection of its database's pool
+//! (`pool.rs`) and gives it back at `ReadyForQuery`.
+//!
 //! `admission.rs` bounds the connections still starting, per client address and in all, and
 //! slows an address's failed logins. `ha.rs` is the active/standby pair: a standby holds no client address until its peer dies.
 //! `admin.rs` serves health, metrics (`metrics.rs`) and the routing table over HTTP;
@@ -31,6 +35,8 @@ mod handshake;
 mod metrics;
 pub mod open_files;
 mod passthrough;
+mod pool;
+mod pooled;
 mod protocol;
 mod routes;
 mod scram;
@@ -59,6 +65,8 @@ pub(crate) struct Shared {
     limits: Limits,
     admission: Arc<admission::Admission>,
     routes: RouteStore,
+    /// Transaction pooling's server connections, per database.
+    pools: pool::Pools,
     tls: TlsStore,
     cancels: Arc<CancelMap>,
     metrics: Metrics,

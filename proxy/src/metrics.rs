@@ -24,10 +24,12 @@ pub enum Rejection {
     NodeTls,
     TooManyStarting,
     Evicted,
+    /// A client of the pool address that cannot be pooled (no verifiers, replication...).
+    NotPoolable,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 16] = [
+    const ALL: [Rejection; 17] = [
         Self::TooManyClients,
         Self::HandshakeTimeout,
         Self::Malformed,
@@ -44,6 +46,7 @@ impl Rejection {
         Self::NodeTls,
         Self::TooManyStarting,
         Self::Evicted,
+        Self::NotPoolable,
     ];
 
     fn label(self) -> &'static str {
@@ -64,6 +67,7 @@ impl Rejection {
             Self::TooManyStarting => "too_many_starting_from_source",
             Self::Evicted => "evicted_while_starting",
             Self::NodeTimeout => "node_timeout",
+            Self::NotPoolable => "not_poolable",
         }
     }
 }
@@ -103,6 +107,16 @@ pub struct Metrics {
     cancel_requests: IntCounterVec,
     terminated: IntCounterVec,
     role: IntGaugeVec,
+    /// Transaction pooling: clients connected to the pool address.
+    pub pooled_clients: IntGauge,
+    /// Server connections the pools hold open (idle or running a transaction).
+    pub pool_server_connections: IntGauge,
+    /// Transactions waiting for a server connection.
+    pub pool_waiting: IntGauge,
+    /// How long transactions waited for a server connection.
+    pub pool_wait_seconds: Histogram,
+    /// Clients pinned to their server connection, by the session state that pinned them.
+    pins: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -160,6 +174,37 @@ impl Metrics {
             .expect("metric"),
             role: IntGaugeVec::new(Opts::new("role", "1 for the role this proxy has"), &["role"])
                 .expect("metric"),
+            pooled_clients: IntGauge::new(
+                "pooled_client_connections",
+                "Client connections in transaction pooling",
+            )
+            .expect("metric"),
+            pool_server_connections: IntGauge::new(
+                "pool_server_connections",
+                "Server connections open for transaction pooling",
+            )
+            .expect("metric"),
+            pool_waiting: IntGauge::new(
+                "pool_waiting_transactions",
+                "Transactions waiting for a pooled server connection",
+            )
+            .expect("metric"),
+            pool_wait_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "pool_wait_seconds",
+                    "Time a transaction waited for a pooled server connection",
+                )
+                .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0]),
+            )
+            .expect("metric"),
+            pins: IntCounterVec::new(
+                Opts::new(
+                    "pool_pins_total",
+                    "Pooled clients pinned to their server connection, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("metric"),
             registry,
         };
         let r = &m.registry;
@@ -174,6 +219,14 @@ impl Metrics {
         r.register(Box::new(m.cancel_requests.clone())).expect("register");
         r.register(Box::new(m.terminated.clone())).expect("register");
         r.register(Box::new(m.role.clone())).expect("register");
+        r.register(Box::new(m.pooled_clients.clone())).expect("register");
+        r.register(Box::new(m.pool_server_connections.clone())).expect("register");
+        r.register(Box::new(m.pool_waiting.clone())).expect("register");
+        r.register(Box::new(m.pool_wait_seconds.clone())).expect("register");
+        r.register(Box::new(m.pins.clone())).expect("register");
+        for reason in crate::pooled::PIN_REASONS {
+            m.pins.with_label_values(&[reason]);
+        }
         // Make every labelled series visible from the start, at zero.
         for reason in Rejection::ALL {
             m.rejected.with_label_values(&[reason.label()]);
@@ -224,6 +277,10 @@ impl Metrics {
             Termination::Shutdown => "shutdown",
         };
         self.terminated.with_label_values(&[label]).inc();
+    }
+
+    pub fn pinned(&self, reason: &str) {
+        self.pins.with_label_values(&[reason]).inc();
     }
 
     /// Prometheus text exposition.

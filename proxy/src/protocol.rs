@@ -39,6 +39,8 @@ pub enum SqlState {
     AdminShutdown,
     /// 57P03 cannot_connect_now
     CannotConnectNow,
+    /// 0A000 feature_not_supported
+    FeatureNotSupported,
 }
 
 impl SqlState {
@@ -51,14 +53,25 @@ impl SqlState {
             Self::TooManyConnections => "53300",
             Self::AdminShutdown => "57P01",
             Self::CannotConnectNow => "57P03",
+            Self::FeatureNotSupported => "0A000",
         }
     }
 }
 
 /// An `ErrorResponse` with severity FATAL.
 pub fn fatal(state: SqlState, message: &str) -> BytesMut {
+    error_response("FATAL", state, message)
+}
+
+/// An `ErrorResponse` with severity ERROR: the session goes on.
+pub fn error(state: SqlState, message: &str) -> BytesMut {
+    error_response("ERROR", state, message)
+}
+
+fn error_response(severity: &str, state: SqlState, message: &str) -> BytesMut {
     let mut body = BytesMut::with_capacity(32 + message.len());
-    for (field, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', state.code()), (b'M', message)]
+    for (field, value) in
+        [(b'S', severity), (b'V', severity), (b'C', state.code()), (b'M', message)]
     {
         body.put_u8(field);
         body.put_slice(value.as_bytes());
@@ -70,6 +83,71 @@ pub fn fatal(state: SqlState, message: &str) -> BytesMut {
     msg.put_i32((4 + body.len()) as i32);
     msg.put_slice(&body);
     msg
+}
+
+/// `ReadyForQuery` with a transaction status (`I`, `T`, `E`).
+pub fn ready_for_query(status: u8) -> [u8; 6] {
+    [tag::READY_FOR_QUERY, 0, 0, 0, 5, status]
+}
+
+/// A backend or frontend message: `tag`, length, `body`.
+pub fn message(tag: u8, body: &[u8]) -> BytesMut {
+    let mut msg = BytesMut::with_capacity(5 + body.len());
+    msg.put_u8(tag);
+    msg.put_i32((4 + body.len()) as i32);
+    msg.put_slice(body);
+    msg
+}
+
+/// `ParameterStatus` `name` = `value`.
+pub fn parameter_status(name: &str, value: &str) -> BytesMut {
+    let mut body = Vec::with_capacity(name.len() + value.len() + 2);
+    for part in [name, value] {
+        body.extend_from_slice(part.as_bytes());
+        body.push(0);
+    }
+    message(b'S', &body)
+}
+
+/// A simple-protocol `Query`.
+pub fn query(sql: &str) -> BytesMut {
+    let mut body = Vec::with_capacity(sql.len() + 1);
+    body.extend_from_slice(sql.as_bytes());
+    body.push(0);
+    message(b'Q', &body)
+}
+
+/// A protocol 3.0 `StartupMessage` with `params`.
+pub fn startup_message(params: &[(&str, &str)]) -> BytesMut {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(PROTOCOL_MAJOR_3 << 16).to_be_bytes());
+    for (name, value) in params {
+        for part in [name, value] {
+            body.extend_from_slice(part.as_bytes());
+            body.push(0);
+        }
+    }
+    body.push(0);
+    let mut msg = BytesMut::with_capacity(4 + body.len());
+    msg.put_i32((4 + body.len()) as i32);
+    msg.put_slice(&body);
+    msg
+}
+
+/// Every `name`/`value` pair of a startup packet (length and version included), in order.
+pub fn startup_pairs(packet: &[u8]) -> Vec<(String, String)> {
+    let list = packet.get(8..).unwrap_or_default();
+    let items: Vec<&[u8]> = list.split(|&b| b == 0).collect();
+    items
+        .chunks_exact(2)
+        .take_while(|pair| !pair[0].is_empty())
+        .filter_map(|pair| {
+            Some((
+                std::str::from_utf8(pair[0]).ok()?.to_owned(),
+                std::str::from_utf8(pair[1]).ok()?.to_owned(),
+            ))
+        })
+        .collect()
 }
 
 /// `BackendKeyData` with the given key.

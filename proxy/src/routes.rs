@@ -37,7 +37,12 @@ pub struct Route {
     pub users: Option<HashMap<String, Credential>>,
     /// TLS to the node, verified against the nodes' CA (else plaintext).
     pub node_tls: Option<Arc<TlsConnector>>,
+    /// Transaction pooling: server connections to the primary at most.
+    pub pool_size: usize,
 }
+
+/// Server connections per database when the table does not say.
+pub const DEFAULT_POOL_SIZE: usize = 20;
 
 /// What the proxy knows of one user's password.
 pub enum Credential {
@@ -215,6 +220,7 @@ impl RouteStore {
                 moved,
                 users: entry.users.as_ref().map(credentials),
                 node_tls: node_tls.as_ref().map(|(_, c)| c.clone()),
+                pool_size: entry.pool_size.map_or(DEFAULT_POOL_SIZE, |n| n.max(1) as usize),
             };
             routes.insert(name.clone(), Arc::new(route));
         }
@@ -281,6 +287,7 @@ mod tests {
                     hold: false,
                     id: None,
                     users: None,
+                    pool_size: None,
                 };
                 (n.to_string(), route)
             })

@@ -27,6 +27,8 @@ const TERMINATE_WAIT: Duration = Duration::from_secs(5);
 /// client address is bound only when the proxy becomes active (`clients: None`).
 pub struct Listeners {
     pub clients: Option<TcpListener>,
+    /// The transaction-pooling address, when configured (bound with `clients`).
+    pub pool: Option<TcpListener>,
     pub admin: TcpListener,
 }
 
@@ -40,10 +42,16 @@ impl Listeners {
                     .with_context(|| format!("cannot listen on {}", config.listen))?,
             ),
         };
+        let pool = match (config.ha.as_ref(), config.pool_listen) {
+            (None, Some(addr)) => {
+                Some(bind_clients(addr).with_context(|| format!("cannot listen on {addr}"))?)
+            }
+            _ => None,
+        };
         let admin = TcpListener::bind(config.admin_listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.admin_listen))?;
-        Ok(Self { clients, admin })
+        Ok(Self { clients, pool, admin })
     }
 }
 
@@ -106,6 +114,7 @@ pub async fn run_on(
         domain: config.domain.as_ref().map(|d| d.trim_start_matches('.').to_ascii_lowercase()),
         limits,
         routes: RouteStore::default(),
+        pools: crate::pool::Pools::default(),
         tls: TlsStore::load(config.tls.clone()).context("cannot load TLS certificate")?,
         cancels: Arc::new(CancelMap::default()),
         metrics: Metrics::new(),
@@ -143,26 +152,35 @@ pub async fn run_on(
     let hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
     let reload_task = tokio::spawn(reload_on_sighup(hup, Arc::clone(&shared), shutdown.clone()));
 
+    let pool_listen = config.pool_listen;
+    let bind_both = || -> std::io::Result<(TcpListener, Option<TcpListener>)> {
+        Ok((bind_clients(config.listen)?, pool_listen.map(bind_clients).transpose()?))
+    };
     let clients = match (listeners.clients, &config.ha) {
         (Some(listener), _) => {
             shared.role.set(ProxyRole::Active, None, &shared.metrics);
-            Some(listener)
+            Some((listener, listeners.pool))
         }
         (None, Some(ha)) => {
-            let (listen, role, metrics) = (config.listen, &shared.role, &shared.metrics);
-            crate::ha::wait_until_active(ha, || bind_clients(listen), role, metrics, &shutdown)
-                .await
+            let (role, metrics) = (&shared.role, &shared.metrics);
+            crate::ha::wait_until_active(ha, bind_both, role, metrics, &shutdown).await
         }
-        (None, None) => Some(
-            bind_clients(config.listen)
-                .with_context(|| format!("cannot listen on {}", config.listen))?,
-        ),
+        (None, None) => Some(bind_both().with_context(|| {
+            format!("cannot listen on {} (or the pool address)", config.listen)
+        })?),
     };
     let tracker = TaskTracker::new();
-    while let Some(listener) = &clients {
-        let accepted = tokio::select! {
+    while let Some((listener, pool)) = &clients {
+        let pooled_accept = async {
+            match pool {
+                Some(pool) => pool.accept().await,
+                None => std::future::pending().await,
+            }
+        };
+        let (accepted, pooled) = tokio::select! {
             () = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
+            accepted = listener.accept() => (accepted, false),
+            accepted = pooled_accept => (accepted, true),
         };
         match accepted {
             Ok((tcp, peer)) => {
@@ -183,13 +201,15 @@ pub async fn run_on(
                 let span = info_span!(
                     "session",
                     %peer,
+                    pooled,
                     database = tracing::field::Empty,
                     user = tracing::field::Empty,
                     node = tracing::field::Empty
                 );
                 let shared = Arc::clone(&shared);
-                workers
-                    .spawn(&tracker, tcp, move |tcp| session::serve(tcp, shared, span, starting));
+                workers.spawn(&tracker, tcp, move |tcp| {
+                    session::serve(tcp, shared, span, starting, pooled)
+                });
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.

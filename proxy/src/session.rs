@@ -30,13 +30,19 @@ const ROUTE_ATTEMPTS: usize = 3;
 /// `starting`. `span` (peer, database, user, node) covers the setup and the
 /// end of the session but not the relay in between: entering a span at each of the relay's
 /// wake-ups costs more than the copying does.
-pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, span: Span, starting: Starting) {
+pub async fn serve(
+    tcp: TcpStream,
+    shared: Arc<Shared>,
+    span: Span,
+    starting: Starting,
+    pooled: bool,
+) {
     let _gauge = ConnectionGauge::new(&shared.metrics.client_connections);
     let peer = starting.ip();
     // A connection that has not authenticated yet gives its place to a newer one when the
     // proxy has too many of them (admission.rs).
     let opened = tokio::select! {
-        opened = open(tcp, &shared, peer).instrument(span.clone()) => opened,
+        opened = open(tcp, &shared, peer, pooled).instrument(span.clone()) => opened,
         () = starting.evicted.cancelled() => {
             shared.metrics.rejected(Rejection::Evicted);
             debug!(parent: &span, "starting connection ended to make room for a newer one");
@@ -44,15 +50,29 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>, span: Span, starting: St
         }
     };
     drop(starting);
-    if let Some(session) = opened {
-        run_session(session, &shared, span).await;
+    match opened {
+        Some(Opened::Session(session)) => run_session(session, &shared, span).await,
+        Some(Opened::Pooled(client)) => {
+            let started = crate::pooled::start(client, &shared).instrument(span.clone()).await;
+            if let Some((client, pool, cancel)) = started {
+                shared.metrics.accepted.inc();
+                crate::pooled::run(client, &shared, pool, cancel).await;
+            }
+        }
+        None => {}
     }
+}
+
+/// A client past its authentication: a session of its own, or a pooled client.
+enum Opened {
+    Session(Session),
+    Pooled(crate::pooled::PooledClient),
 }
 
 /// Handshake, routing and authentication. The handshake timeout bounds what the client must
 /// send (TLS handshake and startup packet here, each authentication message in `auth`); the
 /// node's part has bounds of its own, and a node too slow ends in an ErrorResponse, not a close.
-async fn open(tcp: TcpStream, shared: &Shared, peer: IpAddr) -> Option<Session> {
+async fn open(tcp: TcpStream, shared: &Shared, peer: IpAddr, pooled: bool) -> Option<Opened> {
     let over_limit =
         shared.metrics.client_connections.get() as usize > shared.limits.max_client_connections;
     let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout();
@@ -81,7 +101,9 @@ async fn open(tcp: TcpStream, shared: &Shared, peer: IpAddr) -> Option<Session> 
             let _ = tokio::time::timeout(shared.limits.handshake_timeout(), closing).await;
             None
         }
-        Ok(Handshake::Startup(startup)) => start_session(startup, shared, peer, over_limit).await,
+        Ok(Handshake::Startup(startup)) => {
+            start_session(startup, shared, peer, over_limit, pooled).await
+        }
         Err(e) => {
             shared.metrics.rejected(match e {
                 HandshakeError::Protocol(_) => Rejection::Malformed,
@@ -124,7 +146,8 @@ async fn start_session(
     shared: &Shared,
     peer: IpAddr,
     over_limit: bool,
-) -> Option<Session> {
+    pooled: bool,
+) -> Option<Opened> {
     let Startup { mut stream, mut params, packet, end_point, server_name } = startup;
     // A TLS server name `<database id>.<domain>` names the database: it replaces the startup
     // packet's for routing (the node still gets the packet as sent).
@@ -181,6 +204,33 @@ async fn start_session(
         None => None,
     };
     drop(first);
+    if pooled {
+        let Some(login) = login else {
+            metrics.rejected(Rejection::NotPoolable);
+            let message = format!(
+                "database \"{}\" cannot be pooled: the proxy does not have its users' verifiers",
+                params.database
+            );
+            refuse(&mut stream, SqlState::InvalidAuthorization, &message).await;
+            return None;
+        };
+        let settings = match crate::pooled::settings(&crate::protocol::startup_pairs(&packet)) {
+            Ok(settings) => settings,
+            Err(reason) => {
+                metrics.rejected(Rejection::NotPoolable);
+                let message = format!("this connection cannot be pooled: {reason}");
+                refuse(&mut stream, SqlState::FeatureNotSupported, &message).await;
+                return None;
+            }
+        };
+        return Some(Opened::Pooled(crate::pooled::PooledClient {
+            stream,
+            database: params.database,
+            user: params.user,
+            login,
+            settings,
+        }));
+    }
     let hold_deadline = tokio::time::Instant::now() + shared.limits.hold_timeout();
     let mut attempts = 0;
     while attempts < ROUTE_ATTEMPTS {
@@ -248,7 +298,9 @@ async fn start_session(
         return match relayed.await {
             Ok(auth) => {
                 metrics.accepted.inc();
-                Some(Session { client: stream, node, route, database: params.database, auth })
+                let session =
+                    Session { client: stream, node, route, database: params.database, auth };
+                Some(Opened::Session(session))
             }
             Err(AuthError::Refused) => None,
             Err(e) => {
@@ -376,7 +428,7 @@ async fn refuse_auth(
 }
 
 #[derive(Debug, thiserror::Error)]
-enum NodeConnectError {
+pub(crate) enum NodeConnectError {
     #[error("{0}")]
     Unreachable(std::io::Error),
     #[error("the node does not accept TLS")]
@@ -388,7 +440,7 @@ enum NodeConnectError {
 /// Connects to the route's primary, over TLS verified against the nodes' CA when the route
 /// says so (the node's certificate must name the address connected to). The whole of it is
 /// bounded by the backend connect timeout. Also returns the node's address (for cancels).
-async fn connect(
+pub(crate) async fn connect(
     route: &Route,
     shared: &Shared,
 ) -> Result<(NodeStream, SocketAddr), NodeConnectError> {
@@ -435,7 +487,7 @@ async fn start_tls(
 }
 
 /// The host of `host:port` (IPv6 without its brackets).
-fn host_of(addr: &str) -> &str {
+pub(crate) fn host_of(addr: &str) -> &str {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
     host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
 }

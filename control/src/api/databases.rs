@@ -277,7 +277,8 @@ fn claim_running(
 pub async fn env(State(state): AppState, Path(id): Path<String>) -> Result<Json<Env>, ApiError> {
     let db = load(&state.platform, &id)?;
     let url = state.platform.database_url(&db);
-    Ok(Json(Env { database_url: url.clone(), pgwarden_postgresql_url: url }))
+    let database_pool_url = state.platform.database_pool_url(&db);
+    Ok(Json(Env { database_url: url.clone(), pgwarden_postgresql_url: url, database_pool_url }))
 }
 
 pub async fn set_tls(

@@ -191,6 +191,9 @@ pub struct ServeArgs {
     /// Where clients reach the proxies (host:port in every DATABASE_URL).
     #[arg(long, default_value = "127.0.0.1:6432")]
     pub client_addr: String,
+    /// Where clients reach the proxies' transaction pooling (DATABASE_POOL_URL); none without.
+    #[arg(long)]
+    pub client_pool_addr: Option<String>,
     #[command(flatten)]
     pub nodes: NodeArgs,
 }
@@ -240,6 +243,9 @@ pub struct UpArgs {
     /// Client address of the proxies.
     #[arg(long, default_value = "127.0.0.1:6432")]
     pub client_listen: SocketAddr,
+    /// Transaction-pooling address of the proxies (DATABASE_POOL_URL).
+    #[arg(long, default_value = "127.0.0.1:6433")]
+    pub client_pool_listen: SocketAddr,
     /// Admin addresses of the two proxies.
     #[arg(long, num_args = 2, default_values = ["127.0.0.1:9181", "127.0.0.1:9182"])]
     pub proxy_admin: Vec<SocketAddr>,
@@ -380,6 +386,9 @@ pub async fn run(api: &str, data_dir: &std::path::Path, command: Command) -> any
             let env: Env =
                 client()?.call(Method::GET, &format!("/v1/databases/{id}/env"), None).await?;
             println!("DATABASE_URL={}", env.database_url);
+            if let Some(pooled) = &env.database_pool_url {
+                println!("DATABASE_POOL_URL={pooled}");
+            }
             println!("PGWARDEN_POSTGRESQL_URL={}", env.pgwarden_postgresql_url);
             Ok(())
         }

@@ -8,6 +8,8 @@ pub struct PlatformConfig {
     /// Where clients reach the proxies: host and port of every `DATABASE_URL`.
     pub client_host: String,
     pub client_port: u16,
+    /// The proxies' transaction-pooling port on the same host (`DATABASE_POOL_URL`), if any.
+    pub client_pool_port: Option<u16>,
     /// Admin addresses (`host:port`) of the proxies to publish routes to.
     pub proxies: Vec<String>,
     /// Bearer token of the proxies' admin APIs.
@@ -62,6 +64,7 @@ impl std::fmt::Debug for PlatformConfig {
             .field("data_dir", &self.data_dir)
             .field("client_host", &self.client_host)
             .field("client_port", &self.client_port)
+            .field("client_pool_port", &self.client_pool_port)
             .field("proxies", &self.proxies)
             .field("node_host", &self.node_host)
             .field("first_node_port", &self.first_node_port)

@@ -230,6 +230,15 @@ impl Platform {
         self.url(&db.name, &db.password, &db.name)
     }
 
+    /// `DATABASE_URL` on the proxies' transaction-pooling port, when they have one.
+    pub fn database_pool_url(&self, db: &DatabaseRecord) -> Option<String> {
+        let port = self.config.client_pool_port?;
+        Some(format!(
+            "postgres://{}:{}@{}:{port}/{}",
+            db.name, db.password, self.config.client_host, db.name
+        ))
+    }
+
     pub fn event(&self, database_id: &str, kind: &str, message: impl Into<String>) {
         let event = Event { at: now_rfc3339(), kind: kind.into(), message: message.into() };
         info!(database = database_id, kind, message = %event.message, "event");

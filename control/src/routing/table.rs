@@ -7,6 +7,7 @@ use pgwarden_api::control::DatabaseStatus;
 use pgwarden_api::{DatabaseRoute, RoutingTable};
 
 use super::VerifierCache;
+use crate::plans;
 use crate::state::DatabaseRecord;
 
 /// Databases whose new sessions the proxies hold (a planned primary change is in progress).
@@ -51,6 +52,7 @@ pub fn build(
             hold: holds.is_held(&db.id),
             id: Some(db.id.clone()),
             users: verifiers.get(&db.id),
+            pool_size: Some(plans::pool_size(db)),
         };
         routes.insert(db.name.clone(), route);
     }

@@ -35,7 +35,7 @@ fn on_signals() -> anyhow::Result<CancellationToken> {
 /// 30 s.
 fn platform_config(
     data_dir: &Path,
-    (client_host, client_port): (String, u16),
+    (client_host, client_port, client_pool_port): (String, u16, Option<u16>),
     proxies: Vec<String>,
     proxy_token: String,
     nodes: &NodeArgs,
@@ -44,6 +44,7 @@ fn platform_config(
         data_dir: data_dir.to_owned(),
         client_host,
         client_port,
+        client_pool_port,
         proxies,
         proxy_token,
         node_host: "127.0.0.1".into(),
@@ -85,9 +86,13 @@ pub async fn serve_command(data_dir: &Path, args: ServeArgs) -> anyhow::Result<(
         None => read_secret_file(&data_dir.join("proxy-token"))?,
     };
     let (client_host, client_port) = split_host_port(&args.client_addr)?;
+    let pool_port = match &args.client_pool_addr {
+        Some(addr) => Some(split_host_port(addr)?.1),
+        None => None,
+    };
     let proxies = args.proxy_admins.clone();
-    let config =
-        platform_config(data_dir, (client_host, client_port), proxies, proxy_token, &args.nodes);
+    let client = (client_host, client_port, pool_port);
+    let config = platform_config(data_dir, client, proxies, proxy_token, &args.nodes);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -106,7 +111,9 @@ pub async fn up(data_dir: &Path, args: UpArgs) -> anyhow::Result<()> {
     crate::files::private_dir(&ca_dir)?;
     let ca = Ca::load_or_create(&ca_dir).context("platform CA")?;
     let proxy_dir = data_dir.join("proxy");
-    ca.issue_server(&[&args.client_listen.ip().to_string(), "localhost"])?
+    let (client_ip, pool_ip) =
+        (args.client_listen.ip().to_string(), args.client_pool_listen.ip().to_string());
+    ca.issue_server(&[&client_ip, &pool_ip, "localhost"])?
         .write(&proxy_dir.join("server.crt"), &proxy_dir.join("server.key"))?;
 
     let mut proxies = Vec::new();
@@ -118,7 +125,11 @@ pub async fn up(data_dir: &Path, args: UpArgs) -> anyhow::Result<()> {
         }
     }
 
-    let client = (args.client_listen.ip().to_string(), args.client_listen.port());
+    let client = (
+        args.client_listen.ip().to_string(),
+        args.client_listen.port(),
+        Some(args.client_pool_listen.port()),
+    );
     let admins = args.proxy_admin.iter().map(|a| a.to_string()).collect();
     let config = platform_config(&data_dir, client, admins, proxy_token, &args.nodes);
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -171,9 +182,10 @@ async fn start_proxy(
     // this process is gone (even when killed).
     let peer = args.proxy_admin.iter().find(|a| **a != admin).copied().unwrap_or(admin);
     let config = format!(
-        "listen = \"{}\"\nadmin_listen = \"{admin}\"\nadmin_token_file = \"{}\"\n\
+        "listen = \"{}\"\npool_listen = \"{}\"\nadmin_listen = \"{admin}\"\nadmin_token_file = \"{}\"\n\
          parent_pid = {}\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[ha]\npeer_admin = \"{peer}\"\n",
         args.client_listen,
+        args.client_pool_listen,
         dir.parent().unwrap_or(dir).join("proxy-token").display(),
         std::process::id(),
         dir.join("server.crt").display(),

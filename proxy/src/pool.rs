@@ -1,0 +1,276 @@
+//! Transaction pooling's server side: per database, at most `pool_size` server connections to
+//! the primary (a semaphore whose permits the connections carry), the idle ones kept for reuse
+//! by clients of the same user. A server connection is opened and logged in with the ClientKey
+//! a client of that user proved (`auth::Login`), so the proxy never holds a password.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{self, AuthError, Login};
+use crate::cancel::{CancelKey, CancelTarget, NodeAddress};
+use crate::routes::Route;
+use crate::stream::NodeStream;
+use crate::Shared;
+
+/// Every database's pool.
+#[derive(Default)]
+pub struct Pools {
+    by_database: Mutex<HashMap<String, Arc<DbPool>>>,
+}
+
+impl Pools {
+    /// The pool of `database`, sized to `size` server connections.
+    pub fn get(&self, database: &str, size: usize) -> Arc<DbPool> {
+        let pool = {
+            let mut pools = self.by_database.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(pools.entry(database.to_owned()).or_insert_with(|| {
+                Arc::new(DbPool {
+                    permits: Arc::new(Semaphore::new(size)),
+                    size: Mutex::new(size),
+                    idle: Mutex::default(),
+                    waiting: AtomicUsize::new(0),
+                    available: tokio::sync::Notify::new(),
+                    open: AtomicUsize::new(0),
+                })
+            }))
+        };
+        pool.resize(size);
+        pool
+    }
+}
+
+/// What a transaction asks a pool for: a connection to `route`'s primary for `user` of
+/// `database`, opened (if need be) with `login`.
+#[derive(Clone, Copy)]
+pub struct Want<'a> {
+    pub database: &'a str,
+    pub route: &'a Route,
+    pub user: &'a str,
+    pub login: &'a Login,
+}
+
+/// One database's server connections.
+pub struct DbPool {
+    permits: Arc<Semaphore>,
+    size: Mutex<usize>,
+    idle: Mutex<Vec<ServerConn>>,
+    /// Transactions waiting for a server connection.
+    pub waiting: AtomicUsize,
+    /// Told when a connection comes back or closes (its permit is free).
+    available: tokio::sync::Notify,
+    /// Server connections open.
+    pub open: AtomicUsize,
+}
+
+/// Why a transaction got no server connection.
+#[derive(Debug, thiserror::Error)]
+pub enum AcquireError {
+    #[error("{waiting} transactions are already waiting for the {size} server connections of database \"{database}\"")]
+    QueueFull { database: String, waiting: usize, size: usize },
+    #[error("all {size} server connections of database \"{database}\" stayed busy for {} s; retry, or use fewer concurrent transactions", waited.as_secs_f64())]
+    Timeout { database: String, size: usize, waited: Duration },
+    #[error("cannot reach the primary of database \"{database}\": {reason}")]
+    Connect { database: String, reason: String },
+    #[error("cannot log in to the primary of database \"{database}\": {source}")]
+    Login { database: String, source: AuthError },
+}
+
+/// A server connection, logged in, with the permit it holds in its pool.
+pub struct ServerConn {
+    pub stream: NodeStream,
+    pub user: String,
+    /// The primary it is connected to, and that route's token (cancelled when it stops being
+    /// the primary).
+    pub primary: String,
+    pub moved: CancellationToken,
+    /// Where a cancel of its backend goes.
+    pub cancel: Option<CancelTarget>,
+    /// The node's `ParameterStatus` values at login, then as changed.
+    pub params: Vec<(String, String)>,
+    /// Session parameters set on it for clients (`SET`), by name.
+    pub applied: HashMap<String, String>,
+    _permit: OwnedSemaphorePermit,
+    _open: OpenGauge,
+}
+
+struct OpenGauge(Arc<DbPool>, prometheus::IntGauge);
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.1.dec();
+        // Its permit is free once the connection's fields drop: checked at the next wake-up.
+        self.0.available.notify_one();
+    }
+}
+
+impl DbPool {
+    fn resize(&self, size: usize) {
+        let mut current = self.size.lock().unwrap_or_else(|e| e.into_inner());
+        if size > *current {
+            self.permits.add_permits(size - *current);
+        } else if size < *current {
+            // Fewer from now on: the surplus permits are taken as they come back, and dropped.
+            let (permits, surplus) = (Arc::clone(&self.permits), (*current - size) as u32);
+            tokio::spawn(async move {
+                if let Ok(permits) = permits.acquire_many_owned(surplus).await {
+                    permits.forget();
+                }
+            });
+            // Idle connections beyond the new size go now.
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let keep = idle.len().min(size);
+            idle.truncate(keep);
+        }
+        *current = size;
+    }
+
+    pub fn size(&self) -> usize {
+        *self.size.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An idle connection of `user` to `primary`; connections to a former primary are dropped.
+    fn take_idle(&self, user: &str, primary: &str) -> Option<ServerConn> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|c| !c.moved.is_cancelled());
+        let at = idle.iter().rposition(|c| c.user == user && c.primary == primary)?;
+        Some(idle.swap_remove(at))
+    }
+
+    /// Drops the idle connections to `primary` (one of them turned out dead: the node
+    /// restarted, so the others are too).
+    pub fn drop_idle_to(&self, primary: &str) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).retain(|c| c.primary != primary);
+    }
+
+    /// Gives a clean connection (idle, no transaction, no session state) back.
+    pub fn release(&self, conn: ServerConn) {
+        if conn.moved.is_cancelled() {
+            return;
+        }
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+        self.available.notify_one();
+    }
+
+    /// Frees a permit held by an idle connection of another user, if any.
+    fn evict_other(&self, user: &str) -> bool {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        match idle.iter().position(|c| c.user != user) {
+            Some(at) => {
+                idle.swap_remove(at);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A connection for a transaction of `user` on `route`'s primary: an idle one, else a new
+    /// one while the pool has room, else the first to come back (waiting at most the pool wait
+    /// timeout, behind at most `pool_max_waiting` others).
+    pub async fn acquire(
+        self: &Arc<Self>,
+        shared: &Shared,
+        want: Want<'_>,
+    ) -> Result<ServerConn, AcquireError> {
+        let Want { database, route, user, .. } = want;
+        let limit = shared.limits.pool_wait_timeout();
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut waiting: Option<(Waiting<'_>, std::time::Instant)> = None;
+        loop {
+            // Registered before looking, so that a release in between is not missed.
+            let available = self.available.notified();
+            let waited = |waiting: &Option<(Waiting<'_>, std::time::Instant)>| {
+                if let Some((_, since)) = waiting {
+                    shared.metrics.pool_wait_seconds.observe(since.elapsed().as_secs_f64());
+                }
+            };
+            if let Some(conn) = self.take_idle(user, &route.primary) {
+                waited(&waiting);
+                return Ok(conn);
+            }
+            if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
+                waited(&waiting);
+                drop(waiting);
+                return self.open_conn(shared, want, permit).await;
+            }
+            // An idle connection of another user gives its place up.
+            if self.evict_other(user) {
+                continue;
+            }
+            if waiting.is_none() {
+                let size = self.size();
+                let already = self.waiting.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.pool_waiting.inc();
+                let guard = Waiting(&self.waiting, shared.metrics.pool_waiting.clone());
+                if already >= shared.limits.pool_max_waiting {
+                    return Err(AcquireError::QueueFull {
+                        database: database.to_owned(),
+                        waiting: already,
+                        size,
+                    });
+                }
+                waiting = Some((guard, std::time::Instant::now()));
+            }
+            tokio::select! {
+                () = available => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    waited(&waiting);
+                    return Err(AcquireError::Timeout {
+                        database: database.to_owned(),
+                        size: self.size(),
+                        waited: limit,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn open_conn(
+        self: &Arc<Self>,
+        shared: &Shared,
+        want: Want<'_>,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<ServerConn, AcquireError> {
+        let Want { database, route, user, login } = want;
+        let (mut stream, addr) = crate::session::connect(route, shared).await.map_err(|e| {
+            AcquireError::Connect { database: database.to_owned(), reason: e.to_string() }
+        })?;
+        let startup = crate::protocol::startup_message(&[("user", user), ("database", database)]);
+        let logged_in =
+            auth::log_in_node(&mut stream, &startup, login, shared.limits.backend_auth_timeout())
+                .await
+                .map_err(|source| AcquireError::Login { database: database.to_owned(), source })?;
+        let tls =
+            route.node_tls.clone().map(|c| (c, crate::session::host_of(&route.primary).to_owned()));
+        let cancel = logged_in
+            .key
+            .map(|key: CancelKey| CancelTarget { node: NodeAddress { addr, tls }, key });
+        self.open.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.pool_server_connections.inc();
+        Ok(ServerConn {
+            stream,
+            user: user.to_owned(),
+            primary: route.primary.clone(),
+            moved: route.moved.clone(),
+            cancel,
+            params: logged_in.params,
+            applied: HashMap::new(),
+            _permit: permit,
+            _open: OpenGauge(Arc::clone(self), shared.metrics.pool_server_connections.clone()),
+        })
+    }
+}
+
+struct Waiting<'a>(&'a AtomicUsize, prometheus::IntGauge);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.dec();
+    }
+}

@@ -1,0 +1,648 @@
+//! Transaction pooling's client side (`pool_listen`, the address of `DATABASE_POOL_URL`): a
+//! client authenticated by the proxy (SCRAM against the route's verifiers) gets a server
+//! connection of its database's pool for each transaction, and gives it back when the server
+//! says the transaction is over (`ReadyForQuery` idle, every query and sync answered).
+//!
+//! - The client's startup parameters (`application_name`, `client_encoding`, `DateStyle`,
+//!   `options=-c ...`) are session settings: set on each server connection the client gets
+//!   (`SET`), only where it differs from what the connection already has.
+//! - Session state the pool cannot carry pins the client to its server connection until the
+//!   client leaves, when the connection is closed, never reused: `SET`/`RESET`, `LISTEN`,
+//!   `PREPARE` and named protocol-level statements, session advisory locks, temporary tables,
+//!   `WITH HOLD` cursors, `LOAD`. Pins are counted by reason in `/metrics`.
+//! - A transaction that waits longer than `limits.pool_wait_timeout_secs` for a connection, or
+//!   finds `limits.pool_max_waiting` others waiting, gets `53300` as an ERROR: the client's
+//!   connection stays open. A new transaction on a held route (planned switchover) waits for the
+//!   next table.
+//! - A server connection lost mid-transaction (the primary failed or moved) ends that
+//!   transaction with a `57P01` ERROR; the client's connection stays open and its next
+//!   transaction runs on the current primary. A pinned client is ended instead (its state is
+//!   gone).
+
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::debug;
+
+use crate::auth::Login;
+use crate::cancel::CancelGuard;
+use crate::pool::{AcquireError, DbPool, ServerConn, Want};
+use crate::protocol::{self, SqlState};
+use crate::stream::ClientStream;
+use crate::Shared;
+
+/// Why a client is pinned, as counted in `pgwarden_proxy_pool_pins_total{reason}`.
+pub const PIN_REASONS: [&str; 8] = [
+    "set",
+    "listen",
+    "prepared_statement",
+    "advisory_lock",
+    "temporary_table",
+    "cursor_with_hold",
+    "load",
+    "copy_or_function",
+];
+
+/// Largest client message accepted (PostgreSQL's own bound is 1 GB).
+const MAX_CLIENT_MESSAGE: usize = 1 << 30;
+
+/// A client authenticated on the pool address, before its first transaction.
+pub struct PooledClient {
+    pub stream: ClientStream,
+    pub database: String,
+    pub user: String,
+    pub login: Login,
+    /// Session settings from the startup packet, applied on every server connection it gets.
+    pub settings: Vec<(String, String)>,
+}
+
+/// The session settings a startup packet asks for, or why pooling cannot honour them.
+pub fn settings(pairs: &[(String, String)]) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for (name, value) in pairs {
+        match name.as_str() {
+            "user" | "database" => {}
+            "replication" => return Err("replication connections cannot be pooled".into()),
+            "options" => {
+                let mut words = value.split_whitespace();
+                while let Some(word) = words.next() {
+                    let setting = match word {
+                        "-c" => words.next().unwrap_or_default(),
+                        w => w.strip_prefix("--").or_else(|| w.strip_prefix("-c")).unwrap_or(""),
+                    };
+                    let Some((name, value)) = setting.split_once('=') else {
+                        return Err(format!(
+                            "options {value:?}: only -c name=value settings can be pooled"
+                        ));
+                    };
+                    out.push((name.replace('-', "_").to_ascii_lowercase(), value.to_owned()));
+                }
+            }
+            _ => out.push((name.to_ascii_lowercase(), value.clone())),
+        }
+    }
+    if let Some((name, _)) = out
+        .iter()
+        .find(|(n, _)| !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+    {
+        return Err(format!("invalid setting name {name:?}"));
+    }
+    Ok(out)
+}
+
+/// Finishes the client's startup: a server connection of the pool tells the server's
+/// parameters (the client's own settings on top), then `BackendKeyData` (the proxy's key) and
+/// `ReadyForQuery`. `None` when the client was told why not.
+pub async fn start(
+    mut client: PooledClient,
+    shared: &Arc<Shared>,
+) -> Option<(PooledClient, Arc<DbPool>, CancelGuard)> {
+    let Some(route) = shared.routes.load().route(&client.database) else {
+        let message = format!("database \"{}\" does not exist", client.database);
+        crate::handshake::refuse(&mut client.stream, SqlState::UnknownDatabase, &message).await;
+        return None;
+    };
+    let pool = shared.pools.get(&client.database, route.pool_size);
+    let mut conn = match pool.acquire(shared, want(&client, &route)).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            let state = acquire_state(&e);
+            debug!(error = %e, "no server connection for a pooled client's start");
+            crate::handshake::refuse(&mut client.stream, state, &e.to_string()).await;
+            return None;
+        }
+    };
+    if let Err(message) = apply_settings(&mut conn, &client.settings, shared).await {
+        let message = format!("cannot apply the connection's settings: {message}");
+        crate::handshake::refuse(&mut client.stream, SqlState::FeatureNotSupported, &message).await;
+        return None;
+    }
+    let cancel = shared.cancels.register_pooled();
+    let key = cancel.key();
+    let mut out = BytesMut::with_capacity(512);
+    out.extend_from_slice(&protocol::authentication(protocol::auth_code::OK, &[]));
+    for (name, value) in &conn.params {
+        out.extend_from_slice(&protocol::parameter_status(name, value));
+    }
+    out.extend_from_slice(&protocol::backend_key_data(key.pid, key.secret));
+    out.extend_from_slice(&protocol::ready_for_query(b'I'));
+    pool.release(conn);
+    let limit = shared.limits.handshake_timeout();
+    let sent = tokio::time::timeout(limit, async {
+        client.stream.write_all(&out).await?;
+        client.stream.flush().await
+    })
+    .await;
+    matches!(sent, Ok(Ok(()))).then_some((client, pool, cancel))
+}
+
+fn want<'a>(client: &'a PooledClient, route: &'a crate::routes::Route) -> Want<'a> {
+    Want { database: &client.database, route, user: &client.user, login: &client.login }
+}
+
+fn acquire_state(e: &AcquireError) -> SqlState {
+    match e {
+        AcquireError::QueueFull { .. } | AcquireError::Timeout { .. } => {
+            SqlState::TooManyConnections
+        }
+        AcquireError::Connect { .. } | AcquireError::Login { .. } => SqlState::CannotConnectNow,
+    }
+}
+
+/// Sets `settings` on `conn` where it differs (and resets what an earlier client set and this
+/// one does not), in one round trip.
+async fn apply_settings(
+    conn: &mut ServerConn,
+    settings: &[(String, String)],
+    shared: &Shared,
+) -> Result<(), String> {
+    let mut sql = String::new();
+    for (name, value) in settings {
+        if conn.applied.get(name) != Some(value) {
+            sql.push_str(&format!("SET {name} = '{}';", value.replace('\'', "''")));
+        }
+    }
+    let stale: Vec<String> = conn
+        .applied
+        .keys()
+        .filter(|name| !settings.iter().any(|(n, _)| n == *name))
+        .cloned()
+        .collect();
+    for name in &stale {
+        sql.push_str(&format!("RESET {name};"));
+    }
+    if sql.is_empty() {
+        return Ok(());
+    }
+    let limit = shared.limits.backend_auth_timeout();
+    let ran = tokio::time::timeout(limit, run_internal(conn, &sql)).await;
+    match ran {
+        Ok(Ok(())) => {
+            for name in stale {
+                conn.applied.remove(&name);
+            }
+            for (name, value) in settings {
+                conn.applied.insert(name.clone(), value.clone());
+            }
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("the database node did not answer in time".into()),
+    }
+}
+
+/// Runs `sql` on `conn` for the proxy itself: `ParameterStatus` changes are recorded, an error
+/// is returned as its message.
+async fn run_internal(conn: &mut ServerConn, sql: &str) -> Result<(), String> {
+    conn.stream.write_all(&protocol::query(sql)).await.map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut error = None;
+    loop {
+        while let Some((tag, len)) = frame(&buf) {
+            let message = buf.split_to(len);
+            match tag {
+                b'Z' => return error.map_or(Ok(()), Err),
+                b'E' => error = Some(error_message(&message[5..])),
+                b'S' => record_parameter(conn, &message[5..]),
+                _ => {}
+            }
+        }
+        if conn.stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("the database node closed the connection".into());
+        }
+    }
+}
+
+/// Whether an `ErrorResponse` body is FATAL (or PANIC): the server ends the connection.
+fn fatal(body: &[u8]) -> bool {
+    body.split(|b| *b == 0)
+        .find_map(|f| f.strip_prefix(b"V").or_else(|| f.strip_prefix(b"S")))
+        .is_some_and(|s| s == b"FATAL" || s == b"PANIC")
+}
+
+fn error_message(body: &[u8]) -> String {
+    body.split(|b| *b == 0)
+        .find_map(|f| f.strip_prefix(b"M"))
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .unwrap_or_else(|| "error".into())
+}
+
+fn record_parameter(conn: &mut ServerConn, body: &[u8]) {
+    let mut parts = body.split(|b| *b == 0);
+    let (Some(name), Some(value)) = (parts.next(), parts.next()) else { return };
+    let (name, value) =
+        (String::from_utf8_lossy(name).into_owned(), String::from_utf8_lossy(value).into_owned());
+    match conn.params.iter_mut().find(|(n, _)| *n == name) {
+        Some(slot) => slot.1 = value,
+        None => conn.params.push((name, value)),
+    }
+}
+
+/// The tag and total length of the whole message at the start of `buf`, once it is all there.
+fn frame(buf: &[u8]) -> Option<(u8, usize)> {
+    let len = i32::from_be_bytes(buf.get(1..5)?.try_into().ok()?);
+    let total = 1 + usize::try_from(len).ok()?;
+    (buf.len() >= total).then_some((buf[0], total))
+}
+
+/// Where the client's transactions stand.
+#[derive(Default)]
+struct Exchange {
+    /// Queries, syncs and function calls sent, not yet answered with `ReadyForQuery`.
+    pending: usize,
+    /// Extended-protocol messages sent since the last `Sync`.
+    unsynced: usize,
+    /// The last `ReadyForQuery` status.
+    status: u8,
+    /// Bytes of the server message being relayed that are still to come.
+    relaying: usize,
+    /// A FATAL error the server sent before closing (not relayed: the client's connection
+    /// stays open).
+    fatal: Option<String>,
+}
+
+/// Relays the client's transactions through the pool until the client leaves.
+pub async fn run(
+    mut client: PooledClient,
+    shared: &Arc<Shared>,
+    pool: Arc<DbPool>,
+    cancel: CancelGuard,
+) {
+    let _pooled = crate::metrics::ConnectionGauge::new(&shared.metrics.pooled_clients);
+    let mut cbuf = BytesMut::with_capacity(8192);
+    let mut sbuf = BytesMut::with_capacity(16384);
+    let mut out = BytesMut::new();
+    let mut server: Option<ServerConn> = None;
+    let mut pin: Option<&'static str> = None;
+    let mut ex = Exchange { status: b'I', ..Exchange::default() };
+    // The client's transaction block lost its server: the next connection starts in a failed
+    // block, where PostgreSQL answers as it would have (25P02 until ROLLBACK).
+    let mut aborted = false;
+    loop {
+        let moved = server.as_ref().map(|s| s.moved.clone());
+        let server_read = async {
+            match server.as_mut() {
+                Some(conn) => conn.stream.read_buf(&mut sbuf).await,
+                None => std::future::pending().await,
+            }
+        };
+        let lost_primary = async {
+            match &moved {
+                Some(token) => token.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut server_gone = false;
+        tokio::select! {
+            read = client.stream.read_buf(&mut cbuf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => shared.metrics.bytes_from_clients.inc_by(n as u64),
+            },
+            read = server_read => match read {
+                Ok(0) | Err(_) => server_gone = true,
+                Ok(_) => {}
+            },
+            () = lost_primary => server_gone = true,
+            () = shared.terminate.cancelled() => {
+                let message = "terminating connection because the proxy is shutting down";
+                let _ = client.stream.write_all(&protocol::fatal(SqlState::AdminShutdown, message)).await;
+                break;
+            }
+        }
+        // The client's complete messages go to the server, in order.
+        let was_pinned = pin.is_some();
+        let mut to_server = BytesMut::new();
+        let mut terminate = false;
+        loop {
+            if cbuf.len() >= 5 {
+                let len = i32::from_be_bytes(cbuf[1..5].try_into().expect("5 bytes"));
+                if !(4..=MAX_CLIENT_MESSAGE as i32).contains(&len) {
+                    let message = "invalid message length from the client";
+                    let _ = client
+                        .stream
+                        .write_all(&protocol::fatal(SqlState::ProtocolViolation, message))
+                        .await;
+                    return;
+                }
+            }
+            let Some((tag, len)) = frame(&cbuf) else { break };
+            let message = cbuf.split_to(len);
+            match tag {
+                b'X' => {
+                    terminate = true;
+                    break;
+                }
+                b'Q' => {
+                    ex.pending += 1;
+                    pin = pin.or_else(|| session_state(&message[5..]));
+                }
+                b'S' => {
+                    ex.pending += 1;
+                    ex.unsynced = 0;
+                }
+                b'F' => {
+                    ex.pending += 1;
+                    pin = pin.or(Some("copy_or_function"));
+                }
+                b'P' => {
+                    ex.unsynced += 1;
+                    let named = message.get(5).is_some_and(|b| *b != 0);
+                    pin = pin
+                        .or_else(|| named.then_some("prepared_statement"))
+                        .or_else(|| session_state(&message[5..]));
+                }
+                b'd' | b'c' | b'f' => {}
+                _ => ex.unsynced += 1,
+            }
+            to_server.extend_from_slice(&message);
+        }
+        if let Some(reason) = pin.filter(|_| !was_pinned) {
+            shared.metrics.pinned(reason);
+        }
+        if terminate {
+            break;
+        }
+        if server_gone {
+            let had = server.take();
+            if let Some(conn) = &had {
+                pool.drop_idle_to(&conn.primary);
+            }
+            shared.cancels.retarget(cancel.key(), None);
+            if pin.is_some() {
+                let message = "terminating connection because its server connection was lost \
+                               (the primary failed or moved) and its session state with it";
+                let _ = client
+                    .stream
+                    .write_all(&protocol::fatal(SqlState::AdminShutdown, message))
+                    .await;
+                return;
+            }
+            if ex.relaying > 0 {
+                return; // half a message reached the client: nothing sensible can follow.
+            }
+            // A client inside a transaction block must not see its next statements run
+            // outside of it: its next server connection starts in a failed block.
+            let in_block = ex.status != b'I';
+            if ex.pending > 0 || ex.unsynced > 0 {
+                let why = ex.fatal.take().map_or_else(String::new, |m| format!(" ({m})"));
+                let message = format!(
+                    "the transaction was ended because the connection to the primary was lost{why}; \
+                     the primary failed or moved: run the transaction again"
+                );
+                out.extend_from_slice(&protocol::error(SqlState::AdminShutdown, &message));
+                let status = if in_block { b'E' } else { b'I' };
+                for _ in 0..ex.pending.max(1) {
+                    out.extend_from_slice(&protocol::ready_for_query(status));
+                }
+                sbuf.clear();
+                // What the client sent meanwhile belongs to the ended transaction.
+                to_server.clear();
+            }
+            ex = Exchange { status: if in_block { b'E' } else { b'I' }, ..Exchange::default() };
+            aborted = in_block;
+        }
+        if !to_server.is_empty() {
+            if server.is_none() {
+                match attach(&mut client, shared, aborted).await {
+                    Ok(conn) => {
+                        aborted = false;
+                        shared.cancels.retarget(cancel.key(), conn.cancel.clone());
+                        server = Some(conn);
+                        sbuf.clear();
+                    }
+                    Err((state, message)) => {
+                        out.extend_from_slice(&protocol::error(state, &message));
+                        for _ in 0..ex.pending.max(1) {
+                            out.extend_from_slice(&protocol::ready_for_query(b'I'));
+                        }
+                        ex = Exchange { status: b'I', ..Exchange::default() };
+                        to_server.clear();
+                    }
+                }
+            }
+            if let Some(conn) = server.as_mut() {
+                // A failed write shows at the next read of the server.
+                let _ = conn.stream.write_all(&to_server).await;
+            }
+        }
+        // The server's complete messages (and the part of a long one that is there) go to the
+        // client.
+        if let Some(conn) = server.as_mut() {
+            relay_server(&mut sbuf, &mut out, &mut ex, conn);
+        }
+        if !out.is_empty() {
+            shared.metrics.bytes_to_clients.inc_by(out.len() as u64);
+            if client.stream.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+        }
+        // The transaction is over: the connection goes back.
+        let done = ex.pending == 0 && ex.unsynced == 0 && ex.status == b'I' && ex.relaying == 0;
+        if done && pin.is_none() && server.is_some() {
+            shared.cancels.retarget(cancel.key(), None);
+            pool.release(server.take().expect("checked"));
+        }
+    }
+    // The client left: a connection in a clean state goes back, any other is closed.
+    let clean = ex.pending == 0 && ex.unsynced == 0 && ex.status == b'I' && ex.relaying == 0;
+    if let Some(conn) = server.take().filter(|_| clean && pin.is_none()) {
+        pool.release(conn);
+    }
+    drop(cancel);
+}
+
+/// A server connection for the client's next transaction, on the current route (waiting out a
+/// hold); else the SQLSTATE and sentence the client gets.
+async fn attach(
+    client: &mut PooledClient,
+    shared: &Shared,
+    aborted: bool,
+) -> Result<ServerConn, (SqlState, String)> {
+    let hold_deadline = tokio::time::Instant::now() + shared.limits.hold_timeout();
+    let mut stale = 0;
+    loop {
+        let mut changes = shared.routes.subscribe();
+        let Some(route) = shared.routes.load().route(&client.database) else {
+            let message = format!("database \"{}\" does not exist any more", client.database);
+            return Err((SqlState::UnknownDatabase, message));
+        };
+        if route.hold {
+            if tokio::time::timeout_at(hold_deadline, changes.changed()).await.is_err() {
+                let message = format!(
+                    "database \"{}\" is switching to a new primary; retry shortly",
+                    client.database
+                );
+                return Err((SqlState::CannotConnectNow, message));
+            }
+            continue;
+        }
+        let pool = shared.pools.get(&client.database, route.pool_size);
+        let mut conn = pool
+            .acquire(shared, want(client, &route))
+            .await
+            .map_err(|e| (acquire_state(&e), e.to_string()))?;
+        if stale < 3 && closed(&mut conn).await {
+            // The node ended it while it was idle (a restart): so it did the others.
+            pool.drop_idle_to(&conn.primary);
+            stale += 1;
+            continue;
+        }
+        if let Err(message) = apply_settings(&mut conn, &client.settings, shared).await {
+            return Err((SqlState::CannotConnectNow, format!("cannot apply settings: {message}")));
+        }
+        if aborted {
+            // The error is the point: the block is failed, as the client's was.
+            let fail = "BEGIN; DO $pgwarden$ BEGIN RAISE EXCEPTION 'transaction lost with its \
+                        server connection' USING ERRCODE = '57P01'; END $pgwarden$";
+            let limit = shared.limits.backend_auth_timeout();
+            let _ = tokio::time::timeout(limit, run_internal(&mut conn, fail)).await;
+        }
+        return Ok(conn);
+    }
+}
+
+/// Whether an idle connection was closed by its node (or sent something unasked): checked
+/// without waiting, before a transaction is written to it (never after: a transaction is
+/// never sent twice).
+async fn closed(conn: &mut ServerConn) -> bool {
+    let mut probe = BytesMut::with_capacity(64);
+    let read = conn.stream.read_buf(&mut probe);
+    tokio::time::timeout(std::time::Duration::ZERO, read).await.is_ok()
+}
+
+/// Moves what is complete (and the available part of a message being relayed) from `sbuf` to
+/// `out`, following `ReadyForQuery` and `ParameterStatus`.
+fn relay_server(sbuf: &mut BytesMut, out: &mut BytesMut, ex: &mut Exchange, conn: &mut ServerConn) {
+    loop {
+        if ex.relaying > 0 {
+            let n = ex.relaying.min(sbuf.len());
+            if n == 0 {
+                return;
+            }
+            out.extend_from_slice(&sbuf[..n]);
+            sbuf.advance(n);
+            ex.relaying -= n;
+            continue;
+        }
+        if sbuf.len() < 5 {
+            return;
+        }
+        let tag = sbuf[0];
+        let len = i32::from_be_bytes(sbuf[1..5].try_into().expect("5 bytes")).max(4) as usize;
+        match tag {
+            b'Z' | b'S' | b'E' => {
+                let Some((_, total)) = frame(sbuf) else { return };
+                let message = sbuf.split_to(total);
+                match tag {
+                    b'Z' => {
+                        ex.pending = ex.pending.saturating_sub(1);
+                        ex.status = message.get(5).copied().unwrap_or(b'I');
+                    }
+                    b'S' => record_parameter(conn, &message[5..]),
+                    _ if fatal(&message[5..]) => {
+                        // The server is ending the connection; the client's stays.
+                        ex.fatal = Some(error_message(&message[5..]));
+                        continue;
+                    }
+                    _ => {}
+                }
+                out.extend_from_slice(&message);
+            }
+            _ => {
+                out.extend_from_slice(&sbuf[..5]);
+                sbuf.advance(5);
+                ex.relaying = len - 4;
+            }
+        }
+    }
+}
+
+/// The session state a statement leaves behind that a shared server connection cannot carry,
+/// if any: what pins its client (a conservative look at each statement's first words, and at
+/// the functions that take session-level locks or set settings).
+fn session_state(body: &[u8]) -> Option<&'static str> {
+    let text = String::from_utf8_lossy(body).to_ascii_lowercase();
+    if text.contains("pg_advisory_lock") || text.contains("pg_try_advisory_lock") {
+        return Some("advisory_lock");
+    }
+    if text.contains("set_config") {
+        return Some("set");
+    }
+    for statement in text.split(';') {
+        let words: Vec<&str> = statement
+            .lines()
+            .map(|l| l.split("--").next().unwrap_or(""))
+            .flat_map(str::split_whitespace)
+            .take(4)
+            .collect();
+        let reason = match words.as_slice() {
+            ["set", "local", ..] | ["set", "transaction", ..] | ["set", "constraints", ..] => None,
+            ["set", ..] | ["reset", ..] => Some("set"),
+            ["listen", ..] => Some("listen"),
+            ["prepare", ..] => Some("prepared_statement"),
+            ["declare", ..] if statement.contains("with hold") => Some("cursor_with_hold"),
+            ["create", "temp" | "temporary", ..]
+            | ["create", "global" | "local", "temp" | "temporary", ..] => Some("temporary_table"),
+            ["load", ..] => Some("load"),
+            ["copy", ..] => None,
+            _ => None,
+        };
+        if reason.is_some() {
+            return reason;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_state_is_found_and_transaction_state_is_not() {
+        let cases: [(&str, Option<&str>); 12] = [
+            ("SELECT 1", None),
+            ("set search_path = x", Some("set")),
+            ("SET LOCAL statement_timeout = 5", None),
+            ("BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None),
+            ("LISTEN jobs", Some("listen")),
+            ("select pg_advisory_lock(1)", Some("advisory_lock")),
+            ("select pg_advisory_xact_lock(1)", None),
+            ("CREATE TEMP TABLE t(x int)", Some("temporary_table")),
+            ("create global temporary table t(x int)", Some("temporary_table")),
+            ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", Some("cursor_with_hold")),
+            ("PREPARE p AS SELECT 1", Some("prepared_statement")),
+            ("-- comment\n  reset all", Some("set")),
+        ];
+        for (sql, expected) in cases {
+            assert_eq!(session_state(sql.as_bytes()), expected, "{sql}");
+        }
+    }
+
+    #[test]
+    fn startup_settings_are_carried_and_options_parsed() {
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        };
+        let got = settings(&pairs(&[
+            ("user", "u"),
+            ("database", "d"),
+            ("application_name", "psql"),
+            ("options", "-c search_path=app --statement-timeout=5s"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            got,
+            pairs(&[
+                ("application_name", "psql"),
+                ("search_path", "app"),
+                ("statement_timeout", "5s")
+            ])
+        );
+        assert!(settings(&pairs(&[("replication", "database")])).is_err());
+        assert!(settings(&pairs(&[("options", "-x")])).is_err());
+        assert!(settings(&pairs(&[("bad name;", "x")])).is_err());
+    }
+}

@@ -1,0 +1,54 @@
+//! `DATABASE_POOL_URL`: transaction pooling for a database the control plane made, through the
+//! same proxy and credentials as `DATABASE_URL`, with the pool sized from the plan.
+
+use std::time::Duration;
+
+use pgwarden_e2e::{psql, TestControl};
+use tokio_postgres::NoTls;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pooled_url_serves_more_clients_than_the_plan_has_server_connections() {
+    let control = TestControl::start().await;
+    let (db, id, url) = control.create_routed_database("pooled", "postgresql-sandbox").await;
+    let env = control.request("GET", &format!("/v1/databases/{id}/env"), None).await.json();
+    assert_eq!(env["DATABASE_URL"], url.as_str());
+    let pooled = env["DATABASE_POOL_URL"].as_str().expect("DATABASE_POOL_URL").to_owned();
+    assert_eq!(
+        pooled.replace(&control.proxy.pool_addr.port().to_string(), "PORT"),
+        url.replace(&control.proxy.port().to_string(), "PORT"),
+        "same credentials and database, the pool port"
+    );
+    let out = psql(&pooled, None, "CREATE TABLE t(n int); SELECT 'pooled'");
+    assert!(out.success && out.stdout.contains("pooled"), "{}", out.stderr);
+
+    // The sandbox plan allows 30 connections; its pool gets 20 of them. 40 clients run a
+    // transaction each at once, all succeed, and the node never sees more than 20 sessions of
+    // the database's user.
+    let user = db["name"].as_str().unwrap().to_owned();
+    let count = format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}'");
+    let mut tasks = Vec::new();
+    for n in 0..40 {
+        let pooled = pooled.clone();
+        tasks.push(tokio::spawn(async move {
+            let (client, connection) = tokio_postgres::connect(&pooled, NoTls).await?;
+            tokio::spawn(connection);
+            let sql = format!("BEGIN; INSERT INTO t VALUES ({n}); SELECT pg_sleep(0.3); COMMIT");
+            client.batch_execute(&sql).await?;
+            Ok::<_, tokio_postgres::Error>(client)
+        }));
+    }
+    let mut most = 0;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let seen = control.sql_on_every_node(&db, &count);
+        most = most.max(seen[0].parse::<u32>().unwrap());
+    }
+    let mut clients = Vec::new();
+    for task in tasks {
+        clients.push(task.await.unwrap().expect("a pooled transaction"));
+    }
+    assert!((1..=20).contains(&most), "{most} server sessions at once");
+    let out = psql(&url, None, "SELECT count(*) FROM t");
+    assert_eq!(out.stdout.trim(), "40");
+    println!("40 pooled clients, at most {most} server sessions");
+}

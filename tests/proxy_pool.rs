@@ -1,0 +1,207 @@
+//! Transaction pooling on the proxy's pool address, against a real PostgreSQL node, with real
+//! clients (tokio-postgres in the simple protocol and with prepared statements, psql, pgbench):
+//! many clients share few server connections; session state pins its client and never leaks
+//! to another; startup settings follow each client; a transaction that cannot get a connection
+//! in time gets 53300 and its connection stays open; a node restart ends the running
+//! transaction only.
+
+use std::time::Duration;
+
+use pgwarden_e2e::{psql, PgNode, TestProxy, TEST_PASSWORD};
+use pgwarden_proxy::config::Limits;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+async fn pooled_proxy(node: &PgNode, pool_size: u32, limits: Limits) -> TestProxy {
+    let proxy = TestProxy::start(limits, None).await;
+    proxy.route_pooled(1, "app", node, Some(pool_size)).await;
+    proxy
+}
+
+fn pool_conninfo(proxy: &TestProxy, extra: &str) -> String {
+    format!(
+        "host=127.0.0.1 port={} dbname=app user=app password={TEST_PASSWORD} {extra}",
+        proxy.pool_addr.port()
+    )
+}
+
+async fn connect(conninfo: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+/// The first column of the first row of a simple query.
+async fn value(client: &Client, sql: &str) -> String {
+    let messages = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(row.get(0).unwrap_or("").to_owned()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Server sessions of user `app` on the node (not counting the one asking).
+fn app_backends(node: &PgNode) -> usize {
+    let sql = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'";
+    node.superuser_sql(sql).stdout.trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_share_few_server_connections() {
+    let node = PgNode::start();
+    let proxy = pooled_proxy(&node, 3, Limits::default()).await;
+    let setup = connect(&pool_conninfo(&proxy, "")).await;
+    setup
+        .batch_execute("CREATE TABLE t(client int, n int, PRIMARY KEY (client, n))")
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for client_no in 0..24 {
+        let conninfo = pool_conninfo(&proxy, "");
+        tasks.push(tokio::spawn(async move {
+            let client = connect(&conninfo).await;
+            for n in 0..15 {
+                let sql = format!("BEGIN; INSERT INTO t VALUES ({client_no}, {n}); COMMIT");
+                client.batch_execute(&sql).await.expect("transaction");
+            }
+            client
+        }));
+    }
+    let mut clients = Vec::new();
+    for task in tasks {
+        clients.push(task.await.unwrap());
+    }
+    assert_eq!(value(&setup, "SELECT count(*) FROM t").await, "360");
+    // 25 clients connected, at most 3 server sessions ever.
+    assert!(app_backends(&node) <= 3, "{} server sessions", app_backends(&node));
+    assert!(proxy.metric("pgwarden_proxy_pool_server_connections").await <= 3.0);
+    assert_eq!(proxy.metric("pgwarden_proxy_pooled_client_connections").await, 25.0);
+    drop(clients);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_pins_its_client_and_never_leaks() {
+    let node = PgNode::start();
+    let proxy = pooled_proxy(&node, 2, Limits::default()).await;
+    let a = connect(&pool_conninfo(&proxy, "")).await;
+    let b = connect(&pool_conninfo(&proxy, "")).await;
+    let default = value(&b, "SHOW statement_timeout").await;
+    a.batch_execute("SET statement_timeout = '1234ms'").await.unwrap();
+    a.batch_execute("CREATE TEMP TABLE mine(x int); INSERT INTO mine VALUES (7)").await.unwrap();
+    // a keeps its state, b never sees it, however often it runs.
+    for _ in 0..5 {
+        assert_eq!(value(&a, "SHOW statement_timeout").await, "1234ms");
+        assert_eq!(value(&a, "SELECT x FROM mine").await, "7");
+        assert_eq!(value(&b, "SHOW statement_timeout").await, default);
+        let err = b.simple_query("SELECT x FROM mine").await.expect_err("a's temporary table");
+        assert!(format!("{err:?}").contains("does not exist"), "{err:?}");
+    }
+    assert_eq!(proxy.metric("pgwarden_proxy_pool_pins_total{reason=\"set\"}").await, 1.0);
+    // When the pinned client leaves, its server connection is closed, not reused.
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = connect(&pool_conninfo(&proxy, "")).await;
+    assert_eq!(value(&c, "SHOW statement_timeout").await, default);
+    let err = c.simple_query("SELECT x FROM mine").await.expect_err("gone with a");
+    assert!(format!("{err:?}").contains("does not exist"), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_settings_follow_each_client_on_a_shared_connection() {
+    let node = PgNode::start();
+    let proxy = pooled_proxy(&node, 1, Limits::default()).await;
+    let x = connect(&pool_conninfo(&proxy, "application_name=x options='-c search_path=x_schema'"))
+        .await;
+    let y = connect(&pool_conninfo(&proxy, "application_name=y")).await;
+    for _ in 0..3 {
+        assert_eq!(value(&x, "SHOW application_name").await, "x");
+        assert_eq!(value(&x, "SHOW search_path").await, "x_schema");
+        assert_eq!(value(&y, "SHOW application_name").await, "y");
+        assert_eq!(value(&y, "SHOW search_path").await, "\"$user\", public");
+    }
+    assert_eq!(app_backends(&node), 1, "both on the one server connection");
+    // psql through the pool, with its own startup settings.
+    let out =
+        psql(&pool_conninfo(&proxy, "application_name=psql-pooled"), None, "SHOW application_name");
+    assert!(out.success && out.stdout.trim() == "psql-pooled", "{} {}", out.stdout, out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_that_cannot_get_a_connection_in_time_gets_53300_and_keeps_its_client() {
+    let node = PgNode::start();
+    let limits = Limits { pool_wait_timeout_secs: 0.5, ..Limits::default() };
+    let proxy = pooled_proxy(&node, 1, limits).await;
+    let holder = connect(&pool_conninfo(&proxy, "")).await;
+    let waiter = connect(&pool_conninfo(&proxy, "")).await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let err = waiter.simple_query("SELECT 2").await.expect_err("no connection free");
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "53300", "{db:?}");
+    assert!(db.message().contains("server connections of database \"app\""), "{}", db.message());
+    assert!(proxy.metric("pgwarden_proxy_pool_wait_seconds_count").await >= 1.0);
+    // The waiter's connection is still there and works once the holder commits.
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(value(&waiter, "SELECT 2").await, "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_and_pgbench_work_through_the_pool() {
+    let node = PgNode::start();
+    let proxy = pooled_proxy(&node, 2, Limits::default()).await;
+    // tokio-postgres prepares named statements: the client is pinned, and works.
+    let client = connect(&pool_conninfo(&proxy, "")).await;
+    let statement = client.prepare("SELECT $1::int + 1").await.unwrap();
+    for i in 0..5 {
+        let row = client.query_one(&statement, &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), i + 1);
+    }
+    assert!(
+        proxy.metric("pgwarden_proxy_pool_pins_total{reason=\"prepared_statement\"}").await >= 1.0
+    );
+    // pgbench, simple and extended protocol (unnamed statements: pooled).
+    let bin = pgwarden_e2e::pg_bin("pgbench");
+    let port = proxy.pool_addr.port().to_string();
+    let init = std::process::Command::new(&bin)
+        .args(["-i", "-q", "-h", "127.0.0.1", "-p", &port, "-U", "app", "app"])
+        .env("PGPASSWORD", TEST_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    for mode in ["simple", "extended"] {
+        let run = std::process::Command::new(&bin)
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "app", "-c", "8", "-t", "50", "-M", mode])
+            .arg("app")
+            .env("PGPASSWORD", TEST_PASSWORD)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&run.stdout);
+        assert!(run.status.success(), "{mode}: {out} {}", String::from_utf8_lossy(&run.stderr));
+        assert!(out.contains("number of failed transactions: 0"), "{mode}: {out}");
+    }
+    assert!(app_backends(&node) <= 2 + 1, "8 pgbench clients on at most 2 server connections");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restart_ends_the_running_transaction_only() {
+    let mut node = PgNode::start();
+    let proxy = pooled_proxy(&node, 2, Limits::default()).await;
+    let client = connect(&pool_conninfo(&proxy, "")).await;
+    client.batch_execute("CREATE TABLE r(x int PRIMARY KEY)").await.unwrap();
+    client.batch_execute("BEGIN; INSERT INTO r VALUES (1)").await.unwrap();
+    node.signal("-INT"); // fast shutdown: sessions end with 57P01
+    node.restart();
+    // The transaction block is lost with its server connection: the client is told at its
+    // next statement (not with a FATAL: its connection stays), and its statements do not run
+    // outside the block; ROLLBACK ends it, as in PostgreSQL.
+    let err = client.batch_execute("INSERT INTO r VALUES (2)").await.expect_err("block lost");
+    let code = err.code().map(|c| c.code().to_owned()).unwrap_or_default();
+    assert!(code == "57P01" || code == "25P02", "{err:?}");
+    let err = client.batch_execute("INSERT INTO r VALUES (2)").await.expect_err("still failed");
+    assert_eq!(err.code().map(|c| c.code()), Some("25P02"), "{err:?}");
+    client.batch_execute("ROLLBACK").await.expect("rollback ends the failed block");
+    // The client's connection stayed open: its next transaction runs on the restarted node.
+    client.batch_execute("INSERT INTO r VALUES (3)").await.expect("the next transaction");
+    assert_eq!(value(&client, "SELECT string_agg(x::text, ',') FROM r").await, "3");
+}
