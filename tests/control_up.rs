@@ -24,12 +24,13 @@ struct Up {
 }
 
 /// Runs `pgwarden up` and reads its stdout until the summary block is complete.
-fn up(dir: &Path, ports: &[u16; 5]) -> Up {
+fn up(dir: &Path, ports: &[u16; 6]) -> Up {
     let mut child = Command::new(workspace_bin("pgwarden"))
         .arg("--data-dir")
         .arg(dir.join("pw"))
         .args(["up", "--listen", &format!("127.0.0.1:{}", ports[0])])
         .args(["--client-listen", &format!("127.0.0.1:{}", ports[1])])
+        .args(["--client-pool-listen", &format!("127.0.0.1:{}", ports[5])])
         .args([
             "--proxy-admin",
             &format!("127.0.0.1:{}", ports[2]),
@@ -124,7 +125,7 @@ impl Drop for Cleanup {
 #[test]
 fn up_provisions_prints_the_block_stops_on_ctrl_c_and_resumes_after_ctrl_c_or_kill_9() {
     let dir = data_dir();
-    let ports = [free_port(), free_port(), free_port(), free_port(), free_port()];
+    let ports = [free_port(), free_port(), free_port(), free_port(), free_port(), free_port()];
     let mut cleanup = Cleanup(dir.path().join("pw"), vec![]);
     let mut first = up(dir.path(), &ports);
     cleanup.1.push(first.child.id());
@@ -152,6 +153,16 @@ fn up_provisions_prints_the_block_stops_on_ctrl_c_and_resumes_after_ctrl_c_or_ki
     let out = psql(&url, None, "CREATE TABLE kept(x int); INSERT INTO kept VALUES (7)");
     assert!(out.success, "{}", out.stderr);
     let out = psql(&format!("{url}?sslmode=require"), None, "SELECT x FROM kept");
+    assert_eq!(out.stdout.trim(), "7", "{}", out.stderr);
+    // The pooled URL: the same credentials on the pool address.
+    let pooled = first
+        .lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("DATABASE_POOL_URL="))
+        .expect(&block)
+        .to_owned();
+    assert_eq!(pooled, url.replace(&format!(":{}/", ports[1]), &format!(":{}/", ports[5])));
+    let out = psql(&format!("{pooled}?sslmode=require"), None, "SELECT x FROM kept");
     assert_eq!(out.stdout.trim(), "7", "{}", out.stderr);
 
     // Ctrl-C: everything stops, exit status 0, no node left running.

@@ -291,6 +291,9 @@ fn print_summary(db: &Database, args: &UpArgs, data_dir: &Path) {
     println!("       ID: {}", db.id);
     println!("       Plan: {} ({layout})", db.plan);
     println!("       DATABASE_URL={}", db.database_url);
+    let (sessions, pooled) =
+        (format!("@{}/", args.client_listen), format!("@{}/", args.client_pool_listen));
+    println!("       DATABASE_POOL_URL={}", db.database_url.replace(&sessions, &pooled));
     let token = data_dir.join("token");
     let shown = std::env::current_dir()
         .ok()
