@@ -52,3 +52,40 @@ async fn the_pooled_url_serves_more_clients_than_the_plan_has_server_connections
     assert_eq!(out.stdout.trim(), "40");
     println!("40 pooled clients, at most {most} server sessions");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_through_the_pooled_url_does_not_notice_a_switchover() {
+    let control = TestControl::start().await;
+    let (_, id, _) = control.create_routed_database("bench", "postgresql-business-512").await;
+    control.wait_synchronous(&id, "a synchronous standby").await;
+    let env = control.request("GET", &format!("/v1/databases/{id}/env"), None).await.json();
+    let pooled = env["DATABASE_POOL_URL"].as_str().unwrap().to_owned();
+    let pgbench = pgwarden_e2e::pg_bin("pgbench");
+    let init = std::process::Command::new(&pgbench).args(["-i", "-q", &pooled]).output().unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    // Eight clients, prepared statements, for 8 s; a switchover in the middle of it.
+    let run = std::process::Command::new(&pgbench)
+        .args(["-M", "prepared", "-c", "8", "-T", "8", "-P", "1", &pooled])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = control.request("POST", &format!("/v1/databases/{id}/switchover"), None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let out = tokio::task::spawn_blocking(move || run.wait_with_output()).await.unwrap().unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{stdout}\n{stderr}");
+    assert!(out.status.success(), "pgbench failed: {stdout} {stderr}");
+    assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
+    assert!(!stderr.contains("aborted"), "{stderr}");
+    let processed = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .expect("processed");
+    assert!(processed > 100, "{stdout}");
+}

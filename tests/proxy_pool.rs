@@ -147,20 +147,60 @@ async fn a_transaction_that_cannot_get_a_connection_in_time_gets_53300_and_keeps
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prepared_statements_and_pgbench_work_through_the_pool() {
+async fn prepared_statements_are_shared_by_many_clients_on_few_connections() {
     let node = PgNode::start();
     let proxy = pooled_proxy(&node, 2, Limits::default()).await;
-    // tokio-postgres prepares named statements: the client is pinned, and works.
-    let client = connect(&pool_conninfo(&proxy, "")).await;
-    let statement = client.prepare("SELECT $1::int + 1").await.unwrap();
-    for i in 0..5 {
-        let row = client.query_one(&statement, &[&i]).await.unwrap();
-        assert_eq!(row.get::<_, i32>(0), i + 1);
+    let setup = connect(&pool_conninfo(&proxy, "")).await;
+    setup.batch_execute("CREATE TABLE kv(k int PRIMARY KEY, v text)").await.unwrap();
+    // tokio-postgres prepares a named statement for every query: twelve clients prepare the
+    // same ones and use them on whichever of the two server connections they get.
+    let mut tasks = Vec::new();
+    for c in 0..12 {
+        let conninfo = pool_conninfo(&proxy, "");
+        tasks.push(tokio::spawn(async move {
+            let client = connect(&conninfo).await;
+            let insert = client.prepare("INSERT INTO kv VALUES ($1, $2)").await.unwrap();
+            let read = client.prepare("SELECT v FROM kv WHERE k = $1").await.unwrap();
+            for n in 0..20 {
+                let k: i32 = c * 100 + n;
+                client.execute(&insert, &[&k, &format!("v{k}")]).await.expect("insert");
+                let row = client.query_one(&read, &[&k]).await.expect("read");
+                assert_eq!(row.get::<_, String>(0), format!("v{k}"));
+            }
+            // Closing a statement and preparing it again works too.
+            drop(read);
+            let again = client.prepare("SELECT v FROM kv WHERE k = $1").await.unwrap();
+            let k: i32 = c * 100;
+            assert_eq!(
+                client.query_one(&again, &[&k]).await.unwrap().get::<_, String>(0),
+                format!("v{k}")
+            );
+            client
+        }));
     }
-    assert!(
-        proxy.metric("pgwarden_proxy_pool_pins_total{reason=\"prepared_statement\"}").await >= 1.0
-    );
-    // pgbench, simple and extended protocol (unnamed statements: pooled).
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(value(&setup, "SELECT count(*) FROM kv").await, "240");
+    assert!(app_backends(&node) <= 2, "{} server sessions", app_backends(&node));
+    let pins = proxy.metric("pgwarden_proxy_pool_pins_total{reason=\"prepared_statement\"}").await;
+    assert_eq!(pins, 0.0, "protocol-level statements do not pin");
+    // An error in a pipeline: the client gets it, then goes on with the same statements.
+    let client = connect(&pool_conninfo(&proxy, "")).await;
+    let err = client.prepare("SELEC 1").await.expect_err("a syntax error");
+    assert_eq!(err.code().map(|c| c.code()), Some("42601"), "{err:?}");
+    let read = client.prepare("SELECT v FROM kv WHERE k = $1").await.unwrap();
+    assert_eq!(client.query_one(&read, &[&0i32]).await.unwrap().get::<_, String>(0), "v0");
+    // DEALLOCATE ALL (PDO, psycopg's reset) forgets the client's statements, not the server's.
+    client.batch_execute("DEALLOCATE ALL").await.unwrap();
+    let read = client.prepare("SELECT v FROM kv WHERE k = $1").await.unwrap();
+    assert_eq!(client.query_one(&read, &[&100i32]).await.unwrap().get::<_, String>(0), "v100");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_runs_through_the_pool_in_every_protocol_mode() {
+    let node = PgNode::start();
+    let proxy = pooled_proxy(&node, 2, Limits::default()).await;
     let bin = pgwarden_e2e::pg_bin("pgbench");
     let port = proxy.pool_addr.port().to_string();
     let init = std::process::Command::new(&bin)
@@ -169,7 +209,7 @@ async fn prepared_statements_and_pgbench_work_through_the_pool() {
         .output()
         .unwrap();
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    for mode in ["simple", "extended"] {
+    for mode in ["simple", "extended", "prepared"] {
         let run = std::process::Command::new(&bin)
             .args(["-h", "127.0.0.1", "-p", &port, "-U", "app", "-c", "8", "-t", "50", "-M", mode])
             .arg("app")
@@ -179,8 +219,12 @@ async fn prepared_statements_and_pgbench_work_through_the_pool() {
         let out = String::from_utf8_lossy(&run.stdout);
         assert!(run.status.success(), "{mode}: {out} {}", String::from_utf8_lossy(&run.stderr));
         assert!(out.contains("number of failed transactions: 0"), "{mode}: {out}");
+        assert!(
+            out.contains("number of transactions actually processed: 400/400"),
+            "{mode}: {out}"
+        );
     }
-    assert!(app_backends(&node) <= 2 + 1, "8 pgbench clients on at most 2 server connections");
+    assert!(app_backends(&node) <= 2, "8 pgbench clients on at most 2 server connections");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

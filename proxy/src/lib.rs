@@ -42,6 +42,7 @@ mod routes;
 mod scram;
 mod server;
 mod session;
+mod statements;
 mod stream;
 mod tls;
 mod workers;

@@ -94,6 +94,8 @@ pub struct ServerConn {
     pub params: Vec<(String, String)>,
     /// Session parameters set on it for clients (`SET`), by name.
     pub applied: HashMap<String, String>,
+    /// The statements prepared on it for clients.
+    pub statements: crate::statements::ServerStatements,
     _permit: OwnedSemaphorePermit,
     _open: OpenGauge,
 }
@@ -158,6 +160,12 @@ impl DbPool {
     }
 
     /// Frees a permit held by an idle connection of another user, if any.
+    /// Whether a transaction of `user` would get a connection at once.
+    pub fn free_now(&self, user: &str) -> bool {
+        self.permits.available_permits() > 0
+            || self.idle.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|c| c.user == user)
+    }
+
     fn evict_other(&self, user: &str) -> bool {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         match idle.iter().position(|c| c.user != user) {
@@ -260,6 +268,7 @@ impl DbPool {
             cancel,
             params: logged_in.params,
             applied: HashMap::new(),
+            statements: Default::default(),
             _permit: permit,
             _open: OpenGauge(Arc::clone(self), shared.metrics.pool_server_connections.clone()),
         })

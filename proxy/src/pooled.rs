@@ -6,10 +6,15 @@
 //! - The client's startup parameters (`application_name`, `client_encoding`, `DateStyle`,
 //!   `options=-c ...`) are session settings: set on each server connection the client gets
 //!   (`SET`), only where it differs from what the connection already has.
+//! - Named protocol-level statements work on every connection (`statements.rs`); `DEALLOCATE`
+//!   and `DISCARD ALL` alone forget the client's.
 //! - Session state the pool cannot carry pins the client to its server connection until the
 //!   client leaves, when the connection is closed, never reused: `SET`/`RESET`, `LISTEN`,
-//!   `PREPARE` and named protocol-level statements, session advisory locks, temporary tables,
-//!   `WITH HOLD` cursors, `LOAD`. Pins are counted by reason in `/metrics`.
+//!   SQL `PREPARE`, session advisory locks, temporary tables, `WITH HOLD` cursors, `LOAD`,
+//!   function calls. Pins are counted by reason in `/metrics`.
+//! - A running transaction counts as starting on its route: a planned switchover's hold waits
+//!   (a bounded 2 s) for it to end before the old primary stops, and new transactions wait for
+//!   the next table; so pooled clients see neither the switchover nor an error.
 //! - A transaction that waits longer than `limits.pool_wait_timeout_secs` for a connection, or
 //!   finds `limits.pool_max_waiting` others waiting, gets `53300` as an ERROR: the client's
 //!   connection stays open. A new transaction on a held route (planned switchover) waits for the
@@ -21,7 +26,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
@@ -29,6 +34,7 @@ use crate::auth::Login;
 use crate::cancel::CancelGuard;
 use crate::pool::{AcquireError, DbPool, ServerConn, Want};
 use crate::protocol::{self, SqlState};
+use crate::statements::Statements;
 use crate::stream::ClientStream;
 use crate::Shared;
 
@@ -41,7 +47,7 @@ pub const PIN_REASONS: [&str; 8] = [
     "temporary_table",
     "cursor_with_hold",
     "load",
-    "copy_or_function",
+    "function_call",
 ];
 
 /// Largest client message accepted (PostgreSQL's own bound is 1 GB).
@@ -203,8 +209,8 @@ async fn run_internal(conn: &mut ServerConn, sql: &str) -> Result<(), String> {
             let message = buf.split_to(len);
             match tag {
                 b'Z' => return error.map_or(Ok(()), Err),
-                b'E' => error = Some(error_message(&message[5..])),
-                b'S' => record_parameter(conn, &message[5..]),
+                b'E' => error = Some(error_text(&message[5..])),
+                b'S' => record_parameter(&mut conn.params, &message[5..]),
                 _ => {}
             }
         }
@@ -215,27 +221,27 @@ async fn run_internal(conn: &mut ServerConn, sql: &str) -> Result<(), String> {
 }
 
 /// Whether an `ErrorResponse` body is FATAL (or PANIC): the server ends the connection.
-fn fatal(body: &[u8]) -> bool {
+pub(crate) fn is_fatal(body: &[u8]) -> bool {
     body.split(|b| *b == 0)
         .find_map(|f| f.strip_prefix(b"V").or_else(|| f.strip_prefix(b"S")))
         .is_some_and(|s| s == b"FATAL" || s == b"PANIC")
 }
 
-fn error_message(body: &[u8]) -> String {
+pub(crate) fn error_text(body: &[u8]) -> String {
     body.split(|b| *b == 0)
         .find_map(|f| f.strip_prefix(b"M"))
         .map(|m| String::from_utf8_lossy(m).into_owned())
         .unwrap_or_else(|| "error".into())
 }
 
-fn record_parameter(conn: &mut ServerConn, body: &[u8]) {
+fn record_parameter(params: &mut Vec<(String, String)>, body: &[u8]) {
     let mut parts = body.split(|b| *b == 0);
     let (Some(name), Some(value)) = (parts.next(), parts.next()) else { return };
     let (name, value) =
         (String::from_utf8_lossy(name).into_owned(), String::from_utf8_lossy(value).into_owned());
-    match conn.params.iter_mut().find(|(n, _)| *n == name) {
+    match params.iter_mut().find(|(n, _)| *n == name) {
         Some(slot) => slot.1 = value,
-        None => conn.params.push((name, value)),
+        None => params.push((name, value)),
     }
 }
 
@@ -244,22 +250,6 @@ fn frame(buf: &[u8]) -> Option<(u8, usize)> {
     let len = i32::from_be_bytes(buf.get(1..5)?.try_into().ok()?);
     let total = 1 + usize::try_from(len).ok()?;
     (buf.len() >= total).then_some((buf[0], total))
-}
-
-/// Where the client's transactions stand.
-#[derive(Default)]
-struct Exchange {
-    /// Queries, syncs and function calls sent, not yet answered with `ReadyForQuery`.
-    pending: usize,
-    /// Extended-protocol messages sent since the last `Sync`.
-    unsynced: usize,
-    /// The last `ReadyForQuery` status.
-    status: u8,
-    /// Bytes of the server message being relayed that are still to come.
-    relaying: usize,
-    /// A FATAL error the server sent before closing (not relayed: the client's connection
-    /// stays open).
-    fatal: Option<String>,
 }
 
 /// Relays the client's transactions through the pool until the client leaves.
@@ -275,10 +265,14 @@ pub async fn run(
     let mut out = BytesMut::new();
     let mut server: Option<ServerConn> = None;
     let mut pin: Option<&'static str> = None;
-    let mut ex = Exchange { status: b'I', ..Exchange::default() };
+    let mut statements = Statements::default();
+    // The last ReadyForQuery status, and bytes of a long server message still to relay.
+    let (mut status, mut relaying) = (b'I', 0usize);
     // The client's transaction block lost its server: the next connection starts in a failed
     // block, where PostgreSQL answers as it would have (25P02 until ROLLBACK).
     let mut aborted = false;
+    // A transaction running on a route counts as starting there: a hold waits for it.
+    let mut running: Option<crate::routes::Starting<'_>> = None;
     loop {
         let moved = server.as_ref().map(|s| s.moved.clone());
         let server_read = async {
@@ -310,9 +304,9 @@ pub async fn run(
                 break;
             }
         }
-        // The client's complete messages go to the server, in order.
+        // The client's complete messages.
         let was_pinned = pin.is_some();
-        let mut to_server = BytesMut::new();
+        let mut batch: Vec<BytesMut> = Vec::new();
         let mut terminate = false;
         loop {
             if cbuf.len() >= 5 {
@@ -333,29 +327,15 @@ pub async fn run(
                     terminate = true;
                     break;
                 }
-                b'Q' => {
-                    ex.pending += 1;
-                    pin = pin.or_else(|| session_state(&message[5..]));
-                }
-                b'S' => {
-                    ex.pending += 1;
-                    ex.unsynced = 0;
-                }
-                b'F' => {
-                    ex.pending += 1;
-                    pin = pin.or(Some("copy_or_function"));
-                }
+                b'Q' => pin = pin.or_else(|| session_state(&message[5..])),
+                b'F' => pin = pin.or(Some("function_call")),
                 b'P' => {
-                    ex.unsynced += 1;
-                    let named = message.get(5).is_some_and(|b| *b != 0);
-                    pin = pin
-                        .or_else(|| named.then_some("prepared_statement"))
-                        .or_else(|| session_state(&message[5..]));
+                    let query = message[5..].splitn(2, |b| *b == 0).nth(1).unwrap_or_default();
+                    pin = pin.or_else(|| session_state(query));
                 }
-                b'd' | b'c' | b'f' => {}
-                _ => ex.unsynced += 1,
+                _ => {}
             }
-            to_server.extend_from_slice(&message);
+            batch.push(message);
         }
         if let Some(reason) = pin.filter(|_| !was_pinned) {
             shared.metrics.pinned(reason);
@@ -365,6 +345,7 @@ pub async fn run(
         }
         if server_gone {
             let had = server.take();
+            running = None;
             if let Some(conn) = &had {
                 pool.drop_idle_to(&conn.primary);
             }
@@ -378,58 +359,113 @@ pub async fn run(
                     .await;
                 return;
             }
-            if ex.relaying > 0 {
+            if relaying > 0 {
                 return; // half a message reached the client: nothing sensible can follow.
             }
             // A client inside a transaction block must not see its next statements run
             // outside of it: its next server connection starts in a failed block.
-            let in_block = ex.status != b'I';
-            if ex.pending > 0 || ex.unsynced > 0 {
-                let why = ex.fatal.take().map_or_else(String::new, |m| format!(" ({m})"));
-                let message = format!(
-                    "the transaction was ended because the connection to the primary was lost{why}; \
-                     the primary failed or moved: run the transaction again"
-                );
-                out.extend_from_slice(&protocol::error(SqlState::AdminShutdown, &message));
-                let status = if in_block { b'E' } else { b'I' };
-                for _ in 0..ex.pending.max(1) {
-                    out.extend_from_slice(&protocol::ready_for_query(status));
+            let in_block = status != b'I';
+            let owed = statements.lost();
+            if owed > 0 {
+                let message = "the transaction was ended because the connection to the primary \
+                               was lost (the primary failed or moved): run it again";
+                out.extend_from_slice(&protocol::error(SqlState::AdminShutdown, message));
+                let now = if in_block { b'E' } else { b'I' };
+                for _ in 0..owed {
+                    out.extend_from_slice(&protocol::ready_for_query(now));
                 }
-                sbuf.clear();
-                // What the client sent meanwhile belongs to the ended transaction.
-                to_server.clear();
             }
-            ex = Exchange { status: if in_block { b'E' } else { b'I' }, ..Exchange::default() };
+            sbuf.clear();
+            status = if in_block { b'E' } else { b'I' };
             aborted = in_block;
         }
-        if !to_server.is_empty() {
+        // Statements the proxy answers itself, outside a transaction block.
+        if pin.is_none() && status == b'I' && statements.owes_nothing() && server.is_none() {
+            if let [only] = batch.as_slice() {
+                if let Some(tag) = deallocation(only, &mut statements) {
+                    out.extend_from_slice(&protocol::message(b'C', format!("{tag}\0").as_bytes()));
+                    out.extend_from_slice(&protocol::ready_for_query(b'I'));
+                    batch.clear();
+                }
+            }
+        }
+        // A prepare alone (`Parse` of a named statement, then `Sync`: libpq's `PQprepare`)
+        // while every connection is busy is recorded and answered at once; the statement is
+        // prepared on the connection its first use gets (where an error in it shows). A client
+        // that waits for its prepare can hold up a busy one (pgbench runs all its clients in
+        // one thread).
+        if server.is_none() && pin.is_none() && status == b'I' && !aborted {
+            if let [parse, sync] = batch.as_slice() {
+                let named = parse[0] == b'P' && parse.get(5).is_some_and(|b| *b != 0);
+                let alone = named && sync[0] == b'S' && !pool.free_now(&client.user);
+                if alone && statements.record(parse).is_ok() {
+                    out.extend_from_slice(&protocol::message(b'1', &[]));
+                    out.extend_from_slice(&protocol::ready_for_query(b'I'));
+                    batch.clear();
+                }
+            }
+        }
+        if !batch.is_empty() {
             if server.is_none() {
                 match attach(&mut client, shared, aborted).await {
-                    Ok(conn) => {
+                    Ok((conn, guard)) => {
                         aborted = false;
                         shared.cancels.retarget(cancel.key(), conn.cancel.clone());
                         server = Some(conn);
+                        running = Some(guard);
                         sbuf.clear();
+                        relaying = 0;
                     }
                     Err((state, message)) => {
                         out.extend_from_slice(&protocol::error(state, &message));
-                        for _ in 0..ex.pending.max(1) {
-                            out.extend_from_slice(&protocol::ready_for_query(b'I'));
+                        let owed = batch.iter().filter(|m| matches!(m[0], b'Q' | b'S' | b'F'));
+                        for _ in 0..owed.count() {
+                            out.extend_from_slice(&protocol::ready_for_query(status));
                         }
-                        ex = Exchange { status: b'I', ..Exchange::default() };
-                        to_server.clear();
+                        batch.clear();
                     }
                 }
             }
             if let Some(conn) = server.as_mut() {
+                // A pinned client's next transaction counts as running too.
+                if running.is_none() {
+                    running = Some(shared.routes.starting(&client.database));
+                }
+                let mut to_server = BytesMut::new();
+                for message in &batch {
+                    let rewritten =
+                        statements.client_message(message, &mut conn.statements, &mut to_server);
+                    if let Err(e) = rewritten {
+                        let m = protocol::fatal(SqlState::ProtocolViolation, &e.to_string());
+                        let _ = client.stream.write_all(&m).await;
+                        return;
+                    }
+                }
+                // A query that drops prepared statements on the server drops them all, as far as
+                // the proxy knows.
+                if batch.iter().any(|m| m[0] == b'Q' && drops_statements(&m[5..])) {
+                    conn.statements.clear();
+                }
                 // A failed write shows at the next read of the server.
                 let _ = conn.stream.write_all(&to_server).await;
             }
         }
-        // The server's complete messages (and the part of a long one that is there) go to the
-        // client.
+        // The proxy's own answers due now, then the server's messages as the client is owed
+        // them.
+        statements.replies(&mut out);
         if let Some(conn) = server.as_mut() {
-            relay_server(&mut sbuf, &mut out, &mut ex, conn);
+            let ServerConn { statements: prepared, params, .. } = conn;
+            let fatal = statements.relay(
+                &mut sbuf,
+                &mut out,
+                &mut relaying,
+                &mut status,
+                prepared,
+                |body| record_parameter(params, body),
+            );
+            if let Some(text) = fatal {
+                debug!(error = %text, "the server ended a pooled connection");
+            }
         }
         if !out.is_empty() {
             shared.metrics.bytes_to_clients.inc_by(out.len() as u64);
@@ -438,37 +474,78 @@ pub async fn run(
             }
             out.clear();
         }
-        // The transaction is over: the connection goes back.
-        let done = ex.pending == 0 && ex.unsynced == 0 && ex.status == b'I' && ex.relaying == 0;
+        // The transaction is over: the connection goes back (a pinned client keeps it, but a
+        // hold need not wait for it between its transactions).
+        let done = statements.settled() && status == b'I' && relaying == 0;
+        if done {
+            running = None;
+        }
         if done && pin.is_none() && server.is_some() {
             shared.cancels.retarget(cancel.key(), None);
             pool.release(server.take().expect("checked"));
         }
     }
     // The client left: a connection in a clean state goes back, any other is closed.
-    let clean = ex.pending == 0 && ex.unsynced == 0 && ex.status == b'I' && ex.relaying == 0;
+    let clean = statements.settled() && status == b'I' && relaying == 0;
     if let Some(conn) = server.take().filter(|_| clean && pin.is_none()) {
         pool.release(conn);
     }
+    drop(running);
     drop(cancel);
+}
+
+fn drops_statements(sql: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(sql).to_ascii_lowercase();
+    text.contains("deallocate") || text.contains("discard")
+}
+
+/// `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` sent alone as a simple query: the
+/// client's statements are the proxy's to forget (the server's stay for other clients).
+/// Returns the command tag the client gets, or `None` for anything else (and for a name the
+/// client did not prepare through the protocol: the server answers).
+fn deallocation(message: &[u8], statements: &mut Statements) -> Option<&'static str> {
+    if message[0] != b'Q' {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&message[5..]).to_ascii_lowercase();
+    let words: Vec<&str> =
+        text.trim_end_matches('\0').trim().trim_end_matches(';').split_whitespace().collect();
+    match words.as_slice() {
+        ["discard", "all"] => {
+            statements.deallocate_all();
+            Some("DISCARD ALL")
+        }
+        ["deallocate", "all"] | ["deallocate", "prepare", "all"] => {
+            statements.deallocate_all();
+            Some("DEALLOCATE ALL")
+        }
+        ["deallocate", name] | ["deallocate", "prepare", name] => {
+            let name = name.trim_matches('"');
+            statements.deallocate(name).then_some("DEALLOCATE")
+        }
+        _ => None,
+    }
 }
 
 /// A server connection for the client's next transaction, on the current route (waiting out a
 /// hold); else the SQLSTATE and sentence the client gets.
-async fn attach(
+async fn attach<'s>(
     client: &mut PooledClient,
-    shared: &Shared,
+    shared: &'s Shared,
     aborted: bool,
-) -> Result<ServerConn, (SqlState, String)> {
+) -> Result<(ServerConn, crate::routes::Starting<'s>), (SqlState, String)> {
     let hold_deadline = tokio::time::Instant::now() + shared.limits.hold_timeout();
     let mut stale = 0;
     loop {
         let mut changes = shared.routes.subscribe();
+        // Counted before the route is read: a hold applied from now on waits for it.
+        let running = shared.routes.starting(&client.database);
         let Some(route) = shared.routes.load().route(&client.database) else {
             let message = format!("database \"{}\" does not exist any more", client.database);
             return Err((SqlState::UnknownDatabase, message));
         };
         if route.hold {
+            drop(running);
             if tokio::time::timeout_at(hold_deadline, changes.changed()).await.is_err() {
                 let message = format!(
                     "database \"{}\" is switching to a new primary; retry shortly",
@@ -499,7 +576,7 @@ async fn attach(
             let limit = shared.limits.backend_auth_timeout();
             let _ = tokio::time::timeout(limit, run_internal(&mut conn, fail)).await;
         }
-        return Ok(conn);
+        return Ok((conn, running));
     }
 }
 
@@ -510,53 +587,6 @@ async fn closed(conn: &mut ServerConn) -> bool {
     let mut probe = BytesMut::with_capacity(64);
     let read = conn.stream.read_buf(&mut probe);
     tokio::time::timeout(std::time::Duration::ZERO, read).await.is_ok()
-}
-
-/// Moves what is complete (and the available part of a message being relayed) from `sbuf` to
-/// `out`, following `ReadyForQuery` and `ParameterStatus`.
-fn relay_server(sbuf: &mut BytesMut, out: &mut BytesMut, ex: &mut Exchange, conn: &mut ServerConn) {
-    loop {
-        if ex.relaying > 0 {
-            let n = ex.relaying.min(sbuf.len());
-            if n == 0 {
-                return;
-            }
-            out.extend_from_slice(&sbuf[..n]);
-            sbuf.advance(n);
-            ex.relaying -= n;
-            continue;
-        }
-        if sbuf.len() < 5 {
-            return;
-        }
-        let tag = sbuf[0];
-        let len = i32::from_be_bytes(sbuf[1..5].try_into().expect("5 bytes")).max(4) as usize;
-        match tag {
-            b'Z' | b'S' | b'E' => {
-                let Some((_, total)) = frame(sbuf) else { return };
-                let message = sbuf.split_to(total);
-                match tag {
-                    b'Z' => {
-                        ex.pending = ex.pending.saturating_sub(1);
-                        ex.status = message.get(5).copied().unwrap_or(b'I');
-                    }
-                    b'S' => record_parameter(conn, &message[5..]),
-                    _ if fatal(&message[5..]) => {
-                        // The server is ending the connection; the client's stays.
-                        ex.fatal = Some(error_message(&message[5..]));
-                        continue;
-                    }
-                    _ => {}
-                }
-                out.extend_from_slice(&message);
-            }
-            _ => {
-                out.extend_from_slice(&sbuf[..5]);
-                sbuf.advance(5);
-                ex.relaying = len - 4;
-            }
-        }
-    }
 }
 
 /// The session state a statement leaves behind that a shared server connection cannot carry,
