@@ -98,7 +98,10 @@ async fn session_state_pins_its_client_and_never_leaks() {
         let err = b.simple_query("SELECT x FROM mine").await.expect_err("a's temporary table");
         assert!(format!("{err:?}").contains("does not exist"), "{err:?}");
     }
-    assert_eq!(proxy.metric("pgwarden_proxy_pool_pins_total{reason=\"set\"}").await, 1.0);
+    // The SET alone was carried; the temporary table pinned.
+    assert_eq!(proxy.metric("pgwarden_proxy_pool_pins_total{reason=\"set\"}").await, 0.0);
+    let temporary = "pgwarden_proxy_pool_pins_total{reason=\"temporary_table\"}";
+    assert_eq!(proxy.metric(temporary).await, 1.0);
     // When the pinned client leaves, its server connection is closed, not reused.
     drop(a);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -106,6 +109,34 @@ async fn session_state_pins_its_client_and_never_leaks() {
     assert_eq!(value(&c, "SHOW statement_timeout").await, default);
     let err = c.simple_query("SELECT x FROM mine").await.expect_err("gone with a");
     assert!(format!("{err:?}").contains("does not exist"), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_alone_is_carried_to_every_connection_and_never_leaks() {
+    let node = PgNode::start();
+    let proxy = pooled_proxy(&node, 2, Limits::default()).await;
+    let (x, y) =
+        (connect(&pool_conninfo(&proxy, "")).await, connect(&pool_conninfo(&proxy, "")).await);
+    x.batch_execute("CREATE SCHEMA x_schema; CREATE TABLE x_schema.only_x(n int)").await.unwrap();
+    x.batch_execute("SET search_path = x_schema, public").await.unwrap();
+    x.batch_execute("SET statement_timeout TO '4321ms'").await.unwrap();
+    // Both clients run many transactions on the two shared connections: each sees its own.
+    for _ in 0..10 {
+        let (a, b) = tokio::join!(value(&x, "SHOW search_path"), value(&y, "SHOW search_path"));
+        assert_eq!((a.as_str(), b.as_str()), ("x_schema, public", "\"$user\", public"));
+        assert_eq!(value(&x, "SHOW statement_timeout").await, "4321ms");
+        assert_eq!(value(&y, "SHOW statement_timeout").await, "0");
+        x.batch_execute("SELECT count(*) FROM only_x").await.expect("found through x's path");
+    }
+    x.batch_execute("RESET statement_timeout").await.unwrap();
+    assert_eq!(value(&x, "SHOW statement_timeout").await, "0");
+    // A SET that fails is not carried.
+    assert!(x.batch_execute("SET statement_timeout = 'soon'").await.is_err());
+    assert_eq!(value(&x, "SHOW statement_timeout").await, "0");
+    assert_eq!(proxy.metric("pgwarden_proxy_pool_pins_total{reason=\"set\"}").await, 0.0);
+    // Inside a transaction block a SET could be rolled back: that pins.
+    y.batch_execute("BEGIN; SET search_path = y; COMMIT").await.unwrap();
+    assert_eq!(proxy.metric("pgwarden_proxy_pool_pins_total{reason=\"set\"}").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

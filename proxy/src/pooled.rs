@@ -59,11 +59,70 @@ pub struct PooledClient {
     pub database: String,
     pub user: String,
     pub login: Login,
-    /// Session settings from the startup packet, applied on every server connection it gets.
+    /// Session settings (name, SQL value) from the startup packet, then as `SET` changed them:
+    /// applied on every server connection it gets.
     pub settings: Vec<(String, String)>,
+    /// The startup packet's settings alone (what `RESET` goes back to).
+    pub startup: Vec<(String, String)>,
 }
 
-/// The session settings a startup packet asks for, or why pooling cannot honour them.
+/// A `SET` or `RESET` the proxy carries from connection to connection instead of pinning.
+#[derive(Debug, PartialEq, Eq)]
+enum Carry {
+    Set(String, String),
+    Reset(String),
+    ResetAll,
+}
+
+/// `SET [SESSION] name {=|TO} value`, `SET TIME ZONE value`, `RESET name`, `RESET ALL`, alone in
+/// a simple query.
+fn carried(sql: &[u8]) -> Option<Carry> {
+    let text = std::str::from_utf8(sql).ok()?.trim_end_matches('\0').trim();
+    let text = text.strip_suffix(';').unwrap_or(text).trim();
+    if text.contains(';') || text.contains("--") || text.contains("/*") {
+        return None;
+    }
+    let lower = text.to_ascii_lowercase();
+    let valid = |n: &str| {
+        !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+    };
+    if let Some(rest) = lower.strip_prefix("reset ") {
+        let name = rest.trim();
+        return match name {
+            "all" => Some(Carry::ResetAll),
+            "session authorization" | "role" => None,
+            n if valid(n) => Some(Carry::Reset(n.to_owned())),
+            _ => None,
+        };
+    }
+    let rest = lower.strip_prefix("set ")?.trim_start();
+    let rest = rest.strip_prefix("session ").map_or(rest, str::trim_start);
+    let offset = text.len() - rest.len();
+    if let Some(zone) = rest.strip_prefix("time zone ") {
+        let value = text[text.len() - zone.len()..].trim();
+        return (!value.is_empty()).then(|| Carry::Set("timezone".into(), value.to_owned()));
+    }
+    let name_end = rest.find(|c: char| c.is_whitespace() || c == '=')?;
+    let name = &rest[..name_end];
+    if !valid(name) || matches!(name, "local" | "transaction" | "constraints" | "role" | "session")
+    {
+        return None;
+    }
+    let after = text[offset + name_end..].trim_start();
+    let value = after
+        .strip_prefix('=')
+        .or_else(|| after.get(..3).filter(|t| t.eq_ignore_ascii_case("to ")).map(|_| &after[3..]))?
+        .trim();
+    (!value.is_empty()).then(|| Carry::Set(name.to_owned(), value.to_owned()))
+}
+
+/// A SQL string literal.
+fn quoted(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// The session settings a startup packet asks for (values as SQL literals), or why pooling
+/// cannot honour them.
 pub fn settings(pairs: &[(String, String)]) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     for (name, value) in pairs {
@@ -82,10 +141,10 @@ pub fn settings(pairs: &[(String, String)]) -> Result<Vec<(String, String)>, Str
                             "options {value:?}: only -c name=value settings can be pooled"
                         ));
                     };
-                    out.push((name.replace('-', "_").to_ascii_lowercase(), value.to_owned()));
+                    out.push((name.replace('-', "_").to_ascii_lowercase(), quoted(value)));
                 }
             }
-            _ => out.push((name.to_ascii_lowercase(), value.clone())),
+            _ => out.push((name.to_ascii_lowercase(), quoted(value))),
         }
     }
     if let Some((name, _)) = out
@@ -166,7 +225,7 @@ async fn apply_settings(
     let mut sql = String::new();
     for (name, value) in settings {
         if conn.applied.get(name) != Some(value) {
-            sql.push_str(&format!("SET {name} = '{}';", value.replace('\'', "''")));
+            sql.push_str(&format!("SET {name} = {value};"));
         }
     }
     let stale: Vec<String> = conn
@@ -273,6 +332,9 @@ pub async fn run(
     let mut aborted = false;
     // A transaction running on a route counts as starting there: a hold waits for it.
     let mut running: Option<crate::routes::Starting<'_>> = None;
+    // A SET or RESET on its way, with the error count before it (it is carried if it
+    // succeeded).
+    let mut carrying: Option<(Carry, usize)> = None;
     loop {
         let moved = server.as_ref().map(|s| s.moved.clone());
         let server_read = async {
@@ -327,7 +389,14 @@ pub async fn run(
                     terminate = true;
                     break;
                 }
-                b'Q' => pin = pin.or_else(|| session_state(&message[5..])),
+                b'Q' => {
+                    // Alone and outside a transaction block, SET and RESET are carried.
+                    let alone = status == b'I' && cbuf.is_empty() && batch.is_empty();
+                    match carried(&message[5..]).filter(|_| alone && pin.is_none()) {
+                        Some(carry) => carrying = Some((carry, statements.errors)),
+                        None => pin = pin.or_else(|| session_state(&message[5..])),
+                    }
+                }
                 b'F' => pin = pin.or(Some("function_call")),
                 b'P' => {
                     let query = message[5..].splitn(2, |b| *b == 0).nth(1).unwrap_or_default();
@@ -479,6 +548,11 @@ pub async fn run(
         let done = statements.settled() && status == b'I' && relaying == 0;
         if done {
             running = None;
+            if let (Some((carry, errors)), Some(conn)) = (carrying.take(), server.as_mut()) {
+                if statements.errors == errors {
+                    carry_setting(&mut client, conn, carry);
+                }
+            }
         }
         if done && pin.is_none() && server.is_some() {
             shared.cancels.retarget(cancel.key(), None);
@@ -524,6 +598,29 @@ fn deallocation(message: &[u8], statements: &mut Statements) -> Option<&'static 
             statements.deallocate(name).then_some("DEALLOCATE")
         }
         _ => None,
+    }
+}
+
+/// Records a `SET`/`RESET` that succeeded on `conn`: the client's settings follow it to every
+/// connection it gets, and `conn` has it already.
+fn carry_setting(client: &mut PooledClient, conn: &mut ServerConn, carry: Carry) {
+    let settings = &mut client.settings;
+    match carry {
+        Carry::Set(name, value) => {
+            settings.retain(|(n, _)| *n != name);
+            settings.push((name.clone(), value.clone()));
+            conn.applied.insert(name, value);
+        }
+        Carry::Reset(name) => {
+            // The session default is the startup packet's value, if it had one.
+            settings.retain(|(n, _)| *n != name);
+            settings.extend(client.startup.iter().filter(|(n, _)| *n == name).cloned());
+            conn.applied.remove(&name);
+        }
+        Carry::ResetAll => {
+            *settings = client.startup.clone();
+            conn.applied.clear();
+        }
     }
 }
 
@@ -652,6 +749,30 @@ mod tests {
     }
 
     #[test]
+    fn set_and_reset_alone_are_carried() {
+        let set = |n: &str, v: &str| Some(Carry::Set(n.into(), v.into()));
+        assert_eq!(carried(b"SET search_path = app, public"), set("search_path", "app, public"));
+        assert_eq!(
+            carried(b"set session statement_timeout TO '5s';"),
+            set("statement_timeout", "'5s'")
+        );
+        assert_eq!(carried(b"SET TIME ZONE 'UTC'\0"), set("timezone", "'UTC'"));
+        assert_eq!(carried(b"RESET search_path"), Some(Carry::Reset("search_path".into())));
+        assert_eq!(carried(b"reset all"), Some(Carry::ResetAll));
+        for pinned in [
+            &b"SET LOCAL x = 1"[..],
+            b"SET ROLE admin",
+            b"SET SESSION AUTHORIZATION x",
+            b"SET a = 1; SELECT 1",
+            b"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            b"SELECT 1",
+            b"SET x",
+        ] {
+            assert_eq!(carried(pinned), None, "{}", String::from_utf8_lossy(pinned));
+        }
+    }
+
+    #[test]
     fn startup_settings_are_carried_and_options_parsed() {
         let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
             list.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
@@ -666,9 +787,9 @@ mod tests {
         assert_eq!(
             got,
             pairs(&[
-                ("application_name", "psql"),
-                ("search_path", "app"),
-                ("statement_timeout", "5s")
+                ("application_name", "'psql'"),
+                ("search_path", "'app'"),
+                ("statement_timeout", "'5s'")
             ])
         );
         assert!(settings(&pairs(&[("replication", "database")])).is_err());

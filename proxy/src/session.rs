@@ -228,6 +228,7 @@ async fn start_session(
             database: params.database,
             user: params.user,
             login,
+            startup: settings.clone(),
             settings,
         }));
     }
