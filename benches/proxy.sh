@@ -51,42 +51,16 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-as_node() { if [ "$(id -u)" = 0 ]; then runuser -u "$RUN_AS" -- "$@"; else "$@"; fi; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=benches/common.sh
+. benches/common.sh
 
-# Certificates: one CA, one server certificate for 127.0.0.1/localhost used by every TLS server.
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
-  -keyout "$work/ca.key" -out "$work/ca.crt" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
-  -keyout "$work/server.key" -out "$work/server.csr" 2>/dev/null
-printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > "$work/san.ext"
-openssl x509 -req -in "$work/server.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key" -CAcreateserial \
-  -days 2 -extfile "$work/san.ext" -out "$work/server.crt" 2>/dev/null
-chmod 600 "$work/server.key"
+make_certs "$work"
 
 PG_PORT=$(free_port); PW_PORT=$(free_port); PW_ADMIN=$(free_port); PGB_PORT=$(free_port); HA_PORT=$(free_port)
 PWT_PORT=$(free_port); PWT_ADMIN=$(free_port); PGBT_PORT=$(free_port)
 PASSWORD=bench-password
-[ "$(id -u)" = 0 ] && chown -R "$RUN_AS" "$work"
-echo "$PASSWORD" > "$work/pw"; [ "$(id -u)" = 0 ] && chown "$RUN_AS" "$work/pw"
-as_node "$PGBIN/initdb" -D "$work/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
-  --pwfile="$work/pw" --no-sync >/dev/null
-cat >> "$work/data/postgresql.conf" <<CONF
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$work'
-max_connections = $((200 + ${MEMORY_SESSIONS:-0} + 20))
-shared_buffers = 256MB
-ssl = on
-ssl_cert_file = '$work/server.crt'
-ssl_key_file = '$work/server.key'
-CONF
-as_node "$PGBIN/pg_ctl" -D "$work/data" -l "$work/postgres.log" -w start >/dev/null
-psql_su() { as_node "$PGBIN/psql" -X -q -h "$work" -p "$PG_PORT" -U postgres "$@"; }
-psql_su -c "CREATE ROLE bench LOGIN PASSWORD '$PASSWORD'" -c "CREATE DATABASE bench OWNER bench"
+start_node "$work" "$PG_PORT" $((200 + ${MEMORY_SESSIONS:-0} + 20))
 export PGPASSWORD=$PASSWORD
-"$PGBIN/pgbench" -i -q -s 10 -h 127.0.0.1 -p "$PG_PORT" -U bench bench >/dev/null 2>&1
-SCRAM=$(psql_su -At -c "SELECT rolpassword FROM pg_authid WHERE rolname = 'bench'")
 
 # pgwarden-proxy
 cat > "$work/routes.json" <<JSON

@@ -16,6 +16,28 @@ for arg in "$@"; do
   esac
 done
 
+sudo=""
+[ "$(id -u)" = 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+
+# Debian packages of "$@" that are not installed yet, installed.
+install_missing() {
+  local need=() pkg
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
+  [ ${#need[@]} -eq 0 ] || $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+}
+
+# A sources-only (deb-src) entry for Debian suite $1, then the package lists.
+source_suite() {
+  local list="/etc/apt/sources.list.d/pgwarden-$1-src.sources"
+  if [ ! -f "$list" ]; then
+    printf '%s\n' 'Types: deb-src' 'URIs: http://deb.debian.org/debian' "Suites: $1" \
+      'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
+      | $sudo tee "$list" >/dev/null
+  fi
+  $sudo apt-get update -qq
+}
+
 want=()
 [ -x /usr/lib/postgresql/15/bin/postgres ] || want+=(postgresql-15)
 [ -x /usr/lib/postgresql/15/bin/psql ] || want+=(postgresql-client-15)
@@ -27,8 +49,6 @@ fi
 
 if [ ${#want[@]} -gt 0 ]; then
   echo "setup: installing ${want[*]}"
-  sudo=""
-  [ "$(id -u)" = 0 ] || sudo="sudo"
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq "${want[@]}" >/dev/null
@@ -74,24 +94,9 @@ fi
 # fetched through a deb-src entry that serves sources only) into the same cache. About 5 minutes
 # on 2 cores; only with --engines, and skipped when a build of 18 is already there.
 if [ "$engines_wanted" = 1 ] && ! ls "$engines"/18.*/bin/pg_dump >/dev/null 2>&1; then
-  sudo=""
-  [ "$(id -u)" = 0 ] || sudo="sudo"
-  need=()
-  for pkg in dpkg-dev libssl-dev zlib1g-dev libreadline-dev libicu-dev pkg-config bzip2 make gcc bison flex; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-  done
-  src_list=/etc/apt/sources.list.d/pgwarden-sid-src.sources
-  if [ ! -f "$src_list" ]; then
-    printf '%s\n' 'Types: deb-src' 'URIs: http://deb.debian.org/debian' 'Suites: sid' \
-      'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
-      | $sudo tee "$src_list" >/dev/null
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get update -qq
-  if [ ${#need[@]} -gt 0 ]; then
-    echo "setup: installing ${need[*]} to build PostgreSQL 18"
-    $sudo apt-get install -y -qq "${need[@]}" >/dev/null
-  fi
+  source_suite sid
+  install_missing dpkg-dev libssl-dev zlib1g-dev libreadline-dev libicu-dev pkg-config bzip2 make \
+    gcc bison flex
   tmp="$(mktemp -d)"
   (cd "$tmp" && apt-get source --download-only -qq postgresql-18 >/dev/null 2>&1)
   tarball="$(ls "$tmp"/postgresql-18_*.orig.tar.* | head -n1)"
@@ -108,6 +113,30 @@ if [ "$engines_wanted" = 1 ] && ! ls "$engines"/18.*/bin/pg_dump >/dev/null 2>&1
   chmod -R a+rX "$engines"
   rm -rf "$tmp"
   "$engines/$pg18/bin/postgres" --version
+fi
+
+# PgBouncer with prepared statements in transaction mode (1.21+; Debian 12 has 1.18) for the
+# pooling benchmark: built once from the upstream tarball of Debian 13's source package (sid's
+# is listed but not served here), into the same cache, with --bench only.
+if [ "$bench" = 1 ] && ! ls "$(dirname "$engines")"/pgbouncer-*/bin/pgbouncer >/dev/null 2>&1; then
+  source_suite trixie
+  install_missing dpkg-dev libevent-dev libssl-dev pkg-config make gcc
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && apt-get source --download-only -qq pgbouncer/trixie >/dev/null 2>&1)
+  tarball="$(ls "$tmp"/pgbouncer_*.orig.tar.* | head -n1)"
+  version="$(basename "$tarball" | sed -E 's/^pgbouncer_([0-9.]+)\.orig.*/\1/')"
+  prefix="$(dirname "$engines")/pgbouncer-$version"
+  echo "setup: building PgBouncer $version from Debian's source package into $prefix (once)"
+  tar xf "$tarball" -C "$tmp"
+  (
+    cd "$tmp/pgbouncer-$version"
+    ./configure --quiet --prefix="$prefix" --without-cares --with-openssl >/dev/null
+    make -s -j"$(nproc)" >/dev/null 2>&1 || make -s >/dev/null
+    make -s install >/dev/null 2>&1 || install -D -m 755 pgbouncer "$prefix/bin/pgbouncer"
+  )
+  chmod -R a+rX "$prefix"
+  rm -rf "$tmp"
+  "$prefix/bin/pgbouncer" --version | head -n1
 fi
 
 if [ "$(id -u)" = 0 ] && ! id -u "${PGWARDEN_NODE_USER:-postgres}" >/dev/null 2>&1; then

@@ -280,3 +280,28 @@ async fn a_swap_past_its_hold_budget_is_abandoned_and_a_later_upgrade_of_the_sin
     let version = psql(&url, None, "SHOW server_version");
     assert!(version.stdout.trim().starts_with(&v18), "{}", version.stdout);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_without_logical_wal_is_refused_before_anything_moves() {
+    let Some(engines) = engines_dir() else {
+        println!("SKIPPED: no engines directory (run scripts/setup.sh)");
+        return;
+    };
+    // Nodes started before pgwarden set wal_level=logical: the operator's setting stands in.
+    let settings = vec![("wal_level".to_owned(), "replica".to_owned())];
+    let control = TestControl::start_full(settings, Vec::new(), "data", Some(engines)).await;
+    let list = control.request("GET", "/v1/engines", None).await.json();
+    let Some(v18) = list.as_array().unwrap().iter().find(|e| e["major"] == 18).cloned() else {
+        println!("SKIPPED: no PostgreSQL 18 build installed (scripts/setup.sh --engines)");
+        return;
+    };
+    let (id, _) = create(&control, "replica", "postgresql-sandbox").await;
+    let before = control.request("GET", &format!("/v1/databases/{id}"), None).await.json();
+    let path = format!("/v1/databases/{id}/engine-upgrade");
+    let r = control.request("POST", &path, Some(json!({"version": v18["version"]}))).await;
+    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (409, Some("restart_needed")));
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("wal_level"), "{}", r.body);
+    let after = control.request("GET", &format!("/v1/databases/{id}"), None).await.json();
+    assert_eq!(node_names(&after), node_names(&before));
+    assert_eq!(pgwarden_e2e::node_data_dirs(&control.data).len(), 1, "nothing was created");
+}

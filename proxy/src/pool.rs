@@ -17,6 +17,9 @@ use crate::routes::Route;
 use crate::stream::NodeStream;
 use crate::Shared;
 
+/// `ParameterStatus` names and values.
+pub type Params = Vec<(String, String)>;
+
 /// Every database's pool.
 #[derive(Default)]
 pub struct Pools {
@@ -35,6 +38,7 @@ impl Pools {
                     idle: Mutex::default(),
                     waiting: AtomicUsize::new(0),
                     available: tokio::sync::Notify::new(),
+                    login_params: Mutex::default(),
                     open: AtomicUsize::new(0),
                 })
             }))
@@ -63,6 +67,8 @@ pub struct DbPool {
     pub waiting: AtomicUsize,
     /// Told when a connection comes back or closes (its permit is free).
     available: tokio::sync::Notify,
+    /// The parameters a fresh connection reported at login, by primary and user.
+    login_params: Mutex<HashMap<(String, String), Params>>,
     /// Server connections open.
     pub open: AtomicUsize,
 }
@@ -160,6 +166,12 @@ impl DbPool {
     }
 
     /// Frees a permit held by an idle connection of another user, if any.
+    /// The parameters a fresh connection of `user` to `primary` reported at login, if one did.
+    pub fn login_params(&self, primary: &str, user: &str) -> Option<Vec<(String, String)>> {
+        let cached = self.login_params.lock().unwrap_or_else(|e| e.into_inner());
+        cached.get(&(primary.to_owned(), user.to_owned())).cloned()
+    }
+
     /// Whether a transaction of `user` would get a connection at once.
     pub fn free_now(&self, user: &str) -> bool {
         self.permits.available_permits() > 0
@@ -260,6 +272,10 @@ impl DbPool {
             .map(|key: CancelKey| CancelTarget { node: NodeAddress { addr, tls }, key });
         self.open.fetch_add(1, Ordering::Relaxed);
         shared.metrics.pool_server_connections.inc();
+        self.login_params
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((route.primary.clone(), user.to_owned()), logged_in.params.clone());
         Ok(ServerConn {
             stream,
             user: user.to_owned(),

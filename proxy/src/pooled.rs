@@ -169,30 +169,40 @@ pub async fn start(
         return None;
     };
     let pool = shared.pools.get(&client.database, route.pool_size);
-    let mut conn = match pool.acquire(shared, want(&client, &route)).await {
-        Ok(conn) => conn,
-        Err(e) => {
-            let state = acquire_state(&e);
-            debug!(error = %e, "no server connection for a pooled client's start");
-            crate::handshake::refuse(&mut client.stream, state, &e.to_string()).await;
-            return None;
+    // The server's parameters as a fresh connection to this primary reported them, the client's
+    // own settings on top; the first client of a pool asks a connection.
+    let params = match pool.login_params(&route.primary, &client.user) {
+        Some(params) => overlay(params, &client.settings),
+        None => {
+            let mut conn = match pool.acquire(shared, want(&client, &route)).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    let state = acquire_state(&e);
+                    debug!(error = %e, "no server connection for a pooled client's start");
+                    crate::handshake::refuse(&mut client.stream, state, &e.to_string()).await;
+                    return None;
+                }
+            };
+            if let Err(message) = apply_settings(&mut conn, &client.settings, shared).await {
+                let message = format!("cannot apply the connection's settings: {message}");
+                let state = SqlState::FeatureNotSupported;
+                crate::handshake::refuse(&mut client.stream, state, &message).await;
+                return None;
+            }
+            let params = conn.params.clone();
+            pool.release(conn);
+            params
         }
     };
-    if let Err(message) = apply_settings(&mut conn, &client.settings, shared).await {
-        let message = format!("cannot apply the connection's settings: {message}");
-        crate::handshake::refuse(&mut client.stream, SqlState::FeatureNotSupported, &message).await;
-        return None;
-    }
     let cancel = shared.cancels.register_pooled();
     let key = cancel.key();
     let mut out = BytesMut::with_capacity(512);
     out.extend_from_slice(&protocol::authentication(protocol::auth_code::OK, &[]));
-    for (name, value) in &conn.params {
+    for (name, value) in &params {
         out.extend_from_slice(&protocol::parameter_status(name, value));
     }
     out.extend_from_slice(&protocol::backend_key_data(key.pid, key.secret));
     out.extend_from_slice(&protocol::ready_for_query(b'I'));
-    pool.release(conn);
     let limit = shared.limits.handshake_timeout();
     let sent = tokio::time::timeout(limit, async {
         client.stream.write_all(&out).await?;
@@ -204,6 +214,23 @@ pub async fn start(
 
 fn want<'a>(client: &'a PooledClient, route: &'a crate::routes::Route) -> Want<'a> {
     Want { database: &client.database, route, user: &client.user, login: &client.login }
+}
+
+/// `params` with the values of `settings` (SQL literals) where they name the same parameter.
+fn overlay(
+    mut params: Vec<(String, String)>,
+    settings: &[(String, String)],
+) -> Vec<(String, String)> {
+    for (name, value) in settings {
+        let raw = value
+            .strip_prefix('\'')
+            .and_then(|v| v.strip_suffix('\''))
+            .map_or_else(|| value.clone(), |v| v.replace("''", "'"));
+        if let Some(slot) = params.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            slot.1 = raw;
+        }
+    }
+    params
 }
 
 fn acquire_state(e: &AcquireError) -> SqlState {

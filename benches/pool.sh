@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# Transaction-pooling benchmark: pgbench against one PostgreSQL 15 node with max_connections 80
+# (the business-1024 plan), directly, through pgwarden-proxy's pool address (DATABASE_POOL_URL)
+# and through PgBouncer in transaction mode with prepared statements on (max_prepared_statements,
+# PgBouncer 1.21+ built by `scripts/setup.sh --bench`; Debian 12's 1.18 has none), interleaved:
+# every target in turn for each workload, ROUNDS times. Both poolers get 60 server connections
+# (what the control plane gives business-1024's pool) and terminate client TLS.
+#
+#   benches/pool.sh [seconds-per-run]        (default 10; Markdown tables on stdout)
+#
+# Per run: TPS, p50 and p99 latency (from pgbench's per-transaction log), and the pooler's own
+# CPU time per 1000 transactions (user + system, from /proc). Workloads:
+# - TLS reconnect storm: select-only, a new TLS connection per transaction (-C), 8 clients;
+# - 1000 clients select-only (direct PostgreSQL refuses them: max_connections 80);
+# - 16 clients, prepared statements (-M prepared), tpcb-like.
+#
+# Environment: ROUNDS (default 1), WORKLOADS (an extended regular expression on the workload's
+# name), TARGETS (default "direct pgwarden pgbouncer").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-10}
+ROUNDS=${ROUNDS:-1}
+PGBIN=/usr/lib/postgresql/15/bin
+RUN_AS=${PGWARDEN_NODE_USER:-postgres}
+
+scripts/setup.sh --bench >&2
+cargo build --release --locked -p pgwarden-proxy >&2
+cache=/var/cache/pgwarden
+[ "$(id -u)" = 0 ] || cache="$HOME/.cache/pgwarden"
+PGBOUNCER=$(ls -d "$cache"/pgbouncer-*/bin/pgbouncer | sort -V | tail -n1)
+
+work=$(mktemp -d /tmp/pgwarden-pool-bench-XXXXXX)
+pids=()
+cleanup() {
+  mkdir -p /tmp/pgwarden-bench-logs && cp "$work"/*.log /tmp/pgwarden-bench-logs/ 2>/dev/null || true
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$work/pgbouncer.pid" ] && kill "$(cat "$work/pgbouncer.pid")" 2>/dev/null || true
+  [ -f "$work/data/postmaster.pid" ] && as_node "$PGBIN/pg_ctl" -D "$work/data" -m fast stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+# shellcheck source=benches/common.sh
+. benches/common.sh
+
+make_certs "$work"
+
+PG_PORT=$(free_port); PW_PORT=$(free_port); PW_POOL=$(free_port); PW_ADMIN=$(free_port); PGB_PORT=$(free_port)
+PASSWORD=bench-password
+start_node "$work" "$PG_PORT" 80
+export PGPASSWORD=$PASSWORD
+
+# pgwarden-proxy as the control plane runs it: it authenticates clients (the role's verifier
+# in the table) and pools on its pool address.
+python3 - "$PG_PORT" "$SCRAM" > "$work/routes.json" <<'PY'
+import json, sys
+port, scram = sys.argv[1:3]
+print(json.dumps({"epoch": 1, "databases": {"bench": {
+    "primary": f"127.0.0.1:{port}", "users": {"bench": scram}, "pool_size": 60}}}))
+PY
+cat > "$work/proxy.toml" <<TOML
+listen = "127.0.0.1:$PW_PORT"
+pool_listen = "127.0.0.1:$PW_POOL"
+admin_listen = "127.0.0.1:$PW_ADMIN"
+admin_token = "bench"
+routes_file = "$work/routes.json"
+[tls]
+cert = "$work/server.crt"
+key = "$work/server.key"
+TOML
+RUST_LOG=warn target/release/pgwarden-proxy --config "$work/proxy.toml" >"$work/proxy.log" 2>&1 &
+pids+=($!)
+PW_PID=$!
+
+printf '"bench" "%s"\n' "$SCRAM" > "$work/userlist.txt"
+cat > "$work/pgbouncer.ini" <<INI
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGB_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $work/userlist.txt
+pool_mode = transaction
+max_prepared_statements = 200
+max_client_conn = 2000
+default_pool_size = 60
+client_tls_sslmode = allow
+client_tls_cert_file = $work/server.crt
+client_tls_key_file = $work/server.key
+logfile = $work/pgbouncer.log
+pidfile = $work/pgbouncer.pid
+INI
+[ "$(id -u)" = 0 ] && chown -R "$RUN_AS" "$work"
+as_node sh -c 'ulimit -n "$(ulimit -Hn)" && exec "$1" -q "$2"' sh "$PGBOUNCER" "$work/pgbouncer.ini" &
+pids+=($!)
+
+for port in $PW_POOL $PGB_PORT; do
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+done
+for _ in $(seq 50); do [ -s "$work/pgbouncer.pid" ] && break; sleep 0.1; done
+PGB_PID=$(cat "$work/pgbouncer.pid")
+HZ=$(getconf CLK_TCK)
+pid_of() { case $1 in pgwarden) echo "$PW_PID" ;; pgbouncer) echo "$PGB_PID" ;; esac; }
+ticks() { local pid; pid=$(pid_of "$1"); [ -n "$pid" ] && awk '{print $14 + $15}' "/proc/$pid/stat" || true; }
+declare -A port_of=([direct]=$PG_PORT [pgwarden]=$PW_POOL [pgbouncer]=$PGB_PORT)
+ulimit -n "$(ulimit -Hn)"
+
+# name|sslmode|pgbench arguments
+all_workloads=(
+  "TLS reconnect storm (-C), 8 clients|require|-S -C -c 8 -j 2"
+  "1000 clients, select-only|disable|-S -c 1000 -j 4"
+  "16 clients, -M prepared, tpcb-like|disable|-M prepared -c 16 -j 4"
+)
+workloads=()
+for w in "${all_workloads[@]}"; do
+  if [[ -z "${WORKLOADS:-}" || "${w%%|*}" =~ $WORKLOADS ]]; then workloads+=("$w"); fi
+done
+names=${TARGETS:-direct pgwarden pgbouncer}
+
+: > "$work/runs.tsv"
+for round in $(seq "$ROUNDS"); do
+  for w in "${workloads[@]}"; do
+    IFS='|' read -r wname sslmode wargs <<<"$w"
+    for name in $names; do
+      if [ "$name" = direct ] && [[ "$wargs" == *"-c 1000"* ]]; then
+        printf '%s\t%s\t%s\t-\t-\t-\t-\n' "$wname" "$name" "$round" >> "$work/runs.tsv"
+        continue # max_connections 80: PostgreSQL refuses most of them
+      fi
+      rm -f "$work"/txlog*
+      before=$(ticks "$name")
+      out=$(cd "$work" && PGSSLMODE=$sslmode "$PGBIN/pgbench" $wargs -T "$DURATION" -n -l --log-prefix=txlog \
+        -h 127.0.0.1 -p "${port_of[$name]}" -U bench bench 2>&1) || {
+        echo "pgbench failed for $name/$wname:" >&2; echo "$out" | tail -5 >&2; exit 1; }
+      after=$(ticks "$name")
+      txs=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
+      failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
+      [ "${failed:-0}" = 0 ] || { echo "$name/$wname: $failed failed transactions" >&2; exit 1; }
+      tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")
+      cpu=-
+      [ -n "$before" ] && cpu=$(python3 -c "print(round(($after - $before) * 1000 / $HZ / ($txs / 1000), 3))")
+      read -r p50 p99 < <(cat "$work"/txlog* | python3 -c '
+import sys
+lat = sorted(int(l.split()[2]) for l in sys.stdin if l.strip())
+print(f"{lat[len(lat)//2]/1000:.2f} {lat[min(len(lat)-1, len(lat)*99//100)]/1000:.2f}")')
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$wname" "$name" "$round" "$tps" "$p50" "$p99" "$cpu" >> "$work/runs.tsv"
+      echo "round $round: $wname | $name: tps=$tps p50=${p50}ms p99=${p99}ms cpu=${cpu}ms/1000tx" >&2
+    done
+  done
+done
+
+python3 - "$work/runs.tsv" <<'PY'
+import sys, collections, statistics
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+by = collections.defaultdict(list)
+for w, name, rnd, tps, p50, p99, cpu in rows:
+    by[(w, name)].append((tps, p50, p99, cpu))
+workloads = list(dict.fromkeys(r[0] for r in rows))
+names = list(dict.fromkeys(r[1] for r in rows))
+mean = lambda xs: statistics.mean(float(x) for x in xs) if xs and xs[0] != "-" else None
+for w in workloads:
+    print(f"\n{w}\n")
+    print("| target | TPS | vs direct | vs PgBouncer | p50 (ms) | p99 (ms) | pooler CPU (ms / 1000 tx) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    tps = {n: mean([r[0] for r in by[(w, n)]]) for n in names}
+    for n in names:
+        runs = by[(w, n)]
+        t = tps[n]
+        if t is None:
+            print(f"| {n} | refused (max_connections 80) | | | | | |")
+            continue
+        d = f"{t / tps['direct']:.2f}x" if tps.get("direct") else "-"
+        b = f"{t / tps['pgbouncer']:.2f}x" if tps.get("pgbouncer") else "-"
+        p50, p99 = mean([r[1] for r in runs]), mean([r[2] for r in runs])
+        cpu = mean([r[3] for r in runs]) if runs[0][3] != "-" else None
+        print(f"| {n} | {t:.0f} | {d} | {b} | {p50:.2f} | {p99:.2f} | {'-' if cpu is None else f'{cpu:.2f}'} |")
+PY
