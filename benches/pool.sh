@@ -4,7 +4,9 @@
 # and through PgBouncer in transaction mode with prepared statements on (max_prepared_statements,
 # PgBouncer 1.21+ built by `scripts/setup.sh --bench`; Debian 12's 1.18 has none), interleaved:
 # every target in turn for each workload, ROUNDS times. Both poolers get 60 server connections
-# (what the control plane gives business-1024's pool) and terminate client TLS.
+# (what the control plane gives business-1024's pool) and terminate client TLS; their idle server
+# connections close after 1 s, and each run waits 3 s first, so that every target finds the
+# node's connections free.
 #
 #   benches/pool.sh [seconds-per-run]        (default 10; Markdown tables on stdout)
 #
@@ -63,6 +65,8 @@ pool_listen = "127.0.0.1:$PW_POOL"
 admin_listen = "127.0.0.1:$PW_ADMIN"
 admin_token = "bench"
 routes_file = "$work/routes.json"
+# Each target gets the node's connections in turn: idle server connections close within 1 s.
+limits = { pool_idle_timeout_secs = 1 }
 [tls]
 cert = "$work/server.crt"
 key = "$work/server.key"
@@ -85,6 +89,7 @@ pool_mode = transaction
 max_prepared_statements = 200
 max_client_conn = 2000
 default_pool_size = 60
+server_idle_timeout = 1
 client_tls_sslmode = allow
 client_tls_cert_file = $work/server.crt
 client_tls_key_file = $work/server.key
@@ -128,6 +133,7 @@ for round in $(seq "$ROUNDS"); do
         continue # max_connections 80: PostgreSQL refuses most of them
       fi
       rm -f "$work"/txlog*
+      sleep 3 # the previous target's idle server connections close
       before=$(ticks "$name")
       out=$(cd "$work" && PGSSLMODE=$sslmode "$PGBIN/pgbench" $wargs -T "$DURATION" -n -l --log-prefix=txlog \
         -h 127.0.0.1 -p "${port_of[$name]}" -U bench bench 2>&1) || {

@@ -280,3 +280,70 @@ async fn a_node_restart_ends_the_running_transaction_only() {
     client.batch_execute("INSERT INTO r VALUES (3)").await.expect("the next transaction");
     assert_eq!(value(&client, "SELECT string_agg(x::text, ',') FROM r").await, "3");
 }
+
+/// psycopg 3 (libpq 17+, `tests/clients/pooled.py`): its server-side prepared statements, its
+/// pipeline mode, and a transaction across statements, through the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_prepared_statements_and_pipeline_mode_work_through_the_pool() {
+    let node = PgNode::start();
+    let proxy = pooled_proxy(&node, 2, Limits::default()).await;
+    let conninfo = pool_conninfo(&proxy, "connect_timeout=10");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/pooled.py");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3").arg(script).arg(&conninfo).output()
+    })
+    .await
+    .unwrap()
+    .expect("python3 with psycopg 3 (scripts/setup.sh installs it)");
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{stdout}");
+    assert!(out.status.success() && stdout.ends_with("ok\n"), "{stdout}{stderr}");
+    assert!(app_backends(&node) <= 2, "{} server sessions", app_backends(&node));
+}
+
+/// Every kind of session state a shared connection cannot carry, with two clients on one
+/// server connection: the one that made it keeps it, the other never sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_locks_cursors_and_roles_pin_and_never_leak() {
+    let node = PgNode::start();
+    let proxy = pooled_proxy(&node, 3, Limits::default()).await;
+    let owner = connect(&pool_conninfo(&proxy, "")).await;
+    owner
+        .batch_execute("CREATE TABLE c(n int); INSERT INTO c SELECT generate_series(1, 10)")
+        .await
+        .unwrap();
+    let states: [(&str, &str, &str, &str); 3] = [
+        ("listen", "LISTEN jobs", "SELECT count(*) FROM pg_listening_channels()", "0"),
+        (
+            "advisory_lock",
+            "SELECT pg_advisory_lock(42)",
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+            "0",
+        ),
+        (
+            "cursor_with_hold",
+            "DECLARE held CURSOR WITH HOLD FOR SELECT n FROM c",
+            "SELECT count(*) FROM pg_cursors",
+            "0",
+        ),
+    ];
+    for (reason, make, probe, clean) in states {
+        let (a, b) =
+            (connect(&pool_conninfo(&proxy, "")).await, connect(&pool_conninfo(&proxy, "")).await);
+        a.batch_execute(make).await.unwrap();
+        for _ in 0..5 {
+            assert_ne!(value(&a, probe).await, clean, "{reason}: a keeps its state");
+            assert_eq!(value(&b, probe).await, clean, "{reason}: b never sees a's state");
+        }
+        let series = format!("pgwarden_proxy_pool_pins_total{{reason=\"{reason}\"}}");
+        assert_eq!(proxy.metric(&series).await, 1.0, "{reason}");
+        drop(a);
+        // a's connection was closed, not reused: its lock is gone with it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let c = connect(&pool_conninfo(&proxy, "")).await;
+        assert_eq!(value(&c, probe).await, clean, "{reason}: nothing left behind");
+    }
+    let locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'";
+    assert_eq!(value(&owner, locks).await, "0", "no advisory lock left on any connection");
+}

@@ -125,6 +125,9 @@ pub struct Limits {
     /// Transaction pooling: clients of one database that may wait for a server connection at
     /// once; beyond it a new transaction gets `53300` at once. Default 10000.
     pub pool_max_waiting: usize,
+    /// Transaction pooling: seconds a server connection may stay idle before it is closed.
+    /// Default 60.
+    pub pool_idle_timeout_secs: f64,
 }
 
 impl Default for Limits {
@@ -141,6 +144,7 @@ impl Default for Limits {
             hold_timeout_secs: 12.0,
             pool_wait_timeout_secs: 10.0,
             pool_max_waiting: 10_000,
+            pool_idle_timeout_secs: 60.0,
         }
     }
 }
@@ -160,6 +164,9 @@ impl Limits {
     }
     pub fn hold_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.hold_timeout_secs)
+    }
+    pub fn pool_idle_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.pool_idle_timeout_secs)
     }
     pub fn pool_wait_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.pool_wait_timeout_secs)
@@ -235,6 +242,7 @@ impl Config {
             ("limits.shutdown_grace_secs", l.shutdown_grace_secs),
             ("limits.hold_timeout_secs", l.hold_timeout_secs),
             ("limits.pool_wait_timeout_secs", l.pool_wait_timeout_secs),
+            ("limits.pool_idle_timeout_secs", l.pool_idle_timeout_secs),
         ] {
             if !(0.0..=86_400.0).contains(&v) || (v == 0.0 && key != "limits.shutdown_grace_secs") {
                 return Err(ConfigError::Invalid(format!("{key} must be between 0 and 86400")));

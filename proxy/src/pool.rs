@@ -27,6 +27,15 @@ pub struct Pools {
 }
 
 impl Pools {
+    /// Closes, in every pool, the connections idle for longer than `timeout`.
+    pub fn close_idle(&self, timeout: Duration) {
+        let pools: Vec<Arc<DbPool>> =
+            self.by_database.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for pool in pools {
+            pool.close_idle(timeout);
+        }
+    }
+
     /// The pool of `database`, sized to `size` server connections.
     pub fn get(&self, database: &str, size: usize) -> Arc<DbPool> {
         let pool = {
@@ -38,6 +47,7 @@ impl Pools {
                     idle: Mutex::default(),
                     waiting: AtomicUsize::new(0),
                     available: tokio::sync::Notify::new(),
+                    waiters: Mutex::default(),
                     login_params: Mutex::default(),
                     open: AtomicUsize::new(0),
                 })
@@ -46,6 +56,12 @@ impl Pools {
         pool.resize(size);
         pool
     }
+}
+
+/// A transaction waiting for a connection of `user`.
+struct Waiter {
+    user: String,
+    handoff: tokio::sync::oneshot::Sender<ServerConn>,
 }
 
 /// What a transaction asks a pool for: a connection to `route`'s primary for `user` of
@@ -65,8 +81,11 @@ pub struct DbPool {
     idle: Mutex<Vec<ServerConn>>,
     /// Transactions waiting for a server connection.
     pub waiting: AtomicUsize,
-    /// Told when a connection comes back or closes (its permit is free).
+    /// Told when a connection closes (its permit is free).
     available: tokio::sync::Notify,
+    /// Transactions waiting, oldest first: a connection coming back goes to the oldest one of
+    /// its user, not to whoever asks next.
+    waiters: Mutex<std::collections::VecDeque<Waiter>>,
     /// The parameters a fresh connection reported at login, by primary and user.
     login_params: Mutex<HashMap<(String, String), Params>>,
     /// Server connections open.
@@ -102,6 +121,8 @@ pub struct ServerConn {
     pub applied: HashMap<String, String>,
     /// The statements prepared on it for clients.
     pub statements: crate::statements::ServerStatements,
+    /// When it last went idle.
+    idle_since: std::time::Instant,
     _permit: OwnedSemaphorePermit,
     _open: OpenGauge,
 }
@@ -157,12 +178,35 @@ impl DbPool {
     }
 
     /// Gives a clean connection (idle, no transaction, no session state) back.
-    pub fn release(&self, conn: ServerConn) {
+    pub fn release(&self, mut conn: ServerConn) {
         if conn.moved.is_cancelled() {
             return;
         }
+        // The oldest waiter of the same user gets it (one that gave up is skipped).
+        loop {
+            let waiter = {
+                let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+                waiters.retain(|w| !w.handoff.is_closed());
+                let at = waiters.iter().position(|w| w.user == conn.user);
+                at.and_then(|at| waiters.remove(at))
+            };
+            let Some(waiter) = waiter else { break };
+            match waiter.handoff.send(conn) {
+                Ok(()) => return,
+                Err(back) => conn = back,
+            }
+        }
+        conn.idle_since = std::time::Instant::now();
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+        // A waiter of another user may take this connection's place.
         self.available.notify_one();
+    }
+
+    /// Closes the connections idle for longer than `timeout` (PostgreSQL gets its backends back
+    /// between bursts).
+    pub fn close_idle(&self, timeout: Duration) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|c| c.idle_since.elapsed() < timeout && !c.moved.is_cancelled());
     }
 
     /// Frees a permit held by an idle connection of another user, if any.
@@ -236,7 +280,19 @@ impl DbPool {
                 }
                 waiting = Some((guard, std::time::Instant::now()));
             }
+            let (handoff, handed) = tokio::sync::oneshot::channel();
+            self.waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_back(Waiter { user: user.to_owned(), handoff });
             tokio::select! {
+                conn = handed => {
+                    if let Ok(conn) = conn {
+                        waited(&waiting);
+                        return Ok(conn);
+                    }
+                }
+                // A connection closed (its permit is free) or one of another user is idle.
                 () = available => {}
                 () = tokio::time::sleep_until(deadline) => {
                     waited(&waiting);
@@ -285,6 +341,7 @@ impl DbPool {
             params: logged_in.params,
             applied: HashMap::new(),
             statements: Default::default(),
+            idle_since: std::time::Instant::now(),
             _permit: permit,
             _open: OpenGauge(Arc::clone(self), shared.metrics.pool_server_connections.clone()),
         })

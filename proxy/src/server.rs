@@ -148,6 +148,20 @@ pub async fn run_on(
             error!(error = %e, "admin API failed");
         }
     });
+    // Idle pooled server connections are closed after the idle timeout.
+    let reaper = {
+        let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
+        tokio::spawn(async move {
+            let timeout = shared.limits.pool_idle_timeout();
+            let every = timeout.min(Duration::from_secs(1)).max(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => shared.pools.close_idle(timeout),
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        })
+    };
     // Installed before serving, so a SIGHUP never finds the default action (exit) in place.
     let hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
     let reload_task = tokio::spawn(reload_on_sighup(hup, Arc::clone(&shared), shutdown.clone()));
@@ -232,6 +246,7 @@ pub async fn run_on(
         }
     }
     reload_task.abort();
+    reaper.abort();
     let _ = admin_task.await;
     info!("proxy stopped");
     Ok(())
