@@ -596,8 +596,12 @@ pub async fn run(
 }
 
 fn drops_statements(sql: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(sql).to_ascii_lowercase();
-    text.contains("deallocate") || text.contains("discard")
+    contains_ci(sql, b"deallocate") || contains_ci(sql, b"discard")
+}
+
+/// Whether `haystack` holds `needle` (lower-case ASCII), in any case, without allocating.
+fn contains_ci(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` sent alone as a simple query: the
@@ -717,6 +721,19 @@ async fn closed(conn: &mut ServerConn) -> bool {
 /// if any: what pins its client (a conservative look at each statement's first words, and at
 /// the functions that take session-level locks or set settings).
 fn session_state(body: &[u8]) -> Option<&'static str> {
+    // Most statements start with none of the words that matter and call none of the functions:
+    // told apart without allocating.
+    const FIRST: [&[u8]; 7] =
+        [b"set", b"reset", b"listen", b"prepare", b"declare", b"create", b"load"];
+    let first_word_matters = body
+        .split(|b| *b == b';')
+        .map(|s| s.trim_ascii_start())
+        .any(|s| FIRST.iter().any(|w| s.len() >= w.len() && s[..w.len()].eq_ignore_ascii_case(w)));
+    let comments = contains_ci(body, b"--") || contains_ci(body, b"/*");
+    let functions = contains_ci(body, b"advisory_lock") || contains_ci(body, b"set_config");
+    if !first_word_matters && !comments && !functions {
+        return None;
+    }
     let text = String::from_utf8_lossy(body).to_ascii_lowercase();
     if text.contains("pg_advisory_lock") || text.contains("pg_try_advisory_lock") {
         return Some("advisory_lock");
