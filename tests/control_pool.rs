@@ -89,3 +89,93 @@ async fn pgbench_prepared_through_the_pooled_url_does_not_notice_a_switchover() 
         .expect("processed");
     assert!(processed > 100, "{stdout}");
 }
+
+/// Unplanned failover (kill -9 of the primary): the pooled client's connection stays open, the
+/// transactions that could not run fail with a 57-class error, and the next ones run on the new
+/// primary; nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_client_keeps_its_connection_through_a_failover() {
+    let control = TestControl::start().await;
+    let (db, id, url) = control.create_routed_database("failing", "postgresql-business-512").await;
+    control.wait_synchronous(&id, "a synchronous standby").await;
+    assert!(psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)").success);
+    let env = control.request("GET", &format!("/v1/databases/{id}/env"), None).await.json();
+    let pooled = env["DATABASE_POOL_URL"].as_str().unwrap().to_owned();
+    let (client, connection) = tokio_postgres::connect(&pooled, NoTls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let port_of = |role: &str| {
+        db["nodes"].as_array().unwrap().iter().find(|n| n["role"] == role).unwrap()["port"]
+            .as_i64()
+            .unwrap() as i32
+    };
+    let (old_port, new_port) = (port_of("primary"), port_of("replica"));
+    let primary = db["nodes"].as_array().unwrap().iter().find(|n| n["role"] == "primary").unwrap();
+    let data = control.node_data_dir(primary["name"].as_str().unwrap());
+
+    let (mut acked, mut errors) = (Vec::new(), Vec::new());
+    let mut killed = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for n in 1i64.. {
+        let insert = "INSERT INTO w VALUES ($1) RETURNING inet_server_port()";
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(10), client.query_one(insert, &[&n])).await;
+        match outcome.expect("every statement is answered") {
+            Ok(row) => acked.push((n, row.get::<_, i32>(0))),
+            Err(e) => errors.push(e.code().map(|c| c.code().to_owned()).unwrap_or_default()),
+        }
+        if !killed && acked.len() >= 20 {
+            let pid = pgwarden_e2e::postmaster_pid(&data).expect("primary running");
+            assert!(std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success());
+            killed = true;
+        }
+        if acked.iter().filter(|(_, port)| *port == new_port).count() >= 20 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no writes on the new primary: {errors:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!connection.is_finished(), "the pooled client's connection stayed open");
+    assert!(acked.iter().any(|(_, p)| *p == old_port), "writes on the old primary first");
+    assert!(errors.iter().all(|c| c.starts_with("57")), "57-class errors only: {errors:?}");
+    println!("{} acknowledged, errors during the failover: {errors:?}", acked.len());
+    let out = psql(&url, None, "SELECT string_agg(n::text, ',') FROM w");
+    let present: std::collections::HashSet<i64> =
+        out.stdout.trim().split(',').filter_map(|s| s.parse().ok()).collect();
+    let lost: Vec<i64> = acked.iter().map(|(n, _)| *n).filter(|n| !present.contains(n)).collect();
+    assert!(lost.is_empty(), "acknowledged inserts lost: {lost:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_through_the_pooled_url_does_not_notice_a_plan_change() {
+    let control = TestControl::start().await;
+    let (_, id, _) = control.create_routed_database("growing", "postgresql-business-512").await;
+    control.wait_synchronous(&id, "a synchronous standby").await;
+    let env = control.request("GET", &format!("/v1/databases/{id}/env"), None).await.json();
+    let pooled = env["DATABASE_POOL_URL"].as_str().unwrap().to_owned();
+    let pgbench = pgwarden_e2e::pg_bin("pgbench");
+    let init = std::process::Command::new(&pgbench).args(["-i", "-q", &pooled]).output().unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let run = std::process::Command::new(&pgbench)
+        .args(["-M", "prepared", "-c", "8", "-j", "8", "-T", "10", &pooled])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let body = serde_json::json!({"plan": "postgresql-business-1024"});
+    let r = control.request("PATCH", &format!("/v1/databases/{id}"), Some(body)).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let out = tokio::task::spawn_blocking(move || run.wait_with_output()).await.unwrap().unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{stdout}\n{stderr}");
+    assert!(out.status.success(), "pgbench failed: {stdout} {stderr}");
+    assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
+    assert!(!stderr.contains("aborted"), "{stderr}");
+}
