@@ -347,3 +347,43 @@ async fn listen_locks_cursors_and_roles_pin_and_never_leak() {
     let locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'";
     assert_eq!(value(&owner, locks).await, "0", "no advisory lock left on any connection");
 }
+
+/// A table's columns change under statements prepared on shared connections: the server answers
+/// `cached plan must not change result type`; the proxy prepares them anew and runs the batch
+/// again, and the client never sees the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_plan_after_ddl_is_healed_by_preparing_again() {
+    let node = PgNode::start();
+    let proxy = pooled_proxy(&node, 2, Limits::default()).await;
+    let setup = connect(&pool_conninfo(&proxy, "")).await;
+    setup
+        .batch_execute(
+            "CREATE TABLE stale(k int PRIMARY KEY, v text); INSERT INTO stale VALUES (1, 'a')",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("stale.sql");
+    std::fs::write(&script, "SELECT * FROM stale WHERE k = 1;\n").unwrap();
+    let bin = pgwarden_e2e::pg_bin("pgbench");
+    let port = proxy.pool_addr.port().to_string();
+    let run = std::process::Command::new(&bin)
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "app", "-n", "-M", "prepared"])
+        .args(["-c", "4", "-j", "4", "-T", "4", "-f"])
+        .arg(&script)
+        .arg("app")
+        .env("PGPASSWORD", TEST_PASSWORD)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    setup.batch_execute("ALTER TABLE stale ADD COLUMN extra int DEFAULT 0").await.unwrap();
+    let out = tokio::task::spawn_blocking(move || run.wait_with_output()).await.unwrap().unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
+    assert!(!stderr.contains("cached plan"), "{stderr}");
+    assert!(proxy.metric("pgwarden_proxy_pool_stale_plans_healed_total").await >= 1.0);
+}

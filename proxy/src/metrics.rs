@@ -117,6 +117,8 @@ pub struct Metrics {
     pub pool_wait_seconds: Histogram,
     /// Clients pinned to their server connection, by the session state that pinned them.
     pins: IntCounterVec,
+    /// Batches run again after `cached plan must not change result type`.
+    pub stale_plans_healed: IntCounter,
 }
 
 impl Default for Metrics {
@@ -205,6 +207,11 @@ impl Metrics {
                 &["reason"],
             )
             .expect("metric"),
+            stale_plans_healed: IntCounter::new(
+                "pool_stale_plans_healed_total",
+                "Pooled batches run again on statements prepared anew after a stale plan",
+            )
+            .expect("metric"),
             registry,
         };
         let r = &m.registry;
@@ -224,6 +231,7 @@ impl Metrics {
         r.register(Box::new(m.pool_waiting.clone())).expect("register");
         r.register(Box::new(m.pool_wait_seconds.clone())).expect("register");
         r.register(Box::new(m.pins.clone())).expect("register");
+        r.register(Box::new(m.stale_plans_healed.clone())).expect("register");
         for reason in crate::pooled::PIN_REASONS {
             m.pins.with_label_values(&[reason]);
         }

@@ -562,6 +562,31 @@ pub async fn run(
             if let Some(text) = fatal {
                 debug!(error = %text, "the server ended a pooled connection");
             }
+            if statements.rerun_due {
+                // A stale plan: the connection's statements go, and the client's batch runs
+                // again on statements prepared anew.
+                let again = statements.take_rerun(&mut conn.statements);
+                let limit = shared.limits.backend_auth_timeout();
+                let cleared =
+                    tokio::time::timeout(limit, run_internal(conn, "DEALLOCATE ALL")).await;
+                if matches!(cleared, Ok(Ok(()))) {
+                    let mut to_server = BytesMut::new();
+                    let mut rest = &again[..];
+                    while let Some((_, len)) = frame(rest) {
+                        let rewritten = statements.client_message(
+                            &rest[..len],
+                            &mut conn.statements,
+                            &mut to_server,
+                        );
+                        if rewritten.is_err() {
+                            break;
+                        }
+                        rest = &rest[len..];
+                    }
+                    let _ = conn.stream.write_all(&to_server).await;
+                }
+                shared.metrics.stale_plans_healed.inc();
+            }
         }
         if !out.is_empty() {
             shared.metrics.bytes_to_clients.inc_by(out.len() as u64);

@@ -103,6 +103,28 @@ pub struct Statements {
     pub unsynced: usize,
     /// Errors the server answered with so far.
     pub errors: usize,
+    /// The client's messages since the last `ReadyForQuery` it got (for a re-run after a stale
+    /// plan), while they stay under [`RERUN_LIMIT`] bytes.
+    sent: BytesMut,
+    /// Something of the current answers reached the client.
+    relayed: bool,
+    /// A stale plan was met: the server's answers up to `ReadyForQuery` are dropped.
+    healing: bool,
+    /// ... and then the client's messages run again, once: the run loop re-prepares them.
+    pub rerun_due: bool,
+    healed: bool,
+}
+
+/// The most bytes of messages kept to run again after a stale plan.
+const RERUN_LIMIT: usize = 64 * 1024;
+
+/// `cached plan must not change result type` (0A000): a statement the server prepared earlier
+/// reads a table whose columns changed since.
+fn stale_plan(body: &[u8]) -> bool {
+    let fields = || body.split(|b| *b == 0);
+    fields().any(|f| f == b"C0A000")
+        && fields()
+            .any(|f| f.starts_with(b"M") && f.ends_with(b"cached plan must not change result type"))
 }
 
 /// A message of the extended protocol the proxy could not read.
@@ -140,6 +162,8 @@ impl Statements {
     /// How many `ReadyForQuery` the client is owed (its connection was lost; at least one when
     /// it owes anything); forgets them all.
     pub fn lost(&mut self) -> usize {
+        self.sent.clear();
+        (self.relayed, self.healing, self.rerun_due, self.healed) = (false, false, false, false);
         let ready = self.answers.iter().filter(|a| **a == READY).count();
         let owed = !self.answers.is_empty() || self.unsynced > 0;
         self.answers.clear();
@@ -174,6 +198,28 @@ impl Statements {
     /// Rewrites one client message (whole, tag first) for `conn` into `to_server`, recording
     /// what answers it.
     pub fn client_message(
+        &mut self,
+        message: &[u8],
+        conn: &mut ServerStatements,
+        to_server: &mut BytesMut,
+    ) -> Result<(), Malformed> {
+        if self.sent.len() + message.len() <= RERUN_LIMIT {
+            self.sent.extend_from_slice(message);
+        } else {
+            self.healed = true; // too long to keep: a stale plan reaches the client
+        }
+        self.forward(message, conn, to_server)
+    }
+
+    /// Takes the messages to run again after a stale plan (the connection's statements were
+    /// deallocated: every named statement is prepared again on the way).
+    pub fn take_rerun(&mut self, conn: &mut ServerStatements) -> BytesMut {
+        self.rerun_due = false;
+        conn.clear();
+        std::mem::take(&mut self.sent)
+    }
+
+    fn forward(
         &mut self,
         message: &[u8],
         conn: &mut ServerStatements,
@@ -297,6 +343,21 @@ impl Statements {
         self.answers.push_back(Answer::Server { end: End::Parse, relay, prepares });
     }
 
+    /// Whether the kept messages are one extended-protocol batch ending with its `Sync`.
+    fn one_sync(&self) -> bool {
+        let mut rest = &self.sent[..];
+        let (mut syncs, mut last) = (0, 0u8);
+        while rest.len() >= 5 {
+            let len = i32::from_be_bytes(rest[1..5].try_into().expect("5 bytes")) as usize;
+            if matches!(rest[0], b'S' | b'Q' | b'F') {
+                syncs += 1;
+            }
+            last = rest[0];
+            rest = rest.get(1 + len..).unwrap_or_default();
+        }
+        syncs == 1 && last == b'S'
+    }
+
     /// The proxy's own answers now due (at the front), into `out`.
     pub fn replies(&mut self, out: &mut BytesMut) {
         while let Some(Answer::Reply(tag)) = self.answers.front() {
@@ -338,6 +399,7 @@ impl Statements {
             let len = i32::from_be_bytes(sbuf[1..5].try_into().expect("5 bytes")).max(4) as usize;
             if matches!(tag, b'D' | b'd') {
                 // Rows and copy data can be long: they stream through (always the client's).
+                self.relayed = true;
                 out.extend_from_slice(&sbuf[..5]);
                 sbuf.advance(5);
                 *relaying = len - 4;
@@ -357,8 +419,20 @@ impl Statements {
                 b'E' if crate::pooled::is_fatal(&message[5..]) => {
                     fatal = Some(crate::pooled::error_text(&message[5..]));
                 }
+                b'E' if !self.relayed
+                    && !self.healed
+                    && self.one_sync()
+                    && stale_plan(&message[5..]) =>
+                {
+                    // Nothing reached the client yet: its messages run again on statements
+                    // prepared anew, and it never sees the error.
+                    self.healing = true;
+                    self.healed = true;
+                    self.failed(conn);
+                }
                 b'E' => {
                     out.extend_from_slice(&message);
+                    self.relayed = true;
                     self.errors += 1;
                     self.failed(conn);
                 }
@@ -369,7 +443,15 @@ impl Statements {
                             break;
                         }
                     }
+                    if self.healing {
+                        self.healing = false;
+                        self.rerun_due = true;
+                        continue;
+                    }
                     out.extend_from_slice(&message);
+                    self.sent.clear();
+                    self.relayed = false;
+                    self.healed = false;
                 }
                 _ => {
                     let end = match tag {
@@ -389,8 +471,9 @@ impl Statements {
                     if finished {
                         self.answers.pop_front();
                     }
-                    if relay {
+                    if relay && !self.healing {
                         out.extend_from_slice(&message);
+                        self.relayed = true;
                     }
                 }
             }
