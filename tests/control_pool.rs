@@ -179,3 +179,48 @@ async fn pgbench_prepared_through_the_pooled_url_does_not_notice_a_plan_change()
     assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
     assert!(!stderr.contains("aborted"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_through_the_pooled_url_does_not_notice_a_minor_upgrade() {
+    let Some(engines) = pgwarden_e2e::engines_dir() else {
+        println!("SKIPPED: the PostgreSQL 15.17 server build is not installed (scripts/setup.sh)");
+        return;
+    };
+    let control = TestControl::start_full(Vec::new(), Vec::new(), "data", Some(engines)).await;
+    let body =
+        serde_json::json!({"name": "minor", "plan": "postgresql-business-512", "version": "15.17"});
+    let r = control.request("POST", "/v1/databases", Some(body)).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let id = r.json()["database"]["id"].as_str().unwrap().to_owned();
+    let db = control.wait_synchronous(&id, "a synchronous standby").await;
+    control.wait_routed(db["name"].as_str().unwrap(), true).await;
+    let engines = control.request("GET", "/v1/engines", None).await.json();
+    let default = engines.as_array().unwrap().iter().find(|e| e["default"] == true).cloned();
+    let newer = default.expect("a default build")["version"].as_str().unwrap().to_owned();
+    let env = control.request("GET", &format!("/v1/databases/{id}/env"), None).await.json();
+    let pooled = env["DATABASE_POOL_URL"].as_str().unwrap().to_owned();
+    let pgbench = pgwarden_e2e::pg_bin("pgbench");
+    let init = std::process::Command::new(&pgbench).args(["-i", "-q", &pooled]).output().unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let run = std::process::Command::new(&pgbench)
+        .args(["-M", "prepared", "-c", "8", "-j", "8", "-T", "10", &pooled])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let path = format!("/v1/databases/{id}/engine-upgrade");
+    let r = control.request("POST", &path, Some(serde_json::json!({"version": newer}))).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let out = tokio::task::spawn_blocking(move || run.wait_with_output()).await.unwrap().unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{stdout}\n{stderr}");
+    assert!(out.status.success(), "pgbench failed: {stdout} {stderr}");
+    assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
+    assert!(!stderr.contains("aborted"), "{stderr}");
+}
