@@ -305,7 +305,7 @@ async fn psycopg_prepared_statements_and_pipeline_mode_work_through_the_pool() {
 /// Every kind of session state a shared connection cannot carry, with two clients on one
 /// server connection: the one that made it keeps it, the other never sees it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listen_locks_cursors_and_roles_pin_and_never_leak() {
+async fn listen_locks_and_cursors_pin_and_never_leak() {
     let node = PgNode::start();
     let proxy = pooled_proxy(&node, 3, Limits::default()).await;
     let owner = connect(&pool_conninfo(&proxy, "")).await;
