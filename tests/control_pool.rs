@@ -6,6 +6,49 @@ use std::time::Duration;
 use pgwarden_e2e::{psql, TestControl};
 use tokio_postgres::NoTls;
 
+/// Runs pgbench `-M prepared` (8 clients, 10 s) on `pooled` and, 2 s in, the operation
+/// `request` starts (a 202 with an operation that must succeed); asserts that pgbench saw no
+/// failed transaction and no aborted client.
+async fn pgbench_across(
+    control: &TestControl,
+    pooled: &str,
+    (method, path, body): (&str, String, Option<serde_json::Value>),
+) {
+    let pgbench = pgwarden_e2e::pg_bin("pgbench");
+    let init = std::process::Command::new(&pgbench).args(["-i", "-q", pooled]).output().unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let run = std::process::Command::new(&pgbench)
+        .args(["-M", "prepared", "-c", "8", "-j", "8", "-T", "10", pooled])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = control.request(method, &path, body).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let out = tokio::task::spawn_blocking(move || run.wait_with_output()).await.unwrap().unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{stdout}\n{stderr}");
+    assert!(out.status.success(), "pgbench failed: {stdout} {stderr}");
+    assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
+    assert!(!stderr.contains("aborted"), "{stderr}");
+    let processed = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .expect("processed");
+    assert!(processed > 100, "{stdout}");
+}
+
+/// `DATABASE_POOL_URL` of database `id`.
+async fn pool_url(control: &TestControl, id: &str) -> String {
+    let env = control.request("GET", &format!("/v1/databases/{id}/env"), None).await.json();
+    env["DATABASE_POOL_URL"].as_str().unwrap().to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pooled_url_serves_more_clients_than_the_plan_has_server_connections() {
     let control = TestControl::start().await;
@@ -58,36 +101,9 @@ async fn pgbench_prepared_through_the_pooled_url_does_not_notice_a_switchover() 
     let control = TestControl::start().await;
     let (_, id, _) = control.create_routed_database("bench", "postgresql-business-512").await;
     control.wait_synchronous(&id, "a synchronous standby").await;
-    let env = control.request("GET", &format!("/v1/databases/{id}/env"), None).await.json();
-    let pooled = env["DATABASE_POOL_URL"].as_str().unwrap().to_owned();
-    let pgbench = pgwarden_e2e::pg_bin("pgbench");
-    let init = std::process::Command::new(&pgbench).args(["-i", "-q", &pooled]).output().unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    // Eight clients, prepared statements, for 8 s; a switchover in the middle of it.
-    let run = std::process::Command::new(&pgbench)
-        .args(["-M", "prepared", "-c", "8", "-T", "8", "-P", "1", &pooled])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let r = control.request("POST", &format!("/v1/databases/{id}/switchover"), None).await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
-    assert_eq!(op["status"], "succeeded", "{op}");
-    let out = tokio::task::spawn_blocking(move || run.wait_with_output()).await.unwrap().unwrap();
-    let (stdout, stderr) =
-        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    println!("{stdout}\n{stderr}");
-    assert!(out.status.success(), "pgbench failed: {stdout} {stderr}");
-    assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
-    assert!(!stderr.contains("aborted"), "{stderr}");
-    let processed = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-        .and_then(|n| n.trim().parse::<u64>().ok())
-        .expect("processed");
-    assert!(processed > 100, "{stdout}");
+    let pooled = pool_url(&control, &id).await;
+    let switchover = ("POST", format!("/v1/databases/{id}/switchover"), None);
+    pgbench_across(&control, &pooled, switchover).await;
 }
 
 /// Unplanned failover (kill -9 of the primary): the pooled client's connection stays open, the
@@ -99,8 +115,7 @@ async fn a_pooled_client_keeps_its_connection_through_a_failover() {
     let (db, id, url) = control.create_routed_database("failing", "postgresql-business-512").await;
     control.wait_synchronous(&id, "a synchronous standby").await;
     assert!(psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)").success);
-    let env = control.request("GET", &format!("/v1/databases/{id}/env"), None).await.json();
-    let pooled = env["DATABASE_POOL_URL"].as_str().unwrap().to_owned();
+    let pooled = pool_url(&control, &id).await;
     let (client, connection) = tokio_postgres::connect(&pooled, NoTls).await.unwrap();
     let connection = tokio::spawn(connection);
     let port_of = |role: &str| {
@@ -154,30 +169,9 @@ async fn pgbench_prepared_through_the_pooled_url_does_not_notice_a_plan_change()
     let control = TestControl::start().await;
     let (_, id, _) = control.create_routed_database("growing", "postgresql-business-512").await;
     control.wait_synchronous(&id, "a synchronous standby").await;
-    let env = control.request("GET", &format!("/v1/databases/{id}/env"), None).await.json();
-    let pooled = env["DATABASE_POOL_URL"].as_str().unwrap().to_owned();
-    let pgbench = pgwarden_e2e::pg_bin("pgbench");
-    let init = std::process::Command::new(&pgbench).args(["-i", "-q", &pooled]).output().unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    let run = std::process::Command::new(&pgbench)
-        .args(["-M", "prepared", "-c", "8", "-j", "8", "-T", "10", &pooled])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pooled = pool_url(&control, &id).await;
     let body = serde_json::json!({"plan": "postgresql-business-1024"});
-    let r = control.request("PATCH", &format!("/v1/databases/{id}"), Some(body)).await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
-    assert_eq!(op["status"], "succeeded", "{op}");
-    let out = tokio::task::spawn_blocking(move || run.wait_with_output()).await.unwrap().unwrap();
-    let (stdout, stderr) =
-        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    println!("{stdout}\n{stderr}");
-    assert!(out.status.success(), "pgbench failed: {stdout} {stderr}");
-    assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
-    assert!(!stderr.contains("aborted"), "{stderr}");
+    pgbench_across(&control, &pooled, ("PATCH", format!("/v1/databases/{id}"), Some(body))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,28 +193,8 @@ async fn pgbench_prepared_through_the_pooled_url_does_not_notice_a_minor_upgrade
     let engines = control.request("GET", "/v1/engines", None).await.json();
     let default = engines.as_array().unwrap().iter().find(|e| e["default"] == true).cloned();
     let newer = default.expect("a default build")["version"].as_str().unwrap().to_owned();
-    let env = control.request("GET", &format!("/v1/databases/{id}/env"), None).await.json();
-    let pooled = env["DATABASE_POOL_URL"].as_str().unwrap().to_owned();
-    let pgbench = pgwarden_e2e::pg_bin("pgbench");
-    let init = std::process::Command::new(&pgbench).args(["-i", "-q", &pooled]).output().unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    let run = std::process::Command::new(&pgbench)
-        .args(["-M", "prepared", "-c", "8", "-j", "8", "-T", "10", &pooled])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pooled = pool_url(&control, &id).await;
+    let upgrade = serde_json::json!({"version": newer});
     let path = format!("/v1/databases/{id}/engine-upgrade");
-    let r = control.request("POST", &path, Some(serde_json::json!({"version": newer}))).await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
-    assert_eq!(op["status"], "succeeded", "{op}");
-    let out = tokio::task::spawn_blocking(move || run.wait_with_output()).await.unwrap().unwrap();
-    let (stdout, stderr) =
-        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    println!("{stdout}\n{stderr}");
-    assert!(out.status.success(), "pgbench failed: {stdout} {stderr}");
-    assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
-    assert!(!stderr.contains("aborted"), "{stderr}");
+    pgbench_across(&control, &pooled, ("POST", path, Some(upgrade))).await;
 }

@@ -42,6 +42,7 @@ mod routes;
 mod scram;
 mod server;
 mod session;
+mod session_sql;
 mod statements;
 mod stream;
 mod tls;

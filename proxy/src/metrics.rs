@@ -232,7 +232,7 @@ impl Metrics {
         r.register(Box::new(m.pool_wait_seconds.clone())).expect("register");
         r.register(Box::new(m.pins.clone())).expect("register");
         r.register(Box::new(m.stale_plans_healed.clone())).expect("register");
-        for reason in crate::pooled::PIN_REASONS {
+        for reason in crate::session_sql::PIN_REASONS {
             m.pins.with_label_values(&[reason]);
         }
         // Make every labelled series visible from the start, at zero.

@@ -8,10 +8,10 @@
 //!   (`SET`), only where it differs from what the connection already has.
 //! - Named protocol-level statements work on every connection (`statements.rs`); `DEALLOCATE`
 //!   and `DISCARD ALL` alone forget the client's.
-//! - Session state the pool cannot carry pins the client to its server connection until the
-//!   client leaves, when the connection is closed, never reused: `SET`/`RESET`, `LISTEN`,
-//!   SQL `PREPARE`, session advisory locks, temporary tables, `WITH HOLD` cursors, `LOAD`,
-//!   function calls. Pins are counted by reason in `/metrics`.
+//! - `SET`/`RESET` alone outside a transaction block is carried to every connection the client
+//!   gets. Other session state the pool cannot carry pins the client to its server connection
+//!   until the client leaves, when the connection is closed, never reused (`session_sql.rs`
+//!   tells which); pins are counted by reason in `/metrics`.
 //! - A running transaction counts as starting on its route: a planned switchover's hold waits
 //!   (a bounded 2 s) for it to end before the old primary stops, and new transactions wait for
 //!   the next table; so pooled clients see neither the switchover nor an error.
@@ -34,21 +34,10 @@ use crate::auth::Login;
 use crate::cancel::CancelGuard;
 use crate::pool::{AcquireError, DbPool, ServerConn, Want};
 use crate::protocol::{self, SqlState};
+use crate::session_sql::{carried, drops_statements, overlay, session_state, Carry};
 use crate::statements::Statements;
 use crate::stream::ClientStream;
 use crate::Shared;
-
-/// Why a client is pinned, as counted in `pgwarden_proxy_pool_pins_total{reason}`.
-pub const PIN_REASONS: [&str; 8] = [
-    "set",
-    "listen",
-    "prepared_statement",
-    "advisory_lock",
-    "temporary_table",
-    "cursor_with_hold",
-    "load",
-    "function_call",
-];
 
 /// Largest client message accepted (PostgreSQL's own bound is 1 GB).
 const MAX_CLIENT_MESSAGE: usize = 1 << 30;
@@ -64,96 +53,6 @@ pub struct PooledClient {
     pub settings: Vec<(String, String)>,
     /// The startup packet's settings alone (what `RESET` goes back to).
     pub startup: Vec<(String, String)>,
-}
-
-/// A `SET` or `RESET` the proxy carries from connection to connection instead of pinning.
-#[derive(Debug, PartialEq, Eq)]
-enum Carry {
-    Set(String, String),
-    Reset(String),
-    ResetAll,
-}
-
-/// `SET [SESSION] name {=|TO} value`, `SET TIME ZONE value`, `RESET name`, `RESET ALL`, alone in
-/// a simple query.
-fn carried(sql: &[u8]) -> Option<Carry> {
-    let text = std::str::from_utf8(sql).ok()?.trim_end_matches('\0').trim();
-    let text = text.strip_suffix(';').unwrap_or(text).trim();
-    if text.contains(';') || text.contains("--") || text.contains("/*") {
-        return None;
-    }
-    let lower = text.to_ascii_lowercase();
-    let valid = |n: &str| {
-        !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
-    };
-    if let Some(rest) = lower.strip_prefix("reset ") {
-        let name = rest.trim();
-        return match name {
-            "all" => Some(Carry::ResetAll),
-            "session authorization" | "role" => None,
-            n if valid(n) => Some(Carry::Reset(n.to_owned())),
-            _ => None,
-        };
-    }
-    let rest = lower.strip_prefix("set ")?.trim_start();
-    let rest = rest.strip_prefix("session ").map_or(rest, str::trim_start);
-    let offset = text.len() - rest.len();
-    if let Some(zone) = rest.strip_prefix("time zone ") {
-        let value = text[text.len() - zone.len()..].trim();
-        return (!value.is_empty()).then(|| Carry::Set("timezone".into(), value.to_owned()));
-    }
-    let name_end = rest.find(|c: char| c.is_whitespace() || c == '=')?;
-    let name = &rest[..name_end];
-    if !valid(name) || matches!(name, "local" | "transaction" | "constraints" | "role" | "session")
-    {
-        return None;
-    }
-    let after = text[offset + name_end..].trim_start();
-    let value = after
-        .strip_prefix('=')
-        .or_else(|| after.get(..3).filter(|t| t.eq_ignore_ascii_case("to ")).map(|_| &after[3..]))?
-        .trim();
-    (!value.is_empty()).then(|| Carry::Set(name.to_owned(), value.to_owned()))
-}
-
-/// A SQL string literal.
-fn quoted(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
-}
-
-/// The session settings a startup packet asks for (values as SQL literals), or why pooling
-/// cannot honour them.
-pub fn settings(pairs: &[(String, String)]) -> Result<Vec<(String, String)>, String> {
-    let mut out = Vec::new();
-    for (name, value) in pairs {
-        match name.as_str() {
-            "user" | "database" => {}
-            "replication" => return Err("replication connections cannot be pooled".into()),
-            "options" => {
-                let mut words = value.split_whitespace();
-                while let Some(word) = words.next() {
-                    let setting = match word {
-                        "-c" => words.next().unwrap_or_default(),
-                        w => w.strip_prefix("--").or_else(|| w.strip_prefix("-c")).unwrap_or(""),
-                    };
-                    let Some((name, value)) = setting.split_once('=') else {
-                        return Err(format!(
-                            "options {value:?}: only -c name=value settings can be pooled"
-                        ));
-                    };
-                    out.push((name.replace('-', "_").to_ascii_lowercase(), quoted(value)));
-                }
-            }
-            _ => out.push((name.to_ascii_lowercase(), quoted(value))),
-        }
-    }
-    if let Some((name, _)) = out
-        .iter()
-        .find(|(n, _)| !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.'))
-    {
-        return Err(format!("invalid setting name {name:?}"));
-    }
-    Ok(out)
 }
 
 /// Finishes the client's startup: a server connection of the pool tells the server's
@@ -214,23 +113,6 @@ pub async fn start(
 
 fn want<'a>(client: &'a PooledClient, route: &'a crate::routes::Route) -> Want<'a> {
     Want { database: &client.database, route, user: &client.user, login: &client.login }
-}
-
-/// `params` with the values of `settings` (SQL literals) where they name the same parameter.
-fn overlay(
-    mut params: Vec<(String, String)>,
-    settings: &[(String, String)],
-) -> Vec<(String, String)> {
-    for (name, value) in settings {
-        let raw = value
-            .strip_prefix('\'')
-            .and_then(|v| v.strip_suffix('\''))
-            .map_or_else(|| value.clone(), |v| v.replace("''", "'"));
-        if let Some(slot) = params.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
-            slot.1 = raw;
-        }
-    }
-    params
 }
 
 fn acquire_state(e: &AcquireError) -> SqlState {
@@ -620,15 +502,6 @@ pub async fn run(
     drop(cancel);
 }
 
-fn drops_statements(sql: &[u8]) -> bool {
-    contains_ci(sql, b"deallocate") || contains_ci(sql, b"discard")
-}
-
-/// Whether `haystack` holds `needle` (lower-case ASCII), in any case, without allocating.
-fn contains_ci(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
-}
-
 /// `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` sent alone as a simple query: the
 /// client's statements are the proxy's to forget (the server's stay for other clients).
 /// Returns the command tag the client gets, or `None` for anything else (and for a name the
@@ -740,129 +613,4 @@ async fn closed(conn: &mut ServerConn) -> bool {
     let mut probe = BytesMut::with_capacity(64);
     let read = conn.stream.read_buf(&mut probe);
     tokio::time::timeout(std::time::Duration::ZERO, read).await.is_ok()
-}
-
-/// The session state a statement leaves behind that a shared server connection cannot carry,
-/// if any: what pins its client (a conservative look at each statement's first words, and at
-/// the functions that take session-level locks or set settings).
-fn session_state(body: &[u8]) -> Option<&'static str> {
-    // Most statements start with none of the words that matter and call none of the functions:
-    // told apart without allocating.
-    const FIRST: [&[u8]; 7] =
-        [b"set", b"reset", b"listen", b"prepare", b"declare", b"create", b"load"];
-    let first_word_matters = body
-        .split(|b| *b == b';')
-        .map(|s| s.trim_ascii_start())
-        .any(|s| FIRST.iter().any(|w| s.len() >= w.len() && s[..w.len()].eq_ignore_ascii_case(w)));
-    let comments = contains_ci(body, b"--") || contains_ci(body, b"/*");
-    let functions = contains_ci(body, b"advisory_lock") || contains_ci(body, b"set_config");
-    if !first_word_matters && !comments && !functions {
-        return None;
-    }
-    let text = String::from_utf8_lossy(body).to_ascii_lowercase();
-    if text.contains("pg_advisory_lock") || text.contains("pg_try_advisory_lock") {
-        return Some("advisory_lock");
-    }
-    if text.contains("set_config") {
-        return Some("set");
-    }
-    for statement in text.split(';') {
-        let words: Vec<&str> = statement
-            .lines()
-            .map(|l| l.split("--").next().unwrap_or(""))
-            .flat_map(str::split_whitespace)
-            .take(4)
-            .collect();
-        let reason = match words.as_slice() {
-            ["set", "local", ..] | ["set", "transaction", ..] | ["set", "constraints", ..] => None,
-            ["set", ..] | ["reset", ..] => Some("set"),
-            ["listen", ..] => Some("listen"),
-            ["prepare", ..] => Some("prepared_statement"),
-            ["declare", ..] if statement.contains("with hold") => Some("cursor_with_hold"),
-            ["create", "temp" | "temporary", ..]
-            | ["create", "global" | "local", "temp" | "temporary", ..] => Some("temporary_table"),
-            ["load", ..] => Some("load"),
-            ["copy", ..] => None,
-            _ => None,
-        };
-        if reason.is_some() {
-            return reason;
-        }
-    }
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn session_state_is_found_and_transaction_state_is_not() {
-        let cases: [(&str, Option<&str>); 12] = [
-            ("SELECT 1", None),
-            ("set search_path = x", Some("set")),
-            ("SET LOCAL statement_timeout = 5", None),
-            ("BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None),
-            ("LISTEN jobs", Some("listen")),
-            ("select pg_advisory_lock(1)", Some("advisory_lock")),
-            ("select pg_advisory_xact_lock(1)", None),
-            ("CREATE TEMP TABLE t(x int)", Some("temporary_table")),
-            ("create global temporary table t(x int)", Some("temporary_table")),
-            ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", Some("cursor_with_hold")),
-            ("PREPARE p AS SELECT 1", Some("prepared_statement")),
-            ("-- comment\n  reset all", Some("set")),
-        ];
-        for (sql, expected) in cases {
-            assert_eq!(session_state(sql.as_bytes()), expected, "{sql}");
-        }
-    }
-
-    #[test]
-    fn set_and_reset_alone_are_carried() {
-        let set = |n: &str, v: &str| Some(Carry::Set(n.into(), v.into()));
-        assert_eq!(carried(b"SET search_path = app, public"), set("search_path", "app, public"));
-        assert_eq!(
-            carried(b"set session statement_timeout TO '5s';"),
-            set("statement_timeout", "'5s'")
-        );
-        assert_eq!(carried(b"SET TIME ZONE 'UTC'\0"), set("timezone", "'UTC'"));
-        assert_eq!(carried(b"RESET search_path"), Some(Carry::Reset("search_path".into())));
-        assert_eq!(carried(b"reset all"), Some(Carry::ResetAll));
-        for pinned in [
-            &b"SET LOCAL x = 1"[..],
-            b"SET ROLE admin",
-            b"SET SESSION AUTHORIZATION x",
-            b"SET a = 1; SELECT 1",
-            b"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
-            b"SELECT 1",
-            b"SET x",
-        ] {
-            assert_eq!(carried(pinned), None, "{}", String::from_utf8_lossy(pinned));
-        }
-    }
-
-    #[test]
-    fn startup_settings_are_carried_and_options_parsed() {
-        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
-            list.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
-        };
-        let got = settings(&pairs(&[
-            ("user", "u"),
-            ("database", "d"),
-            ("application_name", "psql"),
-            ("options", "-c search_path=app --statement-timeout=5s"),
-        ]))
-        .unwrap();
-        assert_eq!(
-            got,
-            pairs(&[
-                ("application_name", "'psql'"),
-                ("search_path", "'app'"),
-                ("statement_timeout", "'5s'")
-            ])
-        );
-        assert!(settings(&pairs(&[("replication", "database")])).is_err());
-        assert!(settings(&pairs(&[("options", "-x")])).is_err());
-        assert!(settings(&pairs(&[("bad name;", "x")])).is_err());
-    }
 }

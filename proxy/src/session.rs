@@ -214,7 +214,8 @@ async fn start_session(
             refuse(&mut stream, SqlState::InvalidAuthorization, &message).await;
             return None;
         };
-        let settings = match crate::pooled::settings(&crate::protocol::startup_pairs(&packet)) {
+        let settings = match crate::session_sql::settings(&crate::protocol::startup_pairs(&packet))
+        {
             Ok(settings) => settings,
             Err(reason) => {
                 metrics.rejected(Rejection::NotPoolable);
