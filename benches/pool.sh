@@ -10,9 +10,12 @@
 #
 #   benches/pool.sh [seconds-per-run]        (default 10; Markdown tables on stdout)
 #
-# Per run: TPS, p50 and p99 latency (from pgbench's per-transaction log), and the pooler's own
-# CPU time per 1000 transactions (user + system, from /proc). Workloads:
-# - TLS reconnect storm: select-only, a new TLS connection per transaction (-C), 8 clients;
+# Per run: TPS; p50 and p99 latency from pgbench's per-transaction log, over the steady state
+# (transactions ending after the first 2 s, while the pool fills and 1000 clients log in) and
+# p99 over the whole run; the pooler's own CPU time per 1000 transactions (user + system, from
+# /proc) and pgbench's. Workloads:
+# - TLS reconnect storm: select-only, a new TLS connection per transaction (-C), 8 clients, each
+#   its own pgbench process;
 # - 1000 clients select-only (direct PostgreSQL refuses them: max_connections 80);
 # - 16 clients, prepared statements (-M prepared), tpcb-like.
 #
@@ -67,6 +70,7 @@ admin_token = "bench"
 routes_file = "$work/routes.json"
 # Each target gets the node's connections in turn: idle server connections close within 1 s.
 limits = { pool_idle_timeout_secs = 1 }
+${PROXY_THREADS:+worker_threads = $PROXY_THREADS}
 [tls]
 cert = "$work/server.crt"
 key = "$work/server.key"
@@ -111,11 +115,13 @@ ticks() { local pid; pid=$(pid_of "$1"); [ -n "$pid" ] && awk '{print $14 + $15}
 declare -A port_of=([direct]=$PG_PORT [pgwarden]=$PW_POOL [pgbouncer]=$PGB_PORT)
 ulimit -n "$(ulimit -Hn)"
 
-# name|sslmode|pgbench arguments
+# name|sslmode|pgbench processes|arguments of each. The storm's clients are separate processes,
+# as an application's workers are: the threads of one pgbench spend a quarter of its CPU on
+# OpenSSL 3.0's internal locks, each SCRAM iteration taking them (perf, benches/RESULTS.md).
 all_workloads=(
-  "TLS reconnect storm (-C), 8 clients|require|-S -C -c 8 -j 2"
-  "1000 clients, select-only|disable|-S -c 1000 -j 4"
-  "16 clients, -M prepared, tpcb-like|disable|-M prepared -c 16 -j 4"
+  "TLS reconnect storm (-C), 8 clients|require|8|-S -C -c 1 -j 1"
+  "1000 clients, select-only|disable|1|-S -c 1000 -j 4"
+  "16 clients, -M prepared, tpcb-like|disable|1|-M prepared -c 16 -j 4"
 )
 workloads=()
 for w in "${all_workloads[@]}"; do
@@ -126,31 +132,57 @@ names=${TARGETS:-direct pgwarden pgbouncer}
 : > "$work/runs.tsv"
 for round in $(seq "$ROUNDS"); do
   for w in "${workloads[@]}"; do
-    IFS='|' read -r wname sslmode wargs <<<"$w"
+    IFS='|' read -r wname sslmode procs wargs <<<"$w"
     for name in $names; do
       if [ "$name" = direct ] && [[ "$wargs" == *"-c 1000"* ]]; then
-        printf '%s\t%s\t%s\t-\t-\t-\t-\n' "$wname" "$name" "$round" >> "$work/runs.tsv"
+        printf '%s\t%s\t%s\t-\t-\t-\t-\t-\t-\n' "$wname" "$name" "$round" >> "$work/runs.tsv"
         continue # max_connections 80: PostgreSQL refuses most of them
       fi
       rm -f "$work"/txlog*
       sleep 3 # the previous target's idle server connections close
       before=$(ticks "$name")
-      out=$(cd "$work" && PGSSLMODE=$sslmode "$PGBIN/pgbench" $wargs -T "$DURATION" -n -l --log-prefix=txlog \
-        -h 127.0.0.1 -p "${port_of[$name]}" -U bench bench 2>&1) || {
-        echo "pgbench failed for $name/$wname:" >&2; echo "$out" | tail -5 >&2; exit 1; }
+      # Every process's output in out.N; the client's own CPU (all pgbench processes, user +
+      # system) from the subshell's `times`.
+      client_cpu=$(cd "$work" && export PGSSLMODE=$sslmode && {
+        for i in $(seq "$procs"); do
+          "$PGBIN/pgbench" $wargs -T "$DURATION" -n -l --log-prefix=txlog \
+            -h 127.0.0.1 -p "${port_of[$name]}" -U bench bench >"out.$i" 2>&1 &
+        done
+        wait
+        times > times.txt # not in a pipe: a subshell would report its own children
+        tail -n1 times.txt
+      }) || true
       after=$(ticks "$name")
-      txs=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
-      failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
-      [ "${failed:-0}" = 0 ] || { echo "$name/$wname: $failed failed transactions" >&2; exit 1; }
-      tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out")
+      for i in $(seq "$procs"); do
+        grep -q '^tps = ' "$work/out.$i" || {
+          echo "pgbench failed for $name/$wname:" >&2; tail -5 "$work/out.$i" >&2; exit 1; }
+      done
+      sum() { cat "$work"/out.* | sed -n "s/$1/\1/p" | python3 -c 'import sys; print(sum(float(l) for l in sys.stdin))'; }
+      txs=$(sum '^number of transactions actually processed: \([0-9]*\).*')
+      failed=$(sum '^number of failed transactions: \([0-9]*\).*')
+      [ "${failed%.*}" = 0 ] || { echo "$name/$wname: $failed failed transactions" >&2; exit 1; }
+      tps=$(sum '^tps = \([0-9.]*\).*')
+      rm -f "$work"/out.*
       cpu=-
       [ -n "$before" ] && cpu=$(python3 -c "print(round(($after - $before) * 1000 / $HZ / ($txs / 1000), 3))")
-      read -r p50 p99 < <(cat "$work"/txlog* | python3 -c '
+      # `times`: "0m1.500s 0m0.250s" (children's user, system).
+      client=$(python3 -c "
+import re, sys
+m = re.findall(r'(\d+)m([\d.]+)s', sys.argv[1])
+print(round(sum(int(a) * 60 + float(b) for a, b in m) * 1000 / ($txs / 1000), 3))" "$client_cpu")
+      # p50/p99 of the steady state: transactions that ended after the first 2 s (the pool
+      # fills, 1000 clients finish logging in); p99 of the whole run too.
+      read -r p50 p99 p99all < <(cat "$work"/txlog* | python3 -c '
 import sys
-lat = sorted(int(l.split()[2]) for l in sys.stdin if l.strip())
-print(f"{lat[len(lat)//2]/1000:.2f} {lat[min(len(lat)-1, len(lat)*99//100)]/1000:.2f}")')
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$wname" "$name" "$round" "$tps" "$p50" "$p99" "$cpu" >> "$work/runs.tsv"
-      echo "round $round: $wname | $name: tps=$tps p50=${p50}ms p99=${p99}ms cpu=${cpu}ms/1000tx" >&2
+rows = [l.split() for l in sys.stdin if l.strip()]
+ends = [int(r[4]) + int(r[5]) / 1e6 for r in rows]
+start = min(ends)
+pct = lambda xs, q: xs[min(len(xs) - 1, len(xs) * q // 100)] / 1000
+whole = sorted(int(r[2]) for r in rows)
+steady = sorted(int(r[2]) for r, end in zip(rows, ends) if end - start >= 2) or whole
+print(f"{pct(steady, 50):.2f} {pct(steady, 99):.2f} {pct(whole, 99):.2f}")')
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$wname" "$name" "$round" "$tps" "$p50" "$p99" "$cpu" "$client" "$p99all" >> "$work/runs.tsv"
+      echo "round $round: $wname | $name: tps=$tps p50=${p50}ms p99=${p99}ms p99_whole=${p99all}ms cpu=${cpu}ms/1000tx pgbench=${client}ms/1000tx" >&2
     done
   done
 done
@@ -159,25 +191,26 @@ python3 - "$work/runs.tsv" <<'PY'
 import sys, collections, statistics
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 by = collections.defaultdict(list)
-for w, name, rnd, tps, p50, p99, cpu in rows:
-    by[(w, name)].append((tps, p50, p99, cpu))
+for w, name, rnd, tps, p50, p99, cpu, client, p99all in rows:
+    by[(w, name)].append((tps, p50, p99, cpu, client, p99all))
 workloads = list(dict.fromkeys(r[0] for r in rows))
 names = list(dict.fromkeys(r[1] for r in rows))
 mean = lambda xs: statistics.mean(float(x) for x in xs) if xs and xs[0] != "-" else None
 for w in workloads:
     print(f"\n{w}\n")
-    print("| target | TPS | vs direct | vs PgBouncer | p50 (ms) | p99 (ms) | pooler CPU (ms / 1000 tx) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| target | TPS | vs direct | vs PgBouncer | p50 (ms) | p99 (ms) | p99, whole run (ms) | pooler CPU (ms / 1000 tx) | pgbench CPU (ms / 1000 tx) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     tps = {n: mean([r[0] for r in by[(w, n)]]) for n in names}
     for n in names:
         runs = by[(w, n)]
         t = tps[n]
         if t is None:
-            print(f"| {n} | refused (max_connections 80) | | | | | |")
+            print(f"| {n} | refused (max_connections 80) | | | | | | | |")
             continue
         d = f"{t / tps['direct']:.2f}x" if tps.get("direct") else "-"
         b = f"{t / tps['pgbouncer']:.2f}x" if tps.get("pgbouncer") else "-"
         p50, p99 = mean([r[1] for r in runs]), mean([r[2] for r in runs])
         cpu = mean([r[3] for r in runs]) if runs[0][3] != "-" else None
-        print(f"| {n} | {t:.0f} | {d} | {b} | {p50:.2f} | {p99:.2f} | {'-' if cpu is None else f'{cpu:.2f}'} |")
+        client, p99all = mean([r[4] for r in runs]), mean([r[5] for r in runs])
+        print(f"| {n} | {t:.0f} | {d} | {b} | {p50:.2f} | {p99:.2f} | {p99all:.2f} | {'-' if cpu is None else f'{cpu:.2f}'} | {client:.2f} |")
 PY

@@ -31,7 +31,7 @@ pub struct CancelTarget {
 #[derive(Clone)]
 pub struct NodeAddress {
     pub addr: SocketAddr,
-    pub tls: Option<(Arc<TlsConnector>, String)>,
+    pub tls: Option<(Arc<TlsConnector>, Arc<str>)>,
 }
 
 impl std::fmt::Display for NodeAddress {
@@ -127,7 +127,7 @@ pub async fn forward(target: CancelTarget, timeout: Duration) -> std::io::Result
         if answer[0] != b'S' {
             return Err(std::io::Error::other("the node does not accept TLS"));
         }
-        let name = rustls_pki_types::ServerName::try_from(host.clone())
+        let name = rustls_pki_types::ServerName::try_from(host.to_string())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let mut tls = connector.connect(name, tcp).await?;
         tls.write_all(&request).await?;

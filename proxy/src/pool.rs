@@ -186,9 +186,7 @@ impl DbPool {
         loop {
             let waiter = {
                 let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-                waiters.retain(|w| !w.handoff.is_closed());
-                let at = waiters.iter().position(|w| w.user == conn.user);
-                at.and_then(|at| waiters.remove(at))
+                next_waiter(&mut waiters, &conn.user, self.waiting.load(Ordering::Relaxed))
             };
             let Some(waiter) = waiter else { break };
             match waiter.handoff.send(conn) {
@@ -322,7 +320,7 @@ impl DbPool {
                 .await
                 .map_err(|source| AcquireError::Login { database: database.to_owned(), source })?;
         let tls =
-            route.node_tls.clone().map(|c| (c, crate::session::host_of(&route.primary).to_owned()));
+            route.node_tls.clone().map(|c| (c, crate::session::host_of(&route.primary).into()));
         let cancel = logged_in
             .key
             .map(|key: CancelKey| CancelTarget { node: NodeAddress { addr, tls }, key });
@@ -348,11 +346,76 @@ impl DbPool {
     }
 }
 
+/// Takes the oldest live waiter of `user` out of the queue. Only the entries passed on the way
+/// are looked at (a release must not cost a walk over a thousand waiters); those that gave up
+/// go with them, and the whole queue is swept when dead entries outnumber the `waiting` live
+/// ones, so it stays bounded.
+fn next_waiter(
+    waiters: &mut std::collections::VecDeque<Waiter>,
+    user: &str,
+    waiting: usize,
+) -> Option<Waiter> {
+    if waiters.len() > 2 * waiting + 16 {
+        waiters.retain(|w| !w.handoff.is_closed());
+    }
+    let mut at = 0;
+    while at < waiters.len() {
+        if waiters[at].handoff.is_closed() {
+            waiters.remove(at);
+        } else if waiters[at].user == user {
+            return waiters.remove(at);
+        } else {
+            at += 1;
+        }
+    }
+    None
+}
+
 struct Waiting<'a>(&'a AtomicUsize, prometheus::IntGauge);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
         self.1.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiter(
+        user: &str,
+        live: bool,
+    ) -> (Waiter, Option<tokio::sync::oneshot::Receiver<ServerConn>>) {
+        let (handoff, handed) = tokio::sync::oneshot::channel();
+        (Waiter { user: user.to_owned(), handoff }, live.then_some(handed))
+    }
+
+    #[test]
+    fn a_release_takes_the_oldest_live_waiter_of_its_user_and_the_queue_stays_bounded() {
+        let mut queue = std::collections::VecDeque::new();
+        let mut alive = Vec::new();
+        for (user, live) in [("a", false), ("b", true), ("a", false), ("a", true), ("a", true)] {
+            let (w, rx) = waiter(user, live);
+            queue.push_back(w);
+            alive.push(rx);
+        }
+        // The dead ones in front of the match go; the live waiter of another user stays.
+        let got = next_waiter(&mut queue, "a", 3).expect("a live waiter of a");
+        assert!(!got.handoff.is_closed());
+        let users: Vec<&str> = queue.iter().map(|w| w.user.as_str()).collect();
+        assert_eq!(users, ["b", "a"]);
+        assert!(next_waiter(&mut queue, "c", 2).is_none());
+        assert_eq!(queue.len(), 2, "live waiters are never dropped");
+
+        // Waiters that gave up behind the live ones are swept once they outnumber them.
+        for _ in 0..40 {
+            queue.push_back(waiter("z", false).0);
+        }
+        let got = next_waiter(&mut queue, "b", 2).expect("b");
+        assert_eq!(got.user, "b");
+        assert_eq!(queue.len(), 1);
+        drop(alive);
     }
 }

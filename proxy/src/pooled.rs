@@ -34,7 +34,9 @@ use crate::auth::Login;
 use crate::cancel::CancelGuard;
 use crate::pool::{AcquireError, DbPool, ServerConn, Want};
 use crate::protocol::{self, SqlState};
-use crate::session_sql::{carried, drops_statements, overlay, session_state, Carry};
+use crate::session_sql::{
+    carried, drops_statements, overlay, session_state, starts_with_any, Carry,
+};
 use crate::statements::Statements;
 use crate::stream::ClientStream;
 use crate::Shared;
@@ -507,7 +509,7 @@ pub async fn run(
 /// Returns the command tag the client gets, or `None` for anything else (and for a name the
 /// client did not prepare through the protocol: the server answers).
 fn deallocation(message: &[u8], statements: &mut Statements) -> Option<&'static str> {
-    if message[0] != b'Q' {
+    if message[0] != b'Q' || !starts_with_any(&message[5..], &[b"discard", b"deallocate"]) {
         return None;
     }
     let text = String::from_utf8_lossy(&message[5..]).to_ascii_lowercase();

@@ -287,7 +287,7 @@ async fn start_session(
             client: shared.limits.handshake_timeout(),
             node: shared.limits.backend_auth_timeout(),
         };
-        let tls = route.node_tls.clone().map(|c| (c, host_of(&route.primary).to_owned()));
+        let tls = route.node_tls.clone().map(|c| (c, host_of(&route.primary).into()));
         let relayed = auth::relay(
             &mut stream,
             &mut node,

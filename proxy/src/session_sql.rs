@@ -25,6 +25,9 @@ pub enum Carry {
 /// `SET [SESSION] name {=|TO} value`, `SET TIME ZONE value`, `RESET name`, `RESET ALL`, alone in
 /// a simple query.
 pub fn carried(sql: &[u8]) -> Option<Carry> {
+    if !starts_with_any(sql, &[b"set", b"reset"]) {
+        return None; // nearly every query: told apart without allocating
+    }
     let text = std::str::from_utf8(sql).ok()?.trim_end_matches('\0').trim();
     let text = text.strip_suffix(';').unwrap_or(text).trim();
     if text.contains(';') || text.contains("--") || text.contains("/*") {
@@ -125,6 +128,12 @@ pub fn drops_statements(sql: &[u8]) -> bool {
     contains_ci(sql, b"deallocate") || contains_ci(sql, b"discard")
 }
 
+/// Whether `sql`'s first non-blank bytes are one of `words` (lower-case ASCII), in any case.
+pub fn starts_with_any(sql: &[u8], words: &[&[u8]]) -> bool {
+    let sql = sql.trim_ascii_start();
+    words.iter().any(|w| sql.get(..w.len()).is_some_and(|s| s.eq_ignore_ascii_case(w)))
+}
+
 /// Whether `haystack` holds `needle` (lower-case ASCII), in any case, without allocating.
 fn contains_ci(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
@@ -138,10 +147,7 @@ pub fn session_state(body: &[u8]) -> Option<&'static str> {
     // told apart without allocating.
     const FIRST: [&[u8]; 7] =
         [b"set", b"reset", b"listen", b"prepare", b"declare", b"create", b"load"];
-    let first_word_matters = body
-        .split(|b| *b == b';')
-        .map(|s| s.trim_ascii_start())
-        .any(|s| FIRST.iter().any(|w| s.len() >= w.len() && s[..w.len()].eq_ignore_ascii_case(w)));
+    let first_word_matters = body.split(|b| *b == b';').any(|s| starts_with_any(s, &FIRST));
     let comments = contains_ci(body, b"--") || contains_ci(body, b"/*");
     let functions = contains_ci(body, b"advisory_lock") || contains_ci(body, b"set_config");
     if !first_word_matters && !comments && !functions {
