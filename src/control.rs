@@ -24,6 +24,8 @@ pub struct TestControl {
     engines_dir: Option<std::path::PathBuf>,
     /// How long clusters a major upgrade replaced are kept (default: a day).
     rollback_window: Duration,
+    /// How often stats are sampled (default 10 s, as `serve`'s).
+    stats_interval: Duration,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -65,6 +67,26 @@ impl TestControl {
         engines_dir: Option<std::path::PathBuf>,
         rollback_window: Duration,
     ) -> Self {
+        let sampling = Duration::from_secs(10);
+        Self::start_inner(
+            extra_settings,
+            extra_proxies,
+            data,
+            engines_dir,
+            rollback_window,
+            sampling,
+        )
+        .await
+    }
+
+    async fn start_inner(
+        extra_settings: Vec<(String, String)>,
+        extra_proxies: Vec<String>,
+        data: &str,
+        engines_dir: Option<std::path::PathBuf>,
+        rollback_window: Duration,
+        stats_interval: Duration,
+    ) -> Self {
         let dir = tempfile::Builder::new().prefix("pgwarden-control-").tempdir().expect("tempdir");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
@@ -88,11 +110,25 @@ impl TestControl {
             extra_proxies,
             engines_dir,
             rollback_window,
+            stats_interval,
             shutdown: CancellationToken::new(),
             task: None,
         };
         control.run(extra_settings).await;
         control
+    }
+
+    /// A proxy and a control plane that samples stats every `interval`.
+    pub async fn start_sampling(interval: Duration) -> Self {
+        Self::start_inner(
+            Vec::new(),
+            Vec::new(),
+            "data",
+            None,
+            Duration::from_secs(86_400),
+            interval,
+        )
+        .await
     }
 
     /// Starts (again) the control plane on the same data dir and proxy.
@@ -116,6 +152,7 @@ impl TestControl {
             backup_tick: Duration::from_millis(200),
             engines_dir: self.engines_dir.clone(),
             rollback_window: self.rollback_window,
+            stats_interval: self.stats_interval,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         self.addr = listener.local_addr().expect("addr");

@@ -228,7 +228,7 @@ pub struct BackupOperation {
 }
 
 /// Answer of `GET /v1/databases/{id}/pitr`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PitrWindow {
     /// RFC 3339.
     pub earliest: String,
@@ -307,4 +307,96 @@ mod tests {
             assert!(!shown.contains("s3cretPassw0rd"), "{shown}");
         }
     }
+}
+
+/// Answer of `GET /v1/databases/{id}/stats` (SPEC §7): bytes, percent of one CPU, seconds;
+/// `null` where a figure is not known. Every group of figures carries when it was read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub database: String,
+    /// RFC 3339: when this sample was taken.
+    pub sampled_at: String,
+    pub nodes: Vec<NodeStats>,
+    pub size: SizeStats,
+    pub backups: BackupStats,
+    /// `null` for plans without PITR or while no window exists yet.
+    pub pitr: Option<PitrWindow>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeStats {
+    pub name: String,
+    pub role: NodeRole,
+    pub sampled_at: String,
+    pub container: Container,
+    /// CPU used over the last sampling interval, in percent of one CPU.
+    pub cpu_percent: Option<f64>,
+    pub memory: Usage,
+    pub swap: Usage,
+    pub connections: Option<Connections>,
+    /// A standby's distance to its primary (`null` on the primary).
+    pub replication_lag: Option<Lag>,
+    pub disk: DiskStats,
+}
+
+/// The node's resource container: its kind, or why the node runs without one (or without a
+/// limit).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    /// `"v1"` or `"v2"` (cgroup version); `null` without a container.
+    pub cgroup: Option<String>,
+    /// Why `limit` is `null`, if it is.
+    pub unlimited_reason: Option<String>,
+}
+
+/// Bytes in use now, the most since the node last started, and the container's limit (`null`:
+/// none).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub current: Option<u64>,
+    pub highest: Option<u64>,
+    pub limit: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connections {
+    /// Client sessions open on the node.
+    pub open: u64,
+    /// Its `max_connections`.
+    pub max: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Lag {
+    /// WAL the standby has yet to replay.
+    pub bytes: u64,
+    /// Time since the last transaction it replayed was committed, 0 when it has replayed all
+    /// there is.
+    pub seconds: f64,
+}
+
+/// Bytes on disk: tables and indexes, WAL, the rest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStats {
+    pub data: u64,
+    pub wal: u64,
+    pub other: u64,
+    pub total: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SizeStats {
+    pub sampled_at: String,
+    /// `pg_database_size` of the database, on its primary.
+    pub logical: Option<u64>,
+    /// The primary's files on disk.
+    pub disk: Option<DiskStats>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupStats {
+    pub sampled_at: String,
+    /// RFC 3339: when the last successful backup finished.
+    pub last_backup_at: Option<String>,
+    pub last_backup_age_secs: Option<u64>,
 }

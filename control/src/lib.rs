@@ -46,6 +46,7 @@ pub mod routing;
 pub mod secrets;
 pub mod server;
 pub mod state;
+pub mod stats;
 pub mod storage;
 
 pub use platform::{HealthConfig, PlatformConfig};

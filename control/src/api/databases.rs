@@ -311,3 +311,16 @@ pub async fn events(
     load(&state.platform, &id)?;
     Ok(Json(state.platform.store.events(&id)?))
 }
+
+/// The latest sample of the database's stats (one is taken now if the sampler has none yet).
+pub async fn stats(
+    State(state): AppState,
+    Path(id): Path<String>,
+) -> Result<Json<pgwarden_api::control::Stats>, ApiError> {
+    let db = load(&state.platform, &id)?;
+    if let Some(stats) = state.sampler.latest(&id) {
+        return Ok(Json(stats));
+    }
+    let stats = crate::stats::sample(&state.platform, &state.heartbeats, &state.sampler, &db).await;
+    Ok(Json(stats))
+}

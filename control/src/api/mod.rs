@@ -35,6 +35,7 @@ use error::ApiError;
 pub struct ApiState {
     pub platform: Arc<Platform>,
     pub heartbeats: Arc<Heartbeats>,
+    pub sampler: Arc<crate::stats::Sampler>,
     pub token: String,
 }
 
@@ -54,6 +55,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/databases/{id}/engine-upgrade", post(databases::upgrade_engine))
         .route("/v1/databases/{id}/tls", put(databases::set_tls))
         .route("/v1/databases/{id}/events", get(databases::events))
+        .route("/v1/databases/{id}/stats", get(databases::stats))
         .route("/v1/databases/{id}/users", get(users::list).post(users::create))
         .route("/v1/databases/{id}/users/{name}", delete(users::delete))
         .route("/v1/databases/{id}/users/{name}/reset-password", post(users::reset_password))

@@ -94,6 +94,9 @@ pub enum Command {
     },
     /// A database's history.
     Events { id: String },
+    /// A database's latest stats: every node's CPU, memory, swap, sessions and lag; sizes,
+    /// last backup, PITR window.
+    Stats { id: String },
     /// Planned primary change, without data loss; new connections wait instead of failing.
     Switchover {
         id: String,
@@ -213,6 +216,9 @@ pub struct NodeArgs {
     /// Seconds a cluster replaced by a major upgrade is kept, stopped, before it is removed.
     #[arg(long, default_value_t = 86_400)]
     pub rollback_window_secs: u64,
+    /// Seconds between two samples of every node's stats (CPU, memory, sessions, sizes).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stats_interval_secs: u64,
     #[command(flatten)]
     pub health: HealthArgs,
 }
@@ -432,7 +438,64 @@ pub async fn run(api: &str, data_dir: &std::path::Path, command: Command) -> any
             print_table(&["AT", "EVENT", "MESSAGE"], &rows);
             Ok(())
         }
+        Command::Stats { id } => {
+            let stats: pgwarden_api::control::Stats =
+                client()?.call(Method::GET, &format!("/v1/databases/{id}/stats"), None).await?;
+            print_stats(&stats);
+            Ok(())
+        }
     }
+}
+
+/// `pgwarden stats`: a row per node, then the database's figures.
+fn print_stats(stats: &pgwarden_api::control::Stats) {
+    let mib = |b: Option<u64>| b.map_or("-".to_owned(), |b| format!("{:.0}", b as f64 / 1048576.0));
+    let usage = |u: &pgwarden_api::control::Usage| {
+        format!("{} / {} / {}", mib(u.current), mib(u.highest), mib(u.limit))
+    };
+    let rows: Vec<Vec<String>> = stats
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                format!("{:?}", n.role).to_lowercase(),
+                n.cpu_percent.map_or("-".into(), |c| format!("{c:.1}")),
+                usage(&n.memory),
+                usage(&n.swap),
+                n.connections.as_ref().map_or("-".into(), |c| format!("{} / {}", c.open, c.max)),
+                n.replication_lag
+                    .as_ref()
+                    .map_or("-".into(), |l| format!("{} B, {:.1} s", l.bytes, l.seconds)),
+            ]
+        })
+        .collect();
+    print_table(
+        &["NODE", "ROLE", "CPU %", "MEMORY MiB (NOW/HIGHEST/LIMIT)", "SWAP MiB", "SESSIONS", "LAG"],
+        &rows,
+    );
+    for node in &stats.nodes {
+        if let Some(why) = &node.container.unlimited_reason {
+            println!("{}: no memory limit: {why}", node.name);
+        }
+    }
+    let disk = stats.size.disk.as_ref().map_or("-".into(), |d| {
+        format!(
+            "{} MiB (data {}, WAL {}, other {})",
+            mib(Some(d.total)),
+            mib(Some(d.data)),
+            mib(Some(d.wal)),
+            mib(Some(d.other))
+        )
+    });
+    println!("size: {} MiB; on disk: {disk}", mib(stats.size.logical));
+    let backup = stats.backups.last_backup_at.as_deref().unwrap_or("none");
+    println!("last backup: {backup}");
+    match &stats.pitr {
+        Some(w) => println!("point-in-time recovery: {} to {}", w.earliest, w.latest),
+        None => println!("point-in-time recovery: none"),
+    }
+    println!("sampled at {}", stats.sampled_at);
 }
 
 async fn primary_change(

@@ -104,6 +104,7 @@ pub fn node_config(
         hba: hba(),
         tls: (cert.cert_pem, cert.key_pem, ca.cert_pem().to_owned()),
         replication_password: db.replication_password.clone(),
+        memory_limit: plan.memory_mib * 1024 * 1024,
     })
 }
 

@@ -27,6 +27,9 @@ pub struct NodeConfig {
     pub tls: (String, String, String),
     /// Written to the node's passfile, which its `primary_conninfo` names.
     pub replication_password: String,
+    /// Bytes of memory the node's container allows (the plan's), applied when it starts; a
+    /// higher one at once.
+    pub memory_limit: u64,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -34,6 +37,7 @@ impl std::fmt::Debug for NodeConfig {
         f.debug_struct("NodeConfig")
             .field("settings", &self.settings)
             .field("hba", &self.hba)
+            .field("memory_limit", &self.memory_limit)
             .finish_non_exhaustive()
     }
 }
@@ -57,6 +61,29 @@ impl std::fmt::Debug for Upstream {
             .field("slot", &self.slot)
             .finish_non_exhaustive()
     }
+}
+
+/// What a node's container and disk read now, on the node's host.
+#[derive(Clone, Debug, Default)]
+pub struct NodeResources {
+    /// The container's figures; `None` when the node runs without one.
+    pub usage: Option<crate::nodes::cgroup::Usage>,
+    /// The container's kind (`v1`, `v2`: cgroup version), when the node has one.
+    pub cgroup: Option<&'static str>,
+    /// Why the node runs without a container (or a limit), if it does.
+    pub unlimited: Option<String>,
+    pub disk: DiskUsage,
+}
+
+/// Bytes the node's files take on disk (allocated blocks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskUsage {
+    /// Tables and indexes (`base`, `global`).
+    pub data: u64,
+    /// `pg_wal`.
+    pub wal: u64,
+    /// Everything else of the node (logs, configuration, transaction status, WAL to restore).
+    pub other: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +142,8 @@ pub trait NodeDriver: Send + Sync + 'static {
     fn destroy(&self, node: &NodeSpec) -> Result<(), DriverError>;
     /// libpq connection string for the superuser, local to the node.
     fn admin_conninfo(&self, node: &NodeSpec, database: &str) -> String;
+    /// The node's container figures and disk usage.
+    fn resources(&self, node: &NodeSpec) -> NodeResources;
 }
 
 /// What a client is told of a program's output: its last line, without the program's name

@@ -9,16 +9,28 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::nodes::cgroup::Cgroups;
 use crate::nodes::config::{conninfo, pgpass_line, quote, REPLICATION_PASSFILE};
 use crate::nodes::driver::{
-    client_sentence, DriverError, NodeConfig, NodeDriver, NodeSpec, Upstream,
+    client_sentence, DiskUsage, DriverError, NodeConfig, NodeDriver, NodeResources, NodeSpec,
+    Upstream,
 };
 
 pub struct LocalDriver {
     bin: PathBuf,
     /// `(uid, gid)` nodes run as, when we are root.
     run_as: Option<(u32, u32)>,
+    /// Where each node's resource container goes.
+    cgroups: Cgroups,
+    /// Nodes whose container could not be made or entered, and why.
+    uncontained: Mutex<HashMap<String, String>>,
 }
+
+/// The node's file holding its container's memory limit in bytes (from its configuration).
+const MEMORY_LIMIT_FILE: &str = "memory.limit";
 
 impl LocalDriver {
     /// `bin`: directory of the PostgreSQL 15 programs; `user`: OS user for nodes when root.
@@ -30,7 +42,70 @@ impl LocalDriver {
                 bin.display()
             )));
         }
-        Ok(Self { bin, run_as })
+        let cgroups = Cgroups::detect();
+        match cgroups.unavailable() {
+            None => tracing::info!(cgroup = cgroups.version(), "nodes run in resource containers"),
+            Some(why) => tracing::warn!(reason = why, "nodes run without a memory limit"),
+        }
+        Ok(Self { bin, run_as, cgroups, uncontained: Mutex::default() })
+    }
+
+    /// The postmaster's process id, from its pid file.
+    fn postmaster_pid(node: &NodeSpec) -> Option<u32> {
+        fs::read_to_string(Self::data(node).join("postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next()?.trim().parse::<u32>().ok())
+    }
+
+    /// Makes the node's container anew with the limit its configuration names, before it
+    /// starts.
+    fn prepare_container(&self, node: &NodeSpec) -> Result<(), String> {
+        if let Some(why) = self.cgroups.unavailable() {
+            return Err(why.to_owned());
+        }
+        let limit = fs::read_to_string(node.dir.join(MEMORY_LIMIT_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or("the node has no memory limit in its configuration")?;
+        self.cgroups
+            .create(&node.name, limit)
+            .map_err(|e| format!("cannot make the node's container: {e}"))
+    }
+
+    /// Moves the started postmaster, then the children it has already forked, into the node's
+    /// container (the children it forks later are born there).
+    fn enter_container(&self, node: &NodeSpec) -> Result<(), String> {
+        let pid = Self::postmaster_pid(node).ok_or("the node has no postmaster.pid")?;
+        let enter = |pid| {
+            self.cgroups
+                .enter(&node.name, pid)
+                .map_err(|e| format!("cannot move process {pid} into the node's container: {e}"))
+        };
+        enter(pid)?;
+        for child in children_of(pid) {
+            // A child that ended meanwhile is no matter.
+            if let Err(e) = enter(child) {
+                if fs::metadata(format!("/proc/{child}")).is_ok() {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn contain(&self, node: &NodeSpec, placed: Result<(), String>) {
+        let mut uncontained = self.uncontained.lock().unwrap_or_else(|e| e.into_inner());
+        match placed {
+            Ok(()) => {
+                uncontained.remove(&node.name);
+            }
+            Err(why) => {
+                if self.cgroups.unavailable().is_none() {
+                    tracing::warn!(node = %node.name, reason = %why, "node runs without its container");
+                }
+                uncontained.insert(node.name.clone(), why);
+            }
+        }
     }
 
     /// The Debian location of PostgreSQL 15.
@@ -119,6 +194,7 @@ impl LocalDriver {
             pgpass_line(crate::nodes::config::REPLICATION_ROLE, &config.replication_password);
         self.write(&node.dir.join(REPLICATION_PASSFILE), &passfile, 0o600)?;
         self.write(&data.join("pg_hba.conf"), &config.hba, 0o600)?;
+        self.write(&node.dir.join(MEMORY_LIMIT_FILE), &config.memory_limit.to_string(), 0o600)?;
         let mut conf = String::from("# Managed by pgwarden: rewritten on every change.\n");
         let fixed = [
             ("listen_addresses", quote(&node.host)),
@@ -205,10 +281,20 @@ impl NodeDriver for LocalDriver {
     }
 
     fn configure(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError> {
-        self.write_files(node, config)
+        self.write_files(node, config)?;
+        // A higher limit holds at once; a lower one waits for the restart that brings the
+        // node's memory settings down with it.
+        let limit = self.cgroups.usage(&node.name).and_then(|u| u.memory.limit);
+        if limit.is_some_and(|now| now < config.memory_limit) {
+            if let Err(e) = self.cgroups.set_limit(&node.name, config.memory_limit) {
+                tracing::warn!(node = %node.name, error = %e, "cannot raise the node's memory limit");
+            }
+        }
+        Ok(())
     }
 
     fn start(&self, node: &NodeSpec) -> Result<(), DriverError> {
+        let prepared = self.prepare_container(node);
         let log = node.dir.join("postgres.log");
         let mut cmd = self.command(node, "pg_ctl");
         cmd.arg("start")
@@ -217,7 +303,7 @@ impl NodeDriver for LocalDriver {
             .arg("-l")
             .arg(&log)
             .args(["-w", "-t", "60"]);
-        self.run("pg_ctl start", &mut cmd).map(drop).map_err(|e| {
+        self.run("pg_ctl start", &mut cmd).map_err(|e| {
             DriverError::Other(format!(
                 "node {} did not start: {}",
                 node.name,
@@ -226,7 +312,9 @@ impl NodeDriver for LocalDriver {
                     other => other.to_string(),
                 }
             ))
-        })
+        })?;
+        self.contain(node, prepared.and_then(|()| self.enter_container(node)));
+        Ok(())
     }
 
     fn stop(&self, node: &NodeSpec) -> Result<(), DriverError> {
@@ -255,11 +343,7 @@ impl NodeDriver for LocalDriver {
     }
 
     fn fence(&self, node: &NodeSpec) -> Result<(), DriverError> {
-        let pid_file = Self::data(node).join("postmaster.pid");
-        let Some(pid) = fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.lines().next()?.trim().parse::<u32>().ok())
-        else {
+        let Some(pid) = Self::postmaster_pid(node) else {
             return Ok(());
         };
         // SIGKILL works on a stopped (SIGSTOP) process too. Children first, so none outlives
@@ -346,10 +430,30 @@ impl NodeDriver for LocalDriver {
             cmd.arg("stop").arg("-D").arg(Self::data(node)).args(["-m", "immediate", "-w"]);
             self.run("pg_ctl stop", &mut cmd)?;
         }
+        self.cgroups.remove(&node.name);
+        self.uncontained.lock().unwrap_or_else(|e| e.into_inner()).remove(&node.name);
         match fs::remove_dir_all(&node.dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         }
+    }
+
+    fn resources(&self, node: &NodeSpec) -> NodeResources {
+        let usage = self.cgroups.usage(&node.name);
+        let uncontained = self.uncontained.lock().unwrap_or_else(|e| e.into_inner());
+        let unlimited = match (uncontained.get(&node.name), &usage) {
+            (Some(why), _) => Some(why.clone()),
+            (None, Some(u)) if u.memory.limit.is_none() => {
+                Some("the node's container has no memory limit".to_owned())
+            }
+            (None, Some(_)) => None,
+            (None, None) => Some(self.cgroups.unavailable().map_or_else(
+                || "the node has no container (it was started before pgwarden made one; it gets one when it restarts)".to_owned(),
+                str::to_owned,
+            )),
+        };
+        let cgroup = usage.as_ref().and(self.cgroups.version());
+        NodeResources { usage, cgroup, unlimited, disk: disk_usage(&node.dir) }
     }
 
     fn admin_conninfo(&self, node: &NodeSpec, database: &str) -> String {
@@ -362,6 +466,27 @@ impl NodeDriver for LocalDriver {
             ("connect_timeout", "3"),
         ])
     }
+}
+
+/// What the node's files take on disk: its data directory's `pg_wal` is WAL, `base` and
+/// `global` are data, everything else of the node directory is other.
+fn disk_usage(dir: &Path) -> DiskUsage {
+    fn walk(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = fs::symlink_metadata(path) else { return 0 };
+        let own = meta.blocks() * 512;
+        if !meta.is_dir() {
+            return own;
+        }
+        let entries = fs::read_dir(path).into_iter().flatten().flatten();
+        own + entries.map(|e| walk(&e.path())).sum::<u64>()
+    }
+    let data = dir.join("data");
+    let wal = walk(&data.join("pg_wal"));
+    // Tablespaces need a superuser: nodes have none but `base` and `global`.
+    let tables: u64 = ["base", "global"].iter().map(|d| walk(&data.join(d))).sum();
+    let all = walk(dir);
+    DiskUsage { data: tables, wal, other: all.saturating_sub(tables + wal) }
 }
 
 fn kill(pid: u32, signal: &str) {

@@ -1,7 +1,8 @@
 //! PostgreSQL nodes: the driver interface (`driver.rs`) and its local implementation
-//! (`local.rs`), the configuration the control plane writes into a node (`config.rs`), ports for
+//! (`local.rs`, each node in a resource container of its own: `cgroup.rs`), the configuration the control plane writes into a node (`config.rs`), ports for
 //! new nodes (`ports.rs`), and SQL sessions on a node, always bounded in time (`sql.rs`).
 
+pub mod cgroup;
 pub mod config;
 pub mod driver;
 pub mod engines;
@@ -10,7 +11,9 @@ pub mod ports;
 pub mod roles;
 pub mod sql;
 
-pub use driver::{DriverError, NodeConfig, NodeDriver, NodeSpec, Upstream};
+pub use driver::{
+    DiskUsage, DriverError, NodeConfig, NodeDriver, NodeResources, NodeSpec, Upstream,
+};
 
 /// What can go wrong with a node: a program of the driver, a SQL session, its configuration.
 #[derive(Debug, thiserror::Error)]

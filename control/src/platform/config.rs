@@ -29,6 +29,8 @@ pub struct PlatformConfig {
     pub engines_dir: Option<PathBuf>,
     /// How long a cluster a major upgrade replaced is kept (stopped) before it is removed.
     pub rollback_window: std::time::Duration,
+    /// How often every node's stats are sampled.
+    pub stats_interval: std::time::Duration,
 }
 
 /// How nodes are watched and when a primary is declared dead.
@@ -73,6 +75,7 @@ impl std::fmt::Debug for PlatformConfig {
             .field("extra_settings", &self.extra_settings)
             .field("engines_dir", &self.engines_dir)
             .field("rollback_window", &self.rollback_window)
+            .field("stats_interval", &self.stats_interval)
             .finish_non_exhaustive()
     }
 }

@@ -79,7 +79,15 @@ pub async fn serve(
         recover::resume_operations(&recovering, left);
         crate::changes::resume::resume_interrupted(&recovering, changes);
     });
-    let state = Arc::new(ApiState { platform: platform.clone(), heartbeats, token });
+    let sampler = Arc::new(crate::stats::Sampler::default());
+    tokio::spawn(crate::stats::run(
+        platform.clone(),
+        heartbeats.clone(),
+        sampler.clone(),
+        platform.config.stats_interval,
+        shutdown.child_token(),
+    ));
+    let state = Arc::new(ApiState { platform: platform.clone(), heartbeats, sampler, token });
     let served = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

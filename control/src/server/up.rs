@@ -54,6 +54,7 @@ fn platform_config(
         backup_tick: Duration::from_secs(30),
         engines_dir: nodes.engines_dir.clone(),
         rollback_window: Duration::from_secs(nodes.rollback_window_secs),
+        stats_interval: Duration::from_secs(nodes.stats_interval_secs),
     }
 }
 

@@ -1,0 +1,216 @@
+//! Stats (SPEC §7): every node runs in a resource container (a cgroup) with its plan's memory as
+//! the limit, and `GET /v1/databases/{id}/stats` shows true figures: memory a backend allocates,
+//! sessions held open, data loaded; the limit follows a plan change; a node that runs out of
+//! memory is contained and the event recorded. The same figures are gauges on `/metrics`.
+
+use std::time::{Duration, Instant};
+
+use pgwarden_e2e::TestControl;
+use serde_json::{json, Value};
+use tokio_postgres::NoTls;
+
+const MIB: u64 = 1024 * 1024;
+
+async fn stats(control: &TestControl, id: &str) -> Value {
+    let r = control.request("GET", &format!("/v1/databases/{id}/stats"), None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+/// Waits (up to 30 s) for a sample that satisfies `ok`.
+async fn wait_stats(
+    control: &TestControl,
+    id: &str,
+    what: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = stats(control, id).await;
+        if ok(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}: {s:#}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// Whether the nodes run in cgroups here (if not, the stats must say why, and there is no
+/// limit to check).
+fn contained(node: &Value) -> bool {
+    if node["container"]["cgroup"].is_null() {
+        let why = node["container"]["unlimited_reason"].as_str().expect("a reason");
+        assert!(!why.is_empty());
+        assert!(node["memory"]["limit"].is_null(), "{node}");
+        println!("nodes run without cgroups here: {why}");
+        return false;
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_show_the_container_sessions_and_sizes_and_follow_a_plan_change() {
+    let control = TestControl::start_sampling(Duration::from_secs(1)).await;
+    let (_, id, url) = control.create_routed_database("stats", "postgresql-sandbox").await;
+
+    // A second sample gives the CPU over the interval between them.
+    let first =
+        wait_stats(&control, &id, "a CPU figure", |s| s["nodes"][0]["cpu_percent"].is_number())
+            .await;
+    let node = &first["nodes"][0];
+    assert_eq!(node["role"], "primary", "{first}");
+    for at in [&first["sampled_at"], &node["sampled_at"], &first["size"]["sampled_at"]] {
+        assert!(at.as_str().is_some_and(|t| t.ends_with('Z')), "{first}");
+    }
+    let limited = contained(node);
+    if limited {
+        assert_eq!(u(&node["memory"]["limit"]), 256 * MIB, "the sandbox plan's memory: {node}");
+        assert_eq!(u(&node["swap"]["limit"]), 256 * MIB, "as much swap as memory: {node}");
+        assert!(u(&node["memory"]["current"]) > 0, "{node}");
+    }
+    assert_eq!(u(&node["connections"]["max"]), 30, "{node}");
+    let before_memory = node["memory"]["current"].as_u64().unwrap_or(0);
+    let before_size = u(&first["size"]["logical"]);
+    let before_data = u(&first["size"]["disk"]["data"]);
+    assert!(u(&first["size"]["disk"]["wal"]) >= 16 * MIB, "a WAL segment at least: {first}");
+    assert!(first["pitr"].is_null(), "the sandbox plan has no PITR: {first}");
+
+    // Five sessions held open through the proxy.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        held.push(client);
+    }
+    wait_stats(&control, &id, "5 open sessions", |s| u(&s["nodes"][0]["connections"]["open"]) >= 5)
+        .await;
+
+    // A backend holds 40 MiB (twice: the string, and the variable's copy) for a few seconds:
+    // the container's memory rises, and its highest keeps it afterwards.
+    if limited {
+        let holder = held.pop().unwrap();
+        let hold = tokio::spawn(async move {
+            holder
+                .batch_execute(
+                    "DO $$ DECLARE big text := repeat('x', 40 * 1024 * 1024); \
+                     BEGIN PERFORM pg_sleep(4); PERFORM length(big); END $$",
+                )
+                .await
+        });
+        let rise = before_memory + 35 * MIB;
+        wait_stats(&control, &id, "memory to rise by 35 MiB", |s| {
+            s["nodes"][0]["memory"]["current"].as_u64().is_some_and(|c| c >= rise)
+        })
+        .await;
+        hold.await.unwrap().unwrap();
+        let after = stats(&control, &id).await;
+        assert!(u(&after["nodes"][0]["memory"]["highest"]) >= rise, "{after:#}");
+    }
+
+    // 100 MB loaded: the logical size and the data on disk grow by about as much.
+    held[0]
+        .batch_execute(
+            "CREATE TABLE big AS SELECT i, repeat(md5(i::text), 10) AS pad \
+             FROM generate_series(1, 300000) i",
+        )
+        .await
+        .unwrap();
+    let loaded = wait_stats(&control, &id, "sizes to grow by 80 MB", |s| {
+        u(&s["size"]["logical"]) >= before_size + 80_000_000
+            && u(&s["size"]["disk"]["data"]) >= before_data + 80_000_000
+    })
+    .await;
+    let disk = &loaded["size"]["disk"];
+    assert_eq!(
+        u(&disk["total"]),
+        u(&disk["data"]) + u(&disk["wal"]) + u(&disk["other"]),
+        "{loaded}"
+    );
+
+    // The figures are gauges on /metrics, labelled by database and node.
+    let metrics = control.request("GET", "/metrics", None).await.body;
+    let name = loaded["nodes"][0]["name"].as_str().unwrap();
+    let connections =
+        format!("pgwarden_node_connections{{database=\"{id}\",node=\"{name}\",value=\"max\"}} 30");
+    assert!(metrics.contains(&connections), "{metrics}");
+    assert!(metrics
+        .contains(&format!("pgwarden_database_size_bytes{{database=\"{id}\",kind=\"logical\"}}")));
+    if limited {
+        let limit = format!(
+            "pgwarden_node_memory_bytes{{database=\"{id}\",node=\"{name}\",value=\"limit\"}} {}",
+            256 * MIB
+        );
+        assert!(metrics.contains(&limit), "{metrics}");
+    }
+    drop(held);
+
+    // A plan change moves the limit with the node's memory settings.
+    let r = control
+        .request(
+            "PATCH",
+            &format!("/v1/databases/{id}"),
+            Some(json!({"plan": "postgresql-starter-512"})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let changed = wait_stats(&control, &id, "the new plan's figures", |s| {
+        s["nodes"][0]["connections"]["max"] == 60
+            && (!limited || s["nodes"][0]["memory"]["limit"] == 512 * MIB)
+    })
+    .await;
+    if limited {
+        assert_eq!(u(&changed["nodes"][0]["swap"]["limit"]), 512 * MIB, "{changed}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_runs_out_of_memory_is_contained_and_the_event_recorded() {
+    let control = TestControl::start_sampling(Duration::from_secs(1)).await;
+    let (_, id, url) = control.create_routed_database("hungry", "postgresql-sandbox").await;
+    let first =
+        wait_stats(&control, &id, "a sample", |s| s["nodes"][0]["memory"].is_object()).await;
+    if !contained(&first["nodes"][0]) {
+        return;
+    }
+    // 400 MiB in one backend, in a container of 256 MiB (and as much swap; this host may have
+    // none): the kernel ends a process of the container, not of the host.
+    let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let hungry = client
+        .batch_execute("SELECT length(repeat('x', 400 * 1024 * 1024)) FROM generate_series(1, 2)")
+        .await;
+    assert!(hungry.is_err(), "the backend must not survive using 400 MiB");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = control.request("GET", &format!("/v1/databases/{id}/events"), None).await;
+        let found =
+            events.json().as_array().unwrap().iter().any(|e| e["kind"] == "node_out_of_memory");
+        if found {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no node_out_of_memory event: {}", events.body);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The node restarted its sessions and serves again; the host was never short of memory.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok((client, connection)) = tokio_postgres::connect(&url, NoTls).await {
+            tokio::spawn(connection);
+            if let Ok(row) = client.query_one("SELECT 1", &[]).await {
+                assert_eq!(row.get::<_, i32>(0), 1);
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the node does not serve again");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let after = stats(&control, &id).await;
+    assert!(u(&after["nodes"][0]["memory"]["highest"]) <= 256 * MIB, "{after:#}");
+}
