@@ -174,7 +174,10 @@ impl Metrics {
             }
             set(&self.backup_age, &[db], bytes(stats.backups.last_backup_age_secs));
             let window = stats.pitr.as_ref().and_then(|w| {
-                let parse = |t: &str| crate::pitr::base::parse_time(t);
+                let parse = |t: &str| {
+                    let rfc3339 = &time::format_description::well_known::Rfc3339;
+                    time::OffsetDateTime::parse(t, rfc3339).ok()
+                };
                 Some((parse(&w.latest)? - parse(&w.earliest)?).as_seconds_f64())
             });
             set(&self.pitr_window, &[db], window);
