@@ -153,6 +153,7 @@ impl TestControl {
             engines_dir: self.engines_dir.clone(),
             rollback_window: self.rollback_window,
             stats_interval: self.stats_interval,
+            stats_retention: Duration::from_secs(7 * 24 * 3600),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         self.addr = listener.local_addr().expect("addr");

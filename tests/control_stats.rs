@@ -35,6 +35,10 @@ async fn wait_stats(
     }
 }
 
+async fn history(control: &TestControl, id: &str, query: &str) -> pgwarden_e2e::HttpResponse {
+    control.request("GET", &format!("/v1/databases/{id}/stats/history{query}"), None).await
+}
+
 fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
@@ -166,6 +170,41 @@ async fn stats_show_the_container_sessions_and_sizes_and_follow_a_plan_change() 
     .await;
     if limited {
         assert_eq!(u(&changed["nodes"][0]["swap"]["limit"]), 512 * MIB, "{changed}");
+    }
+
+    // The history has a point per second (the sampling interval here), the old plan's figures
+    // then the new one's (that it survives a kill -9 of the control plane:
+    // `control_up::kill_9_of_serve_keeps_databases_adopts_nodes_and_republishes_routes`).
+    let check = |h: &Value| {
+        let at = h["at"].as_array().unwrap();
+        assert!(at.len() >= 5, "{h}");
+        assert!(at.windows(2).all(|w| w[0].as_i64() < w[1].as_i64()), "{h}");
+        let node = &h["nodes"][0];
+        assert_eq!(node["connections_max"].as_array().unwrap().len(), at.len(), "{h}");
+        let max: Vec<f64> =
+            node["connections_max"].as_array().unwrap().iter().filter_map(Value::as_f64).collect();
+        assert_eq!(max.first(), Some(&30.0), "{h}");
+        assert_eq!(max.last(), Some(&60.0), "{h}");
+        let sizes: Vec<f64> =
+            h["size_logical"].as_array().unwrap().iter().filter_map(Value::as_f64).collect();
+        assert!(sizes.last().unwrap() - sizes.first().unwrap() >= 80e6, "the load shows: {h}");
+    };
+    let r = history(&control, &id, "?step=1").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    check(&r.json());
+    // Coarser steps average: fewer points.
+    let coarse = history(&control, &id, "?step=3600").await.json();
+    assert!(coarse["at"].as_array().unwrap().len() <= 2, "{coarse}");
+    // Wrong queries get a 400 that says why.
+    for (query, code) in [
+        ("?since=yesterday", "invalid_query"),
+        ("?since=2000-01-01T00:00:00Z&step=1", "too_many_points"),
+        ("?since=2030-01-01T00:00:00Z&until=2029-01-01T00:00:00Z", "invalid_query"),
+        ("?colour=red", "invalid_query"),
+    ] {
+        let r = history(&control, &id, query).await;
+        assert_eq!(r.status, 400, "{query}: {}", r.body);
+        assert_eq!(r.json()["error"]["code"], code, "{query}: {}", r.body);
     }
 }
 

@@ -8,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pgwarden_e2e::{
-    free_port, node_data_dirs, postmaster_pid, psql, stop_immediately, workspace_bin, TestProxy,
+    free_port, http_request, node_data_dirs, postmaster_pid, psql, stop_immediately, workspace_bin,
+    TestProxy,
 };
 use pgwarden_proxy::config::Limits;
 
@@ -232,6 +233,7 @@ fn serve(
             &first_node_port.to_string(),
         ])
         .args(engines.map(|dir| format!("--engines-dir={}", dir.display())))
+        .args(["--stats-interval-secs", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -326,6 +328,23 @@ async fn kill_9_of_serve_keeps_databases_adopts_nodes_and_republishes_routes() {
     let node = node_data_dirs(&data).pop().unwrap();
     let pid_before = postmaster_pid(&node).expect("node running");
     let epoch_before = bed.proxy.metric("pgwarden_proxy_epoch").await;
+    // A few stats samples (one a second here), and the CLI's table of the latest.
+    let token = std::fs::read_to_string(data.join("token")).unwrap();
+    let sampled = |api: &str| {
+        let addr = api.trim_start_matches("http://").parse().unwrap();
+        let path = format!("/v1/databases/{id}/stats/history?step=1");
+        let r = http_request(addr, "GET", &path, Some(token.trim()), None).unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["at"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect::<Vec<i64>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sampled(&first.api).len() < 3 {
+        assert!(Instant::now() < deadline, "no stats history");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let table = cli(&data, &first.api, &["stats", &id]);
+    assert!(table.contains("MEMORY") && table.contains(&format!("{id}-")), "{table}");
+    let before_kill = sampled(&first.api);
 
     signal(first.child.id(), "-KILL");
     wait_exit(&mut first.child, Duration::from_secs(10));
@@ -334,6 +353,9 @@ async fn kill_9_of_serve_keeps_databases_adopts_nodes_and_republishes_routes() {
 
     let mut second = bed.serve();
     assert_eq!(env_url(&data, &second.api, &id), url, "same credentials");
+    // The stats history was on disk: every sample taken before the kill is still there.
+    let after = sampled(&second.api);
+    assert!(before_kill.iter().all(|t| after.contains(t)), "{before_kill:?} then {after:?}");
     let listed = cli(&data, &second.api, &["list"]);
     assert!(listed.contains(&id) && listed.contains("running"), "{listed}");
     let deadline = Instant::now() + Duration::from_secs(10);

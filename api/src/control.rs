@@ -400,3 +400,39 @@ pub struct BackupStats {
     pub last_backup_at: Option<String>,
     pub last_backup_age_secs: Option<u64>,
 }
+
+/// Answer of `GET /v1/databases/{id}/stats/history`: for each step of `step_secs` that has
+/// samples, the mean of its samples, as one array per figure (`null` where no sample of the
+/// step had it), aligned with `at`: ready for charts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatsHistory {
+    pub database: String,
+    /// RFC 3339.
+    pub since: String,
+    pub until: String,
+    pub step_secs: u64,
+    /// Unix seconds: where each step starts.
+    pub at: Vec<i64>,
+    pub nodes: Vec<NodeSeries>,
+    /// `pg_database_size`.
+    pub size_logical: Vec<Option<f64>>,
+    /// The primary's files on disk.
+    pub disk_data: Vec<Option<f64>>,
+    pub disk_wal: Vec<Option<f64>>,
+    pub disk_other: Vec<Option<f64>>,
+}
+
+/// One node's figures over time (bytes, percent of one CPU, seconds).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeSeries {
+    pub name: String,
+    pub cpu_percent: Vec<Option<f64>>,
+    pub memory: Vec<Option<f64>>,
+    pub memory_limit: Vec<Option<f64>>,
+    pub swap: Vec<Option<f64>>,
+    pub swap_limit: Vec<Option<f64>>,
+    pub connections_open: Vec<Option<f64>>,
+    pub connections_max: Vec<Option<f64>>,
+    pub lag_bytes: Vec<Option<f64>>,
+    pub lag_seconds: Vec<Option<f64>>,
+}

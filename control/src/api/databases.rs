@@ -324,3 +324,58 @@ pub async fn stats(
     let stats = crate::stats::sample(&state.platform, &state.heartbeats, &state.sampler, &db).await;
     Ok(Json(stats))
 }
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    /// RFC 3339; default: an hour before `until`.
+    since: Option<String>,
+    /// RFC 3339; default: now.
+    until: Option<String>,
+    /// Seconds per point; default: the range in at most 360 points, at least 1 s.
+    step: Option<u64>,
+}
+
+/// The database's stats over `[since, until)`, one mean per `step` (SPEC §7).
+pub async fn stats_history(
+    State(state): AppState,
+    Path(id): Path<String>,
+    query: Result<axum::extract::Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<pgwarden_api::control::StatsHistory>, ApiError> {
+    let axum::extract::Query(query) =
+        query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    load(&state.platform, &id)?;
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    let time = |name: &str, text: Option<&str>| {
+        text.map(|t| {
+            time::OffsetDateTime::parse(t, rfc3339).map_err(|e| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("{name} {t:?} is not an RFC 3339 time: {e}"),
+                )
+            })
+        })
+        .transpose()
+    };
+    let until =
+        time("until", query.until.as_deref())?.unwrap_or_else(time::OffsetDateTime::now_utc);
+    let since = time("since", query.since.as_deref())?.unwrap_or(until - Duration::from_secs(3600));
+    if since >= until {
+        return Err(ApiError::bad_request("invalid_query", "since must be before until"));
+    }
+    let span = (until - since).whole_seconds().max(1) as u64;
+    let step = query.step.unwrap_or_else(|| span.div_ceil(360)).max(1);
+    let steps = span.div_ceil(step);
+    if steps > crate::stats::history::MAX_STEPS {
+        return Err(ApiError::bad_request(
+            "too_many_points",
+            format!(
+                "{steps} points asked ({span} s in steps of {step} s); at most {}: use a larger step",
+                crate::stats::history::MAX_STEPS
+            ),
+        ));
+    }
+    let ms = |t: time::OffsetDateTime| (t.unix_timestamp_nanos() / 1_000_000) as i64;
+    let history = state.sampler.history.series(&id, ms(since), ms(until), step)?;
+    Ok(Json(history))
+}

@@ -56,6 +56,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/databases/{id}/tls", put(databases::set_tls))
         .route("/v1/databases/{id}/events", get(databases::events))
         .route("/v1/databases/{id}/stats", get(databases::stats))
+        .route("/v1/databases/{id}/stats/history", get(databases::stats_history))
         .route("/v1/databases/{id}/users", get(users::list).post(users::create))
         .route("/v1/databases/{id}/users/{name}", delete(users::delete))
         .route("/v1/databases/{id}/users/{name}/reset-password", post(users::reset_password))

@@ -219,6 +219,9 @@ pub struct NodeArgs {
     /// Seconds between two samples of every node's stats (CPU, memory, sessions, sizes).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub stats_interval_secs: u64,
+    /// Hours of stats history kept (charts, `/stats/history`).
+    #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stats_retention_hours: u64,
     #[command(flatten)]
     pub health: HealthArgs,
 }

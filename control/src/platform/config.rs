@@ -31,6 +31,8 @@ pub struct PlatformConfig {
     pub rollback_window: std::time::Duration,
     /// How often every node's stats are sampled.
     pub stats_interval: std::time::Duration,
+    /// How long samples are kept in the stats history.
+    pub stats_retention: std::time::Duration,
 }
 
 /// How nodes are watched and when a primary is declared dead.
@@ -76,6 +78,7 @@ impl std::fmt::Debug for PlatformConfig {
             .field("engines_dir", &self.engines_dir)
             .field("rollback_window", &self.rollback_window)
             .field("stats_interval", &self.stats_interval)
+            .field("stats_retention", &self.stats_retention)
             .finish_non_exhaustive()
     }
 }

@@ -79,7 +79,12 @@ pub async fn serve(
         recover::resume_operations(&recovering, left);
         crate::changes::resume::resume_interrupted(&recovering, changes);
     });
-    let sampler = Arc::new(crate::stats::Sampler::default());
+    let history = crate::stats::history::History::open(
+        &platform.config.data_dir.join("stats.redb"),
+        platform.config.stats_retention,
+    )
+    .context("stats history")?;
+    let sampler = Arc::new(crate::stats::Sampler::new(history));
     tokio::spawn(crate::stats::run(
         platform.clone(),
         heartbeats.clone(),

@@ -55,6 +55,7 @@ fn platform_config(
         engines_dir: nodes.engines_dir.clone(),
         rollback_window: Duration::from_secs(nodes.rollback_window_secs),
         stats_interval: Duration::from_secs(nodes.stats_interval_secs),
+        stats_retention: Duration::from_secs(nodes.stats_retention_hours * 3600),
     }
 }
 

@@ -4,8 +4,12 @@
 //! are gauges on `/metrics`. A kill by the kernel for want of memory in a node's container is
 //! recorded as an event.
 //!
+//! Every sample also goes into the history (`history.rs`), for charts.
+//!
 //! A sample never holds a lock while it waits on a node: each figure is read first, then the
 //! sample is stored in one step.
+
+pub mod history;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,9 +27,9 @@ use crate::pitr::Heartbeats;
 use crate::platform::{now_rfc3339, Platform};
 use crate::state::{DatabaseRecord, NodeRecord};
 
-/// The latest sample of each database, and what the next one compares with.
-#[derive(Default)]
+/// The latest sample of each database, what the next one compares with, and the history.
 pub struct Sampler {
+    pub history: history::History,
     latest: Mutex<HashMap<String, Stats>>,
     /// Per node: when its CPU time was last read, and that time (ns).
     cpu: Mutex<HashMap<String, (Instant, u64)>>,
@@ -34,6 +38,15 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    pub fn new(history: history::History) -> Self {
+        Self {
+            history,
+            latest: Mutex::default(),
+            cpu: Mutex::default(),
+            oom_kills: Mutex::default(),
+        }
+    }
+
     pub fn latest(&self, id: &str) -> Option<Stats> {
         self.latest.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
     }
@@ -68,11 +81,25 @@ pub async fn run(
 ) {
     loop {
         let databases = platform.store.databases().unwrap_or_default();
-        let mut all = Vec::with_capacity(databases.len());
-        for db in databases.iter().filter(|d| sampled(d)) {
-            all.push(sample(&platform, &heartbeats, &sampler, db).await);
-        }
+        let round = async {
+            let mut all = Vec::with_capacity(databases.len());
+            for db in databases.iter().filter(|d| sampled(d)) {
+                all.push(sample(&platform, &heartbeats, &sampler, db).await);
+            }
+            all
+        };
+        // A sample under way is dropped at shutdown: the history's file is free at once for
+        // the next control plane.
+        let all = tokio::select! {
+            () = shutdown.cancelled() => return,
+            all = round => all,
+        };
         platform.metrics.stats(&all);
+        let existing: Vec<String> = databases.iter().map(|d| d.id.clone()).collect();
+        let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        if let Err(e) = sampler.history.record(&all, &existing, now_ms) {
+            tracing::error!(error = %e, "cannot record stats history");
+        }
         {
             let mut latest = sampler.latest.lock().unwrap_or_else(|e| e.into_inner());
             latest.retain(|id, _| databases.iter().any(|d| &d.id == id));
