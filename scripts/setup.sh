@@ -3,16 +3,19 @@
 # PostgreSQL 15 server and clients (psql, pgbench, pg_basebackup), psycopg 3 (a libpq 17+
 # client for the tests) and the `postgres` OS user that nodes run as when pgwarden runs as root.
 # With --bench, also PgBouncer and HAProxy; with --engines, also PostgreSQL 18 (built once) for
-# the major-upgrade tests and benchmark (scripts/test.sh asks for it).
+# the major-upgrade tests and benchmark; with --browser, Chromium and ChromeDriver for the
+# dashboard's tests (scripts/test.sh asks for both).
 set -euo pipefail
 
 bench=0
 engines_wanted=0
+browser=0
 for arg in "$@"; do
   case "$arg" in
     --bench) bench=1 ;;
     --engines) engines_wanted=1 ;;
-    *) echo "setup: unknown option $arg (--bench, --engines)" >&2; exit 2 ;;
+    --browser) browser=1 ;;
+    *) echo "setup: unknown option $arg (--bench, --engines, --browser)" >&2; exit 2 ;;
   esac
 done
 
@@ -42,6 +45,11 @@ want=()
 [ -x /usr/lib/postgresql/15/bin/postgres ] || want+=(postgresql-15)
 [ -x /usr/lib/postgresql/15/bin/psql ] || want+=(postgresql-client-15)
 command -v openssl >/dev/null || want+=(openssl)
+if [ "$browser" = 1 ]; then
+  # The dashboard's tests drive a real headless browser.
+  [ -x /usr/bin/chromium ] || want+=(chromium)
+  [ -x /usr/bin/chromedriver ] || want+=(chromium-driver)
+fi
 if [ "$bench" = 1 ]; then
   command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || want+=(pgbouncer)
   command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || want+=(haproxy)

@@ -9,8 +9,10 @@
 //! - `load.rs`: writer and connector load generators for HA tests and benchmarks.
 //! - `clients.rs`: `psql` and `pgbench` runners.
 //! - `tls.rs`: a rustls client for raw protocol tests over TLS.
+//! - `browser.rs`: [`Browser`], headless Chromium through ChromeDriver (WebDriver).
 #![forbid(unsafe_code)]
 
+mod browser;
 mod clients;
 mod control;
 mod http;
@@ -19,6 +21,7 @@ mod node;
 mod proxy;
 mod tls;
 
+pub use browser::{Browser, Element};
 pub use clients::{pg_bin, psql, ClientOutput};
 pub use control::TestControl;
 pub use http::{http_request, HttpResponse};

@@ -6,6 +6,7 @@
 //! never hold a lock across a call to a node, and every node call is bounded.
 
 mod backups;
+mod dashboard;
 mod databases;
 pub mod error;
 mod ha;
@@ -72,9 +73,16 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/health", get(health))
+        .route("/", get(dashboard::root))
+        .route("/dashboard/", get(dashboard::index))
+        .route("/dashboard/app.js", get(dashboard::app_js))
+        .route("/dashboard/app.css", get(dashboard::app_css))
+        .route("/dashboard/uplot.js", get(dashboard::uplot_js))
+        .route("/dashboard/uplot.css", get(dashboard::uplot_css))
         .merge(authed)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(dashboard::secure_headers))
         .with_state(state)
 }
 

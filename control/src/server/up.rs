@@ -305,4 +305,5 @@ fn print_summary(db: &Database, args: &UpArgs, data_dir: &Path) {
         args.listen,
         shown.unwrap_or(token).display()
     );
+    println!("       Dashboard: http://{}/dashboard/  (log in with the same token)", args.listen);
 }
