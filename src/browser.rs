@@ -153,6 +153,15 @@ impl Browser {
         )
     }
 
+    /// Chooses `value` in the `<select>` `element`, as a user would (a `change` event follows).
+    pub fn select(&self, element: &Element, value: &str) {
+        self.script(
+            "arguments[0].value = arguments[1]; \
+             arguments[0].dispatchEvent(new Event('change', { bubbles: true }))",
+            json!([{ ELEMENT_KEY: element.0 }, value]),
+        );
+    }
+
     /// Saves a PNG of the window.
     pub fn screenshot(&self, path: &Path) {
         let data = self.call("GET", &self.session_path("/screenshot"), None);

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use pgwarden_e2e::{http_request, Browser, TestControl};
+use pgwarden_e2e::{http_request, psql, Browser, TestControl};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,4 +141,110 @@ fn raw(addr: std::net::SocketAddr, request: &str) -> String {
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer);
     answer
+}
+
+/// Logs in with `token` and opens database `id`'s page.
+fn open_database(browser: &Browser, base: &str, token: &str, id: &str) {
+    browser.goto(&format!("{base}/dashboard/"));
+    browser.type_into(&browser.wait_for("#token"), token);
+    browser.click(&browser.wait_for("#login button[type=submit]"));
+    browser.wait_for("#databases a");
+    browser.goto(&format!("{base}/dashboard/#/db/{id}"));
+    browser.wait_for("#database-name");
+}
+
+fn text_of(browser: &Browser, css: &str) -> String {
+    browser.find(css).map(|e| browser.text(&e)).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_manages_users_tls_and_backups_through_the_api() {
+    let control = TestControl::start().await;
+    let (db, id, url) = control.create_routed_database("ops", "postgresql-starter-512").await;
+    let Some(browser) = tokio::task::block_in_place(Browser::start) else { return };
+    let base = format!("http://{}", control.addr);
+    let token = control.token.clone();
+    let name = db["name"].as_str().unwrap().to_owned();
+
+    tokio::task::block_in_place(|| {
+        open_database(&browser, &base, &token, &id);
+
+        // A read-only user: its URL is shown once, it is listed, and it can read.
+        browser.type_into(&browser.wait_for("#user-name"), "auditor");
+        browser.click(&browser.wait_for("#user-read-only"));
+        browser.click(&browser.wait_for("#create-user"));
+        let shown = browser.wait_until("the new user's URL", || {
+            let t = text_of(&browser, "#new-password");
+            t.contains("auditor").then_some(t)
+        });
+        let auditor_url = shown.split_whitespace().last().unwrap().to_owned();
+        assert!(auditor_url.starts_with("postgres://auditor:"), "{shown}");
+        browser.wait_until("auditor listed read-only", || {
+            let users = text_of(&browser, "#users");
+            (users.contains("auditor") && users.contains("read-only")).then_some(())
+        });
+        let read = psql(&auditor_url, None, "SELECT current_user");
+        assert_eq!(read.stdout.trim(), "auditor", "{}", read.stderr);
+        let write = psql(&auditor_url, None, "CREATE TABLE t(x int)");
+        assert!(!write.success, "a read-only user cannot write");
+
+        // A name with markup is refused by the API, and the refusal is shown as text.
+        browser.type_into(&browser.wait_for("#user-name"), "<img src=x id=injected>");
+        browser.click(&browser.wait_for("#create-user"));
+        let refusal = browser.wait_until("the refusal", || {
+            let t = text_of(&browser, "#users-status");
+            (!t.is_empty()).then_some(t)
+        });
+        assert!(refusal.contains("<img"), "{refusal}");
+        assert!(browser.find("#injected").is_none(), "markup from the API was never parsed");
+
+        // Force TLS: a plaintext client is then refused by the proxy.
+        browser.click(&browser.wait_for("#force-tls"));
+        browser.wait_until("TLS required", || {
+            text_of(&browser, "#manage-status").contains("required").then_some(())
+        });
+        let plain = psql(&format!("{url}?sslmode=disable"), None, "SELECT 1");
+        assert!(!plain.success && plain.stderr.contains("sslmode=require"), "{}", plain.stderr);
+        let tls = psql(&format!("{url}?sslmode=require"), None, "SELECT 1");
+        assert_eq!(tls.stdout.trim(), "1", "{}", tls.stderr);
+
+        // A backup started from the page succeeds and is listed.
+        browser.click(&browser.wait_for("#create-backup"));
+        browser.wait_until("the backup to succeed", || {
+            let status = text_of(&browser, "#backups .backup-status");
+            assert_ne!(status, "failed", "{}", text_of(&browser, "#backups"));
+            (status == "succeeded").then_some(())
+        });
+        // A plan change from the page, its progress shown until it ends.
+        let plan = browser.wait_for("#plan");
+        browser.wait_until("the plans listed", || {
+            text_of(&browser, "#plan").contains("postgresql-starter-1024").then_some(())
+        });
+        browser.select(&plan, "postgresql-starter-1024");
+        browser.click(&browser.wait_for("#change-plan"));
+        browser.wait_until("the plan change to succeed", || {
+            let status = browser.script(
+                "return document.getElementById('manage-status').dataset.status || ''",
+                json!([]),
+            );
+            let status = status.as_str().unwrap_or_default().to_owned();
+            assert_ne!(status, "failed", "{}", text_of(&browser, "#manage-status"));
+            (status == "succeeded").then_some(())
+        });
+        let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard/manage.png");
+        browser.screenshot(&shot);
+    });
+    // What the page did, the API shows.
+    let users = control.request("GET", &format!("/v1/databases/{id}/users"), None).await.json();
+    assert!(
+        users.as_array().unwrap().iter().any(|u| u["name"] == "auditor" && u["read_only"] == true),
+        "{users}"
+    );
+    let shown = control.request("GET", &format!("/v1/databases/{id}"), None).await.json();
+    assert_eq!(shown["tls"]["force"], true, "{shown}");
+    let backups = control.request("GET", &format!("/v1/databases/{id}/backups"), None).await.json();
+    assert_eq!(backups[0]["status"], "succeeded", "{backups}");
+    assert_eq!(name, shown["name"]);
+    assert_eq!(shown["plan"], "postgresql-starter-1024", "{shown}");
+    drop(browser);
 }

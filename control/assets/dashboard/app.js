@@ -24,9 +24,13 @@ class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
 }
 
-async function api(path, token) {
+async function api(path, token, method, payload) {
+  const headers = { Authorization: "Bearer " + (token || sessionStorage.getItem(TOKEN_KEY)) };
+  if (payload !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(path, {
-    headers: { Authorization: "Bearer " + (token || sessionStorage.getItem(TOKEN_KEY)) },
+    method: method || "GET",
+    headers,
+    body: payload === undefined ? undefined : JSON.stringify(payload),
     cache: "no-store",
   });
   const body = await response.json().catch(() => ({}));
@@ -100,7 +104,14 @@ async function showList() {
 }
 
 const MIB = 1024 * 1024;
-const mib = (v) => (v == null ? "–" : (v / MIB).toFixed(0) + " MiB");
+/// Bytes in the unit that reads best.
+function size(v) {
+  if (v == null) return "–";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let unit = 0;
+  while (v >= 1024 && unit < units.length - 1) { v /= 1024; unit += 1; }
+  return (unit === 0 || v >= 100 ? v.toFixed(0) : v.toFixed(1)) + " " + units[unit];
+}
 
 /// The URL with its password hidden.
 function masked(url) {
@@ -114,8 +125,15 @@ async function showDatabase(id) {
   const head = el("section", { class: "card" });
   const figures = el("section", { class: "card" });
   const chartsCard = el("section", { class: "card" });
+  const manage = el("section", { class: "card" });
+  const usersCard = el("section", { class: "card" });
+  const backupsCard = el("section", { class: "card" });
   const eventsCard = el("section", { class: "card" });
-  main.append(head, figures, chartsCard, eventsCard);
+  main.append(head, figures, chartsCard, manage, usersCard, backupsCard, eventsCard);
+  const base = "/v1/databases/" + encodeURIComponent(id);
+  buildManage(manage, base, () => load());
+  buildUsers(usersCard, base);
+  buildBackups(backupsCard, base);
   let range = 3600;
   const select = el("select", { id: "range", "aria-label": "Chart range", on: { change: () => { range = RANGES[select.value]; load(); } } },
     ...Object.keys(RANGES).map((name) => el("option", { text: name })));
@@ -130,6 +148,9 @@ async function showDatabase(id) {
       const since = new Date(Date.now() - range * 1000).toISOString().replace(/\.\d+Z$/, "Z");
       const history = await api("/v1/databases/" + encodeURIComponent(id) + "/stats/history?since=" + encodeURIComponent(since));
       renderHead(head, db);
+      manage.update(db);
+      usersCard.update();
+      backupsCard.update();
       renderFigures(figures, stats);
       renderCharts(chartsCard, select, history);
       renderEvents(eventsCard, events);
@@ -167,14 +188,14 @@ function renderFigures(card, stats) {
   const item = (label, value) => el("div", {}, el("span", { text: label }), value);
   const items = [];
   for (const node of stats.nodes) {
-    items.push(item(node.name + " memory", mib(node.memory.current) + " of " + mib(node.memory.limit)));
+    items.push(item(node.name + " memory", size(node.memory.current) + " of " + size(node.memory.limit)));
     if (node.connections) items.push(item(node.name + " sessions", node.connections.open + " of " + node.connections.max));
     if (node.replication_lag) items.push(item(node.name + " lag", node.replication_lag.bytes + " B, " + node.replication_lag.seconds.toFixed(1) + " s"));
     if (node.container.unlimited_reason) items.push(item(node.name + " no memory limit", node.container.unlimited_reason));
   }
   const disk = stats.size.disk;
-  items.push(item("data size", mib(stats.size.logical)));
-  if (disk) items.push(item("on disk", mib(disk.total) + " (data " + mib(disk.data) + ", WAL " + mib(disk.wal) + ", other " + mib(disk.other) + ")"));
+  items.push(item("data size", size(stats.size.logical)));
+  if (disk) items.push(item("on disk", size(disk.total) + " (data " + size(disk.data) + ", WAL " + size(disk.wal) + ", other " + size(disk.other) + ")"));
   items.push(item("last backup", stats.backups.last_backup_at || "none"));
   items.push(item("point-in-time recovery", stats.pitr ? stats.pitr.earliest + " to " + stats.pitr.latest : "none"));
   card.replaceChildren(el("h2", { text: "Now" }), el("div", { class: "figures", id: "figures" }, ...items),
@@ -234,6 +255,136 @@ function renderCharts(card, select, history) {
     { label: "on disk: data", values: scaled(history.disk_data, MIB) },
     { label: "on disk: WAL", values: scaled(history.disk_wal, MIB) },
   ]);
+}
+
+/// Follows operation `op` until it ends, showing its progress in `line`; then `done`.
+async function follow(op, line, done) {
+  for (;;) {
+    line.textContent = op.kind + ": " + op.status + (op.status === "running" ? " " + Math.round(op.progress * 100) + " %" : "")
+      + (op.error ? ": " + op.error : "");
+    line.dataset.status = op.status;
+    if (op.status === "succeeded" || op.status === "failed") break;
+    await new Promise((r) => setTimeout(r, 500));
+    try {
+      op = await api("/v1/operations/" + encodeURIComponent(op.id));
+    } catch (e) {
+      line.textContent = e.message;
+      return;
+    }
+  }
+  if (done) done();
+}
+
+/// Runs `action` (an API call), showing its error, if any, in `line`.
+async function act(line, action) {
+  line.textContent = "";
+  line.classList.remove("error");
+  try {
+    return await action();
+  } catch (e) {
+    line.textContent = e.message;
+    line.classList.add("error");
+    if (e.status === 401) failed(e);
+    return null;
+  }
+}
+
+function buildManage(card, base, reload) {
+  const line = el("p", { id: "manage-status", role: "status" });
+  const tls = el("input", { type: "checkbox", id: "force-tls" });
+  tls.addEventListener("change", () => act(line, async () => {
+    await api(base + "/tls", null, "PUT", { force: tls.checked });
+    line.textContent = tls.checked ? "TLS is now required" : "TLS is now optional";
+    reload();
+  }));
+  const plans = el("select", { id: "plan", "aria-label": "Plan" });
+  const engines = el("select", { id: "engine", "aria-label": "Engine version" });
+  const changePlan = el("button", { type: "button", id: "change-plan", text: "Change plan" });
+  changePlan.addEventListener("click", () => act(line, async () => {
+    const r = await api(base, null, "PATCH", { plan: plans.value });
+    follow(r.operation, line, reload);
+  }));
+  const upgrade = el("button", { type: "button", id: "upgrade-engine", text: "Upgrade engine" });
+  upgrade.addEventListener("click", () => act(line, async () => {
+    const r = await api(base + "/engine-upgrade", null, "POST", { version: engines.value });
+    follow(r.operation, line, reload);
+  }));
+  card.replaceChildren(el("h2", { text: "Settings" }),
+    el("label", {}, tls, " Require TLS from clients"),
+    el("p", {}, plans, " ", changePlan, " ", engines, " ", upgrade), line);
+  Promise.all([api("/v1/plans"), api("/v1/engines")]).then(([planList, engineList]) => {
+    plans.replaceChildren(...planList.map((p) => el("option", { value: p.name, text: p.name + " (" + p.memory_mib + " MiB, " + p.nodes + " node" + (p.nodes > 1 ? "s" : "") + ")" })));
+    engines.replaceChildren(...engineList.map((e) => el("option", { value: e.version, text: "PostgreSQL " + e.version })));
+  }).catch(failed);
+  card.update = (db) => {
+    tls.checked = db.tls.force;
+    if (document.activeElement !== plans) plans.value = db.plan;
+  };
+}
+
+function buildUsers(card, base) {
+  const line = el("p", { id: "users-status", role: "status" });
+  const shown = el("p", { id: "new-password" });
+  const name = el("input", { id: "user-name", "aria-label": "User name", placeholder: "name" });
+  const readOnly = el("input", { type: "checkbox", id: "user-read-only" });
+  const body = el("tbody");
+  const once = (u) => shown.replaceChildren("Password of " + u.name + " (shown once): ",
+    el("code", { class: "url", text: u.database_url }));
+  const create = el("button", { type: "button", id: "create-user", text: "Create user" });
+  create.addEventListener("click", () => act(line, async () => {
+    const u = await api(base + "/users", null, "POST", { name: name.value.trim(), read_only: readOnly.checked });
+    once(u);
+    name.value = "";
+    card.update();
+  }));
+  card.replaceChildren(el("h2", { text: "Users" }), el("table", { id: "users" }, body),
+    el("p", {}, name, " ", el("label", { class: "inline" }, readOnly, " read-only"), " ", create), shown, line);
+  card.update = () => api(base + "/users").then((users) => {
+    body.replaceChildren(...users.map((u) => {
+      const reset = el("button", { type: "button", class: "plain", text: "Reset password" });
+      reset.addEventListener("click", () => act(line, async () => once(await api(base + "/users/" + encodeURIComponent(u.name) + "/reset-password", null, "POST"))));
+      const remove = el("button", { type: "button", class: "plain", text: "Delete" });
+      remove.addEventListener("click", () => act(line, async () => { await api(base + "/users/" + encodeURIComponent(u.name), null, "DELETE"); card.update(); }));
+      return el("tr", {}, el("td", { text: u.name }), el("td", { text: u.read_only ? "read-only" : "read-write" }),
+        el("td", {}, reset, " ", u.default ? "" : remove));
+    }));
+  }).catch(failed);
+}
+
+function buildBackups(card, base) {
+  const line = el("p", { id: "backups-status", role: "status" });
+  const body = el("tbody");
+  const create = el("button", { type: "button", id: "create-backup", text: "Back up now" });
+  create.addEventListener("click", () => act(line, async () => {
+    const r = await api(base + "/backups", null, "POST");
+    card.update();
+    follow(r.operation, line, () => card.update());
+  }));
+  const hour = el("input", { type: "number", min: "0", max: "23", id: "backup-hour", "aria-label": "Daily backup hour (UTC)" });
+  const schedule = el("button", { type: "button", class: "plain", id: "set-backup-hour", text: "Set daily backup hour (UTC)" });
+  schedule.addEventListener("click", () => act(line, async () => {
+    const r = await api(base + "/backup-schedule", null, "PUT", { hour_utc: Number(hour.value) });
+    line.textContent = "Daily backups at " + String(r.hour_utc).padStart(2, "0") + ":00 UTC";
+  }));
+  card.replaceChildren(el("h2", { text: "Backups" }), el("table", { id: "backups" }, body),
+    el("p", {}, create, " ", hour, " ", schedule), line);
+  card.update = () => api(base + "/backups").then((backups) => {
+    body.replaceChildren(...backups.slice().reverse().map((b) => {
+      const download = el("button", { type: "button", class: "plain", text: "Download" });
+      download.disabled = b.status !== "succeeded";
+      download.addEventListener("click", () => act(line, async () => {
+        const response = await fetch(base + "/backups/" + encodeURIComponent(b.id) + "/download", {
+          headers: { Authorization: "Bearer " + sessionStorage.getItem(TOKEN_KEY) }, cache: "no-store" });
+        if (!response.ok) throw new ApiError(response.status, "download failed: " + response.statusText);
+        const link = el("a", { href: URL.createObjectURL(await response.blob()), download: b.id + ".dump" });
+        link.click();
+        URL.revokeObjectURL(link.href);
+      }));
+      return el("tr", { "data-backup": b.id }, el("td", { text: b.started_at }), el("td", { text: b.kind }),
+        el("td", { class: "backup-status", text: b.status }), el("td", { text: size(b.size_bytes) }),
+        el("td", { text: b.error || "" }), el("td", {}, download));
+    }));
+  }).catch(failed);
 }
 
 function renderEvents(card, events) {
