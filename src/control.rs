@@ -146,7 +146,7 @@ impl TestControl {
                 .collect(),
             proxy_token: self.proxy.token.clone(),
             node_host: "127.0.0.1".into(),
-            first_node_port: crate::free_port(),
+            first_node_port: crate::node_port_block(),
             extra_settings,
             health: Default::default(),
             backup_tick: Duration::from_millis(200),

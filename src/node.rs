@@ -197,6 +197,15 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
 }
 
+/// A first port for a control plane's nodes, which it allocates upwards from there: a block of
+/// 40 below the kernel's ephemeral range (where `free_port` and client sockets land), chosen by
+/// process id, so that control planes of tests running at the same time (each test is a
+/// process of its own) do not hand out the same ports.
+pub fn node_port_block() -> u16 {
+    let blocks = 550; // 10 000 to 32 000
+    10_000 + (std::process::id() % blocks) as u16 * 40
+}
+
 /// The initialized data directory every node copies, made once (atomically) per machine.
 fn template_dir() -> anyhow::Result<PathBuf> {
     let user = service_user()?.map(|(uid, _)| uid).unwrap_or(0);

@@ -8,8 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pgwarden_e2e::{
-    free_port, http_request, node_data_dirs, postmaster_pid, psql, stop_immediately, workspace_bin,
-    TestProxy,
+    free_port, http_request, node_data_dirs, node_port_block, postmaster_pid, psql,
+    stop_immediately, workspace_bin, TestProxy,
 };
 use pgwarden_proxy::config::Limits;
 
@@ -298,7 +298,14 @@ impl Bed {
         let data = dir.path().join("pw");
         let proxy = TestProxy::start(Limits::default(), None).await;
         let cleanup = Cleanup(data.clone(), vec![]);
-        Self { _dir: dir, data, proxy, ports: (free_port(), free_port()), engines: None, cleanup }
+        Self {
+            _dir: dir,
+            data,
+            proxy,
+            ports: (free_port(), node_port_block()),
+            engines: None,
+            cleanup,
+        }
     }
 
     /// Starts `pgwarden serve` on the bed (the same API and node ports every time).
@@ -344,6 +351,16 @@ async fn kill_9_of_serve_keeps_databases_adopts_nodes_and_republishes_routes() {
     }
     let table = cli(&data, &first.api, &["stats", &id]);
     assert!(table.contains("MEMORY") && table.contains(&format!("{id}-")), "{table}");
+    // --output json prints the API's answer, for scripts.
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = cli(&data, &first.api, &[&["--output", "json"], args].concat());
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    assert_eq!(json(&["show", &id])["id"], id.as_str());
+    assert_eq!(json(&["list"])[0]["id"], id.as_str());
+    assert_eq!(json(&["stats", &id])["database"], id.as_str());
+    assert!(json(&["plans"]).as_array().unwrap().iter().any(|p| p["name"] == "postgresql-sandbox"));
+    assert_eq!(json(&["users", "list", &id])[0]["default"], true);
     let before_kill = sampled(&first.api);
 
     signal(first.child.id(), "-KILL");
@@ -408,24 +425,15 @@ async fn provisioning_interrupted_by_kill_9_is_finished_on_restart() {
     let mut second = bed.serve();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let shown = cli(&data, &second.api, &["show", &id]);
-        // The database's row (ADDON | ID | PLAN | STATUS ...) and its node rows (NODE | ROLE |
-        // STATUS ...), read by column.
-        let column =
-            |line: &str, n: usize| line.split('|').nth(n).map(str::trim).map(str::to_owned);
-        let database_running = shown
-            .lines()
-            .any(|l| l.starts_with("postgresql") && column(l, 3).as_deref() == Some("running"));
-        let nodes_running = shown
-            .lines()
-            .filter(|l| {
-                l.starts_with(&format!("{id}-")) && column(l, 2).as_deref() == Some("running")
-            })
-            .count();
+        let shown = cli(&data, &second.api, &["--output", "json", "show", &id]);
+        let shown: serde_json::Value = serde_json::from_str(&shown).expect(&shown);
+        let database_running = shown["status"] == "running";
+        let nodes = shown["nodes"].as_array().unwrap();
+        let nodes_running = nodes.iter().filter(|n| n["status"] == "running").count();
         if database_running && nodes_running == 2 {
             break;
         }
-        assert!(!shown.contains("failed"), "{shown}");
+        assert_ne!(shown["status"], "failed", "{shown}");
         assert!(Instant::now() < deadline, "provisioning never finished: {shown}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

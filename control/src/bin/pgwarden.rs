@@ -21,7 +21,7 @@ fn main() {
         match cli.command {
             Command::Serve(args) => up::serve_command(&cli.data_dir, args).await,
             Command::Up(args) => up::up(&cli.data_dir, args).await,
-            command => cli::run(&cli.api, &cli.data_dir, command).await,
+            command => cli::run(&cli.api, &cli.data_dir, cli.output, command).await,
         }
     });
     if let Err(e) = result {

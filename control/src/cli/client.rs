@@ -115,35 +115,38 @@ impl Client {
         Ok(std::fs::metadata(out)?.len())
     }
 
-    /// Follows an operation to its end, drawing a progress bar on a terminal.
+    /// Follows an operation to its end, drawing a progress bar on a terminal (a line per
+    /// change of progress elsewhere; nothing with `--output json`).
     pub async fn wait(&self, mut op: Operation) -> anyhow::Result<Operation> {
-        let tty = std::io::stderr().is_terminal();
+        let quiet = output() == Output::Json;
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(100);
+            let style = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos:>3}%")
+                .map(|s| s.progress_chars("#>-"))
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar.set_message(op.kind.clone());
+            bar
+        });
         let mut last = -1.0;
         loop {
-            if tty {
-                let filled = (op.progress.clamp(0.0, 1.0) * 30.0).round() as usize;
-                eprint!(
-                    "\r{} [{}{}] {:3.0}%",
-                    op.kind,
-                    "#".repeat(filled),
-                    " ".repeat(30 - filled),
-                    op.progress * 100.0
-                );
-                let _ = std::io::stderr().flush();
-            } else if op.progress != last {
-                eprintln!("{} {:.0}%", op.kind, op.progress * 100.0);
+            let percent = (op.progress.clamp(0.0, 1.0) * 100.0).round();
+            match &bar {
+                Some(bar) => bar.set_position(percent as u64),
+                None if !quiet && op.progress != last => eprintln!("{} {percent:.0}%", op.kind),
+                None => {}
             }
             last = op.progress;
             match op.status {
                 OperationStatus::Succeeded => {
-                    if tty {
-                        eprintln!();
+                    if let Some(bar) = &bar {
+                        bar.finish();
                     }
                     return Ok(op);
                 }
                 OperationStatus::Failed => {
-                    if tty {
-                        eprintln!();
+                    if let Some(bar) = &bar {
+                        bar.abandon();
                     }
                     bail!("{} failed: {}", op.kind, op.error.unwrap_or_default());
                 }
@@ -155,27 +158,44 @@ impl Client {
     }
 }
 
-/// Prints rows as an aligned table with a header line.
+/// How commands print their answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Tables and sentences, progress bars on a terminal.
+    #[default]
+    Table,
+    /// The API's JSON answer, alone on stdout (no progress bar).
+    Json,
+}
+
+static OUTPUT: std::sync::OnceLock<Output> = std::sync::OnceLock::new();
+
+/// Chooses how this process prints (once, at the start of a command).
+pub fn set_output(output: Output) {
+    let _ = OUTPUT.set(output);
+}
+
+fn output() -> Output {
+    OUTPUT.get().copied().unwrap_or_default()
+}
+
+/// Prints `answer` as JSON with `--output json`, else runs `table`.
+pub fn show<T: serde::Serialize>(answer: &T, table: impl FnOnce()) {
+    match output() {
+        Output::Json => match serde_json::to_string_pretty(answer) {
+            Ok(json) => println!("{json}"),
+            Err(e) => eprintln!("error: cannot print the answer as JSON: {e}"),
+        },
+        Output::Table => table(),
+    }
+}
+
+/// Prints rows as a table with a header line.
 pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_HORIZONTAL_ONLY).set_header(headers.to_vec());
     for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
+        table.add_row(row.clone());
     }
-    let line = |cells: Vec<&str>| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join(" | ")
-            .trim_end()
-            .to_owned()
-    };
-    println!("{}", line(headers.to_vec()));
-    println!("{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("-+-"));
-    for row in rows {
-        println!("{}", line(row.iter().map(String::as_str).collect()));
-    }
+    println!("{table}");
 }

@@ -4,7 +4,7 @@
 
 mod client;
 
-pub use client::{print_table, Client};
+pub use client::{print_table, show, Client, Output};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,6 +26,9 @@ pub struct Cli {
     /// Data dir of the control plane (state, token, nodes).
     #[arg(long, global = true, default_value = ".pgwarden", env = "PGWARDEN_DATA_DIR")]
     pub data_dir: PathBuf,
+    /// `table` for people; `json` prints the API's JSON answer, for scripts.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -144,9 +147,9 @@ pub enum BackupsCommand {
     Download {
         id: String,
         backup: String,
-        /// Output file (default: <id>-<backup>.dump).
-        #[arg(short, long)]
-        output: Option<PathBuf>,
+        /// File to write (default: <id>-<backup>.dump).
+        #[arg(short = 'o', long = "file")]
+        file: Option<PathBuf>,
     },
     Delete {
         id: String,
@@ -263,7 +266,13 @@ pub struct UpArgs {
 }
 
 /// Runs a client command (`serve` and `up` are not: the binary gives them to `server`).
-pub async fn run(api: &str, data_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
+pub async fn run(
+    api: &str,
+    data_dir: &std::path::Path,
+    output: Output,
+    command: Command,
+) -> anyhow::Result<()> {
+    client::set_output(output);
     let client = || Client::new(api, data_dir);
     match command {
         Command::Serve(_) | Command::Up(_) => anyhow::bail!("serve and up are not client commands"),
@@ -286,23 +295,28 @@ pub async fn run(api: &str, data_dir: &std::path::Path, command: Command) -> any
                     ]
                 })
                 .collect::<Vec<_>>();
-            print_table(
-                &["PLAN", "NODES", "MEMORY", "MAX CONN", "BACKUPS KEPT", "MANUAL MAX", "PITR"],
-                &rows,
-            );
+            show(&plans, || {
+                print_table(
+                    &["PLAN", "NODES", "MEMORY", "MAX CONN", "BACKUPS KEPT", "MANUAL MAX", "PITR"],
+                    &rows,
+                );
+            });
             Ok(())
         }
         Command::Engines => {
             let engines: Vec<pgwarden_api::control::Engine> =
                 client()?.call(Method::GET, "/v1/engines", None).await?;
             let rows = engines
-                .into_iter()
+                .iter()
+                .cloned()
                 .map(|e| {
                     let default = if e.default { "yes" } else { "" };
                     vec![e.version, e.major.to_string(), e.dir, default.into()]
                 })
                 .collect::<Vec<_>>();
-            print_table(&["VERSION", "MAJOR", "DIRECTORY", "DEFAULT"], &rows);
+            show(&engines, || {
+                print_table(&["VERSION", "MAJOR", "DIRECTORY", "DEFAULT"], &rows);
+            });
             Ok(())
         }
         Command::Create { name, plan, version, no_wait } => {
@@ -315,41 +329,43 @@ pub async fn run(api: &str, data_dir: &std::path::Path, command: Command) -> any
                 client.call(Method::POST, "/v1/databases", Some(body)).await?;
             let id = answer.database.id.clone();
             if no_wait {
-                println!("{id} provisioning (operation {})", answer.operation.id);
+                show(&answer, || println!("{id} provisioning (operation {})", answer.operation.id));
                 return Ok(());
             }
             client.wait(answer.operation).await?;
             let db: Database =
                 client.call(Method::GET, &format!("/v1/databases/{id}"), None).await?;
-            print_databases(&[db]);
+            show(&db, || print_databases(std::slice::from_ref(&db)));
             Ok(())
         }
         Command::List => {
             let dbs: Vec<Database> = client()?.call(Method::GET, "/v1/databases", None).await?;
-            print_databases(&dbs);
+            show(&dbs, || print_databases(&dbs));
             Ok(())
         }
         Command::Show { id } => {
             let db: Database =
                 client()?.call(Method::GET, &format!("/v1/databases/{id}"), None).await?;
-            print_databases(std::slice::from_ref(&db));
-            println!();
-            let rows = db
-                .nodes
-                .iter()
-                .map(|n| {
-                    vec![
-                        n.name.clone(),
-                        format!("{:?}", n.role).to_lowercase(),
-                        n.status.clone(),
-                        format!("{}:{}", n.host, n.port),
-                        n.lag_bytes.to_string(),
-                        n.version.clone(),
-                    ]
-                })
-                .collect::<Vec<_>>();
-            print_table(&["NODE", "ROLE", "STATUS", "ADDRESS", "LAG BYTES", "VERSION"], &rows);
-            println!("\nDATABASE_URL={}", db.database_url);
+            show(&db, || {
+                print_databases(std::slice::from_ref(&db));
+                println!();
+                let rows = db
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        vec![
+                            n.name.clone(),
+                            format!("{:?}", n.role).to_lowercase(),
+                            n.status.clone(),
+                            format!("{}:{}", n.host, n.port),
+                            n.lag_bytes.to_string(),
+                            n.version.clone(),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                print_table(&["NODE", "ROLE", "STATUS", "ADDRESS", "LAG BYTES", "VERSION"], &rows);
+                println!("\nDATABASE_URL={}", db.database_url);
+            });
             Ok(())
         }
         Command::Destroy { id, no_wait } => {
@@ -357,8 +373,10 @@ pub async fn run(api: &str, data_dir: &std::path::Path, command: Command) -> any
             let answer: DatabaseOperation =
                 client.call(Method::DELETE, &format!("/v1/databases/{id}"), None).await?;
             if !no_wait {
-                client.wait(answer.operation).await?;
-                println!("{id} destroyed");
+                let op = client.wait(answer.operation).await?;
+                show(&op, || println!("{id} destroyed"));
+            } else {
+                show(&answer, || println!("{id}: destroying (operation {})", answer.operation.id));
             }
             Ok(())
         }
@@ -369,12 +387,14 @@ pub async fn run(api: &str, data_dir: &std::path::Path, command: Command) -> any
             let answer: DatabaseOperation =
                 client.call(Method::POST, &format!("{path}/engine-upgrade"), Some(body)).await?;
             if no_wait {
-                println!("{id}: engine upgrade started (operation {})", answer.operation.id);
+                show(&answer, || {
+                    println!("{id}: engine upgrade started (operation {})", answer.operation.id)
+                });
                 return Ok(());
             }
             client.wait(answer.operation).await?;
             let db: Database = client.call(Method::GET, &path, None).await?;
-            print_databases(&[db]);
+            show(&db, || print_databases(std::slice::from_ref(&db)));
             Ok(())
         }
         Command::Plan { id, plan, no_wait } => {
@@ -383,22 +403,26 @@ pub async fn run(api: &str, data_dir: &std::path::Path, command: Command) -> any
             let answer: DatabaseOperation =
                 client.call(Method::PATCH, &path, Some(json!({ "plan": plan }))).await?;
             if no_wait {
-                println!("{id}: plan change started (operation {})", answer.operation.id);
+                show(&answer, || {
+                    println!("{id}: plan change started (operation {})", answer.operation.id)
+                });
                 return Ok(());
             }
             client.wait(answer.operation).await?;
             let db: Database = client.call(Method::GET, &path, None).await?;
-            print_databases(&[db]);
+            show(&db, || print_databases(std::slice::from_ref(&db)));
             Ok(())
         }
         Command::Env { id } => {
             let env: Env =
                 client()?.call(Method::GET, &format!("/v1/databases/{id}/env"), None).await?;
-            println!("DATABASE_URL={}", env.database_url);
-            if let Some(pooled) = &env.database_pool_url {
-                println!("DATABASE_POOL_URL={pooled}");
-            }
-            println!("PGWARDEN_POSTGRESQL_URL={}", env.pgwarden_postgresql_url);
+            show(&env, || {
+                println!("DATABASE_URL={}", env.database_url);
+                if let Some(pooled) = &env.database_pool_url {
+                    println!("DATABASE_POOL_URL={pooled}");
+                }
+                println!("PGWARDEN_POSTGRESQL_URL={}", env.pgwarden_postgresql_url);
+            });
             Ok(())
         }
         Command::Tls { id, force } => {
@@ -409,7 +433,9 @@ pub async fn run(api: &str, data_dir: &std::path::Path, command: Command) -> any
                     Some(json!({"force": force == "on"})),
                 )
                 .await?;
-            println!("{}: force TLS {}", db.id, if db.tls.force { "on" } else { "off" });
+            show(&db, || {
+                println!("{}: force TLS {}", db.id, if db.tls.force { "on" } else { "off" });
+            });
             Ok(())
         }
         Command::Users { command } => users(client()?, command).await,
@@ -417,7 +443,9 @@ pub async fn run(api: &str, data_dir: &std::path::Path, command: Command) -> any
         Command::Pitr { id } => {
             let window: pgwarden_api::control::PitrWindow =
                 client()?.call(Method::GET, &format!("/v1/databases/{id}/pitr"), None).await?;
-            println!("{id}: recoverable from {} to {}", window.earliest, window.latest);
+            show(&window, || {
+                println!("{id}: recoverable from {} to {}", window.earliest, window.latest);
+            });
             Ok(())
         }
         Command::Restore { id, at, no_wait } => {
@@ -436,15 +464,17 @@ pub async fn run(api: &str, data_dir: &std::path::Path, command: Command) -> any
         Command::Events { id } => {
             let events: Vec<Event> =
                 client()?.call(Method::GET, &format!("/v1/databases/{id}/events"), None).await?;
-            let rows =
-                events.into_iter().map(|e| vec![e.at, e.kind, e.message]).collect::<Vec<_>>();
-            print_table(&["AT", "EVENT", "MESSAGE"], &rows);
+            let rows = events
+                .iter()
+                .map(|e| vec![e.at.clone(), e.kind.clone(), e.message.clone()])
+                .collect::<Vec<_>>();
+            show(&events, || print_table(&["AT", "EVENT", "MESSAGE"], &rows));
             Ok(())
         }
         Command::Stats { id } => {
             let stats: pgwarden_api::control::Stats =
                 client()?.call(Method::GET, &format!("/v1/databases/{id}/stats"), None).await?;
-            print_stats(&stats);
+            show(&stats, || print_stats(&stats));
             Ok(())
         }
     }
@@ -510,13 +540,14 @@ async fn primary_change(
     let answer: DatabaseOperation = client.call(Method::POST, path, body).await?;
     let id = answer.database.id.clone();
     if no_wait {
-        println!("{id}: {} started (operation {})", answer.operation.kind, answer.operation.id);
+        let op = &answer.operation;
+        show(&answer, || println!("{id}: {} started (operation {})", op.kind, op.id));
         return Ok(());
     }
     client.wait(answer.operation).await?;
     let db: Database = client.call(Method::GET, &format!("/v1/databases/{id}"), None).await?;
     let primary = db.nodes.iter().find(|n| n.role == pgwarden_api::control::NodeRole::Primary);
-    println!("{id}: primary is now {}", primary.map_or("?", |n| n.name.as_str()));
+    show(&db, || println!("{id}: primary is now {}", primary.map_or("?", |n| n.name.as_str())));
     Ok(())
 }
 
@@ -540,35 +571,52 @@ async fn backups(client: Client, command: BackupsCommand) -> anyhow::Result<()> 
                     ]
                 })
                 .collect::<Vec<_>>();
-            print_table(&["BACKUP", "KIND", "STATUS", "STARTED", "BYTES", "FROM", "ERROR"], &rows);
+            show(&list, || {
+                print_table(
+                    &["BACKUP", "KIND", "STATUS", "STARTED", "BYTES", "FROM", "ERROR"],
+                    &rows,
+                );
+            });
         }
         BackupsCommand::Create { id, no_wait } => {
             let answer: pgwarden_api::control::BackupOperation =
                 client.call(Method::POST, &format!("/v1/databases/{id}/backups"), None).await?;
             if !no_wait {
-                client.wait(answer.operation).await?;
+                client.wait(answer.operation.clone()).await?;
             }
-            println!("{id}: backup {}", answer.backup.id);
+            // The backup as it ended (or as it started, with --no-wait).
+            let list: Vec<Backup> = match no_wait {
+                true => Vec::new(),
+                false => {
+                    client.call(Method::GET, &format!("/v1/databases/{id}/backups"), None).await?
+                }
+            };
+            let backup = list
+                .into_iter()
+                .find(|b| b.id == answer.backup.id)
+                .unwrap_or(answer.backup.clone());
+            show(&backup, || println!("{id}: backup {}", answer.backup.id));
         }
-        BackupsCommand::Download { id, backup, output } => {
-            let out = output.unwrap_or_else(|| PathBuf::from(format!("{id}-{backup}.dump")));
+        BackupsCommand::Download { id, backup, file } => {
+            let out = file.unwrap_or_else(|| PathBuf::from(format!("{id}-{backup}.dump")));
             let size = client
                 .download(&format!("/v1/databases/{id}/backups/{backup}/download"), &out)
                 .await?;
-            println!("{}: {size} bytes, sha256 verified", out.display());
+            let answer = json!({"file": out, "bytes": size, "sha256_verified": true});
+            show(&answer, || println!("{}: {size} bytes, sha256 verified", out.display()));
         }
         BackupsCommand::Delete { id, backup } => {
-            let _: serde_json::Value = client
+            let answer: serde_json::Value = client
                 .call(Method::DELETE, &format!("/v1/databases/{id}/backups/{backup}"), None)
                 .await?;
-            println!("backup {backup} deleted");
+            show(&answer, || println!("backup {backup} deleted"));
         }
         BackupsCommand::Schedule { id, hour } => {
             let body = json!({ "hour_utc": hour });
-            let _: serde_json::Value = client
+            let answer: serde_json::Value = client
                 .call(Method::PUT, &format!("/v1/databases/{id}/backup-schedule"), Some(body))
                 .await?;
-            println!("{id}: daily backup at {hour:02}:00 UTC");
+            show(&answer, || println!("{id}: daily backup at {hour:02}:00 UTC"));
         }
     }
     Ok(())
@@ -586,24 +634,26 @@ async fn users(client: Client, command: UsersCommand) -> anyhow::Result<()> {
                     vec![u.name.clone(), access.into(), if u.default { "yes" } else { "" }.into()]
                 })
                 .collect::<Vec<_>>();
-            print_table(&["USER", "ACCESS", "DEFAULT"], &rows);
+            show(&users, || {
+                print_table(&["USER", "ACCESS", "DEFAULT"], &rows);
+            });
         }
         UsersCommand::Create { id, name, read_only } => {
             let body = json!({"name": name, "read_only": read_only});
             let user: UserWithPassword =
                 client.call(Method::POST, &format!("/v1/databases/{id}/users"), Some(body)).await?;
-            print_password(&user);
+            show(&user, || print_password(&user));
         }
         UsersCommand::Delete { id, name } => {
-            let _: serde_json::Value = client
+            let answer: serde_json::Value = client
                 .call(Method::DELETE, &format!("/v1/databases/{id}/users/{name}"), None)
                 .await?;
-            println!("user {name} deleted");
+            show(&answer, || println!("user {name} deleted"));
         }
         UsersCommand::ResetPassword { id, name } => {
             let path = format!("/v1/databases/{id}/users/{name}/reset-password");
             let user: UserWithPassword = client.call(Method::POST, &path, None).await?;
-            print_password(&user);
+            show(&user, || print_password(&user));
         }
     }
     Ok(())

@@ -50,6 +50,18 @@ impl LocalDriver {
         Ok(Self { bin, run_as, cgroups, uncontained: Mutex::default() })
     }
 
+    /// Whether the node's server answers (`pg_ctl status` says a server runs; `pg_isready`
+    /// says it accepts connections, unlike one that is shutting down).
+    fn accepts_connections(&self, node: &NodeSpec) -> bool {
+        let mut cmd = self.command(node, "pg_isready");
+        cmd.args(["-q", "-t", "2", "-h"])
+            .arg(&node.dir)
+            .args(["-p", &node.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd.status().is_ok_and(|s| s.success())
+    }
+
     /// The postmaster's process id, from its pid file.
     fn postmaster_pid(node: &NodeSpec) -> Option<u32> {
         fs::read_to_string(Self::data(node).join("postmaster.pid"))
@@ -294,6 +306,17 @@ impl NodeDriver for LocalDriver {
     }
 
     fn start(&self, node: &NodeSpec) -> Result<(), DriverError> {
+        // A postmaster still shutting down (a stop that an earlier control plane began and did
+        // not see through, say) holds the node's lock files: its end is waited for first.
+        if let Some(pid) = Self::postmaster_pid(node) {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while is_postgres(pid) && !self.accepts_connections(node) {
+                if std::time::Instant::now() > deadline {
+                    break; // pg_ctl says what holds the node.
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
         let prepared = self.prepare_container(node);
         let log = node.dir.join("postgres.log");
         let mut cmd = self.command(node, "pg_ctl");
@@ -487,6 +510,14 @@ fn disk_usage(dir: &Path) -> DiskUsage {
     let tables: u64 = ["base", "global"].iter().map(|d| walk(&data.join(d))).sum();
     let all = walk(dir);
     DiskUsage { data: tables, wal, other: all.saturating_sub(tables + wal) }
+}
+
+/// Whether process `pid` is alive and a PostgreSQL server process.
+fn is_postgres(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let zombie = stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'));
+        stat.contains("(postgres)") && !zombie
+    })
 }
 
 fn kill(pid: u32, signal: &str) {
