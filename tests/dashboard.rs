@@ -113,6 +113,12 @@ fn headers_and_forgery(control: &TestControl) {
         assert_eq!(r.header("cache-control"), Some("no-store"), "{path}");
         assert_eq!(r.header("x-content-type-options"), Some("nosniff"), "{path}");
     }
+    // The API's OpenAPI document is served (generated from the routes: control::api::doc).
+    let doc = http_request(control.addr, "GET", "/v1/openapi.json", None, None).unwrap();
+    assert_eq!(doc.status, 200, "{}", doc.body);
+    let doc = doc.json();
+    assert!(doc["paths"]["/v1/databases/{id}/stats/history"]["get"].is_object(), "{doc}");
+    assert!(doc["components"]["schemas"]["Database"].is_object(), "{doc}");
     // The page has no inline script for a CSP to allow: its scripts are files of this origin.
     let page = http_request(control.addr, "GET", "/dashboard/", None, None).unwrap().body;
     assert!(

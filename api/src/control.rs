@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// One plan of the catalogue (SPEC §3).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
     pub name: String,
@@ -19,6 +20,7 @@ pub struct Plan {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DatabaseStatus {
     Provisioning,
@@ -30,6 +32,7 @@ pub enum DatabaseStatus {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum NodeRole {
     Primary,
@@ -37,6 +40,7 @@ pub enum NodeRole {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Node {
     pub name: String,
     pub role: NodeRole,
@@ -50,11 +54,13 @@ pub struct Node {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TlsSettings {
     pub force: bool,
 }
 
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Database {
     pub id: String,
     pub name: String,
@@ -72,6 +78,7 @@ pub struct Database {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateDatabase {
     pub name: String,
@@ -83,6 +90,7 @@ pub struct CreateDatabase {
 
 /// One PostgreSQL build installed on the host (`GET /v1/engines`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Engine {
     /// Full version, `15.18`.
     pub version: String,
@@ -94,6 +102,7 @@ pub struct Engine {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum OperationStatus {
     Pending,
@@ -103,6 +112,7 @@ pub enum OperationStatus {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Operation {
     pub id: String,
     /// `provision`, `destroy`, ...
@@ -116,12 +126,14 @@ pub struct Operation {
 
 /// Answer of `POST /v1/databases` and of other calls that start an operation on a database.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DatabaseOperation {
     pub database: Database,
     pub operation: Operation,
 }
 
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Env {
     #[serde(rename = "DATABASE_URL")]
     pub database_url: String,
@@ -133,6 +145,7 @@ pub struct Env {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct User {
     pub name: String,
     pub read_only: bool,
@@ -141,6 +154,7 @@ pub struct User {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
     pub name: String,
@@ -150,6 +164,7 @@ pub struct CreateUser {
 
 /// A user with its password: answered once, at creation or reset.
 #[derive(Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UserWithPassword {
     #[serde(flatten)]
     pub user: User,
@@ -158,6 +173,7 @@ pub struct UserWithPassword {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SetTls {
     pub force: bool,
@@ -165,6 +181,7 @@ pub struct SetTls {
 
 /// Body of `PATCH /v1/databases/{id}`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ChangeDatabase {
     pub plan: String,
@@ -172,6 +189,7 @@ pub struct ChangeDatabase {
 
 /// Body of `POST /v1/databases/{id}/engine-upgrade`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EngineUpgrade {
     pub version: String,
@@ -182,6 +200,7 @@ pub struct EngineUpgrade {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Event {
     pub at: String,
     pub kind: String,
@@ -189,6 +208,7 @@ pub struct Event {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum BackupKind {
     Daily,
@@ -196,6 +216,7 @@ pub enum BackupKind {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum BackupStatus {
     Running,
@@ -205,6 +226,7 @@ pub enum BackupStatus {
 
 /// One logical backup, as stored and as the API shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Backup {
     pub id: String,
     pub database_id: String,
@@ -222,6 +244,7 @@ pub struct Backup {
 
 /// Answer of `POST /v1/databases/{id}/backups`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BackupOperation {
     pub backup: Backup,
     pub operation: Operation,
@@ -229,6 +252,7 @@ pub struct BackupOperation {
 
 /// Answer of `GET /v1/databases/{id}/pitr`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PitrWindow {
     /// RFC 3339.
     pub earliest: String,
@@ -312,6 +336,7 @@ mod tests {
 /// Answer of `GET /v1/databases/{id}/stats` (SPEC §7): bytes, percent of one CPU, seconds;
 /// `null` where a figure is not known. Every group of figures carries when it was read.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Stats {
     pub database: String,
     /// RFC 3339: when this sample was taken.
@@ -324,6 +349,7 @@ pub struct Stats {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeStats {
     pub name: String,
     pub role: NodeRole,
@@ -342,6 +368,7 @@ pub struct NodeStats {
 /// The node's resource container: its kind, or why the node runs without one (or without a
 /// limit).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Container {
     /// `"v1"` or `"v2"` (cgroup version); `null` without a container.
     pub cgroup: Option<String>,
@@ -352,6 +379,7 @@ pub struct Container {
 /// Bytes in use now, the most since the node last started, and the container's limit (`null`:
 /// none).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Usage {
     pub current: Option<u64>,
     pub highest: Option<u64>,
@@ -359,6 +387,7 @@ pub struct Usage {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Connections {
     /// Client sessions open on the node.
     pub open: u64,
@@ -367,6 +396,7 @@ pub struct Connections {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Lag {
     /// WAL the standby has yet to replay.
     pub bytes: u64,
@@ -377,6 +407,7 @@ pub struct Lag {
 
 /// Bytes on disk: tables and indexes, WAL, the rest.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DiskStats {
     pub data: u64,
     pub wal: u64,
@@ -385,6 +416,7 @@ pub struct DiskStats {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SizeStats {
     pub sampled_at: String,
     /// `pg_database_size` of the database, on its primary.
@@ -394,6 +426,7 @@ pub struct SizeStats {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BackupStats {
     pub sampled_at: String,
     /// RFC 3339: when the last successful backup finished.
@@ -405,6 +438,7 @@ pub struct BackupStats {
 /// samples, the mean of its samples, as one array per figure (`null` where no sample of the
 /// step had it), aligned with `at`: ready for charts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StatsHistory {
     pub database: String,
     /// RFC 3339.
@@ -424,6 +458,7 @@ pub struct StatsHistory {
 
 /// One node's figures over time (bytes, percent of one CPU, seconds).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeSeries {
     pub name: String,
     pub cpu_percent: Vec<Option<f64>>,

@@ -8,6 +8,7 @@
 mod backups;
 mod dashboard;
 mod databases;
+mod doc;
 pub mod error;
 mod ha;
 mod operations;
@@ -20,9 +21,10 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::header;
+use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
+use axum::routing::{delete, get, patch, post, put, MethodRouter};
 use axum::{Json, Router};
 use pgwarden_api::control::DatabaseStatus;
 use serde::de::DeserializeOwned;
@@ -42,43 +44,306 @@ pub struct ApiState {
 
 type AppState = State<Arc<ApiState>>;
 
-pub fn router(state: Arc<ApiState>) -> Router {
-    let authed = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/v1/plans", get(databases::list_plans))
-        .route("/v1/engines", get(databases::engines))
-        .route("/v1/databases", get(databases::list).post(databases::create))
-        .route(
+/// One route: where, what, who may call it, and what it takes and answers (for the OpenAPI
+/// document, `doc.rs`). The router and the document are both built from [`routes`].
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    pub summary: &'static str,
+    /// Served without the bearer token (the dashboard's files, health): they hold no data.
+    pub public: bool,
+    pub request: Body,
+    pub response: (u16, Body),
+    handler: MethodRouter<Arc<ApiState>>,
+}
+
+/// A request or response body, as the document describes it.
+#[derive(Clone, Copy, Debug)]
+pub enum Body {
+    None,
+    /// JSON of the named schema (a type of `pgwarden_api`).
+    Schema(&'static str),
+    ArrayOf(&'static str),
+    /// JSON not described by a schema.
+    Json,
+    /// Bytes of this media type.
+    Bytes(&'static str),
+}
+
+/// Every route of the control plane.
+pub fn routes() -> Vec<Route> {
+    use Body::{ArrayOf, Bytes as Raw, Json as AnyJson, Schema};
+    let route =
+        |method: Method, path, summary, request, response, handler: MethodRouter<Arc<ApiState>>| {
+            Route { method, path, summary, public: false, request, response, handler }
+        };
+    let public = |path, summary, media, handler| Route {
+        public: true,
+        ..route(Method::GET, path, summary, Body::None, (200, Raw(media)), handler)
+    };
+    let (get_, post_, put_, patch_, delete_) =
+        (Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE);
+    let op = Schema("DatabaseOperation");
+    vec![
+        Route {
+            public: true,
+            ..route(get_.clone(), "/health", "Liveness", Body::None, (200, AnyJson), get(health))
+        },
+        public("/", "Redirects to the dashboard", "text/html", get(dashboard::root)),
+        public("/dashboard/", "The dashboard's page", "text/html", get(dashboard::index)),
+        public(
+            "/dashboard/app.js",
+            "The dashboard's script",
+            "text/javascript",
+            get(dashboard::app_js),
+        ),
+        public("/dashboard/app.css", "The dashboard's styles", "text/css", get(dashboard::app_css)),
+        public(
+            "/dashboard/uplot.js",
+            "uPlot (charts)",
+            "text/javascript",
+            get(dashboard::uplot_js),
+        ),
+        public("/dashboard/uplot.css", "uPlot's styles", "text/css", get(dashboard::uplot_css)),
+        public("/v1/openapi.json", "This document", "application/json", get(doc::serve)),
+        route(
+            get_.clone(),
+            "/metrics",
+            "Prometheus metrics",
+            Body::None,
+            (200, Raw("text/plain")),
+            get(metrics),
+        ),
+        route(
+            get_.clone(),
+            "/v1/plans",
+            "The plans",
+            Body::None,
+            (200, ArrayOf("Plan")),
+            get(databases::list_plans),
+        ),
+        route(
+            get_.clone(),
+            "/v1/engines",
+            "The PostgreSQL builds installed",
+            Body::None,
+            (200, ArrayOf("Engine")),
+            get(databases::engines),
+        ),
+        route(
+            get_.clone(),
+            "/v1/databases",
+            "The databases",
+            Body::None,
+            (200, ArrayOf("Database")),
+            get(databases::list),
+        ),
+        route(
+            post_.clone(),
+            "/v1/databases",
+            "Provision a database",
+            Schema("CreateDatabase"),
+            (202, op),
+            post(databases::create),
+        ),
+        route(
+            get_.clone(),
             "/v1/databases/{id}",
-            get(databases::show).delete(databases::destroy).patch(databases::change),
-        )
-        .route("/v1/databases/{id}/env", get(databases::env))
-        .route("/v1/databases/{id}/engine-upgrade", post(databases::upgrade_engine))
-        .route("/v1/databases/{id}/tls", put(databases::set_tls))
-        .route("/v1/databases/{id}/events", get(databases::events))
-        .route("/v1/databases/{id}/stats", get(databases::stats))
-        .route("/v1/databases/{id}/stats/history", get(databases::stats_history))
-        .route("/v1/databases/{id}/users", get(users::list).post(users::create))
-        .route("/v1/databases/{id}/users/{name}", delete(users::delete))
-        .route("/v1/databases/{id}/users/{name}/reset-password", post(users::reset_password))
-        .route("/v1/databases/{id}/failover", post(ha::failover))
-        .route("/v1/databases/{id}/switchover", post(ha::switchover))
-        .route("/v1/databases/{id}/backups", get(backups::list).post(backups::create))
-        .route("/v1/databases/{id}/backups/{backup}", delete(backups::delete))
-        .route("/v1/databases/{id}/backups/{backup}/download", get(backups::download))
-        .route("/v1/databases/{id}/backup-schedule", put(backups::set_schedule))
-        .route("/v1/databases/{id}/pitr", get(pitr::window))
-        .route("/v1/databases/{id}/restore", post(pitr::restore))
-        .route("/v1/operations/{id}", get(operations::show))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
-    Router::new()
-        .route("/health", get(health))
-        .route("/", get(dashboard::root))
-        .route("/dashboard/", get(dashboard::index))
-        .route("/dashboard/app.js", get(dashboard::app_js))
-        .route("/dashboard/app.css", get(dashboard::app_css))
-        .route("/dashboard/uplot.js", get(dashboard::uplot_js))
-        .route("/dashboard/uplot.css", get(dashboard::uplot_css))
+            "One database",
+            Body::None,
+            (200, Schema("Database")),
+            get(databases::show),
+        ),
+        route(
+            delete_.clone(),
+            "/v1/databases/{id}",
+            "Destroy a database",
+            Body::None,
+            (202, op),
+            delete(databases::destroy),
+        ),
+        route(
+            patch_,
+            "/v1/databases/{id}",
+            "Change the plan",
+            Schema("ChangeDatabase"),
+            (202, op),
+            patch(databases::change),
+        ),
+        route(
+            get_.clone(),
+            "/v1/databases/{id}/env",
+            "The environment for the application",
+            Body::None,
+            (200, Schema("Env")),
+            get(databases::env),
+        ),
+        route(
+            post_.clone(),
+            "/v1/databases/{id}/engine-upgrade",
+            "Upgrade the engine",
+            Schema("EngineUpgrade"),
+            (202, op),
+            post(databases::upgrade_engine),
+        ),
+        route(
+            put_.clone(),
+            "/v1/databases/{id}/tls",
+            "Require TLS or not",
+            Schema("SetTls"),
+            (200, Schema("Database")),
+            put(databases::set_tls),
+        ),
+        route(
+            get_.clone(),
+            "/v1/databases/{id}/events",
+            "The database's history",
+            Body::None,
+            (200, ArrayOf("Event")),
+            get(databases::events),
+        ),
+        route(
+            get_.clone(),
+            "/v1/databases/{id}/stats",
+            "The latest stats",
+            Body::None,
+            (200, Schema("Stats")),
+            get(databases::stats),
+        ),
+        route(
+            get_.clone(),
+            "/v1/databases/{id}/stats/history",
+            "Stats over time (query: since, until, step)",
+            Body::None,
+            (200, Schema("StatsHistory")),
+            get(databases::stats_history),
+        ),
+        route(
+            get_.clone(),
+            "/v1/databases/{id}/users",
+            "The users",
+            Body::None,
+            (200, ArrayOf("User")),
+            get(users::list),
+        ),
+        route(
+            post_.clone(),
+            "/v1/databases/{id}/users",
+            "Create a user",
+            Schema("CreateUser"),
+            (201, Schema("UserWithPassword")),
+            post(users::create),
+        ),
+        route(
+            delete_.clone(),
+            "/v1/databases/{id}/users/{name}",
+            "Delete a user",
+            Body::None,
+            (204, Body::None),
+            delete(users::delete),
+        ),
+        route(
+            post_.clone(),
+            "/v1/databases/{id}/users/{name}/reset-password",
+            "A new password",
+            Body::None,
+            (200, Schema("UserWithPassword")),
+            post(users::reset_password),
+        ),
+        route(
+            post_.clone(),
+            "/v1/databases/{id}/failover",
+            "Promote the standby now",
+            Body::None,
+            (202, op),
+            post(ha::failover),
+        ),
+        route(
+            post_.clone(),
+            "/v1/databases/{id}/switchover",
+            "Planned primary change (body: {\"target\"} optional)",
+            AnyJson,
+            (202, op),
+            post(ha::switchover),
+        ),
+        route(
+            get_.clone(),
+            "/v1/databases/{id}/backups",
+            "The backups",
+            Body::None,
+            (200, ArrayOf("Backup")),
+            get(backups::list),
+        ),
+        route(
+            post_.clone(),
+            "/v1/databases/{id}/backups",
+            "Back up now",
+            Body::None,
+            (202, Schema("BackupOperation")),
+            post(backups::create),
+        ),
+        route(
+            delete_,
+            "/v1/databases/{id}/backups/{backup}",
+            "Delete a backup",
+            Body::None,
+            (204, Body::None),
+            delete(backups::delete),
+        ),
+        route(
+            get_.clone(),
+            "/v1/databases/{id}/backups/{backup}/download",
+            "The backup's archive (pg_dump custom format)",
+            Body::None,
+            (200, Raw("application/octet-stream")),
+            get(backups::download),
+        ),
+        route(
+            put_,
+            "/v1/databases/{id}/backup-schedule",
+            "The daily backup hour (body: {\"hour_utc\"})",
+            AnyJson,
+            (200, AnyJson),
+            put(backups::set_schedule),
+        ),
+        route(
+            get_.clone(),
+            "/v1/databases/{id}/pitr",
+            "The point-in-time recovery window",
+            Body::None,
+            (200, Schema("PitrWindow")),
+            get(pitr::window),
+        ),
+        route(
+            post_,
+            "/v1/databases/{id}/restore",
+            "Restore to a time (body: {\"target_time\"})",
+            AnyJson,
+            (202, op),
+            post(pitr::restore),
+        ),
+        route(
+            get_,
+            "/v1/operations/{id}",
+            "An operation's progress",
+            Body::None,
+            (200, Schema("Operation")),
+            get(operations::show),
+        ),
+    ]
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    let (mut authed, mut public) = (Router::new(), Router::new());
+    for route in routes() {
+        if route.public {
+            public = public.route(route.path, route.handler);
+        } else {
+            authed = authed.route(route.path, route.handler);
+        }
+    }
+    let authed = authed.route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    public
         .merge(authed)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -319,6 +319,22 @@ mod tests {
         assert!(Cgroups::locate("0::/\n", "").is_err());
     }
 
+    /// Where the group cannot be made (an unprivileged run, a read-only hierarchy), nodes run
+    /// without one and the reason is kept for the stats.
+    #[test]
+    fn an_unwritable_hierarchy_leaves_nodes_unlimited_with_the_reason() {
+        let groups =
+            Cgroups::V1 { memory: PathBuf::from("/proc/pgwarden-no-such/pgwarden"), cpuacct: None }
+                .prepared();
+        let why = groups.unavailable().expect("unavailable");
+        assert!(why.starts_with("cannot make /proc/pgwarden-no-such/pgwarden"), "{why}");
+        assert_eq!(groups.version(), None);
+        assert!(groups.usage("node").is_none());
+        assert!(groups.create("node", 1 << 28).is_ok(), "nothing to make");
+        let v2 = Cgroups::V2 { base: PathBuf::from("/proc/pgwarden-no-such/pgwarden") }.prepared();
+        assert!(v2.unavailable().is_some());
+    }
+
     fn write_files(dir: &Path, files: &[(&str, &str)]) {
         fs::create_dir_all(dir).unwrap();
         for (file, text) in files {
