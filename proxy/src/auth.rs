@@ -38,6 +38,10 @@ pub enum AuthError {
     /// The node refused the session; its ErrorResponse was relayed to the client.
     #[error("node refused the session")]
     Refused,
+    /// The node refused a session the proxy opened for itself (transaction pooling): its
+    /// SQLSTATE and message.
+    #[error("the node refused the session: {code} {message}")]
+    NodeRefused { code: String, message: String },
     #[error("the node did not answer in time")]
     NodeTimeout,
     #[error("the client did not answer in time")]
@@ -279,7 +283,17 @@ pub async fn log_in_node(
         match msg_tag {
             tag::BACKEND_KEY_DATA if len == 13 => out.key = Some(key_of(&message)),
             tag::READY_FOR_QUERY if inbuf.is_empty() => return Ok(out),
-            tag::ERROR_RESPONSE => return Err(AuthError::Refused),
+            tag::ERROR_RESPONSE => {
+                // Fields: a type byte and a C string each; `C` is the SQLSTATE, `M` the message.
+                let field = |kind: u8| {
+                    message[5..]
+                        .split(|b| *b == 0)
+                        .find(|f| f.first() == Some(&kind))
+                        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+                        .unwrap_or_default()
+                };
+                return Err(AuthError::NodeRefused { code: field(b'C'), message: field(b'M') });
+            }
             tag::AUTHENTICATION if len >= 9 => {
                 let code = i32::from_be_bytes(message[5..9].try_into().expect("9 bytes"));
                 let binding = end_point.as_deref().map_or(Binding::None, Binding::Tls);

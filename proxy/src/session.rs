@@ -327,7 +327,9 @@ async fn start_session(
                         let message = "invalid authentication message from the client";
                         refuse(&mut stream, SqlState::ProtocolViolation, message).await;
                     }
-                    AuthError::NodeScram(_) | AuthError::NodeMethod(_) => {
+                    AuthError::NodeScram(_)
+                    | AuthError::NodeMethod(_)
+                    | AuthError::NodeRefused { .. } => {
                         metrics.rejected(Rejection::NodeLogin);
                         warn!(node = %route.primary, error = %e, "could not log in to the node");
                         let message = format!(
