@@ -195,6 +195,10 @@ async fn stats_show_the_container_sessions_and_sizes_and_follow_a_plan_change() 
     // Coarser steps average: fewer points.
     let coarse = history(&control, &id, "?step=3600").await.json();
     assert!(coarse["at"].as_array().unwrap().len() <= 2, "{coarse}");
+    // A step longer than the range (even the largest number) gives at most one point.
+    let huge = history(&control, &id, "?step=18446744073709551615").await;
+    assert_eq!(huge.status, 200, "{}", huge.body);
+    assert!(huge.json()["at"].as_array().unwrap().len() <= 1, "{}", huge.body);
     // Wrong queries get a 400 that says why.
     for (query, code) in [
         ("?since=yesterday", "invalid_query"),

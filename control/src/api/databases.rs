@@ -359,12 +359,19 @@ pub async fn stats_history(
     };
     let until =
         time("until", query.until.as_deref())?.unwrap_or_else(time::OffsetDateTime::now_utc);
-    let since = time("since", query.since.as_deref())?.unwrap_or(until - Duration::from_secs(3600));
+    let since = match time("since", query.since.as_deref())? {
+        Some(since) => since,
+        None => until.checked_sub(time::Duration::HOUR).ok_or_else(|| {
+            ApiError::bad_request("invalid_query", "until is too early to go back an hour from")
+        })?,
+    };
     if since >= until {
         return Err(ApiError::bad_request("invalid_query", "since must be before until"));
     }
     let span = (until - since).whole_seconds().max(1) as u64;
-    let step = query.step.unwrap_or_else(|| span.div_ceil(360)).max(1);
+    // A step longer than the range gives one point: it is capped there (a huge one would
+    // overflow the arithmetic of the buckets).
+    let step = query.step.unwrap_or_else(|| span.div_ceil(360)).clamp(1, span);
     let steps = span.div_ceil(step);
     if steps > crate::stats::history::MAX_STEPS {
         return Err(ApiError::bad_request(

@@ -31,43 +31,46 @@ use crate::state::{DatabaseRecord, NodeRecord};
 pub struct Sampler {
     pub history: history::History,
     latest: Mutex<HashMap<String, Stats>>,
-    /// Per node: when its CPU time was last read, and that time (ns).
-    cpu: Mutex<HashMap<String, (Instant, u64)>>,
-    /// Per node: the OOM kills its container had counted at the last sample.
-    oom_kills: Mutex<HashMap<String, u64>>,
+    /// Per node: what its container read at the previous sample.
+    readings: Mutex<HashMap<String, Reading>>,
+}
+
+#[derive(Default)]
+struct Reading {
+    /// When its CPU time was read, and that time (ns).
+    cpu: Option<(Instant, u64)>,
+    /// The OOM kills its container had counted.
+    oom_kills: Option<u64>,
 }
 
 impl Sampler {
     pub fn new(history: history::History) -> Self {
-        Self {
-            history,
-            latest: Mutex::default(),
-            cpu: Mutex::default(),
-            oom_kills: Mutex::default(),
-        }
+        Self { history, latest: Mutex::default(), readings: Mutex::default() }
     }
 
     pub fn latest(&self, id: &str) -> Option<Stats> {
         self.latest.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
     }
 
-    /// CPU percent of one CPU since the node's previous reading.
-    fn cpu_percent(&self, node: &str, now_ns: Option<u64>) -> Option<f64> {
-        let now_ns = now_ns?;
-        let mut cpu = self.cpu.lock().unwrap_or_else(|e| e.into_inner());
-        let previous = cpu.insert(node.to_owned(), (Instant::now(), now_ns));
-        let (at, then_ns) = previous?;
-        let wall = at.elapsed().as_nanos() as f64;
-        // A container made anew (the node restarted) counts from zero.
-        (now_ns >= then_ns && wall > 0.0).then(|| (now_ns - then_ns) as f64 * 100.0 / wall)
-    }
-
-    /// How many kills the container counted since the previous sample (none at the first).
-    fn new_oom_kills(&self, node: &str, count: Option<u64>) -> u64 {
-        let Some(count) = count else { return 0 };
-        let mut kills = self.oom_kills.lock().unwrap_or_else(|e| e.into_inner());
-        let before = kills.insert(node.to_owned(), count);
-        before.map_or(0, |before| count.saturating_sub(before))
+    /// Records `node`'s container readings; returns its CPU percent of one CPU since the
+    /// previous reading and how many OOM kills it counted since (none at the first).
+    fn compare(
+        &self,
+        node: &str,
+        cpu_ns: Option<u64>,
+        oom_kills: Option<u64>,
+    ) -> (Option<f64>, u64) {
+        let now = Reading { cpu: cpu_ns.map(|ns| (Instant::now(), ns)), oom_kills };
+        let mut readings = self.readings.lock().unwrap_or_else(|e| e.into_inner());
+        let before = readings.insert(node.to_owned(), now).unwrap_or_default();
+        let cpu = cpu_ns.zip(before.cpu).and_then(|(now_ns, (at, then_ns))| {
+            let wall = at.elapsed().as_nanos() as f64;
+            // A container made anew (the node restarted) counts from zero.
+            (now_ns >= then_ns && wall > 0.0).then(|| (now_ns - then_ns) as f64 * 100.0 / wall)
+        });
+        let kills =
+            oom_kills.zip(before.oom_kills).map_or(0, |(now, then)| now.saturating_sub(then));
+        (cpu, kills)
     }
 }
 
@@ -107,6 +110,14 @@ pub async fn run(
                 latest.insert(stats.database.clone(), stats);
             }
         }
+        // Nodes that are gone (replaced, removed) leave no readings behind.
+        let nodes: Vec<&str> =
+            databases.iter().flat_map(|d| d.nodes.iter().map(|n| n.name.as_str())).collect();
+        sampler
+            .readings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|node, _| nodes.contains(&node.as_str()));
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
@@ -126,10 +137,15 @@ pub async fn sample(
     db: &DatabaseRecord,
 ) -> Stats {
     let mut nodes = Vec::new();
+    let mut logical = None;
     for node in db.nodes.iter().filter(|n| !n.fenced) {
-        nodes.push(node_stats(platform, sampler, db, node).await);
+        let (stats, size) = node_stats(platform, sampler, db, node).await;
+        logical = logical.or(size);
+        nodes.push(stats);
     }
-    let size = size(platform, db, nodes.iter().find(|n| n.role == NodeRole::Primary)).await;
+    let primary = nodes.iter().find(|n| n.role == NodeRole::Primary);
+    let size =
+        SizeStats { sampled_at: now_rfc3339(), logical, disk: primary.map(|p| p.disk.clone()) };
     let pitr = crate::pitr::restore::window(platform, heartbeats, db).await.ok().map(
         |(earliest, latest)| PitrWindow { earliest: rfc3339(earliest), latest: rfc3339(latest) },
     );
@@ -143,12 +159,13 @@ pub async fn sample(
     }
 }
 
+/// One node's figures, and the database's logical size when the node is the primary.
 async fn node_stats(
     platform: &Arc<Platform>,
     sampler: &Sampler,
     db: &DatabaseRecord,
     node: &NodeRecord,
-) -> NodeStats {
+) -> (NodeStats, Option<u64>) {
     let spec = platform.node_spec(node);
     let driver = platform.driver.clone();
     let resources = {
@@ -157,7 +174,7 @@ async fn node_stats(
     };
     let NodeResources { usage, cgroup, unlimited, disk } = resources;
     let usage = usage.unwrap_or_default();
-    let kills = sampler.new_oom_kills(&node.name, usage.oom_kills);
+    let (cpu_percent, kills) = sampler.compare(&node.name, usage.cpu_ns, usage.oom_kills);
     if kills > 0 {
         platform.event(
             &db.id,
@@ -170,30 +187,41 @@ async fn node_stats(
             ),
         );
     }
-    let (connections, replication_lag) = sessions(platform, &spec, node.role).await;
+    let Live { connections, lag: replication_lag, logical } =
+        live(platform, &spec, node.role, &db.name).await;
     let triple =
         |t: &cgroup::Triple| Usage { current: t.current, highest: t.highest, limit: t.limit };
-    NodeStats {
+    let stats = NodeStats {
         name: node.name.clone(),
         role: node.role,
         sampled_at: now_rfc3339(),
         container: Container { cgroup: cgroup.map(str::to_owned), unlimited_reason: unlimited },
-        cpu_percent: sampler.cpu_percent(&node.name, usage.cpu_ns),
+        cpu_percent,
         memory: triple(&usage.memory),
         swap: triple(&usage.swap),
         connections,
         replication_lag,
         disk: disk_stats(disk),
-    }
+    };
+    (stats, logical)
 }
 
-/// Sessions open against `max_connections`, and a standby's lag, from the node itself.
-async fn sessions(
+/// What one session on the node reads: sessions open against `max_connections`; a standby's
+/// lag; the primary's `pg_database_size` of `database`.
+#[derive(Default)]
+struct Live {
+    connections: Option<Connections>,
+    lag: Option<Lag>,
+    logical: Option<u64>,
+}
+
+async fn live(
     platform: &Platform,
     spec: &crate::nodes::NodeSpec,
     role: NodeRole,
-) -> (Option<Connections>, Option<Lag>) {
-    let Ok(session) = platform.session(spec, "postgres").await else { return (None, None) };
+    database: &str,
+) -> Live {
+    let Ok(session) = platform.session(spec, "postgres").await else { return Live::default() };
     let connections = session
         .query_one(
             "SELECT count(*) FILTER (WHERE backend_type = 'client backend' \
@@ -207,6 +235,14 @@ async fn sessions(
             open: row.get::<_, i64>(0).max(0) as u64,
             max: row.get::<_, i64>(1).max(0) as u64,
         });
+    let logical = match role {
+        NodeRole::Primary => session
+            .query_one("SELECT pg_database_size($1)::int8", &[&database])
+            .await
+            .ok()
+            .map(|row| row.get::<_, i64>(0).max(0) as u64),
+        NodeRole::Replica => None,
+    };
     let lag = match role {
         NodeRole::Primary => None,
         NodeRole::Replica => session
@@ -225,22 +261,7 @@ async fn sessions(
                 seconds: row.get::<_, f64>(1).max(0.0),
             }),
     };
-    (connections, lag)
-}
-
-async fn size(platform: &Platform, db: &DatabaseRecord, primary: Option<&NodeStats>) -> SizeStats {
-    let logical = match db.primary() {
-        Some(node) => match platform.session(&platform.node_spec(node), "postgres").await {
-            Ok(session) => session
-                .query_one("SELECT pg_database_size($1)::int8", &[&db.name])
-                .await
-                .ok()
-                .map(|row| row.get::<_, i64>(0).max(0) as u64),
-            Err(_) => None,
-        },
-        None => None,
-    };
-    SizeStats { sampled_at: now_rfc3339(), logical, disk: primary.map(|p| p.disk.clone()) }
+    Live { connections, lag, logical }
 }
 
 fn backups(platform: &Platform, db: &DatabaseRecord) -> BackupStats {
