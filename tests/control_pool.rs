@@ -6,41 +6,65 @@ use std::time::Duration;
 use pgwarden_e2e::{psql, TestControl};
 use tokio_postgres::NoTls;
 
-/// Runs pgbench `-M prepared` (8 clients, 10 s) on `pooled` and, 2 s in, the operation
-/// `request` starts (a 202 with an operation that must succeed); asserts that pgbench saw no
-/// failed transaction and no aborted client.
-async fn pgbench_across(
-    control: &TestControl,
-    pooled: &str,
-    (method, path, body): (&str, String, Option<serde_json::Value>),
-) {
-    let pgbench = pgwarden_e2e::pg_bin("pgbench");
-    let init = std::process::Command::new(&pgbench).args(["-i", "-q", pooled]).output().unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    let run = std::process::Command::new(&pgbench)
-        .args(["-M", "prepared", "-c", "8", "-j", "8", "-T", "10", pooled])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let r = control.request(method, &path, body).await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
-    assert_eq!(op["status"], "succeeded", "{op}");
-    let out = tokio::task::spawn_blocking(move || run.wait_with_output()).await.unwrap().unwrap();
-    let (stdout, stderr) =
-        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    println!("{stdout}\n{stderr}");
-    assert!(out.status.success(), "pgbench failed: {stdout} {stderr}");
-    assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
-    assert!(!stderr.contains("aborted"), "{stderr}");
-    let processed = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-        .and_then(|n| n.trim().parse::<u64>().ok())
-        .expect("processed");
-    assert!(processed > 100, "{stdout}");
+/// A pgbench run through a pooled URL, and the operation that starts 2 s into it.
+struct Across<'a> {
+    pooled: &'a str,
+    clients: u32,
+    seconds: u32,
+    /// SQL run after `pgbench -i`, before the run.
+    prepare: &'a str,
+}
+
+impl Across<'_> {
+    fn new(pooled: &str) -> Across<'_> {
+        Across { pooled, clients: 8, seconds: 10, prepare: "" }
+    }
+
+    /// Runs pgbench `-M prepared` and, 2 s in, the operation `request` (a 202 with an
+    /// operation that must succeed while pgbench still runs); asserts that pgbench saw no failed
+    /// transaction and no aborted client.
+    async fn run(
+        &self,
+        control: &TestControl,
+        (method, path, body): (&str, String, Option<serde_json::Value>),
+    ) {
+        let pgbench = pgwarden_e2e::pg_bin("pgbench");
+        let init =
+            std::process::Command::new(&pgbench).args(["-i", "-q", self.pooled]).output().unwrap();
+        assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+        if !self.prepare.is_empty() {
+            let out = psql(self.pooled, None, self.prepare);
+            assert!(out.success, "{}", out.stderr);
+        }
+        let (clients, seconds) = (self.clients.to_string(), self.seconds.to_string());
+        let mut run = std::process::Command::new(&pgbench)
+            .args(["-M", "prepared", "-c", &clients, "-j", "8", "-T", &seconds, self.pooled])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let r = control.request(method, &path, body).await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+        assert_eq!(op["status"], "succeeded", "{op}");
+        let ran_through = run.try_wait().unwrap().is_none();
+        let out =
+            tokio::task::spawn_blocking(move || run.wait_with_output()).await.unwrap().unwrap();
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        println!("{stdout}\n{stderr}");
+        assert!(ran_through, "the operation ended after pgbench: {op}");
+        assert!(out.status.success(), "pgbench failed: {stdout} {stderr}");
+        assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
+        assert!(!stderr.contains("aborted"), "{stderr}");
+        let processed = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .expect("processed");
+        assert!(processed > 100, "{stdout}");
+    }
 }
 
 /// `DATABASE_POOL_URL` of database `id`.
@@ -103,7 +127,7 @@ async fn pgbench_prepared_through_the_pooled_url_does_not_notice_a_switchover() 
     control.wait_synchronous(&id, "a synchronous standby").await;
     let pooled = pool_url(&control, &id).await;
     let switchover = ("POST", format!("/v1/databases/{id}/switchover"), None);
-    pgbench_across(&control, &pooled, switchover).await;
+    Across::new(&pooled).run(&control, switchover).await;
 }
 
 /// Unplanned failover (kill -9 of the primary): the pooled client's connection stays open, the
@@ -164,14 +188,22 @@ async fn a_pooled_client_keeps_its_connection_through_a_failover() {
     assert!(lost.is_empty(), "acknowledged inserts lost: {lost:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pgbench_prepared_through_the_pooled_url_does_not_notice_a_plan_change() {
+/// `clients` pgbench clients through the pooled URL of a database of plan `from` while it
+/// changes to plan `to`.
+async fn plan_change_under_pgbench(name: &str, from: &str, to: &str, clients: u32) {
     let control = TestControl::start().await;
-    let (_, id, _) = control.create_routed_database("growing", "postgresql-business-512").await;
+    let (_, id, _) = control.create_routed_database(name, from).await;
     control.wait_synchronous(&id, "a synchronous standby").await;
     let pooled = pool_url(&control, &id).await;
-    let body = serde_json::json!({"plan": "postgresql-business-1024"});
-    pgbench_across(&control, &pooled, ("PATCH", format!("/v1/databases/{id}"), Some(body))).await;
+    let body = serde_json::json!({ "plan": to });
+    let across = Across { clients, ..Across::new(&pooled) };
+    across.run(&control, ("PATCH", format!("/v1/databases/{id}"), Some(body))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_through_the_pooled_url_does_not_notice_a_plan_change() {
+    plan_change_under_pgbench("growing", "postgresql-business-512", "postgresql-business-1024", 8)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,5 +228,43 @@ async fn pgbench_prepared_through_the_pooled_url_does_not_notice_a_minor_upgrade
     let pooled = pool_url(&control, &id).await;
     let upgrade = serde_json::json!({"version": newer});
     let path = format!("/v1/databases/{id}/engine-upgrade");
-    pgbench_across(&control, &pooled, ("POST", path, Some(upgrade))).await;
+    Across::new(&pooled).run(&control, ("POST", path, Some(upgrade))).await;
+}
+
+/// A lower plan shrinks the pool with the routing epoch: 64 pooled clients of business-1024
+/// (80 connections) keep running while the plan goes down to business-512 (60), and no server
+/// connection the pool opens is refused by a node for lack of slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_through_the_pooled_url_does_not_notice_a_lower_plan() {
+    let (from, to) = ("postgresql-business-1024", "postgresql-business-512");
+    plan_change_under_pgbench("shrinking", from, to, 64).await;
+}
+
+/// A major upgrade (PostgreSQL 15 to 18, logical replication then a held swap to the new
+/// cluster) under pgbench `-M prepared` through the pooled URL: the clients' prepared
+/// statements are prepared again on the new cluster's connections, nothing fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_through_the_pooled_url_does_not_notice_a_major_upgrade() {
+    let Some(engines) = pgwarden_e2e::engines_dir() else {
+        println!("SKIPPED: no engines directory (run scripts/setup.sh)");
+        return;
+    };
+    let control = TestControl::start_full(Vec::new(), Vec::new(), "data", Some(engines)).await;
+    let engines = control.request("GET", "/v1/engines", None).await.json();
+    let newest = engines.as_array().unwrap().iter().find(|e| e["major"] == 18).cloned();
+    let Some(v18) = newest else {
+        println!("SKIPPED: no PostgreSQL 18 build installed (scripts/setup.sh --engines)");
+        return;
+    };
+    let (_, id, url) = control.create_routed_database("major", "postgresql-business-512").await;
+    control.wait_synchronous(&id, "a synchronous standby").await;
+    let pooled = pool_url(&control, &id).await;
+    let upgrade = serde_json::json!({"version": v18["version"]});
+    let path = format!("/v1/databases/{id}/engine-upgrade");
+    // Logical replication needs a key on every table pgbench changes.
+    let prepare = "ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY";
+    let across = Across { seconds: 60, prepare, ..Across::new(&pooled) };
+    across.run(&control, ("POST", path, Some(upgrade))).await;
+    let version = psql(&url, None, "SHOW server_version");
+    assert!(version.stdout.trim().starts_with("18."), "{}", version.stdout);
 }

@@ -144,13 +144,19 @@ impl DbPool {
         if size > *current {
             self.permits.add_permits(size - *current);
         } else if size < *current {
-            // Fewer from now on: the surplus permits are taken as they come back, and dropped.
-            let (permits, surplus) = (Arc::clone(&self.permits), (*current - size) as u32);
-            tokio::spawn(async move {
-                if let Ok(permits) = permits.acquire_many_owned(surplus).await {
-                    permits.forget();
-                }
-            });
+            // Fewer from now on: the free surplus permits go at once (a transaction asking
+            // right after must not open a connection the node's new limit may refuse), the
+            // others as their connections come back.
+            let surplus = *current - size;
+            let owed = (surplus - self.permits.forget_permits(surplus)) as u32;
+            if owed > 0 {
+                let permits = Arc::clone(&self.permits);
+                tokio::spawn(async move {
+                    if let Ok(permits) = permits.acquire_many_owned(owed).await {
+                        permits.forget();
+                    }
+                });
+            }
             // Idle connections beyond the new size go now.
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
             let keep = idle.len().min(size);
@@ -390,6 +396,20 @@ mod tests {
     ) -> (Waiter, Option<tokio::sync::oneshot::Receiver<ServerConn>>) {
         let (handoff, handed) = tokio::sync::oneshot::channel();
         (Waiter { user: user.to_owned(), handoff }, live.then_some(handed))
+    }
+
+    #[tokio::test]
+    async fn a_smaller_size_takes_the_free_permits_at_once_and_the_rest_as_they_come_back() {
+        let pools = Pools::default();
+        let pool = pools.get("db", 10);
+        let held = Arc::clone(&pool.permits).try_acquire_many_owned(7).unwrap();
+        pools.get("db", 4);
+        assert_eq!(pool.permits.available_permits(), 0, "the 3 free ones went at once");
+        drop(held);
+        tokio::task::yield_now().await;
+        assert_eq!(pool.permits.available_permits(), 4, "the 3 owed ones were kept back");
+        pools.get("db", 6);
+        assert_eq!(pool.permits.available_permits(), 6);
     }
 
     #[test]
