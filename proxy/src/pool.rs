@@ -50,6 +50,7 @@ impl Pools {
                     waiters: Mutex::default(),
                     login_params: Mutex::default(),
                     open: AtomicUsize::new(0),
+                    owed: AtomicUsize::new(0),
                 })
             }))
         };
@@ -90,6 +91,8 @@ pub struct DbPool {
     login_params: Mutex<HashMap<(String, String), Params>>,
     /// Server connections open.
     pub open: AtomicUsize,
+    /// Permits a shrink still has to take back from connections open beyond the new size.
+    owed: AtomicUsize,
 }
 
 /// Why a transaction got no server connection.
@@ -123,40 +126,52 @@ pub struct ServerConn {
     pub statements: crate::statements::ServerStatements,
     /// When it last went idle.
     idle_since: std::time::Instant,
-    _permit: OwnedSemaphorePermit,
-    _open: OpenGauge,
+    _slot: Slot,
 }
 
-struct OpenGauge(Arc<DbPool>, prometheus::IntGauge);
+/// A server connection's place in its pool: counted open while it lives; its permit goes back
+/// when it closes, unless the pool shrank and still owes permits (then it is dropped).
+struct Slot {
+    pool: Arc<DbPool>,
+    gauge: prometheus::IntGauge,
+    permit: Option<OwnedSemaphorePermit>,
+}
 
-impl Drop for OpenGauge {
+impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-        self.1.dec();
-        // Its permit is free once the connection's fields drop: checked at the next wake-up.
-        self.0.available.notify_one();
+        self.pool.open.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+        let owed =
+            self.pool.owed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        match (owed, self.permit.take()) {
+            (Ok(_), Some(permit)) => permit.forget(),
+            // Back to the pool: a waiter finds it at its next wake-up.
+            (_, permit) => {
+                drop(permit);
+                self.pool.available.notify_one();
+            }
+        }
     }
 }
 
 impl DbPool {
+    /// Sets the pool's size. A smaller one holds at once: the free surplus permits go now, and
+    /// the connections beyond the new size give their permits up as they close (a transaction
+    /// asking meanwhile waits, rather than opening a connection the node's new, lower limit
+    /// may refuse).
     fn resize(&self, size: usize) {
         let mut current = self.size.lock().unwrap_or_else(|e| e.into_inner());
         if size > *current {
-            self.permits.add_permits(size - *current);
+            let more = size - *current;
+            let owed = self
+                .owed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(more)))
+                .unwrap_or(0);
+            self.permits.add_permits(more - owed.min(more));
         } else if size < *current {
-            // Fewer from now on: the free surplus permits go at once (a transaction asking
-            // right after must not open a connection the node's new limit may refuse), the
-            // others as their connections come back.
             let surplus = *current - size;
-            let owed = (surplus - self.permits.forget_permits(surplus)) as u32;
-            if owed > 0 {
-                let permits = Arc::clone(&self.permits);
-                tokio::spawn(async move {
-                    if let Ok(permits) = permits.acquire_many_owned(owed).await {
-                        permits.forget();
-                    }
-                });
-            }
+            let owed = surplus - self.permits.forget_permits(surplus);
+            self.owed.fetch_add(owed, Ordering::AcqRel);
             // Idle connections beyond the new size go now.
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
             let keep = idle.len().min(size);
@@ -346,8 +361,11 @@ impl DbPool {
             applied: HashMap::new(),
             statements: Default::default(),
             idle_since: std::time::Instant::now(),
-            _permit: permit,
-            _open: OpenGauge(Arc::clone(self), shared.metrics.pool_server_connections.clone()),
+            _slot: Slot {
+                pool: Arc::clone(self),
+                gauge: shared.metrics.pool_server_connections.clone(),
+                permit: Some(permit),
+            },
         })
     }
 }
@@ -398,17 +416,35 @@ mod tests {
         (Waiter { user: user.to_owned(), handoff }, live.then_some(handed))
     }
 
-    #[tokio::test]
-    async fn a_smaller_size_takes_the_free_permits_at_once_and_the_rest_as_they_come_back() {
+    /// A slot of `pool` holding one of its permits, as an open connection does.
+    fn slot(pool: &Arc<DbPool>) -> Slot {
+        let permit = Arc::clone(&pool.permits).try_acquire_owned().expect("a free permit");
+        pool.open.fetch_add(1, Ordering::Relaxed);
+        let gauge = prometheus::IntGauge::new("g", "g").unwrap();
+        Slot { pool: Arc::clone(pool), gauge, permit: Some(permit) }
+    }
+
+    #[test]
+    fn a_smaller_size_holds_at_once_and_connections_beyond_it_give_their_places_up() {
         let pools = Pools::default();
         let pool = pools.get("db", 10);
-        let held = Arc::clone(&pool.permits).try_acquire_many_owned(7).unwrap();
+        let open: Vec<Slot> = (0..7).map(|_| slot(&pool)).collect();
         pools.get("db", 4);
         assert_eq!(pool.permits.available_permits(), 0, "the 3 free ones went at once");
-        drop(held);
-        tokio::task::yield_now().await;
-        assert_eq!(pool.permits.available_permits(), 4, "the 3 owed ones were kept back");
+        let mut open = open.into_iter();
+        for closed in 1..=3 {
+            drop(open.next());
+            assert_eq!(pool.permits.available_permits(), 0, "{closed} closed: still 4 open");
+        }
+        drop(open.next());
+        assert_eq!(pool.permits.available_permits(), 1, "3 open of 4");
+        // Growing again first cancels what is still owed.
+        pools.get("db", 2);
+        assert_eq!(pool.owed.load(Ordering::Relaxed), 1);
         pools.get("db", 6);
+        assert_eq!(pool.owed.load(Ordering::Relaxed), 0);
+        assert_eq!(pool.permits.available_permits(), 3, "3 open of 6");
+        drop(open);
         assert_eq!(pool.permits.available_permits(), 6);
     }
 

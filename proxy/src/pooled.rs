@@ -223,6 +223,11 @@ fn frame(buf: &[u8]) -> Option<(u8, usize)> {
 }
 
 /// Relays the client's transactions through the pool until the client leaves.
+/// What a client whose transaction lost its server connection is told.
+const LOST_TRANSACTION: &str = "the transaction was ended because the connection to the primary \
+                                was lost (the primary failed, moved, or restarted and the \
+                                transaction outlived the wait for it): run it again";
+
 pub async fn run(
     mut client: PooledClient,
     shared: &Arc<Shared>,
@@ -241,6 +246,9 @@ pub async fn run(
     // The client's transaction block lost its server: the next connection starts in a failed
     // block, where PostgreSQL answers as it would have (25P02 until ROLLBACK).
     let mut aborted = false;
+    // The block lost its server while the client was owed nothing: its next statements are
+    // told why before they meet the failed block.
+    let mut lost_block = false;
     // A transaction running on a route counts as starting there: a hold waits for it.
     let mut running: Option<crate::routes::Starting<'_>> = None;
     // A SET or RESET on its way, with the error count before it (it is carried if it
@@ -346,10 +354,9 @@ pub async fn run(
             // outside of it: its next server connection starts in a failed block.
             let in_block = status != b'I';
             let owed = statements.lost();
+            lost_block = in_block && owed == 0;
             if owed > 0 {
-                let message = "the transaction was ended because the connection to the primary \
-                               was lost (the primary failed or moved): run it again";
-                out.extend_from_slice(&protocol::error(SqlState::AdminShutdown, message));
+                out.extend_from_slice(&protocol::error(SqlState::AdminShutdown, LOST_TRANSACTION));
                 let now = if in_block { b'E' } else { b'I' };
                 for _ in 0..owed {
                     out.extend_from_slice(&protocol::ready_for_query(now));
@@ -358,6 +365,19 @@ pub async fn run(
             sbuf.clear();
             status = if in_block { b'E' } else { b'I' };
             aborted = in_block;
+        }
+        // The first statements after a lost block learn why it failed (a ROLLBACK ends it).
+        if lost_block && !batch.is_empty() {
+            lost_block = false;
+            let rollback =
+                |m: &BytesMut| m[0] == b'Q' && starts_with_any(&m[5..], &[b"rollback", b"abort"]);
+            if !batch.first().is_some_and(rollback) {
+                out.extend_from_slice(&protocol::error(SqlState::AdminShutdown, LOST_TRANSACTION));
+                for _ in batch.iter().filter(|m| matches!(m[0], b'Q' | b'S' | b'F')) {
+                    out.extend_from_slice(&protocol::ready_for_query(b'E'));
+                }
+                batch.clear();
+            }
         }
         // Statements the proxy answers itself, outside a transaction block.
         if pin.is_none() && status == b'I' && statements.owes_nothing() && server.is_none() {
@@ -584,10 +604,16 @@ async fn attach<'s>(
             continue;
         }
         let pool = shared.pools.get(&client.database, route.pool_size);
-        let mut conn = pool
-            .acquire(shared, want(client, &route))
-            .await
-            .map_err(|e| (acquire_state(&e), e.to_string()))?;
+        // A transaction still waiting for a connection when a hold comes has not started: it
+        // waits out the hold with the new ones instead of holding the hold up.
+        let acquired = tokio::select! {
+            acquired = pool.acquire(shared, want(client, &route)) => acquired,
+            () = hold_applied(shared, &mut changes, &client.database) => {
+                drop(running);
+                continue;
+            }
+        };
+        let mut conn = acquired.map_err(|e| (acquire_state(&e), e.to_string()))?;
         if stale < 3 && closed(&mut conn).await {
             // The node ended it while it was idle (a restart): so it did the others.
             pool.drop_idle_to(&conn.primary);
@@ -605,6 +631,22 @@ async fn attach<'s>(
             let _ = tokio::time::timeout(limit, run_internal(&mut conn, fail)).await;
         }
         return Ok((conn, running));
+    }
+}
+
+/// Returns once the route of `database` is held (never if the routes stop changing).
+async fn hold_applied(
+    shared: &Shared,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    database: &str,
+) {
+    loop {
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if shared.routes.load().route(database).is_some_and(|r| r.hold) {
+            return;
+        }
     }
 }
 
