@@ -213,8 +213,10 @@ fn bucket(
     type Step = ([Mean; DATABASE_FIGURES], BTreeMap<usize, [Mean; NODE_FIGURES]>);
     let mut steps: BTreeMap<i64, Step> = BTreeMap::new();
     let mut names: Vec<String> = Vec::new();
+    // Steps start at multiples of the step (not at `since`): a sample falls in the same step
+    // whenever it is asked for.
     for point in points {
-        let start = point.at_ms - (point.at_ms - since_ms).rem_euclid(step_ms);
+        let start = point.at_ms - point.at_ms.rem_euclid(step_ms);
         let (db, nodes) = steps.entry(start).or_default();
         let disk = |i: usize| point.disk.map(|d| d[i] as f64);
         for (mean, v) in
@@ -307,6 +309,15 @@ mod tests {
                 .collect(),
             logical: Some(logical),
             disk: Some([1, 2, 3]),
+        }
+    }
+
+    #[test]
+    fn a_sample_is_in_the_same_step_whatever_the_query_s_start() {
+        let points = [point(79_900, &[("a", 1.0)], 1), point(80_950, &[("a", 2.0)], 2)];
+        for since in [0, 78_950, 79_100, 79_999] {
+            let h = bucket("db", &points, since, 90_000, 1);
+            assert_eq!(h.at, [79, 80], "since {since} ms");
         }
     }
 
