@@ -26,6 +26,10 @@ pub struct TestControl {
     rollback_window: Duration,
     /// How often stats are sampled (default 10 s, as `serve`'s).
     stats_interval: Duration,
+    /// Agents (`host:port`) whose hosts run the nodes; their root is `agents` under the
+    /// test's temp dir.
+    agents: Vec<String>,
+    agent_processes: Vec<std::process::Child>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -75,6 +79,7 @@ impl TestControl {
             engines_dir,
             rollback_window,
             sampling,
+            Vec::new(),
         )
         .await
     }
@@ -86,6 +91,7 @@ impl TestControl {
         engines_dir: Option<std::path::PathBuf>,
         rollback_window: Duration,
         stats_interval: Duration,
+        agents: Vec<String>,
     ) -> Self {
         let dir = tempfile::Builder::new().prefix("pgwarden-control-").tempdir().expect("tempdir");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
@@ -111,6 +117,8 @@ impl TestControl {
             engines_dir,
             rollback_window,
             stats_interval,
+            agents,
+            agent_processes: Vec::new(),
             shutdown: CancellationToken::new(),
             task: None,
         };
@@ -127,8 +135,79 @@ impl TestControl {
             None,
             Duration::from_secs(86_400),
             interval,
+            Vec::new(),
         )
         .await
+    }
+
+    /// A proxy and a control plane whose nodes run on node agents (`pgwarden agent`
+    /// processes), one per address of `hosts` (loopback addresses: 127.0.0.2...), each with a
+    /// certificate issued by `pgwarden agent-cert`.
+    pub async fn start_on_agents(hosts: &[&str]) -> Self {
+        let addrs: Vec<String> = hosts
+            .iter()
+            .map(|host| {
+                let free = std::net::TcpListener::bind((*host, 0)).expect("a free port");
+                free.local_addr().expect("addr").to_string()
+            })
+            .collect();
+        let mut control = Self::start_inner(
+            Vec::new(),
+            Vec::new(),
+            "data",
+            None,
+            Duration::from_secs(86_400),
+            Duration::from_secs(10),
+            addrs.clone(),
+        )
+        .await;
+        let root = control.agent_root();
+        for (host, addr) in hosts.iter().zip(&addrs) {
+            let tls = control.dir.path().join(format!("agent-{host}"));
+            let out = std::process::Command::new(crate::workspace_bin("pgwarden"))
+                .arg("--data-dir")
+                .arg(&control.data)
+                .args(["agent-cert", "--address", host, "--out"])
+                .arg(&tls)
+                .output()
+                .expect("pgwarden agent-cert");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let child = std::process::Command::new(crate::workspace_bin("pgwarden"))
+                .args(["agent", "--listen", addr, "--dir"])
+                .arg(&root)
+                .arg("--tls-dir")
+                .arg(&tls)
+                .env("RUST_LOG", "info")
+                .spawn()
+                .expect("pgwarden agent");
+            control.agent_processes.push(child);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(addr).is_err() {
+                assert!(Instant::now() < deadline, "agent {addr} did not start");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        control
+    }
+
+    /// The agents' root directory (nodes under `nodes/`).
+    pub fn agent_root(&self) -> std::path::PathBuf {
+        self.dir.path().join("agents")
+    }
+
+    /// The agents' addresses (`host:port`).
+    pub fn agents(&self) -> &[String] {
+        &self.agents
+    }
+
+    /// Kills the agent at `addr` (as a crash would: its nodes keep running).
+    pub fn kill_agent(&mut self, addr: &str) {
+        if let Some(i) = self.agents.iter().position(|a| a == addr) {
+            if let Some(child) = self.agent_processes.get_mut(i) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
     }
 
     /// Starts (again) the control plane on the same data dir and proxy.
@@ -146,6 +225,8 @@ impl TestControl {
                 .collect(),
             proxy_token: self.proxy.token.clone(),
             node_host: "127.0.0.1".into(),
+            agents: self.agents.clone(),
+            agent_root: self.dir.path().join("agents"),
             first_node_port: crate::node_port_block(),
             extra_settings,
             health: Default::default(),
@@ -266,17 +347,28 @@ impl TestControl {
 impl Drop for TestControl {
     fn drop(&mut self) {
         self.shutdown.cancel();
-        // Nodes outlive the control plane by design; a test's nodes must not.
-        for data in crate::node_data_dirs(&self.data) {
+        for agent in &mut self.agent_processes {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+        // Nodes outlive the control plane and agents by design; a test's nodes must not.
+        for data in self.all_node_data_dirs() {
             crate::stop_immediately(&data);
         }
     }
 }
 
 impl TestControl {
+    /// The `data` directories of every node, on this host and on the agents.
+    fn all_node_data_dirs(&self) -> Vec<std::path::PathBuf> {
+        let mut dirs = crate::node_data_dirs(&self.data);
+        dirs.extend(crate::node_data_dirs(&self.agent_root()));
+        dirs
+    }
+
     /// The `data` directory of node `name` (directories carry a per-attempt suffix).
     pub fn node_data_dir(&self, name: &str) -> std::path::PathBuf {
-        crate::node_data_dirs(&self.data)
+        self.all_node_data_dirs()
             .into_iter()
             .find(|d| {
                 d.parent()

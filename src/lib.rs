@@ -27,8 +27,8 @@ pub use control::TestControl;
 pub use http::{http_request, HttpResponse};
 pub use load::{assert_no_failed, lost_writes, Ack, Connector, Writer};
 pub use node::{
-    free_port, node_data_dirs, node_port_block, postmaster_pid, stop_immediately, NodeOptions,
-    PgNode, TEST_PASSWORD,
+    free_port, kill_postmaster, node_data_dirs, node_port_block, postmaster_pid, stop_immediately,
+    NodeOptions, PgNode, TEST_PASSWORD,
 };
 pub use proxy::{TestCerts, TestProxy};
 pub use tls::{connect_with_binding, tls_connect};

@@ -312,6 +312,14 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
 
 /// The postmaster of the data directory `data`, if it is running (works as root, unlike
 /// `pg_ctl status`).
+/// Kills the postmaster of the node whose data directory is `data` (`kill -9`), as a crash
+/// would.
+pub fn kill_postmaster(data: &Path) {
+    let pid = postmaster_pid(data).expect("the node runs");
+    let killed = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    assert!(killed.is_ok_and(|s| s.success()), "kill -9 {pid}");
+}
+
 pub fn postmaster_pid(data: &Path) -> Option<u32> {
     let pid: u32 = fs::read_to_string(data.join("postmaster.pid"))
         .ok()?

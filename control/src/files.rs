@@ -57,7 +57,11 @@ pub fn readable_by_others(path: &Path) -> std::io::Result<bool> {
 
 /// Hex sha256 of a file, read in 64 KiB blocks.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = fs::File::open(path)?;
+    sha256_read(fs::File::open(path)?)
+}
+
+/// Hex sha256 of what `file` reads to its end, in 64 KiB blocks.
+pub fn sha256_read(mut file: impl Read) -> std::io::Result<String> {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 64 * 1024];
     loop {

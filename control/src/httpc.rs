@@ -1,5 +1,6 @@
-//! A small HTTP/1.1 client (hyper) for the proxies' admin APIs and the CLI. Every call is
-//! bounded: connecting, and the whole exchange (or, for downloads, each wait for more bytes).
+//! A small HTTP/1.1 client (hyper) for the proxies' admin APIs, the node agents (over mutual
+//! TLS) and the CLI. Every call is bounded: connecting, and the whole exchange (or, for
+//! downloads, each wait for more bytes).
 
 use std::time::Duration;
 
@@ -19,7 +20,15 @@ pub enum HttpError {
     Request(#[from] hyper::http::Error),
     #[error("{addr} did not answer within {} ms", .after.as_millis())]
     Timeout { addr: String, after: Duration },
+    #[error("TLS with {addr} failed: {source}")]
+    Tls { addr: String, source: std::io::Error },
+    #[error("{addr} refused to switch protocols: {status}")]
+    NoUpgrade { addr: String, status: StatusCode },
 }
+
+/// A stream an HTTP exchange runs on: plain TCP or TLS.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
 /// How long connecting, and then the exchange, may take.
 #[derive(Clone, Copy, Debug)]
@@ -29,9 +38,11 @@ pub struct Timeouts {
     pub exchange: Duration,
 }
 
-/// Opens an HTTP/1.1 connection to `addr` and starts a request with the host and token set.
+/// Opens an HTTP/1.1 connection to `addr` (over TLS with `tls`, for the host part of `addr`)
+/// and starts a request with the host and token set.
 async fn connect(
     addr: &str,
+    tls: Option<&tokio_rustls::TlsConnector>,
     method: Method,
     path: &str,
     token: Option<&str>,
@@ -40,14 +51,26 @@ async fn connect(
     (hyper::client::conn::http1::SendRequest<Full<Bytes>>, hyper::http::request::Builder),
     HttpError,
 > {
-    let stream = tokio::time::timeout(after, TcpStream::connect(addr))
+    let opening = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| HttpError::Connect { addr: addr.into(), source })?;
+        let Some(tls) = tls else { return Ok(Box::new(tcp) as Box<dyn Stream>) };
+        let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+        let tls_error = |source| HttpError::Tls { addr: addr.into(), source };
+        let name = rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+            .map_err(|e| tls_error(std::io::Error::other(e)))?;
+        Ok::<_, HttpError>(
+            Box::new(tls.connect(name, tcp).await.map_err(tls_error)?) as Box<dyn Stream>
+        )
+    };
+    let stream = tokio::time::timeout(after, opening)
         .await
-        .map_err(|_| HttpError::Timeout { addr: addr.into(), after })?
-        .map_err(|source| HttpError::Connect { addr: addr.into(), source })?;
+        .map_err(|_| HttpError::Timeout { addr: addr.into(), after })??;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|source| HttpError::Http { addr: addr.into(), source })?;
-    tokio::spawn(conn);
+    tokio::spawn(conn.with_upgrades());
     let mut builder = Request::builder().method(method).uri(path).header("host", addr);
     if let Some(token) = token {
         builder = builder.header("authorization", format!("Bearer {token}"));
@@ -64,8 +87,22 @@ pub async fn request(
     body: Option<Vec<u8>>,
     timeouts: Timeouts,
 ) -> Result<(StatusCode, Bytes), HttpError> {
+    request_over(addr, None, method, path, token, body, timeouts).await
+}
+
+/// [`request`] over TLS with `tls` when given.
+pub async fn request_over(
+    addr: &str,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+    timeouts: Timeouts,
+) -> Result<(StatusCode, Bytes), HttpError> {
     let http = |source| HttpError::Http { addr: addr.into(), source };
-    let (mut sender, mut builder) = connect(addr, method, path, token, timeouts.connect).await?;
+    let (mut sender, mut builder) =
+        connect(addr, tls, method, path, token, timeouts.connect).await?;
     if body.is_some() {
         builder = builder.header("content-type", "application/json");
     }
@@ -81,6 +118,34 @@ pub async fn request(
         .map_err(|_| HttpError::Timeout { addr: addr.into(), after: timeouts.exchange })?
 }
 
+/// Asks `addr` to switch the connection to `protocol` for `path` (a `GET` with `Upgrade`) and
+/// returns the connection once it answered `101`.
+pub async fn upgrade(
+    addr: &str,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    path: &str,
+    protocol: &str,
+    timeouts: Timeouts,
+) -> Result<TokioIo<hyper::upgrade::Upgraded>, HttpError> {
+    let http = |source| HttpError::Http { addr: addr.into(), source };
+    let (mut sender, builder) =
+        connect(addr, tls, Method::GET, path, None, timeouts.connect).await?;
+    let request = builder
+        .header("connection", "upgrade")
+        .header("upgrade", protocol)
+        .body(Full::new(Bytes::new()))?;
+    let switching = async {
+        let response = sender.send_request(request).await.map_err(http)?;
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(HttpError::NoUpgrade { addr: addr.into(), status: response.status() });
+        }
+        Ok(TokioIo::new(hyper::upgrade::on(response).await.map_err(http)?))
+    };
+    tokio::time::timeout(timeouts.exchange, switching)
+        .await
+        .map_err(|_| HttpError::Timeout { addr: addr.into(), after: timeouts.exchange })?
+}
+
 /// Streams a GET answer into `out`, calling `progress(received, total)` as bytes arrive.
 /// Returns the response headers; a non-2xx answer is returned as `Err` with its body.
 pub async fn download(
@@ -89,15 +154,42 @@ pub async fn download(
     token: Option<&str>,
     out: &std::path::Path,
     timeouts: Timeouts,
+    progress: impl FnMut(u64, Option<u64>),
+) -> Result<Result<hyper::HeaderMap, (StatusCode, Bytes)>, DownloadError> {
+    let connection = (addr, None, token);
+    download_with(connection, (Method::GET, path, None), out, timeouts, progress).await
+}
+
+/// [`download`] of the answer to `request` (method, path, JSON body), over TLS with `tls`.
+pub async fn download_over(
+    addr: &str,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    request: (Method, &str, Option<Vec<u8>>),
+    out: &std::path::Path,
+    timeouts: Timeouts,
+    progress: impl FnMut(u64, Option<u64>),
+) -> Result<Result<hyper::HeaderMap, (StatusCode, Bytes)>, DownloadError> {
+    download_with((addr, tls, None), request, out, timeouts, progress).await
+}
+
+async fn download_with(
+    (addr, tls, token): (&str, Option<&tokio_rustls::TlsConnector>, Option<&str>),
+    (method, path, body): (Method, &str, Option<Vec<u8>>),
+    out: &std::path::Path,
+    timeouts: Timeouts,
     mut progress: impl FnMut(u64, Option<u64>),
 ) -> Result<Result<hyper::HeaderMap, (StatusCode, Bytes)>, DownloadError> {
     use tokio::io::AsyncWriteExt;
     let http = |source| HttpError::Http { addr: addr.into(), source };
     let after = timeouts.exchange;
     let timeout = || HttpError::Timeout { addr: addr.into(), after };
-    let (mut sender, builder) = connect(addr, Method::GET, path, token, timeouts.connect).await?;
-    let sending =
-        sender.send_request(builder.body(Full::new(Bytes::new())).map_err(HttpError::from)?);
+    let (mut sender, mut builder) =
+        connect(addr, tls, method, path, token, timeouts.connect).await?;
+    if body.is_some() {
+        builder = builder.header("content-type", "application/json");
+    }
+    let request = builder.body(Full::new(Bytes::from(body.unwrap_or_default())));
+    let sending = sender.send_request(request.map_err(HttpError::from)?);
     let response =
         tokio::time::timeout(after, sending).await.map_err(|_| timeout())?.map_err(http)?;
     let (parts, mut body) = response.into_parts();

@@ -29,6 +29,7 @@
 //! through `nodes/` with bounded calls and publish a new routing epoch through `routing/`.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod api;
 pub mod backups;
 pub mod changes;

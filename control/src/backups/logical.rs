@@ -12,6 +12,7 @@ use tracing::error;
 
 use super::BackupError;
 use crate::nodes::driver::client_sentence;
+use crate::nodes::DriverError;
 use crate::nodes::NodeError;
 use crate::plans;
 use crate::platform::{now_rfc3339, Platform};
@@ -112,15 +113,17 @@ async fn take(platform: &Arc<Platform>, backup: &mut Backup) -> Result<(), Backu
     // From a standby when there is one, so that the primary's clients do not pay for it.
     let source = db.replicas().next().or(db.primary()).cloned().ok_or(BackupError::NoNode)?;
     backup.node = Some(source.name.clone());
-    let conninfo = platform.driver.admin_conninfo(&platform.node_spec(&source), &db.name);
     let scratch =
         platform.backups.scratch().join(format!("{}-{}.dump", backup.database_id, backup.id));
+    let (driver, node, database) =
+        (Arc::clone(&platform.driver), platform.node_spec(&source), db.name.clone());
     let bin = platform.tools(&db);
     let file = scratch.clone();
-    let (size, sha256) =
-        tokio::task::spawn_blocking(move || dump_and_verify(&bin, &conninfo, &file))
-            .await
-            .map_err(NodeError::from)??;
+    let (size, sha256) = tokio::task::spawn_blocking(move || {
+        dump_and_verify(&bin, &file, |file| driver.dump(&node, &database, &bin, file))
+    })
+    .await
+    .map_err(NodeError::from)??;
     backup.size_bytes = size;
     backup.sha256 = Some(sha256);
     let key = key(backup);
@@ -130,24 +133,30 @@ async fn take(platform: &Arc<Platform>, backup: &mut Backup) -> Result<(), Backu
     })
 }
 
-fn dump_and_verify(bin: &Path, conninfo: &str, file: &Path) -> Result<(u64, String), BackupError> {
+/// Dumps with `dump` (into the private file it is given) and reads the archive back with
+/// `bin`'s `pg_restore --list`; its size and SHA-256.
+fn dump_and_verify(
+    bin: &Path,
+    file: &Path,
+    dump: impl FnOnce(&Path) -> Result<(), DriverError>,
+) -> Result<(u64, String), BackupError> {
     // The dump is private from its first byte: pg_dump would create it under the process's
     // umask, so it is created here, 0600, and pg_dump writes into it.
     crate::files::create_private(file)?;
-    let checked = run_program(
-        Command::new(bin.join("pg_dump"))
-            .args(["--format=custom", "--no-password", "--dbname", conninfo, "--file"])
-            .arg(file),
-        "pg_dump",
-        "pg_dump failed",
-    )
-    .and_then(|()| {
-        run_program(
-            Command::new(bin.join("pg_restore")).arg("--list").arg(file),
-            "pg_restore",
-            "the archive does not read back",
-        )
-    });
+    let checked = dump(file)
+        .map_err(|e| match e {
+            DriverError::Command { detail, .. } => {
+                BackupError::Program { what: "pg_dump failed", sentence: detail }
+            }
+            other => BackupError::Program { what: "pg_dump failed", sentence: other.to_string() },
+        })
+        .and_then(|()| {
+            run_program(
+                Command::new(bin.join("pg_restore")).arg("--list").arg(file),
+                "pg_restore",
+                "the archive does not read back",
+            )
+        });
     if let Err(e) = checked {
         let _ = std::fs::remove_file(file);
         return Err(e);

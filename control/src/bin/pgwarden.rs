@@ -21,6 +21,8 @@ fn main() {
         match cli.command {
             Command::Serve(args) => up::serve_command(&cli.data_dir, args).await,
             Command::Up(args) => up::up(&cli.data_dir, args).await,
+            Command::Agent(args) => up::agent_command(args).await,
+            Command::AgentCert(args) => up::agent_cert_command(&cli.data_dir, &args),
             command => cli::run(&cli.api, &cli.data_dir, cli.output, command).await,
         }
     });

@@ -39,6 +39,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run the whole platform locally: control API, two proxies, one database.
     Up(UpArgs),
+    /// Run the node agent of a database host (serves the control plane over mutual TLS).
+    Agent(AgentArgs),
+    /// Issue an agent's certificate from the platform CA in the data dir.
+    AgentCert(AgentCertArgs),
     /// List the plans.
     Plans,
     /// The PostgreSQL builds installed.
@@ -200,8 +204,42 @@ pub struct ServeArgs {
     /// Where clients reach the proxies' transaction pooling (DATABASE_POOL_URL); none without.
     #[arg(long)]
     pub client_pool_addr: Option<String>,
+    /// Address (host:port) of a node agent whose host runs nodes (repeat for each host);
+    /// without any, nodes run on this host.
+    #[arg(long = "agent")]
+    pub agents: Vec<String>,
+    /// The agents' `--dir` (default /var/lib/pgwarden-agent): their nodes' directories are
+    /// under `<dir>/nodes`.
+    #[arg(long)]
+    pub agent_root: Option<PathBuf>,
     #[command(flatten)]
     pub nodes: NodeArgs,
+}
+
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    /// Address the control plane reaches this agent on (mutual TLS).
+    #[arg(long, default_value = "0.0.0.0:9190")]
+    pub listen: SocketAddr,
+    /// Where the nodes' directories go (`<dir>/nodes`; default /var/lib/pgwarden-agent).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Directory with `ca.crt`, `agent.crt` and `agent.key` (made by `pgwarden agent-cert`).
+    #[arg(long)]
+    pub tls_dir: PathBuf,
+    /// OS user nodes run as when the agent runs as root.
+    #[arg(long, default_value = "postgres")]
+    pub node_user: String,
+}
+
+#[derive(clap::Args)]
+pub struct AgentCertArgs {
+    /// Names and addresses the control plane reaches the agent by (repeat).
+    #[arg(long = "address", required = true)]
+    pub addresses: Vec<String>,
+    /// Directory to write `ca.crt`, `agent.crt` and `agent.key` (0600) to.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// Where nodes run and how they are watched: the options `serve` and `up` share.
@@ -275,7 +313,9 @@ pub async fn run(
     client::set_output(output);
     let client = || Client::new(api, data_dir);
     match command {
-        Command::Serve(_) | Command::Up(_) => anyhow::bail!("serve and up are not client commands"),
+        Command::Serve(_) | Command::Up(_) | Command::Agent(_) | Command::AgentCert(_) => {
+            anyhow::bail!("serve, up, agent and agent-cert are not client commands")
+        }
         Command::Plans => {
             let plans: Vec<Plan> = client()?.call(Method::GET, "/v1/plans", None).await?;
             let rows = plans

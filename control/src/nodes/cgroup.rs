@@ -25,7 +25,7 @@ pub enum Cgroups {
 
 /// What a node's group reads, in bytes and nanoseconds. `None`: not known (no such file, e.g.
 /// no swap accounting).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     pub cpu_ns: Option<u64>,
     pub memory: Triple,
@@ -34,7 +34,7 @@ pub struct Usage {
     pub oom_kills: Option<u64>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Triple {
     pub current: Option<u64>,
     pub highest: Option<u64>,

@@ -5,19 +5,24 @@
 use std::path::PathBuf;
 
 /// Everything a driver needs to know about one node.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct NodeSpec {
     pub name: String,
+    /// The node's directory on its host.
     pub dir: PathBuf,
     pub host: String,
     pub port: u16,
     /// Directory of the server build the node runs (`initdb`, `pg_ctl`, `postgres`); `None`:
     /// the driver's default.
     pub bin: Option<PathBuf>,
+    /// Address (`host:port`) of the agent that owns the node on another host; `None`: this
+    /// host.
+    #[serde(default)]
+    pub agent: Option<String>,
 }
 
 /// Files and settings the control plane decides for a node.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct NodeConfig {
     /// `postgresql.conf` settings (name, value already quoted as PostgreSQL expects).
     pub settings: Vec<(String, String)>,
@@ -43,7 +48,7 @@ impl std::fmt::Debug for NodeConfig {
 }
 
 /// Where a standby streams from.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct Upstream {
     pub host: String,
     pub port: u16,
@@ -64,19 +69,19 @@ impl std::fmt::Debug for Upstream {
 }
 
 /// What a node's container and disk read now, on the node's host.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct NodeResources {
     /// The container's figures; `None` when the node runs without one.
     pub usage: Option<crate::nodes::cgroup::Usage>,
     /// The container's kind (`v1`, `v2`: cgroup version), when the node has one.
-    pub cgroup: Option<&'static str>,
+    pub cgroup: Option<String>,
     /// Why the node runs without a container (or a limit), if it does.
     pub unlimited: Option<String>,
     pub disk: DiskUsage,
 }
 
 /// Bytes the node's files take on disk (allocated blocks).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskUsage {
     /// Tables and indexes (`base`, `global`).
     pub data: u64,
@@ -140,6 +145,15 @@ pub trait NodeDriver: Send + Sync + 'static {
     fn log_tail(&self, node: &NodeSpec) -> String;
     /// Stops the node if needed and deletes everything it had.
     fn destroy(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    /// Writes a custom-format `pg_dump` of `database` into `file` (which exists, private),
+    /// with the client programs of `tools` (a directory on the node's host).
+    fn dump(
+        &self,
+        node: &NodeSpec,
+        database: &str,
+        tools: &std::path::Path,
+        file: &std::path::Path,
+    ) -> Result<(), DriverError>;
     /// libpq connection string for the superuser, local to the node.
     fn admin_conninfo(&self, node: &NodeSpec, database: &str) -> String;
     /// The node's container figures and disk usage.

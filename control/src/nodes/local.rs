@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use std::collections::HashMap;
+
+use anyhow::{bail, Context};
 use std::sync::Mutex;
 
 use crate::nodes::cgroup::Cgroups;
@@ -475,8 +477,25 @@ impl NodeDriver for LocalDriver {
                 str::to_owned,
             )),
         };
-        let cgroup = usage.as_ref().and(self.cgroups.version());
+        let cgroup = usage.as_ref().and(self.cgroups.version()).map(str::to_owned);
         NodeResources { usage, cgroup, unlimited, disk: disk_usage(&node.dir) }
+    }
+
+    fn dump(
+        &self,
+        node: &NodeSpec,
+        database: &str,
+        tools: &Path,
+        file: &Path,
+    ) -> Result<(), DriverError> {
+        let conninfo = self.admin_conninfo(node, database);
+        self.run(
+            "pg_dump",
+            Command::new(tools.join("pg_dump"))
+                .args(["--format=custom", "--no-password", "--dbname", &conninfo, "--file"])
+                .arg(file),
+        )
+        .map(drop)
     }
 
     fn admin_conninfo(&self, node: &NodeSpec, database: &str) -> String {
@@ -571,4 +590,36 @@ fn lookup_user(name: &str) -> Result<(u32, u32), DriverError> {
         s.parse().map_err(|_| DriverError::Other(format!("bad /etc/passwd entry for {name}")))
     };
     Ok((parse(fields[2])?, parse(fields[3])?))
+}
+
+/// Creates `dir` and `dir/nodes`, private; when nodes run as another OS user (`user`), both
+/// can be crossed (not read) by it, and so can every directory above.
+pub fn prepare_nodes_dir(dir: &Path, user: &str) -> anyhow::Result<()> {
+    for private in [dir.to_owned(), dir.join("nodes")] {
+        crate::files::private_dir(&private)
+            .with_context(|| format!("cannot create {}", private.display()))?;
+    }
+    if is_root() {
+        // Node processes run unprivileged: they must be able to reach their directories.
+        for shared in [dir.to_owned(), dir.join("nodes")] {
+            fs::set_permissions(&shared, fs::Permissions::from_mode(0o711))?;
+        }
+        check_traversable(dir, user)?;
+    }
+    Ok(())
+}
+
+fn check_traversable(dir: &Path, user: &str) -> anyhow::Result<()> {
+    let dir = dir.canonicalize()?;
+    for ancestor in dir.ancestors().skip(1) {
+        let mode = fs::metadata(ancestor)?.permissions().mode();
+        if mode & 0o001 == 0 {
+            bail!(
+                "the node user {user:?} cannot reach {}: {} is not traversable by others (chmod o+x it, or choose a --data-dir elsewhere)",
+                dir.display(),
+                ancestor.display()
+            );
+        }
+    }
+    Ok(())
 }

@@ -17,7 +17,12 @@ impl Ports {
         let mut given = self.given.lock().unwrap_or_else(|e| e.into_inner());
         let ports: Vec<u16> = (first..=u16::MAX)
             .filter(|p| !used.contains(p) && !given.contains(p))
-            .filter(|p| std::net::TcpListener::bind((host, *p)).is_ok())
+            // A port in use on this host is skipped; another host's address cannot be tried
+            // here (its agent's start of the node says if the port is taken).
+            .filter(|p| match std::net::TcpListener::bind((host, *p)) {
+                Ok(_) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::AddrNotAvailable,
+            })
             .take(count)
             .collect();
         given.extend(&ports);

@@ -36,13 +36,17 @@ pub enum SqlError {
     Timeout { node: String, after: Duration },
     #[error("SQL failed on node {node}: {source}")]
     Query { node: String, source: tokio_postgres::Error },
+    #[error("node {node} cannot be reached through its agent: {reason}")]
+    Unreachable { node: String, reason: String },
 }
 
 impl SqlError {
     /// The node did not answer (as opposed to answering with an error).
     pub fn unreachable(&self) -> bool {
         match self {
-            SqlError::Connect { .. } | SqlError::Timeout { .. } => true,
+            SqlError::Connect { .. } | SqlError::Timeout { .. } | SqlError::Unreachable { .. } => {
+                true
+            }
             SqlError::Query { source, .. } => source.is_closed() || source.code().is_none(),
         }
     }
@@ -60,11 +64,7 @@ impl Session {
     pub async fn open(node: &str, conninfo: &str, timeouts: Timeouts) -> Result<Self, SqlError> {
         let connect_error = |source| SqlError::Connect { node: node.to_owned(), source };
         let mut config: tokio_postgres::Config = conninfo.parse().map_err(connect_error)?;
-        let ms = timeouts.statement.as_millis().max(1);
-        config
-            .connect_timeout(timeouts.connect)
-            .options(format!("-c statement_timeout={ms} -c lock_timeout={ms}"));
-        let connecting = config.connect(NoTls);
+        let connecting = Self::bounded_config(&mut config, timeouts).connect(NoTls);
         let (client, connection) = tokio::time::timeout(timeouts.connect, connecting)
             .await
             .map_err(|_| SqlError::Timeout { node: node.to_owned(), after: timeouts.connect })?
@@ -73,6 +73,41 @@ impl Session {
             let _ = connection.await;
         });
         Ok(Self { node: node.to_owned(), client, timeouts })
+    }
+
+    /// Opens a superuser session on `database` of `node` over `stream`, a byte stream to the
+    /// node's socket (its agent's SQL tunnel).
+    pub async fn open_over<S>(
+        node: &str,
+        stream: S,
+        database: &str,
+        timeouts: Timeouts,
+    ) -> Result<Self, SqlError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut config = tokio_postgres::Config::new();
+        config.user("postgres").dbname(database);
+        let connecting = Self::bounded_config(&mut config, timeouts).connect_raw(stream, NoTls);
+        let (client, connection) = tokio::time::timeout(timeouts.connect, connecting)
+            .await
+            .map_err(|_| SqlError::Timeout { node: node.to_owned(), after: timeouts.connect })?
+            .map_err(|source| SqlError::Connect { node: node.to_owned(), source })?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Self { node: node.to_owned(), client, timeouts })
+    }
+
+    /// Statements and lock waits bounded by `timeouts.statement`.
+    fn bounded_config(
+        config: &mut tokio_postgres::Config,
+        timeouts: Timeouts,
+    ) -> &mut tokio_postgres::Config {
+        let ms = timeouts.statement.as_millis().max(1);
+        config
+            .connect_timeout(timeouts.connect)
+            .options(format!("-c statement_timeout={ms} -c lock_timeout={ms}"))
     }
 
     pub fn node(&self) -> &str {

@@ -14,8 +14,12 @@ pub struct PlatformConfig {
     pub proxies: Vec<String>,
     /// Bearer token of the proxies' admin APIs.
     pub proxy_token: String,
-    /// Address nodes listen on.
+    /// Address nodes of this host listen on.
     pub node_host: String,
+    /// Agents (`host:port`) whose hosts run the nodes; none: nodes run on this host.
+    pub agents: Vec<String>,
+    /// The agents' root directory (`pgwarden agent --dir`): nodes go to `<root>/nodes`.
+    pub agent_root: PathBuf,
     /// First port tried for new nodes; ports go up from there.
     pub first_node_port: u16,
     /// Health checks and failover.
@@ -71,6 +75,7 @@ impl std::fmt::Debug for PlatformConfig {
             .field("client_pool_port", &self.client_pool_port)
             .field("proxies", &self.proxies)
             .field("node_host", &self.node_host)
+            .field("agents", &self.agents)
             .field("first_node_port", &self.first_node_port)
             .field("health", &self.health)
             .field("backup_tick", &self.backup_tick)

@@ -25,6 +25,7 @@ use tracing::{error, info};
 pub use changes::{ChangeGuard, PrimaryChanges};
 pub use config::{HealthConfig, PlatformConfig};
 
+use crate::agent::client::{Placed, RemoteDriver};
 use crate::metrics::Metrics;
 use crate::nodes::config::{node_config, ConfigError};
 use crate::nodes::engines::Engines;
@@ -38,7 +39,10 @@ use crate::storage::BackupStorage;
 pub struct Platform {
     pub config: PlatformConfig,
     pub store: Store,
+    /// Every node's driver: this host's, or its agent's.
     pub driver: Arc<dyn NodeDriver>,
+    /// The agents' client, for superuser sessions through them.
+    pub remote: Arc<RemoteDriver>,
     pub ca: Ca,
     pub metrics: Metrics,
     pub publisher: Publisher,
@@ -62,7 +66,8 @@ impl Platform {
     pub fn new(
         config: PlatformConfig,
         store: Store,
-        driver: Arc<dyn NodeDriver>,
+        local: Arc<dyn NodeDriver>,
+        remote: Arc<RemoteDriver>,
         ca: Ca,
         backups: Arc<dyn BackupStorage>,
         pg_bin: PathBuf,
@@ -71,10 +76,12 @@ impl Platform {
         let metrics = Metrics::new();
         let publisher =
             Publisher::start(config.proxies.clone(), config.proxy_token.clone(), metrics.clone());
+        let driver = Arc::new(Placed { local, remote: Arc::clone(&remote) });
         Arc::new(Self {
             config,
             store,
             driver,
+            remote,
             ca,
             metrics,
             publisher,
@@ -132,6 +139,7 @@ impl Platform {
             host: node.host.clone(),
             port: node.port,
             bin: node.engine.clone(),
+            agent: node.agent.clone(),
         }
     }
 
@@ -156,7 +164,14 @@ impl Platform {
         database: &str,
         timeouts: Timeouts,
     ) -> Result<Session, SqlError> {
-        Session::open(&node.name, &self.driver.admin_conninfo(node, database), timeouts).await
+        if node.agent.is_none() {
+            let conninfo = self.driver.admin_conninfo(node, database);
+            return Session::open(&node.name, &conninfo, timeouts).await;
+        }
+        let tunnel = self.remote.tunnel(node, timeouts.connect).await.map_err(|e| {
+            SqlError::Unreachable { node: node.name.clone(), reason: e.to_string() }
+        })?;
+        Session::open_over(&node.name, tunnel, database, timeouts).await
     }
 
     /// Directory of the client programs (pg_dump, pg_basebackup, pg_receivewal...) for `db`:
@@ -178,7 +193,9 @@ impl Platform {
     /// Records for `count` new nodes of database `id`, named `<id>-<first>`, `<id>-<first+1>`...
     /// (the first is the primary), on ports no other node has, each in a directory of its own
     /// for this attempt (a program orphaned by an interrupted attempt may still write into an
-    /// earlier one).
+    /// earlier one). With agents, each node goes to the agent with the fewest nodes of this
+    /// database, then the fewest nodes of all (a standby never shares its primary's host while
+    /// another host is free).
     pub fn new_nodes(
         &self,
         id: &str,
@@ -187,35 +204,59 @@ impl Platform {
         count: usize,
     ) -> Result<Vec<NodeRecord>, StoreError> {
         let attempt: u16 = rand::random();
+        let databases = self.store.databases()?;
         // Nodes of a major upgrade in progress and of retired clusters keep their ports.
-        let used: Vec<u16> = self
-            .store
-            .databases()?
+        let all_nodes = |d: &DatabaseRecord| {
+            let upgrading = d.upgrade.iter().flat_map(|u| u.nodes.iter()).cloned();
+            let retired = d.retired.iter().flat_map(|r| r.nodes.iter()).cloned();
+            d.nodes.iter().cloned().chain(upgrading).chain(retired).collect::<Vec<_>>()
+        };
+        let existing: Vec<(bool, NodeRecord)> = databases
             .iter()
-            .flat_map(|d| {
-                let upgrading = d.upgrade.iter().flat_map(|u| u.nodes.iter());
-                let retired = d.retired.iter().flat_map(|r| r.nodes.iter());
-                d.nodes.iter().chain(upgrading).chain(retired).map(|n| n.port)
-            })
+            .flat_map(|d| all_nodes(d).into_iter().map(move |n| (d.id == id, n)))
             .collect();
-        let ports =
-            self.ports.allocate(&self.config.node_host, self.config.first_node_port, &used, count);
-        Ok(ports
-            .into_iter()
-            .enumerate()
-            .map(|(i, port)| {
-                let name = format!("{id}-{}", first + i as u32);
-                NodeRecord {
-                    role: if i == 0 { NodeRole::Primary } else { NodeRole::Replica },
-                    host: self.config.node_host.clone(),
-                    port,
-                    dir: self.nodes_dir().join(format!("{name}.{attempt:04x}")),
-                    name,
-                    fenced: false,
-                    engine: engine.map(ToOwned::to_owned),
-                }
-            })
-            .collect())
+        let used: Vec<u16> = existing.iter().map(|(_, n)| n.port).collect();
+        let mut placed: Vec<Option<String>> = Vec::with_capacity(count);
+        for _ in 0..count {
+            let on = |agent: &String, only_ours: bool| {
+                let recorded = existing
+                    .iter()
+                    .filter(|(ours, n)| (*ours || !only_ours) && n.agent.as_ref() == Some(agent));
+                recorded.count() + placed.iter().filter(|p| p.as_ref() == Some(agent)).count()
+            };
+            let agent = self.config.agents.iter().min_by_key(|a| (on(a, true), on(a, false)));
+            placed.push(agent.cloned());
+        }
+        let mut records = Vec::with_capacity(count);
+        for (i, agent) in placed.into_iter().enumerate() {
+            let host = agent.as_deref().map_or(self.config.node_host.as_str(), |a| {
+                a.rsplit_once(':').map_or(a, |(host, _)| host.trim_matches(['[', ']']))
+            });
+            let taken: Vec<u16> =
+                used.iter().chain(records.iter().map(|r: &NodeRecord| &r.port)).copied().collect();
+            let Some(port) =
+                self.ports.allocate(host, self.config.first_node_port, &taken, 1).pop()
+            else {
+                continue;
+            };
+            let name = format!("{id}-{}", first + i as u32);
+            let parent = if agent.is_some() {
+                self.config.agent_root.join("nodes")
+            } else {
+                self.nodes_dir()
+            };
+            records.push(NodeRecord {
+                role: if i == 0 { NodeRole::Primary } else { NodeRole::Replica },
+                host: host.to_owned(),
+                port,
+                dir: parent.join(format!("{name}.{attempt:04x}")),
+                name,
+                fenced: false,
+                engine: engine.map(ToOwned::to_owned),
+                agent,
+            });
+        }
+        Ok(records)
     }
 
     /// `postgres://user:password@host:port/db` through the proxies.

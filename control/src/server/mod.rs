@@ -109,17 +109,7 @@ pub async fn serve(
 fn open(config: PlatformConfig, nodes: NodeOptions) -> anyhow::Result<Arc<Platform>> {
     let dir = &config.data_dir;
     let driver = LocalDriver::new(nodes.pg_bin.clone(), &nodes.user)?;
-    for private in [dir.clone(), dir.join("nodes")] {
-        crate::files::private_dir(&private)
-            .with_context(|| format!("cannot create {}", private.display()))?;
-    }
-    if crate::nodes::local::is_root() {
-        // Node processes run unprivileged: they must be able to reach their directories.
-        for shared in [dir.clone(), dir.join("nodes")] {
-            fs::set_permissions(&shared, fs::Permissions::from_mode(0o711))?;
-        }
-        check_traversable(dir, &nodes.user)?;
-    }
+    crate::nodes::local::prepare_nodes_dir(dir, &nodes.user)?;
     let ca_dir = dir.join("ca");
     crate::files::private_dir(&ca_dir)?;
     let ca = Ca::load_or_create(&ca_dir).context("platform CA")?;
@@ -131,7 +121,11 @@ fn open(config: PlatformConfig, nodes: NodeOptions) -> anyhow::Result<Arc<Platfo
     let store = Store::open(&state, sealer).context("state store")?;
     let backups =
         crate::storage::LocalStorage::new(dir.join("backups")).context("backup storage")?;
-    Ok(Platform::new(config, store, Arc::new(driver), ca, Arc::new(backups), nodes.pg_bin))
+    let remote = crate::agent::client::RemoteDriver::new(&ca)
+        .map_err(anyhow::Error::msg)
+        .context("the agents' client certificate")?;
+    let (local, remote) = (Arc::new(driver), Arc::new(remote));
+    Ok(Platform::new(config, store, local, remote, ca, Arc::new(backups), nodes.pg_bin))
 }
 
 /// A secret kept in a file (API token, proxies' token), created (0600, random) on first use. A
@@ -152,21 +146,6 @@ pub fn read_secret_file(path: &Path) -> anyhow::Result<String> {
     let token = crate::secrets::generate_password();
     crate::files::write_private(path, format!("{token}\n").as_bytes())?;
     Ok(token)
-}
-
-fn check_traversable(dir: &Path, user: &str) -> anyhow::Result<()> {
-    let dir = dir.canonicalize()?;
-    for ancestor in dir.ancestors().skip(1) {
-        let mode = fs::metadata(ancestor)?.permissions().mode();
-        if mode & 0o001 == 0 {
-            bail!(
-                "the node user {user:?} cannot reach {}: {} is not traversable by others (chmod o+x it, or choose a --data-dir elsewhere)",
-                dir.display(),
-                ancestor.display()
-            );
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::server::DEFAULT_ROOT;
 use crate::cli::{split_host_port, Client, HealthArgs, NodeArgs, ServeArgs, UpArgs};
 use crate::httpc::Timeouts;
 use crate::server::{read_secret_file, NodeOptions};
@@ -48,6 +49,8 @@ fn platform_config(
         proxies,
         proxy_token,
         node_host: "127.0.0.1".into(),
+        agents: Vec::new(),
+        agent_root: DEFAULT_ROOT.into(),
         first_node_port: nodes.first_node_port,
         extra_settings: Vec::new(),
         health: health_config(&nodes.health),
@@ -94,12 +97,45 @@ pub async fn serve_command(data_dir: &Path, args: ServeArgs) -> anyhow::Result<(
     };
     let proxies = args.proxy_admins.clone();
     let client = (client_host, client_port, pool_port);
-    let config = platform_config(data_dir, client, proxies, proxy_token, &args.nodes);
+    let mut config = platform_config(data_dir, client, proxies, proxy_token, &args.nodes);
+    config.agents = args.agents.clone();
+    config.agent_root = args.agent_root.clone().unwrap_or_else(|| DEFAULT_ROOT.into());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let nodes = NodeOptions { user: args.nodes.node_user, ..NodeOptions::default() };
     crate::serve(listener, config, nodes, on_signals()?).await
+}
+
+pub async fn agent_command(args: crate::cli::AgentArgs) -> anyhow::Result<()> {
+    let options = crate::agent::server::AgentOptions {
+        listen: args.listen,
+        root: args.dir.unwrap_or_else(|| DEFAULT_ROOT.into()),
+        tls_dir: args.tls_dir,
+        pg_bin: NodeOptions::default().pg_bin,
+        user: args.node_user,
+    };
+    crate::agent::server::run(options, on_signals()?).await
+}
+
+/// Writes an agent's certificate for `args.addresses`, its key and the CA certificate, issued
+/// by the CA of `data_dir` (the control plane's).
+pub fn agent_cert_command(data_dir: &Path, args: &crate::cli::AgentCertArgs) -> anyhow::Result<()> {
+    let ca_dir = data_dir.join("ca");
+    if !ca_dir.join("ca.key").exists() {
+        bail!(
+            "no platform CA in {}: run `pgwarden serve` on this data dir first",
+            ca_dir.display()
+        );
+    }
+    let ca = Ca::load_or_create(&ca_dir).context("platform CA")?;
+    let names: Vec<&str> = args.addresses.iter().map(String::as_str).collect();
+    let cert = ca.issue_server(&names).context("agent certificate")?;
+    crate::files::private_dir(&args.out)?;
+    cert.write(&args.out.join("agent.crt"), &args.out.join("agent.key"))?;
+    crate::files::write_private(&args.out.join("ca.crt"), ca.cert_pem().as_bytes())?;
+    println!("agent certificate for {} written to {}", names.join(", "), args.out.display());
+    Ok(())
 }
 
 pub async fn up(data_dir: &Path, args: UpArgs) -> anyhow::Result<()> {

@@ -114,6 +114,9 @@ pub struct NodeRecord {
     /// Directory of the server build the node runs (`None`: the default build).
     #[serde(default)]
     pub engine: Option<PathBuf>,
+    /// Address of the agent that owns the node on another host (`None`: this host).
+    #[serde(default)]
+    pub agent: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -195,7 +195,7 @@ async fn node_stats(
         name: node.name.clone(),
         role: node.role,
         sampled_at: now_rfc3339(),
-        container: Container { cgroup: cgroup.map(str::to_owned), unlimited_reason: unlimited },
+        container: Container { cgroup, unlimited_reason: unlimited },
         cpu_percent,
         memory: triple(&usage.memory),
         swap: triple(&usage.swap),

@@ -1,0 +1,290 @@
+//! `pgwarden agent`: the nodes of one host, served to the control plane over mutual TLS.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use axum::extract::{Path as UrlPath, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Call, Info, Op, SQL_PROTOCOL};
+use crate::nodes::driver::{DriverError, NodeDriver, NodeSpec};
+use crate::nodes::local::LocalDriver;
+
+/// How long a client may take to finish its TLS handshake, then to send a request's headers.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// Where an agent keeps its nodes unless told otherwise (`--dir`, and `serve --agent-root`).
+pub const DEFAULT_ROOT: &str = "/var/lib/pgwarden-agent";
+
+/// How `pgwarden agent` is set up.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub listen: std::net::SocketAddr,
+    /// Where the nodes' directories go (`<root>/nodes/<node>`).
+    pub root: PathBuf,
+    /// `ca.crt` (the platform CA), `agent.crt` and `agent.key` (`pgwarden agent-cert`).
+    pub tls_dir: PathBuf,
+    /// Directory of the default PostgreSQL build's programs.
+    pub pg_bin: PathBuf,
+    /// OS user nodes run as when the agent runs as root.
+    pub user: String,
+}
+
+struct Agent {
+    driver: LocalDriver,
+    nodes_dir: PathBuf,
+    root: PathBuf,
+}
+
+impl Agent {
+    /// A node's directory must be one directory right under the agent's `nodes/`, and its
+    /// build (when one is named) a directory with a PostgreSQL server.
+    fn check(&self, node: &NodeSpec) -> Result<(), String> {
+        let under = node.dir.parent() == Some(self.nodes_dir.as_path());
+        let plain = node.dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            !n.starts_with('.') && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        });
+        if !under || !plain {
+            return Err(format!(
+                "node {} has directory {}: this agent keeps its nodes right under {}",
+                node.name,
+                node.dir.display(),
+                self.nodes_dir.display()
+            ));
+        }
+        if let Some(bin) = &node.bin {
+            if !bin.join("postgres").is_file() {
+                return Err(format!(
+                    "node {} runs the build in {}, which is not installed on this host",
+                    node.name,
+                    bin.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the agent until `shutdown`. Its nodes keep running when it stops.
+pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let driver = LocalDriver::new(options.pg_bin.clone(), &options.user)?;
+    let nodes_dir = options.root.join("nodes");
+    crate::nodes::local::prepare_nodes_dir(&options.root, &options.user)?;
+    let read = |name: &str| -> anyhow::Result<String> {
+        let path = options.tls_dir.join(name);
+        std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let key_path = options.tls_dir.join("agent.key");
+    if crate::files::readable_by_others(&key_path).unwrap_or(false) {
+        bail!("{} is readable by other users: chmod 600 it", key_path.display());
+    }
+    let (ca, cert, key) = (read("ca.crt")?, read("agent.crt")?, read("agent.key")?);
+    let identity = super::tls::Identity { ca: &ca, cert: &cert, key: &key };
+    let config = super::tls::server_config(&identity).map_err(anyhow::Error::msg)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", options.listen))?;
+    let agent = Arc::new(Agent { driver, nodes_dir, root: options.root.clone() });
+    let router = Router::new()
+        .route("/v1/info", get(info_of))
+        .route("/v1/nodes/{op}", post(call))
+        .route("/v1/sql/{dir}/{port}", get(sql))
+        .route("/v1/dump", post(dump))
+        .with_state(agent);
+    info!(listen = %listener.local_addr()?, root = %options.root.display(), "agent started");
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake refused"),
+                Err(_) => return debug!(%peer, "TLS handshake timed out"),
+            };
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HANDSHAKE)
+                .serve_connection(TokioIo::new(tls), service)
+                .with_upgrades()
+                .await;
+            if let Err(e) = served {
+                debug!(%peer, error = %e, "connection ended");
+            }
+        });
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Response {
+    let body = json!({"error": {"code": code, "message": message.to_string()}});
+    (status, Json(body)).into_response()
+}
+
+async fn info_of(State(agent): State<Arc<Agent>>) -> Json<Info> {
+    Json(Info { root: agent.root.clone(), version: env!("CARGO_PKG_VERSION").into() })
+}
+
+async fn call(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(op): UrlPath<String>,
+    Json(call): Json<Call>,
+) -> Response {
+    let Some(op) = Op::parse(&op) else {
+        return error(StatusCode::NOT_FOUND, "unknown_operation", format!("no operation {op:?}"));
+    };
+    if let Err(why) = agent.check(&call.node) {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_node", why);
+    }
+    let node = call.node.name.clone();
+    match tokio::task::spawn_blocking(move || apply(&agent.driver, op, call)).await {
+        Ok(Ok(answer)) => Json(answer).into_response(),
+        Ok(Err(e)) => {
+            warn!(node, op = op.name(), error = %e, "operation failed");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "driver_failed", e)
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "agent_failed", e),
+    }
+}
+
+/// Runs `op` with the local driver; its answer as JSON.
+fn apply(driver: &LocalDriver, op: Op, call: Call) -> Result<Value, DriverError> {
+    let node = &call.node;
+    let missing = |what: &str| DriverError::Other(format!("{} needs the node's {what}", op.name()));
+    let config = || call.config.as_ref().ok_or_else(|| missing("configuration"));
+    Ok(match op {
+        Op::Init => json!(driver.init(node, config()?)?),
+        Op::InitStandby => {
+            let upstream = call.upstream.as_ref().ok_or_else(|| missing("upstream"))?;
+            json!(driver.init_standby(node, config()?, upstream)?)
+        }
+        Op::Configure => json!(driver.configure(node, config()?)?),
+        Op::Start => json!(driver.start(node)?),
+        Op::Stop => json!(driver.stop(node)?),
+        Op::Reload => json!(driver.reload(node)?),
+        Op::IsRunning => json!(driver.is_running(node)),
+        Op::Fence => json!(driver.fence(node)?),
+        Op::Promote => json!(driver.promote(node)?),
+        Op::MakeStandby => json!(driver.make_standby(node)?),
+        Op::LogTail => json!(driver.log_tail(node)),
+        Op::Destroy => json!(driver.destroy(node)?),
+        Op::Resources => serde_json::to_value(driver.resources(node))
+            .map_err(|e| DriverError::Other(e.to_string()))?,
+    })
+}
+
+/// The SQL tunnel: once the node's socket answers, the connection switches to a byte stream
+/// to it.
+async fn sql(
+    State(agent): State<Arc<Agent>>,
+    UrlPath((dir, port)): UrlPath<(String, u16)>,
+    mut request: Request,
+) -> Response {
+    let node = NodeSpec {
+        name: dir.clone(),
+        dir: agent.nodes_dir.join(&dir),
+        host: String::new(),
+        port,
+        bin: None,
+        agent: None,
+    };
+    if let Err(why) = agent.check(&node) {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_node", why);
+    }
+    let Some(upgrade) = request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return error(StatusCode::BAD_REQUEST, "upgrade_required", "ask for Upgrade: pgwarden-sql");
+    };
+    let socket = socket_path(&node.dir, port);
+    let mut unix = match tokio::time::timeout(HANDSHAKE, UnixStream::connect(&socket)).await {
+        Ok(Ok(unix)) => unix,
+        Ok(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, "node_unreachable", e),
+        Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "node_unreachable", "timed out"),
+    };
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            let mut upgraded = TokioIo::new(upgraded);
+            let _ = tokio::io::copy_bidirectional(&mut upgraded, &mut unix).await;
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", SQL_PROTOCOL)
+        .body(axum::body::Body::empty())
+        .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "agent_failed", e))
+}
+
+/// What `POST /v1/dump` asks for.
+#[derive(serde::Deserialize)]
+struct DumpRequest {
+    node: NodeSpec,
+    database: String,
+    /// Directory of the client programs (`pg_dump`) on this host.
+    tools: PathBuf,
+}
+
+/// A custom-format dump of a database of a node, streamed with its size and SHA-256 once it
+/// is complete (a dump that fails is an error, never a short file).
+async fn dump(State(agent): State<Arc<Agent>>, Json(request): Json<DumpRequest>) -> Response {
+    if let Err(why) = agent.check(&request.node) {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_node", why);
+    }
+    if !request.tools.join("pg_dump").is_file() {
+        let message = format!("no pg_dump in {} on this host", request.tools.display());
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "no_tools", message);
+    }
+    let worker = Arc::clone(&agent);
+    let dumped = tokio::task::spawn_blocking(move || -> Result<_, DriverError> {
+        let dir = worker.root.join("dumps");
+        crate::files::private_dir(&dir)?;
+        let name = format!("{}-{:016x}.dump", request.node.name, rand::random::<u64>());
+        let path = dir.join(name);
+        crate::files::create_private(&path)?;
+        let outcome = worker.driver.dump(&request.node, &request.database, &request.tools, &path);
+        // The open file is all that is left of it once streamed.
+        let file = outcome.and_then(|()| Ok(std::fs::File::open(&path)?));
+        let _ = std::fs::remove_file(&path);
+        let file = file?;
+        let sha256 = crate::files::sha256_read(&file)?;
+        std::io::Seek::rewind(&mut &file)?;
+        Ok((file, sha256))
+    })
+    .await;
+    let (file, sha256) = match dumped {
+        Ok(Ok(dumped)) => dumped,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "dump_failed", e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "agent_failed", e),
+    };
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
+    Response::builder()
+        .header("content-type", "application/octet-stream")
+        .header("content-length", size)
+        .header(super::client::SHA256_HEADER, sha256)
+        .body(axum::body::Body::from_stream(stream))
+        .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "agent_failed", e))
+}
+
+fn socket_path(dir: &Path, port: u16) -> PathBuf {
+    dir.join(format!(".s.PGSQL.{port}"))
+}
