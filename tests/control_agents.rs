@@ -202,3 +202,56 @@ async fn an_agent_answers_only_the_platform_s_control_plane() {
     let message = error.expect_err("refused").to_string();
     assert!(message.contains("keeps its nodes right under"), "{message}");
 }
+
+/// Waits until the PITR window of `id` reaches `until`.
+async fn window_reaching(control: &TestControl, id: &str, until: time::OffsetDateTime) {
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let r = control.request("GET", &format!("/v1/databases/{id}/pitr"), None).await;
+        let latest = r.json()["latest"].as_str().map(|t| time::OffsetDateTime::parse(t, rfc3339));
+        if r.status == 200 && latest.is_some_and(|l| l.is_ok_and(|l| l >= until)) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "PITR window never reached {until}: {}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Point-in-time recovery onto an agent's host: the base backup and WAL the control plane
+/// keeps go to the agent as tar streams, and the database comes back as it was at the target,
+/// on a new node under the agent, through the same URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_on_an_agent_is_restored_to_a_point_in_time_there() {
+    let control = TestControl::start_on_agents(&["127.0.0.2"]).await;
+    let (db, id, url) = control.create_routed_database("ledger", "postgresql-starter-512").await;
+    window_reaching(&control, &id, time::OffsetDateTime::now_utc()).await;
+    assert!(psql(&url, None, "CREATE TABLE t(v text); INSERT INTO t VALUES ('t1')").success);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let target = time::OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(psql(&url, None, "INSERT INTO t VALUES ('t2')").success);
+    window_reaching(&control, &id, time::OffsetDateTime::now_utc()).await;
+
+    let target = target.format(&time::format_description::well_known::Rfc3339).unwrap();
+    let body = serde_json::json!({ "target_time": target });
+    let r = control.request("POST", &format!("/v1/databases/{id}/restore"), Some(body)).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let after = control.request("GET", &format!("/v1/databases/{id}"), None).await.json();
+    let node = &after["nodes"][0];
+    assert_ne!(node["name"], db["nodes"][0]["name"], "restored on a new node");
+    assert_eq!(node["host"], "127.0.0.2", "{after}");
+    let dir = control.node_data_dir(node["name"].as_str().unwrap());
+    assert!(dir.starts_with(control.agent_root()), "{}", dir.display());
+    let out = psql(&url, None, "SELECT string_agg(v, ',' ORDER BY v) FROM t");
+    assert_eq!(out.stdout.trim(), "t1", "{}", out.stderr);
+    let staging = control.agent_root().join("staging");
+    let left = std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "the staging area is emptied");
+}

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -40,17 +40,19 @@ pub struct Timeouts {
 
 /// Opens an HTTP/1.1 connection to `addr` (over TLS with `tls`, for the host part of `addr`)
 /// and starts a request with the host and token set.
-async fn connect(
+async fn connect<B>(
     addr: &str,
     tls: Option<&tokio_rustls::TlsConnector>,
     method: Method,
     path: &str,
     token: Option<&str>,
     after: Duration,
-) -> Result<
-    (hyper::client::conn::http1::SendRequest<Full<Bytes>>, hyper::http::request::Builder),
-    HttpError,
-> {
+) -> Result<(hyper::client::conn::http1::SendRequest<B>, hyper::http::request::Builder), HttpError>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let opening = async {
         let tcp = TcpStream::connect(addr)
             .await
@@ -100,22 +102,83 @@ pub async fn request_over(
     body: Option<Vec<u8>>,
     timeouts: Timeouts,
 ) -> Result<(StatusCode, Bytes), HttpError> {
-    let http = |source| HttpError::Http { addr: addr.into(), source };
     let (mut sender, mut builder) =
         connect(addr, tls, method, path, token, timeouts.connect).await?;
     if body.is_some() {
         builder = builder.header("content-type", "application/json");
     }
     let request = builder.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    exchange(addr, &mut sender, request, timeouts.exchange).await
+}
+
+/// Sends `request` and reads the whole answer, within `after`.
+async fn exchange<B>(
+    addr: &str,
+    sender: &mut hyper::client::conn::http1::SendRequest<B>,
+    request: Request<B>,
+    after: Duration,
+) -> Result<(StatusCode, Bytes), HttpError>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let http = |source| HttpError::Http { addr: addr.into(), source };
     let exchange = async {
         let response = sender.send_request(request).await.map_err(http)?;
         let status = response.status();
         let body = response.into_body().collect().await.map_err(http)?.to_bytes();
         Ok((status, body))
     };
-    tokio::time::timeout(timeouts.exchange, exchange)
+    tokio::time::timeout(after, exchange)
         .await
-        .map_err(|_| HttpError::Timeout { addr: addr.into(), after: timeouts.exchange })?
+        .map_err(|_| HttpError::Timeout { addr: addr.into(), after })?
+}
+
+/// Sends what `body` reads as the body of a `POST` to `path` (over TLS with `tls`); returns
+/// the status and the whole answer. The whole exchange is bounded by `timeouts.exchange`.
+pub async fn upload(
+    addr: &str,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    path: &str,
+    body: impl tokio::io::AsyncRead + Send + Unpin + 'static,
+    timeouts: Timeouts,
+) -> Result<(StatusCode, Bytes), HttpError> {
+    let (mut sender, builder) =
+        connect(addr, tls, Method::POST, path, None, timeouts.connect).await?;
+    let request = builder
+        .header("content-type", "application/octet-stream")
+        .body(ReaderBody { reader: body, buf: BytesMut::new() })?;
+    exchange(addr, &mut sender, request, timeouts.exchange).await
+}
+
+/// A request body read from an `AsyncRead` to its end, 64 KiB at a time.
+struct ReaderBody<R> {
+    reader: R,
+    buf: BytesMut,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> hyper::body::Body for ReaderBody<R> {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        let this = &mut *self;
+        this.buf.reserve(64 * 1024);
+        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut this.reader), cx, &mut this.buf)
+        {
+            std::task::Poll::Ready(Ok(0)) => std::task::Poll::Ready(None),
+            std::task::Poll::Ready(Ok(_)) => {
+                let chunk = this.buf.split().freeze();
+                std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))))
+            }
+            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Some(Err(e))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
 }
 
 /// Asks `addr` to switch the connection to `protocol` for `path` (a `GET` with `Upgrade`) and

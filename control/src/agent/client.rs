@@ -180,17 +180,47 @@ impl NodeDriver for RemoteDriver {
         self.unit(Op::MakeStandby, node)
     }
 
+    /// The base backup and the WAL go to the agent as tar streams (into the node's staging
+    /// area), then the agent restores from them.
     fn init_from_backup(
         &self,
         node: &NodeSpec,
-        _config: &NodeConfig,
-        _base: &std::path::Path,
-        _wal: &std::path::Path,
+        config: &NodeConfig,
+        base: &std::path::Path,
+        wal: &std::path::Path,
     ) -> Result<(), DriverError> {
-        Err(DriverError::Other(format!(
-            "node {} is on another host: restoring onto an agent's host is not supported yet",
-            node.name
-        )))
+        let agent = Self::agent(node)?;
+        let failed = |e: String| DriverError::Other(format!("agent {agent}: {e}"));
+        let dir = node.dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        for (part, from) in [("base", base), ("wal", wal)] {
+            let path = format!("/v1/staging/{dir}/{part}");
+            let sent = self.block_on(async {
+                let mut tar = tokio::process::Command::new("tar")
+                    .args(["--create", "--file", "-", "--directory"])
+                    .arg(from)
+                    .arg(".")
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .map_err(|e| format!("cannot run tar: {e}"))?;
+                let stdout = tar.stdout.take().ok_or("tar has no output")?;
+                let timeouts = Timeouts { connect: CONNECT, exchange: Op::InitFromBackup.bound() };
+                let answer = httpc::upload(agent, Some(&self.tls), &path, stdout, timeouts).await;
+                let packed = tar.wait_with_output().await.map_err(|e| e.to_string())?;
+                if !packed.status.success() {
+                    let stderr = String::from_utf8_lossy(&packed.stderr);
+                    return Err(format!("tar of {} failed: {}", from.display(), stderr.trim()));
+                }
+                let (status, body) = answer.map_err(|e| e.to_string())?;
+                if status != StatusCode::OK {
+                    return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
+                }
+                Ok::<(), String>(())
+            });
+            sent.map_err(failed)?;
+        }
+        self.call(Op::InitFromBackup, node, Some(config), None).map(drop)
     }
 
     fn log_tail(&self, node: &NodeSpec) -> String {

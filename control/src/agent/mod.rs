@@ -9,8 +9,11 @@
 //! - `GET /v1/info`: [`Info`];
 //! - `POST /v1/nodes/{op}` with a [`Call`]: one driver operation on a node under the agent's
 //!   root; 200 with the operation's answer, or an error `{"error": {"code", "message"}}`;
-//! - `GET /v1/sql?dir=&port=` with `Upgrade: pgwarden-sql`: the connection becomes a byte
-//!   stream to the node's Unix socket.
+//! - `GET /v1/sql/{dir}/{port}` with `Upgrade: pgwarden-sql`: the connection becomes a byte
+//!   stream to the node's Unix socket;
+//! - `POST /v1/dump` (node, database, tools): a `pg_dump` archive, with its SHA-256;
+//! - `POST /v1/staging/{dir}/{base|wal}`: a tar stream unpacked in the staging area of the node
+//!   whose directory is `{dir}`, which `init-from-backup` then restores from.
 
 pub mod client;
 pub mod server;
@@ -56,13 +59,15 @@ pub enum Op {
     Fence,
     Promote,
     MakeStandby,
+    /// From the base backup and WAL uploaded to the node's staging area.
+    InitFromBackup,
     LogTail,
     Destroy,
     Resources,
 }
 
 impl Op {
-    pub const ALL: [Op; 13] = [
+    pub const ALL: [Op; 14] = [
         Op::Init,
         Op::InitStandby,
         Op::Configure,
@@ -73,6 +78,7 @@ impl Op {
         Op::Fence,
         Op::Promote,
         Op::MakeStandby,
+        Op::InitFromBackup,
         Op::LogTail,
         Op::Destroy,
         Op::Resources,
@@ -90,6 +96,7 @@ impl Op {
             Op::Fence => "fence",
             Op::Promote => "promote",
             Op::MakeStandby => "make-standby",
+            Op::InitFromBackup => "init-from-backup",
             Op::LogTail => "log-tail",
             Op::Destroy => "destroy",
             Op::Resources => "resources",
@@ -105,7 +112,7 @@ impl Op {
     pub fn bound(self) -> std::time::Duration {
         use std::time::Duration;
         match self {
-            Op::InitStandby => Duration::from_secs(6 * 3600),
+            Op::InitStandby | Op::InitFromBackup => Duration::from_secs(6 * 3600),
             Op::Init | Op::Start | Op::Stop | Op::Promote | Op::Destroy => Duration::from_secs(300),
             _ => Duration::from_secs(30),
         }

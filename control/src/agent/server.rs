@@ -51,9 +51,7 @@ impl Agent {
     /// build (when one is named) a directory with a PostgreSQL server.
     fn check(&self, node: &NodeSpec) -> Result<(), String> {
         let under = node.dir.parent() == Some(self.nodes_dir.as_path());
-        let plain = node.dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-            !n.starts_with('.') && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        });
+        let plain = node.dir.file_name().and_then(|n| n.to_str()).is_some_and(plain_name);
         if !under || !plain {
             return Err(format!(
                 "node {} has directory {}: this agent keeps its nodes right under {}",
@@ -72,6 +70,20 @@ impl Agent {
             }
         }
         Ok(())
+    }
+}
+
+/// A directory name of the agent's own making: no path, no hidden file.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+impl Agent {
+    /// Where the base backup (`base`) and WAL (`wal`) of a node being restored are unpacked.
+    fn staging(&self, node_dir: &str) -> PathBuf {
+        self.root.join("staging").join(node_dir)
     }
 }
 
@@ -101,6 +113,7 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
         .route("/v1/nodes/{op}", post(call))
         .route("/v1/sql/{dir}/{port}", get(sql))
         .route("/v1/dump", post(dump))
+        .route("/v1/staging/{dir}/{part}", post(stage))
         .with_state(agent);
     info!(listen = %listener.local_addr()?, root = %options.root.display(), "agent started");
     loop {
@@ -157,7 +170,7 @@ async fn call(
         return error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_node", why);
     }
     let node = call.node.name.clone();
-    match tokio::task::spawn_blocking(move || apply(&agent.driver, op, call)).await {
+    match tokio::task::spawn_blocking(move || apply(&agent, op, call)).await {
         Ok(Ok(answer)) => Json(answer).into_response(),
         Ok(Err(e)) => {
             warn!(node, op = op.name(), error = %e, "operation failed");
@@ -168,8 +181,8 @@ async fn call(
 }
 
 /// Runs `op` with the local driver; its answer as JSON.
-fn apply(driver: &LocalDriver, op: Op, call: Call) -> Result<Value, DriverError> {
-    let node = &call.node;
+fn apply(agent: &Agent, op: Op, call: Call) -> Result<Value, DriverError> {
+    let (driver, node) = (&agent.driver, &call.node);
     let missing = |what: &str| DriverError::Other(format!("{} needs the node's {what}", op.name()));
     let config = || call.config.as_ref().ok_or_else(|| missing("configuration"));
     Ok(match op {
@@ -186,6 +199,18 @@ fn apply(driver: &LocalDriver, op: Op, call: Call) -> Result<Value, DriverError>
         Op::Fence => json!(driver.fence(node)?),
         Op::Promote => json!(driver.promote(node)?),
         Op::MakeStandby => json!(driver.make_standby(node)?),
+        Op::InitFromBackup => {
+            let name = node.dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let staging = agent.staging(name);
+            let restored = driver.init_from_backup(
+                node,
+                config()?,
+                &staging.join("base"),
+                &staging.join("wal"),
+            );
+            let _ = std::fs::remove_dir_all(&staging);
+            json!(restored?)
+        }
         Op::LogTail => json!(driver.log_tail(node)),
         Op::Destroy => json!(driver.destroy(node)?),
         Op::Resources => serde_json::to_value(driver.resources(node))
@@ -283,6 +308,73 @@ async fn dump(State(agent): State<Arc<Agent>>, Json(request): Json<DumpRequest>)
         .header(super::client::SHA256_HEADER, sha256)
         .body(axum::body::Body::from_stream(stream))
         .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "agent_failed", e))
+}
+
+/// Unpacks a tar stream (the request's body) into the staging area's `base` or `wal` for the
+/// node whose directory is `dir`, replacing what was there.
+async fn stage(
+    State(agent): State<Arc<Agent>>,
+    UrlPath((dir, part)): UrlPath<(String, String)>,
+    request: Request,
+) -> Response {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    if !plain_name(&dir) || !["base", "wal"].contains(&part.as_str()) {
+        let message = format!("no staging area {dir}/{part}: a node directory, then base or wal");
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_staging", message);
+    }
+    let target = agent.staging(&dir).join(&part);
+    let prepared = crate::files::blocking_io(|| {
+        let _ = std::fs::remove_dir_all(&target);
+        crate::files::private_dir(&agent.root.join("staging"))?;
+        crate::files::private_dir(&agent.staging(&dir))?;
+        crate::files::private_dir(&target)
+    });
+    if let Err(e) = prepared {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "staging_failed", e);
+    }
+    let spawned = tokio::process::Command::new("tar")
+        .args(["--extract", "--file", "-", "--no-same-owner", "--directory"])
+        .arg(&target)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let mut tar = match spawned {
+        Ok(tar) => tar,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "staging_failed", e),
+    };
+    let Some(mut stdin) = tar.stdin.take() else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "staging_failed", "tar has no input");
+    };
+    let mut body = request.into_body();
+    let mut received = 0u64;
+    let fed: Result<(), String> = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("the upload broke off: {e}"))?;
+            if let Ok(data) = frame.into_data() {
+                received += data.len() as u64;
+                stdin.write_all(&data).await.map_err(|e| format!("tar stopped reading: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    drop(stdin);
+    let finished = tar.wait_with_output().await;
+    let untarred = match finished {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(format!("tar failed: {}", String::from_utf8_lossy(&out.stderr).trim())),
+        Err(e) => Err(e.to_string()),
+    };
+    match fed.and(untarred) {
+        Ok(()) => Json(json!({"received_bytes": received})).into_response(),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(agent.staging(&dir));
+            error(StatusCode::UNPROCESSABLE_ENTITY, "staging_failed", e)
+        }
+    }
 }
 
 fn socket_path(dir: &Path, port: u16) -> PathBuf {
