@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what pgwarden needs on a Debian machine, only what is missing (idempotent):
 # PostgreSQL 15 server and clients (psql, pgbench, pg_basebackup), psycopg 3 (a libpq 17+
-# client for the tests) and the `postgres` OS user that nodes run as when pgwarden runs as root.
+# client for the tests), protoc (the etcd client's build needs it) and the `postgres` OS user
+# that nodes run as when pgwarden runs as root. With --etcd, also etcd (the multi-host tests).
 # With --bench, also PgBouncer and HAProxy; with --engines, also PostgreSQL 18 (built once) for
 # the major-upgrade tests and benchmark; with --browser, Chromium and ChromeDriver for the
 # dashboard's tests (scripts/test.sh asks for both).
@@ -10,12 +11,14 @@ set -euo pipefail
 bench=0
 engines_wanted=0
 browser=0
+etcd=0
 for arg in "$@"; do
   case "$arg" in
     --bench) bench=1 ;;
     --engines) engines_wanted=1 ;;
     --browser) browser=1 ;;
-    *) echo "setup: unknown option $arg (--bench, --engines, --browser)" >&2; exit 2 ;;
+    --etcd) etcd=1 ;;
+    *) echo "setup: unknown option $arg (--bench, --engines, --browser, --etcd)" >&2; exit 2 ;;
   esac
 done
 
@@ -45,6 +48,10 @@ want=()
 [ -x /usr/lib/postgresql/15/bin/postgres ] || want+=(postgresql-15)
 [ -x /usr/lib/postgresql/15/bin/psql ] || want+=(postgresql-client-15)
 command -v openssl >/dev/null || want+=(openssl)
+command -v protoc >/dev/null || want+=(protobuf-compiler)
+if [ "$etcd" = 1 ]; then
+  command -v etcd >/dev/null || want+=(etcd-server)
+fi
 if [ "$browser" = 1 ]; then
   # The dashboard's tests drive a real headless browser.
   [ -x /usr/bin/chromium ] || want+=(chromium)

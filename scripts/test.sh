@@ -3,7 +3,7 @@
 # and the whole test suite against real PostgreSQL 15 nodes the tests start themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh --engines --browser
+scripts/setup.sh --engines --browser --etcd
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then

@@ -144,13 +144,7 @@ impl TestControl {
     /// processes), one per address of `hosts` (loopback addresses: 127.0.0.2...), each with a
     /// certificate issued by `pgwarden agent-cert`.
     pub async fn start_on_agents(hosts: &[&str]) -> Self {
-        let addrs: Vec<String> = hosts
-            .iter()
-            .map(|host| {
-                let free = std::net::TcpListener::bind((*host, 0)).expect("a free port");
-                free.local_addr().expect("addr").to_string()
-            })
-            .collect();
+        let addrs = crate::planes::free_addrs(hosts);
         let mut control = Self::start_inner(
             Vec::new(),
             Vec::new(),
@@ -162,30 +156,10 @@ impl TestControl {
         )
         .await;
         let root = control.agent_root();
-        for (host, addr) in hosts.iter().zip(&addrs) {
-            let tls = control.dir.path().join(format!("agent-{host}"));
-            let out = std::process::Command::new(crate::workspace_bin("pgwarden"))
-                .arg("--data-dir")
-                .arg(&control.data)
-                .args(["agent-cert", "--address", host, "--out"])
-                .arg(&tls)
-                .output()
-                .expect("pgwarden agent-cert");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            let child = std::process::Command::new(crate::workspace_bin("pgwarden"))
-                .args(["agent", "--listen", addr, "--dir"])
-                .arg(&root)
-                .arg("--tls-dir")
-                .arg(&tls)
-                .env("RUST_LOG", "info")
-                .spawn()
-                .expect("pgwarden agent");
+        for addr in &addrs {
+            let parent = control.dir.path().to_owned();
+            let child = crate::planes::start_agent(&control.data, &root, addr, &parent).await;
             control.agent_processes.push(child);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while std::net::TcpStream::connect(addr).is_err() {
-                assert!(Instant::now() < deadline, "agent {addr} did not start");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
         }
         control
     }
@@ -235,6 +209,7 @@ impl TestControl {
             rollback_window: self.rollback_window,
             stats_interval: self.stats_interval,
             stats_retention: Duration::from_secs(7 * 24 * 3600),
+            etcd: None,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         self.addr = listener.local_addr().expect("addr");

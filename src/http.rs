@@ -26,7 +26,7 @@ impl HttpResponse {
     }
 }
 
-/// Sends one request and reads the whole answer.
+/// Sends one request and reads the whole answer (within 30 s).
 pub fn http_request(
     addr: SocketAddr,
     method: &str,
@@ -34,8 +34,20 @@ pub fn http_request(
     token: Option<&str>,
     body: Option<&str>,
 ) -> std::io::Result<HttpResponse> {
+    http_request_within(addr, method, path, token, body, Duration::from_secs(30))
+}
+
+/// As `http_request`, the answer awaited at most `wait` (a frozen server answers nothing).
+pub fn http_request_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+    wait: Duration,
+) -> std::io::Result<HttpResponse> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_read_timeout(Some(wait))?;
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(t) = token {
         request += &format!("Authorization: Bearer {t}\r\n");

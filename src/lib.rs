@@ -5,6 +5,8 @@
 //!   unprivileged OS user when the tests run as root.
 //! - `proxy.rs`: [`TestProxy`], the proxy started in-process on `127.0.0.1:0`.
 //! - `control.rs`: [`TestControl`], the control plane in-process, publishing to a proxy.
+//! - `etcd.rs`: [`TestEtcd`], a real etcd cluster on loopback addresses.
+//! - `planes.rs`: [`TestPlanes`], control planes on etcd as processes, with agents and a proxy.
 //! - `http.rs`: a minimal HTTP/1.1 client for admin APIs.
 //! - `load.rs`: writer and connector load generators for HA tests and benchmarks.
 //! - `clients.rs`: `psql` and `pgbench` runners.
@@ -15,21 +17,25 @@
 mod browser;
 mod clients;
 mod control;
+mod etcd;
 mod http;
 mod load;
 mod node;
+mod planes;
 mod proxy;
 mod tls;
 
 pub use browser::{Browser, Element};
 pub use clients::{pg_bin, psql, ClientOutput};
 pub use control::TestControl;
+pub use etcd::TestEtcd;
 pub use http::{http_request, HttpResponse};
 pub use load::{assert_no_failed, lost_writes, Ack, Connector, Writer};
 pub use node::{
     free_port, kill_postmaster, node_data_dirs, node_port_block, postmaster_pid, stop_immediately,
     NodeOptions, PgNode, TEST_PASSWORD,
 };
+pub use planes::TestPlanes;
 pub use proxy::{TestCerts, TestProxy};
 pub use tls::{connect_with_binding, tls_connect};
 

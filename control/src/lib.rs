@@ -2,8 +2,9 @@
 //!
 //! Folders by feature, each depending only on those listed before it:
 //!
+//! - `coord/`: control planes on several hosts: the etcd connection and the leadership.
 //! - `state/`: what is kept: database, node and user records, events, operations, in an
-//!   embedded crash-safe store (redb).
+//!   embedded crash-safe store (redb) or in etcd.
 //! - `nodes/`: PostgreSQL nodes: the `NodeDriver` interface and its local implementation, the
 //!   configuration written into a node (with the quoting rules of config files and connection
 //!   strings), ports, and SQL sessions bounded in time.
@@ -34,6 +35,7 @@ pub mod api;
 pub mod backups;
 pub mod changes;
 pub mod cli;
+pub mod coord;
 pub mod files;
 pub mod ha;
 pub mod httpc;

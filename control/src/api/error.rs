@@ -48,6 +48,10 @@ impl ApiError {
             message: message.into(),
         }
     }
+    /// A control plane on standby (etcd): another leads.
+    pub fn standby(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::SERVICE_UNAVAILABLE, code: "standby", message: message.into() }
+    }
     pub fn method_not_allowed() -> Self {
         Self {
             status: StatusCode::METHOD_NOT_ALLOWED,

@@ -13,6 +13,7 @@ pub mod error;
 mod ha;
 mod operations;
 mod pitr;
+pub mod standby;
 mod users;
 mod view;
 

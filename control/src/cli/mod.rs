@@ -212,6 +212,20 @@ pub struct ServeArgs {
     /// under `<dir>/nodes`.
     #[arg(long)]
     pub agent_root: Option<PathBuf>,
+    /// etcd members' client URLs (comma-separated or repeated): the state lives in etcd and
+    /// of several control planes only the leader acts; the others stand by (API answers 503).
+    #[arg(long = "etcd", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Prefix of pgwarden's keys in etcd.
+    #[arg(long, default_value = "pgwarden")]
+    pub etcd_prefix: String,
+    /// TTL of the leader's lease in etcd (seconds): how long a dead leader keeps the
+    /// standbys waiting.
+    #[arg(long, default_value_t = 3)]
+    pub lease_ttl_secs: u64,
+    /// Address other control planes and clients reach this one's API on (default: --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
     #[command(flatten)]
     pub nodes: NodeArgs,
 }

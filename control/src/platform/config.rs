@@ -37,6 +37,8 @@ pub struct PlatformConfig {
     pub stats_interval: std::time::Duration,
     /// How long samples are kept in the stats history.
     pub stats_retention: std::time::Duration,
+    /// State in etcd and a leader among several control planes; none: the embedded store.
+    pub etcd: Option<crate::coord::EtcdSettings>,
 }
 
 /// How nodes are watched and when a primary is declared dead.
@@ -84,6 +86,7 @@ impl std::fmt::Debug for PlatformConfig {
             .field("rollback_window", &self.rollback_window)
             .field("stats_interval", &self.stats_interval)
             .field("stats_retention", &self.stats_retention)
+            .field("etcd", &self.etcd)
             .finish_non_exhaustive()
     }
 }

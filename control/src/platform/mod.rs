@@ -292,7 +292,7 @@ impl Platform {
     /// (which pushes it in the background: this never waits on a proxy).
     pub fn publish_routes(&self) -> Result<u64, StoreError> {
         let databases = self.store.databases()?;
-        let epoch = self.store.next_counter("epoch")?;
+        let epoch = self.store.next_epoch()?;
         self.metrics.epoch.set(epoch as i64);
         let node_ca = self.ca.cert_pem();
         let table = table::build(&databases, &self.holds, &self.verifiers, node_ca, epoch);

@@ -5,6 +5,7 @@
 pub mod up;
 
 use std::fs;
+use std::future::IntoFuture;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,10 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::api::{self, ApiState};
+use crate::coord::{Etcd, Leadership};
 use crate::lifecycle::recover;
 use crate::nodes::local::LocalDriver;
 use crate::pitr::Heartbeats;
 use crate::platform::{Platform, PlatformConfig};
+use crate::state::kv::{Kv, RedbKv};
 use crate::state::Store;
 
 /// Where nodes come from.
@@ -41,14 +44,61 @@ impl Default for NodeOptions {
 }
 
 /// Runs the control plane on `listener` until `shutdown`. Nodes keep running after it returns.
+/// With etcd (`config.etcd`), it stands by until it leads, and returns an error if it loses
+/// the leadership (it must stop acting: start it again to stand by).
 pub async fn serve(
     listener: TcpListener,
     config: PlatformConfig,
     nodes: NodeOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Some(settings) = config.etcd.clone() else {
+        return lead(listener, config, nodes, None, shutdown).await;
+    };
+    let etcd = Etcd::connect(&settings.endpoints, &settings.prefix).await?;
+    // A standby answers on the same socket until it leads: every API call gets 503 naming
+    // the leader.
+    let socket = listener.into_std()?;
+    let standby = TcpListener::from_std(socket.try_clone()?)?;
+    let listener = TcpListener::from_std(socket)?;
+    let standing_by = CancellationToken::new();
+    let router = api::standby::router(etcd.clone());
+    let standby = axum::serve(standby, router)
+        .with_graceful_shutdown(standing_by.clone().cancelled_owned())
+        .into_future();
+    let standby = tokio::spawn(standby);
+    let leadership =
+        Leadership::campaign(&etcd, &settings.advertise, settings.lease_ttl, &shutdown).await;
+    standing_by.cancel();
+    let _ = standby.await;
+    let Some(leadership) = leadership else { return Ok(()) };
+    let running = shutdown.child_token();
+    let lost = leadership.lost();
+    let stop = running.clone();
+    tokio::spawn(async move {
+        lost.cancelled().await;
+        stop.cancel();
+    });
+    let kv = crate::state::etcd::EtcdKv::new(etcd, Arc::clone(&leadership));
+    let served = lead(listener, config, nodes, Some(Box::new(kv)), running).await;
+    if shutdown.is_cancelled() && leadership.is_valid() {
+        leadership.resign().await;
+        return served;
+    }
+    served?;
+    bail!("this control plane lost the leadership and stopped acting; start it again to stand by")
+}
+
+/// Runs the control plane, state in `kv` (the data dir's embedded store without).
+async fn lead(
+    listener: TcpListener,
+    config: PlatformConfig,
+    nodes: NodeOptions,
+    kv: Option<Box<dyn Kv>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let stop_on_exit = nodes.stop_on_exit;
-    let platform = open(config, nodes)?;
+    let platform = open(config, nodes, kv)?;
     let token = read_secret_file(&platform.config.data_dir.join("token"))?;
     info!(listen = %listener.local_addr()?, data_dir = %platform.config.data_dir.display(), "control plane started");
     let heartbeats = Arc::new(Heartbeats::default());
@@ -106,19 +156,31 @@ pub async fn serve(
 /// Opens the data dir. It and everything in it is private to this user (0700 directories,
 /// 0600 files), except that when nodes run as another OS user, the data dir and `nodes/` let
 /// that user through (0711: it can reach its own directory, list nothing).
-fn open(config: PlatformConfig, nodes: NodeOptions) -> anyhow::Result<Arc<Platform>> {
+fn open(
+    config: PlatformConfig,
+    nodes: NodeOptions,
+    kv: Option<Box<dyn Kv>>,
+) -> anyhow::Result<Arc<Platform>> {
     let dir = &config.data_dir;
     let driver = LocalDriver::new(nodes.pg_bin.clone(), &nodes.user)?;
     crate::nodes::local::prepare_nodes_dir(dir, &nodes.user)?;
     let ca_dir = dir.join("ca");
     crate::files::private_dir(&ca_dir)?;
     let ca = Ca::load_or_create(&ca_dir).context("platform CA")?;
-    // Created 0600 before redb opens it: never readable by others, not even for an instant.
-    let state = dir.join("state.redb");
-    fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&state)?;
-    fs::set_permissions(&state, fs::Permissions::from_mode(0o600))?;
     let sealer = crate::secrets::Sealer::open(&dir.join("secret.key"))?;
-    let store = Store::open(&state, sealer).context("state store")?;
+    let kv = match kv {
+        Some(kv) => kv,
+        None => {
+            // Created 0600 before redb opens it: never readable by others, not even for an
+            // instant.
+            let state = dir.join("state.redb");
+            let mut create = fs::OpenOptions::new();
+            create.write(true).create(true).truncate(false).mode(0o600).open(&state)?;
+            fs::set_permissions(&state, fs::Permissions::from_mode(0o600))?;
+            Box::new(RedbKv::open(&state).context("state store")?)
+        }
+    };
+    let store = Store::over(kv, sealer).context("state store (a different secret.key?)")?;
     let backups =
         crate::storage::LocalStorage::new(dir.join("backups")).context("backup storage")?;
     let remote = crate::agent::client::RemoteDriver::new(&ca)

@@ -59,6 +59,7 @@ fn platform_config(
         rollback_window: Duration::from_secs(nodes.rollback_window_secs),
         stats_interval: Duration::from_secs(nodes.stats_interval_secs),
         stats_retention: Duration::from_secs(nodes.stats_retention_hours * 3600),
+        etcd: None,
     }
 }
 
@@ -100,6 +101,14 @@ pub async fn serve_command(data_dir: &Path, args: ServeArgs) -> anyhow::Result<(
     let mut config = platform_config(data_dir, client, proxies, proxy_token, &args.nodes);
     config.agents = args.agents.clone();
     config.agent_root = args.agent_root.clone().unwrap_or_else(|| DEFAULT_ROOT.into());
+    if !args.etcd.is_empty() {
+        config.etcd = Some(crate::coord::EtcdSettings {
+            endpoints: args.etcd.clone(),
+            prefix: args.etcd_prefix.clone(),
+            lease_ttl: Duration::from_secs(args.lease_ttl_secs.max(2)),
+            advertise: args.advertise.clone().unwrap_or_else(|| args.listen.to_string()),
+        });
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

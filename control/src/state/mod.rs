@@ -1,6 +1,9 @@
-//! What the control plane keeps: database, node and user records (`records.rs`) in an embedded,
-//! crash-safe redb store (`store.rs`), with events and operations.
+//! What the control plane keeps: database, node and user records (`records.rs`), with events
+//! and operations (`store.rs`), in an embedded, crash-safe redb file (`kv.rs`) or, for control
+//! planes on several hosts, in etcd (`etcd.rs`).
 
+pub mod etcd;
+pub mod kv;
 pub mod records;
 pub mod store;
 

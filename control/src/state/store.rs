@@ -6,20 +6,18 @@
 
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::files::blocking_io;
 use crate::secrets::Sealer;
+use crate::state::kv::{Kv, RedbKv};
 use crate::state::records::DatabaseRecord;
 use pgwarden_api::control::{Event, Operation};
 
-const DATABASES: TableDefinition<&str, &[u8]> = TableDefinition::new("databases");
-const OPERATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("operations");
-const EVENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("events");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const BACKUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("backups");
+const DATABASES: &str = "databases";
+const OPERATIONS: &str = "operations";
+const EVENTS: &str = "events";
+const BACKUPS: &str = "backups";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -29,46 +27,30 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
     #[error("state store: {0}")]
     Sealed(#[from] crate::secrets::SealError),
+    /// A write of a control plane that is no longer the leader (etcd): refused, and the
+    /// process stops acting.
+    #[error("this control plane is no longer the leader: {0}")]
+    NotLeader(String),
 }
 
 /// Fields of a database record kept sealed.
 const SEALED_FIELDS: [&str; 2] = ["password", "replication_password"];
 
-macro_rules! db_err {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> Self {
-                StoreError::Db(e.to_string())
-            }
-        }
-    )*};
-}
-db_err!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
-
 pub struct Store {
-    db: Database,
+    kv: Box<dyn Kv>,
     sealer: Sealer,
 }
 
 impl Store {
-    /// Opens the store at `path`; values are sealed with `sealer`. Records written before
-    /// sealing existed are sealed now.
+    /// Opens the embedded store at `path`; values are sealed with `sealer`. Records written
+    /// before sealing existed are sealed now.
     pub fn open(path: &Path, sealer: Sealer) -> Result<Self, StoreError> {
-        let db = blocking_io(|| Database::create(path))?;
-        let tx = db.begin_write()?;
-        tx.open_table(DATABASES)?;
-        tx.open_table(OPERATIONS)?;
-        tx.open_table(EVENTS)?;
-        tx.open_table(META)?;
-        tx.open_table(BACKUPS)?;
-        tx.commit()?;
-        let store = Self { db, sealer };
+        Self::over(Box::new(RedbKv::open(path)?), sealer)
+    }
+
+    /// The store over `kv` (the embedded file, or etcd).
+    pub fn over(kv: Box<dyn Kv>, sealer: Sealer) -> Result<Self, StoreError> {
+        let store = Self { kv, sealer };
         let raw: Vec<serde_json::Value> = store.list(DATABASES, "")?;
         let plain = raw.iter().any(|r| {
             SEALED_FIELDS
@@ -103,52 +85,17 @@ impl Store {
         Ok(serde_json::from_value(value)?)
     }
 
-    fn put<T: Serialize>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-        value: &T,
-    ) -> Result<(), StoreError> {
-        blocking_io(|| {
-            let bytes = serde_json::to_vec(value)?;
-            let tx = self.db.begin_write()?;
-            tx.open_table(table)?.insert(key, bytes.as_slice())?;
-            tx.commit()?;
-            Ok(())
-        })
+    fn put<T: Serialize>(&self, table: &str, key: &str, value: &T) -> Result<(), StoreError> {
+        self.kv.put(table, key, serde_json::to_vec(value)?)
     }
 
-    fn get<T: DeserializeOwned>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-    ) -> Result<Option<T>, StoreError> {
-        blocking_io(|| {
-            let tx = self.db.begin_read()?;
-            let table = tx.open_table(table)?;
-            let value = table.get(key)?;
-            Ok(value.map(|v| serde_json::from_slice(v.value())).transpose()?)
-        })
+    fn get<T: DeserializeOwned>(&self, table: &str, key: &str) -> Result<Option<T>, StoreError> {
+        Ok(self.kv.get(table, key)?.map(|v| serde_json::from_slice(&v)).transpose()?)
     }
 
-    fn list<T: DeserializeOwned>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        prefix: &str,
-    ) -> Result<Vec<T>, StoreError> {
-        blocking_io(|| {
-            let tx = self.db.begin_read()?;
-            let table = tx.open_table(table)?;
-            let mut out = Vec::new();
-            for entry in table.range(prefix..)? {
-                let (k, v) = entry?;
-                if !k.value().starts_with(prefix) {
-                    break;
-                }
-                out.push(serde_json::from_slice(v.value())?);
-            }
-            Ok(out)
-        })
+    fn list<T: DeserializeOwned>(&self, table: &str, prefix: &str) -> Result<Vec<T>, StoreError> {
+        let values = self.kv.list(table, prefix)?;
+        Ok(values.iter().map(|v| serde_json::from_slice(v)).collect::<Result<_, _>>()?)
     }
 
     pub fn put_database(&self, db: &DatabaseRecord) -> Result<(), StoreError> {
@@ -163,26 +110,9 @@ impl Store {
         self.list(DATABASES, "")?.into_iter().map(|v| self.unseal(v)).collect()
     }
 
-    /// Removes the database and its events.
+    /// Removes the database and its events, in one transaction.
     pub fn delete_database(&self, id: &str) -> Result<(), StoreError> {
-        blocking_io(|| {
-            let tx = self.db.begin_write()?;
-            tx.open_table(DATABASES)?.remove(id)?;
-            {
-                let mut events = tx.open_table(EVENTS)?;
-                let prefix = format!("{id}/");
-                let keys: Vec<String> = events
-                    .range(prefix.as_str()..)?
-                    .map_while(|e| e.ok().map(|(k, _)| k.value().to_owned()))
-                    .take_while(|k| k.starts_with(&prefix))
-                    .collect();
-                for k in keys {
-                    events.remove(k.as_str())?;
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })
+        self.kv.remove(DATABASES, id, Some((EVENTS, &format!("{id}/"))))
     }
 
     pub fn put_backup(&self, backup: &pgwarden_api::control::Backup) -> Result<(), StoreError> {
@@ -206,12 +136,7 @@ impl Store {
     }
 
     pub fn delete_backup(&self, database_id: &str, id: &str) -> Result<(), StoreError> {
-        blocking_io(|| {
-            let tx = self.db.begin_write()?;
-            tx.open_table(BACKUPS)?.remove(format!("{database_id}/{id}").as_str())?;
-            tx.commit()?;
-            Ok(())
-        })
+        self.kv.remove(BACKUPS, &format!("{database_id}/{id}"), None)
     }
 
     pub fn put_operation(&self, op: &Operation) -> Result<(), StoreError> {
@@ -236,27 +161,20 @@ impl Store {
         self.list(EVENTS, &format!("{database_id}/"))
     }
 
-    /// Increments and returns a persistent counter (the routing epoch, event sequence).
+    /// Increments and returns a persistent counter (event and operation sequences).
     pub fn next_counter(&self, name: &str) -> Result<u64, StoreError> {
-        blocking_io(|| {
-            let tx = self.db.begin_write()?;
-            let next = {
-                let mut meta = tx.open_table(META)?;
-                let next = meta.get(name)?.map(|v| v.value()).unwrap_or(0) + 1;
-                meta.insert(name, next)?;
-                next
-            };
-            tx.commit()?;
-            Ok(next)
-        })
+        self.kv.next_counter(name)
     }
 
     pub fn counter(&self, name: &str) -> Result<u64, StoreError> {
-        blocking_io(|| {
-            let tx = self.db.begin_read()?;
-            let meta = tx.open_table(META)?;
-            Ok(meta.get(name)?.map(|v| v.value()).unwrap_or(0))
-        })
+        self.kv.counter(name)
+    }
+
+    /// A new routing epoch, greater than every earlier one: a counter in the embedded store;
+    /// with etcd, the revision of a write that only the leader can make, so that a control
+    /// plane that lost the leadership cannot make one.
+    pub fn next_epoch(&self) -> Result<u64, StoreError> {
+        self.kv.next_epoch()
     }
 }
 

@@ -1,0 +1,194 @@
+//! Control planes on etcd (a real three-member cluster on loopback addresses): one leads,
+//! the others stand by and answer 503 naming it; the state lives in etcd; killing the leader
+//! (kill -9) lets a standby take over, which then still fails a database over; a leader frozen
+//! past its lease is replaced and stops when it resumes; a control plane that no longer leads
+//! can write nothing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgwarden_control::coord::{Etcd, Leadership};
+use pgwarden_control::state::etcd::EtcdKv;
+use pgwarden_control::state::{Store, StoreError};
+use pgwarden_e2e::{lost_writes, TestEtcd, TestPlanes, Writer};
+use rustix::process::Signal;
+use tokio_util::sync::CancellationToken;
+
+const ETCD: [&str; 3] = ["127.0.0.11", "127.0.0.12", "127.0.0.13"];
+
+fn record(id: &str) -> pgwarden_control::state::DatabaseRecord {
+    serde_json::from_value(serde_json::json!({
+        "id": id, "name": id, "plan": "postgresql-sandbox", "status": "running",
+        "force_tls": false, "password": "secret-of-{id}", "replication_password": "r",
+        "nodes": [], "users": [], "created_at": "2026-01-01T00:00:00Z",
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_in_etcd_is_written_by_the_leader_only() {
+    let cluster = TestEtcd::start(&ETCD[..1]).await;
+    let endpoints: Vec<String> = cluster.endpoints().split(',').map(str::to_owned).collect();
+    let etcd = Etcd::connect(&endpoints, "store-test").await.unwrap();
+    let never = CancellationToken::new();
+    let ttl = Duration::from_secs(2);
+    let first = Leadership::campaign(&etcd, "first:1", ttl, &never).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sealer = || pgwarden_control::secrets::Sealer::open(&dir.path().join("key")).unwrap();
+    let kv = EtcdKv::new(etcd.clone(), Arc::clone(&first));
+    let store = Store::over(Box::new(kv), sealer()).unwrap();
+    for id in ["a-1", "a-10", "b-2"] {
+        store.put_database(&record(id)).unwrap();
+    }
+    let event = |m: &str| pgwarden_api::control::Event {
+        at: "t".into(),
+        kind: "k".into(),
+        message: m.into(),
+    };
+    for (id, message) in [("a-1", "m1"), ("a-10", "other"), ("a-1", "m2")] {
+        store.add_event(id, &event(message)).unwrap();
+    }
+    let ids: Vec<String> = store.databases().unwrap().into_iter().map(|d| d.id).collect();
+    assert_eq!(ids, ["a-1", "a-10", "b-2"]);
+    let messages: Vec<String> =
+        store.events("a-1").unwrap().into_iter().map(|e| e.message).collect();
+    assert_eq!(messages, ["m1", "m2"], "events in order, of a-1 only");
+    assert_eq!(store.database("b-2").unwrap().unwrap().password, "secret-of-{id}");
+    store.delete_database("a-1").unwrap();
+    assert!(store.database("a-1").unwrap().is_none());
+    assert!(store.events("a-1").unwrap().is_empty());
+    assert_eq!(store.events("a-10").unwrap().len(), 1, "a-10's events stay");
+    assert_eq!(store.next_counter("seq").unwrap(), 1);
+    assert_eq!(store.next_counter("seq").unwrap(), 2);
+    let epochs = [store.next_epoch().unwrap(), store.next_epoch().unwrap()];
+    assert!(epochs[1] > epochs[0], "{epochs:?}");
+
+    // Passwords are sealed in etcd too.
+    let mut client = etcd.client();
+    let raw = client.get(etcd.key("state/databases/b-2"), None).await.unwrap();
+    let raw = String::from_utf8_lossy(raw.kvs()[0].value()).into_owned();
+    assert!(!raw.contains("secret-of"), "a password in clear text in etcd: {raw}");
+
+    // A second control plane stands by while the first leads...
+    let campaign = {
+        let etcd = etcd.clone();
+        tokio::spawn(async move {
+            let never = CancellationToken::new();
+            Leadership::campaign(&etcd, "second:2", Duration::from_secs(2), &never).await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!campaign.is_finished(), "two leaders at once");
+    assert_eq!(etcd.leader().await.unwrap().as_deref(), Some("first:1"));
+    // ...and leads once the first gives up; the first can write nothing any more.
+    first.resign().await;
+    let second = tokio::time::timeout(Duration::from_secs(5), campaign).await.unwrap().unwrap();
+    let second = second.unwrap();
+    assert_eq!(etcd.leader().await.unwrap().as_deref(), Some("second:2"));
+    let refused = store.put_database(&record("c-3")).unwrap_err();
+    assert!(matches!(refused, StoreError::NotLeader(_)), "{refused}");
+    let stale = Store::over(Box::new(EtcdKv::new(etcd.clone(), Arc::clone(&first))), sealer());
+    assert!(stale.is_err() || stale.unwrap().next_epoch().is_err(), "a stale epoch");
+    let store = Store::over(Box::new(EtcdKv::new(etcd.clone(), second)), sealer()).unwrap();
+    assert!(store.next_epoch().unwrap() > epochs[1]);
+    assert!(store.database("c-3").unwrap().is_none(), "the refused write left nothing");
+    assert_eq!(store.databases().unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_from_a_killed_leader_and_then_fails_a_database_over() {
+    let mut planes = TestPlanes::start(&ETCD, &["127.0.0.2", "127.0.0.3"], 2).await;
+    // The standby answers every call with 503, naming the leader.
+    let leader_addr = planes.planes[0].addr.to_string();
+    let refused = planes.request(1, "GET", "/v1/databases", None).await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["code"], "standby", "{}", refused.body);
+    assert!(refused.body.contains(&leader_addr), "{}", refused.body);
+    let health = planes.health(1).await.unwrap();
+    assert_eq!((health.status, health.json()["status"].clone()), (503, "standby".into()));
+
+    let db = planes.create_database(0, "led", "postgresql-business-512").await;
+    let id = db["id"].as_str().unwrap().to_owned();
+    let url = db["database_url"].as_str().unwrap().to_owned();
+    let setup = pgwarden_e2e::psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)");
+    assert!(setup.success, "{}", setup.stderr);
+    let writer = Writer::start(url.clone());
+    let port = |db: &serde_json::Value, role: &str| -> i32 {
+        let nodes = db["nodes"].as_array().unwrap();
+        nodes.iter().find(|n| n["role"] == role).unwrap()["port"].as_i64().unwrap() as i32
+    };
+    let first_port = port(&db, "primary");
+    assert!(writer.wait_acks_from(first_port, 20, Duration::from_secs(30)).await);
+
+    // kill -9 of the leader: the standby leads within a few seconds, with the same state.
+    let killed = Instant::now();
+    planes.kill(0);
+    let leader = planes.wait_leader(Duration::from_secs(20)).await;
+    let takeover = killed.elapsed();
+    assert_eq!(leader, 1);
+    eprintln!("control-plane takeover after kill -9 of the leader: {takeover:?}");
+    let seen = planes.request(1, "GET", &format!("/v1/databases/{id}"), None).await;
+    assert_eq!(seen.status, 200, "{}", seen.body);
+    let placed = |db: &serde_json::Value| -> Vec<(String, String, i64)> {
+        let nodes = db["nodes"].as_array().unwrap().iter();
+        let placed = nodes
+            .map(|n| (n["name"].to_string(), n["host"].to_string(), n["port"].as_i64().unwrap()));
+        placed.collect()
+    };
+    assert_eq!(placed(&seen.json()), placed(&db), "the same nodes, from etcd: {}", seen.body);
+
+    // The new leader watches the nodes: kill -9 of the primary's postmaster fails over.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let db = loop {
+        let db = planes.request(1, "GET", &format!("/v1/databases/{id}"), None).await.json();
+        let synchronous = db["replication"] == "synchronous";
+        if synchronous {
+            break db;
+        }
+        assert!(Instant::now() < deadline, "not synchronous under the new leader: {db}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let primary = db["nodes"].as_array().unwrap().iter().find(|n| n["role"] == "primary");
+    let primary_name = primary.unwrap()["name"].as_str().unwrap().to_owned();
+    let standby_port = port(&db, "replica");
+    let crashed = Instant::now();
+    pgwarden_e2e::kill_postmaster(&planes.node_data_dir(&primary_name));
+    let resumed = writer.wait_acks_from(standby_port, 20, Duration::from_secs(60)).await;
+    assert!(resumed, "no writes on the promoted standby:\n{}", planes.log(1));
+    let first_ack = writer.acked().iter().find(|a| a.port == standby_port).map(|a| a.at);
+    let failover = first_ack.unwrap().duration_since(crashed);
+    eprintln!("failover under the new leader (kill -9 to first acknowledged write): {failover:?}");
+    let acked = writer.stop().await;
+    let first_new = acked.iter().position(|a| a.port == standby_port).unwrap();
+    assert!(
+        acked[first_new..].iter().all(|a| a.port == standby_port),
+        "a write acknowledged by the old primary after the new one took one"
+    );
+    let out = pgwarden_e2e::psql(&url, None, "SELECT string_agg(n::text, ',') FROM w");
+    assert!(out.success, "{}", out.stderr);
+    let lost = lost_writes(&acked, &out.stdout);
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_frozen_past_its_lease_is_replaced_and_stops_when_it_resumes() {
+    let mut planes = TestPlanes::start(&ETCD, &[], 2).await;
+    let frozen = Instant::now();
+    planes.signal(0, Signal::STOP);
+    let leader = planes.wait_leader(Duration::from_secs(20)).await;
+    assert_eq!(leader, 1, "the standby leads");
+    eprintln!("takeover from a frozen leader: {:?}", frozen.elapsed());
+    let db = planes.create_database(1, "after", "postgresql-sandbox").await;
+    assert_eq!(db["status"], "running", "{db}");
+    // Resumed, the former leader finds its lease over and stops instead of acting.
+    planes.signal(0, Signal::CONT);
+    let resumed = Instant::now();
+    let status = planes.wait_exit(0, Duration::from_secs(15)).await;
+    eprintln!("the resumed former leader stopped after {:?}", resumed.elapsed());
+    let status = status.unwrap_or_else(|| panic!("still running:\n{}", planes.log(0)));
+    assert!(!status.success(), "{status:?}");
+    assert!(planes.log(0).contains("lost the leadership"), "{}", planes.log(0));
+    let listed = planes.request(1, "GET", "/v1/databases", None).await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert_eq!(listed.json().as_array().map(Vec::len), Some(1), "{}", listed.body);
+}
