@@ -69,6 +69,13 @@ impl TestEtcd {
         }
     }
 
+    /// Sends `signal` to member `i` (freeze it with `STOP`, resume it with `CONT`).
+    pub fn signal(&self, i: usize, signal: rustix::process::Signal) {
+        let child = self.members[i].child.as_ref().expect("running");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, signal).expect("kill");
+    }
+
     /// What the members logged.
     pub fn logs(&self) -> String {
         (0..self.members.len())

@@ -36,7 +36,7 @@ pub use node::{
     NodeOptions, PgNode, TEST_PASSWORD,
 };
 pub use planes::TestPlanes;
-pub use proxy::{TestCerts, TestProxy};
+pub use proxy::{plain_route, TestCerts, TestProxy};
 pub use tls::{connect_with_binding, tls_connect};
 
 /// The engines directory `scripts/setup.sh` fills (`PGWARDEN_ENGINES_DIR`, else

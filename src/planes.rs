@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use pgwarden_proxy::config::Limits;
+use pgwarden_proxy::config::EtcdConfig;
 use serde_json::Value;
 
 use crate::etcd::TestEtcd;
@@ -96,7 +96,14 @@ impl TestPlanes {
             .expect("chmod");
         let etcd = TestEtcd::start(etcd_hosts).await;
         let certs = TestCerts::new();
-        let proxy = TestProxy::start(Limits::default(), Some(certs.files())).await;
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let endpoints: Vec<String> = etcd.endpoints().split(',').map(str::to_owned).collect();
+        let proxy = TestProxy::start_configured(any, any, |config| {
+            config.tls = Some(certs.files());
+            config.etcd =
+                Some(EtcdConfig { endpoints, prefix: "pgwarden".into(), fence_after_ms: 2000 });
+        })
+        .await;
         let proxy_token = dir.path().join("proxy-token");
         std::fs::write(&proxy_token, &proxy.token).expect("write");
         std::fs::set_permissions(&proxy_token, std::fs::Permissions::from_mode(0o600))

@@ -53,6 +53,19 @@ impl Default for TestCerts {
     }
 }
 
+/// A route to `primary`: no TLS required, no hold, the node authenticates clients.
+pub fn plain_route(primary: &str) -> DatabaseRoute {
+    DatabaseRoute {
+        force_tls: false,
+        primary: primary.to_owned(),
+        replicas: vec![],
+        hold: false,
+        id: None,
+        users: None,
+        pool_size: None,
+    }
+}
+
 /// A running proxy. Dropping it shuts it down.
 pub struct TestProxy {
     pub addr: SocketAddr,
@@ -143,15 +156,7 @@ impl TestProxy {
         assert!(out.success, "{}", out.stderr);
         let users =
             pgwarden_api::Verifiers([("app".to_owned(), out.stdout.trim().to_owned())].into());
-        let route = DatabaseRoute {
-            force_tls: false,
-            primary: node.address(),
-            replicas: vec![],
-            hold: false,
-            id: None,
-            users: Some(users),
-            pool_size,
-        };
+        let route = DatabaseRoute { users: Some(users), pool_size, ..plain_route(&node.address()) };
         let databases = [(database.to_owned(), route)].into();
         let answer = self.put_routes(&RoutingTable { epoch, databases, node_ca: None }).await;
         assert_eq!(answer.status, 200, "routes refused: {}", answer.body);
@@ -170,15 +175,7 @@ impl TestProxy {
             databases: databases
                 .iter()
                 .map(|(db, primary, force_tls)| {
-                    let route = DatabaseRoute {
-                        force_tls: *force_tls,
-                        primary: primary.to_string(),
-                        replicas: vec![],
-                        hold: false,
-                        id: None,
-                        users: None,
-                        pool_size: None,
-                    };
+                    let route = DatabaseRoute { force_tls: *force_tls, ..plain_route(primary) };
                     (db.to_string(), route)
                 })
                 .collect(),

@@ -60,11 +60,15 @@ async fn the_state_in_etcd_is_written_by_the_leader_only() {
     assert_eq!(store.events("a-10").unwrap().len(), 1, "a-10's events stay");
     assert_eq!(store.next_counter("seq").unwrap(), 1);
     assert_eq!(store.next_counter("seq").unwrap(), 2);
-    let epochs = [store.next_epoch().unwrap(), store.next_epoch().unwrap()];
+    let epochs = [store.next_epoch(b"t1").unwrap(), store.next_epoch(b"t2").unwrap()];
     assert!(epochs[1] > epochs[0], "{epochs:?}");
+    // The table is in etcd for the proxies, its epoch the revision that wrote it.
+    let mut client = etcd.client();
+    let routing = client.get(etcd.key("routing"), None).await.unwrap();
+    assert_eq!(routing.kvs()[0].value(), b"t2");
+    assert_eq!(routing.kvs()[0].mod_revision() as u64, epochs[1]);
 
     // Passwords are sealed in etcd too.
-    let mut client = etcd.client();
     let raw = client.get(etcd.key("state/databases/b-2"), None).await.unwrap();
     let raw = String::from_utf8_lossy(raw.kvs()[0].value()).into_owned();
     assert!(!raw.contains("secret-of"), "a password in clear text in etcd: {raw}");
@@ -88,9 +92,9 @@ async fn the_state_in_etcd_is_written_by_the_leader_only() {
     let refused = store.put_database(&record("c-3")).unwrap_err();
     assert!(matches!(refused, StoreError::NotLeader(_)), "{refused}");
     let stale = Store::over(Box::new(EtcdKv::new(etcd.clone(), Arc::clone(&first))), sealer());
-    assert!(stale.is_err() || stale.unwrap().next_epoch().is_err(), "a stale epoch");
+    assert!(stale.is_err() || stale.unwrap().next_epoch(b"t").is_err(), "a stale epoch");
     let store = Store::over(Box::new(EtcdKv::new(etcd.clone(), second)), sealer()).unwrap();
-    assert!(store.next_epoch().unwrap() > epochs[1]);
+    assert!(store.next_epoch(b"t3").unwrap() > epochs[1]);
     assert!(store.database("c-3").unwrap().is_none(), "the refused write left nothing");
     assert_eq!(store.databases().unwrap().len(), 2);
 }

@@ -4,19 +4,11 @@
 
 use pgwarden_api::{DatabaseRoute, RoutingTable};
 use pgwarden_certs::Ca;
-use pgwarden_e2e::{psql, NodeOptions, PgNode, TestCerts, TestProxy, TEST_PASSWORD};
+use pgwarden_e2e::{plain_route, psql, NodeOptions, PgNode, TestCerts, TestProxy, TEST_PASSWORD};
 use pgwarden_proxy::config::Limits;
 
 fn table(epoch: u64, primary: &str, node_ca: &Ca) -> RoutingTable {
-    let route = DatabaseRoute {
-        force_tls: false,
-        primary: primary.to_owned(),
-        replicas: vec![],
-        hold: false,
-        id: None,
-        users: None,
-        pool_size: None,
-    };
+    let route = plain_route(primary);
     RoutingTable {
         epoch,
         databases: [("app".to_owned(), route)].into(),
@@ -98,15 +90,7 @@ async fn a_tls_server_name_under_the_domain_selects_the_database() {
         config.domain = Some("db.test".into());
     })
     .await;
-    let route = DatabaseRoute {
-        force_tls: false,
-        primary: node.address(),
-        replicas: vec![],
-        hold: false,
-        id: Some("shop-1234".into()),
-        users: None,
-        pool_size: None,
-    };
+    let route = DatabaseRoute { id: Some("shop-1234".into()), ..plain_route(&node.address()) };
     let table = RoutingTable { epoch: 1, databases: [("app".into(), route)].into(), node_ca: None };
     assert_eq!(proxy.put_routes(&table).await.status, 200);
     // libpq sends the host name as SNI and connects to hostaddr; the startup packet names no

@@ -4,11 +4,13 @@
 //!   proxy's `routes_file` holds).
 //! - [`ProxyHealth`]: what a proxy's `GET /health` answers.
 //! - [`ApiError`]: the JSON error body every pgwarden HTTP API answers with.
+//! - `sealed`: the routing table as etcd holds it, sealed with the proxies' admin token.
 //! - `control`: bodies of the control API (plans, databases, users, operations), shared by
 //!   `pgwarden serve` and the CLI.
 #![forbid(unsafe_code)]
 
 pub mod control;
+pub mod sealed;
 
 use std::collections::BTreeMap;
 

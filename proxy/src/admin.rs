@@ -46,8 +46,9 @@ impl IntoResponse for AdminError {
     }
 }
 
+/// `epoch`: the newest table whose holds are in effect.
 async fn health(State(shared): State<Arc<Shared>>) -> Json<ProxyHealth> {
-    Json(ProxyHealth { role: shared.role.get(), epoch: shared.routes.load().epoch() })
+    Json(ProxyHealth { role: shared.role.get(), epoch: shared.routes.settled() })
 }
 
 /// 200 on the proxy that serves clients, 503 on the standby (a load balancer's health check).
@@ -92,28 +93,43 @@ async fn put_routes(
             format!("invalid routing table: {e}"),
         )
     })?;
+    match apply(&shared, table).await {
+        Ok(epoch) => Ok(Json(json!({"epoch": epoch}))),
+        Err(e @ RouteError::Invalid(_)) => {
+            Err(AdminError::new(StatusCode::BAD_REQUEST, "invalid_routing_table", e.to_string()))
+        }
+        Err(e @ RouteError::StaleEpoch { .. }) => {
+            Err(AdminError::new(StatusCode::CONFLICT, "stale_epoch", e.to_string()))
+        }
+    }
+}
+
+/// Makes `table` current (pushed, or read from etcd) and returns once its holds are in effect:
+/// no session is still on its way to a held database's old primary (at most `HOLD_SETTLE`).
+pub(crate) async fn apply(shared: &Shared, table: RoutingTable) -> Result<u64, RouteError> {
     let held: Vec<String> =
         table.databases.iter().filter(|(_, r)| r.hold).map(|(name, _)| name.clone()).collect();
     match shared.routes.replace(table) {
         Ok(epoch) => {
             shared.metrics.route_update(RouteUpdate::Applied);
             shared.metrics.epoch.set(epoch as i64);
+            shared.metrics.fenced.set(0);
             info!(epoch, "routing table replaced");
-            // A hold is in effect once no session is still on its way to the old primary.
             for database in held {
                 if !shared.routes.wait_started(&database, HOLD_SETTLE).await {
                     tracing::warn!(%database, "sessions still starting when the hold was applied");
                 }
             }
-            Ok(Json(json!({"epoch": epoch})))
+            shared.routes.mark_settled(epoch);
+            Ok(epoch)
         }
-        Err(e @ RouteError::Invalid(_)) => {
-            shared.metrics.route_update(RouteUpdate::Invalid);
-            Err(AdminError::new(StatusCode::BAD_REQUEST, "invalid_routing_table", e.to_string()))
-        }
-        Err(e @ RouteError::StaleEpoch { .. }) => {
-            shared.metrics.route_update(RouteUpdate::Stale);
-            Err(AdminError::new(StatusCode::CONFLICT, "stale_epoch", e.to_string()))
+        Err(e) => {
+            let outcome = match e {
+                RouteError::Invalid(_) => RouteUpdate::Invalid,
+                RouteError::StaleEpoch { .. } => RouteUpdate::Stale,
+            };
+            shared.metrics.route_update(outcome);
+            Err(e)
         }
     }
 }

@@ -46,6 +46,9 @@ pub struct Config {
     pub limits: Limits,
     /// Active/standby pair: without it, this proxy is active on its own.
     pub ha: Option<crate::ha::HaConfig>,
+    /// Follow the routing table in etcd (control planes on etcd) instead of waiting for
+    /// pushes; without it, only `PUT /v1/routes` changes the table.
+    pub etcd: Option<EtcdConfig>,
     /// Session threads, each a single-threaded runtime whose sessions stay on it. Default: one
     /// per CPU. One thread costs the least CPU per transaction but caps throughput at what one
     /// core can relay (see benches/RESULTS.md).
@@ -74,11 +77,36 @@ impl std::fmt::Debug for Config {
             .field("domain", &self.domain)
             .field("limits", &self.limits)
             .field("ha", &self.ha)
+            .field("etcd", &self.etcd)
             .field("worker_threads", &self.worker_threads)
             .field("pin_workers", &self.pin_workers)
             .field("parent_pid", &self.parent_pid)
             .finish()
     }
+}
+
+/// `[etcd]`: where the routing table is, and how long the proxy may be cut off from etcd
+/// before it stops routing (it can no longer know that a primary is still the primary).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Members' client URLs (`http://host:port`).
+    pub endpoints: Vec<String>,
+    /// Prefix of pgwarden's keys (the control planes' `--etcd-prefix`). Default `pgwarden`.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// Cut off from a majority of etcd for longer than this, the proxy holds every database
+    /// and ends every session on a primary, until etcd answers again. Default 2000.
+    #[serde(default = "default_fence_after_ms")]
+    pub fence_after_ms: u64,
+}
+
+fn default_etcd_prefix() -> String {
+    "pgwarden".into()
+}
+
+fn default_fence_after_ms() -> u64 {
+    2000
 }
 
 /// PEM files of the certificate (chain) and its private key.
@@ -206,6 +234,7 @@ impl Config {
             domain: None,
             limits: Limits::default(),
             ha: None,
+            etcd: None,
             worker_threads: None,
             pin_workers: false,
             parent_pid: None,
@@ -221,6 +250,14 @@ impl Config {
             (None, None) => return invalid("admin_token or admin_token_file is required"),
             (Some(t), None) if t.trim().is_empty() => return invalid("admin_token is empty"),
             _ => {}
+        }
+        if let Some(etcd) = &self.etcd {
+            if etcd.endpoints.is_empty() {
+                return invalid("etcd.endpoints must name at least one member");
+            }
+            if !(100..=600_000).contains(&etcd.fence_after_ms) {
+                return invalid("etcd.fence_after_ms must be between 100 and 600000");
+            }
         }
         if self.worker_threads == Some(0) {
             return invalid("worker_threads must be at least 1");

@@ -16,6 +16,7 @@
 //!
 //! `admission.rs` bounds the connections still starting, per client address and in all, and
 //! slows an address's failed logins. `ha.rs` is the active/standby pair: a standby holds no client address until its peer dies.
+//! `follow.rs` follows the routing table in etcd and fences the proxy when cut off from it.
 //! `admin.rs` serves health, metrics (`metrics.rs`) and the routing table over HTTP;
 //! `server.rs` runs the accept loop and graceful shutdown; `config.rs` is `proxy.toml`;
 //! `open_files.rs` turns the limit on open files into a session limit; `workers.rs` runs
@@ -28,6 +29,7 @@ mod admission;
 mod auth;
 mod cancel;
 pub mod config;
+mod follow;
 #[doc(hidden)]
 pub mod fuzz;
 mod ha;

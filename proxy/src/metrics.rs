@@ -103,6 +103,8 @@ pub struct Metrics {
     pub bytes_from_clients: IntCounter,
     pub bytes_to_clients: IntCounter,
     pub epoch: IntGauge,
+    /// 1 while the proxy, cut off from etcd, holds every database.
+    pub fenced: IntGauge,
     route_updates: IntCounterVec,
     cancel_requests: IntCounterVec,
     terminated: IntCounterVec,
@@ -159,6 +161,11 @@ impl Metrics {
             bytes_from_clients: bytes.with_label_values(&["client_to_backend"]),
             bytes_to_clients: bytes.with_label_values(&["backend_to_client"]),
             epoch: IntGauge::new("epoch", "Epoch of the routing table in use").expect("metric"),
+            fenced: IntGauge::new(
+                "fenced",
+                "1 while the proxy is cut off from etcd and holds every database",
+            )
+            .expect("metric"),
             route_updates: IntCounterVec::new(
                 Opts::new("route_updates_total", "Routing table updates, by result"),
                 &["result"],
@@ -222,6 +229,7 @@ impl Metrics {
         r.register(Box::new(m.backend_connect_seconds.clone())).expect("register");
         r.register(Box::new(bytes)).expect("register");
         r.register(Box::new(m.epoch.clone())).expect("register");
+        r.register(Box::new(m.fenced.clone())).expect("register");
         r.register(Box::new(m.route_updates.clone())).expect("register");
         r.register(Box::new(m.cancel_requests.clone())).expect("register");
         r.register(Box::new(m.terminated.clone())).expect("register");

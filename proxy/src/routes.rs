@@ -4,6 +4,10 @@
 //! removes the database) cancels the old entry's token after the new table is in place, which
 //! ends every session still attached to the old primary. Entries whose primary is unchanged keep
 //! their token, so their sessions are not disturbed.
+//!
+//! A proxy that follows etcd and is cut off from it longer than its bound is *fenced*
+//! (`fence`): every database is held and every token cancelled, since the proxy can no longer
+//! know who the primaries are. The next table from etcd, even of the same epoch, lifts it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -92,6 +96,8 @@ pub struct Snapshot {
     routes: HashMap<String, Arc<Route>>,
     /// The nodes' CA (PEM) and the connector built from it.
     node_tls: Option<(String, Arc<TlsConnector>)>,
+    /// Cut off from etcd: every database held until the next table.
+    pub fenced: bool,
 }
 
 impl Snapshot {
@@ -104,10 +110,6 @@ impl Snapshot {
         let (name, _) = self.table.databases.iter().find(|(_, r)| r.id.as_deref() == Some(id))?;
         Some((name.clone(), self.routes.get(name)?.clone()))
     }
-
-    pub fn epoch(&self) -> u64 {
-        self.table.epoch
-    }
 }
 
 pub struct RouteStore {
@@ -118,6 +120,8 @@ pub struct RouteStore {
     /// Sessions between route lookup and the end of authentication, per database.
     starting: Mutex<HashMap<String, usize>>,
     started: tokio::sync::Notify,
+    /// The newest epoch whose holds are in effect (`/health` reports it).
+    settled: std::sync::atomic::AtomicU64,
 }
 
 /// Counts one session in its startup phase (see [`RouteStore::starting`]).
@@ -147,6 +151,7 @@ impl Default for RouteStore {
             changed: tokio::sync::watch::channel(0).0,
             starting: Mutex::default(),
             started: tokio::sync::Notify::new(),
+            settled: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -188,14 +193,52 @@ impl RouteStore {
         self.changed.subscribe()
     }
 
-    /// Validates `table` and, if its epoch is newer, makes it current. Returns the new epoch.
+    /// The newest epoch whose holds are in effect.
+    pub fn settled(&self) -> u64 {
+        self.settled.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Records that the holds of `epoch` are in effect.
+    pub fn mark_settled(&self, epoch: u64) {
+        self.settled.fetch_max(epoch, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Validates `table` and, if its epoch is newer (or the same while fenced), makes it
+    /// current. Returns the new epoch.
     pub fn replace(&self, table: RoutingTable) -> Result<u64, RouteError> {
         validate(&table)?;
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.current.load_full();
-        if table.epoch <= old.table.epoch {
+        let lifts_fence = old.fenced && table.epoch == old.table.epoch;
+        if table.epoch <= old.table.epoch && !lifts_fence {
             return Err(RouteError::StaleEpoch { offered: table.epoch, current: old.table.epoch });
         }
+        self.install(&old, table, false)
+    }
+
+    /// Holds every database and ends every session on a primary (see the module's doc).
+    /// False if already fenced.
+    pub fn fence(&self) -> bool {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current.load_full();
+        if old.fenced {
+            return false;
+        }
+        let mut table = old.table.clone();
+        for route in table.databases.values_mut() {
+            route.hold = true;
+        }
+        self.install(&old, table, true).is_ok()
+    }
+
+    /// Makes `table` current (validated, under the writer lock); cancels the tokens of the
+    /// primaries it changes or removes, of every primary when fencing.
+    fn install(
+        &self,
+        old: &Snapshot,
+        table: RoutingTable,
+        fenced: bool,
+    ) -> Result<u64, RouteError> {
         // The connector is rebuilt only when the CA changes.
         let node_tls = match (&table.node_ca, &old.node_tls) {
             (None, _) => None,
@@ -210,7 +253,7 @@ impl RouteStore {
         let mut routes = HashMap::with_capacity(table.databases.len());
         for (name, entry) in &table.databases {
             let moved = match old.routes.get(name) {
-                Some(prev) if prev.primary == entry.primary => prev.moved.clone(),
+                Some(prev) if prev.primary == entry.primary && !fenced => prev.moved.clone(),
                 _ => CancellationToken::new(),
             };
             let route = Route {
@@ -225,10 +268,10 @@ impl RouteStore {
             routes.insert(name.clone(), Arc::new(route));
         }
         let epoch = table.epoch;
-        self.current.store(Arc::new(Snapshot { table, routes, node_tls }));
+        self.current.store(Arc::new(Snapshot { table, routes, node_tls, fenced }));
         let new = self.current.load();
         for (name, prev) in &old.routes {
-            let kept = new.routes.get(name).is_some_and(|r| r.primary == prev.primary);
+            let kept = !fenced && new.routes.get(name).is_some_and(|r| r.primary == prev.primary);
             if !kept {
                 prev.moved.cancel();
             }
@@ -322,6 +365,28 @@ mod tests {
     }
 
     #[test]
+    fn a_fence_holds_every_database_ends_its_sessions_and_the_next_table_lifts_it() {
+        let store = RouteStore::default();
+        store.replace(table(4, &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")])).unwrap();
+        let before = store.load().route("a").unwrap();
+        assert!(store.fence());
+        assert!(!store.fence(), "already fenced");
+        let fenced = store.load();
+        assert!(fenced.fenced && fenced.table.epoch == 4);
+        assert!(before.moved.is_cancelled(), "sessions on the primary end");
+        assert!(["a", "b"].iter().all(|db| fenced.route(db).unwrap().hold), "all held");
+        let stale = store.replace(table(3, &[("a", "127.0.0.1:1")])).unwrap_err();
+        assert!(matches!(stale, RouteError::StaleEpoch { .. }), "{stale}");
+        // The same epoch again (etcd is back, nothing changed) lifts the fence.
+        store.replace(table(4, &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")])).unwrap();
+        let lifted = store.load();
+        assert!(!lifted.fenced && !lifted.route("a").unwrap().hold);
+        assert!(!lifted.route("a").unwrap().moved.is_cancelled());
+        let again = store.replace(table(4, &[("a", "127.0.0.1:1")])).unwrap_err();
+        assert!(matches!(again, RouteError::StaleEpoch { .. }), "only once");
+    }
+
+    #[test]
     fn invalid_tables_are_refused_with_the_reason() {
         let store = RouteStore::default();
         for (addr, why) in
@@ -332,6 +397,6 @@ mod tests {
         }
         assert!(store.replace(table(1, &[("", "h:1")])).is_err());
         assert!(store.replace(table(1, &[("a", "[::1]:5432")])).is_ok());
-        assert_eq!(store.load().epoch(), 1);
+        assert_eq!(store.load().table.epoch, 1);
     }
 }

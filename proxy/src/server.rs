@@ -132,6 +132,7 @@ pub async fn run_on(
             .replace(table)
             .with_context(|| format!("routes_file {}", path.display()))?;
         shared.metrics.epoch.set(epoch as i64);
+        shared.routes.mark_settled(epoch);
     }
     info!(
         listen = %config.listen,
@@ -162,6 +163,9 @@ pub async fn run_on(
             }
         })
     };
+    if let Some(etcd) = config.etcd.clone() {
+        tokio::spawn(crate::follow::follow(etcd, Arc::clone(&shared), shutdown.clone()));
+    }
     // Installed before serving, so a SIGHUP never finds the default action (exit) in place.
     let hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
     let reload_task = tokio::spawn(reload_on_sighup(hup, Arc::clone(&shared), shutdown.clone()));

@@ -528,6 +528,10 @@ async fn finish_session(
         RelayEnd::Stopped { reason: why, at_boundary } => {
             shared.metrics.terminated(why);
             let message = match why {
+                Termination::PrimaryMoved if shared.routes.load().fenced => format!(
+                    "terminating connection because the proxy lost touch with etcd and cannot \
+                     vouch for the primary of database \"{database}\"; reconnect"
+                ),
                 Termination::PrimaryMoved => format!(
                     "terminating connection because the primary of database \"{database}\" moved; \
                      reconnect to reach the new primary"

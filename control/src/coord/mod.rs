@@ -7,7 +7,9 @@
 //! - `leader`: the leader's API address, bound to its lease. Its create revision is the
 //!   leader's term: every write of the state is a transaction that compares it, so a control
 //!   plane that lost the leadership can write nothing, not even a routing epoch.
-//! - `state/<table>/<key>`, `counters/<name>`, `epoch`: the store (`state/etcd.rs`).
+//! - `state/<table>/<key>`, `counters/<name>`: the store (`state/etcd.rs`).
+//! - `routing`: the routing table, sealed for the proxies (`pgwarden_api::sealed`), which
+//!   watch it; the revision that wrote it is its epoch.
 
 pub mod leader;
 

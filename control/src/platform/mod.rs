@@ -32,7 +32,7 @@ use crate::nodes::engines::Engines;
 use crate::nodes::ports::Ports;
 use crate::nodes::sql::{Session, SqlError, Timeouts};
 use crate::nodes::{NodeConfig, NodeDriver, NodeSpec};
-use crate::routing::{table, Holds, Publisher, VerifierCache};
+use crate::routing::{table, Delivery, Holds, Publisher, VerifierCache};
 use crate::state::{DatabaseRecord, NodeRecord, Store, StoreError};
 use crate::storage::BackupStorage;
 
@@ -74,8 +74,10 @@ impl Platform {
     ) -> Arc<Self> {
         let engines = Engines::discover(config.engines_dir.as_deref());
         let metrics = Metrics::new();
-        let publisher =
-            Publisher::start(config.proxies.clone(), config.proxy_token.clone(), metrics.clone());
+        // With etcd, the proxies watch the table there: the publisher only sees them apply it.
+        let delivery = if config.etcd.is_some() { Delivery::Watched } else { Delivery::Push };
+        let token = config.proxy_token.clone();
+        let publisher = Publisher::start(config.proxies.clone(), token, delivery, metrics.clone());
         let driver = Arc::new(Placed { local, remote: Arc::clone(&remote) });
         Arc::new(Self {
             config,
@@ -289,13 +291,16 @@ impl Platform {
     }
 
     /// Builds the routing table from the store with a new epoch and hands it to the publisher
-    /// (which pushes it in the background: this never waits on a proxy).
+    /// (which pushes it in the background: this never waits on a proxy). With etcd, the table
+    /// goes to etcd with its epoch, sealed for the proxies that watch it.
     pub fn publish_routes(&self) -> Result<u64, StoreError> {
         let databases = self.store.databases()?;
-        let epoch = self.store.next_epoch()?;
-        self.metrics.epoch.set(epoch as i64);
         let node_ca = self.ca.cert_pem();
-        let table = table::build(&databases, &self.holds, &self.verifiers, node_ca, epoch);
+        let mut table = table::build(&databases, &self.holds, &self.verifiers, node_ca, 0);
+        let sealed = pgwarden_api::sealed::seal_table(&self.config.proxy_token, &table);
+        let epoch = self.store.next_epoch(&sealed)?;
+        table.epoch = epoch;
+        self.metrics.epoch.set(epoch as i64);
         self.publisher.publish(table);
         Ok(epoch)
     }

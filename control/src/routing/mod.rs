@@ -7,6 +7,6 @@ pub mod publisher;
 pub mod table;
 pub mod verifiers;
 
-pub use publisher::Publisher;
+pub use publisher::{Delivery, Publisher};
 pub use table::Holds;
 pub use verifiers::VerifierCache;

@@ -1,6 +1,7 @@
 //! Keeps every proxy on the latest routing table: one task per proxy pushes each new table,
 //! retries while the proxy is unreachable, and re-pushes when a proxy reports an older epoch
-//! (it restarted).
+//! (it restarted). With etcd the proxies watch the table there instead: each task only asks
+//! its proxy which epoch it applied, until it has the newest.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,11 +15,22 @@ use crate::httpc::{self, Timeouts};
 use crate::metrics::Metrics;
 
 const RETRY: Duration = Duration::from_millis(500);
+/// How often a proxy that watches etcd is asked whether it applied the newest table.
+const WATCH_POLL: Duration = Duration::from_millis(20);
 const CHECK_EVERY: Duration = Duration::from_secs(2);
 /// A proxy that takes longer than this to answer is retried later; each proxy has its own task,
 /// so a proxy that never answers delays no other.
 const PUSH_TIMEOUTS: Timeouts =
     Timeouts { connect: Duration::from_secs(1), exchange: Duration::from_secs(2) };
+
+/// How the proxies get each table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// `PUT /v1/routes` to each proxy (the embedded store).
+    Push,
+    /// The proxies watch etcd, where `Platform::publish_routes` put the table.
+    Watched,
+}
 
 pub struct Publisher {
     tx: watch::Sender<Arc<RoutingTable>>,
@@ -27,13 +39,19 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub fn start(proxies: Vec<String>, token: String, metrics: Metrics) -> Self {
+    pub fn start(
+        proxies: Vec<String>,
+        token: String,
+        delivery: Delivery,
+        metrics: Metrics,
+    ) -> Self {
         let (tx, _) = watch::channel(Arc::new(RoutingTable::default()));
         let applied = Arc::new(std::sync::Mutex::new(vec![0; proxies.len()]));
         for (index, proxy) in proxies.into_iter().enumerate() {
             let rx = tx.subscribe();
             let reporter = Reporter { applied: applied.clone(), index };
-            tokio::spawn(keep_in_sync(proxy, token.clone(), rx, metrics.clone(), reporter));
+            let sync = Sync { proxy, token: token.clone(), delivery, metrics: metrics.clone() };
+            tokio::spawn(keep_in_sync(sync, rx, reporter));
         }
         Self { tx, applied }
     }
@@ -75,29 +93,54 @@ impl Reporter {
     }
 }
 
-async fn keep_in_sync(
+/// One proxy, and how it gets its tables.
+struct Sync {
     proxy: String,
     token: String,
-    mut rx: watch::Receiver<Arc<RoutingTable>>,
+    delivery: Delivery,
     metrics: Metrics,
-    reporter: Reporter,
-) {
+}
+
+impl Sync {
+    /// Has the proxy apply `table` (push), or sees that it did (watched).
+    async fn deliver(&self, table: &RoutingTable) -> Result<(), PushError> {
+        match self.delivery {
+            Delivery::Push => {
+                let pushed = push(&self.proxy, &self.token, table).await;
+                self.metrics.route_push(pushed.is_ok());
+                pushed
+            }
+            Delivery::Watched => match proxy_epoch(&self.proxy).await? {
+                epoch if epoch >= table.epoch => Ok(()),
+                epoch => Err(PushError::Behind(epoch)),
+            },
+        }
+    }
+
+    fn retry_after(&self) -> Duration {
+        match self.delivery {
+            Delivery::Push => RETRY,
+            Delivery::Watched => WATCH_POLL,
+        }
+    }
+}
+
+async fn keep_in_sync(sync: Sync, mut rx: watch::Receiver<Arc<RoutingTable>>, reporter: Reporter) {
+    let proxy = &sync.proxy;
     let mut applied = 0u64;
     loop {
         let table = rx.borrow_and_update().clone();
         if table.epoch > applied {
-            match push(&proxy, &token, &table).await {
+            match sync.deliver(&table).await {
                 Ok(()) => {
-                    metrics.route_push(true);
                     info!(%proxy, epoch = table.epoch, "routing table applied");
                     applied = table.epoch;
                     reporter.set(applied);
                 }
                 Err(e) => {
-                    metrics.route_push(false);
                     debug!(%proxy, error = %e, "routing table not applied yet");
                     tokio::select! {
-                        _ = tokio::time::sleep(RETRY) => {}
+                        _ = tokio::time::sleep(sync.retry_after()) => {}
                         r = rx.changed() => if r.is_err() { return },
                     }
                     continue;
@@ -107,7 +150,7 @@ async fn keep_in_sync(
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(CHECK_EVERY) => {
-                if let Ok(epoch) = proxy_epoch(&proxy).await {
+                if let Ok(epoch) = proxy_epoch(proxy).await {
                     if epoch < applied {
                         warn!(%proxy, epoch, applied, "proxy lost its routing table (restarted?); pushing again");
                         applied = 0;
@@ -128,6 +171,8 @@ pub enum PushError {
     Refused { status: StatusCode, body: String },
     #[error("unreadable JSON: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("the proxy has applied epoch {0} only")]
+    Behind(u64),
 }
 
 async fn push(proxy: &str, token: &str, table: &RoutingTable) -> Result<(), PushError> {

@@ -1,5 +1,6 @@
 //! The store in etcd, for control planes on several hosts: `<prefix>/state/<table>/<key>` for
-//! records, `<prefix>/counters/<name>` for counters, `<prefix>/epoch` for routing epochs.
+//! records, `<prefix>/counters/<name>` for counters, `<prefix>/routing` for the routing table
+//! (sealed for the proxies, which watch it; its epoch is the revision that wrote it).
 //! Every write is one transaction that first compares the leader's term (`coord::leader`): a
 //! control plane that lost the leadership has every write refused (`StoreError::NotLeader`).
 //! Reads are linearizable (etcd's default). Calls are bounded (`coord::CALL_TIMEOUT`); the
@@ -142,8 +143,9 @@ impl Kv for EtcdKv {
         Ok(self.counter_entry(name)?.1)
     }
 
-    fn next_epoch(&self) -> Result<u64, StoreError> {
-        let revision = self.written(vec![], vec![TxnOp::put(self.etcd.key("epoch"), "", None)])?;
+    fn next_epoch(&self, table: &[u8]) -> Result<u64, StoreError> {
+        let put = TxnOp::put(self.etcd.key("routing"), table.to_vec(), None);
+        let revision = self.written(vec![], vec![put])?;
         Ok(revision as u64)
     }
 }

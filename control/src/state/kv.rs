@@ -22,8 +22,9 @@ pub trait Kv: Send + Sync {
     fn next_counter(&self, name: &str) -> Result<u64, StoreError>;
     /// The counter's value (0 before its first increment).
     fn counter(&self, name: &str) -> Result<u64, StoreError>;
-    /// A routing epoch greater than every one returned before.
-    fn next_epoch(&self) -> Result<u64, StoreError>;
+    /// A routing epoch greater than every one returned before, for `table` (the routing table
+    /// sealed for the proxies: etcd keeps it for the proxies that watch it; the file does not).
+    fn next_epoch(&self, table: &[u8]) -> Result<u64, StoreError>;
 }
 
 const TABLES: [&str; 4] = ["databases", "operations", "events", "backups"];
@@ -146,7 +147,7 @@ impl Kv for RedbKv {
         })
     }
 
-    fn next_epoch(&self) -> Result<u64, StoreError> {
+    fn next_epoch(&self, _table: &[u8]) -> Result<u64, StoreError> {
         self.next_counter("epoch")
     }
 }

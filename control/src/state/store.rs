@@ -170,11 +170,12 @@ impl Store {
         self.kv.counter(name)
     }
 
-    /// A new routing epoch, greater than every earlier one: a counter in the embedded store;
-    /// with etcd, the revision of a write that only the leader can make, so that a control
-    /// plane that lost the leadership cannot make one.
-    pub fn next_epoch(&self) -> Result<u64, StoreError> {
-        self.kv.next_epoch()
+    /// A new routing epoch, greater than every earlier one, for `table` (sealed for the
+    /// proxies): a counter in the embedded store; with etcd, the revision of the write of
+    /// `table`, which only the leader can make, so that a control plane that lost the
+    /// leadership can neither make an epoch nor hand the proxies a table.
+    pub fn next_epoch(&self, table: &[u8]) -> Result<u64, StoreError> {
+        self.kv.next_epoch(table)
     }
 }
 

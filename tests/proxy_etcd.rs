@@ -1,0 +1,127 @@
+//! A proxy that follows the routing table in etcd (`[etcd]` in proxy.toml), against a real
+//! etcd member and a real PostgreSQL node: the table sealed with its admin token is applied
+//! with the revision that wrote it as its epoch; one sealed with another token is refused; cut
+//! off from etcd (the member frozen) longer than `fence_after_ms`, the proxy ends its sessions
+//! and holds new ones, then refuses them; when etcd answers again it routes again.
+
+use std::time::{Duration, Instant};
+
+use pgwarden_api::RoutingTable;
+use pgwarden_e2e::{plain_route, PgNode, TestEtcd, TestProxy, TEST_PASSWORD};
+use pgwarden_proxy::config::EtcdConfig;
+use rustix::process::Signal;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+fn table(node: &PgNode) -> RoutingTable {
+    let route = plain_route(&node.address());
+    RoutingTable { epoch: 0, databases: [("app".to_owned(), route)].into(), node_ca: None }
+}
+
+async fn follower(etcd: &TestEtcd, fence_after_ms: u64, hold_secs: f64) -> TestProxy {
+    let any = "127.0.0.1:0".parse().unwrap();
+    let endpoints: Vec<String> = etcd.endpoints().split(',').map(str::to_owned).collect();
+    TestProxy::start_configured(any, any, |config| {
+        config.etcd = Some(EtcdConfig { endpoints, prefix: "pgwarden".into(), fence_after_ms });
+        config.limits.hold_timeout_secs = hold_secs;
+    })
+    .await
+}
+
+async fn write_table(etcd: &TestEtcd, token: &str, table: &RoutingTable) -> i64 {
+    let endpoints: Vec<String> = etcd.endpoints().split(',').map(str::to_owned).collect();
+    let mut client = etcd_client::Client::connect(&endpoints, None).await.unwrap();
+    let sealed = pgwarden_api::sealed::seal_table(token, table);
+    let put = client.put("/pgwarden/routing", sealed, None).await.unwrap();
+    put.header().unwrap().revision()
+}
+
+async fn wait_epoch(proxy: &TestProxy, epoch: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.metric("pgwarden_proxy_epoch").await != epoch as f64 {
+        assert!(Instant::now() < deadline, "epoch {epoch} never applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn connect(
+    proxy: &TestProxy,
+) -> Result<
+    (tokio_postgres::Client, tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>),
+    tokio_postgres::Error,
+> {
+    let conninfo = proxy.conninfo("app", "app", &format!("password={TEST_PASSWORD}"));
+    let (client, connection) = tokio_postgres::connect(&conninfo, NoTls).await?;
+    Ok((client, tokio::spawn(connection)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_applies_the_table_sealed_with_its_token_at_the_revision_that_wrote_it() {
+    let etcd = TestEtcd::start(&["127.0.0.21"]).await;
+    let node = PgNode::start();
+    let proxy = follower(&etcd, 2000, 5.0).await;
+    let revision = write_table(&etcd, &proxy.token, &table(&node)).await;
+    wait_epoch(&proxy, revision).await;
+    let (client, _) = connect(&proxy).await.expect("routed through the table from etcd");
+    client.simple_query("SELECT 1").await.unwrap();
+    let health = proxy.admin_request("GET", "/health", None, None).await.json();
+    assert_eq!(health["epoch"], revision, "{health}");
+
+    // A table sealed with another token (another platform's, or forged) is refused.
+    let invalid = "pgwarden_proxy_route_updates_total{result=\"invalid\"}";
+    assert_eq!(proxy.metric(invalid).await, 0.0);
+    let mut other = table(&node);
+    other.databases.insert("forged".into(), other.databases["app"].clone());
+    write_table(&etcd, "another-token", &other).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.metric(invalid).await != 1.0 {
+        assert!(Instant::now() < deadline, "the forged table was not refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(proxy.metric("pgwarden_proxy_epoch").await, revision as f64, "forged table taken");
+    let routes = proxy.admin_request("GET", "/v1/routes", Some(&proxy.token), None).await.json();
+    assert!(routes["databases"].get("forged").is_none(), "{routes}");
+    // The next genuine table is applied.
+    let newer = write_table(&etcd, &proxy.token, &table(&node)).await;
+    wait_epoch(&proxy, newer).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_cut_off_from_etcd_stops_routing_until_etcd_answers_again() {
+    let etcd = TestEtcd::start(&["127.0.0.22"]).await;
+    let node = PgNode::start();
+    let proxy = follower(&etcd, 1000, 1.0).await;
+    let revision = write_table(&etcd, &proxy.token, &table(&node)).await;
+    wait_epoch(&proxy, revision).await;
+    let (client, connection) = connect(&proxy).await.expect("routed");
+    client.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(proxy.metric("pgwarden_proxy_fenced").await, 0.0);
+
+    // etcd frozen: within the bound (plus a check), the session on the primary is ended...
+    let frozen = Instant::now();
+    etcd.signal(0, Signal::STOP);
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    let fenced_after = frozen.elapsed();
+    let err = ended.expect("session not ended").unwrap().expect_err("ended with an error");
+    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err:?}");
+    let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    assert!(message.contains("lost touch with etcd"), "{err:?}");
+    // The bound counts from the last answer, up to a check (a quarter of it) before the freeze.
+    let earliest = Duration::from_millis(750);
+    assert!(fenced_after >= earliest, "fenced before the bound: {fenced_after:?}");
+    assert_eq!(proxy.metric("pgwarden_proxy_fenced").await, 1.0);
+    // ...and a new one is held, then refused with 57P03.
+    let Err(refused) = connect(&proxy).await else { panic!("routed while cut off") };
+    assert_eq!(refused.code(), Some(&SqlState::CANNOT_CONNECT_NOW), "{refused:?}");
+
+    // etcd answers again: the proxy routes again, with the same table.
+    etcd.signal(0, Signal::CONT);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while proxy.metric("pgwarden_proxy_fenced").await != 0.0 {
+        assert!(Instant::now() < deadline, "still fenced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (client, _) = connect(&proxy).await.expect("routed again");
+    client.simple_query("SELECT 1").await.unwrap();
+    eprintln!("fenced {fenced_after:?} after etcd froze (bound 1 s)");
+}
