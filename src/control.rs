@@ -158,7 +158,7 @@ impl TestControl {
         let root = control.agent_root();
         for addr in &addrs {
             let parent = control.dir.path().to_owned();
-            let child = crate::planes::start_agent(&control.data, &root, addr, &parent).await;
+            let child = crate::planes::start_agent(&control.data, &root, addr, &parent, &[]).await;
             control.agent_processes.push(child);
         }
         control

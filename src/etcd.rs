@@ -61,6 +61,11 @@ impl TestEtcd {
         urls.join(",")
     }
 
+    /// The members' client addresses.
+    pub fn clients(&self) -> Vec<std::net::SocketAddr> {
+        self.members.iter().map(|m| m.client).collect()
+    }
+
     /// Kills member `i` (kill -9).
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].child.take() {

@@ -7,6 +7,7 @@
 //! - `control.rs`: [`TestControl`], the control plane in-process, publishing to a proxy.
 //! - `etcd.rs`: [`TestEtcd`], a real etcd cluster on loopback addresses.
 //! - `planes.rs`: [`TestPlanes`], control planes on etcd as processes, with agents and a proxy.
+//! - `relay.rs`: [`Relay`], a TCP link the tests can cut (a partition on loopback).
 //! - `http.rs`: a minimal HTTP/1.1 client for admin APIs.
 //! - `load.rs`: writer and connector load generators for HA tests and benchmarks.
 //! - `clients.rs`: `psql` and `pgbench` runners.
@@ -23,6 +24,7 @@ mod load;
 mod node;
 mod planes;
 mod proxy;
+mod relay;
 mod tls;
 
 pub use browser::{Browser, Element};
@@ -37,6 +39,7 @@ pub use node::{
 };
 pub use planes::TestPlanes;
 pub use proxy::{plain_route, TestCerts, TestProxy};
+pub use relay::Relay;
 pub use tls::{connect_with_binding, tls_connect};
 
 /// The engines directory `scripts/setup.sh` fills (`PGWARDEN_ENGINES_DIR`, else

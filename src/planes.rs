@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::etcd::TestEtcd;
 use crate::http::{http_request, http_request_within, HttpResponse};
 use crate::proxy::{TestCerts, TestProxy};
+use crate::relay::Relay;
 
 pub struct Plane {
     pub addr: SocketAddr,
@@ -30,8 +31,17 @@ pub struct TestPlanes {
     pub certs: TestCerts,
     pub planes: Vec<Plane>,
     pub token: String,
-    agents: Vec<String>,
+    agents: Vec<Agent>,
     agent_processes: Vec<Child>,
+}
+
+/// An agent, and the links to and from its "host" the tests can cut: the control planes reach
+/// it through `control`, it reaches each etcd member through `etcd`.
+struct Agent {
+    /// Where it listens.
+    listen: String,
+    control: Relay,
+    etcd: Vec<Relay>,
 }
 
 fn private_copy(from: &Path, to: &Path) {
@@ -59,9 +69,17 @@ pub(crate) fn free_addrs(hosts: &[&str]) -> Vec<String> {
 /// A `pgwarden agent` on `addr` with nodes under `root`, its certificate issued by
 /// `pgwarden agent-cert` from the CA of control-plane data dir `data` (into `tls_parent`),
 /// started and listening.
-pub(crate) async fn start_agent(data: &Path, root: &Path, addr: &str, tls_parent: &Path) -> Child {
+/// `extra` arguments go to `pgwarden agent`.
+pub(crate) async fn start_agent(
+    data: &Path,
+    root: &Path,
+    addr: &str,
+    tls_parent: &Path,
+    extra: &[String],
+) -> Child {
     let host = addr.rsplit_once(':').expect("host:port").0;
     let tls = tls_parent.join(format!("agent-{host}"));
+    let log = std::fs::File::create(tls_parent.join(format!("agent-{host}.log"))).expect("log");
     let out = Command::new(crate::workspace_bin("pgwarden"))
         .arg("--data-dir")
         .arg(data)
@@ -75,8 +93,10 @@ pub(crate) async fn start_agent(data: &Path, root: &Path, addr: &str, tls_parent
         .arg(root)
         .arg("--tls-dir")
         .arg(&tls)
+        .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("pgwarden agent");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -108,7 +128,15 @@ impl TestPlanes {
         std::fs::write(&proxy_token, &proxy.token).expect("write");
         std::fs::set_permissions(&proxy_token, std::fs::Permissions::from_mode(0o600))
             .expect("chmod");
-        let agents = free_addrs(agent_hosts);
+        let mut agents = Vec::new();
+        for (host, listen) in agent_hosts.iter().zip(free_addrs(agent_hosts)) {
+            let control = Relay::start(host, listen.parse().expect("addr")).await;
+            let mut links = Vec::new();
+            for member in etcd.clients() {
+                links.push(Relay::start(host, member).await);
+            }
+            agents.push(Agent { listen, control, etcd: links });
+        }
         let mut all = Self {
             dir,
             etcd,
@@ -164,7 +192,7 @@ impl TestPlanes {
         command.args(["--client-addr", &format!("127.0.0.1:{}", self.proxy.port())]);
         command.args(["--client-pool-addr", &self.proxy.pool_addr.to_string()]);
         for agent in &self.agents {
-            command.args(["--agent", agent]);
+            command.args(["--agent", &agent.control.addr.to_string()]);
         }
         command.arg("--agent-root").arg(self.agent_root());
         command.args(["--first-node-port", &crate::node_port_block().to_string()]);
@@ -178,12 +206,48 @@ impl TestPlanes {
         Plane { addr, data, log, child: Some(child) }
     }
 
+    /// Agents on etcd (through their links), known to the control planes by their relay's
+    /// address, with leases of 2 s.
     async fn start_agents(&mut self) {
         let root = self.agent_root();
-        for addr in self.agents.clone() {
-            let child = start_agent(&self.planes[0].data, &root, &addr, self.dir.path()).await;
+        for agent in &self.agents {
+            let links: Vec<String> =
+                agent.etcd.iter().map(|r| format!("http://{}", r.addr)).collect();
+            let extra = [
+                "--etcd".to_owned(),
+                links.join(","),
+                "--lease-ttl-secs".to_owned(),
+                "2".to_owned(),
+                "--advertise".to_owned(),
+                agent.control.addr.to_string(),
+            ];
+            let (data, parent) = (&self.planes[0].data, self.dir.path());
+            let child = start_agent(data, &root, &agent.listen, parent, &extra).await;
             self.agent_processes.push(child);
         }
+    }
+
+    /// Cuts the "host" of the agent whose nodes listen on `host` off from everything it is
+    /// reached by or reaches through the relays: the control planes and etcd.
+    pub fn cut_host(&self, host: &str) {
+        for agent in self.agents.iter().filter(|a| a.listen.starts_with(&format!("{host}:"))) {
+            agent.control.cut();
+            agent.etcd.iter().for_each(Relay::cut);
+        }
+    }
+
+    /// Undoes `cut_host`.
+    pub fn heal_host(&self, host: &str) {
+        for agent in self.agents.iter().filter(|a| a.listen.starts_with(&format!("{host}:"))) {
+            agent.control.heal();
+            agent.etcd.iter().for_each(Relay::heal);
+        }
+    }
+
+    /// What the agent of `host` logged.
+    pub fn agent_log(&self, host: &str) -> String {
+        let path = self.dir.path().join(format!("agent-{host}.log"));
+        std::fs::read_to_string(path).unwrap_or_default()
     }
 
     /// The agents' root directory (nodes under `nodes/`).

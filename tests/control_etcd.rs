@@ -174,6 +174,78 @@ async fn a_standby_takes_over_from_a_killed_leader_and_then_fails_a_database_ove
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
 }
 
+async fn wait_synchronous(planes: &TestPlanes, plane: usize, id: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let db = planes.request(plane, "GET", &format!("/v1/databases/{id}"), None).await.json();
+        if db["replication"] == "synchronous" {
+            return db;
+        }
+        assert!(Instant::now() < deadline, "never synchronous: {db}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn node<'a>(db: &'a serde_json::Value, role: &str) -> &'a serde_json::Value {
+    db["nodes"].as_array().unwrap().iter().find(|n| n["role"] == role).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_host_cut_off_stops_writing_before_a_standby_elsewhere_is_promoted() {
+    let planes = TestPlanes::start(&ETCD, &["127.0.0.2", "127.0.0.3"], 1).await;
+    let db = planes.create_database(0, "cut", "postgresql-business-512").await;
+    let id = db["id"].as_str().unwrap().to_owned();
+    let url = db["database_url"].as_str().unwrap().to_owned();
+    let db = wait_synchronous(&planes, 0, &id).await;
+    let setup = pgwarden_e2e::psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)");
+    assert!(setup.success, "{}", setup.stderr);
+    let (primary, standby) = (node(&db, "primary"), node(&db, "replica"));
+    let old_host = primary["host"].as_str().unwrap().to_owned();
+    let old_port = primary["port"].as_i64().unwrap() as i32;
+    let new_port = standby["port"].as_i64().unwrap() as i32;
+    let old_data = planes.node_data_dir(primary["name"].as_str().unwrap());
+    let writer = Writer::start(url.clone());
+    assert!(writer.wait_acks_from(old_port, 20, Duration::from_secs(30)).await);
+
+    // The primary's host loses the control plane and etcd (its agent can neither be reached
+    // nor renew its lease); the proxy still reaches its node.
+    let cut = Instant::now();
+    planes.cut_host(&old_host);
+    let resumed = writer.wait_acks_from(new_port, 20, Duration::from_secs(60)).await;
+    assert!(
+        resumed,
+        "no writes on the standby:
+{}
+{}",
+        planes.logs(),
+        planes.agent_log(&old_host)
+    );
+    let acked = writer.stop().await;
+    let first_new = acked.iter().position(|a| a.port == new_port).unwrap();
+    eprintln!(
+        "cut-off primary host: first write on the promoted standby {:?} after the cut",
+        acked[first_new].at.duration_since(cut)
+    );
+
+    // The agent killed its primary when its lease was about to end, before the promotion.
+    let log = planes.agent_log(&old_host);
+    assert!(log.contains("killed this host's primaries"), "{log}");
+    assert!(
+        pgwarden_e2e::postmaster_pid(&old_data)
+            .is_none_or(|pid| { !std::path::Path::new(&format!("/proc/{pid}")).exists() }),
+        "the old primary still runs"
+    );
+    assert!(
+        acked[first_new..].iter().all(|a| a.port == new_port),
+        "a write acknowledged by the old primary after the new one took one"
+    );
+    let out = pgwarden_e2e::psql(&url, None, "SELECT string_agg(n::text, ',') FROM w");
+    assert!(out.success, "{}", out.stderr);
+    let lost = lost_writes(&acked, &out.stdout);
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    planes.heal_host(&old_host);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_frozen_past_its_lease_is_replaced_and_stops_when_it_resumes() {
     let mut planes = TestPlanes::start(&ETCD, &[], 2).await;

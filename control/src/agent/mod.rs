@@ -14,8 +14,12 @@
 //! - `POST /v1/dump` (node, database, tools): a `pg_dump` archive, with its SHA-256;
 //! - `POST /v1/staging/{dir}/{base|wal}`: a tar stream unpacked in the staging area of the node
 //!   whose directory is `{dir}`, which `init-from-backup` then restores from.
+//!
+//! With etcd, an agent holds a lease there and fences its primaries when cut off
+//! (`fencing.rs`).
 
 pub mod client;
+pub mod fencing;
 pub mod server;
 pub mod tls;
 
@@ -114,6 +118,9 @@ impl Op {
         match self {
             Op::InitStandby | Op::InitFromBackup => Duration::from_secs(6 * 3600),
             Op::Init | Op::Start | Op::Stop | Op::Promote | Op::Destroy => Duration::from_secs(300),
+            // A failover waits on it: kill -9 takes no time, an agent out of reach is waited
+            // for through its lease instead.
+            Op::Fence => Duration::from_secs(5),
             _ => Duration::from_secs(30),
         }
     }

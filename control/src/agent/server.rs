@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::fencing::{self, Standing};
 use super::{Call, Info, Op, SQL_PROTOCOL};
 use crate::nodes::driver::{DriverError, NodeDriver, NodeSpec};
 use crate::nodes::local::LocalDriver;
@@ -38,12 +39,17 @@ pub struct AgentOptions {
     pub pg_bin: PathBuf,
     /// OS user nodes run as when the agent runs as root.
     pub user: String,
+    /// Hold a lease in etcd and fence this host's primaries when cut off (`fencing.rs`);
+    /// `advertise` is the address the control plane knows this agent by (`serve --agent`).
+    pub etcd: Option<crate::coord::EtcdSettings>,
 }
 
 struct Agent {
-    driver: LocalDriver,
+    driver: Arc<LocalDriver>,
     nodes_dir: PathBuf,
     root: PathBuf,
+    /// With etcd: whether the agent's lease is valid (else it starts and promotes no primary).
+    standing: Option<Standing>,
 }
 
 impl Agent {
@@ -89,7 +95,7 @@ impl Agent {
 
 /// Runs the agent until `shutdown`. Its nodes keep running when it stops.
 pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let driver = LocalDriver::new(options.pg_bin.clone(), &options.user)?;
+    let driver = Arc::new(LocalDriver::new(options.pg_bin.clone(), &options.user)?);
     let nodes_dir = options.root.join("nodes");
     crate::nodes::local::prepare_nodes_dir(&options.root, &options.user)?;
     let read = |name: &str| -> anyhow::Result<String> {
@@ -107,7 +113,24 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
     let listener = TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("cannot listen on {}", options.listen))?;
-    let agent = Arc::new(Agent { driver, nodes_dir, root: options.root.clone() });
+    let standing = match &options.etcd {
+        Some(settings) => {
+            let etcd = crate::coord::Etcd::connect(&settings.endpoints, &settings.prefix).await?;
+            let standing = Standing::default();
+            tokio::spawn(fencing::hold(
+                etcd,
+                settings.advertise.clone(),
+                settings.lease_ttl,
+                nodes_dir.clone(),
+                Arc::clone(&driver),
+                standing.clone(),
+                shutdown.child_token(),
+            ));
+            Some(standing)
+        }
+        None => None,
+    };
+    let agent = Arc::new(Agent { driver, nodes_dir, root: options.root.clone(), standing });
     let router = Router::new()
         .route("/v1/info", get(info_of))
         .route("/v1/nodes/{op}", post(call))
@@ -168,6 +191,16 @@ async fn call(
     };
     if let Err(why) = agent.check(&call.node) {
         return error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_node", why);
+    }
+    let makes_primary = match op {
+        Op::Promote => true,
+        Op::Start => fencing::is_primary_dir(&call.node.dir),
+        _ => false,
+    };
+    if makes_primary && agent.standing.as_ref().is_some_and(|s| !s.in_touch()) {
+        let why = "this agent is cut off from etcd: it starts and promotes no primary until it is \
+                   back in touch";
+        return error(StatusCode::SERVICE_UNAVAILABLE, "cut_off", why);
     }
     let node = call.node.name.clone();
     match tokio::task::spawn_blocking(move || apply(&agent, op, call)).await {

@@ -212,22 +212,30 @@ pub struct ServeArgs {
     /// under `<dir>/nodes`.
     #[arg(long)]
     pub agent_root: Option<PathBuf>,
-    /// etcd members' client URLs (comma-separated or repeated): the state lives in etcd and
-    /// of several control planes only the leader acts; the others stand by (API answers 503).
+    /// With `--etcd`, the state lives in etcd and of several control planes only the leader
+    /// acts; the others stand by (their API answers 503). The lease is the leader's: how long
+    /// a dead leader keeps the standbys waiting.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub nodes: NodeArgs,
+}
+
+/// etcd, for control planes and agents on several hosts.
+#[derive(clap::Args)]
+pub struct EtcdArgs {
+    /// etcd members' client URLs (comma-separated or repeated).
     #[arg(long = "etcd", value_delimiter = ',')]
     pub etcd: Vec<String>,
     /// Prefix of pgwarden's keys in etcd.
     #[arg(long, default_value = "pgwarden")]
     pub etcd_prefix: String,
-    /// TTL of the leader's lease in etcd (seconds): how long a dead leader keeps the
-    /// standbys waiting.
+    /// TTL of this process's lease in etcd (seconds).
     #[arg(long, default_value_t = 3)]
     pub lease_ttl_secs: u64,
-    /// Address other control planes and clients reach this one's API on (default: --listen).
+    /// The address others know this process by (default: --listen).
     #[arg(long)]
     pub advertise: Option<String>,
-    #[command(flatten)]
-    pub nodes: NodeArgs,
 }
 
 #[derive(clap::Args)]
@@ -244,6 +252,11 @@ pub struct AgentArgs {
     /// OS user nodes run as when the agent runs as root.
     #[arg(long, default_value = "postgres")]
     pub node_user: String,
+    /// With `--etcd`, the agent holds a lease there and kills this host's primaries when cut
+    /// off from etcd longer than the lease allows (before a standby elsewhere may be promoted);
+    /// `--advertise` must be the address the control planes know it by (their `--agent`).
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 #[derive(clap::Args)]

@@ -12,11 +12,13 @@
 //!   watch it; the revision that wrote it is its epoch.
 
 pub mod leader;
+pub mod lease;
 
 use std::future::Future;
 use std::time::Duration;
 
 pub use leader::Leadership;
+pub use lease::Lease;
 
 /// Bound of one etcd call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);

@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use super::watcher::check_primary;
 use super::HaError;
+use crate::agent::fencing;
 use crate::nodes::blocking;
 use crate::nodes::sql::Timeouts;
 use crate::platform::Platform;
@@ -16,6 +17,9 @@ use crate::state::{DatabaseRecord, StoreError};
 
 /// How long a standby may take to say whether it can be promoted.
 const PROBE: Duration = Duration::from_secs(1);
+/// How long a failover waits for the lease of an unreachable agent to end (then it is tried
+/// again at the next failed checks).
+const AGENT_FENCE_WAIT: Duration = Duration::from_secs(15);
 
 /// Replaces `old_primary` of `id` by its best standby now. Returns the new primary's name, or
 /// why there was none (also recorded as an event).
@@ -161,11 +165,26 @@ pub(crate) async fn promote(
     // Fence first: whatever happens next, the old primary serves nothing more.
     let (old_spec, new_spec) = (platform.node_spec(&old_node), platform.node_spec(&new_node));
     let driver = platform.driver.clone();
-    blocking(move || {
-        driver.fence(&old_spec)?;
-        driver.promote(&new_spec)
-    })
-    .await?;
+    let fence = blocking(move || driver.fence(&old_spec));
+    match (&platform.etcd, &old_node.agent) {
+        // An agent out of reach fences its host's primaries itself once it is cut off from
+        // etcd: its key gone, plus a margin, the old primary is known to be stopped. Whichever
+        // comes first.
+        (Some(etcd), Some(agent)) => {
+            let by_lease = fencing::wait_fenced(etcd, agent, AGENT_FENCE_WAIT);
+            tokio::pin!(fence, by_lease);
+            tokio::select! {
+                fenced = &mut fence => if let Err(e) = fenced {
+                    warn!(database = %id, old, error = %e, "cannot fence the old primary through its agent; waiting for the agent's lease to end");
+                    by_lease.await.map_err(|why| HaError::Fence(format!("{e}; {why}")))?;
+                },
+                ended = &mut by_lease => ended.map_err(HaError::Fence)?,
+            }
+        }
+        _ => fence.await?,
+    }
+    let driver = platform.driver.clone();
+    blocking(move || driver.promote(&new_spec)).await?;
     let (_, db) = platform
         .update(id, |db| {
             for node in &mut db.nodes {

@@ -52,6 +52,8 @@ pub enum HaError {
     Preempted,
     #[error("standby {standby} did not receive WAL up to {lsn}")]
     NotCaughtUp { standby: String, lsn: String },
+    #[error("the old primary could not be fenced: {0}")]
+    Fence(String),
 }
 
 crate::nodes::from_node_errors!(HaError);

@@ -57,21 +57,31 @@ pub struct Platform {
     pub pg_bin: PathBuf,
     /// The PostgreSQL builds installed, found at start.
     pub engines: Engines,
+    /// With control planes on etcd: the connection (agents' leases live there).
+    pub etcd: Option<crate::coord::Etcd>,
     records: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Serializes the check-then-insert of a new database (unique names).
     creating: Mutex<()>,
 }
 
+/// What a platform is made of, opened by `server::open`.
+pub struct Parts {
+    pub store: Store,
+    /// The connection to etcd, for control planes on it.
+    pub etcd: Option<crate::coord::Etcd>,
+    /// This host's driver.
+    pub local: Arc<dyn NodeDriver>,
+    /// The agents' client.
+    pub remote: Arc<RemoteDriver>,
+    pub ca: Ca,
+    pub backups: Arc<dyn BackupStorage>,
+    /// Directory of the PostgreSQL client programs.
+    pub pg_bin: PathBuf,
+}
+
 impl Platform {
-    pub fn new(
-        config: PlatformConfig,
-        store: Store,
-        local: Arc<dyn NodeDriver>,
-        remote: Arc<RemoteDriver>,
-        ca: Ca,
-        backups: Arc<dyn BackupStorage>,
-        pg_bin: PathBuf,
-    ) -> Arc<Self> {
+    pub fn new(config: PlatformConfig, parts: Parts) -> Arc<Self> {
+        let Parts { store, etcd, local, remote, ca, backups, pg_bin } = parts;
         let engines = Engines::discover(config.engines_dir.as_deref());
         let metrics = Metrics::new();
         // With etcd, the proxies watch the table there: the publisher only sees them apply it.
@@ -94,6 +104,7 @@ impl Platform {
             backups,
             pg_bin,
             engines,
+            etcd,
             records: Mutex::default(),
             creating: Mutex::default(),
         })

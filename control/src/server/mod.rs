@@ -21,7 +21,7 @@ use crate::coord::{Etcd, Leadership};
 use crate::lifecycle::recover;
 use crate::nodes::local::LocalDriver;
 use crate::pitr::Heartbeats;
-use crate::platform::{Platform, PlatformConfig};
+use crate::platform::{Parts, Platform, PlatformConfig};
 use crate::state::kv::{Kv, RedbKv};
 use crate::state::Store;
 
@@ -79,8 +79,8 @@ pub async fn serve(
         lost.cancelled().await;
         stop.cancel();
     });
-    let kv = crate::state::etcd::EtcdKv::new(etcd, Arc::clone(&leadership));
-    let served = lead(listener, config, nodes, Some(Box::new(kv)), running).await;
+    let kv = crate::state::etcd::EtcdKv::new(etcd.clone(), Arc::clone(&leadership));
+    let served = lead(listener, config, nodes, Some((Box::new(kv), etcd)), running).await;
     if shutdown.is_cancelled() && leadership.is_valid() {
         leadership.resign().await;
         return served;
@@ -89,16 +89,17 @@ pub async fn serve(
     bail!("this control plane lost the leadership and stopped acting; start it again to stand by")
 }
 
-/// Runs the control plane, state in `kv` (the data dir's embedded store without).
+/// Runs the control plane, state in etcd's `kv` when given (the data dir's embedded store
+/// without).
 async fn lead(
     listener: TcpListener,
     config: PlatformConfig,
     nodes: NodeOptions,
-    kv: Option<Box<dyn Kv>>,
+    etcd: Option<(Box<dyn Kv>, Etcd)>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let stop_on_exit = nodes.stop_on_exit;
-    let platform = open(config, nodes, kv)?;
+    let platform = open(config, nodes, etcd)?;
     let token = read_secret_file(&platform.config.data_dir.join("token"))?;
     info!(listen = %listener.local_addr()?, data_dir = %platform.config.data_dir.display(), "control plane started");
     let heartbeats = Arc::new(Heartbeats::default());
@@ -159,7 +160,7 @@ async fn lead(
 fn open(
     config: PlatformConfig,
     nodes: NodeOptions,
-    kv: Option<Box<dyn Kv>>,
+    etcd: Option<(Box<dyn Kv>, Etcd)>,
 ) -> anyhow::Result<Arc<Platform>> {
     let dir = &config.data_dir;
     let driver = LocalDriver::new(nodes.pg_bin.clone(), &nodes.user)?;
@@ -168,8 +169,8 @@ fn open(
     crate::files::private_dir(&ca_dir)?;
     let ca = Ca::load_or_create(&ca_dir).context("platform CA")?;
     let sealer = crate::secrets::Sealer::open(&dir.join("secret.key"))?;
-    let kv = match kv {
-        Some(kv) => kv,
+    let (kv, etcd) = match etcd {
+        Some((kv, etcd)) => (kv, Some(etcd)),
         None => {
             // Created 0600 before redb opens it: never readable by others, not even for an
             // instant.
@@ -177,7 +178,7 @@ fn open(
             let mut create = fs::OpenOptions::new();
             create.write(true).create(true).truncate(false).mode(0o600).open(&state)?;
             fs::set_permissions(&state, fs::Permissions::from_mode(0o600))?;
-            Box::new(RedbKv::open(&state).context("state store")?)
+            (Box::new(RedbKv::open(&state).context("state store")?) as Box<dyn Kv>, None)
         }
     };
     let store = Store::over(kv, sealer).context("state store (a different secret.key?)")?;
@@ -187,7 +188,9 @@ fn open(
         .map_err(anyhow::Error::msg)
         .context("the agents' client certificate")?;
     let (local, remote) = (Arc::new(driver), Arc::new(remote));
-    Ok(Platform::new(config, store, local, remote, ca, Arc::new(backups), nodes.pg_bin))
+    let parts =
+        Parts { store, etcd, local, remote, ca, backups: Arc::new(backups), pg_bin: nodes.pg_bin };
+    Ok(Platform::new(config, parts))
 }
 
 /// A secret kept in a file (API token, proxies' token), created (0600, random) on first use. A

@@ -101,14 +101,7 @@ pub async fn serve_command(data_dir: &Path, args: ServeArgs) -> anyhow::Result<(
     let mut config = platform_config(data_dir, client, proxies, proxy_token, &args.nodes);
     config.agents = args.agents.clone();
     config.agent_root = args.agent_root.clone().unwrap_or_else(|| DEFAULT_ROOT.into());
-    if !args.etcd.is_empty() {
-        config.etcd = Some(crate::coord::EtcdSettings {
-            endpoints: args.etcd.clone(),
-            prefix: args.etcd_prefix.clone(),
-            lease_ttl: Duration::from_secs(args.lease_ttl_secs.max(2)),
-            advertise: args.advertise.clone().unwrap_or_else(|| args.listen.to_string()),
-        });
-    }
+    config.etcd = etcd_settings(&args.etcd, args.listen);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -116,13 +109,28 @@ pub async fn serve_command(data_dir: &Path, args: ServeArgs) -> anyhow::Result<(
     crate::serve(listener, config, nodes, on_signals()?).await
 }
 
+/// What `--etcd` and its options ask for (none without `--etcd`).
+fn etcd_settings(
+    args: &crate::cli::EtcdArgs,
+    listen: std::net::SocketAddr,
+) -> Option<crate::coord::EtcdSettings> {
+    (!args.etcd.is_empty()).then(|| crate::coord::EtcdSettings {
+        endpoints: args.etcd.clone(),
+        prefix: args.etcd_prefix.clone(),
+        lease_ttl: Duration::from_secs(args.lease_ttl_secs.max(2)),
+        advertise: args.advertise.clone().unwrap_or_else(|| listen.to_string()),
+    })
+}
+
 pub async fn agent_command(args: crate::cli::AgentArgs) -> anyhow::Result<()> {
+    let etcd = etcd_settings(&args.etcd, args.listen);
     let options = crate::agent::server::AgentOptions {
         listen: args.listen,
         root: args.dir.unwrap_or_else(|| DEFAULT_ROOT.into()),
         tls_dir: args.tls_dir,
         pg_bin: NodeOptions::default().pg_bin,
         user: args.node_user,
+        etcd,
     };
     crate::agent::server::run(options, on_signals()?).await
 }

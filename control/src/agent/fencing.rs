@@ -1,0 +1,168 @@
+//! Fencing across hosts, for agents on etcd (`pgwarden agent --etcd`).
+//!
+//! The agent holds `<prefix>/agents/<address>` bound to a lease of its own (`coord::Lease`).
+//! When it cannot renew it (its host is cut off from a majority of etcd), it kills every
+//! primary it runs `FENCE_LEAD` before the lease can end (as it counts: before etcd can), and
+//! while its lease is not valid it starts no node that would come up as a primary and promotes
+//! none. The control plane, for its part, promotes a standby in place of a primary whose agent
+//! it cannot reach only once that key is gone, plus `PROMOTE_MARGIN` (`wait_fenced`): by then
+//! the old primary has been killed. So no side of a partition has two writable primaries: the
+//! side with etcd's majority wins, the other stops writing first.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::PutOptions;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::coord::{bounded, CoordError, Etcd, Lease, CALL_TIMEOUT};
+use crate::nodes::driver::{NodeDriver, NodeSpec};
+use crate::nodes::local::LocalDriver;
+
+/// How long before its lease can end an agent kills its primaries.
+pub const FENCE_LEAD: Duration = Duration::from_millis(500);
+/// How long after an unreachable agent's key is gone the control plane waits before it
+/// promotes a standby in place of that agent's primary.
+pub const PROMOTE_MARGIN: Duration = Duration::from_secs(1);
+const WHAT: &str = "the agent's lease: its primaries are fenced";
+
+/// The key of the agent at `address`.
+pub fn key(etcd: &Etcd, address: &str) -> String {
+    etcd.key(&format!("agents/{address}"))
+}
+
+/// Whether the agent's lease is valid now (shared with the request handlers).
+#[derive(Clone, Default)]
+pub struct Standing(Arc<std::sync::Mutex<Option<Arc<Lease>>>>);
+
+impl Standing {
+    /// False while the agent holds no valid lease.
+    pub fn in_touch(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|l| l.is_valid())
+    }
+
+    fn set(&self, lease: Option<Arc<Lease>>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = lease;
+    }
+}
+
+/// Holds the agent's key until `stop`, fencing its primaries whenever its lease is about to
+/// end unrenewed. The key is not given up on `stop`: the nodes keep running, so it ends with
+/// its lease.
+pub async fn hold(
+    etcd: Etcd,
+    address: String,
+    ttl: Duration,
+    nodes_dir: PathBuf,
+    driver: Arc<LocalDriver>,
+    standing: Standing,
+    stop: CancellationToken,
+) {
+    let key = key(&etcd, &address);
+    loop {
+        let lease = match register(&etcd, &key, &address, ttl).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                warn!(error = %e, "cannot register this agent in etcd; trying again");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => continue,
+                }
+            }
+        };
+        info!(%key, lease = lease.id(), "agent registered in etcd");
+        standing.set(Some(Arc::clone(&lease)));
+        tokio::spawn(Arc::clone(&lease).keep(WHAT));
+        let lost = lease.lost();
+        loop {
+            let fence_at = lease.until().checked_sub(FENCE_LEAD).unwrap_or_else(Instant::now);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = lost.cancelled() => break,
+                _ = tokio::time::sleep_until(fence_at) => {
+                    if Instant::now() + FENCE_LEAD >= lease.until() {
+                        break;
+                    }
+                }
+            }
+        }
+        lease.lose(WHAT, "no renewal got through in time");
+        standing.set(None);
+        let (dir, driver) = (nodes_dir.clone(), Arc::clone(&driver));
+        let fenced = tokio::task::spawn_blocking(move || fence_primaries(&dir, &driver)).await;
+        error!(fenced = ?fenced.unwrap_or_default(), "cut off from etcd: killed this host's primaries");
+    }
+}
+
+async fn register(
+    etcd: &Etcd,
+    key: &str,
+    address: &str,
+    ttl: Duration,
+) -> Result<Arc<Lease>, CoordError> {
+    let lease = Lease::grant(etcd, ttl).await?;
+    let mut client = etcd.client();
+    let put = client.put(key, address, Some(PutOptions::new().with_lease(lease.id())));
+    bounded(CALL_TIMEOUT, put).await?;
+    Ok(lease)
+}
+
+/// Whether the node in `dir` would run (or runs) as a primary: no `standby.signal`.
+pub fn is_primary_dir(dir: &Path) -> bool {
+    !dir.join("data/standby.signal").exists()
+}
+
+/// Kills (kill -9, children first) every running node under `nodes_dir` that is a primary;
+/// their names.
+fn fence_primaries(nodes_dir: &Path, driver: &LocalDriver) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(nodes_dir) else { return Vec::new() };
+    let mut fenced = Vec::new();
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !dir.join("data/postmaster.pid").exists() || !is_primary_dir(&dir) {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let spec = NodeSpec {
+            name: name.clone(),
+            dir,
+            host: String::new(),
+            port: 0,
+            bin: None,
+            agent: None,
+        };
+        match driver.fence(&spec) {
+            Ok(()) => fenced.push(name),
+            Err(e) => error!(node = %name, error = %e, "could not fence a primary"),
+        }
+    }
+    fenced
+}
+
+/// For the control plane: waits until the key of the agent at `address` is gone, then
+/// `PROMOTE_MARGIN`; an error if it is still there after `limit` (the agent is in touch with
+/// etcd, so its primary may still serve).
+pub async fn wait_fenced(etcd: &Etcd, address: &str, limit: Duration) -> Result<(), String> {
+    let key = key(etcd, address);
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut client = etcd.client();
+        match bounded(CALL_TIMEOUT, client.get(key.clone(), None)).await {
+            Ok(answer) if answer.kvs().is_empty() => break,
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot read the agent's key"),
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "agent {address} still holds its lease in etcd: it is in touch with etcd, so its \
+                 primary may still be serving"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(PROMOTE_MARGIN).await;
+    Ok(())
+}

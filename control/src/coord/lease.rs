@@ -1,0 +1,133 @@
+//! A lease kept alive: renewed every third of its TTL; valid, as its holder counts it, until
+//! the instant it sent the last renewal etcd answered plus the TTL. etcd counts from the
+//! moment it received that renewal, later, so the holder stops counting on its lease before
+//! etcd can let the lease's keys go. A process frozen past that instant finds the lease over
+//! when it resumes.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use super::{bounded, CoordError, Etcd, CALL_TIMEOUT};
+
+pub struct Lease {
+    etcd: Etcd,
+    id: i64,
+    ttl: Duration,
+    valid_until: Mutex<Instant>,
+    lost: CancellationToken,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("id", &self.id).field("ttl", &self.ttl).finish()
+    }
+}
+
+impl Lease {
+    /// A new lease of `ttl` (whole seconds, at least 1), not yet kept alive (`keep`).
+    pub async fn grant(etcd: &Etcd, ttl: Duration) -> Result<Arc<Self>, CoordError> {
+        let asked = Instant::now();
+        let secs = ttl.as_secs().max(1);
+        let mut client = etcd.client();
+        let id = bounded(CALL_TIMEOUT, client.lease_grant(secs as i64, None)).await?.id();
+        let ttl = Duration::from_secs(secs);
+        Ok(Arc::new(Self {
+            etcd: etcd.clone(),
+            id,
+            ttl,
+            valid_until: Mutex::new(asked + ttl),
+            lost: CancellationToken::new(),
+        }))
+    }
+
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+
+    /// Whether the lease is known to last yet (false once lost).
+    pub fn is_valid(&self) -> bool {
+        !self.lost.is_cancelled() && Instant::now() < self.until()
+    }
+
+    /// Until when the lease is known to last.
+    pub fn until(&self) -> Instant {
+        *self.valid_until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Cancelled when the lease is lost (or given up).
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+
+    /// Marks the lease lost (once) with `reason`.
+    pub fn lose(&self, what: &str, reason: &str) {
+        if !self.lost.is_cancelled() {
+            error!(lease = self.id, reason, "lost {what}");
+            self.lost.cancel();
+        }
+    }
+
+    /// Gives the lease up at once (its keys go with it).
+    pub async fn revoke(&self) -> Result<(), CoordError> {
+        self.lost.cancel();
+        let mut client = self.etcd.client();
+        bounded(CALL_TIMEOUT, client.lease_revoke(self.id)).await.map(drop)
+    }
+
+    /// Renews the lease every third of its TTL until it is lost or given up; `what` names
+    /// what it holds, for the log.
+    pub async fn keep(self: Arc<Self>, what: &'static str) {
+        let every = self.ttl / 3;
+        let mut channel = None;
+        loop {
+            if self.lost.is_cancelled() {
+                return;
+            }
+            if Instant::now() >= self.until() {
+                return self.lose(what, "the lease ended before a renewal got through");
+            }
+            let sent = Instant::now();
+            match tokio::time::timeout(every, self.renew(&mut channel)).await {
+                Ok(Ok(0)) => return self.lose(what, "etcd says the lease has ended"),
+                Ok(Ok(secs)) => {
+                    let until = sent + Duration::from_secs(secs as u64);
+                    *self.valid_until.lock().unwrap_or_else(|e| e.into_inner()) = until;
+                }
+                Ok(Err(e)) => {
+                    warn!(error = %e, what, "lease renewal failed; trying again");
+                    channel = None;
+                }
+                Err(_) => {
+                    warn!(what, "lease renewal unanswered; trying again");
+                    channel = None;
+                }
+            }
+            let next = (sent + every).min(self.until());
+            tokio::select! {
+                _ = self.lost.cancelled() => return,
+                _ = tokio::time::sleep_until(next) => {}
+            }
+        }
+    }
+
+    /// One renewal over the keep-alive stream (opened again after a failure); the TTL left.
+    async fn renew(
+        &self,
+        channel: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+    ) -> Result<i64, CoordError> {
+        let open = match channel.take() {
+            Some(open) => open,
+            None => self.etcd.client().lease_keep_alive(self.id).await?,
+        };
+        let (keeper, stream) = channel.insert(open);
+        keeper.keep_alive().await?;
+        match stream.message().await? {
+            Some(answer) => Ok(answer.ttl()),
+            None => Err(CoordError::Closed("the lease's keep-alive stream ended")),
+        }
+    }
+}
