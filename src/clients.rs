@@ -43,3 +43,41 @@ pub fn psql(conninfo: &str, password: Option<&str>, sql: &str) -> ClientOutput {
     }
     ClientOutput::from_command(&mut cmd)
 }
+
+/// Runs `attempt` every 10 ms until it succeeds; returns the time since `since`. Panics once
+/// `limit` has passed since `since`.
+pub async fn until_ok<T, E, F>(
+    since: std::time::Instant,
+    limit: std::time::Duration,
+    mut attempt: impl FnMut() -> F,
+) -> std::time::Duration
+where
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    loop {
+        if attempt().await.is_ok() {
+            return since.elapsed();
+        }
+        assert!(since.elapsed() < limit, "still failing after {limit:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Starts `SELECT pg_sleep(30)` in a session over `conninfo` and cancels it with the session's
+/// cancel key: the query must end with `57014` (long before the sleep would).
+pub async fn assert_cancel_reaches_the_backend(conninfo: &str) {
+    use tokio_postgres::NoTls;
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    let token = client.cancel_token();
+    let sleeping =
+        tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await.map(drop) });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let cancelled = std::time::Instant::now();
+    token.cancel_query(NoTls).await.expect("cancel request");
+    let err = sleeping.await.expect("join").expect_err("cancelled");
+    let canceled = tokio_postgres::error::SqlState::QUERY_CANCELED;
+    assert_eq!(err.code(), Some(&canceled), "{err:?}");
+    let waited = cancelled.elapsed();
+    assert!(waited < std::time::Duration::from_secs(20), "ended by the sleep, not the cancel");
+}

@@ -28,7 +28,7 @@ mod relay;
 mod tls;
 
 pub use browser::{Browser, Element};
-pub use clients::{pg_bin, psql, ClientOutput};
+pub use clients::{assert_cancel_reaches_the_backend, pg_bin, psql, until_ok, ClientOutput};
 pub use control::TestControl;
 pub use etcd::TestEtcd;
 pub use http::{http_request, HttpResponse};

@@ -32,7 +32,8 @@ async fn the_state_in_etcd_is_written_by_the_leader_only() {
     let etcd = Etcd::connect(&endpoints, "store-test").await.unwrap();
     let never = CancellationToken::new();
     let ttl = Duration::from_secs(2);
-    let first = Leadership::campaign(&etcd, "first:1", ttl, &never).await.unwrap();
+    let first =
+        Leadership::campaign(&etcd, "leader", "first:1", ttl, "the lead", &never).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let sealer = || pgwarden_control::secrets::Sealer::open(&dir.path().join("key")).unwrap();
     let kv = EtcdKv::new(etcd.clone(), Arc::clone(&first));
@@ -78,7 +79,8 @@ async fn the_state_in_etcd_is_written_by_the_leader_only() {
         let etcd = etcd.clone();
         tokio::spawn(async move {
             let never = CancellationToken::new();
-            Leadership::campaign(&etcd, "second:2", Duration::from_secs(2), &never).await
+            let ttl = Duration::from_secs(2);
+            Leadership::campaign(&etcd, "leader", "second:2", ttl, "the lead", &never).await
         })
     };
     tokio::time::sleep(Duration::from_secs(3)).await;

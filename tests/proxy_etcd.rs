@@ -2,12 +2,17 @@
 //! etcd member and a real PostgreSQL node: the table sealed with its admin token is applied
 //! with the revision that wrote it as its epoch; one sealed with another token is refused; cut
 //! off from etcd (the member frozen) longer than `fence_after_ms`, the proxy ends its sessions
-//! and holds new ones, then refuses them; when etcd answers again it routes again.
+//! and holds new ones, then refuses them; when etcd answers again it routes again. A proxy pair
+//! on two "hosts" elects its active through etcd: kill -9 of the active, takeover, cancel
+//! requests through the new active, a frozen active replaced and standing down on resuming.
 
 use std::time::{Duration, Instant};
 
 use pgwarden_api::RoutingTable;
-use pgwarden_e2e::{plain_route, PgNode, TestEtcd, TestProxy, TEST_PASSWORD};
+use pgwarden_e2e::{
+    assert_cancel_reaches_the_backend, plain_route, until_ok, PgNode, TestEtcd, TestProxy,
+    TEST_PASSWORD,
+};
 use pgwarden_proxy::config::EtcdConfig;
 use rustix::process::Signal;
 use tokio_postgres::error::SqlState;
@@ -124,4 +129,129 @@ async fn a_proxy_cut_off_from_etcd_stops_routing_until_etcd_answers_again() {
     let (client, _) = connect(&proxy).await.expect("routed again");
     client.simple_query("SELECT 1").await.unwrap();
     eprintln!("fenced {fenced_after:?} after etcd froze (bound 1 s)");
+}
+
+struct PairProxy {
+    child: std::process::Child,
+    admin: u16,
+    roles: std::path::PathBuf,
+}
+
+impl Drop for PairProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A proxy process of the pair `main` elected through `etcd`, on client port `listen` (the
+/// same for both: the address a virtual IP would be), its hooks appending to `<name>.roles`.
+fn pair_proxy(dir: &std::path::Path, etcd: &TestEtcd, name: &str, listen: u16) -> PairProxy {
+    let admin = pgwarden_e2e::free_port();
+    let roles = dir.join(format!("{name}.roles"));
+    let hook = |role: &str| format!("echo {role} >> {}", roles.display());
+    let endpoints: Vec<String> = etcd.endpoints().split(',').map(|e| format!("\"{e}\"")).collect();
+    let config = format!(
+        "listen = \"127.0.0.1:{listen}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+         admin_token = \"pair-token\"\n\
+         [etcd]\nendpoints = [{}]\nfence_after_ms = 2000\n\
+         [ha]\netcd_pair = \"main\"\ntakeover_after_ms = 2000\non_active = \"{}\"\non_standby = \"{}\"\n",
+        endpoints.join(", "),
+        hook("active"),
+        hook("standby"),
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = std::process::Command::new(pgwarden_e2e::workspace_bin("pgwarden-proxy"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    PairProxy { child, admin, roles }
+}
+
+fn role_of(proxy: &PairProxy) -> Option<String> {
+    let addr = ([127, 0, 0, 1], proxy.admin).into();
+    let health = pgwarden_e2e::http_request(addr, "GET", "/health", None, None).ok()?;
+    Some(health.json()["role"].as_str()?.to_owned())
+}
+
+async fn wait_role(proxy: &PairProxy, role: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while role_of(proxy).as_deref() != Some(role) {
+        assert!(Instant::now() < deadline, "never {role}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn hooks(proxy: &PairProxy) -> Vec<String> {
+    let text = std::fs::read_to_string(&proxy.roles).unwrap_or_default();
+    text.lines().map(str::to_owned).collect()
+}
+
+async fn query(listen: u16) -> Result<i32, tokio_postgres::Error> {
+    let conninfo = format!(
+        "host=127.0.0.1 port={listen} dbname=app user=app password={TEST_PASSWORD} connect_timeout=2"
+    );
+    let (client, connection) = tokio_postgres::connect(&conninfo, NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client.query_one("SELECT inet_server_port()", &[]).await?.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_pair_elects_its_active_through_etcd_and_a_frozen_active_stands_down() {
+    let etcd = TestEtcd::start(&["127.0.0.23"]).await;
+    let node = PgNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let listen = pgwarden_e2e::free_port();
+    write_table(&etcd, "pair-token", &table(&node)).await;
+    let mut a = pair_proxy(dir.path(), &etcd, "a", listen);
+    wait_role(&a, "active").await;
+    let b = pair_proxy(dir.path(), &etcd, "b", listen);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(role_of(&b).as_deref(), Some("standby"), "two active proxies");
+    assert_eq!(hooks(&a), ["standby", "active"], "on_active ran (before the address was bound)");
+    assert_eq!(hooks(&b), ["standby"]);
+    assert_eq!(query(listen).await.unwrap(), node.port as i32);
+
+    // kill -9 of the active proxy: the other holds the address once the lease has ended.
+    let killed = Instant::now();
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let took_over = until_ok(killed, Duration::from_secs(15), || query(listen)).await;
+    eprintln!(
+        "proxy pair through etcd: first connection {took_over:?} after kill -9 of the active"
+    );
+    assert_eq!(role_of(&b).as_deref(), Some("active"));
+    assert_eq!(hooks(&b), ["standby", "active"]);
+
+    // Cancel requests reach the backend through the new active proxy.
+    let conninfo =
+        format!("host=127.0.0.1 port={listen} dbname=app user=app password={TEST_PASSWORD}");
+    assert_cancel_reaches_the_backend(&conninfo).await;
+
+    // A proxy that comes back stands by; the active one frozen past its lease is replaced,
+    // and when it resumes it stands down (on_standby, then exits) instead of serving.
+    let a = pair_proxy(dir.path(), &etcd, "a2", listen);
+    wait_role(&a, "standby").await;
+    let mut b = b;
+    let pid = rustix::process::Pid::from_raw(b.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, Signal::STOP).unwrap();
+    wait_role(&a, "active").await;
+    rustix::process::kill_process(pid, Signal::CONT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = b.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the resumed proxy still runs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.success(), "{status:?}");
+    assert_eq!(hooks(&b).last().map(String::as_str), Some("standby"), "{:?}", hooks(&b));
+    assert_eq!(query(listen).await.unwrap(), node.port as i32);
 }

@@ -251,6 +251,13 @@ impl Config {
             (Some(t), None) if t.trim().is_empty() => return invalid("admin_token is empty"),
             _ => {}
         }
+        if let Some(ha) = &self.ha {
+            match (&ha.peer_admin, &ha.etcd_pair, &self.etcd) {
+                (Some(_), None, _) | (None, Some(_), Some(_)) => {}
+                (None, Some(_), None) => return invalid("ha.etcd_pair needs the [etcd] section"),
+                _ => return invalid("[ha] needs one of peer_admin and etcd_pair"),
+            }
+        }
         if let Some(etcd) = &self.etcd {
             if etcd.endpoints.is_empty() {
                 return invalid("etcd.endpoints must name at least one member");

@@ -5,6 +5,13 @@
 //! bound by one process only and is freed the moment the holder dies, so a proxy that comes
 //! back finds it taken and stays standby (no flapping). `on_active` / `on_standby` commands run
 //! on each change (to move a virtual IP on real hosts).
+//!
+//! Proxies on two hosts (each binds its own host's address, so the address cannot arbitrate)
+//! elect the active one through etcd instead (`etcd_pair`): the one that holds
+//! `<prefix>/proxies/<pair>/active`, bound to its lease, is active; it runs `on_active` (which
+//! adds the virtual IP clients use) and waits for it before it binds the client address. A
+//! lease lost (cut off from etcd, frozen) makes it run `on_standby` and stop; the other takes
+//! over once the lease has ended. Two hosts are never both active: the key has one holder.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -22,12 +29,15 @@ use crate::metrics::Metrics;
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HaConfig {
-    /// Admin address (`host:port`) of the other proxy of the pair.
-    pub peer_admin: String,
+    /// Admin address (`host:port`) of the other proxy of the pair (the pair without etcd).
+    pub peer_admin: Option<String>,
+    /// Name of the pair whose active proxy etcd elects (with `[etcd]`): proxies on two hosts.
+    pub etcd_pair: Option<String>,
     /// Milliseconds between heartbeats. Default 100.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval_ms: u64,
     /// Milliseconds without an answer from an active peer before taking over. Default 500.
+    /// With `etcd_pair`, the active proxy's lease (whole seconds, at least 2).
     #[serde(default = "default_takeover")]
     pub takeover_after_ms: u64,
     /// Shell command run when this proxy becomes active (`PGWARDEN_PROXY_ROLE=active`).
@@ -59,28 +69,102 @@ impl Role {
         }
     }
 
+    /// Takes `role` and runs its hook in the background.
     pub fn set(&self, role: ProxyRole, ha: Option<&HaConfig>, metrics: &Metrics) {
+        if let Some(hook) = self.record(role, ha, metrics) {
+            tokio::spawn(hook);
+        }
+    }
+
+    /// Takes `role` and runs its hook to its end (at most `HOOK_TIMEOUT`).
+    pub async fn change(&self, role: ProxyRole, ha: Option<&HaConfig>, metrics: &Metrics) {
+        if let Some(hook) = self.record(role, ha, metrics) {
+            if tokio::time::timeout(HOOK_TIMEOUT, hook).await.is_err() {
+                warn!(?role, "role hook still running after {HOOK_TIMEOUT:?}; going on");
+            }
+        }
+    }
+
+    fn record(
+        &self,
+        role: ProxyRole,
+        ha: Option<&HaConfig>,
+        metrics: &Metrics,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         self.active.store(role == ProxyRole::Active, Ordering::Release);
         metrics.set_role(role == ProxyRole::Active);
         info!(?role, "proxy role");
-        let hook = match role {
+        let command = match role {
             ProxyRole::Active => ha.and_then(|h| h.on_active.clone()),
             ProxyRole::Standby => ha.and_then(|h| h.on_standby.clone()),
-        };
-        if let Some(command) = hook {
-            let label = if role == ProxyRole::Active { "active" } else { "standby" };
-            tokio::spawn(async move {
-                let status = tokio::process::Command::new("sh")
-                    .args(["-c", &command])
-                    .env("PGWARDEN_PROXY_ROLE", label)
-                    .status()
-                    .await;
-                match status {
-                    Ok(s) if s.success() => info!(%command, "role hook ran"),
-                    Ok(s) => warn!(%command, %s, "role hook failed"),
-                    Err(e) => warn!(%command, error = %e, "role hook could not run"),
+        }?;
+        let label = if role == ProxyRole::Active { "active" } else { "standby" };
+        Some(async move {
+            let status = tokio::process::Command::new("sh")
+                .args(["-c", &command])
+                .env("PGWARDEN_PROXY_ROLE", label)
+                .kill_on_drop(true)
+                .status()
+                .await;
+            match status {
+                Ok(s) if s.success() => info!(%command, "role hook ran"),
+                Ok(s) => warn!(%command, %s, "role hook failed"),
+                Err(e) => warn!(%command, error = %e, "role hook could not run"),
+            }
+        })
+    }
+}
+
+/// How long a role hook may run.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// With `etcd_pair`: stands by until this proxy holds the pair's key, then runs `on_active`,
+/// binds the client address and returns it with the leadership (whose loss must make the proxy
+/// stand down). `None` on shutdown.
+pub async fn wait_until_elected<L>(
+    ha: &HaConfig,
+    etcd: &crate::config::EtcdConfig,
+    me: &str,
+    bind: impl Fn() -> std::io::Result<L>,
+    role: &Role,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Option<(L, std::sync::Arc<pgwarden_etcd::Leadership>)> {
+    let pair = ha.etcd_pair.as_deref().unwrap_or("default");
+    let key = format!("proxies/{pair}/active");
+    let ttl = Duration::from_millis(ha.takeover_after_ms).max(Duration::from_secs(2));
+    let what = "the active role: this proxy stands down";
+    role.set(ProxyRole::Standby, Some(ha), metrics);
+    let etcd = loop {
+        match pgwarden_etcd::Etcd::connect(&etcd.endpoints, &etcd.prefix).await {
+            Ok(etcd) => break etcd,
+            Err(e) => warn!(error = %e, "cannot reach etcd to elect the active proxy"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            () = shutdown.cancelled() => return None,
+        }
+    };
+    loop {
+        let leadership =
+            pgwarden_etcd::Leadership::campaign(&etcd, &key, me, ttl, what, shutdown).await?;
+        role.change(ProxyRole::Active, Some(ha), metrics).await;
+        // The address may still be held for an instant by a process that stood down.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match bind() {
+                Ok(listener) => return Some((listener, leadership)),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "client address not bindable yet");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-            });
+                Err(e) => {
+                    warn!(error = %e, "elected but cannot bind the client address; standing down");
+                    leadership.resign().await;
+                    role.change(ProxyRole::Standby, Some(ha), metrics).await;
+                    break;
+                }
+            }
         }
     }
 }
@@ -98,8 +182,9 @@ pub async fn wait_until_active<L>(
     let takeover_after = Duration::from_millis(ha.takeover_after_ms);
     let mut last_seen_active: Option<Instant> = None;
     let mut announced_standby = false;
+    let peer = ha.peer_admin.as_deref().unwrap_or_default();
     loop {
-        let peer_active = peer_role(&ha.peer_admin, interval).await == Some(ProxyRole::Active);
+        let peer_active = peer_role(peer, interval).await == Some(ProxyRole::Active);
         if peer_active {
             last_seen_active = Some(Instant::now());
         }

@@ -84,6 +84,9 @@ pub async fn run_on(
     workers: Workers,
 ) -> anyhow::Result<()> {
     config.validate()?;
+    // Also cancelled from within, when a proxy elected through etcd loses the active role.
+    let shutdown = shutdown.child_token();
+    let stood_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut limits = config.limits.clone();
     let capacity = crate::open_files::session_capacity();
     if capacity == 0 {
@@ -142,6 +145,7 @@ pub async fn run_on(
         "proxy started"
     );
 
+    let listeners_admin = listeners.admin.local_addr()?;
     let admin_server = axum::serve(listeners.admin, admin::router(Arc::clone(&shared)))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let admin_task = tokio::spawn(async move {
@@ -178,6 +182,23 @@ pub async fn run_on(
         (Some(listener), _) => {
             shared.role.set(ProxyRole::Active, None, &shared.metrics);
             Some((listener, listeners.pool))
+        }
+        (None, Some(ha)) if ha.etcd_pair.is_some() => {
+            let etcd = config.etcd.as_ref().context("ha.etcd_pair needs [etcd]")?;
+            let me = listeners_admin.to_string();
+            let (role, metrics) = (&shared.role, &shared.metrics);
+            let elected =
+                crate::ha::wait_until_elected(ha, etcd, &me, bind_both, role, metrics, &shutdown);
+            let Some((bound, leadership)) = elected.await else { return Ok(()) };
+            let (shared, ha, stop) = (Arc::clone(&shared), ha.clone(), shutdown.clone());
+            let stood = Arc::clone(&stood_down);
+            tokio::spawn(async move {
+                leadership.lost().cancelled().await;
+                shared.role.change(ProxyRole::Standby, Some(&ha), &shared.metrics).await;
+                stood.store(true, std::sync::atomic::Ordering::Release);
+                stop.cancel();
+            });
+            Some(bound)
         }
         (None, Some(ha)) => {
             let (role, metrics) = (&shared.role, &shared.metrics);
@@ -253,6 +274,9 @@ pub async fn run_on(
     reaper.abort();
     let _ = admin_task.await;
     info!("proxy stopped");
+    if stood_down.load(std::sync::atomic::Ordering::Acquire) {
+        anyhow::bail!("lost the active role (its lease in etcd ended); start again to stand by");
+    }
     Ok(())
 }
 

@@ -67,8 +67,9 @@ pub async fn serve(
         .with_graceful_shutdown(standing_by.clone().cancelled_owned())
         .into_future();
     let standby = tokio::spawn(standby);
-    let leadership =
-        Leadership::campaign(&etcd, &settings.advertise, settings.lease_ttl, &shutdown).await;
+    let what = "the leadership: this control plane stops acting";
+    let (me, ttl) = (&settings.advertise, settings.lease_ttl);
+    let leadership = Leadership::campaign(&etcd, "leader", me, ttl, what, &shutdown).await;
     standing_by.cancel();
     let _ = standby.await;
     let Some(leadership) = leadership else { return Ok(()) };

@@ -1,8 +1,9 @@
-//! The leadership: the control plane that creates the `leader` key, bound to a lease of its
-//! own (`lease.rs`), leads until the lease ends. A standby reads the key every `POLL` and only
-//! then asks for a lease and tries to create it (one transaction: created only if absent).
-//! Writes of a leader compare the key's create revision (its term), so a control plane that
-//! lost the leadership can write nothing.
+//! A leadership: the process that creates a key (the control planes' `leader`, a proxy pair's
+//! `proxies/<pair>/active`), bound to a lease of its own (`lease.rs`), leads until the lease
+//! ends. A standby reads the key every `POLL` and only then asks for a lease and tries to
+//! create it (one transaction: created only if absent). Writes of a leader can compare the
+//! key's create revision (its term, `guard`), so a process that lost the leadership can write
+//! nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,40 +15,44 @@ use tracing::{info, warn};
 use super::lease::Lease;
 use super::{bounded, CoordError, Etcd, CALL_TIMEOUT};
 
-/// How often a standby looks at the leader key.
-const POLL: Duration = Duration::from_millis(250);
-const WHAT: &str = "the leadership: this control plane stops acting";
+/// How often a standby looks at the key.
+const POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 pub struct Leadership {
     key: String,
     term: i64,
     lease: Arc<Lease>,
+    /// What is lost with it, for the log.
+    what: &'static str,
 }
 
 impl Leadership {
-    /// Waits until this control plane (`me`, its API address) leads, then keeps its lease
-    /// alive in the background. `None`: `stop` came first.
+    /// Waits until this process (`me`: the address others know it by) holds `key` (under the
+    /// prefix), then keeps its lease alive in the background. `what` says what it loses with
+    /// it, for the log. `None`: `stop` came first.
     pub async fn campaign(
         etcd: &Etcd,
+        key: &str,
         me: &str,
         ttl: Duration,
+        what: &'static str,
         stop: &CancellationToken,
     ) -> Option<Arc<Self>> {
         let mut told: Option<String> = None;
         loop {
-            match Self::try_once(etcd, me, ttl).await {
+            match Self::try_once(etcd, key, me, ttl, what).await {
                 Ok(Ok(leadership)) => {
-                    info!(term = leadership.term, "this control plane leads");
+                    info!(key, term = leadership.term, "leading");
                     return Some(leadership);
                 }
                 Ok(Err(holder)) => {
                     if told.as_deref() != Some(holder.as_str()) {
-                        info!(leader = %holder, "standing by: another control plane leads");
+                        info!(key, leader = %holder, "standing by: another process leads");
                         told = Some(holder);
                     }
                 }
-                Err(e) => warn!(error = %e, "cannot campaign for the leadership; trying again"),
+                Err(e) => warn!(key, error = %e, "cannot campaign; trying again"),
             }
             tokio::select! {
                 _ = stop.cancelled() => return None,
@@ -59,10 +64,12 @@ impl Leadership {
     /// `Ok(Err(holder))`: another leads.
     async fn try_once(
         etcd: &Etcd,
+        key: &str,
         me: &str,
         ttl: Duration,
+        what: &'static str,
     ) -> Result<Result<Arc<Self>, String>, CoordError> {
-        let key = etcd.key("leader");
+        let key = etcd.key(key);
         let mut client = etcd.client();
         let current = bounded(CALL_TIMEOUT, client.get(key.clone(), None)).await?;
         if let Some(kv) = current.kvs().first() {
@@ -82,11 +89,11 @@ impl Leadership {
                 }
                 _ => None,
             });
-            return Ok(Err(holder.unwrap_or_else(|| "another control plane".into())));
+            return Ok(Err(holder.unwrap_or_else(|| "another process".into())));
         }
         let term = answer.header().map_or(0, |h| h.revision());
-        tokio::spawn(Arc::clone(&lease).keep(WHAT));
-        Ok(Ok(Arc::new(Self { key, term, lease })))
+        tokio::spawn(Arc::clone(&lease).keep(what));
+        Ok(Ok(Arc::new(Self { key, term, lease, what })))
     }
 
     /// The leader's term: the create revision of its key.
@@ -111,7 +118,7 @@ impl Leadership {
 
     /// Marks the leadership lost with `reason`.
     pub fn lose(&self, reason: &str) {
-        self.lease.lose(WHAT, reason);
+        self.lease.lose(self.what, reason);
     }
 
     /// Gives the leadership up at once (a standby takes over at its next look), on a
