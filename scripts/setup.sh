@@ -2,7 +2,8 @@
 # Installs what pgwarden needs on a Debian machine, only what is missing (idempotent):
 # PostgreSQL 15 server and clients (psql, pgbench, pg_basebackup), psycopg 3 (a libpq 17+
 # client for the tests), protoc (the etcd client's build needs it) and the `postgres` OS user
-# that nodes run as when pgwarden runs as root. With --etcd, also etcd (the multi-host tests).
+# that nodes run as when pgwarden runs as root. With --etcd, also etcd and arping (the
+# multi-host tests: hosts in network namespaces, a virtual IP announced by gratuitous ARP).
 # With --bench, also PgBouncer and HAProxy; with --engines, also PostgreSQL 18 (built once) for
 # the major-upgrade tests and benchmark; with --browser, Chromium and ChromeDriver for the
 # dashboard's tests (scripts/test.sh asks for both).
@@ -51,6 +52,7 @@ command -v openssl >/dev/null || want+=(openssl)
 command -v protoc >/dev/null || want+=(protobuf-compiler)
 if [ "$etcd" = 1 ]; then
   command -v etcd >/dev/null || want+=(etcd-server)
+  command -v arping >/dev/null || want+=(iputils-arping)
 fi
 if [ "$browser" = 1 ]; then
   # The dashboard's tests drive a real headless browser.

@@ -343,14 +343,7 @@ impl TestControl {
 
     /// The `data` directory of node `name` (directories carry a per-attempt suffix).
     pub fn node_data_dir(&self, name: &str) -> std::path::PathBuf {
-        self.all_node_data_dirs()
-            .into_iter()
-            .find(|d| {
-                d.parent()
-                    .and_then(|p| p.file_name())
-                    .is_some_and(|f| f.to_string_lossy().starts_with(&format!("{name}.")))
-            })
-            .unwrap_or_else(|| panic!("no directory for node {name}"))
+        crate::node::data_dir_of(self.all_node_data_dirs(), name)
     }
 
     /// The one-line answer of `sql` on every node of `db` (a database object of the API), as

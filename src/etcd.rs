@@ -43,6 +43,8 @@ impl TestEtcd {
                 .args(["--initial-cluster", &cluster.join(",")])
                 .args(["--initial-cluster-state", "new"])
                 .args(["--initial-cluster-token", "pgwarden-test"])
+                // A LAN's timing (what the README recommends with short leases).
+                .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()

@@ -8,6 +8,8 @@
 //! - `etcd.rs`: [`TestEtcd`], a real etcd cluster on loopback addresses.
 //! - `planes.rs`: [`TestPlanes`], control planes on etcd as processes, with agents and a proxy.
 //! - `relay.rs`: [`Relay`], a TCP link the tests can cut (a partition on loopback).
+//! - `netns.rs`: [`Lan`], hosts in network namespaces on a bridge; `hosts.rs`: [`TestHosts`],
+//!   the whole multi-host platform in them.
 //! - `http.rs`: a minimal HTTP/1.1 client for admin APIs.
 //! - `load.rs`: writer and connector load generators for HA tests and benchmarks.
 //! - `clients.rs`: `psql` and `pgbench` runners.
@@ -19,8 +21,10 @@ mod browser;
 mod clients;
 mod control;
 mod etcd;
+mod hosts;
 mod http;
 mod load;
+mod netns;
 mod node;
 mod planes;
 mod proxy;
@@ -31,8 +35,10 @@ pub use browser::{Browser, Element};
 pub use clients::{assert_cancel_reaches_the_backend, pg_bin, psql, until_ok, ClientOutput};
 pub use control::TestControl;
 pub use etcd::TestEtcd;
+pub use hosts::TestHosts;
 pub use http::{http_request, HttpResponse};
 pub use load::{assert_no_failed, lost_writes, Ack, Connector, Writer};
+pub use netns::Lan;
 pub use node::{
     free_port, kill_postmaster, node_data_dirs, node_port_block, postmaster_pid, stop_immediately,
     NodeOptions, PgNode, TEST_PASSWORD,

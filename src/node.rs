@@ -349,3 +349,15 @@ pub fn node_data_dirs(pgwarden_data: &Path) -> Vec<PathBuf> {
         .map(|d| d.flatten().map(|e| e.path().join("data")).collect())
         .unwrap_or_default()
 }
+
+/// Of `dirs` (from `node_data_dirs`), the `data` directory of node `name` (a node's directory
+/// is `<name>.<attempt>`).
+pub fn data_dir_of(dirs: Vec<PathBuf>, name: &str) -> PathBuf {
+    let prefix = format!("{name}.");
+    dirs.into_iter()
+        .find(|d| {
+            let dir = d.parent().and_then(|p| p.file_name());
+            dir.is_some_and(|f| f.to_string_lossy().starts_with(&prefix))
+        })
+        .unwrap_or_else(|| panic!("no directory for node {name}"))
+}

@@ -44,7 +44,7 @@ struct Agent {
     etcd: Vec<Relay>,
 }
 
-fn private_copy(from: &Path, to: &Path) {
+pub(crate) fn private_copy(from: &Path, to: &Path) {
     if from.is_dir() {
         std::fs::create_dir_all(to).expect("mkdir");
         std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700)).expect("chmod");
@@ -196,7 +196,7 @@ impl TestPlanes {
         }
         command.arg("--agent-root").arg(self.agent_root());
         command.args(["--first-node-port", &crate::node_port_block().to_string()]);
-        command.args(["--etcd", &self.etcd.endpoints(), "--lease-ttl-secs", "2"]);
+        command.args(["--etcd", &self.etcd.endpoints(), "--lease-ttl-secs", "3"]);
         let child = command
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -207,7 +207,7 @@ impl TestPlanes {
     }
 
     /// Agents on etcd (through their links), known to the control planes by their relay's
-    /// address, with leases of 2 s.
+    /// address, with leases of 3 s.
     async fn start_agents(&mut self) {
         let root = self.agent_root();
         for agent in &self.agents {
@@ -217,7 +217,7 @@ impl TestPlanes {
                 "--etcd".to_owned(),
                 links.join(","),
                 "--lease-ttl-secs".to_owned(),
-                "2".to_owned(),
+                "3".to_owned(),
                 "--advertise".to_owned(),
                 agent.control.addr.to_string(),
             ];
@@ -361,14 +361,7 @@ impl TestPlanes {
 
     /// The `data` directory of node `name` on the agents.
     pub fn node_data_dir(&self, name: &str) -> PathBuf {
-        crate::node_data_dirs(&self.agent_root())
-            .into_iter()
-            .find(|d| {
-                d.parent()
-                    .and_then(|p| p.file_name())
-                    .is_some_and(|f| f.to_string_lossy().starts_with(&format!("{name}.")))
-            })
-            .unwrap_or_else(|| panic!("no directory for node {name}"))
+        crate::node::data_dir_of(crate::node_data_dirs(&self.agent_root()), name)
     }
 }
 

@@ -70,8 +70,11 @@ impl Leadership {
         what: &'static str,
     ) -> Result<Result<Arc<Self>, String>, CoordError> {
         let key = etcd.key(key);
-        let mut client = etcd.client();
-        let current = bounded(CALL_TIMEOUT, client.get(key.clone(), None)).await?;
+        let current = etcd.call(|mut c| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        });
+        let current = current.await?;
         if let Some(kv) = current.kvs().first() {
             return Ok(Err(String::from_utf8_lossy(kv.value()).into_owned()));
         }
@@ -80,7 +83,14 @@ impl Leadership {
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), me, Some(PutOptions::new().with_lease(lease.id())))])
             .or_else([TxnOp::get(key.clone(), None)]);
-        let answer = bounded(CALL_TIMEOUT, client.txn(txn)).await?;
+        let answer = match bounded(CALL_TIMEOUT, etcd.client().txn(txn)).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                etcd.failed();
+                let _ = lease.revoke().await;
+                return Err(e);
+            }
+        };
         if !answer.succeeded() {
             let _ = lease.revoke().await;
             let holder = answer.op_responses().into_iter().find_map(|op| match op {

@@ -33,7 +33,11 @@ impl Lease {
         let asked = Instant::now();
         let secs = ttl.as_secs().max(1);
         let mut client = etcd.client();
-        let id = bounded(CALL_TIMEOUT, client.lease_grant(secs as i64, None)).await?.id();
+        let granted = bounded(CALL_TIMEOUT, client.lease_grant(secs as i64, None)).await;
+        if granted.is_err() {
+            etcd.failed();
+        }
+        let id = granted?.id();
         let ttl = Duration::from_secs(secs);
         Ok(Arc::new(Self {
             etcd: etcd.clone(),
@@ -74,8 +78,8 @@ impl Lease {
     /// Gives the lease up at once (its keys go with it).
     pub async fn revoke(&self) -> Result<(), CoordError> {
         self.lost.cancel();
-        let mut client = self.etcd.client();
-        bounded(CALL_TIMEOUT, client.lease_revoke(self.id)).await.map(drop)
+        let id = self.id;
+        self.etcd.call(|mut c| async move { c.lease_revoke(id).await }).await.map(drop)
     }
 
     /// Renews the lease every third of its TTL until it is lost or given up; `what` names
@@ -91,22 +95,30 @@ impl Lease {
                 return self.lose(what, "the lease ended before a renewal got through");
             }
             let sent = Instant::now();
-            match tokio::time::timeout(every, self.renew(&mut channel)).await {
+            let renewed = match tokio::time::timeout(every, self.renew(&mut channel)).await {
                 Ok(Ok(0)) => return self.lose(what, "etcd says the lease has ended"),
                 Ok(Ok(secs)) => {
                     let until = sent + Duration::from_secs(secs as u64);
                     *self.valid_until.lock().unwrap_or_else(|e| e.into_inner()) = until;
+                    true
                 }
                 Ok(Err(e)) => {
-                    warn!(error = %e, what, "lease renewal failed; trying again");
-                    channel = None;
+                    warn!(error = %e, what, "lease renewal failed; trying another member");
+                    false
                 }
                 Err(_) => {
-                    warn!(what, "lease renewal unanswered; trying again");
-                    channel = None;
+                    warn!(what, "lease renewal unanswered; trying another member");
+                    false
                 }
-            }
-            let next = (sent + every).min(self.until());
+            };
+            // A failed renewal is tried again at once through the next member.
+            let next = if renewed {
+                (sent + every).min(self.until())
+            } else {
+                channel = None;
+                self.etcd.failed();
+                Instant::now() + Duration::from_millis(20)
+            };
             tokio::select! {
                 _ = self.lost.cancelled() => return,
                 _ = tokio::time::sleep_until(next) => {}

@@ -8,6 +8,8 @@ pub mod leader;
 pub mod lease;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use leader::Leadership;
@@ -29,31 +31,72 @@ pub enum CoordError {
     Etcd(#[from] etcd_client::Error),
 }
 
-/// A connection to the etcd cluster and the prefix of pgwarden's keys.
+/// A connection to the etcd cluster and the prefix of pgwarden's keys: one client per member,
+/// calls going to the member in use until one fails, then to the next (a dead member costs a
+/// refused connection or one call's bound, not a lease).
 #[derive(Clone)]
 pub struct Etcd {
-    client: etcd_client::Client,
+    clients: Arc<Vec<etcd_client::Client>>,
+    current: Arc<AtomicUsize>,
     prefix: String,
 }
 
 impl Etcd {
-    /// Connects to `endpoints` (`http://host:port`, or `host:port`); calls go to whichever
-    /// member answers.
+    /// Connects to `endpoints` (`http://host:port`, or `host:port`); connections are made on
+    /// first use.
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, CoordError> {
         let options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(CALL_TIMEOUT)
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
-        let urls: Vec<String> = endpoints
-            .iter()
-            .map(|e| if e.contains("://") { e.clone() } else { format!("http://{e}") })
-            .collect();
-        let connect = etcd_client::Client::connect(&urls, Some(options));
-        let client = bounded(CONNECT_TIMEOUT + CALL_TIMEOUT, connect).await.map_err(|e| {
-            CoordError::Unreachable { endpoints: urls.join(","), reason: e.to_string() }
-        })?;
+        let mut clients = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints {
+            let url = if endpoint.contains("://") {
+                endpoint.clone()
+            } else {
+                format!("http://{endpoint}")
+            };
+            let connect = etcd_client::Client::connect([url.as_str()], Some(options.clone()));
+            let client = bounded(CONNECT_TIMEOUT + CALL_TIMEOUT, connect).await.map_err(|e| {
+                CoordError::Unreachable { endpoints: url.clone(), reason: e.to_string() }
+            })?;
+            clients.push(client);
+        }
+        if clients.is_empty() {
+            let reason = "no endpoint given".to_owned();
+            return Err(CoordError::Unreachable { endpoints: String::new(), reason });
+        }
         let prefix = format!("/{}", prefix.trim_matches('/'));
-        Ok(Self { client, prefix })
+        let start = rand_index(clients.len());
+        Ok(Self { clients: Arc::new(clients), current: Arc::new(AtomicUsize::new(start)), prefix })
+    }
+
+    /// The member in use failed a call: the next calls go to the next member.
+    pub fn failed(&self) {
+        let n = self.clients.len();
+        let _ =
+            self.current.fetch_update(Ordering::AcqRel, Ordering::Acquire, |i| Some((i + 1) % n));
+    }
+
+    /// `call` with a client of each member in turn, from the one in use, until one answers
+    /// (each bounded by `CALL_TIMEOUT`); the last error if none does. Only for calls that may
+    /// be made twice (reads, and writes whose transaction compares what they change).
+    pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, CoordError>
+    where
+        F: FnMut(etcd_client::Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut last = None;
+        for _ in 0..self.clients.len() {
+            match bounded(CALL_TIMEOUT, call(self.client())).await {
+                Ok(answer) => return Ok(answer),
+                Err(e) => {
+                    self.failed();
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or(CoordError::Closed("no member to call")))
     }
 
     /// The full key of `rest` (`leader`, `state/databases/...`).
@@ -61,18 +104,30 @@ impl Etcd {
         format!("{}/{rest}", self.prefix)
     }
 
-    /// A handle for calls (the client is cheap to clone; its calls take `&mut`).
+    /// A client of the member in use (cheap to clone; its calls take `&mut`).
     pub fn client(&self) -> etcd_client::Client {
-        self.client.clone()
+        let i = self.current.load(Ordering::Acquire) % self.clients.len();
+        self.clients[i].clone()
     }
 
     /// The current leader's address, if any.
     pub async fn leader(&self) -> Result<Option<String>, CoordError> {
         let key = self.key("leader");
-        let mut client = self.client();
-        let answer = bounded(CALL_TIMEOUT, client.get(key, None)).await?;
+        let answer = self.call(|mut c| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        });
+        let answer = answer.await?;
         Ok(answer.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
+}
+
+/// A start among `n` members, so that processes spread over them.
+fn rand_index(n: usize) -> usize {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as usize);
+    (nanos ^ std::process::id() as usize) % n.max(1)
 }
 
 /// `call`, bounded by `limit`.

@@ -96,7 +96,8 @@ pub struct EtcdConfig {
     #[serde(default = "default_etcd_prefix")]
     pub prefix: String,
     /// Cut off from a majority of etcd for longer than this, the proxy holds every database
-    /// and ends every session on a primary, until etcd answers again. Default 2000.
+    /// and ends every session on a primary, until etcd answers again. It must outlast an etcd
+    /// leader election. Default 5000.
     #[serde(default = "default_fence_after_ms")]
     pub fence_after_ms: u64,
 }
@@ -106,7 +107,7 @@ fn default_etcd_prefix() -> String {
 }
 
 fn default_fence_after_ms() -> u64 {
-    2000
+    5000
 }
 
 /// PEM files of the certificate (chain) and its private key.

@@ -4,7 +4,7 @@
 //!
 //! The proxy reads the key, watches it from the next revision, and while nothing changes reads
 //! it again every quarter of `fence_after_ms` (a linearizable read: only a member in touch with
-//! a majority answers it). Every call is bounded. When no read or event got through for longer
+//! a majority answers it). It talks to one member at a time, the next one after a failure. Every call is bounded. When no read or event got through for longer
 //! than `fence_after_ms`, the proxy is fenced (`RouteStore::fence`): it cannot know that the
 //! primaries are still the primaries, so it holds every database and ends every session on one.
 //! The next table read from etcd lifts the fence.
@@ -47,6 +47,8 @@ struct Follower {
     contact: Instant,
     fence_after: Duration,
     check: Duration,
+    /// Sessions so far: each goes to the next member (a dead one costs one session).
+    sessions: usize,
 }
 
 /// Follows the table until `stop`.
@@ -55,7 +57,7 @@ pub async fn follow(config: EtcdConfig, shared: Arc<Shared>, stop: CancellationT
     let key = format!("/{}/routing", config.prefix.trim_matches('/'));
     let check = fence_after / 4;
     let mut follower =
-        Follower { config, key, shared, contact: Instant::now(), fence_after, check };
+        Follower { config, key, shared, contact: Instant::now(), fence_after, check, sessions: 0 };
     info!(key = %follower.key, ?fence_after, "following the routing table in etcd");
     loop {
         let failed = tokio::select! {
@@ -85,7 +87,10 @@ impl Follower {
             .with_connect_timeout(self.check)
             .with_timeout(self.check)
             .with_keep_alive(self.check, self.check);
-        let connect = Client::connect(&self.config.endpoints, Some(options));
+        let endpoints = &self.config.endpoints;
+        let member = &endpoints[(self.sessions + std::process::id() as usize) % endpoints.len()];
+        self.sessions += 1;
+        let connect = Client::connect([member.as_str()], Some(options));
         let mut client = bounded(self.check.max(Duration::from_secs(1)), connect).await?;
         let revision = self.read(&mut client).await?;
         let options = WatchOptions::new().with_start_revision(revision + 1);

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::coord::{bounded, CoordError, Etcd, Lease, CALL_TIMEOUT};
+use crate::coord::{CoordError, Etcd, Lease};
 use crate::nodes::driver::{NodeDriver, NodeSpec};
 use crate::nodes::local::LocalDriver;
 
@@ -104,9 +104,12 @@ async fn register(
     ttl: Duration,
 ) -> Result<Arc<Lease>, CoordError> {
     let lease = Lease::grant(etcd, ttl).await?;
-    let mut client = etcd.client();
-    let put = client.put(key, address, Some(PutOptions::new().with_lease(lease.id())));
-    bounded(CALL_TIMEOUT, put).await?;
+    let options = PutOptions::new().with_lease(lease.id());
+    let put = etcd.call(|mut c| {
+        let (key, address, options) = (key.to_owned(), address.to_owned(), options.clone());
+        async move { c.put(key, address, Some(options)).await }
+    });
+    put.await?;
     Ok(lease)
 }
 
@@ -149,8 +152,11 @@ pub async fn wait_fenced(etcd: &Etcd, address: &str, limit: Duration) -> Result<
     let key = key(etcd, address);
     let deadline = Instant::now() + limit;
     loop {
-        let mut client = etcd.client();
-        match bounded(CALL_TIMEOUT, client.get(key.clone(), None)).await {
+        let get = etcd.call(|mut c| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        });
+        match get.await {
             Ok(answer) if answer.kvs().is_empty() => break,
             Ok(_) => {}
             Err(e) => warn!(error = %e, "cannot read the agent's key"),

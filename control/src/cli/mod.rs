@@ -230,8 +230,10 @@ pub struct EtcdArgs {
     /// Prefix of pgwarden's keys in etcd.
     #[arg(long, default_value = "pgwarden")]
     pub etcd_prefix: String,
-    /// TTL of this process's lease in etcd (seconds).
-    #[arg(long, default_value_t = 3)]
+    /// TTL of this process's lease in etcd (seconds). It must outlast an etcd leader
+    /// election: 5 s with etcd's default timing; 3 s with `--heartbeat-interval 50
+    /// --election-timeout 500` on a LAN.
+    #[arg(long, default_value_t = 5)]
     pub lease_ttl_secs: u64,
     /// The address others know this process by (default: --listen).
     #[arg(long)]

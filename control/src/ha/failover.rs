@@ -81,11 +81,18 @@ async fn choose_standby(
                 .await?;
             Ok::<_, crate::nodes::sql::SqlError>((row.get::<_, bool>(0), row.get::<_, i64>(1)))
         };
-        (standby.name.clone(), probe.await)
+        (standby.name.clone(), standby.fenced, probe.await)
     });
     let mut best: Option<(String, i64)> = None;
-    for (name, probe) in futures_join_all(probes).await {
+    for (name, fenced, probe) in futures_join_all(probes).await {
         match probe {
+            // Out of recovery while recorded as a standby (and not a fenced former primary): a
+            // failover promoted it and was cut short before recording it (its store write
+            // failed, or the leader died). It is the one to finish with.
+            Ok((false, _)) if !fenced => {
+                warn!(database = %db.id, standby = %name, "a standby already promoted: finishing the failover that promoted it");
+                return Ok(name);
+            }
             Ok((true, received)) if best.as_ref().is_none_or(|(_, b)| received > *b) => {
                 best = Some((name, received));
             }

@@ -381,6 +381,10 @@ impl NodeDriver for LocalDriver {
     }
 
     fn promote(&self, node: &NodeSpec) -> Result<(), DriverError> {
+        // Promoted already (a failover that promoted it was cut short before recording it).
+        if !Self::data(node).join("standby.signal").exists() && self.is_running(node) {
+            return Ok(());
+        }
         let mut cmd = self.command(node, "pg_ctl");
         cmd.arg("promote").arg("-D").arg(Self::data(node)).args(["-w", "-t", "60"]);
         self.run("pg_ctl promote", &mut cmd).map(drop)

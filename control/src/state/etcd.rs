@@ -10,10 +10,10 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, GetResponse, Txn, TxnOp};
 use tokio::runtime::Handle;
 
-use crate::coord::{bounded, CoordError, Etcd, Leadership, CALL_TIMEOUT};
+use crate::coord::{CoordError, Etcd, Leadership};
 use crate::files::blocking_io;
 use crate::state::kv::Kv;
 use crate::state::StoreError;
@@ -40,12 +40,21 @@ impl EtcdKv {
         self.etcd.key(&format!("state/{table}/{key}"))
     }
 
-    /// Runs `call` to its end from this blocking API.
-    fn wait<T>(
-        &self,
-        call: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, StoreError> {
-        Ok(blocking_io(|| self.runtime.block_on(bounded(CALL_TIMEOUT, call)))?)
+    /// Runs `call` to its end from this blocking API, with each member in turn until one
+    /// answers (`Etcd::call`: every call here may be made twice).
+    fn wait<T, F, Fut>(&self, call: F) -> Result<T, StoreError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        Ok(blocking_io(|| self.runtime.block_on(self.etcd.call(call)))?)
+    }
+
+    fn get_key(&self, key: String, options: Option<GetOptions>) -> Result<GetResponse, StoreError> {
+        self.wait(|mut c| {
+            let (key, options) = (key.clone(), options.clone());
+            async move { c.get(key, options).await }
+        })
     }
 
     /// Commits `ops` if this control plane still leads.
@@ -57,8 +66,10 @@ impl EtcdKv {
         let conditional = !compares.is_empty();
         when.extend(compares);
         let txn = Txn::new().when(when).and_then(ops);
-        let mut client = self.etcd.client();
-        let answer = self.wait(client.txn(txn))?;
+        let answer = self.wait(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })?;
         if answer.succeeded() {
             return Ok(answer.header().map(|h| h.revision()));
         }
@@ -71,8 +82,7 @@ impl EtcdKv {
     }
 
     fn still_leads(&self) -> Result<bool, StoreError> {
-        let mut client = self.etcd.client();
-        let answer = self.wait(client.get(self.etcd.key("leader"), None))?;
+        let answer = self.get_key(self.etcd.key("leader"), None)?;
         Ok(answer.kvs().first().is_some_and(|kv| kv.create_revision() == self.leadership.term()))
     }
 
@@ -83,8 +93,7 @@ impl EtcdKv {
 
     fn counter_entry(&self, name: &str) -> Result<(String, u64, i64), StoreError> {
         let key = self.etcd.key(&format!("counters/{name}"));
-        let mut client = self.etcd.client();
-        let answer = self.wait(client.get(key.clone(), None))?;
+        let answer = self.get_key(key.clone(), None)?;
         let (value, revision) = match answer.kvs().first() {
             Some(kv) => {
                 let text = String::from_utf8_lossy(kv.value()).into_owned();
@@ -105,15 +114,13 @@ impl Kv for EtcdKv {
     }
 
     fn get(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut client = self.etcd.client();
-        let answer = self.wait(client.get(self.key(table, key), None))?;
+        let answer = self.get_key(self.key(table, key), None)?;
         Ok(answer.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
     fn list(&self, table: &str, prefix: &str) -> Result<Vec<Vec<u8>>, StoreError> {
-        let mut client = self.etcd.client();
         let options = GetOptions::new().with_prefix();
-        let answer = self.wait(client.get(self.key(table, prefix), Some(options)))?;
+        let answer = self.get_key(self.key(table, prefix), Some(options))?;
         // etcd answers in key order.
         Ok(answer.kvs().iter().map(|kv| kv.value().to_vec()).collect())
     }

@@ -1,0 +1,315 @@
+//! The whole multi-host platform in network namespaces (`netns.rs`): three etcd members
+//! (`e1`..`e3`), three database hosts with agents (`db1`..`db3`), two control planes (`cp1`,
+//! `cp2`) and two proxies (`px1`, `px2`) elected through etcd, the active one holding the
+//! virtual IP clients use (`on_active` adds it and announces it with a gratuitous ARP,
+//! `on_standby` removes it). Every process is real and runs in its host; the test reaches them
+//! over the LAN.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::http::{http_request_within, HttpResponse};
+use crate::netns::Lan;
+
+const HOSTS: [&str; 10] = ["e1", "e2", "e3", "db1", "db2", "db3", "cp1", "cp2", "px1", "px2"];
+pub const DB_HOSTS: [&str; 3] = ["db1", "db2", "db3"];
+pub const PLANES: [&str; 2] = ["cp1", "cp2"];
+pub const PROXIES: [&str; 2] = ["px1", "px2"];
+const API: u16 = 9180;
+const ADMIN: u16 = 9181;
+const AGENT: u16 = 9190;
+const CLIENTS: u16 = 6432;
+
+pub struct TestHosts {
+    pub dir: tempfile::TempDir,
+    /// Every process, by host (several per host at most once each).
+    processes: Vec<(String, Child)>,
+    pub token: String,
+    pub lan: Lan,
+}
+
+fn private_file(path: &Path, text: &str) {
+    std::fs::write(path, text).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+impl TestHosts {
+    pub async fn start() -> Self {
+        let lan = Lan::new(&HOSTS);
+        let dir = tempfile::Builder::new().prefix("pgwarden-hosts-").tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let mut hosts = Self { dir, processes: Vec::new(), token: String::new(), lan };
+        hosts.start_etcd();
+        private_file(&hosts.dir.path().join("proxy-token"), "hosts-proxy-token");
+        hosts.start_plane("cp1");
+        hosts.wait_leader(Duration::from_secs(60)).await;
+        let first = hosts.data("cp1");
+        hosts.token = std::fs::read_to_string(first.join("token")).expect("token").trim().into();
+        for host in DB_HOSTS {
+            hosts.start_agent(host);
+        }
+        let second = hosts.data("cp2");
+        std::fs::create_dir_all(&second).expect("mkdir");
+        std::fs::set_permissions(&second, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        for shared in ["secret.key", "token"] {
+            std::fs::copy(first.join(shared), second.join(shared)).expect("copy");
+        }
+        crate::planes::private_copy(&first.join("ca"), &second.join("ca"));
+        hosts.start_plane("cp2");
+        for host in PROXIES {
+            hosts.start_proxy(host);
+        }
+        hosts.wait_active_proxy(Duration::from_secs(30)).await;
+        hosts
+    }
+
+    /// The address clients use (the active proxy's).
+    pub fn vip(&self) -> Ipv4Addr {
+        self.lan.at(100)
+    }
+
+    fn data(&self, host: &str) -> PathBuf {
+        self.dir.path().join(host)
+    }
+
+    fn log(&self, host: &str) -> std::fs::File {
+        std::fs::File::create(self.dir.path().join(format!("{host}.log"))).expect("log")
+    }
+
+    /// The last lines each of `hosts` logged.
+    pub fn tails(&self, hosts: &[&str]) -> String {
+        let tail = |host: &&str| {
+            let log = self.log_of(host);
+            let lines: Vec<&str> = log.lines().collect();
+            format!("--- {host}\n{}", lines[lines.len().saturating_sub(25)..].join("\n"))
+        };
+        hosts.iter().map(tail).collect::<Vec<_>>().join("\n")
+    }
+
+    /// What `host`'s process logged.
+    pub fn log_of(&self, host: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{host}.log"))).unwrap_or_default()
+    }
+
+    fn spawn(&mut self, host: &str, mut command: std::process::Command) {
+        let child = command
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(self.log(host))
+            .spawn()
+            .expect("a process in its host");
+        self.processes.push((host.to_owned(), child));
+    }
+
+    fn etcd_endpoints(&self) -> String {
+        let urls: Vec<String> = ["e1", "e2", "e3"]
+            .iter()
+            .map(|h| format!("http://{}:2379", self.lan.addr(h)))
+            .collect();
+        urls.join(",")
+    }
+
+    fn start_etcd(&mut self) {
+        let cluster: Vec<String> = ["e1", "e2", "e3"]
+            .iter()
+            .map(|h| format!("{h}=http://{}:2380", self.lan.addr(h)))
+            .collect();
+        for host in ["e1", "e2", "e3"] {
+            let addr = self.lan.addr(host);
+            let mut command = self.lan.command(host, "etcd");
+            command
+                .args(["--name", host])
+                .arg("--data-dir")
+                .arg(self.data(host))
+                .args(["--listen-client-urls", &format!("http://{addr}:2379")])
+                .args(["--advertise-client-urls", &format!("http://{addr}:2379")])
+                .args(["--listen-peer-urls", &format!("http://{addr}:2380")])
+                .args(["--initial-advertise-peer-urls", &format!("http://{addr}:2380")])
+                .args(["--initial-cluster", &cluster.join(",")])
+                .args(["--initial-cluster-state", "new", "--initial-cluster-token", "hosts"])
+                // A LAN's timing: a leader lost is replaced in well under a second, which the
+                // leases below (3 s, the pair's 2 s) outlast.
+                .args(["--heartbeat-interval", "50", "--election-timeout", "500"]);
+            self.spawn(host, command);
+        }
+    }
+
+    fn start_plane(&mut self, host: &str) {
+        let api = format!("{}:{API}", self.lan.addr(host));
+        let mut command = self.lan.command(host, crate::workspace_bin("pgwarden"));
+        command.arg("--data-dir").arg(self.data(host));
+        command.args(["serve", "--listen", &api, "--advertise", &api]);
+        command.args(["--etcd", &self.etcd_endpoints(), "--lease-ttl-secs", "3"]);
+        for db in DB_HOSTS {
+            command.args(["--agent", &format!("{}:{AGENT}", self.lan.addr(db))]);
+        }
+        command.arg("--agent-root").arg(self.dir.path().join("agents"));
+        for proxy in PROXIES {
+            command.args(["--proxy-admin", &format!("{}:{ADMIN}", self.lan.addr(proxy))]);
+        }
+        command.arg("--proxy-token-file").arg(self.dir.path().join("proxy-token"));
+        command.args(["--client-addr", &format!("{}:{CLIENTS}", self.vip())]);
+        command.args(["--first-node-port", "15432"]);
+        self.spawn(host, command);
+    }
+
+    fn start_agent(&mut self, host: &str) {
+        let addr = format!("{}:{AGENT}", self.lan.addr(host));
+        let tls = self.dir.path().join(format!("tls-{host}"));
+        let out = std::process::Command::new(crate::workspace_bin("pgwarden"))
+            .arg("--data-dir")
+            .arg(self.data("cp1"))
+            .args(["agent-cert", "--address", &self.lan.addr(host).to_string(), "--out"])
+            .arg(&tls)
+            .output()
+            .expect("pgwarden agent-cert");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut command = self.lan.command(host, crate::workspace_bin("pgwarden"));
+        command.args(["agent", "--listen", &addr, "--advertise", &addr, "--dir"]);
+        command.arg(self.dir.path().join("agents")).arg("--tls-dir").arg(&tls);
+        command.args(["--etcd", &self.etcd_endpoints(), "--lease-ttl-secs", "3"]);
+        self.spawn(host, command);
+    }
+
+    fn start_proxy(&mut self, host: &str) {
+        let vip = self.vip();
+        let endpoints: Vec<String> =
+            self.etcd_endpoints().split(',').map(|e| format!("\"{e}\"")).collect();
+        let config = format!(
+            "listen = \"{vip}:{CLIENTS}\"\nadmin_listen = \"{}:{ADMIN}\"\n\
+             admin_token_file = \"{}\"\n\
+             [etcd]\nendpoints = [{}]\nfence_after_ms = 2000\n\
+             [ha]\netcd_pair = \"main\"\ntakeover_after_ms = 2000\n\
+             on_active = \"ip addr add {vip}/24 dev eth0 && (arping -q -U -c 2 -I eth0 {vip} || true)\"\n\
+             on_standby = \"ip addr del {vip}/24 dev eth0 || true\"\n",
+            self.lan.addr(host),
+            self.dir.path().join("proxy-token").display(),
+            endpoints.join(", "),
+        );
+        let path = self.dir.path().join(format!("{host}.toml"));
+        std::fs::write(&path, config).expect("write");
+        let mut command = self.lan.command(host, crate::workspace_bin("pgwarden-proxy"));
+        command.arg("--config").arg(&path);
+        self.spawn(host, command);
+    }
+
+    fn api(&self, host: &str) -> SocketAddr {
+        SocketAddr::from((self.lan.addr(host), API))
+    }
+
+    async fn get(addr: SocketAddr, path: &str, token: Option<String>) -> Option<HttpResponse> {
+        let path = path.to_owned();
+        let wait = Duration::from_millis(500);
+        let ask =
+            move || http_request_within(addr, "GET", &path, token.as_deref(), None, wait).ok();
+        tokio::task::spawn_blocking(ask).await.expect("join")
+    }
+
+    /// The leading control plane, once one leads.
+    pub async fn wait_leader(&self, timeout: Duration) -> &'static str {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for host in PLANES {
+                let running = self.processes.iter().any(|(h, _)| h == host);
+                let health = Self::get(self.api(host), "/health", None).await;
+                if running && health.is_some_and(|h| h.status == 200) {
+                    return host;
+                }
+            }
+            assert!(Instant::now() < deadline, "no control plane leads:\n{}", self.tails(&PLANES));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The active proxy, once one is.
+    pub async fn wait_active_proxy(&self, timeout: Duration) -> &'static str {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for host in PROXIES {
+                let admin = SocketAddr::from((self.lan.addr(host), ADMIN));
+                let active = Self::get(admin, "/active", None).await;
+                if active.is_some_and(|a| a.status == 200) {
+                    return host;
+                }
+            }
+            assert!(Instant::now() < deadline, "no active proxy:\n{}", self.tails(&PROXIES));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A request to the leading control plane.
+    pub async fn request(&self, method: &str, path: &str, body: Option<Value>) -> HttpResponse {
+        let leader = self.wait_leader(Duration::from_secs(30)).await;
+        let (addr, token) = (self.api(leader), self.token.clone());
+        let (method, path) = (method.to_owned(), path.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let body = body.map(|b| b.to_string());
+            crate::http_request(addr, &method, &path, Some(&token), body.as_deref())
+        })
+        .await
+        .expect("join")
+        .expect("control request")
+    }
+
+    /// Creates a database and waits until it replicates synchronously; returns it.
+    pub async fn create_database(&self, name: &str, plan: &str) -> Value {
+        let body = serde_json::json!({"name": name, "plan": plan});
+        let r = self.request("POST", "/v1/databases", Some(body)).await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        let id = r.json()["database"]["id"].as_str().expect("id").to_owned();
+        self.wait_database(&id, |db| db["replication"] == "synchronous").await
+    }
+
+    /// Polls the database until `check` holds (at most 120 s).
+    pub async fn wait_database(&self, id: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let db = self.request("GET", &format!("/v1/databases/{id}"), None).await;
+            if db.status == 200 && check(&db.json()) {
+                return db.json();
+            }
+            assert!(Instant::now() < deadline, "database {id}: {}", db.body);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Kills (kill -9) the processes of `host`.
+    pub fn kill(&mut self, host: &str) {
+        for (_, child) in self.processes.iter_mut().filter(|(h, _)| h == host) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.processes.retain(|(h, _)| h != host);
+    }
+
+    /// Sends `signal` to the processes of `host`.
+    pub fn signal(&self, host: &str, signal: rustix::process::Signal) {
+        for (_, child) in self.processes.iter().filter(|(h, _)| h == host) {
+            let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+            rustix::process::kill_process(pid, signal).expect("kill");
+        }
+    }
+
+    /// The `data` directory of node `name`.
+    pub fn node_data_dir(&self, name: &str) -> PathBuf {
+        crate::node::data_dir_of(crate::node_data_dirs(&self.dir.path().join("agents")), name)
+    }
+}
+
+impl Drop for TestHosts {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.processes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for data in crate::node_data_dirs(&self.dir.path().join("agents")) {
+            crate::stop_immediately(&data);
+        }
+    }
+}
