@@ -140,7 +140,9 @@ impl TestHosts {
         }
     }
 
-    fn start_plane(&mut self, host: &str) {
+    /// Starts (again) the control plane of `host` (`cp1`, `cp2`); it stands by if another
+    /// leads.
+    pub fn start_plane(&mut self, host: &str) {
         let api = format!("{}:{API}", self.lan.addr(host));
         let mut command = self.lan.command(host, crate::workspace_bin("pgwarden"));
         command.arg("--data-dir").arg(self.data(host));

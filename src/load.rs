@@ -86,6 +86,31 @@ impl Writer {
         let _ = self.task.await;
         self.acks.lock().expect("lock").clone()
     }
+
+    /// The first write acknowledged once writes resumed after a fault at `since`: after the
+    /// first pause of over 200 ms (acknowledgements still on their way when the fault struck
+    /// come before it; with none before `since`, the first after it), once 10 more were
+    /// acknowledged; `None` after `limit`.
+    pub async fn resumed_after(&self, since: Instant, limit: Duration) -> Option<Ack> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let acked = self.acked();
+            let from = acked.iter().position(|a| a.at > since).unwrap_or(acked.len());
+            if from == 0 && acked.len() > 10 {
+                return Some(acked[0]);
+            }
+            let after = &acked[from.saturating_sub(1)..];
+            let pause = Duration::from_millis(200);
+            let gap = after.windows(2).position(|w| w[1].at - w[0].at > pause);
+            if let Some(gap) = gap.filter(|gap| after.len() > gap + 11) {
+                return Some(after[gap + 1]);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// Opens a new session every 20 ms through `url` and runs `SELECT 1`; records how long each

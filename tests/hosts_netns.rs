@@ -30,26 +30,14 @@ async fn first_ack_on(writer: &Writer, port: i32, what: &str) -> Instant {
     writer.acked().iter().find(|a| a.port == port).unwrap().at
 }
 
-/// The first write acknowledged once writes resumed after the fault at `since`: after the
-/// first pause of over 200 ms (acknowledgements still on their way when the fault struck come
-/// before it), once 10 more were acknowledged.
+/// `writer.resumed_after(since)`, or a panic with the logs.
 async fn resumed_after(hosts: &TestHosts, writer: &Writer, since: Instant, what: &str) -> Ack {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let acked = writer.acked();
-        let from = acked.iter().position(|a| a.at > since).unwrap_or(acked.len());
-        let after = &acked[from.saturating_sub(1)..];
-        let gap = after.windows(2).position(|w| w[1].at - w[0].at > Duration::from_millis(200));
-        if let Some(gap) = gap {
-            if after.len() > gap + 11 {
-                return after[gap + 1];
-            }
-        }
-        if Instant::now() > deadline {
+    match writer.resumed_after(since, Duration::from_secs(90)).await {
+        Some(ack) => ack,
+        None => {
             let all = ["cp1", "cp2", "px1", "px2", "db1", "db2", "db3"];
             panic!("{what}: no writes resumed\n{}", hosts.tails(&all));
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
