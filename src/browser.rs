@@ -126,9 +126,16 @@ impl Browser {
         }
     }
 
-    pub fn text(&self, element: &Element) -> String {
-        let path = self.session_path(&format!("/element/{}/text", element.0));
-        self.call("GET", &path, None).as_str().unwrap_or_default().to_owned()
+    /// The rendered text of the first element matching `css` now, if any, found and read in
+    /// one step: an element the page re-renders in between cannot go stale.
+    pub fn text_at(&self, css: &str) -> Option<String> {
+        let read = "const e = document.querySelector(arguments[0]); return e ? e.innerText : null";
+        self.script(read, json!([css])).as_str().map(str::to_owned)
+    }
+
+    /// Waits (at most 20 s) for an element matching `css`; its text (see `text_at`).
+    pub fn wait_text(&self, css: &str) -> String {
+        self.wait_until(&format!("an element {css}"), || self.text_at(css))
     }
 
     pub fn click(&self, element: &Element) {

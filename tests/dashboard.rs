@@ -26,7 +26,7 @@ async fn the_dashboard_logs_in_with_the_token_and_shows_a_database_with_its_char
         browser.type_into(&field, "not-the-token");
         browser.click(&browser.wait_for("#login button[type=submit]"));
         let refused = browser.wait_until("the refusal", || {
-            let text = browser.text(&browser.find("#login-error")?);
+            let text = browser.text_at("#login-error")?;
             (!text.is_empty()).then_some(text)
         });
         assert!(refused.contains("token was refused"), "{refused}");
@@ -36,28 +36,27 @@ async fn the_dashboard_logs_in_with_the_token_and_shows_a_database_with_its_char
         browser.clear(&field);
         browser.type_into(&field, &token);
         browser.click(&browser.wait_for("#login button[type=submit]"));
-        let link = browser.wait_for("#databases a");
-        assert_eq!(browser.text(&link), name);
+        assert_eq!(browser.wait_text("#databases a"), name);
         // The token is in this tab's session storage, never in the address.
         let url = browser.script("return location.href", json!([]));
         assert!(!url.as_str().unwrap().contains(&token), "{url}");
         let stored = browser.script("return sessionStorage.getItem('pgwarden-token')", json!([]));
         assert_eq!(stored, Value::String(token.clone()));
 
-        browser.click(&link);
-        let title = browser.wait_for("#database-name");
-        assert_eq!(browser.text(&title), name);
-        assert_eq!(browser.text(&browser.wait_for("#database-status")), "running");
-        assert_eq!(browser.text(&browser.wait_for("#database-plan")), "postgresql-sandbox");
-        let nodes = browser.text(&browser.wait_for("#nodes"));
+        // The list is re-rendered as it refreshes: the link is found again to be clicked.
+        browser.click(&browser.wait_for("#databases a"));
+        assert_eq!(browser.wait_text("#database-name"), name);
+        assert_eq!(browser.wait_text("#database-status"), "running");
+        assert_eq!(browser.wait_text("#database-plan"), "postgresql-sandbox");
+        let nodes = browser.wait_text("#nodes");
         assert!(nodes.contains("primary") && nodes.contains(&format!("{id}-")), "{nodes}");
 
         // The password shows only when asked.
         let password = password_url.split(':').nth(2).unwrap().split('@').next().unwrap();
-        let shown = browser.text(&browser.wait_for("#database-url"));
+        let shown = browser.wait_text("#database-url");
         assert!(!shown.contains(password), "{shown}");
         browser.click(&browser.wait_for("#reveal-url"));
-        assert_eq!(browser.text(&browser.wait_for("#database-url")), password_url);
+        assert_eq!(browser.wait_text("#database-url"), password_url);
 
         // Charts with data points: the page refreshes every 10 s; samples come every second.
         let points = browser.wait_until("charts with 3 points", || {
@@ -78,7 +77,7 @@ async fn the_dashboard_logs_in_with_the_token_and_shows_a_database_with_its_char
         );
         assert!(memory.to_string().contains("limit"), "{memory}");
         println!("charts drawn with {points} points");
-        let figures = browser.text(&browser.wait_for("#figures"));
+        let figures = browser.wait_text("#figures");
         assert!(figures.contains("sessions") && figures.contains("on disk"), "{figures}");
 
         let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard/database.png");
@@ -160,7 +159,7 @@ fn open_database(browser: &Browser, base: &str, token: &str, id: &str) {
 }
 
 fn text_of(browser: &Browser, css: &str) -> String {
-    browser.find(css).map(|e| browser.text(&e)).unwrap_or_default()
+    browser.text_at(css).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
