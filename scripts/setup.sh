@@ -6,20 +6,24 @@
 # multi-host tests: hosts in network namespaces, a virtual IP announced by gratuitous ARP).
 # With --bench, also PgBouncer and HAProxy; with --engines, also PostgreSQL 18 (built once) for
 # the major-upgrade tests and benchmark; with --browser, Chromium and ChromeDriver for the
-# dashboard's tests (scripts/test.sh asks for both).
+# dashboard's tests (scripts/test.sh asks for both); with --docker, Debian's Docker engine,
+# docker-compose and debootstrap, and the engine started if it is not running
+# (scripts/compose.sh builds the images from Debian packages: no image registry is needed).
 set -euo pipefail
 
 bench=0
 engines_wanted=0
 browser=0
 etcd=0
+docker=0
 for arg in "$@"; do
   case "$arg" in
     --bench) bench=1 ;;
     --engines) engines_wanted=1 ;;
     --browser) browser=1 ;;
     --etcd) etcd=1 ;;
-    *) echo "setup: unknown option $arg (--bench, --engines, --browser, --etcd)" >&2; exit 2 ;;
+    --docker) docker=1 ;;
+    *) echo "setup: unknown option $arg (--bench, --engines, --browser, --etcd, --docker)" >&2; exit 2 ;;
   esac
 done
 
@@ -53,6 +57,11 @@ command -v protoc >/dev/null || want+=(protobuf-compiler)
 if [ "$etcd" = 1 ]; then
   command -v etcd >/dev/null || want+=(etcd-server)
   command -v arping >/dev/null || want+=(iputils-arping)
+fi
+if [ "$docker" = 1 ]; then
+  [ -x /usr/sbin/dockerd ] || want+=(docker.io)
+  command -v docker-compose >/dev/null || want+=(docker-compose)
+  command -v debootstrap >/dev/null || want+=(debootstrap)
 fi
 if [ "$browser" = 1 ]; then
   # The dashboard's tests drive a real headless browser.
@@ -154,6 +163,14 @@ if [ "$bench" = 1 ] && ! ls "$(dirname "$engines")"/pgbouncer-*/bin/pgbouncer >/
   chmod -R a+rX "$prefix"
   rm -rf "$tmp"
   "$prefix/bin/pgbouncer" --version | head -n1
+fi
+
+# The Docker engine, started by hand where no service manager runs it.
+if [ "$docker" = 1 ] && ! $sudo docker info >/dev/null 2>&1; then
+  echo "setup: starting the Docker engine (log: /var/log/pgwarden-dockerd.log)"
+  $sudo sh -c 'nohup dockerd >/var/log/pgwarden-dockerd.log 2>&1 &'
+  for _ in $(seq 60); do $sudo docker info >/dev/null 2>&1 && break; sleep 0.5; done
+  $sudo docker info >/dev/null 2>&1 || { echo "setup: the Docker engine did not start" >&2; exit 1; }
 fi
 
 if [ "$(id -u)" = 0 ] && ! id -u "${PGWARDEN_NODE_USER:-postgres}" >/dev/null 2>&1; then

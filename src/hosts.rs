@@ -49,20 +49,27 @@ impl TestHosts {
         let mut hosts = Self { dir, processes: Vec::new(), token: String::new(), lan };
         hosts.start_etcd();
         private_file(&hosts.dir.path().join("proxy-token"), "hosts-proxy-token");
+        // The planes' shared secrets, made by `pgwarden init` before either starts, and copied
+        // to the second as an operator copies them to its host.
+        let (first, second) = (hosts.data("cp1"), hosts.data("cp2"));
+        let init = std::process::Command::new(crate::workspace_bin("pgwarden"))
+            .arg("--data-dir")
+            .arg(&first)
+            .arg("init")
+            .output()
+            .expect("pgwarden init");
+        assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+        std::fs::create_dir_all(&second).expect("mkdir");
+        std::fs::set_permissions(&second, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        for shared in ["secret.key", "token", "ca"] {
+            crate::planes::private_copy(&first.join(shared), &second.join(shared));
+        }
         hosts.start_plane("cp1");
         hosts.wait_leader(Duration::from_secs(60)).await;
-        let first = hosts.data("cp1");
         hosts.token = std::fs::read_to_string(first.join("token")).expect("token").trim().into();
         for host in DB_HOSTS {
             hosts.start_agent(host);
         }
-        let second = hosts.data("cp2");
-        std::fs::create_dir_all(&second).expect("mkdir");
-        std::fs::set_permissions(&second, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-        for shared in ["secret.key", "token"] {
-            std::fs::copy(first.join(shared), second.join(shared)).expect("copy");
-        }
-        crate::planes::private_copy(&first.join("ca"), &second.join("ca"));
         hosts.start_plane("cp2");
         for host in PROXIES {
             hosts.start_proxy(host);

@@ -270,6 +270,13 @@ async fn shutdown_lets_sessions_finish_then_ends_them_with_57p01() {
     assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err:?}");
 }
 
+/// Connects (however long the proxy makes it wait) and answers the node's port.
+async fn port_once_connected(conninfo: String) -> Result<i32, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(&conninfo, NoTls).await?;
+    tokio::spawn(connection);
+    server_port(&client).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_sessions_wait_then_get_57p03_or_go_through() {
     let (a, b) = (PgNode::start(), PgNode::start());
@@ -303,20 +310,48 @@ async fn held_sessions_wait_then_get_57p03_or_go_through() {
     assert!(waited >= Duration::from_millis(950) && waited < Duration::from_secs(10), "{waited:?}");
 
     // Released within the bound: the session goes to the new primary.
-    let waiting = tokio::spawn({
-        let conninfo = conninfo.clone();
-        async move {
-            let (client, connection) = tokio_postgres::connect(&conninfo, NoTls).await?;
-            tokio::spawn(connection);
-            server_port(&client).await
-        }
-    });
+    let waiting = tokio::spawn(port_once_connected(conninfo.clone()));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "held session must wait");
     proxy.route(3, &[("app", &b.address(), false)]).await;
     assert_eq!(waiting.await.unwrap().unwrap(), b.port as i32);
     assert_eq!(
         proxy.metric("pgwarden_proxy_connections_rejected_total{reason=\"hold_timeout\"}").await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_session_to_an_unreachable_primary_waits_for_the_failover_or_gets_57p03() {
+    let b = PgNode::start();
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let limits = Limits { hold_timeout_secs: 1.5, ..Limits::default() };
+    let proxy = TestProxy::start(limits, None).await;
+    proxy.route(1, &[("app", &dead, false)]).await;
+    let conninfo = proxy.conninfo("app", "app", &format!("password={TEST_PASSWORD}"));
+
+    // The failover's table arrives while the session waits: it lands on the new primary.
+    let waiting = tokio::spawn(port_once_connected(conninfo.clone()));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!waiting.is_finished(), "the session must wait for a new primary");
+    proxy.route(2, &[("app", &b.address(), false)]).await;
+    assert_eq!(waiting.await.unwrap().unwrap(), b.port as i32);
+
+    // No new table within the bound: 57P03, with a sentence.
+    proxy.route(3, &[("app", &dead, false)]).await;
+    let started = Instant::now();
+    let Err(err) = tokio_postgres::connect(&conninfo, NoTls).await else {
+        panic!("a session reached a primary that is down")
+    };
+    let waited = started.elapsed();
+    assert_eq!(err.code(), Some(&SqlState::CANNOT_CONNECT_NOW), "{err:?}");
+    assert!(err.as_db_error().unwrap().message().contains("no primary is reachable"), "{err:?}");
+    assert!(waited >= Duration::from_millis(1400), "refused before the bound: {waited:?}");
+    assert_eq!(
+        proxy.metric("pgwarden_proxy_connections_rejected_total{reason=\"no_primary\"}").await,
         1.0
     );
 }

@@ -254,8 +254,24 @@ async fn start_session(
             continue;
         }
         attempts += 1;
-        let (mut node, node_addr) = match connect(&route, shared).await {
+        // A primary whose host died answers nothing: the connection would take the whole
+        // connect timeout. A failover's new table ends that wait and starts again on it.
+        let connected = tokio::select! {
+            connected = connect(&route, shared) => connected,
+            () = route.moved.cancelled() => continue,
+        };
+        let (mut node, node_addr) = match connected {
             Ok(node) => node,
+            Err(NodeConnectError::Unreachable(_))
+                if attempts < ROUTE_ATTEMPTS
+                    && tokio::time::timeout_at(hold_deadline, route.moved.cancelled())
+                        .await
+                        .is_ok() =>
+            {
+                // The primary is down and a failover moved it meanwhile: the new one, at once
+                // (the client waits at most the hold bound, as in a switchover).
+                continue;
+            }
             Err(e) => {
                 let message = match e {
                     NodeConnectError::Unreachable(_) => {

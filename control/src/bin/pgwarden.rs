@@ -23,6 +23,7 @@ fn main() {
             Command::Up(args) => up::up(&cli.data_dir, args).await,
             Command::Agent(args) => up::agent_command(args).await,
             Command::AgentCert(args) => up::agent_cert_command(&cli.data_dir, &args),
+            Command::Init => up::init_command(&cli.data_dir),
             command => cli::run(&cli.api, &cli.data_dir, cli.output, command).await,
         }
     });

@@ -43,6 +43,9 @@ pub enum Command {
     Agent(AgentArgs),
     /// Issue an agent's certificate from the platform CA in the data dir.
     AgentCert(AgentCertArgs),
+    /// Create the data dir's secrets (API token, proxies' token, secret key, platform CA) if
+    /// missing, without serving: control planes sharing one etcd copy them before they start.
+    Init,
     /// List the plans.
     Plans,
     /// The PostgreSQL builds installed.
@@ -342,8 +345,12 @@ pub async fn run(
     client::set_output(output);
     let client = || Client::new(api, data_dir);
     match command {
-        Command::Serve(_) | Command::Up(_) | Command::Agent(_) | Command::AgentCert(_) => {
-            anyhow::bail!("serve, up, agent and agent-cert are not client commands")
+        Command::Serve(_)
+        | Command::Up(_)
+        | Command::Agent(_)
+        | Command::AgentCert(_)
+        | Command::Init => {
+            anyhow::bail!("serve, up, agent, agent-cert and init are not client commands")
         }
         Command::Plans => {
             let plans: Vec<Plan> = client()?.call(Method::GET, "/v1/plans", None).await?;

@@ -135,6 +135,24 @@ pub async fn agent_command(args: crate::cli::AgentArgs) -> anyhow::Result<()> {
     crate::agent::server::run(options, on_signals()?).await
 }
 
+/// Creates what `serve` creates on its first start, where missing: the API token, the
+/// proxies' token, the secret key sealing secrets in the store, and the platform CA. Several
+/// control planes on one etcd must share all four; this makes them before any plane starts.
+pub fn init_command(data_dir: &Path) -> anyhow::Result<()> {
+    crate::files::private_dir(data_dir)?;
+    read_secret_file(&data_dir.join("token"))?;
+    read_secret_file(&data_dir.join("proxy-token"))?;
+    crate::secrets::Sealer::open(&data_dir.join("secret.key"))?;
+    let ca_dir = data_dir.join("ca");
+    crate::files::private_dir(&ca_dir)?;
+    Ca::load_or_create(&ca_dir).context("platform CA")?;
+    println!(
+        "{} holds the API token, the proxies' token, the secret key and the CA",
+        data_dir.display()
+    );
+    Ok(())
+}
+
 /// Writes an agent's certificate for `args.addresses`, its key and the CA certificate, issued
 /// by the CA of `data_dir` (the control plane's).
 pub fn agent_cert_command(data_dir: &Path, args: &crate::cli::AgentCertArgs) -> anyhow::Result<()> {
