@@ -2,17 +2,20 @@
 //! (`TestHosts`: etcd ×3 with LAN timing, agents ×3, control planes ×2, proxies ×2 holding a
 //! virtual IP; leases 3 s).
 //!
-//!   cargo bench --bench hosts -- [failovers=20] [takeovers=20]
+//!   cargo bench --bench hosts -- [failovers=20] [takeovers=20] [host_kills=5]
 //!
 //! Failover: with a writer inserting through the virtual IP, kill -9 the primary's postmaster
 //! and measure the time to the first insert acknowledged once writes resume; wait until the
 //! old primary has rejoined and commits are synchronous again; repeat. Takeover: kill -9 the
 //! leading control plane, measure until the other answers as leader, start the killed one
-//! again (it stands by); repeat. At the end, count acknowledged inserts missing (must be 0).
+//! again (it stands by); repeat. Host kill: kill -9 of every process of the primary's host
+//! (its agent and PostgreSQL), measure as for a failover, start the agent again and wait until
+//! its node has rejoined. At the end, count acknowledged inserts missing (must be 0).
+//! `benches/patroni.rs` runs the same faults on Patroni.
 
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{kill_postmaster, lost_writes, psql, TestHosts, Writer};
+use pgwarden_e2e::{kill_postmaster, lost_writes, median_max, psql, TestHosts, Writer, DB_HOSTS};
 use serde_json::Value;
 
 fn primary(db: &Value) -> (String, i32) {
@@ -20,14 +23,16 @@ fn primary(db: &Value) -> (String, i32) {
     (n["name"].as_str().unwrap().to_owned(), n["port"].as_i64().unwrap() as i32)
 }
 
+/// The database host (`db1`..) the primary runs on.
+fn primary_host(hosts: &TestHosts, db: &Value) -> &'static str {
+    let n = db["nodes"].as_array().unwrap().iter().find(|n| n["role"] == "primary").unwrap();
+    let on = |h: &&&str| n["host"].as_str() == Some(hosts.lan.addr(h).to_string().as_str());
+    DB_HOSTS.iter().find(on).expect("a database host")
+}
+
 fn steady(db: &Value) -> bool {
     let running = db["nodes"].as_array().unwrap().iter().all(|n| n["status"] == "running");
     db["replication"] == "synchronous" && running
-}
-
-fn stats(mut v: Vec<Duration>) -> String {
-    v.sort();
-    format!("median {:?}, max {:?} ({} runs)", v[v.len() / 2], v[v.len() - 1], v.len())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -35,6 +40,7 @@ async fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let (failovers, takeovers) =
         (args.first().copied().unwrap_or(20), args.get(1).copied().unwrap_or(20));
+    let host_kills = args.get(2).copied().unwrap_or(5);
     let mut hosts = TestHosts::start().await;
     let db = hosts.create_database("bench", "postgresql-business-512").await;
     let id = db["id"].as_str().unwrap().to_owned();
@@ -74,13 +80,32 @@ async fn main() {
         hosts.start_plane(leader);
     }
 
+    let mut host_kill_times = Vec::new();
+    for run in 0..host_kills {
+        let (_, port) = primary(&db);
+        let host = primary_host(&hosts, &db);
+        let killed = Instant::now();
+        hosts.kill_host(host);
+        let ack =
+            writer.resumed_after(killed, Duration::from_secs(90)).await.expect("writes resumed");
+        assert_ne!(ack.port, port, "run {run}: a dead host cannot stay primary");
+        host_kill_times.push(ack.at - killed);
+        eprintln!("host kill {run}: {:?}", ack.at - killed);
+        hosts.start_agent(host);
+        db = hosts.wait_database(&id, |db| steady(db) && primary(db).1 == ack.port).await;
+    }
+
     let acked = writer.stop().await;
     let out = psql(&url, None, "SELECT string_agg(n::text, ',') FROM w");
     let lost = lost_writes(&acked, &out.stdout);
-    println!("failover (kill -9 of the primary's postmaster to the first acknowledged write after it): {}", stats(failover_times));
+    println!("failover (kill -9 of the primary's postmaster to the first acknowledged write after it): {}", median_max(failover_times));
     println!(
         "control-plane takeover (kill -9 of the leader to the other answering as leader): {}",
-        stats(takeover_times)
+        median_max(takeover_times)
+    );
+    println!(
+        "failover after a host's death (kill -9 of its agent and PostgreSQL to the first acknowledged write): {}",
+        median_max(host_kill_times)
     );
     println!("acknowledged inserts: {}, lost: {}", acked.len(), lost.len());
 }

@@ -4,8 +4,8 @@
 # client for the tests), protoc (the etcd client's build needs it) and the `postgres` OS user
 # that nodes run as when pgwarden runs as root. With --etcd, also etcd and arping (the
 # multi-host tests: hosts in network namespaces, a virtual IP announced by gratuitous ARP).
-# With --bench, also PgBouncer and HAProxy; with --engines, also PostgreSQL 18 (built once) for
-# the major-upgrade tests and benchmark; with --browser, Chromium and ChromeDriver for the
+# With --bench, also PgBouncer, HAProxy and Patroni; with --engines, also PostgreSQL 18 (built
+# once) for the major-upgrade tests and benchmark; with --browser, Chromium and ChromeDriver for the
 # dashboard's tests (scripts/test.sh asks for both); with --docker, Debian's Docker engine,
 # docker-compose and debootstrap, and the engine started if it is not running
 # (scripts/compose.sh builds the images from Debian packages: no image registry is needed).
@@ -71,6 +71,9 @@ fi
 if [ "$bench" = 1 ]; then
   command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || want+=(pgbouncer)
   command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || want+=(haproxy)
+  # Patroni (Debian's, with python-etcd that its etcd3 client builds on) for benches/patroni.rs.
+  command -v patroni >/dev/null || want+=(patroni)
+  dpkg -s python3-etcd >/dev/null 2>&1 || want+=(python3-etcd)
 fi
 
 if [ ${#want[@]} -gt 0 ]; then

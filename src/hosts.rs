@@ -40,6 +40,42 @@ fn private_file(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
 }
 
+const ETCD: [&str; 3] = ["e1", "e2", "e3"];
+
+/// The client URLs of etcd members `members` of `lan`, comma-separated.
+pub(crate) fn etcd_endpoints(lan: &Lan, members: &[&str]) -> String {
+    let urls: Vec<String> =
+        members.iter().map(|h| format!("http://{}:2379", lan.addr(h))).collect();
+    urls.join(",")
+}
+
+/// The commands that start one etcd cluster of `members` (etcd's default timing), each in its
+/// host of `lan`, with its data in `dir/<member>`.
+pub(crate) fn etcd_cluster(
+    lan: &Lan,
+    dir: &Path,
+    members: &[&str],
+) -> Vec<(String, std::process::Command)> {
+    let cluster: Vec<String> =
+        members.iter().map(|h| format!("{h}=http://{}:2380", lan.addr(h))).collect();
+    let start = |host: &&str| {
+        let addr = lan.addr(host);
+        let mut command = lan.command(host, "etcd");
+        command
+            .args(["--name", host])
+            .arg("--data-dir")
+            .arg(dir.join(host))
+            .args(["--listen-client-urls", &format!("http://{addr}:2379")])
+            .args(["--advertise-client-urls", &format!("http://{addr}:2379")])
+            .args(["--listen-peer-urls", &format!("http://{addr}:2380")])
+            .args(["--initial-advertise-peer-urls", &format!("http://{addr}:2380")])
+            .args(["--initial-cluster", &cluster.join(",")])
+            .args(["--initial-cluster-state", "new", "--initial-cluster-token", "hosts"]);
+        (host.to_string(), command)
+    };
+    members.iter().map(start).collect()
+}
+
 impl TestHosts {
     pub async fn start() -> Self {
         let lan = Lan::new(&HOSTS);
@@ -117,32 +153,12 @@ impl TestHosts {
     }
 
     fn etcd_endpoints(&self) -> String {
-        let urls: Vec<String> = ["e1", "e2", "e3"]
-            .iter()
-            .map(|h| format!("http://{}:2379", self.lan.addr(h)))
-            .collect();
-        urls.join(",")
+        etcd_endpoints(&self.lan, &ETCD)
     }
 
     fn start_etcd(&mut self) {
-        let cluster: Vec<String> = ["e1", "e2", "e3"]
-            .iter()
-            .map(|h| format!("{h}=http://{}:2380", self.lan.addr(h)))
-            .collect();
-        for host in ["e1", "e2", "e3"] {
-            let addr = self.lan.addr(host);
-            let mut command = self.lan.command(host, "etcd");
-            command
-                .args(["--name", host])
-                .arg("--data-dir")
-                .arg(self.data(host))
-                .args(["--listen-client-urls", &format!("http://{addr}:2379")])
-                .args(["--advertise-client-urls", &format!("http://{addr}:2379")])
-                .args(["--listen-peer-urls", &format!("http://{addr}:2380")])
-                .args(["--initial-advertise-peer-urls", &format!("http://{addr}:2380")])
-                .args(["--initial-cluster", &cluster.join(",")])
-                .args(["--initial-cluster-state", "new", "--initial-cluster-token", "hosts"]);
-            self.spawn(host, command);
+        for (host, command) in etcd_cluster(&self.lan, self.dir.path(), &ETCD) {
+            self.spawn(&host, command);
         }
     }
 
@@ -167,7 +183,8 @@ impl TestHosts {
         self.spawn(host, command);
     }
 
-    fn start_agent(&mut self, host: &str) {
+    /// Starts (again) the agent of database host `host`.
+    pub fn start_agent(&mut self, host: &str) {
         let addr = format!("{}:{AGENT}", self.lan.addr(host));
         let tls = self.dir.path().join(format!("tls-{host}"));
         let out = std::process::Command::new(crate::workspace_bin("pgwarden"))
@@ -294,6 +311,13 @@ impl TestHosts {
             let _ = child.wait();
         }
         self.processes.retain(|(h, _)| h != host);
+    }
+
+    /// Kills (kill -9) every process in `host`, started here or not (an agent's PostgreSQL
+    /// nodes among them): the host died.
+    pub fn kill_host(&mut self, host: &str) {
+        self.lan.kill_all(host);
+        self.kill(host);
     }
 
     /// Sends `signal` to the processes of `host`.

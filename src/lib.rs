@@ -9,7 +9,8 @@
 //! - `planes.rs`: [`TestPlanes`], control planes on etcd as processes, with agents and a proxy.
 //! - `relay.rs`: [`Relay`], a TCP link the tests can cut (a partition on loopback).
 //! - `netns.rs`: [`Lan`], hosts in network namespaces on a bridge; `hosts.rs`: [`TestHosts`],
-//!   the whole multi-host platform in them.
+//!   the whole multi-host platform in them; `patroni.rs`: [`PatroniHosts`], Patroni and
+//!   HAProxy in them, for the side-by-side failover benchmark.
 //! - `http.rs`: a minimal HTTP/1.1 client for admin APIs.
 //! - `load.rs`: writer and connector load generators for HA tests and benchmarks.
 //! - `clients.rs`: `psql` and `pgbench` runners.
@@ -26,6 +27,7 @@ mod http;
 mod load;
 mod netns;
 mod node;
+mod patroni;
 mod planes;
 mod proxy;
 mod relay;
@@ -35,14 +37,15 @@ pub use browser::{Browser, Element};
 pub use clients::{assert_cancel_reaches_the_backend, pg_bin, psql, until_ok, ClientOutput};
 pub use control::TestControl;
 pub use etcd::TestEtcd;
-pub use hosts::TestHosts;
+pub use hosts::{TestHosts, DB_HOSTS};
 pub use http::{http_request, HttpResponse};
-pub use load::{assert_no_failed, lost_writes, Ack, Connector, Writer};
+pub use load::{assert_no_failed, lost_writes, median_max, Ack, Connector, Writer};
 pub use netns::Lan;
 pub use node::{
     free_port, kill_postmaster, node_data_dirs, node_port_block, postmaster_pid, stop_immediately,
     NodeOptions, PgNode, TEST_PASSWORD,
 };
+pub use patroni::{PatroniHosts, PATRONI_HOSTS};
 pub use planes::TestPlanes;
 pub use proxy::{plain_route, TestCerts, TestProxy};
 pub use relay::Relay;

@@ -188,3 +188,13 @@ pub fn assert_no_failed(outcomes: &[Result<Duration, String>], what: &str) {
     let longest = outcomes.iter().filter_map(|o| o.as_ref().ok()).max();
     println!("{what}: {} new connections, longest wait {longest:?}", outcomes.len());
 }
+
+/// "median …, max … (n runs)" of `times`, for benchmarks.
+pub fn median_max(mut times: Vec<Duration>) -> String {
+    if times.is_empty() {
+        return "no runs".into();
+    }
+    times.sort();
+    let (median, max) = (times[times.len() / 2], times[times.len() - 1]);
+    format!("median {median:?}, max {max:?} ({} runs)", times.len())
+}

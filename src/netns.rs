@@ -92,6 +92,20 @@ impl Lan {
         ip(&["-n", &self.ns(host), "link", "set", "eth0", "down"]);
     }
 
+    /// Kills (kill -9) every process running in `host`: the host died.
+    pub fn kill_all(&self, host: &str) {
+        let pids = Command::new("ip").args(["netns", "pids", &self.ns(host)]).output();
+        let pids = String::from_utf8_lossy(&pids.expect("ip netns pids").stdout).into_owned();
+        for pid in pids.split_whitespace() {
+            // A process may end between the listing and the kill: nothing to say then.
+            let kill = Command::new("kill")
+                .args(["-KILL", pid])
+                .stderr(std::process::Stdio::null())
+                .status();
+            let _ = kill;
+        }
+    }
+
     /// Brings `host`'s interface up again (its addresses come back with it).
     pub fn heal(&self, host: &str) {
         ip(&["-n", &self.ns(host), "link", "set", "eth0", "up"]);
