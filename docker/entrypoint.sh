@@ -39,7 +39,8 @@ agent)
     --tls-dir "/secrets/agent-$addr" --etcd "$etcd_urls"
   ;;
 plane)
-  # Each plane has its own data dir (backups, logs) and the shared secrets, copied once.
+  # Each plane has its own data dir and the shared secrets, copied once; backups and the WAL
+  # archive go to the volume both planes mount (a new leader has its predecessor's).
   mkdir -p /data
   for file in token proxy-token secret.key ca; do
     [ -e "/data/$file" ] || cp -a "$secrets/$file" "/data/$file"
@@ -48,7 +49,7 @@ plane)
   for host in 21 22 23; do args+=(--agent "$net.$host:9190"); done
   for host in 41 42; do args+=(--proxy-admin "$net.$host:9181"); done
   exec pgwarden --data-dir /data serve --listen "$addr:9180" --advertise "$addr:9180" \
-    --etcd "$etcd_urls" "${args[@]}" --proxy-token-file /data/proxy-token \
+    --etcd "$etcd_urls" "${args[@]}" --proxy-token-file /data/proxy-token --backup-dir /backups \
     --client-addr "$vip:6432" --client-pool-addr "$vip:6433"
   ;;
 proxy)

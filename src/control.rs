@@ -188,6 +188,7 @@ impl TestControl {
     pub async fn run(&mut self, extra_settings: Vec<(String, String)>) {
         let config = PlatformConfig {
             data_dir: self.data.clone(),
+            backup_dir: self.data.join("backups"),
             client_host: "127.0.0.1".into(),
             client_port: self.proxy.port(),
             client_pool_port: Some(self.proxy.pool_addr.port()),

@@ -46,7 +46,7 @@ pub use node::{
     NodeOptions, PgNode, TEST_PASSWORD,
 };
 pub use patroni::{PatroniHosts, PATRONI_HOSTS};
-pub use planes::TestPlanes;
+pub use planes::{live_processes, TestPlanes};
 pub use proxy::{plain_route, TestCerts, TestProxy};
 pub use relay::Relay;
 pub use tls::{connect_with_binding, tls_connect};

@@ -57,6 +57,21 @@ pub(crate) fn private_copy(from: &Path, to: &Path) {
     }
 }
 
+/// Every live (not zombie) process: pid, parent pid, program name.
+pub fn live_processes() -> impl Iterator<Item = (u32, u32, String)> {
+    let entries = std::fs::read_dir("/proc").into_iter().flatten().flatten();
+    entries.filter_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+        // pid (name) state ppid ...: the name may hold spaces and parentheses.
+        let (head, rest) = stat.rsplit_once(')')?;
+        let name = head.split_once('(')?.1.to_owned();
+        let mut fields = rest.split_whitespace();
+        let (state, ppid) = (fields.next()?, fields.next()?.parse().ok()?);
+        (state != "Z").then_some((pid, ppid, name))
+    })
+}
+
 /// A free port on each of `hosts`, as `host:port`.
 pub(crate) fn free_addrs(hosts: &[&str]) -> Vec<String> {
     let free = |host: &&str| {
@@ -195,6 +210,8 @@ impl TestPlanes {
             command.args(["--agent", &agent.control.addr.to_string()]);
         }
         command.arg("--agent-root").arg(self.agent_root());
+        // Storage every plane mounts alike: a new leader has its predecessor's backups.
+        command.arg("--backup-dir").arg(self.dir.path().join("backups"));
         command.args(["--first-node-port", &crate::node_port_block().to_string()]);
         command.args(["--etcd", &self.etcd.endpoints(), "--lease-ttl-secs", "3"]);
         let child = command
@@ -334,6 +351,17 @@ impl TestPlanes {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The processes control plane `i` started that run `program` (by their parent pid).
+    pub fn children_running(&self, i: usize, program: &str) -> Vec<u32> {
+        let Some(parent) = self.planes[i].child.as_ref().map(Child::id) else {
+            return Vec::new();
+        };
+        live_processes()
+            .filter(|(_, ppid, name)| *ppid == parent && name == program)
+            .map(|(pid, _, _)| pid)
+            .collect()
     }
 
     /// Sends `signal` to control plane `i` (freeze with `Stop`, resume with `Cont`).

@@ -101,6 +101,20 @@ async fn the_state_in_etcd_is_written_by_the_leader_only() {
     assert_eq!(store.databases().unwrap().len(), 2);
 }
 
+/// Polls `check` every 50 ms until it answers something, at most `limit`.
+async fn within<T>(limit: Duration, check: impl Fn() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(answer) = check() {
+            return Some(answer);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_from_a_killed_leader_and_then_fails_a_database_over() {
     let mut planes = TestPlanes::start(&ETCD, &["127.0.0.2", "127.0.0.3"], 2).await;
@@ -126,6 +140,27 @@ async fn a_standby_takes_over_from_a_killed_leader_and_then_fails_a_database_ove
     let first_port = port(&db, "primary");
     assert!(writer.wait_acks_from(first_port, 20, Duration::from_secs(30)).await);
 
+    // A backup under the first leader, into the storage both planes mount; its WAL receiver.
+    let r = planes.request(0, "POST", &format!("/v1/databases/{id}/backups"), None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let backup = r.json()["backup"]["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = planes.request(0, "GET", &format!("/v1/databases/{id}/backups"), None).await;
+        let mine = list.json().as_array().unwrap().iter().find(|b| b["id"] == backup).cloned();
+        if mine.as_ref().is_some_and(|b| b["status"] == "succeeded") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "backup not done: {}", list.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let receivers = within(Duration::from_secs(30), || {
+        let pids = planes.children_running(0, "pg_receivewal");
+        (!pids.is_empty()).then_some(pids)
+    })
+    .await
+    .expect("the leader streams the WAL archive");
+
     // kill -9 of the leader: the standby leads within a few seconds, with the same state.
     let killed = Instant::now();
     planes.kill(0);
@@ -142,6 +177,19 @@ async fn a_standby_takes_over_from_a_killed_leader_and_then_fails_a_database_ove
         placed.collect()
     };
     assert_eq!(placed(&seen.json()), placed(&db), "the same nodes, from etcd: {}", seen.body);
+    // The killed leader's WAL receiver died with it: left running, it would hold the slot and
+    // write into the archive the new leader writes to.
+    let gone = within(Duration::from_secs(5), || {
+        let live: Vec<u32> = pgwarden_e2e::live_processes().map(|(pid, _, _)| pid).collect();
+        receivers.iter().all(|pid| !live.contains(pid)).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "pg_receivewal {receivers:?} outlived its control plane");
+    // The new leader serves the backup the first one took.
+    let path = format!("/v1/databases/{id}/backups/{backup}/download");
+    let download = planes.request(1, "GET", &path, None).await;
+    assert_eq!(download.status, 200, "{}", download.body);
+    assert!(download.body.starts_with("PGDMP"), "not a pg_dump archive");
 
     // The new leader watches the nodes: kill -9 of the primary's postmaster fails over.
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -215,6 +215,11 @@ pub struct ServeArgs {
     /// under `<dir>/nodes`.
     #[arg(long)]
     pub agent_root: Option<PathBuf>,
+    /// Where backups and the WAL archive are kept (default `<data-dir>/backups`). Control
+    /// planes sharing one etcd must all point it at storage they all mount (NFS, a shared
+    /// volume): a new leader then has its predecessor's backups and archive.
+    #[arg(long)]
+    pub backup_dir: Option<PathBuf>,
     /// With `--etcd`, the state lives in etcd and of several control planes only the leader
     /// acts; the others stand by (their API answers 503). The lease is the leader's: how long
     /// a dead leader keeps the standbys waiting.

@@ -214,7 +214,11 @@ async fn start_receiver(
         crate::files::private_dir(&dir)?;
         crate::files::create_private(&dir.parent().unwrap_or(&dir).join("pg_receivewal.log"))
     })?;
-    Command::new(platform.tools(db).join("pg_receivewal"))
+    // Killed with this process, even by kill -9: a receiver left behind would hold the slot
+    // and write into the archive the next leader writes to.
+    Command::new("setpriv")
+        .args(["--pdeathsig", "KILL"])
+        .arg(platform.tools(db).join("pg_receivewal"))
         .arg("-D")
         .arg(&dir)
         .args(["--slot", ARCHIVER, "--synchronous", "--no-loop", "--no-password", "-d"])

@@ -24,11 +24,11 @@ use crate::state::DatabaseRecord;
 pub use archiver::Heartbeats;
 
 pub fn wal_dir(platform: &Platform, id: &str) -> PathBuf {
-    platform.config.data_dir.join("backups").join(id).join("wal")
+    platform.config.backup_dir.join(id).join("wal")
 }
 
 pub fn base_dir(platform: &Platform, id: &str) -> PathBuf {
-    platform.config.data_dir.join("backups").join(id).join("base")
+    platform.config.backup_dir.join(id).join("base")
 }
 
 pub fn pitr_plan(db: &DatabaseRecord) -> bool {

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 #[derive(Clone)]
 pub struct PlatformConfig {
     pub data_dir: PathBuf,
+    /// Backups and the WAL archive (`serve --backup-dir`; by default `<data_dir>/backups`).
+    pub backup_dir: PathBuf,
     /// Where clients reach the proxies: host and port of every `DATABASE_URL`.
     pub client_host: String,
     pub client_port: u16,
@@ -72,6 +74,7 @@ impl std::fmt::Debug for PlatformConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PlatformConfig")
             .field("data_dir", &self.data_dir)
+            .field("backup_dir", &self.backup_dir)
             .field("client_host", &self.client_host)
             .field("client_port", &self.client_port)
             .field("client_pool_port", &self.client_pool_port)

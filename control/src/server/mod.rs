@@ -184,7 +184,7 @@ fn open(
     };
     let store = Store::over(kv, sealer).context("state store (a different secret.key?)")?;
     let backups =
-        crate::storage::LocalStorage::new(dir.join("backups")).context("backup storage")?;
+        crate::storage::LocalStorage::new(config.backup_dir.clone()).context("backup storage")?;
     let remote = crate::agent::client::RemoteDriver::new(&ca)
         .map_err(anyhow::Error::msg)
         .context("the agents' client certificate")?;

@@ -43,6 +43,7 @@ fn platform_config(
 ) -> PlatformConfig {
     PlatformConfig {
         data_dir: data_dir.to_owned(),
+        backup_dir: data_dir.join("backups"),
         client_host,
         client_port,
         client_pool_port,
@@ -101,6 +102,9 @@ pub async fn serve_command(data_dir: &Path, args: ServeArgs) -> anyhow::Result<(
     let mut config = platform_config(data_dir, client, proxies, proxy_token, &args.nodes);
     config.agents = args.agents.clone();
     config.agent_root = args.agent_root.clone().unwrap_or_else(|| DEFAULT_ROOT.into());
+    if let Some(dir) = &args.backup_dir {
+        config.backup_dir = dir.clone();
+    }
     config.etcd = etcd_settings(&args.etcd, args.listen);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
