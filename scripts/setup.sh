@@ -2,8 +2,9 @@
 # Installs what pgwarden needs on a Debian machine, only what is missing (idempotent):
 # PostgreSQL 15 server and clients (psql, pgbench, pg_basebackup), psycopg 3 (a libpq 17+
 # client for the tests), protoc (the etcd client's build needs it) and the `postgres` OS user
-# that nodes run as when pgwarden runs as root. With --etcd, also etcd and arping (the
-# multi-host tests: hosts in network namespaces, a virtual IP announced by gratuitous ARP).
+# that nodes run as when pgwarden runs as root. With --etcd, also etcd, arping and nftables (the
+# multi-host tests: hosts in network namespaces, a virtual IP announced by gratuitous ARP, a
+# partition by dropped packets with nftables).
 # With --bench, also PgBouncer, HAProxy and Patroni; with --engines, also PostgreSQL 18 (built
 # once) for the major-upgrade tests and benchmark; with --browser, Chromium and ChromeDriver for the
 # dashboard's tests (scripts/test.sh asks for both); with --docker, Debian's Docker engine,
@@ -57,6 +58,7 @@ command -v protoc >/dev/null || want+=(protobuf-compiler)
 if [ "$etcd" = 1 ]; then
   command -v etcd >/dev/null || want+=(etcd-server)
   command -v arping >/dev/null || want+=(iputils-arping)
+  command -v nft >/dev/null || [ -x /usr/sbin/nft ] || want+=(nftables)
 fi
 if [ "$docker" = 1 ]; then
   [ -x /usr/sbin/dockerd ] || want+=(docker.io)

@@ -2,7 +2,8 @@
 //! with one interface (`eth0`) on a bridge, in a switch namespace; the test itself reaches the
 //! LAN through one more interface in its own namespace. Addresses are in a /24 of 10.213.0.0/16
 //! picked from the test's pid. Processes start in a host with `command`; a host is cut off by
-//! taking its interface down. Everything is removed on drop.
+//! taking its interface down, or partitioned by dropping its packets. Everything is removed on
+//! drop.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -90,6 +91,33 @@ impl Lan {
     /// Takes `host`'s interface down: it reaches nothing and nothing reaches it.
     pub fn cut(&self, host: &str) {
         ip(&["-n", &self.ns(host), "link", "set", "eth0", "down"]);
+    }
+
+    /// Drops every packet `host` sends or receives on its interface (nftables): it stays up,
+    /// so what it sends vanishes and only timeouts tell (a partition, not a dead link).
+    pub fn drop_packets(&self, host: &str) {
+        let rules = "table inet pwcut {\n\
+            chain input { type filter hook input priority 0; policy accept; iifname \"eth0\" drop; }\n\
+            chain output { type filter hook output priority 0; policy accept; oifname \"eth0\" drop; }\n\
+            }\n";
+        let path = std::env::temp_dir().join(format!("{}-{host}.nft", self.prefix));
+        std::fs::write(&path, rules).expect("write");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns(host), "nft", "-f"])
+            .arg(&path)
+            .output()
+            .expect("nft (nftables)");
+        let _ = std::fs::remove_file(&path);
+        assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Undoes `drop_packets`.
+    pub fn pass_packets(&self, host: &str) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns(host), "nft", "delete", "table", "inet", "pwcut"])
+            .output()
+            .expect("nft (nftables)");
+        assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// Kills (kill -9) every process running in `host`: the host died.

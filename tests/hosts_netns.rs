@@ -4,7 +4,7 @@
 //! kill -9 of the primary's postmaster; of the leading control plane together with the new
 //! primary's postmaster; of an etcd member, then of the primary again; of the active proxy's
 //! host; the primary's host cut off (its interface down); the leading control plane frozen,
-//! then resumed. After each, writes resume on the new primary, nothing acknowledged is lost,
+//! then resumed; the new primary's host partitioned (every packet on its interface dropped). After each, writes resume on the new primary, nothing acknowledged is lost,
 //! and no write is acknowledged by a former primary once the new one took one. The times are
 //! printed (the benchmark in benches/ repeats them).
 
@@ -185,8 +185,30 @@ async fn a_cut_off_primary_host_and_a_frozen_leader_lose_nothing() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
+    // The new primary's host partitioned: its packets dropped, its interface up. Only
+    // timeouts tell; its agent still kills the primary before the old one, rejoined as the
+    // standby meanwhile, is promoted.
+    hosts.wait_database(&id, |db| synchronous(db) && node(db, "replica") == primary).await;
+    let partitioned_host = host_of(&standby.0);
+    let kills_before =
+        hosts.log_of(partitioned_host).matches("killed this host's primaries").count();
+    let dropped = Instant::now();
+    hosts.lan.drop_packets(partitioned_host);
+    let ack =
+        resumed_after(&hosts, &writer, dropped, "after the primary's packets were dropped").await;
+    assert_eq!(ack.port, primary.1, "writes resumed on the standby");
+    eprintln!(
+        "primary's packets dropped: first write on the new primary after {:?}",
+        ack.at - dropped
+    );
+    let log = hosts.log_of(partitioned_host);
+    assert!(log.matches("killed this host's primaries").count() > kills_before, "{log}");
+    hosts.lan.pass_packets(partitioned_host);
+    hosts.wait_database(&id, |db| node(db, "primary") == primary).await;
+
     let acked = writer.stop().await;
-    no_split_brain(&acked, cut, None, standby.1);
+    no_split_brain(&acked, cut, Some(dropped), standby.1);
+    no_split_brain(&acked, dropped, None, primary.1);
     let out = psql(&url, None, "SELECT string_agg(n::text, ',') FROM w");
     assert!(out.success, "{}", out.stderr);
     let lost = lost_writes(&acked, &out.stdout);
