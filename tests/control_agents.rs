@@ -110,10 +110,15 @@ async fn a_business_database_runs_on_two_agents_and_fails_over_across_them() {
     assert_eq!(out.stdout.trim(), "1,2,3", "{}", out.stderr);
     let events = control.request("GET", &format!("/v1/databases/{id}/events"), None).await;
     assert!(events.body.contains("failover"), "{}", events.body);
-    // The old primary comes back as a standby, copied afresh by its agent.
+    // The old primary comes back as a standby, rewound by its agent from the new primary over
+    // TLS, as a role that may log in only while the rewind runs.
     let db = control.wait_synchronous(&id, "the old primary back as a synchronous standby").await;
     let events = control.request("GET", &format!("/v1/databases/{id}/events"), None).await;
     println!("{db}\n{}", events.body);
+    assert!(events.body.contains("(pg_rewind)"), "not rewound: {}", events.body);
+    let role = "SELECT rolcanlogin FROM pg_roles WHERE rolname = 'pgwarden_rewinder'";
+    let out = psql(&url, None, role);
+    assert_eq!(out.stdout.trim(), "f", "the rewind role can still log in: {}", out.stderr);
 }
 
 /// `GET /v1/info` from the agent at `addr` with the client certificate of `ca` (or none).

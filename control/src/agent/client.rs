@@ -167,13 +167,17 @@ impl NodeDriver for RemoteDriver {
         self.unit(Op::Promote, node)
     }
 
-    /// pg_rewind needs a superuser session on the source from the node's host, which the
-    /// platform never opens over the network: the caller copies the primary afresh instead.
+    /// pg_rewind with a superuser session on the source, which the platform never opens over
+    /// the network: nodes on agents are rewound with `rewind_from` instead.
     fn rewind(&self, node: &NodeSpec, _source: &NodeSpec) -> Result<(), DriverError> {
         Err(DriverError::Other(format!(
             "node {} is on another host: it is copied afresh rather than rewound",
             node.name
         )))
+    }
+
+    fn rewind_from(&self, node: &NodeSpec, source: &Upstream) -> Result<(), DriverError> {
+        self.call(Op::RewindFrom, node, None, Some(source)).map(drop)
     }
 
     fn make_standby(&self, node: &NodeSpec) -> Result<(), DriverError> {
@@ -352,6 +356,10 @@ impl NodeDriver for Placed {
             return self.remote.rewind(node, source);
         }
         self.of(node).rewind(node, source)
+    }
+
+    fn rewind_from(&self, node: &NodeSpec, source: &Upstream) -> Result<(), DriverError> {
+        self.of(node).rewind_from(node, source)
     }
 
     fn make_standby(&self, node: &NodeSpec) -> Result<(), DriverError> {

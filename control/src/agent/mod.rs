@@ -63,6 +63,8 @@ pub enum Op {
     Fence,
     Promote,
     MakeStandby,
+    /// pg_rewind from the primary named by the call's `upstream`.
+    RewindFrom,
     /// From the base backup and WAL uploaded to the node's staging area.
     InitFromBackup,
     LogTail,
@@ -71,7 +73,7 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 14] = [
+    pub const ALL: [Op; 15] = [
         Op::Init,
         Op::InitStandby,
         Op::Configure,
@@ -82,6 +84,7 @@ impl Op {
         Op::Fence,
         Op::Promote,
         Op::MakeStandby,
+        Op::RewindFrom,
         Op::InitFromBackup,
         Op::LogTail,
         Op::Destroy,
@@ -100,6 +103,7 @@ impl Op {
             Op::Fence => "fence",
             Op::Promote => "promote",
             Op::MakeStandby => "make-standby",
+            Op::RewindFrom => "rewind-from",
             Op::InitFromBackup => "init-from-backup",
             Op::LogTail => "log-tail",
             Op::Destroy => "destroy",
@@ -116,7 +120,8 @@ impl Op {
     pub fn bound(self) -> std::time::Duration {
         use std::time::Duration;
         match self {
-            Op::InitStandby | Op::InitFromBackup => Duration::from_secs(6 * 3600),
+            // A rewind copies what changed since the timelines forked: up to the whole cluster.
+            Op::InitStandby | Op::InitFromBackup | Op::RewindFrom => Duration::from_secs(6 * 3600),
             Op::Init | Op::Start | Op::Stop | Op::Promote | Op::Destroy => Duration::from_secs(300),
             // A failover waits on it: kill -9 takes no time, an agent out of reach is waited
             // for through its lease instead.

@@ -232,6 +232,10 @@ fn apply(agent: &Agent, op: Op, call: Call) -> Result<Value, DriverError> {
         Op::Fence => json!(driver.fence(node)?),
         Op::Promote => json!(driver.promote(node)?),
         Op::MakeStandby => json!(driver.make_standby(node)?),
+        Op::RewindFrom => {
+            let source = call.upstream.as_ref().ok_or_else(|| missing("source"))?;
+            json!(driver.rewind_from(node, source)?)
+        }
         Op::InitFromBackup => {
             let name = node.dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             let staging = agent.staging(name);

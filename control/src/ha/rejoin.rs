@@ -8,7 +8,7 @@ use tracing::warn;
 use super::HaError;
 use crate::lifecycle::standby::add_standby_only;
 use crate::nodes::config::slot_name;
-use crate::nodes::{blocking, NodeSpec};
+use crate::nodes::{blocking, roles, NodeSpec, Upstream};
 use crate::platform::Platform;
 use crate::state::{DatabaseRecord, NodeRecord, StoreError};
 
@@ -26,16 +26,29 @@ pub async fn rejoin(platform: &Arc<Platform>, id: &str, fenced: &NodeRecord) {
         // promoted primary updates only at its next checkpoint.
         checkpoint(platform, &source).await?;
         let config = platform.node_config(&db, &node, None)?;
+        // Across hosts pg_rewind reaches the primary over TLS as a role allowed in for this
+        // rewind only; on one host, through the primary's socket.
+        let remote = spec.agent.is_some() || source.agent.is_some();
+        let login = match remote {
+            true => Some(open_rewind_login(platform, &source, &primary).await?),
+            false => None,
+        };
         let driver = platform.driver.clone();
         let (spec2, source2) = (spec.clone(), source.clone());
         let rewound = blocking(move || {
             driver.fence(&spec2)?;
-            driver.rewind(&spec2, &source2)?;
+            match &login {
+                Some(login) => driver.rewind_from(&spec2, login)?,
+                None => driver.rewind(&spec2, &source2)?,
+            }
             driver.configure(&spec2, &config)?;
             driver.make_standby(&spec2)?;
             driver.start(&spec2)
         })
         .await;
+        if remote {
+            close_rewind_login(platform, &source).await;
+        }
         match rewound {
             Ok(()) => Ok("pg_rewind"),
             Err(e) => {
@@ -86,6 +99,37 @@ async fn fresh_copy(
         drop_slot(platform, &platform.node_spec(primary), &slot_name(&node.name)).await;
     }
     Ok(add_standby_only(platform, db, node).await?)
+}
+
+/// Lets the rewind role log in on the primary with a password made for this rewind; the
+/// source the node's agent runs pg_rewind from.
+async fn open_rewind_login(
+    platform: &Platform,
+    source: &NodeSpec,
+    primary: &NodeRecord,
+) -> Result<Upstream, HaError> {
+    let password = crate::secrets::generate_password();
+    let admin = platform.session(source, "postgres").await?;
+    roles::open_rewind_login(&admin, &password).await?;
+    Ok(Upstream {
+        host: primary.host.clone(),
+        port: primary.port,
+        user: roles::REWIND_ROLE.to_owned(),
+        password,
+        slot: String::new(),
+    })
+}
+
+/// Ends the rewind role's login (logged, not fatal: it has no password it could use).
+async fn close_rewind_login(platform: &Platform, source: &NodeSpec) {
+    let closed = async {
+        let admin = platform.session(source, "postgres").await?;
+        roles::close_rewind_login(&admin).await?;
+        Ok::<_, HaError>(())
+    };
+    if let Err(e) = closed.await {
+        warn!(error = %e, "cannot end the rewind role's login");
+    }
 }
 
 async fn ensure_slot(platform: &Platform, primary: &NodeSpec, slot: &str) -> Result<(), HaError> {

@@ -129,6 +129,10 @@ pub trait NodeDriver: Send + Sync + 'static {
     /// Rewinds a stopped former primary onto `source`'s timeline (pg_rewind), so it can follow
     /// it as a standby.
     fn rewind(&self, node: &NodeSpec, source: &NodeSpec) -> Result<(), DriverError>;
+    /// As `rewind`, from a source reached over the network (TLS verified against the node's
+    /// CA, `source.user` holding only the rights pg_rewind needs): for nodes on other hosts,
+    /// where the superuser never logs in. `source.slot` is unused.
+    fn rewind_from(&self, node: &NodeSpec, source: &Upstream) -> Result<(), DriverError>;
     /// Marks a stopped node's data directory as a standby's (`standby.signal`).
     fn make_standby(&self, node: &NodeSpec) -> Result<(), DriverError>;
     /// Creates a node from a base backup directory and WAL files, set to recover (its

@@ -398,6 +398,26 @@ impl NodeDriver for LocalDriver {
         self.run("pg_rewind", &mut cmd).map(drop)
     }
 
+    fn rewind_from(&self, node: &NodeSpec, source: &Upstream) -> Result<(), DriverError> {
+        let port = source.port.to_string();
+        let server = conninfo(&[
+            ("host", &source.host),
+            ("port", &port),
+            ("user", &source.user),
+            ("dbname", "postgres"),
+            ("connect_timeout", "5"),
+        ]);
+        let mut cmd = self.command(node, "pg_rewind");
+        cmd.arg("--target-pgdata")
+            .arg(Self::data(node))
+            .arg(format!("--source-server={server}"))
+            .env("PGPASSWORD", &source.password)
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", node.dir.join("ca.crt"))
+            .env("PGAPPNAME", &node.name);
+        self.run("pg_rewind", &mut cmd).map(drop)
+    }
+
     fn make_standby(&self, node: &NodeSpec) -> Result<(), DriverError> {
         self.write(&Self::data(node).join("standby.signal"), "", 0o600)
     }

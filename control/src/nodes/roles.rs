@@ -8,6 +8,9 @@ use crate::secrets;
 
 /// Roles created by pgwarden itself, never given to users.
 pub const REPLICATION_ROLE: &str = "pgwarden_replicator";
+/// Rewinds a former primary on another host (`pg_rewind` reads the new primary's files through
+/// four functions): it may log in only while a rewind runs, with a password made for it.
+pub const REWIND_ROLE: &str = "pgwarden_rewinder";
 
 /// Valid names: lower-case letters, digits and `_`, starting with a letter, at most 63 bytes,
 /// and not reserved.
@@ -17,7 +20,7 @@ pub fn valid_user_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && name.len() <= 63
         && !name.starts_with("pg_")
-        && !matches!(name, "postgres" | "public" | REPLICATION_ROLE)
+        && !matches!(name, "postgres" | "public" | REPLICATION_ROLE | REWIND_ROLE)
 }
 
 pub fn ident(name: &str) -> String {
@@ -115,6 +118,31 @@ pub async fn drop_user(db_admin: &Session, user: &str, owner: &str) -> Result<()
     db_admin
         .batch_execute(&format!("REASSIGN OWNED BY {u} TO {o}; DROP OWNED BY {u}; DROP ROLE {u}"))
         .await
+}
+
+/// Lets `REWIND_ROLE` log in with `password` (a SCRAM verifier of it) and run what pg_rewind
+/// needs on the source, creating the role the first time.
+pub async fn open_rewind_login(admin: &Session, password: &str) -> Result<(), SqlError> {
+    let role = ident(REWIND_ROLE);
+    let verifier = literal(&secrets::scram_verifier(password));
+    admin
+        .batch_execute(&format!(
+            "DO $pgwarden$ BEGIN \
+             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {name}) THEN \
+             CREATE ROLE {role} NOLOGIN; END IF; END $pgwarden$; \
+             ALTER ROLE {role} LOGIN PASSWORD {verifier}; \
+             GRANT EXECUTE ON FUNCTION pg_catalog.pg_ls_dir(text, boolean, boolean), \
+             pg_catalog.pg_stat_file(text, boolean), pg_catalog.pg_read_binary_file(text), \
+             pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO {role}",
+            name = literal(REWIND_ROLE),
+        ))
+        .await
+}
+
+/// Ends what `open_rewind_login` allowed: no login, no password.
+pub async fn close_rewind_login(admin: &Session) -> Result<(), SqlError> {
+    let role = ident(REWIND_ROLE);
+    admin.batch_execute(&format!("ALTER ROLE {role} NOLOGIN PASSWORD NULL")).await
 }
 
 #[cfg(test)]
