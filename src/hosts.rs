@@ -299,7 +299,11 @@ impl TestHosts {
             if db.status == 200 && check(&db.json()) {
                 return db.json();
             }
-            assert!(Instant::now() < deadline, "database {id}: {}", db.body);
+            if Instant::now() >= deadline {
+                let path = format!("/v1/databases/{id}/events");
+                let events = self.request("GET", &path, None).await.body;
+                panic!("database {id}: {}\nevents: {events}\n{}", db.body, self.tails(&PLANES));
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }

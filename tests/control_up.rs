@@ -126,7 +126,11 @@ impl Drop for Cleanup {
 #[test]
 fn up_provisions_prints_the_block_stops_on_ctrl_c_and_resumes_after_ctrl_c_or_kill_9() {
     let dir = data_dir();
-    let ports = [free_port(), free_port(), free_port(), free_port(), free_port(), free_port()];
+    // Every address comes from this test's block below the ephemeral range: `up` stops and
+    // starts again on the same ones, and in between another test's free port (a PostgreSQL it
+    // starts) could take one (a node's port taken so was a database that "does not exist").
+    let block = node_port_block();
+    let ports = [block, block + 1, block + 2, block + 3, block + 10, block + 4];
     let mut cleanup = Cleanup(dir.path().join("pw"), vec![]);
     let mut first = up(dir.path(), &ports);
     cleanup.1.push(first.child.id());
