@@ -126,11 +126,10 @@ impl Lan {
         let pids = String::from_utf8_lossy(&pids.expect("ip netns pids").stdout).into_owned();
         for pid in pids.split_whitespace() {
             // A process may end between the listing and the kill: nothing to say then.
-            let kill = Command::new("kill")
+            let _ = Command::new("kill")
                 .args(["-KILL", pid])
                 .stderr(std::process::Stdio::null())
                 .status();
-            let _ = kill;
         }
     }
 

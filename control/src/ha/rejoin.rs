@@ -29,10 +29,8 @@ pub async fn rejoin(platform: &Arc<Platform>, id: &str, fenced: &NodeRecord) {
         // Across hosts pg_rewind reaches the primary over TLS as a role allowed in for this
         // rewind only; on one host, through the primary's socket.
         let remote = spec.agent.is_some() || source.agent.is_some();
-        let login = match remote {
-            true => Some(open_rewind_login(platform, &source, &primary).await?),
-            false => None,
-        };
+        let login =
+            if remote { Some(open_rewind_login(platform, &source, &primary).await?) } else { None };
         let driver = platform.driver.clone();
         let (spec2, source2) = (spec.clone(), source.clone());
         let rewound = blocking(move || {
