@@ -73,6 +73,8 @@ pub struct Want<'a> {
     pub route: &'a Route,
     pub user: &'a str,
     pub login: &'a Login,
+    /// Whether to wait for a busy pool; if not, a busy pool answers `Busy` at once.
+    pub queue: bool,
 }
 
 /// One database's server connections.
@@ -102,6 +104,8 @@ pub enum AcquireError {
     QueueFull { database: String, waiting: usize, size: usize },
     #[error("all {size} server connections of database \"{database}\" stayed busy for {} s; retry, or use fewer concurrent transactions", waited.as_secs_f64())]
     Timeout { database: String, size: usize, waited: Duration },
+    #[error("every server connection of database \"{database}\" is busy")]
+    Busy { database: String },
     #[error("cannot reach the primary of database \"{database}\": {reason}")]
     Connect { database: String, reason: String },
     #[error("cannot log in to the primary of database \"{database}\": {source}")]
@@ -228,19 +232,13 @@ impl DbPool {
         idle.retain(|c| c.idle_since.elapsed() < timeout && !c.moved.is_cancelled());
     }
 
-    /// Frees a permit held by an idle connection of another user, if any.
     /// The parameters a fresh connection of `user` to `primary` reported at login, if one did.
     pub fn login_params(&self, primary: &str, user: &str) -> Option<Vec<(String, String)>> {
         let cached = self.login_params.lock().unwrap_or_else(|e| e.into_inner());
         cached.get(&(primary.to_owned(), user.to_owned())).cloned()
     }
 
-    /// Whether a transaction of `user` would get a connection at once.
-    pub fn free_now(&self, user: &str) -> bool {
-        self.permits.available_permits() > 0
-            || self.idle.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|c| c.user == user)
-    }
-
+    /// Frees a permit held by an idle connection of another user, if any.
     fn evict_other(&self, user: &str) -> bool {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         match idle.iter().position(|c| c.user != user) {
@@ -284,6 +282,9 @@ impl DbPool {
             // An idle connection of another user gives its place up.
             if self.evict_other(user) {
                 continue;
+            }
+            if !want.queue {
+                return Err(AcquireError::Busy { database: database.to_owned() });
             }
             if waiting.is_none() {
                 let size = self.size();
@@ -331,7 +332,7 @@ impl DbPool {
         want: Want<'_>,
         permit: OwnedSemaphorePermit,
     ) -> Result<ServerConn, AcquireError> {
-        let Want { database, route, user, login } = want;
+        let Want { database, route, user, login, .. } = want;
         let (mut stream, addr) = crate::session::connect(route, shared).await.map_err(|e| {
             AcquireError::Connect { database: database.to_owned(), reason: e.to_string() }
         })?;

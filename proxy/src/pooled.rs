@@ -75,7 +75,7 @@ pub async fn start(
     let params = match pool.login_params(&route.primary, &client.user) {
         Some(params) => overlay(params, &client.settings),
         None => {
-            let mut conn = match pool.acquire(shared, want(&client, &route)).await {
+            let mut conn = match pool.acquire(shared, want(&client, &route, true)).await {
                 Ok(conn) => conn,
                 Err(e) => {
                     let state = acquire_state(&e);
@@ -113,15 +113,15 @@ pub async fn start(
     matches!(sent, Ok(Ok(()))).then_some((client, pool, cancel))
 }
 
-fn want<'a>(client: &'a PooledClient, route: &'a crate::routes::Route) -> Want<'a> {
-    Want { database: &client.database, route, user: &client.user, login: &client.login }
+fn want<'a>(client: &'a PooledClient, route: &'a crate::routes::Route, queue: bool) -> Want<'a> {
+    Want { database: &client.database, route, user: &client.user, login: &client.login, queue }
 }
 
 fn acquire_state(e: &AcquireError) -> SqlState {
     match e {
-        AcquireError::QueueFull { .. } | AcquireError::Timeout { .. } => {
-            SqlState::TooManyConnections
-        }
+        AcquireError::QueueFull { .. }
+        | AcquireError::Timeout { .. }
+        | AcquireError::Busy { .. } => SqlState::TooManyConnections,
         AcquireError::Connect { .. } | AcquireError::Login { .. } => SqlState::CannotConnectNow,
     }
 }
@@ -390,25 +390,31 @@ pub async fn run(
             }
         }
         // A prepare alone (`Parse` of a named statement, then `Sync`: libpq's `PQprepare`)
-        // while every connection is busy is recorded and answered at once; the statement is
-        // prepared on the connection its first use gets (where an error in it shows). A client
-        // that waits for its prepare can hold up a busy one (pgbench runs all its clients in
-        // one thread).
-        if server.is_none() && pin.is_none() && status == b'I' && !aborted {
-            if let [parse, sync] = batch.as_slice() {
-                let named = parse[0] == b'P' && parse.get(5).is_some_and(|b| *b != 0);
-                let alone = named && sync[0] == b'S' && !pool.free_now(&client.user);
-                if alone && statements.record(parse).is_ok() {
-                    out.extend_from_slice(&protocol::message(b'1', &[]));
-                    out.extend_from_slice(&protocol::ready_for_query(b'I'));
-                    batch.clear();
-                }
-            }
-        }
+        // that finds every connection busy (or the database held) is recorded and answered at
+        // once; the statement is prepared on the connection its first use gets (where an error
+        // in it shows). A client blocked in its prepare can hold up the busy ones: pgbench runs
+        // all its clients in one thread, and a transaction of one cannot end while another
+        // waits for its prepare.
+        let prepare_alone = server.is_none()
+            && pin.is_none()
+            && status == b'I'
+            && !aborted
+            && matches!(batch.as_slice(), [parse, sync]
+                if parse[0] == b'P' && parse.get(5).is_some_and(|b| *b != 0) && sync[0] == b'S');
         if !batch.is_empty() {
             if server.is_none() {
-                match attach(&mut client, shared, aborted).await {
-                    Ok((conn, guard)) => {
+                let attached = match attach(&mut client, shared, aborted, !prepare_alone).await {
+                    Err(Unattached::Busy) if statements.record(&batch[0]).is_ok() => {
+                        out.extend_from_slice(&protocol::message(b'1', &[]));
+                        out.extend_from_slice(&protocol::ready_for_query(b'I'));
+                        batch.clear();
+                        None
+                    }
+                    Err(Unattached::Busy) => Some(attach(&mut client, shared, aborted, true).await),
+                    attached => Some(attached),
+                };
+                match attached {
+                    Some(Ok((conn, guard))) => {
                         aborted = false;
                         shared.cancels.retarget(cancel.key(), conn.cancel.clone());
                         server = Some(conn);
@@ -416,7 +422,8 @@ pub async fn run(
                         sbuf.clear();
                         relaying = 0;
                     }
-                    Err((state, message)) => {
+                    Some(Err(refused)) => {
+                        let (state, message) = refused.reason();
                         out.extend_from_slice(&protocol::error(state, &message));
                         let owed = batch.iter().filter(|m| matches!(m[0], b'Q' | b'S' | b'F'));
                         for _ in 0..owed.count() {
@@ -424,6 +431,7 @@ pub async fn run(
                         }
                         batch.clear();
                     }
+                    None => {}
                 }
             }
             if let Some(conn) = server.as_mut() {
@@ -575,13 +583,33 @@ fn carry_setting(client: &mut PooledClient, conn: &mut ServerConn, carry: Carry)
     }
 }
 
+/// Why a client's next transaction got no server connection.
+enum Unattached {
+    /// Every connection was busy (or the database held) and the caller would not wait.
+    Busy,
+    /// The SQLSTATE and sentence the client gets.
+    Refused(SqlState, String),
+}
+
+impl Unattached {
+    fn reason(self) -> (SqlState, String) {
+        match self {
+            Unattached::Busy => {
+                (SqlState::TooManyConnections, "every server connection is busy".into())
+            }
+            Unattached::Refused(state, message) => (state, message),
+        }
+    }
+}
+
 /// A server connection for the client's next transaction, on the current route (waiting out a
-/// hold); else the SQLSTATE and sentence the client gets.
+/// hold, and for a busy pool, if `queue`).
 async fn attach<'s>(
     client: &mut PooledClient,
     shared: &'s Shared,
     aborted: bool,
-) -> Result<(ServerConn, crate::routes::Starting<'s>), (SqlState, String)> {
+    queue: bool,
+) -> Result<(ServerConn, crate::routes::Starting<'s>), Unattached> {
     let hold_deadline = tokio::time::Instant::now() + shared.limits.hold_timeout();
     let mut stale = 0;
     loop {
@@ -590,16 +618,19 @@ async fn attach<'s>(
         let running = shared.routes.starting(&client.database);
         let Some(route) = shared.routes.load().route(&client.database) else {
             let message = format!("database \"{}\" does not exist any more", client.database);
-            return Err((SqlState::UnknownDatabase, message));
+            return Err(Unattached::Refused(SqlState::UnknownDatabase, message));
         };
         if route.hold {
             drop(running);
+            if !queue {
+                return Err(Unattached::Busy);
+            }
             if tokio::time::timeout_at(hold_deadline, changes.changed()).await.is_err() {
                 let message = format!(
                     "database \"{}\" is switching to a new primary; retry shortly",
                     client.database
                 );
-                return Err((SqlState::CannotConnectNow, message));
+                return Err(Unattached::Refused(SqlState::CannotConnectNow, message));
             }
             continue;
         }
@@ -607,13 +638,16 @@ async fn attach<'s>(
         // A transaction still waiting for a connection when a hold comes has not started: it
         // waits out the hold with the new ones instead of holding the hold up.
         let acquired = tokio::select! {
-            acquired = pool.acquire(shared, want(client, &route)) => acquired,
+            acquired = pool.acquire(shared, want(client, &route, queue)) => acquired,
             () = hold_applied(shared, &mut changes, &client.database) => {
                 drop(running);
                 continue;
             }
         };
-        let mut conn = acquired.map_err(|e| (acquire_state(&e), e.to_string()))?;
+        let mut conn = acquired.map_err(|e| match e {
+            AcquireError::Busy { .. } => Unattached::Busy,
+            e => Unattached::Refused(acquire_state(&e), e.to_string()),
+        })?;
         if stale < 3 && closed(&mut conn).await {
             // The node ended it while it was idle (a restart): so it did the others.
             pool.drop_idle_to(&conn.primary);
@@ -621,7 +655,8 @@ async fn attach<'s>(
             continue;
         }
         if let Err(message) = apply_settings(&mut conn, &client.settings, shared).await {
-            return Err((SqlState::CannotConnectNow, format!("cannot apply settings: {message}")));
+            let message = format!("cannot apply settings: {message}");
+            return Err(Unattached::Refused(SqlState::CannotConnectNow, message));
         }
         if aborted {
             // The error is the point: the block is failed, as the client's was.
