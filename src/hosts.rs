@@ -236,6 +236,11 @@ impl TestHosts {
         tokio::task::spawn_blocking(ask).await.expect("join")
     }
 
+    /// The status of `host`'s `/health` (`None`: no answer).
+    pub async fn health(&self, host: &str) -> Option<u16> {
+        Self::get(self.api(host), "/health", None).await.map(|h| h.status)
+    }
+
     /// The leading control plane, once one leads.
     pub async fn wait_leader(&self, timeout: Duration) -> &'static str {
         let deadline = Instant::now() + timeout;
@@ -302,7 +307,8 @@ impl TestHosts {
             if Instant::now() >= deadline {
                 let path = format!("/v1/databases/{id}/events");
                 let events = self.request("GET", &path, None).await.body;
-                panic!("database {id}: {}\nevents: {events}\n{}", db.body, self.tails(&PLANES));
+                let all = [&PLANES[..], &DB_HOSTS[..]].concat();
+                panic!("database {id}: {}\nevents: {events}\n{}", db.body, self.tails(&all));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

@@ -206,6 +206,38 @@ async fn an_agent_answers_only_the_platform_s_control_plane() {
     let error = tokio::task::spawn_blocking(move || remote.destroy(&node)).await.unwrap();
     let message = error.expect_err("refused").to_string();
     assert!(message.contains("keeps its nodes right under"), "{message}");
+
+    // Once a control plane of a newer leadership term called, an older one changes nothing
+    // (a leader frozen and resumed); reads and fencing still answer it.
+    let ghost = pgwarden_control::nodes::driver::NodeSpec {
+        name: "ghost".into(),
+        dir: control.agent_root().join("nodes/ghost"),
+        host: "127.0.0.2".into(),
+        port: 1,
+        bin: None,
+        agent: Some(addr.clone()),
+    };
+    let reload = |term: i64| {
+        let remote = {
+            let _guard = tokio::runtime::Handle::current().enter();
+            pgwarden_control::agent::client::RemoteDriver::new(&platform).unwrap()
+        }
+        .with_term(Some(term));
+        let ghost = ghost.clone();
+        tokio::task::spawn_blocking(move || {
+            (
+                remote.reload(&ghost).expect_err("no such node").to_string(),
+                remote.is_running(&ghost),
+            )
+        })
+    };
+    let (newer, _) = reload(10).await.unwrap();
+    assert!(!newer.contains("newer control plane"), "{newer}");
+    let (older, running) = reload(9).await.unwrap();
+    assert!(older.contains("a newer control plane leads (term 10"), "{older}");
+    assert!(!running);
+    let (same, _) = reload(10).await.unwrap();
+    assert!(!same.contains("newer control plane"), "{same}");
 }
 
 /// Waits until the PITR window of `id` reaches `until`.

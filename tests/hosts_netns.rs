@@ -209,6 +209,10 @@ async fn a_cut_off_primary_host_and_a_frozen_leader_lose_nothing() {
     };
     eprintln!("leader frozen: {other} leads after {:?}", frozen.elapsed());
     hosts.signal(leader, rustix::process::Signal::CONT);
+    // Its lease ran out while it was frozen: it reports so at once (no load balancer sends it
+    // anything), acts on no node, and stops.
+    let health = hosts.health(leader).await;
+    assert!(health != Some(200), "the resumed leader reports healthy");
     let deadline = Instant::now() + Duration::from_secs(15);
     while !hosts.log_of(leader).contains("lost the leadership") {
         assert!(Instant::now() < deadline, "the resumed leader did not stand down");
@@ -220,6 +224,10 @@ async fn a_cut_off_primary_host_and_a_frozen_leader_lose_nothing() {
         assert!(Instant::now() < deadline, "writes stopped");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+
+    // The standby rejoined as the leaders changed: commits become synchronous again.
+    let back = |db: &Value| node(db, "primary") == primary && node(db, "replica") == standby;
+    hosts.wait_database(&id, |db| synchronous(db) && back(db)).await;
 
     let acked = writer.stop().await;
     no_split_brain(&acked, cut, Some(dropped), standby.1);

@@ -241,7 +241,14 @@ async fn a_proxy_pair_elects_its_active_through_etcd_and_a_frozen_active_stands_
     let mut b = b;
     let pid = rustix::process::Pid::from_raw(b.child.id() as i32).unwrap();
     rustix::process::kill_process(pid, Signal::STOP).unwrap();
-    wait_role(&a, "active").await;
+    // Elected, it runs on_active; it reports itself active only once it listens, which on
+    // this one host (no address to move) waits for the frozen one to let the port go.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while hooks(&a).last().map(String::as_str) != Some("active") {
+        assert!(Instant::now() < deadline, "never elected: {:?}", hooks(&a));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(role_of(&a).as_deref(), Some("standby"), "active before it listens");
     rustix::process::kill_process(pid, Signal::CONT).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
@@ -253,5 +260,6 @@ async fn a_proxy_pair_elects_its_active_through_etcd_and_a_frozen_active_stands_
     };
     assert!(!status.success(), "{status:?}");
     assert_eq!(hooks(&b).last().map(String::as_str), Some("standby"), "{:?}", hooks(&b));
+    wait_role(&a, "active").await;
     assert_eq!(query(listen).await.unwrap(), node.port as i32);
 }

@@ -71,48 +71,58 @@ impl Role {
 
     /// Takes `role` and runs its hook in the background.
     pub fn set(&self, role: ProxyRole, ha: Option<&HaConfig>, metrics: &Metrics) {
-        if let Some(hook) = self.record(role, ha, metrics) {
+        self.mark(role, metrics);
+        if let Some(hook) = hook(role, ha) {
             tokio::spawn(hook);
         }
     }
 
     /// Takes `role` and runs its hook to its end (at most `HOOK_TIMEOUT`).
     pub async fn change(&self, role: ProxyRole, ha: Option<&HaConfig>, metrics: &Metrics) {
-        if let Some(hook) = self.record(role, ha, metrics) {
-            if tokio::time::timeout(HOOK_TIMEOUT, hook).await.is_err() {
-                warn!(?role, "role hook still running after {HOOK_TIMEOUT:?}; going on");
-            }
-        }
+        self.mark(role, metrics);
+        run_hook(role, ha).await;
     }
 
-    fn record(
-        &self,
-        role: ProxyRole,
-        ha: Option<&HaConfig>,
-        metrics: &Metrics,
-    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    /// Reports `role` (`/active`, metrics) from now on.
+    fn mark(&self, role: ProxyRole, metrics: &Metrics) {
         self.active.store(role == ProxyRole::Active, Ordering::Release);
         metrics.set_role(role == ProxyRole::Active);
         info!(?role, "proxy role");
-        let command = match role {
-            ProxyRole::Active => ha.and_then(|h| h.on_active.clone()),
-            ProxyRole::Standby => ha.and_then(|h| h.on_standby.clone()),
-        }?;
-        let label = if role == ProxyRole::Active { "active" } else { "standby" };
-        Some(async move {
-            let status = tokio::process::Command::new("sh")
-                .args(["-c", &command])
-                .env("PGWARDEN_PROXY_ROLE", label)
-                .kill_on_drop(true)
-                .status()
-                .await;
-            match status {
-                Ok(s) if s.success() => info!(%command, "role hook ran"),
-                Ok(s) => warn!(%command, %s, "role hook failed"),
-                Err(e) => warn!(%command, error = %e, "role hook could not run"),
-            }
-        })
     }
+}
+
+/// Runs `role`'s hook to its end (at most `HOOK_TIMEOUT`).
+async fn run_hook(role: ProxyRole, ha: Option<&HaConfig>) {
+    if let Some(hook) = hook(role, ha) {
+        if tokio::time::timeout(HOOK_TIMEOUT, hook).await.is_err() {
+            warn!(?role, "role hook still running after {HOOK_TIMEOUT:?}; going on");
+        }
+    }
+}
+
+/// `role`'s hook command, if one is configured, as a future that runs it.
+fn hook(
+    role: ProxyRole,
+    ha: Option<&HaConfig>,
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    let command = match role {
+        ProxyRole::Active => ha.and_then(|h| h.on_active.clone()),
+        ProxyRole::Standby => ha.and_then(|h| h.on_standby.clone()),
+    }?;
+    let label = if role == ProxyRole::Active { "active" } else { "standby" };
+    Some(async move {
+        let status = tokio::process::Command::new("sh")
+            .args(["-c", &command])
+            .env("PGWARDEN_PROXY_ROLE", label)
+            .kill_on_drop(true)
+            .status()
+            .await;
+        match status {
+            Ok(s) if s.success() => info!(%command, "role hook ran"),
+            Ok(s) => warn!(%command, %s, "role hook failed"),
+            Err(e) => warn!(%command, error = %e, "role hook could not run"),
+        }
+    })
 }
 
 /// How long a role hook may run.
@@ -148,12 +158,17 @@ pub async fn wait_until_elected<L>(
     loop {
         let leadership =
             pgwarden_etcd::Leadership::campaign(&etcd, &key, me, ttl, what, shutdown).await?;
-        role.change(ProxyRole::Active, Some(ha), metrics).await;
+        // The hook brings the address up; the proxy reports itself active only once it listens
+        // there (a client told so must not be refused).
+        run_hook(ProxyRole::Active, Some(ha)).await;
         // The address may still be held for an instant by a process that stood down.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             match bind() {
-                Ok(listener) => return Some((listener, leadership)),
+                Ok(listener) => {
+                    role.mark(ProxyRole::Active, metrics);
+                    return Some((listener, leadership));
+                }
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!(error = %e, "client address not bindable yet");
                     tokio::time::sleep(Duration::from_millis(20)).await;

@@ -35,12 +35,15 @@ struct CallRef<'a> {
     node: &'a NodeSpec,
     config: Option<&'a NodeConfig>,
     upstream: Option<&'a Upstream>,
+    term: Option<i64>,
 }
 
 /// Driver operations on nodes that agents own, over mutual TLS.
 pub struct RemoteDriver {
     tls: tokio_rustls::TlsConnector,
     runtime: tokio::runtime::Handle,
+    /// This control plane's leadership term, sent with every operation.
+    term: Option<i64>,
 }
 
 impl RemoteDriver {
@@ -54,7 +57,13 @@ impl RemoteDriver {
         Ok(Self {
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
             runtime: tokio::runtime::Handle::current(),
+            term: None,
         })
+    }
+
+    /// Sends `term` (this control plane's leadership term) with every operation.
+    pub fn with_term(self, term: Option<i64>) -> Self {
+        Self { term, ..self }
     }
 
     fn agent(node: &NodeSpec) -> Result<&str, DriverError> {
@@ -80,7 +89,7 @@ impl RemoteDriver {
         upstream: Option<&Upstream>,
     ) -> Result<Value, DriverError> {
         let agent = Self::agent(node)?;
-        let body = serde_json::to_vec(&CallRef { node, config, upstream })
+        let body = serde_json::to_vec(&CallRef { node, config, upstream, term: self.term })
             .map_err(|e| DriverError::Other(e.to_string()))?;
         let path = format!("/v1/nodes/{}", op.name());
         let timeouts = Timeouts { connect: CONNECT, exchange: op.bound() };
@@ -297,6 +306,10 @@ impl NodeDriver for RemoteDriver {
 pub struct Placed {
     pub local: Arc<dyn NodeDriver>,
     pub remote: Arc<RemoteDriver>,
+    /// With control planes on etcd: this one's leadership. A plane whose lease ran out (it was
+    /// frozen, or cut off from etcd) changes no node, even before it notices: the next leader
+    /// may be acting on them already.
+    pub leadership: Option<Arc<crate::coord::Leadership>>,
 }
 
 impl Placed {
@@ -307,11 +320,19 @@ impl Placed {
             self.local.as_ref()
         }
     }
+
+    /// The driver of `node` for a change to it, while this plane leads.
+    fn acting(&self, node: &NodeSpec) -> Result<&dyn NodeDriver, DriverError> {
+        if self.leadership.as_ref().is_some_and(|l| !l.is_valid()) {
+            return Err(DriverError::Other(crate::platform::NOT_LEADING.to_owned()));
+        }
+        Ok(self.of(node))
+    }
 }
 
 impl NodeDriver for Placed {
     fn init(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError> {
-        self.of(node).init(node, config)
+        self.acting(node)?.init(node, config)
     }
 
     fn init_standby(
@@ -320,23 +341,23 @@ impl NodeDriver for Placed {
         config: &NodeConfig,
         upstream: &Upstream,
     ) -> Result<(), DriverError> {
-        self.of(node).init_standby(node, config, upstream)
+        self.acting(node)?.init_standby(node, config, upstream)
     }
 
     fn configure(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError> {
-        self.of(node).configure(node, config)
+        self.acting(node)?.configure(node, config)
     }
 
     fn start(&self, node: &NodeSpec) -> Result<(), DriverError> {
-        self.of(node).start(node)
+        self.acting(node)?.start(node)
     }
 
     fn stop(&self, node: &NodeSpec) -> Result<(), DriverError> {
-        self.of(node).stop(node)
+        self.acting(node)?.stop(node)
     }
 
     fn reload(&self, node: &NodeSpec) -> Result<(), DriverError> {
-        self.of(node).reload(node)
+        self.acting(node)?.reload(node)
     }
 
     fn is_running(&self, node: &NodeSpec) -> bool {
@@ -344,26 +365,27 @@ impl NodeDriver for Placed {
     }
 
     fn fence(&self, node: &NodeSpec) -> Result<(), DriverError> {
-        self.of(node).fence(node)
+        self.acting(node)?.fence(node)
     }
 
     fn promote(&self, node: &NodeSpec) -> Result<(), DriverError> {
-        self.of(node).promote(node)
+        self.acting(node)?.promote(node)
     }
 
     fn rewind(&self, node: &NodeSpec, source: &NodeSpec) -> Result<(), DriverError> {
+        let driver = self.acting(node)?;
         if source.agent.is_some() {
             return self.remote.rewind(node, source);
         }
-        self.of(node).rewind(node, source)
+        driver.rewind(node, source)
     }
 
     fn rewind_from(&self, node: &NodeSpec, source: &Upstream) -> Result<(), DriverError> {
-        self.of(node).rewind_from(node, source)
+        self.acting(node)?.rewind_from(node, source)
     }
 
     fn make_standby(&self, node: &NodeSpec) -> Result<(), DriverError> {
-        self.of(node).make_standby(node)
+        self.acting(node)?.make_standby(node)
     }
 
     fn init_from_backup(
@@ -373,7 +395,7 @@ impl NodeDriver for Placed {
         base: &std::path::Path,
         wal: &std::path::Path,
     ) -> Result<(), DriverError> {
-        self.of(node).init_from_backup(node, config, base, wal)
+        self.acting(node)?.init_from_backup(node, config, base, wal)
     }
 
     fn log_tail(&self, node: &NodeSpec) -> String {
@@ -381,7 +403,7 @@ impl NodeDriver for Placed {
     }
 
     fn destroy(&self, node: &NodeSpec) -> Result<(), DriverError> {
-        self.of(node).destroy(node)
+        self.acting(node)?.destroy(node)
     }
 
     fn dump(
@@ -391,7 +413,7 @@ impl NodeDriver for Placed {
         tools: &std::path::Path,
         file: &std::path::Path,
     ) -> Result<(), DriverError> {
-        self.of(node).dump(node, database, tools, file)
+        self.acting(node)?.dump(node, database, tools, file)
     }
 
     fn admin_conninfo(&self, node: &NodeSpec, database: &str) -> String {

@@ -48,6 +48,11 @@ pub struct Call {
     pub config: Option<NodeConfig>,
     #[serde(default)]
     pub upstream: Option<Upstream>,
+    /// The calling control plane's leadership term (the revision that created its leader key in
+    /// etcd); none for a control plane alone. An agent refuses changes from a term older than
+    /// one it has already served: a leader that was frozen and resumed acts on no node.
+    #[serde(default)]
+    pub term: Option<i64>,
 }
 
 /// The driver operations an agent serves, by their path segment.
@@ -109,6 +114,12 @@ impl Op {
             Op::Destroy => "destroy",
             Op::Resources => "resources",
         }
+    }
+
+    /// Whether it changes the node: such operations run one at a time per node, and only for
+    /// the newest leader. Fencing is not one: it must never wait (it kills, whatever runs).
+    pub fn changes_node(self) -> bool {
+        !matches!(self, Op::IsRunning | Op::Fence | Op::LogTail | Op::Resources)
     }
 
     pub fn parse(name: &str) -> Option<Op> {

@@ -50,9 +50,33 @@ struct Agent {
     root: PathBuf,
     /// With etcd: whether the agent's lease is valid (else it starts and promotes no primary).
     standing: Option<Standing>,
+    /// The newest control-plane term an operation came with: older ones change nothing.
+    newest_term: std::sync::atomic::AtomicI64,
+    /// One lock per node directory: operations that change a node run one at a time (two
+    /// leaders' rejoins of one node must not rewind and start it at once).
+    node_locks: std::sync::Mutex<std::collections::HashMap<PathBuf, Arc<std::sync::Mutex<()>>>>,
 }
 
 impl Agent {
+    /// Refuses an operation of a control plane older than one already served (and records a
+    /// newer one).
+    fn admit(&self, term: Option<i64>) -> Result<(), String> {
+        let Some(term) = term else { return Ok(()) };
+        let newest = self.newest_term.fetch_max(term, std::sync::atomic::Ordering::AcqRel);
+        if term < newest {
+            return Err(format!(
+                "a newer control plane leads (term {newest}; this call's is {term}): it changes \
+                 nothing here"
+            ));
+        }
+        Ok(())
+    }
+
+    fn node_lock(&self, dir: &std::path::Path) -> Arc<std::sync::Mutex<()>> {
+        let mut locks = self.node_locks.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(locks.entry(dir.to_owned()).or_default())
+    }
+
     /// A node's directory must be one directory right under the agent's `nodes/`, and its
     /// build (when one is named) a directory with a PostgreSQL server.
     fn check(&self, node: &NodeSpec) -> Result<(), String> {
@@ -130,7 +154,14 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
         }
         None => None,
     };
-    let agent = Arc::new(Agent { driver, nodes_dir, root: options.root.clone(), standing });
+    let agent = Arc::new(Agent {
+        driver,
+        nodes_dir,
+        root: options.root.clone(),
+        standing,
+        newest_term: Default::default(),
+        node_locks: Default::default(),
+    });
     let router = Router::new()
         .route("/v1/info", get(info_of))
         .route("/v1/nodes/{op}", post(call))
@@ -203,9 +234,23 @@ async fn call(
         return error(StatusCode::SERVICE_UNAVAILABLE, "cut_off", why);
     }
     let node = call.node.name.clone();
-    match tokio::task::spawn_blocking(move || apply(&agent, op, call)).await {
-        Ok(Ok(answer)) => Json(answer).into_response(),
-        Ok(Err(e)) => {
+    // Admitted once the node's earlier operations ended: one of a leader that came meanwhile
+    // turns the waiting ones of the former leader away.
+    let work = move || {
+        let lock = op.changes_node().then(|| agent.node_lock(&call.node.dir));
+        let _serial = lock.as_ref().map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
+        if op.changes_node() {
+            agent.admit(call.term)?;
+        }
+        Ok::<_, String>(apply(&agent, op, call))
+    };
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Err(why)) => {
+            warn!(node, op = op.name(), "{why}");
+            error(StatusCode::CONFLICT, "stale_leader", why)
+        }
+        Ok(Ok(Ok(answer))) => Json(answer).into_response(),
+        Ok(Ok(Err(e))) => {
             warn!(node, op = op.name(), error = %e, "operation failed");
             error(StatusCode::INTERNAL_SERVER_ERROR, "driver_failed", e)
         }

@@ -389,8 +389,14 @@ async fn method_not_allowed() -> ApiError {
     ApiError::method_not_allowed()
 }
 
-async fn health() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+/// 200 while this control plane may act; 503 once its lease ran out unrenewed (it was frozen
+/// or cut off from etcd), before it notices and stops: a load balancer in front of the planes
+/// must not send it anything.
+async fn health(State(state): AppState) -> Result<Json<serde_json::Value>, ApiError> {
+    if !state.platform.leads() {
+        return Err(ApiError::standby(crate::platform::NOT_LEADING));
+    }
+    Ok(Json(json!({"status": "ok"})))
 }
 
 async fn metrics(State(state): AppState) -> impl IntoResponse {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use pgwarden_api::control::DatabaseStatus;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error};
+use tracing::{debug, error, info};
 
 use super::failover::failover;
 use super::rejoin::rejoin;
@@ -256,6 +256,7 @@ async fn replication_mode(
         .replicas()
         .find(|r| state.standbys.iter().any(|s| s.name == r.name && s.lag <= CATCH_UP_BYTES));
     if let Some(standby) = caught_up {
+        info!(database = %db.id, standby = %standby.name, "making commits wait for this standby");
         if set_synchronous_standby(platform, db, primary, Some(&standby.name)).await {
             *switching = Some(Switch {
                 primary: primary.name.clone(),

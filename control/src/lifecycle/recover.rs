@@ -64,7 +64,9 @@ pub async fn adopt_nodes(platform: &Arc<Platform>, left: &Leftovers) {
         // Primaries first: a standby starts streaming at once.
         let mut nodes = db.nodes.clone();
         nodes.sort_by_key(|n| n.role != NodeRole::Primary);
-        for node in nodes {
+        // A fenced node (a former primary) stays down: started, it would serve writes as a
+        // second primary. The watcher brings it back as a standby.
+        for node in nodes.into_iter().filter(|n| !n.fenced) {
             let (driver, spec) = (platform.driver.clone(), platform.node_spec(&node));
             let started = blocking(move || {
                 if driver.is_running(&spec) {

@@ -36,6 +36,9 @@ use crate::routing::{table, Delivery, Holds, Publisher, VerifierCache};
 use crate::state::{DatabaseRecord, NodeRecord, Store, StoreError};
 use crate::storage::BackupStorage;
 
+/// Why a control plane that lost its leadership does nothing.
+pub const NOT_LEADING: &str = "this control plane does not lead any more: it acts on no node";
+
 pub struct Platform {
     pub config: PlatformConfig,
     pub store: Store,
@@ -59,6 +62,9 @@ pub struct Platform {
     pub engines: Engines,
     /// With control planes on etcd: the connection (agents' leases live there).
     pub etcd: Option<crate::coord::Etcd>,
+    /// With control planes on etcd: this one's leadership. Once it is lost (or its lease ran
+    /// out unrenewed: the process was frozen), the plane acts on no node and writes nothing.
+    leadership: Option<Arc<crate::coord::Leadership>>,
     records: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Serializes the check-then-insert of a new database (unique names).
     creating: Mutex<()>,
@@ -69,6 +75,8 @@ pub struct Parts {
     pub store: Store,
     /// The connection to etcd, for control planes on it.
     pub etcd: Option<crate::coord::Etcd>,
+    /// This control plane's leadership, for control planes on etcd.
+    pub leadership: Option<Arc<crate::coord::Leadership>>,
     /// This host's driver.
     pub local: Arc<dyn NodeDriver>,
     /// The agents' client.
@@ -81,14 +89,15 @@ pub struct Parts {
 
 impl Platform {
     pub fn new(config: PlatformConfig, parts: Parts) -> Arc<Self> {
-        let Parts { store, etcd, local, remote, ca, backups, pg_bin } = parts;
+        let Parts { store, etcd, leadership, local, remote, ca, backups, pg_bin } = parts;
         let engines = Engines::discover(config.engines_dir.as_deref());
         let metrics = Metrics::new();
         // With etcd, the proxies watch the table there: the publisher only sees them apply it.
         let delivery = if config.etcd.is_some() { Delivery::Watched } else { Delivery::Push };
         let token = config.proxy_token.clone();
         let publisher = Publisher::start(config.proxies.clone(), token, delivery, metrics.clone());
-        let driver = Arc::new(Placed { local, remote: Arc::clone(&remote) });
+        let driver =
+            Arc::new(Placed { local, remote: Arc::clone(&remote), leadership: leadership.clone() });
         Arc::new(Self {
             config,
             store,
@@ -105,6 +114,7 @@ impl Platform {
             pg_bin,
             engines,
             etcd,
+            leadership,
             records: Mutex::default(),
             creating: Mutex::default(),
         })
@@ -166,6 +176,12 @@ impl Platform {
         node_config(&self.ca, &self.config.extra_settings, db, node, sync_standby)
     }
 
+    /// Whether this control plane may act: always alone; on etcd, while its lease is known
+    /// to last.
+    pub fn leads(&self) -> bool {
+        self.leadership.as_ref().is_none_or(|l| l.is_valid())
+    }
+
     /// A superuser session on `node`'s `database`, with the default bounds.
     pub async fn session(&self, node: &NodeSpec, database: &str) -> Result<Session, SqlError> {
         self.session_within(node, database, Timeouts::DEFAULT).await
@@ -177,6 +193,12 @@ impl Platform {
         database: &str,
         timeouts: Timeouts,
     ) -> Result<Session, SqlError> {
+        if !self.leads() {
+            return Err(SqlError::Unreachable {
+                node: node.name.clone(),
+                reason: NOT_LEADING.into(),
+            });
+        }
         if node.agent.is_none() {
             let conninfo = self.driver.admin_conninfo(node, database);
             return Session::open(&node.name, &conninfo, timeouts).await;

@@ -25,6 +25,9 @@ use crate::platform::{Parts, Platform, PlatformConfig};
 use crate::state::kv::{Kv, RedbKv};
 use crate::state::Store;
 
+/// What a control plane on etcd leads with: its store there, the connection, its leadership.
+type Coordination = (Box<dyn Kv>, Etcd, Arc<Leadership>);
+
 /// Where nodes come from.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
@@ -81,7 +84,8 @@ pub async fn serve(
         stop.cancel();
     });
     let kv = crate::state::etcd::EtcdKv::new(etcd.clone(), Arc::clone(&leadership));
-    let served = lead(listener, config, nodes, Some((Box::new(kv), etcd)), running).await;
+    let coordination = Some((Box::new(kv) as Box<dyn Kv>, etcd, Arc::clone(&leadership)));
+    let served = lead(listener, config, nodes, coordination, running).await;
     if shutdown.is_cancelled() && leadership.is_valid() {
         leadership.resign().await;
         return served;
@@ -96,7 +100,7 @@ async fn lead(
     listener: TcpListener,
     config: PlatformConfig,
     nodes: NodeOptions,
-    etcd: Option<(Box<dyn Kv>, Etcd)>,
+    etcd: Option<Coordination>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let stop_on_exit = nodes.stop_on_exit;
@@ -161,7 +165,7 @@ async fn lead(
 fn open(
     config: PlatformConfig,
     nodes: NodeOptions,
-    etcd: Option<(Box<dyn Kv>, Etcd)>,
+    etcd: Option<Coordination>,
 ) -> anyhow::Result<Arc<Platform>> {
     let dir = &config.data_dir;
     let driver = LocalDriver::new(nodes.pg_bin.clone(), &nodes.user)?;
@@ -170,8 +174,8 @@ fn open(
     crate::files::private_dir(&ca_dir)?;
     let ca = Ca::load_or_create(&ca_dir).context("platform CA")?;
     let sealer = crate::secrets::Sealer::open(&dir.join("secret.key"))?;
-    let (kv, etcd) = match etcd {
-        Some((kv, etcd)) => (kv, Some(etcd)),
+    let (kv, etcd, leadership) = match etcd {
+        Some((kv, etcd, leadership)) => (kv, Some(etcd), Some(leadership)),
         None => {
             // Created 0600 before redb opens it: never readable by others, not even for an
             // instant.
@@ -179,7 +183,8 @@ fn open(
             let mut create = fs::OpenOptions::new();
             create.write(true).create(true).truncate(false).mode(0o600).open(&state)?;
             fs::set_permissions(&state, fs::Permissions::from_mode(0o600))?;
-            (Box::new(RedbKv::open(&state).context("state store")?) as Box<dyn Kv>, None)
+            let kv = RedbKv::open(&state).context("state store")?;
+            (Box::new(kv) as Box<dyn Kv>, None, None)
         }
     };
     let store = Store::over(kv, sealer).context("state store (a different secret.key?)")?;
@@ -187,10 +192,19 @@ fn open(
         crate::storage::LocalStorage::new(config.backup_dir.clone()).context("backup storage")?;
     let remote = crate::agent::client::RemoteDriver::new(&ca)
         .map_err(anyhow::Error::msg)
-        .context("the agents' client certificate")?;
+        .context("the agents' client certificate")?
+        .with_term(leadership.as_ref().map(|l| l.term()));
     let (local, remote) = (Arc::new(driver), Arc::new(remote));
-    let parts =
-        Parts { store, etcd, local, remote, ca, backups: Arc::new(backups), pg_bin: nodes.pg_bin };
+    let parts = Parts {
+        store,
+        etcd,
+        leadership,
+        local,
+        remote,
+        ca,
+        backups: Arc::new(backups),
+        pg_bin: nodes.pg_bin,
+    };
     Ok(Platform::new(config, parts))
 }
 
