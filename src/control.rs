@@ -144,12 +144,20 @@ impl TestControl {
     /// processes), one per address of `hosts` (loopback addresses: 127.0.0.2...), each with a
     /// certificate issued by `pgwarden agent-cert`.
     pub async fn start_on_agents(hosts: &[&str]) -> Self {
+        Self::start_on_agents_with(hosts, None).await
+    }
+
+    /// `start_on_agents`, with the engines directory `engines_dir`.
+    pub async fn start_on_agents_with(
+        hosts: &[&str],
+        engines_dir: Option<std::path::PathBuf>,
+    ) -> Self {
         let addrs = crate::planes::free_addrs(hosts);
         let mut control = Self::start_inner(
             Vec::new(),
             Vec::new(),
             "data",
-            None,
+            engines_dir,
             Duration::from_secs(86_400),
             Duration::from_secs(10),
             addrs.clone(),

@@ -21,6 +21,11 @@ async fn control_with_18(window: Duration) -> Option<(TestControl, String)> {
     };
     let control =
         TestControl::start_keeping(Vec::new(), Vec::new(), "data", Some(engines), window).await;
+    newest_18(control).await
+}
+
+/// `control` with the newest installed build of major 18, or why the test cannot run.
+async fn newest_18(control: TestControl) -> Option<(TestControl, String)> {
     let list = control.request("GET", "/v1/engines", None).await.json();
     let newest_18 = list.as_array().unwrap().iter().find(|e| e["major"] == 18).cloned();
     let Some(engine) = newest_18 else {
@@ -39,6 +44,22 @@ async fn create(control: &TestControl, name: &str, plan: &str) -> (String, Strin
         control.wait_synchronous(&id, "a synchronous standby").await;
     }
     (id, url)
+}
+
+/// Tables `w` (for a writer) and `items` (`rows` rows, a sequence), and a read-only user
+/// `reader`; its URL.
+async fn items_and_reader(control: &TestControl, id: &str, url: &str, rows: u32) -> String {
+    let schema = format!(
+        "CREATE TABLE w(n int8 PRIMARY KEY); \
+         CREATE TABLE items(id serial PRIMARY KEY, body text); \
+         INSERT INTO items(body) SELECT repeat('x', 100) FROM generate_series(1, {rows});"
+    );
+    assert!(psql(url, None, &schema).success);
+    let users = format!("/v1/databases/{id}/users");
+    let r =
+        control.request("POST", &users, Some(json!({"name": "reader", "read_only": true}))).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.json()["database_url"].as_str().unwrap().to_owned()
 }
 
 fn request_upgrade(version: &str, budget_ms: Option<u64>) -> Value {
@@ -100,15 +121,7 @@ async fn a_business_database_moves_to_postgresql_18_online_without_failed_connec
     assert!(psql(&url, None, cleanup).success);
 
     // Data, a sequence, and a read-only user with its GRANTs: all must be on the new cluster.
-    let schema = "CREATE TABLE w(n int8 PRIMARY KEY); \
-                  CREATE TABLE items(id serial PRIMARY KEY, body text); \
-                  INSERT INTO items(body) SELECT repeat('x', 100) FROM generate_series(1, 5000);";
-    assert!(psql(&url, None, schema).success);
-    let users = format!("/v1/databases/{id}/users");
-    let r =
-        control.request("POST", &users, Some(json!({"name": "reader", "read_only": true}))).await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let reader_url = r.json()["database_url"].as_str().unwrap().to_owned();
+    let reader_url = items_and_reader(&control, &id, &url, 5000).await;
     let before = control.request("GET", &format!("/v1/databases/{id}"), None).await.json();
     let old_ports: Vec<u64> =
         before["nodes"].as_array().unwrap().iter().map(|n| n["port"].as_u64().unwrap()).collect();
@@ -305,4 +318,56 @@ async fn a_primary_without_logical_wal_is_refused_before_anything_moves() {
     let after = control.request("GET", &format!("/v1/databases/{id}"), None).await.json();
     assert_eq!(node_names(&after), node_names(&before));
     assert_eq!(pgwarden_e2e::node_data_dirs(&control.data).len(), 1, "nothing was created");
+}
+
+/// A database whose nodes run on node agents (127.0.0.2 and 127.0.0.3) moves to 18 as well:
+/// the roles and the schema are copied through the agents' SQL tunnels, the new nodes are made
+/// on the agents, and the writes through the proxy go on with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_on_node_agents_moves_to_postgresql_18_with_its_users_and_data() {
+    let Some(engines) = engines_dir() else {
+        println!("SKIPPED: no engines directory (run scripts/setup.sh)");
+        return;
+    };
+    let control =
+        TestControl::start_on_agents_with(&["127.0.0.2", "127.0.0.3"], Some(engines)).await;
+    let Some((control, v18)) = newest_18(control).await else { return };
+    let (id, url) = create(&control, "remote", "postgresql-business-512").await;
+    let reader_url = items_and_reader(&control, &id, &url, 2000).await;
+    let old_names =
+        node_names(&control.request("GET", &format!("/v1/databases/{id}"), None).await.json());
+
+    let writer = Writer::start(url.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let op = upgrade(&control, &id, request_upgrade(&v18, None)).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let acked = writer.stop().await;
+    let out = psql(&url, None, "SELECT string_agg(n::text, ',') FROM w");
+    let lost = lost_writes(&acked, &out.stdout);
+    assert!(lost.is_empty(), "{} acknowledged inserts lost: {lost:?}", lost.len());
+    assert!(acked.len() > 10, "the writer wrote through the upgrade: {} acks", acked.len());
+
+    // The new nodes are on the agents, under their root, and run 18.
+    let db = control.wait_synchronous(&id, "the new cluster, synchronous").await;
+    let names = node_names(&db);
+    assert!(names.iter().all(|n| !old_names.contains(n)), "new nodes: {names:?} vs {old_names:?}");
+    for node in db["nodes"].as_array().unwrap() {
+        assert_eq!(node["version"].as_str(), Some(v18.as_str()), "{db}");
+        assert!(["127.0.0.2", "127.0.0.3"].contains(&node["host"].as_str().unwrap()), "{db}");
+        let dir = control.node_data_dir(node["name"].as_str().unwrap());
+        assert!(dir.starts_with(control.agent_root()), "{}", dir.display());
+    }
+    let version = psql(&url, None, "SHOW server_version");
+    assert!(version.stdout.trim().starts_with(&v18), "{}", version.stdout);
+    // The data and the read-only user came along; nothing of the copy is left behind.
+    let read = psql(&reader_url, None, "SELECT count(*) FROM items");
+    assert!(read.success && read.stdout.trim() == "2000", "{} {}", read.stdout, read.stderr);
+    let write = psql(&reader_url, None, "INSERT INTO items(body) VALUES ('no')");
+    assert!(!write.success && write.stderr.contains("permission denied"), "{}", write.stderr);
+    let scratch: Vec<String> = std::fs::read_dir(control.data.join("backups/.scratch"))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    let left: Vec<&String> =
+        scratch.iter().filter(|f| f.starts_with("socket-") || f.starts_with("upgrade-")).collect();
+    assert!(left.is_empty(), "the copy left {left:?}");
 }

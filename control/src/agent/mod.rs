@@ -20,6 +20,7 @@
 
 pub mod client;
 pub mod fencing;
+pub mod forward;
 pub mod server;
 pub mod tls;
 

@@ -224,7 +224,6 @@ pub async fn upgrade_engine(
         upgrade::Refusal::NoToolset(..) => {
             ApiError::unprocessable("unsupported_version", e.to_string())
         }
-        upgrade::Refusal::MajorOnAgents(..) => ApiError::conflict("not_supported", e.to_string()),
     })?;
     if let upgrade::Target::Major(_) = &target {
         require_running(&db)?;

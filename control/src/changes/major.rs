@@ -30,13 +30,14 @@ use tracing::{error, warn};
 
 use super::plan::set_status;
 use super::ChangeError;
+use crate::agent::forward::Forward;
 use crate::lifecycle::standby::add_standby;
 use crate::nodes::config::conninfo;
 use crate::nodes::driver::client_sentence;
 use crate::nodes::engines::Engine;
 use crate::nodes::roles::{ident, literal};
 use crate::nodes::sql::{Session, Timeouts};
-use crate::nodes::{blocking, roles};
+use crate::nodes::{blocking, roles, NodeSpec};
 use crate::pitr::{base_dir, pitr_plan, wal_dir, Heartbeats};
 use crate::platform::operations::Progress;
 use crate::platform::{ChangeGuard, Platform};
@@ -217,17 +218,26 @@ async fn run(
         format!("new primary {} started on PostgreSQL {}", new_primary.name, engine.version),
     );
     op.set(0.1);
-    let old_admin = platform.driver.admin_conninfo(&old_spec, "postgres");
-    let new_admin = platform.driver.admin_conninfo(&new_spec, "postgres");
-    let old_db = platform.driver.admin_conninfo(&old_spec, &old.name);
     let scratch = platform.backups.scratch();
-    let (t, s, a, b, d) = (tools.clone(), scratch.clone(), old_admin, new_admin.clone(), old_db);
+    // A node on another host is reached through its agent's tunnel, forwarded to a private
+    // socket here for the client programs.
+    let (old_forward, new_forward) =
+        (forward(platform, &old_spec, &scratch)?, forward(platform, &new_spec, &scratch)?);
+    let admin = |spec: &NodeSpec, forward: &Option<Forward>, database: &str| match forward {
+        Some(forward) => forward.conninfo(database),
+        None => platform.driver.admin_conninfo(spec, database),
+    };
+    let old_admin = admin(&old_spec, &old_forward, "postgres");
+    let new_admin = admin(&new_spec, &new_forward, "postgres");
+    let old_db = admin(&old_spec, &old_forward, &old.name);
+    let (t, s, a, b, d) = (tools.clone(), scratch.clone(), old_admin, new_admin, old_db);
     step(claim, async move {
         tokio::task::spawn_blocking(move || copy_definitions(&t, &s, &a, &d, &b))
             .await
             .map_err(crate::nodes::NodeError::from)?
     })
     .await?;
+    drop((old_forward, new_forward));
     platform.event(id, "schema_copied", "roles, schema and GRANTs copied to the new cluster");
     op.set(0.2);
 
@@ -400,6 +410,21 @@ fn copy_definitions(
     })();
     let _ = std::fs::remove_file(&file);
     result
+}
+
+/// `node`'s socket forwarded here when the node is on another host.
+fn forward(
+    platform: &Platform,
+    node: &NodeSpec,
+    scratch: &Path,
+) -> Result<Option<Forward>, ChangeError> {
+    if node.agent.is_none() {
+        return Ok(None);
+    }
+    let remote = Arc::clone(&platform.remote);
+    Forward::open(remote, node.clone(), scratch)
+        .map(Some)
+        .map_err(|e| program_error("forwarding a node's socket", &e))
 }
 
 /// Runs a SQL file with psql (it holds psql meta-commands), stopping at the first error.

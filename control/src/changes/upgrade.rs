@@ -34,8 +34,6 @@ pub enum Refusal {
     Downgrade { id: String, wanted: String, current: String, installed: String },
     #[error("PostgreSQL {0} has no client tools of its major installed")]
     NoToolset(String),
-    #[error("database {0} runs on node agents: a major upgrade there is not supported yet (a minor one is)")]
-    MajorOnAgents(String),
 }
 
 /// The build `db` runs now (`None` in the record: the platform's own).
@@ -84,9 +82,6 @@ pub fn check(platform: &Platform, db: &DatabaseRecord, version: &str) -> Result<
     }
     if wanted.major == now.major {
         return Ok(Target::Minor(wanted.clone()));
-    }
-    if db.nodes.iter().any(|n| n.agent.is_some()) {
-        return Err(Refusal::MajorOnAgents(db.id.clone()));
     }
     Ok(Target::Major(wanted.clone()))
 }
