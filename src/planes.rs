@@ -212,6 +212,7 @@ impl TestPlanes {
         command.arg("--agent-root").arg(self.agent_root());
         // Storage every plane mounts alike: a new leader has its predecessor's backups.
         command.arg("--backup-dir").arg(self.dir.path().join("backups"));
+        command.args(["--stats-interval-secs", "1"]);
         command.args(["--first-node-port", &crate::node_port_block().to_string()]);
         command.args(["--etcd", &self.etcd.endpoints(), "--lease-ttl-secs", "3"]);
         let child = command

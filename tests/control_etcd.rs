@@ -115,6 +115,15 @@ async fn within<T>(limit: Duration, check: impl Fn() -> Option<T>) -> Option<T> 
     }
 }
 
+/// When the stats samples of `id` that plane `plane` answers with were taken.
+async fn sampled(planes: &TestPlanes, plane: usize, id: &str) -> Vec<i64> {
+    let path = format!("/v1/databases/{id}/stats/history?step=1");
+    let r = planes.request(plane, "GET", &path, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let history = r.json();
+    history["at"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_from_a_killed_leader_and_then_fails_a_database_over() {
     let mut planes = TestPlanes::start(&ETCD, &["127.0.0.2", "127.0.0.3"], 2).await;
@@ -154,6 +163,16 @@ async fn a_standby_takes_over_from_a_killed_leader_and_then_fails_a_database_ove
         assert!(Instant::now() < deadline, "backup not done: {}", list.body);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Stats samples under the first leader (one a second here).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let before = loop {
+        let at = sampled(&planes, 0, &id).await;
+        if at.len() >= 3 {
+            break at;
+        }
+        assert!(Instant::now() < deadline, "no stats history: {at:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let receivers = within(Duration::from_secs(30), || {
         let pids = planes.children_running(0, "pg_receivewal");
         (!pids.is_empty()).then_some(pids)
@@ -190,6 +209,9 @@ async fn a_standby_takes_over_from_a_killed_leader_and_then_fails_a_database_ove
     let download = planes.request(1, "GET", &path, None).await;
     assert_eq!(download.status, 200, "{}", download.body);
     assert!(download.body.starts_with("PGDMP"), "not a pg_dump archive");
+    // It goes on with the history the first one kept, on the same storage.
+    let after = sampled(&planes, 1, &id).await;
+    assert!(before.iter().all(|t| after.contains(t)), "{before:?} not in {after:?}");
 
     // The new leader watches the nodes: kill -9 of the primary's postmaster fails over.
     let deadline = Instant::now() + Duration::from_secs(30);

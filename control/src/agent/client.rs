@@ -324,7 +324,7 @@ impl Placed {
     /// The driver of `node` for a change to it, while this plane leads.
     fn acting(&self, node: &NodeSpec) -> Result<&dyn NodeDriver, DriverError> {
         if self.leadership.as_ref().is_some_and(|l| !l.is_valid()) {
-            return Err(DriverError::Other(crate::platform::NOT_LEADING.to_owned()));
+            return Err(DriverError::Other(crate::coord::NOT_LEADING.to_owned()));
         }
         Ok(self.of(node))
     }

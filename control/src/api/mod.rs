@@ -394,7 +394,7 @@ async fn method_not_allowed() -> ApiError {
 /// must not send it anything.
 async fn health(State(state): AppState) -> Result<Json<serde_json::Value>, ApiError> {
     if !state.platform.leads() {
-        return Err(ApiError::standby(crate::platform::NOT_LEADING));
+        return Err(ApiError::standby(crate::coord::NOT_LEADING));
     }
     Ok(Json(json!({"status": "ok"})))
 }

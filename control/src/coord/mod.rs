@@ -14,6 +14,9 @@
 
 use std::time::Duration;
 
+/// Why a control plane that lost its leadership does nothing.
+pub const NOT_LEADING: &str = "this control plane does not lead any more: it acts on no node";
+
 pub use pgwarden_etcd::{bounded, CoordError, Etcd, Leadership, Lease, CALL_TIMEOUT};
 
 /// `pgwarden serve --etcd`: where etcd is and how this control plane campaigns.

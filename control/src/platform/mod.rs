@@ -36,9 +36,6 @@ use crate::routing::{table, Delivery, Holds, Publisher, VerifierCache};
 use crate::state::{DatabaseRecord, NodeRecord, Store, StoreError};
 use crate::storage::BackupStorage;
 
-/// Why a control plane that lost its leadership does nothing.
-pub const NOT_LEADING: &str = "this control plane does not lead any more: it acts on no node";
-
 pub struct Platform {
     pub config: PlatformConfig,
     pub store: Store,
@@ -196,7 +193,7 @@ impl Platform {
         if !self.leads() {
             return Err(SqlError::Unreachable {
                 node: node.name.clone(),
-                reason: NOT_LEADING.into(),
+                reason: crate::coord::NOT_LEADING.into(),
             });
         }
         if node.agent.is_none() {

@@ -135,8 +135,14 @@ async fn lead(
         recover::resume_operations(&recovering, left);
         crate::changes::resume::resume_interrupted(&recovering, changes);
     });
+    // Control planes on etcd keep it with the backups, on the storage they share: a new leader
+    // goes on with its predecessor's history.
+    let stats_dir = match platform.etcd {
+        Some(_) => &platform.config.backup_dir,
+        None => &platform.config.data_dir,
+    };
     let history = crate::stats::history::History::open(
-        &platform.config.data_dir.join("stats.redb"),
+        &stats_dir.join("stats.redb"),
         platform.config.stats_retention,
     )
     .context("stats history")?;

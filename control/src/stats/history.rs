@@ -3,7 +3,8 @@
 //! written), pruned as samples are added. Answers are one mean per step, per figure.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use pgwarden_api::control::{NodeSeries, Stats, StatsHistory};
 use redb::{Database, ReadableDatabase, TableDefinition};
@@ -14,6 +15,9 @@ use crate::state::StoreError;
 
 /// Key `<database>/<unix ms, 20 digits>`: a database's samples in time order.
 const SAMPLES: TableDefinition<&str, &[u8]> = TableDefinition::new("samples");
+
+/// How redb says another process has the file open.
+const ALREADY_OPEN: &str = "already open";
 
 /// The most steps an answer may have.
 pub const MAX_STEPS: u64 = 10_000;
@@ -69,7 +73,10 @@ impl Point {
 }
 
 pub struct History {
-    db: Database,
+    path: PathBuf,
+    /// Open once a first use could open it: on storage the control planes share, the one that
+    /// led before may hold it for a moment yet (a frozen leader, until it resumes and stops).
+    db: OnceLock<Database>,
     retention_ms: i64,
     /// Samples recorded since the last sweep of the whole store.
     since_sweep: std::sync::atomic::AtomicU32,
@@ -83,8 +90,31 @@ fn key(database: &str, at_ms: i64) -> String {
 }
 
 impl History {
-    /// Opens (or makes) the history at `path`, keeping samples for `retention`.
+    /// Opens (or makes) the history at `path`, keeping samples for `retention`; `Err` if it
+    /// cannot be made at all.
     pub fn open(path: &Path, retention: std::time::Duration) -> Result<Self, StoreError> {
+        let retention_ms = retention.as_millis().min(i64::MAX as u128) as i64;
+        let history = Self {
+            path: path.to_owned(),
+            db: OnceLock::new(),
+            retention_ms,
+            since_sweep: std::sync::atomic::AtomicU32::new(0),
+        };
+        match history.db() {
+            Err(StoreError::Db(e)) if e.contains(ALREADY_OPEN) => {
+                tracing::warn!(path = %path.display(), "the stats history is still open in another process; opened at a later sample");
+            }
+            opened => drop(opened?),
+        }
+        Ok(history)
+    }
+
+    /// The store, opened now if it was not yet.
+    fn db(&self) -> Result<&Database, StoreError> {
+        if let Some(db) = self.db.get() {
+            return Ok(db);
+        }
+        let path = &self.path;
         // Created 0600 before redb opens it (as the state store), whatever the umask.
         let private = || {
             use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -101,8 +131,7 @@ impl History {
         let tx = db.begin_write()?;
         tx.open_table(SAMPLES)?;
         tx.commit()?;
-        let retention_ms = retention.as_millis().min(i64::MAX as u128) as i64;
-        Ok(Self { db, retention_ms, since_sweep: std::sync::atomic::AtomicU32::new(0) })
+        Ok(self.db.get_or_init(|| db))
     }
 
     /// Adds one sample per database, at `now_ms`; drops what is older than the retention and
@@ -115,7 +144,7 @@ impl History {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         blocking_io(|| {
-            let tx = self.db.begin_write()?;
+            let tx = self.db()?.begin_write()?;
             {
                 let mut table = tx.open_table(SAMPLES)?;
                 let cutoff = now_ms - self.retention_ms;
@@ -152,7 +181,7 @@ impl History {
         step_secs: u64,
     ) -> Result<StatsHistory, StoreError> {
         let points: Vec<Point> = blocking_io(|| {
-            let tx = self.db.begin_read()?;
+            let tx = self.db()?.begin_read()?;
             let table = tx.open_table(SAMPLES)?;
             let (from, to) = (key(database, since_ms), key(database, until_ms));
             let mut out = Vec::new();
