@@ -238,16 +238,22 @@ async fn call(
     // turns the waiting ones of the former leader away.
     let work = move || {
         let lock = op.changes_node().then(|| agent.node_lock(&call.node.dir));
-        let _serial = lock.as_ref().map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
+        let _serial = match &lock {
+            Some(lock) => Some(wait_for(lock, op.bound() / 2).ok_or_else(|| {
+                let why = format!("another operation on node {} is still running", call.node.name);
+                ("node_busy", why)
+            })?),
+            None => None,
+        };
         if op.changes_node() {
-            agent.admit(call.term)?;
+            agent.admit(call.term).map_err(|why| ("stale_leader", why))?;
         }
-        Ok::<_, String>(apply(&agent, op, call))
+        Ok::<_, (&str, String)>(apply(&agent, op, call))
     };
     match tokio::task::spawn_blocking(work).await {
-        Ok(Err(why)) => {
+        Ok(Err((code, why))) => {
             warn!(node, op = op.name(), "{why}");
-            error(StatusCode::CONFLICT, "stale_leader", why)
+            error(StatusCode::CONFLICT, code, why)
         }
         Ok(Ok(Ok(answer))) => Json(answer).into_response(),
         Ok(Ok(Err(e))) => {
@@ -255,6 +261,25 @@ async fn call(
             error(StatusCode::INTERNAL_SERVER_ERROR, "driver_failed", e)
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "agent_failed", e),
+    }
+}
+
+/// `lock`, once free, waiting at most `limit`: past half its caller's bound, an operation
+/// would run after the caller gave up on it.
+fn wait_for(
+    lock: &std::sync::Mutex<()>,
+    limit: std::time::Duration,
+) -> Option<std::sync::MutexGuard<'_, ()>> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match lock.try_lock() {
+            Ok(guard) => return Some(guard),
+            Err(std::sync::TryLockError::Poisoned(e)) => return Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
     }
 }
 
@@ -461,4 +486,32 @@ async fn stage(
 
 fn socket_path(dir: &Path, port: u16) -> PathBuf {
     dir.join(format!(".s.PGSQL.{port}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::wait_for;
+
+    #[test]
+    fn a_node_s_lock_is_waited_for_within_the_limit_only() {
+        let lock = std::sync::Mutex::new(());
+        assert!(wait_for(&lock, Duration::ZERO).is_some(), "a free lock is taken at once");
+        let held = lock.lock().unwrap();
+        let asked = Instant::now();
+        assert!(wait_for(&lock, Duration::from_millis(100)).is_none());
+        assert!(asked.elapsed() >= Duration::from_millis(100));
+        drop(held);
+        let (taken, told) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _held = lock.lock().unwrap();
+                taken.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+            });
+            told.recv().unwrap();
+            assert!(wait_for(&lock, Duration::from_secs(10)).is_some(), "taken once released");
+        });
+    }
 }
