@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use pgwarden_api::control::DatabaseStatus;
 use tokio::task::JoinHandle;
@@ -111,6 +112,8 @@ async fn watch(platform: &Arc<Platform>, id: &str) {
     let mut last_lag: Vec<(String, u64)> = Vec::new();
     let mut repair = Background::default();
     let mut switching: Option<Switch> = None;
+    // Since when no standby could be made synchronous (logged now and then).
+    let mut waiting_since: Option<Instant> = None;
     // Checks at a fixed cadence: a check that times out does not delay the next one.
     let mut ticks = tokio::time::interval(health.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -138,13 +141,19 @@ async fn watch(platform: &Arc<Platform>, id: &str) {
                     db.replicas().any(|r| state.standbys.iter().any(|s| s.name == r.name));
                 standby_missing = if streaming { 0 } else { standby_missing + 1 };
                 if platform.changes.busy(id) {
-                    continue; // A primary change is running: leave the nodes to it.
+                    // A primary change is running: leave the nodes to it.
+                    if waiting_since.get_or_insert_with(Instant::now).elapsed() > WHY_EVERY {
+                        waiting_since = Some(Instant::now());
+                        info!(database = id, "a primary change is running: replication left to it");
+                    }
+                    continue;
                 }
                 if switching.as_ref().is_some_and(|s| s.primary != primary.name) {
                     switching = None; // The primary changed since: its settings are new.
                 }
                 let lost = standby_missing >= health.failures;
-                replication_mode(platform, &db, &primary, &state, lost, &mut switching).await;
+                let modes = (&mut switching, &mut waiting_since);
+                replication_mode(platform, &db, &primary, &state, lost, modes).await;
                 if let Some(fenced) = db.nodes.iter().find(|n| n.fenced).cloned() {
                     let (platform, id) = (platform.clone(), id.to_owned());
                     repair.start(async move { rejoin(&platform, &id, &fenced).await });
@@ -214,7 +223,7 @@ async fn replication_mode(
     primary: &NodeRecord,
     state: &PrimaryState,
     standby_lost: bool,
-    switching: &mut Option<Switch>,
+    (switching, waiting_since): (&mut Option<Switch>, &mut Option<Instant>),
 ) {
     if standby_lost && (db.synchronous || switching.is_some()) {
         // Asynchronous again, also when a switch was under way: commits must not wait for a
@@ -255,7 +264,12 @@ async fn replication_mode(
     let caught_up = db
         .replicas()
         .find(|r| state.standbys.iter().any(|s| s.name == r.name && s.lag <= CATCH_UP_BYTES));
+    if caught_up.is_none() && waiting_since.get_or_insert_with(Instant::now).elapsed() > WHY_EVERY {
+        *waiting_since = Some(Instant::now());
+        info!(database = %db.id, streaming = ?state.lags(), "commits stay asynchronous: no standby streams within 1 MiB");
+    }
     if let Some(standby) = caught_up {
+        *waiting_since = None;
         info!(database = %db.id, standby = %standby.name, "making commits wait for this standby");
         if set_synchronous_standby(platform, db, primary, Some(&standby.name)).await {
             *switching = Some(Switch {
@@ -266,6 +280,9 @@ async fn replication_mode(
         }
     }
 }
+
+/// How often the watcher says why commits stay asynchronous.
+const WHY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A standby streaming at most this far behind is made synchronous.
 const CATCH_UP_BYTES: u64 = 1 << 20;
