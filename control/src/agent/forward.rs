@@ -75,7 +75,15 @@ async fn serve(
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => return,
         };
-        let Ok((mut client, _)) = accepted else { continue };
+        let mut client = match accepted {
+            Ok((client, _)) => client,
+            Err(e) => {
+                // Out of descriptors, say: a pause, not a spin.
+                debug!(node = %node.name, error = %e, "cannot accept a forwarded connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let (remote, node, stop) = (Arc::clone(&remote), node.clone(), stop.clone());
         tokio::spawn(async move {
             let mut tunnel = match remote.tunnel(&node, TUNNEL_WAIT).await {
