@@ -3,7 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{lost_writes, postmaster_pid, psql, Connector, TestControl, Writer};
+use pgwarden_e2e::{
+    kill_postmaster, lost_writes, postmaster_pid, psql, stop_immediately, Connector, TestControl,
+    Writer,
+};
 use serde_json::Value;
 use tokio_postgres::NoTls;
 
@@ -250,4 +253,116 @@ async fn switchover_under_load_loses_nothing_and_new_connections_wait_instead_of
         )
         .await;
     assert_eq!(r.status, 422);
+}
+
+async fn events_of(control: &TestControl, id: &str) -> String {
+    control.request("GET", &format!("/v1/databases/{id}/events"), None).await.body
+}
+
+/// A rejoin cut short between its pg_rewind and the node's start (its control plane stopped
+/// there), then done again by the next control plane: a second pg_rewind would first run crash
+/// recovery over the first one's copy and leave the node on a fork of the primary's history,
+/// never streaming. The node is copied afresh instead and commits become synchronous again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejoin_cut_short_after_its_rewind_ends_in_a_fresh_copy() {
+    let mut control = TestControl::start().await;
+    let (db, id, url) = control.create_routed_database("rewound", "postgresql-business-512").await;
+    assert!(psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)").success);
+    let (old_port, new_port) = (port_of(&db, "primary"), port_of(&db, "replica"));
+    let (old_name, new_name) = (name_of(&db, "primary"), name_of(&db, "replica"));
+    let (old_data, new_data) = (control.node_data_dir(&old_name), control.node_data_dir(&new_name));
+    let new_admin = format!(
+        "host={} port={new_port} user=postgres dbname=postgres",
+        new_data.parent().unwrap().display()
+    );
+    // Every replication slot of the standby taken (the old primary's, made in advance, among
+    // them): once promoted, it cannot give the old
+    // primary one, so the control plane's rejoin stops before its rewind, leaving the node
+    // fenced, until the test frees them.
+    let fill = "SELECT count(pg_create_physical_replication_slot('filler_' || i)) FROM \
+                generate_series(1, current_setting('max_replication_slots')::int - \
+                (SELECT count(*) FROM pg_replication_slots)::int) AS i";
+    let drop = "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots";
+    for sql in [drop, fill] {
+        let out = psql(&new_admin, None, sql);
+        assert!(out.success, "{sql}: {}", out.stderr);
+    }
+    let writer = Writer::start(url.clone());
+    assert!(writer.wait_acks_from(old_port, 20, WAIT).await);
+
+    kill_postmaster(&old_data);
+    assert!(writer.wait_acks_from(new_port, 20, WAIT).await);
+    let deadline = Instant::now() + WAIT;
+    while !events_of(&control, &id).await.contains("rejoin_failed") {
+        assert!(Instant::now() < deadline, "no rejoin attempt: {}", events_of(&control, &id).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The control plane stops; the first half of a rejoin happens without it: the old
+    // primary rewound onto the new one's timeline, not started.
+    control.stop().await;
+    stop_immediately(&old_data);
+    // pg_rewind reads the new primary's timeline from its control file: a checkpoint writes it.
+    assert!(psql(&new_admin, None, "CHECKPOINT").success);
+    let rewind = std::process::Command::new("setpriv")
+        .args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
+        .arg(pgwarden_e2e::pg_bin("pg_rewind"))
+        .arg("--target-pgdata")
+        .arg(&old_data)
+        .arg(format!("--source-server={new_admin}"))
+        .env("HOME", "/tmp")
+        .output()
+        .expect("pg_rewind");
+    assert!(rewind.status.success(), "{}", String::from_utf8_lossy(&rewind.stderr));
+    assert!(
+        old_data.join("backup_label").exists(),
+        "pg_rewind left no backup label: {}",
+        String::from_utf8_lossy(&rewind.stderr)
+    );
+    // The primary goes on past the copy.
+    let acked = writer.acked().len();
+    let deadline = Instant::now() + WAIT;
+    while writer.acked().len() < acked + 50 {
+        assert!(Instant::now() < deadline, "writes stopped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let free = "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots \
+                WHERE slot_name LIKE 'filler\\_%'";
+    let out = psql(&new_admin, None, free);
+    assert!(out.success, "{}", out.stderr);
+
+    // The next control plane rejoins the node again.
+    control.run(Vec::new()).await;
+    let db = control.wait_synchronous(&id, "the rewound node rejoined, synchronous").await;
+    assert_eq!(name_of(&db, "primary"), new_name);
+    assert_eq!(name_of(&db, "replica"), old_name);
+    let events = events_of(&control, &id).await;
+    assert!(
+        events.contains("rejoined as a standby of") && events.contains("a fresh base backup"),
+        "{events}"
+    );
+    let acked = writer.stop().await;
+    let out = psql(&url, None, "SELECT string_agg(n::text, ',') FROM w");
+    assert!(out.success, "{}", out.stderr);
+    let lost = lost_writes(&acked, &out.stdout);
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+
+    // A standby that runs but does not replicate is shown as such, not as running with no lag.
+    let standby_admin = format!(
+        "host={} port={old_port} user=postgres dbname=postgres",
+        control.node_data_dir(&old_name).parent().unwrap().display()
+    );
+    let cut = "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'";
+    for sql in [cut, "SELECT pg_reload_conf()"] {
+        assert!(psql(&standby_admin, None, sql).success, "{sql}");
+    }
+    let db = control
+        .wait_database(&id, "the standby shown not streaming", |db| {
+            db["nodes"].as_array().unwrap().iter().any(|n| n["status"] == "not_streaming")
+        })
+        .await;
+    assert_eq!(name_of(&db, "replica"), old_name);
+    for sql in ["ALTER SYSTEM RESET primary_conninfo", "SELECT pg_reload_conf()"] {
+        assert!(psql(&standby_admin, None, sql).success, "{sql}");
+    }
+    control.wait_synchronous(&id, "the standby streaming again").await;
 }

@@ -225,9 +225,13 @@ async fn a_cut_off_primary_host_and_a_frozen_leader_lose_nothing() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    // Not checked yet: that commits become synchronous again. After a rejoin around the freeze,
-    // the new leader sometimes leaves them asynchronous (an open defect; the watcher logs why
-    // at info level, once a minute).
+    // Commits become synchronous again, also when the freeze cut a rejoin short between its
+    // pg_rewind and the node's start (the next leader then copies the node afresh).
+    hosts
+        .wait_database(&id, |db| {
+            synchronous(db) && node(db, "primary") == primary && node(db, "replica") == standby
+        })
+        .await;
 
     let acked = writer.stop().await;
     no_split_brain(&acked, cut, Some(dropped), standby.1);

@@ -44,7 +44,9 @@ pub enum NodeRole {
 pub struct Node {
     pub name: String,
     pub role: NodeRole,
-    /// `running`, `stopped`, `starting`, `failed`.
+    /// `running`, `stopped`, `fenced` (a former primary kept from writing until it rejoins),
+    /// or `not_streaming` (a running replica its primary does not see replicating: its lag is
+    /// unknown).
     pub status: String,
     pub host: String,
     pub port: u16,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgwarden_api::control::{Database, Node, TlsSettings};
+use pgwarden_api::control::{Database, Node, NodeRole, TlsSettings};
 
 use crate::nodes::sql::Timeouts;
 use crate::platform::Platform;
@@ -49,7 +49,7 @@ pub async fn view(platform: &Arc<Platform>, db: &DatabaseRecord) -> Database {
                 .await
                 .ok()?;
             let version: String = admin.query_one("SHOW server_version", &[]).await.ok()?.get(0);
-            let lags = if record.role == pgwarden_api::control::NodeRole::Primary {
+            let lags = if record.role == NodeRole::Primary {
                 admin
                     .query(
                         "SELECT application_name, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::int8 FROM pg_stat_replication",
@@ -72,6 +72,9 @@ pub async fn view(platform: &Arc<Platform>, db: &DatabaseRecord) -> Database {
         for node in &mut nodes {
             if let Some(row) = lags.iter().find(|r| r.get::<_, String>(0) == node.name) {
                 node.lag_bytes = row.get::<_, i64>(1).max(0) as u64;
+            } else if node.role == NodeRole::Replica && node.status == "running" {
+                // Up, but the primary sees it nowhere: its lag is unknown, not 0.
+                node.status = "not_streaming".into();
             }
         }
     }

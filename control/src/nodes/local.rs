@@ -34,6 +34,9 @@ pub struct LocalDriver {
 /// The node's file holding its container's memory limit in bytes (from its configuration).
 const MEMORY_LIMIT_FILE: &str = "memory.limit";
 
+/// In a node's directory from the start of a pg_rewind to the node's next start.
+const REWIND_MARKER: &str = "rewound";
+
 impl LocalDriver {
     /// `bin`: directory of the PostgreSQL 15 programs; `user`: OS user for nodes when root.
     pub fn new(bin: PathBuf, user: &str) -> Result<Self, DriverError> {
@@ -150,6 +153,26 @@ impl LocalDriver {
             cmd.uid(uid).gid(gid).env("HOME", "/tmp");
         }
         cmd
+    }
+
+    /// Runs pg_rewind `cmd` on `node`, once between two starts. A rewound node must start as a
+    /// standby of the rewind's source: it then replays from the rewind's backup label. A second
+    /// pg_rewind before that start (a control plane that lost its leadership between the rewind
+    /// and the start, and the next one rejoining the node again) would first run crash
+    /// recovery over the copy, ending its history where the copy ended: the node would start
+    /// on a fork of the primary's timeline and never stream. An interrupted pg_rewind leaves
+    /// the data directory half copied. Either way the node needs a fresh copy, which the
+    /// error tells the rejoin to make.
+    fn run_rewind(&self, node: &NodeSpec, cmd: &mut Command) -> Result<(), DriverError> {
+        let marker = node.dir.join(REWIND_MARKER);
+        if marker.exists() || Self::data(node).join("backup_label").exists() {
+            return Err(DriverError::Other(format!(
+                "node {} was rewound (or a rewind began) and not started since: a second pg_rewind would fork its history; it needs a fresh copy",
+                node.name
+            )));
+        }
+        self.write(&marker, "", 0o600)?;
+        self.run("pg_rewind", cmd).map(drop)
     }
 
     fn run(&self, what: &str, cmd: &mut Command) -> Result<String, DriverError> {
@@ -338,6 +361,8 @@ impl NodeDriver for LocalDriver {
                 }
             ))
         })?;
+        // Started: a rewind before it is replayed from here on (`run_rewind`).
+        let _ = fs::remove_file(node.dir.join(REWIND_MARKER));
         self.contain(node, prepared.and_then(|()| self.enter_container(node)));
         Ok(())
     }
@@ -395,7 +420,7 @@ impl NodeDriver for LocalDriver {
         cmd.arg("--target-pgdata")
             .arg(Self::data(node))
             .arg(format!("--source-server={}", self.admin_conninfo(source, "postgres")));
-        self.run("pg_rewind", &mut cmd).map(drop)
+        self.run_rewind(node, &mut cmd)
     }
 
     fn rewind_from(&self, node: &NodeSpec, source: &Upstream) -> Result<(), DriverError> {
@@ -415,7 +440,7 @@ impl NodeDriver for LocalDriver {
             .env("PGSSLMODE", "verify-full")
             .env("PGSSLROOTCERT", node.dir.join("ca.crt"))
             .env("PGAPPNAME", &node.name);
-        self.run("pg_rewind", &mut cmd).map(drop)
+        self.run_rewind(node, &mut cmd)
     }
 
     fn make_standby(&self, node: &NodeSpec) -> Result<(), DriverError> {
