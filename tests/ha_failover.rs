@@ -282,6 +282,12 @@ async fn a_rejoin_cut_short_after_its_rewind_ends_in_a_fresh_copy() {
     let fill = "SELECT count(pg_create_physical_replication_slot('filler_' || i)) FROM \
                 generate_series(1, current_setting('max_replication_slots')::int - \
                 (SELECT count(*) FROM pg_replication_slots)::int) AS i";
+    // The first base backup, taken from the standby, uses a slot of its own for its length.
+    let deadline = Instant::now() + WAIT;
+    while !events_of(&control, &id).await.contains("base_backup") {
+        assert!(Instant::now() < deadline, "no base backup");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let drop = "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots";
     for sql in [drop, fill] {
         let out = psql(&new_admin, None, sql);
