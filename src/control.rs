@@ -192,6 +192,15 @@ impl TestControl {
         }
     }
 
+    /// Kills the agent at `addr` and starts it again on the same root.
+    pub async fn restart_agent(&mut self, addr: &str) {
+        self.kill_agent(addr);
+        let Some(i) = self.agents.iter().position(|a| a == addr) else { return };
+        let (root, parent) = (self.agent_root(), self.dir.path().to_owned());
+        let child = crate::planes::start_agent(&self.data, &root, addr, &parent, &[]).await;
+        self.agent_processes[i] = child;
+    }
+
     /// Starts (again) the control plane on the same data dir and proxy.
     pub async fn run(&mut self, extra_settings: Vec<(String, String)>) {
         let config = PlatformConfig {

@@ -162,7 +162,7 @@ async fn info_with(
 /// gets nothing. Even the control plane cannot have a node placed outside the agent's root.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_answers_only_the_platform_s_control_plane() {
-    let control = TestControl::start_on_agents(&["127.0.0.2"]).await;
+    let mut control = TestControl::start_on_agents(&["127.0.0.2"]).await;
     let addr = control.agents()[0].clone();
     let ca_dir = control.data.join("ca");
     let read = |f: &str| std::fs::read_to_string(ca_dir.join(f)).unwrap();
@@ -238,6 +238,18 @@ async fn an_agent_answers_only_the_platform_s_control_plane() {
     assert!(!running);
     let (same, _) = reload(10).await.unwrap();
     assert!(!same.contains("newer control plane"), "{same}");
+    // A restarted agent remembers the newest term.
+    control.restart_agent(&addr).await;
+    let remote = {
+        let _guard = tokio::runtime::Handle::current().enter();
+        pgwarden_control::agent::client::RemoteDriver::new(&platform).unwrap()
+    }
+    .with_term(Some(9));
+    let older = tokio::task::spawn_blocking(move || remote.reload(&ghost).expect_err("refused"))
+        .await
+        .unwrap()
+        .to_string();
+    assert!(older.contains("a newer control plane leads (term 10"), "{older}");
 }
 
 /// Waits until the PITR window of `id` reaches `until`.

@@ -44,14 +44,27 @@ pub struct AgentOptions {
     pub etcd: Option<crate::coord::EtcdSettings>,
 }
 
+/// The file under the agent's root holding the newest control-plane term it served.
+const TERM_FILE: &str = "term";
+
+/// The newest term an earlier run of the agent served (0 if none).
+fn newest_term(root: &Path) -> i64 {
+    std::fs::read_to_string(root.join(TERM_FILE))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 struct Agent {
     driver: Arc<LocalDriver>,
     nodes_dir: PathBuf,
     root: PathBuf,
     /// With etcd: whether the agent's lease is valid (else it starts and promotes no primary).
     standing: Option<Standing>,
-    /// The newest control-plane term an operation came with: older ones change nothing.
-    newest_term: std::sync::atomic::AtomicI64,
+    /// The newest control-plane term an operation came with: older ones change nothing. Kept
+    /// in [`TERM_FILE`] under the root, so that a restarted agent still turns a former leader
+    /// away.
+    newest_term: std::sync::Mutex<i64>,
     /// One lock per node directory: operations that change a node run one at a time (two
     /// leaders' rejoins of one node must not rewind and start it at once).
     node_locks: std::sync::Mutex<std::collections::HashMap<PathBuf, Arc<std::sync::Mutex<()>>>>,
@@ -62,12 +75,20 @@ impl Agent {
     /// newer one).
     fn admit(&self, term: Option<i64>) -> Result<(), String> {
         let Some(term) = term else { return Ok(()) };
-        let newest = self.newest_term.fetch_max(term, std::sync::atomic::Ordering::AcqRel);
-        if term < newest {
+        let mut newest = self.newest_term.lock().unwrap_or_else(|e| e.into_inner());
+        if term < *newest {
             return Err(format!(
-                "a newer control plane leads (term {newest}; this call's is {term}): it changes \
-                 nothing here"
+                "a newer control plane leads (term {}; this call's is {term}): it changes \
+                 nothing here",
+                *newest
             ));
+        }
+        if term > *newest {
+            *newest = term;
+            let path = self.root.join(TERM_FILE);
+            if let Err(e) = crate::files::write_private(&path, term.to_string().as_bytes()) {
+                warn!(path = %path.display(), error = %e, "cannot keep the newest control-plane term");
+            }
         }
         Ok(())
     }
@@ -159,7 +180,7 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
         nodes_dir,
         root: options.root.clone(),
         standing,
-        newest_term: Default::default(),
+        newest_term: std::sync::Mutex::new(newest_term(&options.root)),
         node_locks: Default::default(),
     });
     let router = Router::new()
