@@ -20,7 +20,9 @@
 # - 16 clients, prepared statements (-M prepared), tpcb-like.
 #
 # Environment: ROUNDS (default 1), WORKLOADS (an extended regular expression on the workload's
-# name), TARGETS (default "direct pgwarden pgbouncer").
+# name), TARGETS (default "direct pgwarden pgbouncer", plus pgwarden-base with BASE_PROXY),
+# BASE_PROXY (another pgwarden-proxy binary, say a build of an earlier commit: it runs beside
+# this one as the target pgwarden-base, configured alike, for an A/B comparison in one run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
@@ -78,6 +80,15 @@ TOML
 RUST_LOG=warn target/release/pgwarden-proxy --config "$work/proxy.toml" >"$work/proxy.log" 2>&1 &
 pids+=($!)
 PW_PID=$!
+PWB_PID= PWB_POOL=
+if [ -n "${BASE_PROXY:-}" ]; then
+  PWB_PORT=$(free_port); PWB_POOL=$(free_port); PWB_ADMIN=$(free_port)
+  sed -e "s/:$PW_PORT\"/:$PWB_PORT\"/" -e "s/:$PW_POOL\"/:$PWB_POOL\"/" \
+    -e "s/:$PW_ADMIN\"/:$PWB_ADMIN\"/" "$work/proxy.toml" > "$work/proxy-base.toml"
+  RUST_LOG=warn "$BASE_PROXY" --config "$work/proxy-base.toml" >"$work/proxy-base.log" 2>&1 &
+  pids+=($!)
+  PWB_PID=$!
+fi
 
 printf '"bench" "%s"\n' "$SCRAM" > "$work/userlist.txt"
 cat > "$work/pgbouncer.ini" <<INI
@@ -104,15 +115,15 @@ INI
 as_node sh -c 'ulimit -n "$(ulimit -Hn)" && exec "$1" -q "$2"' sh "$PGBOUNCER" "$work/pgbouncer.ini" &
 pids+=($!)
 
-for port in $PW_POOL $PGB_PORT; do
+for port in $PW_POOL $PGB_PORT $PWB_POOL; do
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 done
 for _ in $(seq 50); do [ -s "$work/pgbouncer.pid" ] && break; sleep 0.1; done
 PGB_PID=$(cat "$work/pgbouncer.pid")
 HZ=$(getconf CLK_TCK)
-pid_of() { case $1 in pgwarden) echo "$PW_PID" ;; pgbouncer) echo "$PGB_PID" ;; esac; }
+pid_of() { case $1 in pgwarden) echo "$PW_PID" ;; pgwarden-base) echo "$PWB_PID" ;; pgbouncer) echo "$PGB_PID" ;; esac; }
 ticks() { local pid; pid=$(pid_of "$1"); [ -n "$pid" ] && awk '{print $14 + $15}' "/proc/$pid/stat" || true; }
-declare -A port_of=([direct]=$PG_PORT [pgwarden]=$PW_POOL [pgbouncer]=$PGB_PORT)
+declare -A port_of=([direct]=$PG_PORT [pgwarden]=$PW_POOL [pgbouncer]=$PGB_PORT [pgwarden-base]=$PWB_POOL)
 ulimit -n "$(ulimit -Hn)"
 
 # name|sslmode|pgbench processes|arguments of each. The storm's clients are separate processes,
@@ -127,7 +138,7 @@ workloads=()
 for w in "${all_workloads[@]}"; do
   if [[ -z "${WORKLOADS:-}" || "${w%%|*}" =~ $WORKLOADS ]]; then workloads+=("$w"); fi
 done
-names=${TARGETS:-direct pgwarden pgbouncer}
+names=${TARGETS:-direct pgwarden ${BASE_PROXY:+pgwarden-base }pgbouncer}
 
 : > "$work/runs.tsv"
 for round in $(seq "$ROUNDS"); do

@@ -62,7 +62,31 @@ impl Pools {
 /// A transaction waiting for a connection of `user`.
 struct Waiter {
     user: String,
+    /// The thread the waiting session runs on.
+    home: usize,
+    /// How often a later waiter on the releasing connection's thread went first.
+    passed_over: u32,
     handoff: tokio::sync::oneshot::Sender<ServerConn>,
+}
+
+/// How often a waiter may be passed over for a later one on the thread of the connection that
+/// came back, before it gets the next one whatever its thread.
+const MAX_PASSED_OVER: u32 = 2;
+
+/// How far behind the oldest waiter a release looks for one on the connection's thread.
+const AFFINITY_WINDOW: usize = 8;
+
+/// The calling thread, as a small number: sessions run on one single-threaded runtime per
+/// thread ([`crate::Workers`]), and a socket's readiness is reported by the reactor of the
+/// thread that registered it. A server connection used by a session on another thread wakes
+/// that thread for every message (a futex wake and a context switch); the pool hands
+/// connections to sessions of their own thread where it can.
+pub(crate) fn home() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static HOME: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    HOME.with(|home| *home)
 }
 
 /// What a transaction asks a pool for: a connection to `route`'s primary for `user` of
@@ -128,6 +152,8 @@ pub struct ServerConn {
     pub applied: HashMap<String, String>,
     /// The statements prepared on it for clients.
     pub statements: crate::statements::ServerStatements,
+    /// The thread whose reactor its socket is registered with ([`home`]).
+    home: usize,
     /// When it last went idle.
     idle_since: std::time::Instant,
     _slot: Slot,
@@ -188,11 +214,15 @@ impl DbPool {
         *self.size.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An idle connection of `user` to `primary`; connections to a former primary are dropped.
+    /// An idle connection of `user` to `primary`, one of the calling thread's if there is;
+    /// connections to a former primary are dropped.
     fn take_idle(&self, user: &str, primary: &str) -> Option<ServerConn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|c| !c.moved.is_cancelled());
-        let at = idle.iter().rposition(|c| c.user == user && c.primary == primary)?;
+        let fits = |c: &ServerConn| c.user == user && c.primary == primary;
+        let here = home();
+        let at = (idle.iter().rposition(|c| fits(c) && c.home == here))
+            .or_else(|| idle.iter().rposition(fits))?;
         Some(idle.swap_remove(at))
     }
 
@@ -207,11 +237,13 @@ impl DbPool {
         if conn.moved.is_cancelled() {
             return;
         }
-        // The oldest waiter of the same user gets it (one that gave up is skipped).
+        // The oldest waiter of the same user gets it (one that gave up is skipped), or one
+        // shortly behind it on the connection's thread.
         loop {
             let waiter = {
                 let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-                next_waiter(&mut waiters, &conn.user, self.waiting.load(Ordering::Relaxed))
+                let waiting = self.waiting.load(Ordering::Relaxed);
+                next_waiter(&mut waiters, &conn.user, conn.home, waiting)
             };
             let Some(waiter) = waiter else { break };
             match waiter.handoff.send(conn) {
@@ -301,10 +333,12 @@ impl DbPool {
                 waiting = Some((guard, std::time::Instant::now()));
             }
             let (handoff, handed) = tokio::sync::oneshot::channel();
-            self.waiters
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push_back(Waiter { user: user.to_owned(), handoff });
+            self.waiters.lock().unwrap_or_else(|e| e.into_inner()).push_back(Waiter {
+                user: user.to_owned(),
+                home: home(),
+                passed_over: 0,
+                handoff,
+            });
             tokio::select! {
                 conn = handed => {
                     if let Ok(conn) = conn {
@@ -361,6 +395,7 @@ impl DbPool {
             params: logged_in.params,
             applied: HashMap::new(),
             statements: Default::default(),
+            home: home(),
             idle_since: std::time::Instant::now(),
             _slot: Slot {
                 pool: Arc::clone(self),
@@ -371,29 +406,53 @@ impl DbPool {
     }
 }
 
-/// Takes the oldest live waiter of `user` out of the queue. Only the entries passed on the way
-/// are looked at (a release must not cost a walk over a thousand waiters); those that gave up
-/// go with them, and the whole queue is swept when dead entries outnumber the `waiting` live
-/// ones, so it stays bounded.
+/// Takes the waiter of `user` a connection of thread `home` goes to out of the queue: the
+/// oldest live one, unless one of the next few of `user` runs on `home` and the oldest was
+/// passed over fewer than [`MAX_PASSED_OVER`] times (so no waiter waits more than a few
+/// releases longer than in strict order). Only the entries passed on the way are looked at (a
+/// release must not cost a walk over a thousand waiters); those that gave up go with them, and
+/// the whole queue is swept when dead entries outnumber the `waiting` live ones, so it stays
+/// bounded.
 fn next_waiter(
     waiters: &mut std::collections::VecDeque<Waiter>,
     user: &str,
+    home: usize,
     waiting: usize,
 ) -> Option<Waiter> {
     if waiters.len() > 2 * waiting + 16 {
         waiters.retain(|w| !w.handoff.is_closed());
     }
     let mut at = 0;
+    let mut oldest = None;
+    let mut looked = 0;
     while at < waiters.len() {
-        if waiters[at].handoff.is_closed() {
+        let (closed, theirs, here) = {
+            let w = &waiters[at];
+            (w.handoff.is_closed(), w.user == user, w.home == home)
+        };
+        if closed {
             waiters.remove(at);
-        } else if waiters[at].user == user {
-            return waiters.remove(at);
-        } else {
-            at += 1;
+            continue;
         }
+        if theirs {
+            let first = *oldest.get_or_insert(at);
+            if waiters[first].passed_over >= MAX_PASSED_OVER {
+                return waiters.remove(first);
+            }
+            if here {
+                for passed in waiters.range_mut(first..at).filter(|w| w.user == user) {
+                    passed.passed_over += 1;
+                }
+                return waiters.remove(at);
+            }
+            looked += 1;
+            if looked > AFFINITY_WINDOW {
+                break;
+            }
+        }
+        at += 1;
     }
-    None
+    oldest.and_then(|first| waiters.remove(first))
 }
 
 struct Waiting<'a>(&'a AtomicUsize, prometheus::IntGauge);
@@ -414,7 +473,7 @@ mod tests {
         live: bool,
     ) -> (Waiter, Option<tokio::sync::oneshot::Receiver<ServerConn>>) {
         let (handoff, handed) = tokio::sync::oneshot::channel();
-        (Waiter { user: user.to_owned(), handoff }, live.then_some(handed))
+        (Waiter { user: user.to_owned(), home: 0, passed_over: 0, handoff }, live.then_some(handed))
     }
 
     /// A slot of `pool` holding one of its permits, as an open connection does.
@@ -459,20 +518,47 @@ mod tests {
             alive.push(rx);
         }
         // The dead ones in front of the match go; the live waiter of another user stays.
-        let got = next_waiter(&mut queue, "a", 3).expect("a live waiter of a");
+        let got = next_waiter(&mut queue, "a", 0, 3).expect("a live waiter of a");
         assert!(!got.handoff.is_closed());
         let users: Vec<&str> = queue.iter().map(|w| w.user.as_str()).collect();
         assert_eq!(users, ["b", "a"]);
-        assert!(next_waiter(&mut queue, "c", 2).is_none());
+        assert!(next_waiter(&mut queue, "c", 0, 2).is_none());
         assert_eq!(queue.len(), 2, "live waiters are never dropped");
 
         // Waiters that gave up behind the live ones are swept once they outnumber them.
         for _ in 0..40 {
             queue.push_back(waiter("z", false).0);
         }
-        let got = next_waiter(&mut queue, "b", 2).expect("b");
+        let got = next_waiter(&mut queue, "b", 0, 2).expect("b");
         assert_eq!(got.user, "b");
         assert_eq!(queue.len(), 1);
+        drop(alive);
+    }
+
+    #[test]
+    fn a_waiter_on_the_connection_s_thread_goes_first_but_the_oldest_waits_only_a_few_turns() {
+        let mut queue = std::collections::VecDeque::new();
+        let mut alive = Vec::new();
+        for (user, home) in [("a", 1), ("b", 0), ("a", 0), ("a", 0), ("a", 0), ("a", 0)] {
+            let (mut w, rx) = waiter(user, true);
+            w.home = home;
+            queue.push_back(w);
+            alive.push(rx);
+        }
+        let order = |queue: &std::collections::VecDeque<Waiter>| {
+            queue.iter().map(|w| (w.user.clone(), w.home)).collect::<Vec<_>>()
+        };
+        // Connections of thread 0: its waiters go first, twice; then the oldest's turn.
+        for _ in 0..2 {
+            let got = next_waiter(&mut queue, "a", 0, 6).expect("a waiter");
+            assert_eq!((got.user.as_str(), got.home), ("a", 0));
+        }
+        let got = next_waiter(&mut queue, "a", 0, 4).expect("the oldest");
+        assert_eq!((got.user.as_str(), got.home), ("a", 1), "passed over twice: its turn");
+        // A connection of thread 1 with none of its waiters left: the oldest of the user.
+        let got = next_waiter(&mut queue, "a", 1, 3).expect("the oldest");
+        assert_eq!((got.user.as_str(), got.home), ("a", 0));
+        assert_eq!(order(&queue), [("b".to_owned(), 0), ("a".to_owned(), 0)]);
         drop(alive);
     }
 }
