@@ -211,6 +211,20 @@ impl TestProxy {
             .unwrap_or(0.0)
     }
 
+    /// The value of `series` once it reaches `want`, or its last value after 5 s (a counter
+    /// the proxy moves after the client already saw the outcome: a cancel request counts as
+    /// forwarded once its connection to the node is closed).
+    pub async fn metric_reaching(&self, series: &str, want: f64) -> f64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let value = self.metric(series).await;
+            if value == want || std::time::Instant::now() > deadline {
+                return value;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// libpq connection string for `database` as `user` through the proxy.
     pub fn conninfo(&self, database: &str, user: &str, extra: &str) -> String {
         format!("host=127.0.0.1 port={} dbname={database} user={user} {extra}", self.port())

@@ -145,7 +145,9 @@ async fn a_cancel_reaches_a_node_behind_tls() {
     let err = sleeping.await.unwrap().expect_err("cancelled");
     assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{err:?}");
     assert_eq!(
-        proxy.metric("pgwarden_proxy_cancel_requests_total{result=\"forwarded\"}").await,
+        proxy
+            .metric_reaching("pgwarden_proxy_cancel_requests_total{result=\"forwarded\"}", 1.0)
+            .await,
         1.0,
         "forwarded to the node over TLS"
     );
