@@ -83,10 +83,11 @@ impl Leadership {
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), me, Some(PutOptions::new().with_lease(lease.id())))])
             .or_else([TxnOp::get(key.clone(), None)]);
-        let answer = match bounded(CALL_TIMEOUT, etcd.client().txn(txn)).await {
+        let (member, mut client) = etcd.member();
+        let answer = match bounded(CALL_TIMEOUT, client.txn(txn)).await {
             Ok(answer) => answer,
             Err(e) => {
-                etcd.failed();
+                etcd.failed(member);
                 let _ = lease.revoke().await;
                 return Err(e);
             }

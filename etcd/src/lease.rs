@@ -1,4 +1,4 @@
-//! A lease kept alive: renewed every third of its TTL; valid, as its holder counts it, until
+//! A lease kept alive: renewed every quarter of its TTL; valid, as its holder counts it, until
 //! the instant it sent the last renewal etcd answered plus the TTL. etcd counts from the
 //! moment it received that renewal, later, so the holder stops counting on its lease before
 //! etcd can let the lease's keys go. A process frozen past that instant finds the lease over
@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use super::{bounded, CoordError, Etcd, CALL_TIMEOUT};
+
+/// A keep-alive stream, and the member it goes to (`None` until it is open).
+type KeepAlive = (usize, Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>);
 
 pub struct Lease {
     etcd: Etcd,
@@ -32,10 +35,10 @@ impl Lease {
     pub async fn grant(etcd: &Etcd, ttl: Duration) -> Result<Arc<Self>, CoordError> {
         let asked = Instant::now();
         let secs = ttl.as_secs().max(1);
-        let mut client = etcd.client();
+        let (member, mut client) = etcd.member();
         let granted = bounded(CALL_TIMEOUT, client.lease_grant(secs as i64, None)).await;
         if granted.is_err() {
-            etcd.failed();
+            etcd.failed(member);
         }
         let id = granted?.id();
         let ttl = Duration::from_secs(secs);
@@ -82,10 +85,13 @@ impl Lease {
         self.etcd.call(|mut c| async move { c.lease_revoke(id).await }).await.map(drop)
     }
 
-    /// Renews the lease every third of its TTL until it is lost or given up; `what` names
-    /// what it holds, for the log.
+    /// Renews the lease every quarter of its TTL until it is lost or given up; `what` names
+    /// what it holds, for the log. A renewal waits at most a second: one sent to a member
+    /// while the cluster elects a leader (its leader killed) is answered once the election
+    /// ends, or tried again through the next member.
     pub async fn keep(self: Arc<Self>, what: &'static str) {
-        let every = self.ttl / 3;
+        let every = self.ttl / 4;
+        let patience = every.min(Duration::from_secs(1));
         let mut channel = None;
         loop {
             if self.lost.is_cancelled() {
@@ -95,7 +101,7 @@ impl Lease {
                 return self.lose(what, "the lease ended before a renewal got through");
             }
             let sent = Instant::now();
-            let renewed = match tokio::time::timeout(every, self.renew(&mut channel)).await {
+            let renewed = match tokio::time::timeout(patience, self.renew(&mut channel)).await {
                 Ok(Ok(0)) => return self.lose(what, "etcd says the lease has ended"),
                 Ok(Ok(secs)) => {
                     let until = sent + Duration::from_secs(secs as u64);
@@ -115,8 +121,9 @@ impl Lease {
             let next = if renewed {
                 (sent + every).min(self.until())
             } else {
-                channel = None;
-                self.etcd.failed();
+                if let Some((member, ..)) = channel.take() {
+                    self.etcd.failed(member);
+                }
                 Instant::now() + Duration::from_millis(20)
             };
             tokio::select! {
@@ -127,15 +134,17 @@ impl Lease {
     }
 
     /// One renewal over the keep-alive stream (opened again after a failure); the TTL left.
-    async fn renew(
-        &self,
-        channel: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
-    ) -> Result<i64, CoordError> {
-        let open = match channel.take() {
-            Some(open) => open,
-            None => self.etcd.client().lease_keep_alive(self.id).await?,
+    async fn renew(&self, channel: &mut Option<KeepAlive>) -> Result<i64, CoordError> {
+        if channel.is_none() {
+            let (member, mut client) = self.etcd.member();
+            // Kept (with its member) even if opening fails: the failure moves on from it.
+            *channel = Some((member, None));
+            let (keeper, stream) = client.lease_keep_alive(self.id).await?;
+            *channel = Some((member, Some((keeper, stream))));
+        }
+        let Some((_, Some((keeper, stream)))) = channel.as_mut() else {
+            return Err(CoordError::Closed("the lease's keep-alive stream is not open"));
         };
-        let (keeper, stream) = channel.insert(open);
         keeper.keep_alive().await?;
         match stream.message().await? {
             Some(answer) => Ok(answer.ttl()),

@@ -71,11 +71,12 @@ impl Etcd {
         Ok(Self { clients: Arc::new(clients), current: Arc::new(AtomicUsize::new(start)), prefix })
     }
 
-    /// The member in use failed a call: the next calls go to the next member.
-    pub fn failed(&self) {
+    /// Member `i` failed a call: the next calls go to the next member. Only once per member
+    /// in use: tasks that saw the same member fail at once move on by one member together (each
+    /// moving on would bring some of them back to the member that failed).
+    pub fn failed(&self, i: usize) {
         let n = self.clients.len();
-        let _ =
-            self.current.fetch_update(Ordering::AcqRel, Ordering::Acquire, |i| Some((i + 1) % n));
+        let _ = self.current.compare_exchange(i, (i + 1) % n, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// `call` with a client of each member in turn, from the one in use, until one answers
@@ -88,10 +89,11 @@ impl Etcd {
     {
         let mut last = None;
         for _ in 0..self.clients.len() {
-            match bounded(CALL_TIMEOUT, call(self.client())).await {
+            let (i, client) = self.member();
+            match bounded(CALL_TIMEOUT, call(client)).await {
                 Ok(answer) => return Ok(answer),
                 Err(e) => {
-                    self.failed();
+                    self.failed(i);
                     last = Some(e);
                 }
             }
@@ -106,8 +108,13 @@ impl Etcd {
 
     /// A client of the member in use (cheap to clone; its calls take `&mut`).
     pub fn client(&self) -> etcd_client::Client {
+        self.member().1
+    }
+
+    /// The member in use, and a client of it (`failed` takes the member).
+    pub fn member(&self) -> (usize, etcd_client::Client) {
         let i = self.current.load(Ordering::Acquire) % self.clients.len();
-        self.clients[i].clone()
+        (i, self.clients[i].clone())
     }
 
     /// The current leader's address, if any.
