@@ -307,6 +307,16 @@ async fn a_rejoin_cut_short_after_its_rewind_ends_in_a_fresh_copy() {
     // primary rewound onto the new one's timeline, not started.
     control.stop().await;
     stop_immediately(&old_data);
+    // The killed postmaster, until its parent (here PID 1) reaps it, still holds its pid:
+    // PostgreSQL (pg_rewind's crash recovery) takes the lock file for a live postmaster's.
+    let lock = std::fs::read_to_string(old_data.join("postmaster.pid")).unwrap_or_default();
+    if let Some(pid) = lock.lines().next().and_then(|l| l.trim().parse::<u32>().ok()) {
+        let deadline = Instant::now() + WAIT;
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(Instant::now() < deadline, "the old primary's postmaster {pid} never went");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     // pg_rewind reads the new primary's timeline from its control file: a checkpoint writes it.
     assert!(psql(&new_admin, None, "CHECKPOINT").success);
     let rewind = std::process::Command::new("setpriv")
