@@ -113,8 +113,25 @@ test_failover() {
   read -r acked lost <<<"$result"
   echo "compose test: $acked writes acknowledged, $lost of them missing from the table"
   [ "$acked" -gt "$before" ] && [ "$lost" = 0 ] || exit 1
-  # The killed host comes back and its node rejoins.
+  # The killed host comes back and its node rejoins: a standby again, commits synchronous.
   compose start "$host" >/dev/null
+  want="synchronous replica/running"
+  state=""
+  for _ in $(seq 60); do
+    state="$(in_loadgen "for plane in $net.31 $net.32; do
+        list=\"\$(pgwarden --api http://\$plane:9180 --data-dir /secrets/cp --output json list)\" || continue
+        jq -r '.[0] | .replication + \" \" + ([.nodes[] | select(.host == \"$primary\") | .role + \"/\" + .status] | join(\",\"))' <<<\"\$list\"
+        break
+      done 2>/dev/null")" || true
+    [ "$state" = "$want" ] && break
+    sleep 2
+  done
+  if [ "$state" != "$want" ]; then
+    compose logs --tail 30 cp1 cp2 "$host" >&2
+    echo "compose test: $host's node did not rejoin as a synchronous standby: $state" >&2
+    exit 1
+  fi
+  echo "compose test: $host's node rejoined as a standby, commits synchronous again"
   echo "compose test: passed"
   [ "${PGWARDEN_KEEP:-0}" = 1 ] || compose down -v --remove-orphans >/dev/null 2>&1
 }
