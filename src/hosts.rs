@@ -195,9 +195,18 @@ impl TestHosts {
             .output()
             .expect("pgwarden agent-cert");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let mut command = self.lan.command(host, crate::workspace_bin("pgwarden"));
+        // Each host has its own disk: its agent sees its own root (`hosts/<host>`) at the path
+        // every agent is given (`agents`), through a bind mount in the host's private mount
+        // namespace (`ip netns exec` gives each command one). Its PostgreSQL nodes, its newest
+        // term and what its fencing kills are its own, as on separate machines.
+        let (root, shared) = (self.host_root(host), self.dir.path().join("agents"));
+        std::fs::create_dir_all(&root).expect("a host's root");
+        std::fs::create_dir_all(&shared).expect("the agents' root");
+        let mut command = self.lan.command(host, "sh");
+        command.args(["-c", r#"mount --bind "$1" "$2" && shift 2 && exec "$@""#, "sh"]);
+        command.arg(&root).arg(&shared).arg(crate::workspace_bin("pgwarden"));
         command.args(["agent", "--listen", &addr, "--advertise", &addr, "--dir"]);
-        command.arg(self.dir.path().join("agents")).arg("--tls-dir").arg(&tls);
+        command.arg(&shared).arg("--tls-dir").arg(&tls);
         command.args(["--etcd", &self.etcd_endpoints(), "--lease-ttl-secs", "5"]);
         self.spawn(host, command);
     }
@@ -338,9 +347,19 @@ impl TestHosts {
         }
     }
 
-    /// The `data` directory of node `name`.
+    /// What the agent of database host `host` sees as its root (`--dir`).
+    fn host_root(&self, host: &str) -> PathBuf {
+        self.dir.path().join("hosts").join(host)
+    }
+
+    /// The `data` directories of every host's nodes.
+    fn node_data_dirs(&self) -> Vec<PathBuf> {
+        DB_HOSTS.iter().flat_map(|h| crate::node_data_dirs(&self.host_root(h))).collect()
+    }
+
+    /// The `data` directory of node `name` (wherever its host keeps it).
     pub fn node_data_dir(&self, name: &str) -> PathBuf {
-        crate::node::data_dir_of(crate::node_data_dirs(&self.dir.path().join("agents")), name)
+        crate::node::data_dir_of(self.node_data_dirs(), name)
     }
 }
 
@@ -350,7 +369,7 @@ impl Drop for TestHosts {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for data in crate::node_data_dirs(&self.dir.path().join("agents")) {
+        for data in self.node_data_dirs() {
             crate::stop_immediately(&data);
         }
     }

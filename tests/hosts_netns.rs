@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{kill_postmaster, lost_writes, psql, Ack, TestHosts, Writer};
+use pgwarden_e2e::{kill_postmaster, lost_writes, postmaster_pid, psql, Ack, TestHosts, Writer};
 use serde_json::Value;
 
 fn node(db: &Value, role: &str) -> (String, i32) {
@@ -162,13 +162,26 @@ async fn a_cut_off_primary_host_and_a_frozen_leader_lose_nothing() {
         ["db1", "db2", "db3"].into_iter().find(|h| hosts.lan.addr(h).to_string() == addr).unwrap()
     };
     let cut_host = host_of(&primary.0);
+    // Another database's primary, on another host: the cut-off host's fencing is not its
+    // business (each host has its own disk and processes).
+    let other = hosts.create_database("bystander", "postgresql-business-512").await;
+    let bystander = node(&other, "primary").0;
+    let bystander_host = other["nodes"].as_array().unwrap().iter().find(|n| n["name"] == bystander);
+    let bystander_addr = bystander_host.unwrap()["host"].as_str().unwrap().to_owned();
+    assert_ne!(hosts.lan.addr(cut_host).to_string(), bystander_addr, "placement: {other}");
+    let bystander_data = hosts.node_data_dir(&bystander);
+    let bystander_pid = postmaster_pid(&bystander_data).expect("the bystander primary runs");
     let cut = Instant::now();
     hosts.lan.cut(cut_host);
     let ack = resumed_after(&hosts, &writer, cut, "after the primary's host was cut off").await;
     assert_eq!(ack.port, standby.1, "writes resumed on the standby");
     eprintln!("primary's host cut off: first write on the new primary after {:?}", ack.at - cut);
     let log = hosts.log_of(cut_host);
-    assert!(log.contains("killed this host's primaries"), "{log}");
+    let fenced = log.lines().find(|l| l.contains("killed this host's primaries"));
+    let fenced = fenced.unwrap_or_else(|| panic!("the cut-off host fenced nothing:\n{log}"));
+    assert!(fenced.contains(&format!("{}.", primary.0)), "{fenced}");
+    assert!(!fenced.contains(&format!("{bystander}.")), "{fenced}");
+    assert_eq!(postmaster_pid(&bystander_data), Some(bystander_pid), "the bystander primary");
     hosts.lan.heal(cut_host);
     hosts.wait_database(&id, |db| node(db, "primary") == standby).await;
 
