@@ -139,31 +139,30 @@ mod tests {
 
     use rustls::client::{ClientSessionMemoryCache, ClientSessionStore, Resumption};
     use rustls::pki_types::ServerName;
-    use rustls::{CipherSuite, ClientConnection, RootCertStore, ServerConnection};
+    use rustls::{
+        CipherSuite, ClientConnection, ConnectionCommon, RootCertStore, ServerConnection,
+    };
 
     use super::*;
+
+    /// Carries the records `from` has to send into `to`.
+    fn carry<A, B>(from: &mut ConnectionCommon<A>, to: &mut ConnectionCommon<B>) {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).expect("records out");
+        }
+        let mut records = wire.as_slice();
+        while !records.is_empty() {
+            to.read_tls(&mut records).expect("records in");
+            to.process_new_packets().expect("records accepted");
+        }
+    }
 
     /// Carries the records each side has to send to the other until neither has any.
     fn exchange(client: &mut ClientConnection, server: &mut ServerConnection) {
         while client.wants_write() || server.wants_write() {
-            let mut wire = Vec::new();
-            while client.wants_write() {
-                client.write_tls(&mut wire).expect("client records");
-            }
-            let mut from_client = wire.as_slice();
-            while !from_client.is_empty() {
-                server.read_tls(&mut from_client).expect("server reads");
-                server.process_new_packets().expect("server accepts");
-            }
-            let mut wire = Vec::new();
-            while server.wants_write() {
-                server.write_tls(&mut wire).expect("server records");
-            }
-            let mut from_server = wire.as_slice();
-            while !from_server.is_empty() {
-                client.read_tls(&mut from_server).expect("client reads");
-                client.process_new_packets().expect("client accepts");
-            }
+            carry(client, server);
+            carry(server, client);
         }
     }
 
