@@ -13,7 +13,8 @@
 # Per run: TPS; p50 and p99 latency from pgbench's per-transaction log, over the steady state
 # (transactions ending after the first 2 s, while the pool fills and 1000 clients log in) and
 # p99 over the whole run; the pooler's own CPU time per 1000 transactions (user + system, from
-# /proc) and pgbench's. Workloads:
+# /proc) and pgbench's, and what pgbench's CPU alone bounds the target to (all cores busy with
+# pgbench, the pooler and PostgreSQL costing nothing) against direct's TPS. Workloads:
 # - TLS reconnect storm: select-only, a new TLS connection per transaction (-C), 8 clients, each
 #   its own pgbench process;
 # - 1000 clients select-only (direct PostgreSQL refuses them: max_connections 80);
@@ -22,7 +23,8 @@
 # Environment: ROUNDS (default 1), WORKLOADS (an extended regular expression on the workload's
 # name), TARGETS (default "direct pgwarden pgbouncer", plus pgwarden-base with BASE_PROXY),
 # BASE_PROXY (another pgwarden-proxy binary, say a build of an earlier commit: it runs beside
-# this one as the target pgwarden-base, configured alike, for an A/B comparison in one run).
+# this one as the target pgwarden-base, configured alike, for an A/B comparison in one run),
+# PROXY_THREADS and BASE_THREADS (the runtime threads of each; default one per core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
@@ -85,6 +87,9 @@ if [ -n "${BASE_PROXY:-}" ]; then
   PWB_PORT=$(free_port); PWB_POOL=$(free_port); PWB_ADMIN=$(free_port)
   sed -e "s/:$PW_PORT\"/:$PWB_PORT\"/" -e "s/:$PW_POOL\"/:$PWB_POOL\"/" \
     -e "s/:$PW_ADMIN\"/:$PWB_ADMIN\"/" "$work/proxy.toml" > "$work/proxy-base.toml"
+  if [ -n "${BASE_THREADS:-}" ]; then
+    sed -i -e '/^worker_threads/d' -e "s/^\[tls\]/worker_threads = $BASE_THREADS\n[tls]/" "$work/proxy-base.toml"
+  fi
   RUST_LOG=warn "$BASE_PROXY" --config "$work/proxy-base.toml" >"$work/proxy-base.log" 2>&1 &
   pids+=($!)
   PWB_PID=$!
@@ -144,7 +149,11 @@ names=${TARGETS:-direct pgwarden ${BASE_PROXY:+pgwarden-base }pgbouncer}
 for round in $(seq "$ROUNDS"); do
   for w in "${workloads[@]}"; do
     IFS='|' read -r wname sslmode procs wargs <<<"$w"
-    for name in $names; do
+    # Each round starts one target further on, so that no target always follows the same one
+    # (say, a tpcb-like run whose writes leave the node checkpointing and vacuuming).
+    read -r -a order <<<"$names"
+    shift_by=$(( (round - 1) % ${#order[@]} ))
+    for name in "${order[@]:shift_by}" "${order[@]:0:shift_by}"; do
       if [ "$name" = direct ] && [[ "$wargs" == *"-c 1000"* ]]; then
         printf '%s\t%s\t%s\t-\t-\t-\t-\t-\t-\n' "$wname" "$name" "$round" >> "$work/runs.tsv"
         continue # max_connections 80: PostgreSQL refuses most of them
@@ -199,7 +208,8 @@ print(f"{pct(steady, 50):.2f} {pct(steady, 99):.2f} {pct(whole, 99):.2f}")')
 done
 
 python3 - "$work/runs.tsv" <<'PY'
-import sys, collections, statistics
+import os, sys, collections, statistics
+CORES = os.cpu_count()
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 by = collections.defaultdict(list)
 for w, name, rnd, tps, p50, p99, cpu, client, p99all in rows:
@@ -209,19 +219,23 @@ names = list(dict.fromkeys(r[1] for r in rows))
 mean = lambda xs: statistics.mean(float(x) for x in xs) if xs and xs[0] != "-" else None
 for w in workloads:
     print(f"\n{w}\n")
-    print("| target | TPS | vs direct | vs PgBouncer | p50 (ms) | p99 (ms) | p99, whole run (ms) | pooler CPU (ms / 1000 tx) | pgbench CPU (ms / 1000 tx) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| target | TPS | vs direct | vs PgBouncer | p50 (ms) | p99 (ms) | p99, whole run (ms) | pooler CPU (ms / 1000 tx) | pgbench CPU (ms / 1000 tx) | bound: pgbench alone (TPS, vs direct) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     tps = {n: mean([r[0] for r in by[(w, n)]]) for n in names}
     for n in names:
         runs = by[(w, n)]
         t = tps[n]
         if t is None:
-            print(f"| {n} | refused (max_connections 80) | | | | | | | |")
+            print(f"| {n} | refused (max_connections 80) | | | | | | | | |")
             continue
         d = f"{t / tps['direct']:.2f}x" if tps.get("direct") else "-"
         b = f"{t / tps['pgbouncer']:.2f}x" if tps.get("pgbouncer") else "-"
         p50, p99 = mean([r[1] for r in runs]), mean([r[2] for r in runs])
         cpu = mean([r[3] for r in runs]) if runs[0][3] != "-" else None
         client, p99all = mean([r[4] for r in runs]), mean([r[5] for r in runs])
-        print(f"| {n} | {t:.0f} | {d} | {b} | {p50:.2f} | {p99:.2f} | {p99all:.2f} | {'-' if cpu is None else f'{cpu:.2f}'} | {client:.2f} |")
+        # The most this target could serve if the pooler and PostgreSQL cost nothing: every
+        # core busy with pgbench alone, at its measured CPU per transaction.
+        bound = CORES * 1e6 / client
+        vs = f", {bound / tps['direct']:.2f}x" if tps.get("direct") else ""
+        print(f"| {n} | {t:.0f} | {d} | {b} | {p50:.2f} | {p99:.2f} | {p99all:.2f} | {'-' if cpu is None else f'{cpu:.2f}'} | {client:.2f} | {bound:.0f}{vs} |")
 PY
