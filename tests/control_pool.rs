@@ -133,18 +133,65 @@ async fn pgbench_prepared_through_the_pooled_url_does_not_notice_a_switchover() 
     Across::new(&pooled).run(&control, switchover).await;
 }
 
+/// A synchronous business database with table `w` (`columns`) and a client on its pooled URL.
+struct Pooled {
+    control: TestControl,
+    db: serde_json::Value,
+    id: String,
+    url: String,
+    client: tokio_postgres::Client,
+    connection: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+async fn business_with_a_pooled_client(name: &str, columns: &str) -> Pooled {
+    let control = TestControl::start().await;
+    let (db, id, url) = control.create_routed_database(name, "postgresql-business-512").await;
+    control.wait_synchronous(&id, "a synchronous standby").await;
+    assert!(psql(&url, None, &format!("CREATE TABLE w({columns})")).success);
+    let pooled = pool_url(&control, &id).await;
+    let (client, connection) = tokio_postgres::connect(&pooled, NoTls).await.unwrap();
+    Pooled { control, db, id, url, client, connection: tokio::spawn(connection) }
+}
+
+/// A pooled transaction still open when a switchover's wait for running transactions (2 s)
+/// ends is ended with a `57P01` that says to run it again, and nothing of it is committed; the
+/// switchover goes on, and the client's connection stays open, its next transaction on the new
+/// primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_transaction_that_outlives_the_switchover_s_wait_is_ended_and_the_switchover_goes_on(
+) {
+    let Pooled { control, id, url, client, connection, .. } =
+        business_with_a_pooled_client("lingering", "n int8").await;
+    let port = "SELECT inet_server_port()";
+    client.batch_execute("BEGIN; INSERT INTO w VALUES (1)").await.unwrap();
+    let old_port: i32 = client.query_one(port, &[]).await.unwrap().get(0);
+
+    // The transaction stays open, idle, through the whole switchover.
+    let r = control.request("POST", &format!("/v1/databases/{id}/switchover"), None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+
+    let err = client.batch_execute("INSERT INTO w VALUES (2)").await.expect_err("ended");
+    let db_error = err.as_db_error().unwrap_or_else(|| panic!("an ERROR, not {err:?}"));
+    assert_eq!(db_error.code().code(), "57P01", "{err:?}");
+    assert!(db_error.message().contains("run it again"), "{err:?}");
+    // The client's block stays failed until it ends it, as in PostgreSQL.
+    client.batch_execute("ROLLBACK").await.unwrap();
+    let new_port: i32 = client.query_one(port, &[]).await.unwrap().get(0);
+    assert_ne!(new_port, old_port, "the next transaction runs on the new primary");
+    assert!(!connection.is_finished(), "the pooled client's connection stayed open");
+    let out = psql(&url, None, "SELECT count(*) FROM w");
+    assert_eq!(out.stdout.trim(), "0", "nothing of the ended transaction is committed");
+}
+
 /// Unplanned failover (kill -9 of the primary): the pooled client's connection stays open, the
 /// transactions that could not run fail with a 57-class error, and the next ones run on the new
 /// primary; nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_client_keeps_its_connection_through_a_failover() {
-    let control = TestControl::start().await;
-    let (db, id, url) = control.create_routed_database("failing", "postgresql-business-512").await;
-    control.wait_synchronous(&id, "a synchronous standby").await;
-    assert!(psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)").success);
-    let pooled = pool_url(&control, &id).await;
-    let (client, connection) = tokio_postgres::connect(&pooled, NoTls).await.unwrap();
-    let connection = tokio::spawn(connection);
+    let Pooled { control, db, url, client, connection, .. } =
+        business_with_a_pooled_client("failing", "n int8 PRIMARY KEY").await;
     let port_of = |role: &str| {
         db["nodes"].as_array().unwrap().iter().find(|n| n["role"] == role).unwrap()["port"]
             .as_i64()

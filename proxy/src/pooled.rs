@@ -222,12 +222,12 @@ fn frame(buf: &[u8]) -> Option<(u8, usize)> {
     (buf.len() >= total).then_some((buf[0], total))
 }
 
-/// Relays the client's transactions through the pool until the client leaves.
 /// What a client whose transaction lost its server connection is told.
 const LOST_TRANSACTION: &str = "the transaction was ended because the connection to the primary \
                                 was lost (the primary failed, moved, or restarted and the \
                                 transaction outlived the wait for it): run it again";
 
+/// Relays the client's transactions through the pool until the client leaves.
 pub async fn run(
     mut client: PooledClient,
     shared: &Arc<Shared>,
