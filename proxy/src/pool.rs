@@ -81,7 +81,7 @@ const AFFINITY_WINDOW: usize = 8;
 /// thread that registered it. A server connection used by a session on another thread wakes
 /// that thread for every message (a futex wake and a context switch); the pool hands
 /// connections to sessions of their own thread where it can.
-pub(crate) fn home() -> usize {
+fn home() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
         static HOME: usize = NEXT.fetch_add(1, Ordering::Relaxed);
