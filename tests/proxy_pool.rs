@@ -228,6 +228,41 @@ async fn prepared_statements_are_shared_by_many_clients_on_few_connections() {
     assert_eq!(client.query_one(&read, &[&100i32]).await.unwrap().get::<_, String>(0), "v100");
 }
 
+/// A server connection keeps at most 1000 statements: beyond that the least recently used is
+/// closed on the server, and prepared there again when a client uses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_connection_keeps_at_most_1000_statements_and_prepares_a_closed_one_again() {
+    let node = PgNode::start();
+    let proxy = pooled_proxy(&node, 1, Limits::default()).await;
+    let client = connect(&pool_conninfo(&proxy, "")).await;
+    let sql = |k: i32| format!("SELECT {k} + $1::int");
+    let first = client.prepare(&sql(0)).await.unwrap();
+    let mut statements = Vec::new();
+    for k in 1..1000 {
+        statements.push(client.prepare(&sql(k)).await.unwrap());
+    }
+    // The first is used again, so statements 1..=10 are now the least recently used.
+    assert_eq!(client.query_one(&first, &[&1i32]).await.unwrap().get::<_, i32>(0), 1);
+    for k in 1000..1010 {
+        statements.push(client.prepare(&sql(k)).await.unwrap());
+    }
+    let on_server = "SELECT count(*) FROM pg_prepared_statements";
+    let prepared = |messages: Vec<SimpleQueryMessage>| {
+        let row = messages.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        });
+        row.unwrap_or_default()
+    };
+    assert_eq!(prepared(client.simple_query(on_server).await.unwrap()), "1000");
+    // Statement 1 was closed on the server: using it prepares it again, transparently.
+    let one = &statements[0];
+    assert_eq!(client.query_one(one, &[&1i32]).await.unwrap().get::<_, i32>(0), 2);
+    assert_eq!(client.query_one(&first, &[&5i32]).await.unwrap().get::<_, i32>(0), 5);
+    assert_eq!(prepared(client.simple_query(on_server).await.unwrap()), "1000");
+    assert!(app_backends(&node) <= 1, "one server connection");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_runs_through_the_pool_in_every_protocol_mode() {
     let node = PgNode::start();

@@ -580,6 +580,18 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_keeps_at_most_its_bound_and_closes_the_least_recently_used() {
+        let mut conn = ServerStatements::default();
+        for i in 0..PER_CONNECTION {
+            assert_eq!(conn.add(&format!("s{i}")), None);
+        }
+        assert!(conn.has("s0"), "s0 used again: s1 is now the least recently used");
+        assert_eq!(conn.add("new").as_deref(), Some("s1"));
+        assert!(!conn.has("s1") && conn.has("s0") && conn.has("new"));
+        assert_eq!(conn.used.len(), PER_CONNECTION);
+    }
+
+    #[test]
     fn after_an_error_the_proxy_skips_its_own_answers_up_to_sync() {
         let mut st = Statements::default();
         let mut conn = ServerStatements::default();
