@@ -394,6 +394,22 @@ impl TestControl {
         .await
     }
 
+    /// Polls the events of database `id` until one of `kind` is there; returns them all.
+    /// Events are recorded when a step has ended, which can be after clients see its effect
+    /// (a failover reconfigures the new primary after the proxies route to it).
+    pub async fn wait_event(&self, id: &str, kind: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let events =
+                self.request("GET", &format!("/v1/databases/{id}/events"), None).await.json();
+            if events.as_array().expect("events").iter().any(|e| e["kind"] == kind) {
+                return events;
+            }
+            assert!(Instant::now() < deadline, "no {kind} event: {events}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Polls `GET /v1/databases/{id}` until `check` holds; returns the database.
     pub async fn wait_database(
         &self,

@@ -133,11 +133,7 @@ async fn a_lost_standby_degrades_to_asynchronous_then_comes_back_synchronous() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!("standby killed: writes flowing again after {:?}", killed_at.elapsed());
-    let events = control.request("GET", &format!("/v1/databases/{id}/events"), None).await.json();
-    assert!(
-        events.as_array().unwrap().iter().any(|e| e["kind"] == "replication_degraded"),
-        "{events}"
-    );
+    control.wait_event(&id, "replication_degraded").await;
 
     // The standby is restarted, catches up, and commits are synchronous again.
     control.wait_synchronous(&id, "synchronous again").await;
