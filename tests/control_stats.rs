@@ -230,17 +230,7 @@ async fn a_node_that_runs_out_of_memory_is_contained_and_the_event_recorded() {
         .await;
     assert!(hungry.is_err(), "the backend must not survive using 400 MiB");
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let events = control.request("GET", &format!("/v1/databases/{id}/events"), None).await;
-        let found =
-            events.json().as_array().unwrap().iter().any(|e| e["kind"] == "node_out_of_memory");
-        if found {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no node_out_of_memory event: {}", events.body);
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    control.wait_event(&id, "node_out_of_memory").await;
     // The node restarted its sessions and serves again; the host was never short of memory.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
