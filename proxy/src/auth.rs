@@ -123,7 +123,7 @@ async fn read_client_within(
     let message = tokio::time::timeout(limit, read_client_message(client))
         .await
         .map_err(|_| AuthError::ClientTimeout)??;
-    if message[0] != b'p' {
+    if message[0] != tag::frontend::PASSWORD {
         return Err(AuthError::ClientProtocol);
     }
     Ok(message)
@@ -178,7 +178,7 @@ pub async fn relay(
                 .map_err(|_| AuthError::NodeTimeout)??;
         let message = inbuf.split_to(len);
         match msg_tag {
-            tag::BACKEND_KEY_DATA if len == 13 => {
+            tag::backend::BACKEND_KEY_DATA if len == 13 => {
                 let key = key_of(&message);
                 let target = CancelTarget { node: node_addr.clone(), key };
                 let guard = cancels.register(target);
@@ -186,18 +186,18 @@ pub async fn relay(
                 out.extend_from_slice(&protocol::backend_key_data(key.pid, key.secret));
                 cancel = Some(guard);
             }
-            tag::READY_FOR_QUERY => {
+            tag::backend::READY_FOR_QUERY => {
                 out.extend_from_slice(&message);
                 out.extend_from_slice(&inbuf);
                 send_within(client, &out, deadlines.client).await?;
                 return Ok(Authenticated { _cancel: cancel, leftover: inbuf });
             }
-            tag::ERROR_RESPONSE => {
+            tag::backend::ERROR_RESPONSE => {
                 out.extend_from_slice(&message);
                 send_within(client, &out, deadlines.client).await?;
                 return Err(AuthError::Refused);
             }
-            tag::AUTHENTICATION if len >= 9 && login.is_some() => {
+            tag::backend::AUTHENTICATION if len >= 9 && login.is_some() => {
                 let code = i32::from_be_bytes(message[5..9].try_into().expect("9 bytes"));
                 let login = login.expect("checked");
                 let binding = end_point.as_deref().map_or(Binding::None, Binding::Tls);
@@ -212,7 +212,7 @@ pub async fn relay(
                         .map_err(AuthError::Node)?;
                 }
             }
-            tag::AUTHENTICATION if len >= 9 => {
+            tag::backend::AUTHENTICATION if len >= 9 => {
                 let code = i32::from_be_bytes(message[5..9].try_into().expect("9 bytes"));
                 if code == auth_code::SASL && end_point.is_some() {
                     // The node offers -PLUS over its TLS with the proxy, but a client's binding
@@ -239,7 +239,9 @@ pub async fn relay(
                         .map_err(AuthError::Node)?;
                 }
             }
-            tag::AUTHENTICATION | tag::BACKEND_KEY_DATA => return Err(AuthError::NodeProtocol),
+            tag::backend::AUTHENTICATION | tag::backend::BACKEND_KEY_DATA => {
+                return Err(AuthError::NodeProtocol)
+            }
             _ => out.extend_from_slice(&message),
         }
     }
@@ -281,20 +283,18 @@ pub async fn log_in_node(
             .map_err(|_| AuthError::NodeTimeout)??;
         let message = inbuf.split_to(len);
         match msg_tag {
-            tag::BACKEND_KEY_DATA if len == 13 => out.key = Some(key_of(&message)),
-            tag::READY_FOR_QUERY if inbuf.is_empty() => return Ok(out),
-            tag::ERROR_RESPONSE => {
-                // Fields: a type byte and a C string each; `C` is the SQLSTATE, `M` the message.
+            tag::backend::BACKEND_KEY_DATA if len == 13 => out.key = Some(key_of(&message)),
+            tag::backend::READY_FOR_QUERY if inbuf.is_empty() => return Ok(out),
+            tag::backend::ERROR_RESPONSE => {
                 let field = |kind: u8| {
-                    message[5..]
-                        .split(|b| *b == 0)
-                        .find(|f| f.first() == Some(&kind))
-                        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
-                        .unwrap_or_default()
+                    let value = protocol::error_field(&message[protocol::HEADER..], kind);
+                    String::from_utf8_lossy(value.unwrap_or_default()).into_owned()
                 };
-                return Err(AuthError::NodeRefused { code: field(b'C'), message: field(b'M') });
+                let (code, message) =
+                    (field(protocol::field::CODE), field(protocol::field::MESSAGE));
+                return Err(AuthError::NodeRefused { code, message });
             }
-            tag::AUTHENTICATION if len >= 9 => {
+            tag::backend::AUTHENTICATION if len >= 9 => {
                 let code = i32::from_be_bytes(message[5..9].try_into().expect("9 bytes"));
                 let binding = end_point.as_deref().map_or(Binding::None, Binding::Tls);
                 if let Some(answer) = log_in(code, &message[9..], login, binding, &mut exchange)? {
@@ -304,17 +304,12 @@ pub async fn log_in_node(
                         .map_err(AuthError::Node)?;
                 }
             }
-            b'S' => {
-                let mut parts = message[5..].split(|b| *b == 0);
-                let name = parts.next().and_then(|p| std::str::from_utf8(p).ok());
-                let value = parts.next().and_then(|p| std::str::from_utf8(p).ok());
-                if let (Some(name), Some(value)) = (name, value) {
-                    out.params.push((name.to_owned(), value.to_owned()));
-                }
+            tag::backend::PARAMETER_STATUS => {
+                out.params.extend(protocol::parameter(&message[protocol::HEADER..]));
             }
-            tag::READY_FOR_QUERY | tag::AUTHENTICATION | tag::BACKEND_KEY_DATA => {
-                return Err(AuthError::NodeProtocol)
-            }
+            tag::backend::READY_FOR_QUERY
+            | tag::backend::AUTHENTICATION
+            | tag::backend::BACKEND_KEY_DATA => return Err(AuthError::NodeProtocol),
             _ => {} // notices
         }
     }
@@ -372,14 +367,13 @@ async fn next_node_message(
     inbuf: &mut BytesMut,
 ) -> Result<(u8, usize), AuthError> {
     loop {
-        if inbuf.len() >= 5 {
-            let len = i32::from_be_bytes(inbuf[1..5].try_into().expect("5 bytes"));
+        if let Some((tag, len)) = protocol::header(inbuf) {
             if !(4..=MAX_NODE_STARTUP_MESSAGE as i32).contains(&len) {
                 return Err(AuthError::NodeProtocol);
             }
             let total = 1 + len as usize;
             if inbuf.len() >= total {
-                return Ok((inbuf[0], total));
+                return Ok((tag, total));
             }
             inbuf.reserve(total - inbuf.len());
         }
@@ -390,15 +384,15 @@ async fn next_node_message(
 }
 
 async fn read_client_message(client: &mut ClientStream) -> Result<BytesMut, AuthError> {
-    let mut header = [0u8; 5];
+    let mut header = [0u8; protocol::HEADER];
     client.read_exact(&mut header).await.map_err(AuthError::Client)?;
-    let len = i32::from_be_bytes(header[1..5].try_into().expect("5 bytes"));
+    let (_, len) = protocol::header(&header).ok_or(AuthError::ClientProtocol)?;
     if !(4..=MAX_CLIENT_AUTH_MESSAGE as i32).contains(&len) {
         return Err(AuthError::ClientProtocol);
     }
     let mut message = BytesMut::zeroed(1 + len as usize);
-    message[..5].copy_from_slice(&header);
-    client.read_exact(&mut message[5..]).await.map_err(AuthError::Client)?;
+    message[..protocol::HEADER].copy_from_slice(&header);
+    client.read_exact(&mut message[protocol::HEADER..]).await.map_err(AuthError::Client)?;
     Ok(message)
 }
 

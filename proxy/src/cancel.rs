@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -121,15 +121,11 @@ pub async fn forward(target: CancelTarget, timeout: Duration) -> std::io::Result
             tcp.write_all(&request).await?;
             return tcp.shutdown().await;
         };
-        tcp.write_all(&protocol::ssl_request()).await?;
-        let mut answer = [0u8; 1];
-        tcp.read_exact(&mut answer).await?;
-        if answer[0] != b'S' {
-            return Err(std::io::Error::other("the node does not accept TLS"));
-        }
-        let name = rustls_pki_types::ServerName::try_from(host.to_string())
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let mut tls = connector.connect(name, tcp).await?;
+        let mut tls = crate::node::start_tls(tcp, connector, host).await.map_err(|e| match e {
+            crate::node::NodeConnectError::Unreachable(e)
+            | crate::node::NodeConnectError::Tls(e) => e,
+            crate::node::NodeConnectError::NoTls => std::io::Error::other(e),
+        })?;
         tls.write_all(&request).await?;
         tls.shutdown().await
     };

@@ -45,7 +45,7 @@ pub struct Config {
     #[serde(default)]
     pub limits: Limits,
     /// Active/standby pair: without it, this proxy is active on its own.
-    pub ha: Option<crate::ha::HaConfig>,
+    pub ha: Option<HaConfig>,
     /// Follow the routing table in etcd (control planes on etcd) instead of waiting for
     /// pushes; without it, only `PUT /v1/routes` changes the table.
     pub etcd: Option<EtcdConfig>,
@@ -311,6 +311,35 @@ impl Config {
             t => Ok(t.to_owned()),
         }
     }
+}
+
+/// `[ha]` in `proxy.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// Admin address (`host:port`) of the other proxy of the pair (the pair without etcd).
+    pub peer_admin: Option<String>,
+    /// Name of the pair whose active proxy etcd elects (with `[etcd]`): proxies on two hosts.
+    pub etcd_pair: Option<String>,
+    /// Milliseconds between heartbeats. Default 100.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval_ms: u64,
+    /// Milliseconds without an answer from an active peer before taking over. Default 500.
+    /// With `etcd_pair`, the active proxy's lease (whole seconds, at least 2).
+    #[serde(default = "default_takeover")]
+    pub takeover_after_ms: u64,
+    /// Shell command run when this proxy becomes active (`PGWARDEN_PROXY_ROLE=active`).
+    pub on_active: Option<String>,
+    /// Shell command run when this proxy becomes standby.
+    pub on_standby: Option<String>,
+}
+
+fn default_heartbeat() -> u64 {
+    100
+}
+
+fn default_takeover() -> u64 {
+    500
 }
 
 #[cfg(test)]

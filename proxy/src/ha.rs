@@ -17,42 +17,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use pgwarden_api::{ProxyHealth, ProxyRole};
-use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::config::HaConfig;
 use crate::metrics::Metrics;
-
-/// `[ha]` in `proxy.toml`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HaConfig {
-    /// Admin address (`host:port`) of the other proxy of the pair (the pair without etcd).
-    pub peer_admin: Option<String>,
-    /// Name of the pair whose active proxy etcd elects (with `[etcd]`): proxies on two hosts.
-    pub etcd_pair: Option<String>,
-    /// Milliseconds between heartbeats. Default 100.
-    #[serde(default = "default_heartbeat")]
-    pub heartbeat_interval_ms: u64,
-    /// Milliseconds without an answer from an active peer before taking over. Default 500.
-    /// With `etcd_pair`, the active proxy's lease (whole seconds, at least 2).
-    #[serde(default = "default_takeover")]
-    pub takeover_after_ms: u64,
-    /// Shell command run when this proxy becomes active (`PGWARDEN_PROXY_ROLE=active`).
-    pub on_active: Option<String>,
-    /// Shell command run when this proxy becomes standby.
-    pub on_standby: Option<String>,
-}
-
-fn default_heartbeat() -> u64 {
-    100
-}
-
-fn default_takeover() -> u64 {
-    500
-}
 
 /// This proxy's role, as `/health`, `/active` and the metrics report it.
 #[derive(Default)]

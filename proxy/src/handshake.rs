@@ -71,11 +71,11 @@ pub async fn accept(
                     return reject(stream, "SSLRequest received on a TLS connection").await;
                 };
                 let Some(acceptor) = tls.acceptor() else {
-                    tcp.write_all(b"N").await?;
+                    tcp.write_all(&[protocol::ENCRYPTION_REFUSED]).await?;
                     stream = ClientStream::Plain(tcp);
                     continue;
                 };
-                tcp.write_all(b"S").await?;
+                tcp.write_all(&[protocol::ENCRYPTION_ACCEPTED]).await?;
                 // Nothing was read past the SSLRequest, so no plaintext can leak into the TLS
                 // session: bytes the client sent early are fed to the TLS handshake and fail it.
                 match acceptor.acceptor.accept(tcp).await {
@@ -94,7 +94,7 @@ pub async fn accept(
                 if stream.is_tls() {
                     return reject(stream, "GSSENCRequest received on a TLS connection").await;
                 }
-                stream.write_all(b"N").await?;
+                stream.write_all(&[protocol::ENCRYPTION_REFUSED]).await?;
                 gss_refused = true;
             }
             Request::GssEnc => return reject(stream, "GSSENCRequest sent twice").await,
@@ -172,11 +172,4 @@ async fn reject<T>(mut stream: ClientStream, message: &str) -> Result<T, Handsha
     stream.flush().await?;
     let _ = stream.shutdown().await;
     Err(HandshakeError::Protocol(message.to_owned()))
-}
-
-/// Sends a FATAL error to a client and closes the connection, best effort.
-pub async fn refuse(stream: &mut ClientStream, state: SqlState, message: &str) {
-    let _ = stream.write_all(&protocol::fatal(state, message)).await;
-    let _ = stream.flush().await;
-    let _ = stream.shutdown().await;
 }

@@ -5,6 +5,46 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// Why a pooled client is pinned to its server connection, as counted in
+/// `pgwarden_proxy_pool_pins_total{reason}`: session state the pool cannot carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pin {
+    Set,
+    Listen,
+    PreparedStatement,
+    AdvisoryLock,
+    TemporaryTable,
+    CursorWithHold,
+    Load,
+    FunctionCall,
+}
+
+impl Pin {
+    const ALL: [Pin; 8] = [
+        Self::Set,
+        Self::Listen,
+        Self::PreparedStatement,
+        Self::AdvisoryLock,
+        Self::TemporaryTable,
+        Self::CursorWithHold,
+        Self::Load,
+        Self::FunctionCall,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Set => "set",
+            Self::Listen => "listen",
+            Self::PreparedStatement => "prepared_statement",
+            Self::AdvisoryLock => "advisory_lock",
+            Self::TemporaryTable => "temporary_table",
+            Self::CursorWithHold => "cursor_with_hold",
+            Self::Load => "load",
+            Self::FunctionCall => "function_call",
+        }
+    }
+}
+
 /// Why a client connection was refused or dropped before its session started.
 #[derive(Clone, Copy, Debug)]
 pub enum Rejection {
@@ -240,8 +280,8 @@ impl Metrics {
         r.register(Box::new(m.pool_wait_seconds.clone())).expect("register");
         r.register(Box::new(m.pins.clone())).expect("register");
         r.register(Box::new(m.stale_plans_healed.clone())).expect("register");
-        for reason in crate::session_sql::PIN_REASONS {
-            m.pins.with_label_values(&[reason]);
+        for reason in Pin::ALL {
+            m.pins.with_label_values(&[reason.label()]);
         }
         // Make every labelled series visible from the start, at zero.
         for reason in Rejection::ALL {
@@ -295,8 +335,8 @@ impl Metrics {
         self.terminated.with_label_values(&[label]).inc();
     }
 
-    pub fn pinned(&self, reason: &str) {
-        self.pins.with_label_values(&[reason]).inc();
+    pub fn pinned(&self, reason: Pin) {
+        self.pins.with_label_values(&[reason.label()]).inc();
     }
 
     /// Prometheus text exposition.

@@ -14,6 +14,8 @@ use std::time::Duration;
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::protocol::{self, HEADER};
+
 /// Size of each direction's buffer: a whole TLS record's worth of plaintext.
 const BUF_SIZE: usize = 16 * 1024;
 /// Spare buffers kept per thread; beyond it, buffers given back are freed.
@@ -72,12 +74,11 @@ impl Frames {
                 data = &data[n..];
                 continue;
             }
-            let n = (5 - self.header_len).min(data.len());
+            let n = (HEADER - self.header_len).min(data.len());
             self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
             self.header_len += n;
             data = &data[n..];
-            if self.header_len == 5 {
-                let len = i32::from_be_bytes(self.header[1..5].try_into().expect("4 bytes"));
+            if let Some((_, len)) = protocol::header(&self.header[..self.header_len]) {
                 self.body_left = (len.max(4) - 4) as usize;
                 self.header_len = 0;
             }
@@ -89,7 +90,7 @@ impl Frames {
         if self.body_left > 0 {
             self.body_left
         } else if self.header_len > 0 {
-            5 - self.header_len
+            HEADER - self.header_len
         } else {
             0
         }

@@ -14,12 +14,110 @@ pub const GSSENC_REQUEST_CODE: u32 = 80_877_104;
 pub const CANCEL_REQUEST_CODE: u32 = 80_877_102;
 pub const PROTOCOL_MAJOR_3: u32 = 3;
 
-/// Backend message tags the proxy looks at during authentication.
+/// Message tags: the only place the code spells a tag byte (a tag means one thing from a
+/// client and another from a server: `D` is `Describe` one way and `DataRow` the other).
 pub mod tag {
-    pub const AUTHENTICATION: u8 = b'R';
-    pub const BACKEND_KEY_DATA: u8 = b'K';
-    pub const READY_FOR_QUERY: u8 = b'Z';
-    pub const ERROR_RESPONSE: u8 = b'E';
+    /// What a client (frontend) sends.
+    pub mod frontend {
+        pub const QUERY: u8 = b'Q';
+        pub const PARSE: u8 = b'P';
+        pub const BIND: u8 = b'B';
+        pub const DESCRIBE: u8 = b'D';
+        pub const EXECUTE: u8 = b'E';
+        pub const CLOSE: u8 = b'C';
+        pub const SYNC: u8 = b'S';
+        pub const FLUSH: u8 = b'H';
+        pub const FUNCTION_CALL: u8 = b'F';
+        pub const TERMINATE: u8 = b'X';
+        /// `PasswordMessage`, `SASLInitialResponse` and `SASLResponse`.
+        pub const PASSWORD: u8 = b'p';
+        /// A `Describe` or `Close` of a prepared statement (not a portal).
+        pub const STATEMENT: u8 = b'S';
+
+        /// Whether a message of `tag` is answered up to a `ReadyForQuery`.
+        pub fn answered_by_ready(tag: u8) -> bool {
+            matches!(tag, QUERY | SYNC | FUNCTION_CALL)
+        }
+    }
+
+    /// What a server (backend) sends.
+    pub mod backend {
+        pub const AUTHENTICATION: u8 = b'R';
+        pub const BACKEND_KEY_DATA: u8 = b'K';
+        pub const PARAMETER_STATUS: u8 = b'S';
+        pub const READY_FOR_QUERY: u8 = b'Z';
+        pub const ERROR_RESPONSE: u8 = b'E';
+        pub const NOTICE_RESPONSE: u8 = b'N';
+        pub const NOTIFICATION_RESPONSE: u8 = b'A';
+        pub const PARSE_COMPLETE: u8 = b'1';
+        pub const BIND_COMPLETE: u8 = b'2';
+        pub const CLOSE_COMPLETE: u8 = b'3';
+        pub const ROW_DESCRIPTION: u8 = b'T';
+        pub const NO_DATA: u8 = b'n';
+        pub const DATA_ROW: u8 = b'D';
+        pub const COMMAND_COMPLETE: u8 = b'C';
+        pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
+        pub const PORTAL_SUSPENDED: u8 = b's';
+        /// Both ways, during `COPY`.
+        pub const COPY_DATA: u8 = b'd';
+    }
+}
+
+/// A `ReadyForQuery`'s transaction status (`T` is in a block, which the proxy only relays).
+pub mod status {
+    pub const IDLE: u8 = b'I';
+    pub const FAILED_BLOCK: u8 = b'E';
+}
+
+/// The one-byte answers to an `SSLRequest` or `GSSENCRequest`.
+pub const ENCRYPTION_ACCEPTED: u8 = b'S';
+pub const ENCRYPTION_REFUSED: u8 = b'N';
+
+/// The size of a message header: a tag byte and a 4-byte length (which counts itself).
+pub const HEADER: usize = 5;
+
+/// The tag and length field of the message at the start of `buf`, once its header is there.
+pub fn header(buf: &[u8]) -> Option<(u8, i32)> {
+    let len = i32::from_be_bytes(buf.get(1..HEADER)?.try_into().ok()?);
+    Some((buf[0], len))
+}
+
+/// The tag and total size of the whole message at the start of `buf`, once it is all there.
+pub fn frame(buf: &[u8]) -> Option<(u8, usize)> {
+    let (tag, len) = header(buf)?;
+    let total = 1 + usize::try_from(len).ok()?;
+    (buf.len() >= total).then_some((tag, total))
+}
+
+/// Field codes of an `ErrorResponse` or `NoticeResponse` body.
+pub mod field {
+    pub const SEVERITY: u8 = b'S';
+    /// The severity, never localized.
+    pub const SEVERITY_RAW: u8 = b'V';
+    pub const CODE: u8 = b'C';
+    pub const MESSAGE: u8 = b'M';
+}
+
+/// The value of field `kind` of an `ErrorResponse` body (after its header).
+pub fn error_field(body: &[u8], kind: u8) -> Option<&[u8]> {
+    body.split(|b| *b == 0).find_map(|f| f.strip_prefix(&[kind]))
+}
+
+/// Whether an `ErrorResponse` body is FATAL (or PANIC): the server ends the connection.
+pub fn is_fatal(body: &[u8]) -> bool {
+    (body.split(|b| *b == 0))
+        .find_map(|f| {
+            f.strip_prefix(&[field::SEVERITY_RAW]).or_else(|| f.strip_prefix(&[field::SEVERITY]))
+        })
+        .is_some_and(|s| s == b"FATAL" || s == b"PANIC")
+}
+
+/// The name and value of a `ParameterStatus` body (after its header).
+pub fn parameter(body: &[u8]) -> Option<(String, String)> {
+    let mut parts = body.split(|b| *b == 0);
+    let name = std::str::from_utf8(parts.next()?).ok()?;
+    let value = std::str::from_utf8(parts.next()?).ok()?;
+    Some((name.to_owned(), value.to_owned()))
 }
 
 /// A SQLSTATE the proxy reports itself.
@@ -70,16 +168,19 @@ pub fn error(state: SqlState, message: &str) -> BytesMut {
 
 fn error_response(severity: &str, state: SqlState, message: &str) -> BytesMut {
     let mut body = BytesMut::with_capacity(32 + message.len());
-    for (field, value) in
-        [(b'S', severity), (b'V', severity), (b'C', state.code()), (b'M', message)]
-    {
-        body.put_u8(field);
+    for (kind, value) in [
+        (field::SEVERITY, severity),
+        (field::SEVERITY_RAW, severity),
+        (field::CODE, state.code()),
+        (field::MESSAGE, message),
+    ] {
+        body.put_u8(kind);
         body.put_slice(value.as_bytes());
         body.put_u8(0);
     }
     body.put_u8(0);
     let mut msg = BytesMut::with_capacity(5 + body.len());
-    msg.put_u8(tag::ERROR_RESPONSE);
+    msg.put_u8(tag::backend::ERROR_RESPONSE);
     msg.put_i32((4 + body.len()) as i32);
     msg.put_slice(&body);
     msg
@@ -87,7 +188,7 @@ fn error_response(severity: &str, state: SqlState, message: &str) -> BytesMut {
 
 /// `ReadyForQuery` with a transaction status (`I`, `T`, `E`).
 pub fn ready_for_query(status: u8) -> [u8; 6] {
-    [tag::READY_FOR_QUERY, 0, 0, 0, 5, status]
+    [tag::backend::READY_FOR_QUERY, 0, 0, 0, 5, status]
 }
 
 /// A backend or frontend message: `tag`, length, `body`.
@@ -106,7 +207,7 @@ pub fn parameter_status(name: &str, value: &str) -> BytesMut {
         body.extend_from_slice(part.as_bytes());
         body.push(0);
     }
-    message(b'S', &body)
+    message(tag::backend::PARAMETER_STATUS, &body)
 }
 
 /// A simple-protocol `Query`.
@@ -114,7 +215,7 @@ pub fn query(sql: &str) -> BytesMut {
     let mut body = Vec::with_capacity(sql.len() + 1);
     body.extend_from_slice(sql.as_bytes());
     body.push(0);
-    message(b'Q', &body)
+    message(tag::frontend::QUERY, &body)
 }
 
 /// A protocol 3.0 `StartupMessage` with `params`.
@@ -153,7 +254,7 @@ pub fn startup_pairs(packet: &[u8]) -> Vec<(String, String)> {
 /// `BackendKeyData` with the given key.
 pub fn backend_key_data(pid: i32, secret: i32) -> [u8; 13] {
     let mut m = [0u8; 13];
-    m[0] = tag::BACKEND_KEY_DATA;
+    m[0] = tag::backend::BACKEND_KEY_DATA;
     m[1..5].copy_from_slice(&12i32.to_be_bytes());
     m[5..9].copy_from_slice(&pid.to_be_bytes());
     m[9..13].copy_from_slice(&secret.to_be_bytes());
@@ -171,7 +272,7 @@ pub mod auth_code {
 /// An `Authentication*` message with `code` and `data` after it.
 pub fn authentication(code: i32, data: &[u8]) -> BytesMut {
     let mut msg = BytesMut::with_capacity(9 + data.len());
-    msg.put_u8(tag::AUTHENTICATION);
+    msg.put_u8(tag::backend::AUTHENTICATION);
     msg.put_i32((8 + data.len()) as i32);
     msg.put_i32(code);
     msg.put_slice(data);

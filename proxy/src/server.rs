@@ -117,7 +117,7 @@ pub async fn run_on(
         domain: config.domain.as_ref().map(|d| d.trim_start_matches('.').to_ascii_lowercase()),
         limits,
         routes: RouteStore::default(),
-        pools: crate::pool::Pools::default(),
+        pools: crate::pooling::Pools::default(),
         tls: TlsStore::load(config.tls.clone()).context("cannot load TLS certificate")?,
         cancels: Arc::new(CancelMap::default()),
         metrics: Metrics::new(),

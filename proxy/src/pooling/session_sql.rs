@@ -2,17 +2,7 @@
 //! statement leaves behind that a shared server connection cannot carry (what pins the
 //! client), the `SET`/`RESET` the pool carries instead, and the startup packet's settings.
 
-/// Why a client is pinned, as counted in `pgwarden_proxy_pool_pins_total{reason}`.
-pub const PIN_REASONS: [&str; 8] = [
-    "set",
-    "listen",
-    "prepared_statement",
-    "advisory_lock",
-    "temporary_table",
-    "cursor_with_hold",
-    "load",
-    "function_call",
-];
+use crate::metrics::Pin;
 
 /// A `SET` or `RESET` the proxy carries from connection to connection instead of pinning.
 #[derive(Debug, PartialEq, Eq)]
@@ -142,7 +132,7 @@ fn contains_ci(haystack: &[u8], needle: &[u8]) -> bool {
 /// The session state a statement leaves behind that a shared server connection cannot carry,
 /// if any: what pins its client (a conservative look at each statement's first words, and at
 /// the functions that take session-level locks or set settings).
-pub fn session_state(body: &[u8]) -> Option<&'static str> {
+pub fn session_state(body: &[u8]) -> Option<Pin> {
     // Most statements start with none of the words that matter and call none of the functions:
     // told apart without allocating.
     const FIRST: [&[u8]; 7] =
@@ -155,10 +145,10 @@ pub fn session_state(body: &[u8]) -> Option<&'static str> {
     }
     let text = String::from_utf8_lossy(body).to_ascii_lowercase();
     if text.contains("pg_advisory_lock") || text.contains("pg_try_advisory_lock") {
-        return Some("advisory_lock");
+        return Some(Pin::AdvisoryLock);
     }
     if text.contains("set_config") {
-        return Some("set");
+        return Some(Pin::Set);
     }
     for statement in text.split(';') {
         let words: Vec<&str> = statement
@@ -169,13 +159,13 @@ pub fn session_state(body: &[u8]) -> Option<&'static str> {
             .collect();
         let reason = match words.as_slice() {
             ["set", "local", ..] | ["set", "transaction", ..] | ["set", "constraints", ..] => None,
-            ["set", ..] | ["reset", ..] => Some("set"),
-            ["listen", ..] => Some("listen"),
-            ["prepare", ..] => Some("prepared_statement"),
-            ["declare", ..] if statement.contains("with hold") => Some("cursor_with_hold"),
+            ["set", ..] | ["reset", ..] => Some(Pin::Set),
+            ["listen", ..] => Some(Pin::Listen),
+            ["prepare", ..] => Some(Pin::PreparedStatement),
+            ["declare", ..] if statement.contains("with hold") => Some(Pin::CursorWithHold),
             ["create", "temp" | "temporary", ..]
-            | ["create", "global" | "local", "temp" | "temporary", ..] => Some("temporary_table"),
-            ["load", ..] => Some("load"),
+            | ["create", "global" | "local", "temp" | "temporary", ..] => Some(Pin::TemporaryTable),
+            ["load", ..] => Some(Pin::Load),
             ["copy", ..] => None,
             _ => None,
         };
@@ -192,19 +182,19 @@ mod tests {
 
     #[test]
     fn session_state_is_found_and_transaction_state_is_not() {
-        let cases: [(&str, Option<&str>); 12] = [
+        let cases: [(&str, Option<Pin>); 12] = [
             ("SELECT 1", None),
-            ("set search_path = x", Some("set")),
+            ("set search_path = x", Some(Pin::Set)),
             ("SET LOCAL statement_timeout = 5", None),
             ("BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None),
-            ("LISTEN jobs", Some("listen")),
-            ("select pg_advisory_lock(1)", Some("advisory_lock")),
+            ("LISTEN jobs", Some(Pin::Listen)),
+            ("select pg_advisory_lock(1)", Some(Pin::AdvisoryLock)),
             ("select pg_advisory_xact_lock(1)", None),
-            ("CREATE TEMP TABLE t(x int)", Some("temporary_table")),
-            ("create global temporary table t(x int)", Some("temporary_table")),
-            ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", Some("cursor_with_hold")),
-            ("PREPARE p AS SELECT 1", Some("prepared_statement")),
-            ("-- comment\n  reset all", Some("set")),
+            ("CREATE TEMP TABLE t(x int)", Some(Pin::TemporaryTable)),
+            ("create global temporary table t(x int)", Some(Pin::TemporaryTable)),
+            ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", Some(Pin::CursorWithHold)),
+            ("PREPARE p AS SELECT 1", Some(Pin::PreparedStatement)),
+            ("-- comment\n  reset all", Some(Pin::Set)),
         ];
         for (sql, expected) in cases {
             assert_eq!(session_state(sql.as_bytes()), expected, "{sql}");

@@ -17,6 +17,9 @@ use std::hash::{Hash, Hasher};
 
 use bytes::{Buf, BytesMut};
 
+use crate::protocol::tag::{backend, frontend};
+use crate::protocol::{self, status, HEADER};
+
 /// Statements kept prepared per server connection.
 pub const PER_CONNECTION: usize = 1000;
 
@@ -121,10 +124,10 @@ const RERUN_LIMIT: usize = 64 * 1024;
 /// `cached plan must not change result type` (0A000): a statement the server prepared earlier
 /// reads a table whose columns changed since.
 fn stale_plan(body: &[u8]) -> bool {
-    let fields = || body.split(|b| *b == 0);
-    fields().any(|f| f == b"C0A000")
-        && fields()
-            .any(|f| f.starts_with(b"M") && f.ends_with(b"cached plan must not change result type"))
+    use protocol::{error_field, field};
+    error_field(body, field::CODE) == Some(b"0A000")
+        && error_field(body, field::MESSAGE)
+            .is_some_and(|m| m.ends_with(b"cached plan must not change result type"))
 }
 
 /// A message of the extended protocol the proxy could not read.
@@ -190,7 +193,7 @@ impl Statements {
     /// Records the client's named statement of a `Parse` (whole message) without sending it
     /// anywhere: it is prepared where it is first used.
     pub fn record(&mut self, parse: &[u8]) -> Result<(), Malformed> {
-        let (name, rest) = cstr(&parse[5..]).ok_or(Malformed("Parse"))?;
+        let (name, rest) = cstr(&parse[HEADER..]).ok_or(Malformed("Parse"))?;
         self.named.insert(name.to_owned(), (server_name(rest), rest.to_vec()));
         Ok(())
     }
@@ -225,9 +228,9 @@ impl Statements {
         conn: &mut ServerStatements,
         to_server: &mut BytesMut,
     ) -> Result<(), Malformed> {
-        let (tag, body) = (message[0], &message[5..]);
+        let (tag, body) = (message[0], &message[HEADER..]);
         match tag {
-            b'P' => {
+            frontend::PARSE => {
                 self.unsynced += 1;
                 let (name, rest) = cstr(body).ok_or(Malformed("Parse"))?;
                 if name.is_empty() {
@@ -238,63 +241,64 @@ impl Statements {
                 let server = server_name(rest);
                 self.named.insert(name.to_owned(), (server.clone(), rest.to_vec()));
                 if conn.has(&server) {
-                    self.answers.push_back(Answer::Reply(b'1'));
+                    self.answers.push_back(Answer::Reply(backend::PARSE_COMPLETE));
                 } else {
                     self.prepare(conn, &server, rest, to_server, true);
                 }
             }
-            b'B' => {
+            frontend::BIND => {
                 self.unsynced += 1;
                 let (portal, rest) = cstr(body).ok_or(Malformed("Bind"))?;
                 let (statement, rest) = cstr(rest).ok_or(Malformed("Bind"))?;
                 let server = self.ensure(statement, conn, to_server);
                 push_message(
                     to_server,
-                    b'B',
+                    frontend::BIND,
                     &[portal.as_bytes(), &[0], server.as_bytes(), &[0], rest],
                 );
                 self.answers.push_back(relayed(End::Bind));
             }
-            b'D' => {
+            frontend::DESCRIBE => {
                 self.unsynced += 1;
                 let kind = *body.first().ok_or(Malformed("Describe"))?;
                 let (name, _) = cstr(&body[1..]).ok_or(Malformed("Describe"))?;
-                if kind == b'S' {
+                if kind == frontend::STATEMENT {
                     let server = self.ensure(name, conn, to_server);
-                    push_message(to_server, b'D', &[b"S", server.as_bytes(), &[0]]);
+                    let parts = [&[frontend::STATEMENT][..], server.as_bytes(), &[0]];
+                    push_message(to_server, frontend::DESCRIBE, &parts);
                 } else {
                     to_server.extend_from_slice(message);
                 }
                 self.answers.push_back(relayed(End::Description));
             }
-            b'C' => {
+            frontend::CLOSE => {
                 self.unsynced += 1;
                 let kind = *body.first().ok_or(Malformed("Close"))?;
                 let (name, _) = cstr(&body[1..]).ok_or(Malformed("Close"))?;
-                if kind == b'S' && !name.is_empty() {
+                if kind == frontend::STATEMENT && !name.is_empty() {
                     // The server keeps it for the next client that prepares the same statement.
                     self.named.remove(name);
-                    self.answers.push_back(Answer::Reply(b'3'));
+                    self.answers.push_back(Answer::Reply(backend::CLOSE_COMPLETE));
                 } else {
                     to_server.extend_from_slice(message);
                     self.answers.push_back(relayed(End::Close));
                 }
             }
-            b'E' => {
+            frontend::EXECUTE => {
                 self.unsynced += 1;
                 to_server.extend_from_slice(message);
                 self.answers.push_back(relayed(End::Execution));
             }
-            b'S' => {
+            frontend::SYNC => {
                 self.unsynced = 0;
                 to_server.extend_from_slice(message);
                 self.answers.push_back(READY);
             }
-            b'H' => {
+            frontend::FLUSH => {
                 self.unsynced += 1;
                 to_server.extend_from_slice(message);
             }
-            b'Q' | b'F' => {
+            frontend::QUERY | frontend::FUNCTION_CALL => {
                 to_server.extend_from_slice(message);
                 self.answers.push_back(READY);
             }
@@ -331,14 +335,15 @@ impl Statements {
         relay: bool,
     ) {
         if let Some(evicted) = conn.add(server) {
-            push_message(to_server, b'C', &[b"S", evicted.as_bytes(), &[0]]);
+            let parts = [&[frontend::STATEMENT][..], evicted.as_bytes(), &[0]];
+            push_message(to_server, frontend::CLOSE, &parts);
             self.answers.push_back(Answer::Server {
                 end: End::Close,
                 relay: false,
                 prepares: None,
             });
         }
-        push_message(to_server, b'P', &[server.as_bytes(), &[0], body]);
+        push_message(to_server, frontend::PARSE, &[server.as_bytes(), &[0], body]);
         let prepares = Some(server.to_owned());
         self.answers.push_back(Answer::Server { end: End::Parse, relay, prepares });
     }
@@ -347,15 +352,14 @@ impl Statements {
     fn one_sync(&self) -> bool {
         let mut rest = &self.sent[..];
         let (mut syncs, mut last) = (0, 0u8);
-        while rest.len() >= 5 {
-            let len = i32::from_be_bytes(rest[1..5].try_into().expect("5 bytes")) as usize;
-            if matches!(rest[0], b'S' | b'Q' | b'F') {
+        while let Some((tag, len)) = protocol::header(rest) {
+            if frontend::answered_by_ready(tag) {
                 syncs += 1;
             }
-            last = rest[0];
-            rest = rest.get(1 + len..).unwrap_or_default();
+            last = tag;
+            rest = rest.get(1 + len.max(0) as usize..).unwrap_or_default();
         }
-        syncs == 1 && last == b'S'
+        syncs == 1 && last == frontend::SYNC
     }
 
     /// The proxy's own answers now due (at the front), into `out`.
@@ -392,16 +396,13 @@ impl Statements {
                 *relaying -= n;
                 continue;
             }
-            if sbuf.len() < 5 {
-                return fatal;
-            }
-            let tag = sbuf[0];
-            let len = i32::from_be_bytes(sbuf[1..5].try_into().expect("5 bytes")).max(4) as usize;
-            if matches!(tag, b'D' | b'd') {
+            let Some((tag, len)) = protocol::header(sbuf) else { return fatal };
+            let len = len.max(4) as usize;
+            if matches!(tag, backend::DATA_ROW | backend::COPY_DATA) {
                 // Rows and copy data can be long: they stream through (always the client's).
                 self.relayed = true;
-                out.extend_from_slice(&sbuf[..5]);
-                sbuf.advance(5);
+                out.extend_from_slice(&sbuf[..HEADER]);
+                sbuf.advance(HEADER);
                 *relaying = len - 4;
                 continue;
             }
@@ -411,18 +412,22 @@ impl Statements {
             let message = sbuf.split_to(1 + len);
             match tag {
                 // Whenever they come.
-                b'N' | b'A' => out.extend_from_slice(&message),
-                b'S' => {
-                    parameter(&message[5..]);
+                backend::NOTICE_RESPONSE | backend::NOTIFICATION_RESPONSE => {
+                    out.extend_from_slice(&message)
+                }
+                backend::PARAMETER_STATUS => {
+                    parameter(&message[HEADER..]);
                     out.extend_from_slice(&message);
                 }
-                b'E' if crate::pooled::is_fatal(&message[5..]) => {
-                    fatal = Some(crate::pooled::error_text(&message[5..]));
+                backend::ERROR_RESPONSE if protocol::is_fatal(&message[HEADER..]) => {
+                    let text = protocol::error_field(&message[HEADER..], protocol::field::MESSAGE);
+                    fatal = Some(String::from_utf8_lossy(text.unwrap_or(b"error")).into_owned());
                 }
-                b'E' if !self.relayed
-                    && !self.healed
-                    && self.one_sync()
-                    && stale_plan(&message[5..]) =>
+                backend::ERROR_RESPONSE
+                    if !self.relayed
+                        && !self.healed
+                        && self.one_sync()
+                        && stale_plan(&message[HEADER..]) =>
                 {
                     // Nothing reached the client yet: its messages run again on statements
                     // prepared anew, and it never sees the error.
@@ -430,14 +435,14 @@ impl Statements {
                     self.healed = true;
                     self.failed(conn);
                 }
-                b'E' => {
+                backend::ERROR_RESPONSE => {
                     out.extend_from_slice(&message);
                     self.relayed = true;
                     self.errors += 1;
                     self.failed(conn);
                 }
-                b'Z' => {
-                    *status = message.get(5).copied().unwrap_or(b'I');
+                backend::READY_FOR_QUERY => {
+                    *status = message.get(HEADER).copied().unwrap_or(status::IDLE);
                     while let Some(answer) = self.answers.pop_front() {
                         if answer == READY {
                             break;
@@ -455,11 +460,13 @@ impl Statements {
                 }
                 _ => {
                     let end = match tag {
-                        b'1' => Some(End::Parse),
-                        b'2' => Some(End::Bind),
-                        b'3' => Some(End::Close),
-                        b'T' | b'n' => Some(End::Description),
-                        b'C' | b'I' | b's' => Some(End::Execution),
+                        backend::PARSE_COMPLETE => Some(End::Parse),
+                        backend::BIND_COMPLETE => Some(End::Bind),
+                        backend::CLOSE_COMPLETE => Some(End::Close),
+                        backend::ROW_DESCRIPTION | backend::NO_DATA => Some(End::Description),
+                        backend::COMMAND_COMPLETE
+                        | backend::EMPTY_QUERY_RESPONSE
+                        | backend::PORTAL_SUSPENDED => Some(End::Execution),
                         _ => None, // ParameterDescription, copy responses, function results
                     };
                     let (relay, finished) = match self.answers.front() {

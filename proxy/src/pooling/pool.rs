@@ -13,6 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{self, AuthError, Login};
 use crate::cancel::{CancelKey, CancelTarget, NodeAddress};
+use crate::error::UserFacing;
+use crate::node::{self, NodeConnectError};
+use crate::protocol::SqlState;
 use crate::routes::Route;
 use crate::stream::NodeStream;
 use crate::Shared;
@@ -130,10 +133,38 @@ pub enum AcquireError {
     Timeout { database: String, size: usize, waited: Duration },
     #[error("every server connection of database \"{database}\" is busy")]
     Busy { database: String },
-    #[error("cannot reach the primary of database \"{database}\": {reason}")]
-    Connect { database: String, reason: String },
+    #[error("cannot reach the primary of database \"{database}\": {source}")]
+    Connect { database: String, source: NodeConnectError },
     #[error("cannot log in to the primary of database \"{database}\": {source}")]
     Login { database: String, source: AuthError },
+}
+
+impl UserFacing for AcquireError {
+    fn sqlstate(&self) -> SqlState {
+        match self {
+            Self::QueueFull { .. } | Self::Timeout { .. } | Self::Busy { .. } => {
+                SqlState::TooManyConnections
+            }
+            Self::Connect { .. } | Self::Login { .. } => SqlState::CannotConnectNow,
+        }
+    }
+
+    /// The node's connection errors stay in the log; a node's own refusal is the client's to
+    /// read.
+    fn client_message(&self) -> String {
+        match self {
+            Self::Connect { database, .. } => {
+                format!("cannot reach the primary of database \"{database}\"")
+            }
+            Self::Login { database, source: AuthError::NodeRefused { message, .. } } => {
+                format!("cannot log in to the primary of database \"{database}\": {message}")
+            }
+            Self::Login { database, .. } => {
+                format!("cannot log in to the primary of database \"{database}\"")
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 /// A server connection, logged in, with the permit it holds in its pool.
@@ -151,7 +182,7 @@ pub struct ServerConn {
     /// Session parameters set on it for clients (`SET`), by name.
     pub applied: HashMap<String, String>,
     /// The statements prepared on it for clients.
-    pub statements: crate::statements::ServerStatements,
+    pub statements: super::statements::ServerStatements,
     /// The thread whose reactor its socket is registered with ([`home`]).
     home: usize,
     /// When it last went idle.
@@ -367,16 +398,16 @@ impl DbPool {
         permit: OwnedSemaphorePermit,
     ) -> Result<ServerConn, AcquireError> {
         let Want { database, route, user, login, .. } = want;
-        let (mut stream, addr) = crate::session::connect(route, shared).await.map_err(|e| {
-            AcquireError::Connect { database: database.to_owned(), reason: e.to_string() }
-        })?;
+        let limit = shared.limits.backend_connect_timeout();
+        let (mut stream, addr) = node::connect(route, limit, &shared.metrics)
+            .await
+            .map_err(|source| AcquireError::Connect { database: database.to_owned(), source })?;
         let startup = crate::protocol::startup_message(&[("user", user), ("database", database)]);
         let logged_in =
             auth::log_in_node(&mut stream, &startup, login, shared.limits.backend_auth_timeout())
                 .await
                 .map_err(|source| AcquireError::Login { database: database.to_owned(), source })?;
-        let tls =
-            route.node_tls.clone().map(|c| (c, crate::session::host_of(&route.primary).into()));
+        let tls = route.node_tls.clone().map(|c| (c, node::host_of(&route.primary).into()));
         let cancel = logged_in
             .key
             .map(|key: CancelKey| CancelTarget { node: NodeAddress { addr, tls }, key });
