@@ -22,7 +22,7 @@
 //!
 //! Leaves used by several: `plans.rs` (catalogue), `secrets.rs` (passwords, SCRAM verifiers),
 //! `files.rs` (private files), `storage.rs` (where backups live), `httpc.rs` (bounded HTTP
-//! client), `metrics.rs`.
+//! client), `metrics.rs`, `wait.rs` (the one way to wait for a condition).
 //!
 //! A request flows: `api/` checks the body and the database's state, changes the record under
 //! the record lock (never across a node call) or starts an operation (`platform/operations.rs`)
@@ -51,6 +51,7 @@ pub mod server;
 pub mod state;
 pub mod stats;
 pub mod storage;
+pub mod wait;
 
 pub use platform::{HealthConfig, PlatformConfig};
 pub use server::{serve, NodeOptions};

@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::coord::{CoordError, Etcd, Lease};
 use crate::nodes::driver::{NodeDriver, NodeSpec};
 use crate::nodes::local::LocalDriver;
+use crate::wait;
 
 /// How long before its lease can end an agent kills its primaries.
 pub const FENCE_LEAD: Duration = Duration::from_millis(500);
@@ -149,26 +150,27 @@ fn fence_primaries(nodes_dir: &Path, driver: &LocalDriver) -> Vec<String> {
 /// `PROMOTE_MARGIN`; an error if it is still there after `limit` (the agent is in touch with
 /// etcd, so its primary may still serve).
 pub async fn wait_fenced(etcd: &Etcd, address: &str, limit: Duration) -> Result<(), String> {
-    let key = key(etcd, address);
-    let deadline = Instant::now() + limit;
-    loop {
+    let key = &key(etcd, address);
+    let gone = wait::until_true(limit, wait::STEADY, || async move {
         let get = etcd.call(|mut c| {
             let key = key.clone();
             async move { c.get(key, None).await }
         });
         match get.await {
-            Ok(answer) if answer.kvs().is_empty() => break,
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "cannot read the agent's key"),
+            Ok(answer) => answer.kvs().is_empty(),
+            Err(e) => {
+                warn!(error = %e, "cannot read the agent's key");
+                false
+            }
         }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "agent {address} still holds its lease in etcd: it is in touch with etcd, so its \
-                 primary may still be serving"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    });
+    if !gone.await {
+        return Err(format!(
+            "agent {address} still holds its lease in etcd: it is in touch with etcd, so its \
+             primary may still be serving"
+        ));
     }
+    // Time itself must pass: the agent's own lease check fences its primary within it.
     tokio::time::sleep(PROMOTE_MARGIN).await;
     Ok(())
 }

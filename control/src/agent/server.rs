@@ -291,17 +291,16 @@ fn wait_for(
     lock: &std::sync::Mutex<()>,
     limit: std::time::Duration,
 ) -> Option<std::sync::MutexGuard<'_, ()>> {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        match lock.try_lock() {
-            Ok(guard) => return Some(guard),
-            Err(std::sync::TryLockError::Poisoned(e)) => return Some(e.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-        }
-    }
+    let mut guard = None;
+    crate::wait::until_blocking(limit, crate::wait::QUICK, || {
+        guard = match lock.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        guard.is_some()
+    });
+    guard
 }
 
 /// Runs `op` with the local driver; its answer as JSON.

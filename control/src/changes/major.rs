@@ -42,7 +42,7 @@ use crate::pitr::{base_dir, pitr_plan, wal_dir, Heartbeats};
 use crate::platform::operations::Progress;
 use crate::platform::{ChangeGuard, Platform};
 use crate::state::{DatabaseRecord, MajorUpgrade, NodeRecord, RetiredCluster, StoreError};
-use crate::{plans, secrets};
+use crate::{plans, secrets, wait};
 
 /// How long new sessions may be held for the swap unless the request says otherwise.
 pub const DEFAULT_HOLD_BUDGET: Duration = Duration::from_secs(10);
@@ -459,8 +459,9 @@ fn program_error(what: &'static str, e: &std::io::Error) -> ChangeError {
 /// Waits until every table is copied and the new cluster is within `NEAR_BYTES` of the old
 /// primary.
 async fn wait_near(old: &Session, new: &Session, op: &mut Progress) -> Result<(), ChangeError> {
-    let deadline = Instant::now() + SYNC_TIMEOUT;
-    loop {
+    let op = std::sync::Mutex::new(op);
+    let op = &op;
+    let near = wait::until(SYNC_TIMEOUT, wait::STEADY, || async move {
         let row = new
             .query_one(
                 "SELECT count(*) FILTER (WHERE srsubstate <> 'r'), count(*) FROM pg_subscription_rel",
@@ -469,7 +470,8 @@ async fn wait_near(old: &Session, new: &Session, op: &mut Progress) -> Result<()
             .await?;
         let (copying, tables): (i64, i64) = (row.get(0), row.get(1));
         if tables > 0 {
-            op.set(0.3 + 0.4 * (tables - copying) as f64 / tables as f64);
+            let done = 0.3 + 0.4 * (tables - copying) as f64 / tables as f64;
+            op.lock().unwrap_or_else(|e| e.into_inner()).set(done);
         }
         if copying == 0 {
             let lag: Option<i64> = old
@@ -481,14 +483,12 @@ async fn wait_near(old: &Session, new: &Session, op: &mut Progress) -> Result<()
                 .await?
                 .and_then(|r| r.get(0));
             if lag.is_some_and(|lag| lag <= NEAR_BYTES) {
-                return Ok(());
+                return Ok(Some(()));
             }
         }
-        if Instant::now() > deadline {
-            return Err(ChangeError::NotSynced(SYNC_TIMEOUT.as_secs()));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok::<_, ChangeError>(None)
+    });
+    near.await?.ok_or(ChangeError::NotSynced(SYNC_TIMEOUT.as_secs()))
 }
 
 /// The held part: the old database takes no more sessions, the last changes arrive, the
@@ -547,20 +547,20 @@ async fn swap(
     within("ending the old database's sessions")?;
     // Everything written until now reaches the new cluster.
     let lsn: String = old_db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
-    loop {
+    let lsn = &lsn;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let applied = wait::until(left, wait::QUICK, || async move {
         let row = old_db
             .query_opt(
                 "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots \
                  WHERE slot_name = $2",
-                &[&lsn, &REPLICATION_NAME],
+                &[lsn, &REPLICATION_NAME],
             )
             .await?;
-        if row.and_then(|r| r.get::<_, Option<bool>>(0)).unwrap_or(false) {
-            break;
-        }
-        within("applying the last changes")?;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        let caught_up = row.and_then(|r| r.get::<_, Option<bool>>(0)).unwrap_or(false);
+        Ok::<_, ChangeError>(caught_up.then_some(()))
+    });
+    applied.await?.ok_or(ChangeError::Budget("applying the last changes"))?;
     // Sequences are not replicated: they take the old values.
     let sequences = old_db
         .query(
@@ -621,8 +621,7 @@ async fn undo_on_old(
         }
     }
     // The slot can be dropped once its walsender has gone (the subscription stopped).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let gone = wait::until_true(Duration::from_secs(10), wait::STEADY, || async move {
         let dropped = postgres
             .query(
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
@@ -636,14 +635,10 @@ async fn undo_on_old(
                 &[&REPLICATION_NAME],
             )
             .await;
-        match (dropped, left) {
-            (Ok(_), Ok(None)) => break,
-            _ if Instant::now() > deadline => {
-                warn!(database = %old.id, "the upgrade's replication slot is still there");
-                break;
-            }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
+        matches!((dropped, left), (Ok(_), Ok(None)))
+    });
+    if !gone.await {
+        warn!(database = %old.id, "the upgrade's replication slot is still there");
     }
     if let Some(primary) = old.primary() {
         let drop = format!("DROP PUBLICATION IF EXISTS {REPLICATION_NAME}");

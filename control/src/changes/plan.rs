@@ -30,6 +30,7 @@ use crate::plans;
 use crate::platform::operations::Progress;
 use crate::platform::{ChangeGuard, Platform};
 use crate::state::{DatabaseRecord, NodeRecord, StoreError};
+use crate::wait;
 
 /// How long the proxies may take to apply a table, and a restarted node to stream again.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -249,10 +250,10 @@ pub(super) async fn restart_standby(
     let config = platform.node_config(db, standby, None)?;
     step(claim, restart(platform, standby, config)).await?;
     let spec = platform.node_spec(primary);
-    let deadline = Instant::now() + STREAMING_TIMEOUT;
-    loop {
+    let spec = &spec;
+    let streaming = wait::until(STREAMING_TIMEOUT, wait::STEADY, || async move {
         let streaming = step(claim, async {
-            let admin = platform.session(&spec, "postgres").await?;
+            let admin = platform.session(spec, "postgres").await?;
             let rows = admin
                 .query(
                     "SELECT 1 FROM pg_stat_replication WHERE application_name = $1 AND state = 'streaming'",
@@ -262,14 +263,9 @@ pub(super) async fn restart_standby(
             Ok::<_, ChangeError>(!rows.is_empty())
         })
         .await?;
-        if streaming {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(ChangeError::NotStreaming(standby.name.clone()));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok::<_, ChangeError>(streaming.then_some(()))
+    });
+    streaming.await?.ok_or_else(|| ChangeError::NotStreaming(standby.name.clone()))?;
     platform.event(
         &db.id,
         "node_reconfigured",
@@ -288,27 +284,22 @@ pub(super) async fn wait_replayed(
     let source = step(claim, platform.session(&platform.node_spec(primary), "postgres")).await?;
     let lsn: String =
         step(claim, source.query_one("SELECT pg_current_wal_lsn()::text", &[])).await?.get(0);
-    let deadline = Instant::now() + STREAMING_TIMEOUT;
-    loop {
+    let lsn = &lsn;
+    let replayed = wait::until(STREAMING_TIMEOUT, wait::STEADY, || async move {
         let replayed = step(claim, async {
             let session = platform.session(&platform.node_spec(standby), "postgres").await?;
             let row = session
                 .query_one(
                     "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)",
-                    &[&lsn],
+                    &[lsn],
                 )
                 .await?;
             Ok::<_, ChangeError>(row.get::<_, bool>(0))
         })
         .await?;
-        if replayed {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(ChangeError::NotStreaming(standby.name.clone()));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Ok::<_, ChangeError>(replayed.then_some(()))
+    });
+    replayed.await?.ok_or_else(|| ChangeError::NotStreaming(standby.name.clone()))
 }
 
 /// Waits until every node runs, none is fenced, and commits are synchronous.
@@ -316,18 +307,12 @@ pub(super) async fn wait_synchronous_again(
     platform: &Platform,
     id: &str,
 ) -> Result<(), ChangeError> {
-    let deadline = Instant::now() + REJOIN_TIMEOUT;
-    loop {
+    let rejoined = wait::until(REJOIN_TIMEOUT, wait::SLOW, || async move {
         let db =
             platform.store.database(id)?.ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
-        if db.synchronous && db.nodes.iter().all(|n| !n.fenced) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(ChangeError::NotRejoined(id.to_owned()));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Ok::<_, ChangeError>((db.synchronous && db.nodes.iter().all(|n| !n.fenced)).then_some(()))
+    });
+    rejoined.await?.ok_or_else(|| ChangeError::NotRejoined(id.to_owned()))
 }
 
 /// Adds the standbys `plan` has beyond the primary: copied, streaming, synchronous.

@@ -28,6 +28,7 @@ use crate::ha::switchover::switchover;
 use crate::plans;
 use crate::platform::operations::Progress;
 use crate::platform::{ChangeGuard, Platform};
+use crate::wait;
 
 /// Finishes every change `left` holds, each as its operation (the interrupted one, which then
 /// succeeds or fails with the reason).
@@ -85,28 +86,29 @@ pub async fn resume(
 /// Waits until `node` accepts sessions, starting it if it is stopped: the killed control plane
 /// may have left it stopping (a `pg_ctl stop` it started outlives it) or stopped.
 async fn serving(platform: &Platform, node: &crate::state::NodeRecord) -> Result<(), ChangeError> {
-    let spec = platform.node_spec(node);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let session = platform.session(&spec, "postgres").await;
-        match session {
-            Ok(_) => return Ok(()),
-            Err(e) if std::time::Instant::now() > deadline => return Err(e.into()),
-            Err(_) => {
-                let (driver, spec) = (platform.driver.clone(), spec.clone());
-                // Not running (any more): start it; running (starting or stopping): wait.
-                let _ = crate::nodes::blocking(move || {
-                    if driver.is_running(&spec) {
-                        Ok(())
-                    } else {
-                        driver.start(&spec)
-                    }
-                })
-                .await;
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            }
+    let spec = &platform.node_spec(node);
+    let limit = std::time::Duration::from_secs(60);
+    let serves = wait::until_true(limit, wait::SLOW, || async move {
+        if platform.session(spec, "postgres").await.is_ok() {
+            return true;
         }
+        let (driver, spec) = (platform.driver.clone(), spec.clone());
+        // Not running (any more): start it; running (starting or stopping): wait.
+        let _ = crate::nodes::blocking(move || {
+            if driver.is_running(&spec) {
+                Ok(())
+            } else {
+                driver.start(&spec)
+            }
+        })
+        .await;
+        false
+    });
+    if serves.await {
+        return Ok(());
     }
+    // The last attempt's error says why.
+    platform.session(spec, "postgres").await.map(drop).map_err(Into::into)
 }
 
 async fn run(

@@ -16,6 +16,7 @@ use super::HaError;
 use crate::nodes::blocking;
 use crate::platform::{ChangeGuard, Platform};
 use crate::state::NodeRecord;
+use crate::wait;
 
 /// How long a switchover waits for the proxies to apply a table.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -99,21 +100,15 @@ pub async fn switchover(
             blocking(move || driver.fence(&spec)).await?;
         }
         // 3. The standby must have received everything the primary wrote.
-        let deadline = Instant::now() + CATCH_UP_TIMEOUT;
-        loop {
-            let caught_up: bool = standby
-                .query_one("SELECT pg_last_wal_receive_lsn() >= $1::text::pg_lsn", &[&lsn])
-                .await?
-                .get(0);
-            if caught_up {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(HaError::NotCaughtUp { standby: candidate.name.clone(), lsn });
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let caught_up = wait::until(CATCH_UP_TIMEOUT, wait::QUICK, || async {
+            let sql = "SELECT pg_last_wal_receive_lsn() >= $1::text::pg_lsn";
+            let row = standby.query_one(sql, &[&lsn]).await?;
+            Ok::<_, HaError>(row.get::<_, bool>(0).then_some(()))
+        });
+        match caught_up.await? {
+            Some(()) => Ok(()),
+            None => Err(HaError::NotCaughtUp { standby: candidate.name.clone(), lsn }),
         }
-        Ok(())
     }
     .await;
     if let Err(e) = result {

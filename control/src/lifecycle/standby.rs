@@ -1,13 +1,14 @@
 //! Standbys: copied from the primary over TLS, streaming, then made synchronous.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::LifecycleError;
 use crate::nodes::config::{slot_name, REPLICATION_ROLE};
 use crate::nodes::{blocking, NodeSpec, Upstream};
 use crate::platform::Platform;
 use crate::state::{DatabaseRecord, NodeRecord};
+use crate::wait;
 
 /// Copies the primary into `standby` over TLS, starts it streaming, then makes it the
 /// synchronous standby.
@@ -70,20 +71,16 @@ async fn wait_synchronous(
     standby: &str,
 ) -> Result<(), LifecycleError> {
     let admin = platform.session(primary, "postgres").await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let admin = &admin;
+    let synchronous = wait::until(Duration::from_secs(60), wait::STEADY, || async move {
         let rows = admin
             .query(
                 "SELECT sync_state FROM pg_stat_replication WHERE application_name = $1",
                 &[&standby],
             )
             .await?;
-        if rows.first().is_some_and(|r| r.get::<_, String>(0) == "sync") {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(LifecycleError::NotSynchronous(standby.to_owned()));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let sync = rows.first().is_some_and(|r| r.get::<_, String>(0) == "sync");
+        Ok::<_, LifecycleError>(sync.then_some(()))
+    });
+    synchronous.await?.ok_or_else(|| LifecycleError::NotSynchronous(standby.to_owned()))
 }

@@ -334,13 +334,11 @@ impl NodeDriver for LocalDriver {
         // A postmaster still shutting down (a stop that an earlier control plane began and did
         // not see through, say) holds the node's lock files: its end is waited for first.
         if let Some(pid) = Self::postmaster_pid(node) {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-            while is_postgres(pid) && !self.accepts_connections(node) {
-                if std::time::Instant::now() > deadline {
-                    break; // pg_ctl says what holds the node.
-                }
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
+            // If it is still there after the wait, pg_ctl says what holds the node.
+            let limit = std::time::Duration::from_secs(60);
+            crate::wait::until_blocking(limit, crate::wait::STEADY, || {
+                !is_postgres(pid) || self.accepts_connections(node)
+            });
         }
         let prepared = self.prepare_container(node);
         let log = node.dir.join("postgres.log");

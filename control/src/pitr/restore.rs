@@ -16,6 +16,7 @@ use crate::nodes::NodeError;
 use crate::platform::operations::Progress;
 use crate::platform::Platform;
 use crate::state::{DatabaseRecord, NodeRecord, StoreError};
+use crate::wait;
 
 /// The recoverable window: from the oldest base backup to the newest archived heartbeat.
 pub async fn window(
@@ -222,12 +223,11 @@ async fn wait_promoted(
     platform: &Platform,
     node: &crate::nodes::NodeSpec,
 ) -> Result<(), PitrError> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(1800);
-    loop {
+    let promoted = wait::until(Duration::from_secs(1800), wait::SLOW, || async move {
         if let Ok(admin) = platform.session(node, "postgres").await {
             if let Ok(row) = admin.query_one("SELECT pg_is_in_recovery()", &[]).await {
                 if !row.get::<_, bool>(0) {
-                    return Ok(());
+                    return Ok(Some(()));
                 }
             }
         } else {
@@ -237,9 +237,7 @@ async fn wait_promoted(
                 return Err(PitrError::RecoveryFailed(platform.driver.log_tail(node)));
             }
         }
-        if std::time::Instant::now() > deadline {
-            return Err(PitrError::RecoveryTimeout);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Ok(None)
+    });
+    promoted.await?.ok_or(PitrError::RecoveryTimeout)
 }

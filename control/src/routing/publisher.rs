@@ -34,8 +34,8 @@ pub enum Delivery {
 
 pub struct Publisher {
     tx: watch::Sender<Arc<RoutingTable>>,
-    /// The epoch each proxy has applied.
-    applied: Arc<std::sync::Mutex<Vec<u64>>>,
+    /// The epoch each proxy has applied, as its task reports it.
+    applied: Arc<watch::Sender<Vec<u64>>>,
 }
 
 impl Publisher {
@@ -46,7 +46,7 @@ impl Publisher {
         metrics: Metrics,
     ) -> Self {
         let (tx, _) = watch::channel(Arc::new(RoutingTable::default()));
-        let applied = Arc::new(std::sync::Mutex::new(vec![0; proxies.len()]));
+        let applied = Arc::new(watch::Sender::new(vec![0; proxies.len()]));
         for (index, proxy) in proxies.into_iter().enumerate() {
             let rx = tx.subscribe();
             let reporter = Reporter { applied: applied.clone(), index };
@@ -58,18 +58,11 @@ impl Publisher {
 
     /// Waits until every proxy applied `epoch` or a later one; false after `timeout`.
     pub async fn wait_applied(&self, epoch: u64, timeout: std::time::Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let done =
-                self.applied.lock().unwrap_or_else(|e| e.into_inner()).iter().all(|a| *a >= epoch);
-            if done {
-                return true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        let mut applied = self.applied.subscribe();
+        let all = applied.wait_for(|applied| applied.iter().all(|a| *a >= epoch));
+        // The sender lives as long as `self`: the wait ends only when they have it, or in time.
+        let applied_in_time = matches!(tokio::time::timeout(timeout, all).await, Ok(Ok(_)));
+        applied_in_time
     }
 
     pub fn publish(&self, table: RoutingTable) {
@@ -83,13 +76,13 @@ impl Publisher {
 
 /// Where a proxy's task reports the epoch it applied.
 struct Reporter {
-    applied: Arc<std::sync::Mutex<Vec<u64>>>,
+    applied: Arc<watch::Sender<Vec<u64>>>,
     index: usize,
 }
 
 impl Reporter {
     fn set(&self, epoch: u64) {
-        self.applied.lock().unwrap_or_else(|e| e.into_inner())[self.index] = epoch;
+        self.applied.send_modify(|applied| applied[self.index] = epoch);
     }
 }
 

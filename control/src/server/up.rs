@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use hyper::Method;
@@ -17,6 +17,7 @@ use crate::agent::server::DEFAULT_ROOT;
 use crate::cli::{split_host_port, Client, HealthArgs, NodeArgs, ServeArgs, UpArgs};
 use crate::httpc::Timeouts;
 use crate::server::{read_secret_file, NodeOptions};
+use crate::wait;
 use crate::{HealthConfig, PlatformConfig};
 
 /// Cancels the returned token on SIGINT or SIGTERM.
@@ -287,18 +288,12 @@ const PROBE: Timeouts =
 
 /// Waits (up to 5 s) until the proxy at `admin` reports itself active.
 async fn wait_active(admin: std::net::SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        let addr = admin.to_string();
-        if let Ok((status, _)) =
-            crate::httpc::request(&addr, Method::GET, "/active", None, None, PROBE).await
-        {
-            if status.is_success() {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let addr = admin.to_string();
+    wait::until_true(Duration::from_secs(5), wait::STEADY, || async {
+        let answer = crate::httpc::request(&addr, Method::GET, "/active", None, None, PROBE).await;
+        answer.is_ok_and(|(status, _)| status.is_success())
+    })
+    .await;
 }
 
 async fn stop_child(child: &mut Child) {
@@ -328,33 +323,34 @@ async fn ensure_database(args: &UpArgs, data_dir: &Path) -> anyhow::Result<Datab
             answer.database.id
         }
     };
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
+    let running = wait::until(Duration::from_secs(300), wait::SLOW, || async {
         let db: Database = client.call(Method::GET, &format!("/v1/databases/{id}"), None).await?;
         match db.status {
             DatabaseStatus::Running if db.nodes.iter().all(|n| n.status == "running") => {
-                return Ok(db)
+                Ok(Some(db))
             }
             DatabaseStatus::Failed => bail!("database {id} failed; see `pgwarden events {id}`"),
-            _ if Instant::now() > deadline => bail!("database {id} is still {:?}", db.status),
-            _ => tokio::time::sleep(Duration::from_millis(300)).await,
+            _ => Ok(None),
         }
+    });
+    match running.await? {
+        Some(db) => Ok(db),
+        None => bail!("database {id} is still not running after 300 s"),
     }
 }
 
 async fn wait_for_api(args: &UpArgs, data_dir: &Path) -> anyhow::Result<Client> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if data_dir.join("token").exists() {
-            let client = Client::new(&format!("http://{}", args.listen), data_dir)?;
-            if client.call::<serde_json::Value>(Method::GET, "/health", None).await.is_ok() {
-                return Ok(client);
-            }
+    let api = wait::until(Duration::from_secs(30), wait::STEADY, || async {
+        if !data_dir.join("token").exists() {
+            return Ok(None);
         }
-        if Instant::now() > deadline {
-            bail!("the control API did not start on {}", args.listen);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let client = Client::new(&format!("http://{}", args.listen), data_dir)?;
+        let health = client.call::<serde_json::Value>(Method::GET, "/health", None).await;
+        Ok::<_, anyhow::Error>(health.is_ok().then_some(client))
+    });
+    match api.await? {
+        Some(client) => Ok(client),
+        None => bail!("the control API did not start on {}", args.listen),
     }
 }
 
