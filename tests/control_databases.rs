@@ -132,6 +132,7 @@ async fn a_node_that_fails_to_start_fails_the_operation_with_its_log_line() {
     assert_eq!(op["status"], "failed");
     let error = op["error"].as_str().unwrap();
     assert!(error.contains("no_such_extension"), "the node's own log line: {error}");
+    assert_eq!(op["error_code"], "node_not_started", "a stable code beside the sentence: {op}");
     let db = control.request("GET", &format!("/v1/databases/{id}"), None).await.json();
     assert_eq!(db["status"], "failed");
     // Nothing else is disturbed: the API answers, the failed database can be destroyed.

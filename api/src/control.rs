@@ -123,7 +123,11 @@ pub struct Operation {
     pub status: OperationStatus,
     pub progress: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// What the user reads when it failed.
     pub error: Option<String>,
+    /// A stable code for the failure (`node_unreachable`, `could_lose_commits`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
 }
 
 /// Answer of `POST /v1/databases` and of other calls that start an operation on a database.

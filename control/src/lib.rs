@@ -8,6 +8,8 @@
 //! - `nodes/`: PostgreSQL nodes: the `NodeDriver` interface and its local implementation, the
 //!   configuration written into a node (with the quoting rules of config files and connection
 //!   strings), ports, and SQL sessions bounded in time.
+//! - `failure.rs`: the failures every workflow shares (`Failure`) and what a failed operation
+//!   tells its user (`Reportable`: a stable code and a sentence).
 //! - `routing/`: the routing table and the publisher that pushes it to every proxy.
 //! - `platform/`: the handles workflows share (store, driver, CA, publisher, holds, storage),
 //!   the record lock, the primary-change claims, and the one operation runner.
@@ -36,6 +38,7 @@ pub mod backups;
 pub mod changes;
 pub mod cli;
 pub mod coord;
+pub mod failure;
 pub mod files;
 pub mod ha;
 pub mod httpc;

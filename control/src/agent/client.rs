@@ -67,9 +67,7 @@ impl RemoteDriver {
     }
 
     fn agent(node: &NodeSpec) -> Result<&str, DriverError> {
-        node.agent
-            .as_deref()
-            .ok_or_else(|| DriverError::Other(format!("node {} has no agent", node.name)))
+        node.agent.as_deref().ok_or_else(|| DriverError::NoAgent(node.name.clone()))
     }
 
     /// Runs `work` to its end from a blocking context (driver methods block; they are called
@@ -89,8 +87,7 @@ impl RemoteDriver {
         upstream: Option<&Upstream>,
     ) -> Result<Value, DriverError> {
         let agent = Self::agent(node)?;
-        let body = serde_json::to_vec(&CallRef { node, config, upstream, term: self.term })
-            .map_err(|e| DriverError::Other(e.to_string()))?;
+        let body = serde_json::to_vec(&CallRef { node, config, upstream, term: self.term })?;
         let path = format!("/v1/nodes/{}", op.name());
         let timeouts = Timeouts { connect: CONNECT, exchange: op.bound() };
         let (status, body) = self
@@ -103,14 +100,14 @@ impl RemoteDriver {
                 Some(body),
                 timeouts,
             ))
-            .map_err(|e| DriverError::Other(format!("agent {agent}: {e}")))?;
+            .map_err(|source| DriverError::AgentUnreachable { agent: agent.to_owned(), source })?;
         let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         if status != StatusCode::OK {
             let message = answer["error"]["message"].as_str().map_or_else(
                 || format!("{status}: {}", String::from_utf8_lossy(&body)),
                 str::to_owned,
             );
-            return Err(DriverError::Other(format!("agent {agent}: {message}")));
+            return Err(DriverError::AgentRefused { agent: agent.to_owned(), message });
         }
         Ok(answer)
     }
@@ -179,10 +176,7 @@ impl NodeDriver for RemoteDriver {
     /// pg_rewind with a superuser session on the source, which the platform never opens over
     /// the network: nodes on agents are rewound with `rewind_from` instead.
     fn rewind(&self, node: &NodeSpec, _source: &NodeSpec) -> Result<(), DriverError> {
-        Err(DriverError::Other(format!(
-            "node {} is on another host: it is copied afresh rather than rewound",
-            node.name
-        )))
+        Err(DriverError::RemoteRewind(node.name.clone()))
     }
 
     fn rewind_from(&self, node: &NodeSpec, source: &Upstream) -> Result<(), DriverError> {
@@ -203,7 +197,11 @@ impl NodeDriver for RemoteDriver {
         wal: &std::path::Path,
     ) -> Result<(), DriverError> {
         let agent = Self::agent(node)?;
-        let failed = |e: String| DriverError::Other(format!("agent {agent}: {e}"));
+        let failed = |detail: String| DriverError::Transfer {
+            agent: agent.to_owned(),
+            what: "sending the backup".into(),
+            detail,
+        };
         let dir = node.dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         for (part, from) in [("base", base), ("wal", wal)] {
             let path = format!("/v1/staging/{dir}/{part}");
@@ -258,9 +256,12 @@ impl NodeDriver for RemoteDriver {
         file: &std::path::Path,
     ) -> Result<(), DriverError> {
         let agent = Self::agent(node)?;
-        let failed = |e: String| DriverError::Other(format!("agent {agent}: {e}"));
-        let body = serde_json::to_vec(&DumpRef { node, database, tools })
-            .map_err(|e| failed(e.to_string()))?;
+        let failed = |detail: String| DriverError::Transfer {
+            agent: agent.to_owned(),
+            what: "the dump".into(),
+            detail,
+        };
+        let body = serde_json::to_vec(&DumpRef { node, database, tools })?;
         let timeouts = Timeouts { connect: CONNECT, exchange: DUMP_WAIT };
         let download = self.block_on(httpc::download_over(
             agent,
@@ -324,7 +325,7 @@ impl Placed {
     /// The driver of `node` for a change to it, while this plane leads.
     fn acting(&self, node: &NodeSpec) -> Result<&dyn NodeDriver, DriverError> {
         if self.leadership.as_ref().is_some_and(|l| !l.is_valid()) {
-            return Err(DriverError::Other(crate::coord::NOT_LEADING.to_owned()));
+            return Err(DriverError::NotLeading);
         }
         Ok(self.of(node))
     }

@@ -306,7 +306,7 @@ fn wait_for(
 /// Runs `op` with the local driver; its answer as JSON.
 fn apply(agent: &Agent, op: Op, call: Call) -> Result<Value, DriverError> {
     let (driver, node) = (&agent.driver, &call.node);
-    let missing = |what: &str| DriverError::Other(format!("{} needs the node's {what}", op.name()));
+    let missing = |what| DriverError::Incomplete { op: op.name(), what };
     let config = || call.config.as_ref().ok_or_else(|| missing("configuration"));
     Ok(match op {
         Op::Init => json!(driver.init(node, config()?)?),
@@ -340,8 +340,7 @@ fn apply(agent: &Agent, op: Op, call: Call) -> Result<Value, DriverError> {
         }
         Op::LogTail => json!(driver.log_tail(node)),
         Op::Destroy => json!(driver.destroy(node)?),
-        Op::Resources => serde_json::to_value(driver.resources(node))
-            .map_err(|e| DriverError::Other(e.to_string()))?,
+        Op::Resources => serde_json::to_value(driver.resources(node))?,
     })
 }
 

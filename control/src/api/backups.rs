@@ -12,6 +12,7 @@ use serde_json::json;
 use super::error::ApiError;
 use super::{body, load, require_running, AppState};
 use crate::backups::{logical, BackupError};
+use crate::failure::Reported;
 use crate::platform::Platform;
 
 pub async fn list(
@@ -48,7 +49,11 @@ pub async fn create(
         let done = logical::run(p, taking).await;
         match done.status {
             BackupStatus::Succeeded => Ok(()),
-            _ => Err(done.error.unwrap_or_else(|| "backup failed".into())),
+            // The backup's record keeps what went wrong, as a sentence for the user.
+            _ => Err(Reported {
+                code: "backup_failed",
+                sentence: done.error.unwrap_or_else(|| "the backup failed".into()),
+            }),
         }
     })?;
     Ok((StatusCode::ACCEPTED, Json(BackupOperation { backup, operation })))

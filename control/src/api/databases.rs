@@ -16,6 +16,7 @@ use super::error::ApiError;
 use super::view::view;
 use super::{body, load, require_running, AppState};
 use crate::changes::{major, plan, upgrade};
+use crate::failure::Reportable;
 use crate::platform::{now_rfc3339, Platform};
 use crate::state::{DatabaseRecord, UserRecord};
 use crate::{lifecycle, plans, secrets};
@@ -232,7 +233,7 @@ pub async fn upgrade_engine(
                 ApiError::unprocessable("not_replicable", e.to_string())
             }
             major::Refusal::NotLogical(..) => ApiError::conflict("restart_needed", e.to_string()),
-            major::Refusal::Change(e) => ApiError::unavailable(e.to_string()),
+            major::Refusal::Change(e) => ApiError::unavailable(e.sentence()),
         })?;
     }
     let claim = claim_running(platform, &db)?;

@@ -9,6 +9,7 @@ use pgwarden_api::control::{DatabaseOperation, PitrWindow};
 use super::error::ApiError;
 use super::view::view;
 use super::{body, load, require_running, AppState};
+use crate::failure::Failure;
 use crate::nodes::NodeError;
 use crate::pitr::{restore, PitrError};
 
@@ -19,8 +20,8 @@ fn refused(
     code: &'static str,
 ) -> ApiError {
     match e {
-        PitrError::Node(NodeError::Sql(sql)) if sql.unreachable() => sql.into(),
-        PitrError::Store(store) => store.into(),
+        PitrError::Core(Failure::Node(NodeError::Sql(sql))) if sql.unreachable() => sql.into(),
+        PitrError::Core(Failure::Store(store)) => store.into(),
         other => kind(code, other.to_string()),
     }
 }

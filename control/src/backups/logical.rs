@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 use tracing::error;
 
 use super::BackupError;
+use crate::failure::{Failure, Reportable};
 use crate::nodes::driver::client_sentence;
 use crate::nodes::DriverError;
 use crate::nodes::NodeError;
@@ -91,12 +92,14 @@ pub async fn run(platform: Arc<Platform>, mut backup: Backup) -> Backup {
         }
         Err(e) => {
             backup.status = BackupStatus::Failed;
-            backup.error = Some(e.to_string());
+            error!(backup = %backup.id, code = e.code(), error = %e, "backup failed");
+            let sentence = e.sentence();
             platform.event(
                 &backup.database_id,
                 "backup_failed",
-                format!("backup {} failed: {e}", backup.id),
+                format!("backup {} failed: {sentence}", backup.id),
             );
+            backup.error = Some(sentence);
         }
     }
     if let Err(e) = platform.store.put_backup(&backup) {
@@ -109,7 +112,7 @@ async fn take(platform: &Arc<Platform>, backup: &mut Backup) -> Result<(), Backu
     let db = platform
         .store
         .database(&backup.database_id)?
-        .ok_or_else(|| BackupError::Vanished(backup.database_id.clone()))?;
+        .ok_or_else(|| Failure::Vanished(backup.database_id.clone()))?;
     // From a standby when there is one, so that the primary's clients do not pay for it.
     let source = db.replicas().next().or(db.primary()).cloned().ok_or(BackupError::NoNode)?;
     backup.node = Some(source.name.clone());
@@ -144,17 +147,18 @@ fn dump_and_verify(
     // umask, so it is created here, 0600, and pg_dump writes into it.
     crate::files::create_private(file)?;
     let checked = dump(file)
-        .map_err(|e| match e {
-            DriverError::Command { detail, .. } => {
-                BackupError::Program { what: "pg_dump failed", sentence: detail }
-            }
-            other => BackupError::Program { what: "pg_dump failed", sentence: other.to_string() },
+        .map_err(|e| {
+            let sentence = match e {
+                DriverError::Command { detail, .. } => detail,
+                other => Failure::from(other).sentence(),
+            };
+            BackupError::from(Failure::Program { what: "pg_dump", sentence })
         })
         .and_then(|()| {
             run_program(
                 Command::new(bin.join("pg_restore")).arg("--list").arg(file),
                 "pg_restore",
-                "the archive does not read back",
+                "reading the archive back",
             )
         });
     if let Err(e) = checked {
@@ -165,12 +169,12 @@ fn dump_and_verify(
     Ok((size, sha256_file(file)?))
 }
 
-/// Runs `cmd` (program `what`); on failure its output goes to the log and the error says
-/// `failed` with a sentence from it.
+/// Runs `cmd` (program `what`, for the `step` of the backup); on failure its output goes to
+/// the log and the error names the step with a sentence from it.
 fn run_program(
     cmd: &mut Command,
     what: &'static str,
-    failed: &'static str,
+    step: &'static str,
 ) -> Result<(), BackupError> {
     let out = cmd.output().map_err(|source| BackupError::NotRunnable { what, source })?;
     if out.status.success() {
@@ -178,7 +182,7 @@ fn run_program(
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
     error!(program = what, output = %stderr.trim(), "backup program failed");
-    Err(BackupError::Program { what: failed, sentence: client_sentence(&stderr) })
+    Err(Failure::Program { what: step, sentence: client_sentence(&stderr) }.into())
 }
 
 pub use crate::files::sha256_file;

@@ -5,19 +5,15 @@ pub mod logical;
 pub mod retention;
 pub mod schedule;
 
-use crate::nodes::NodeError;
-use crate::state::StoreError;
+use crate::failure::{Failure, Reportable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
+    /// What every workflow can meet.
     #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Node(#[from] NodeError),
+    Core(#[from] Failure),
     #[error("unknown plan {0}")]
     UnknownPlan(String),
-    #[error("database {0} vanished")]
-    Vanished(String),
     #[error("no node to back up from")]
     NoNode,
     #[error("plan {0} includes no manual backups; change to a plan with backups")]
@@ -26,11 +22,36 @@ pub enum BackupError {
     LimitReached { plan: String, max: u32 },
     #[error("cannot run {what}: {source}")]
     NotRunnable { what: &'static str, source: std::io::Error },
-    /// A program failed; `sentence` is for clients, its output went to the log.
-    #[error("{what}: {sentence}")]
-    Program { what: &'static str, sentence: String },
     #[error("cannot write the dump: {0}")]
     Io(#[from] std::io::Error),
     #[error("cannot store the backup: {0}")]
     Storage(std::io::Error),
+}
+
+crate::failure::wraps_failure!(BackupError);
+
+impl Reportable for BackupError {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Core(e) => e.code(),
+            Self::UnknownPlan(_) => "unknown_plan",
+            Self::NoNode => "no_node",
+            Self::NoManualBackups(_) => "no_manual_backups",
+            Self::LimitReached { .. } => "backup_limit",
+            Self::NotRunnable { .. } => "program_failed",
+            Self::Io(_) | Self::Storage(_) => "storage_failed",
+        }
+    }
+
+    fn sentence(&self) -> String {
+        match self {
+            Self::Core(e) => e.sentence(),
+            Self::NotRunnable { what, .. } => {
+                format!("cannot run {what}; see the control plane's log")
+            }
+            Self::Io(_) => "cannot write the dump; see the control plane's log".into(),
+            Self::Storage(_) => "cannot store the backup; see the control plane's log".into(),
+            other => other.to_string(),
+        }
+    }
 }

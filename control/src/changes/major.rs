@@ -31,6 +31,7 @@ use tracing::{error, warn};
 use super::plan::set_status;
 use super::ChangeError;
 use crate::agent::forward::Forward;
+use crate::failure::{Failure, Reportable};
 use crate::lifecycle::standby::add_standby;
 use crate::nodes::config::conninfo;
 use crate::nodes::driver::client_sentence;
@@ -75,7 +76,8 @@ pub enum Refusal {
 
 /// What logical replication cannot carry in `db`, or why the upgrade cannot start.
 pub async fn precheck(platform: &Platform, db: &DatabaseRecord) -> Result<(), Refusal> {
-    let primary = db.primary().ok_or_else(|| ChangeError::NoPrimary(db.id.clone()))?;
+    let primary =
+        db.primary().ok_or_else(|| ChangeError::from(Failure::NoPrimary(db.id.clone())))?;
     let session = platform
         .session(&platform.node_spec(primary), &db.name)
         .await
@@ -141,7 +143,7 @@ pub async fn upgrade(
     );
     let result = run(platform, heartbeats, &claim, &old, &engine, budget, &mut op).await;
     if let Err(e) = &result {
-        platform.event(id, "engine_upgrade_failed", e.to_string());
+        platform.event(id, "engine_upgrade_failed", e.sentence());
         clean_up(platform, id).await;
     }
     drop(claim);
@@ -174,8 +176,7 @@ async fn run(
 ) -> Result<(), ChangeError> {
     let id = old.id.as_str();
     let plan = plans::find(&old.plan).ok_or_else(|| ChangeError::UnknownPlan(old.plan.clone()))?;
-    let old_primary =
-        old.primary().cloned().ok_or_else(|| ChangeError::NoPrimary(id.to_owned()))?;
+    let old_primary = old.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let bin = (engine.bin != platform.pg_bin).then(|| engine.bin.clone());
     // The new nodes, recorded before anything exists: a restart finds and removes them.
     let next = all_nodes(old)
@@ -197,8 +198,7 @@ async fn run(
         });
     })?;
     let tools = engine.bin.clone();
-    let new_primary =
-        new.primary().cloned().ok_or_else(|| ChangeError::NoPrimary(id.to_owned()))?;
+    let new_primary = new.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let (old_spec, new_spec) = (platform.node_spec(&old_primary), platform.node_spec(&new_primary));
 
     // 1. The new primary, with the roles and the schema.
@@ -449,11 +449,14 @@ fn program(cmd: &mut std::process::Command, what: &'static str) -> Result<(), Ch
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
     error!(program = what, output = %stderr.trim(), "major upgrade program failed");
-    Err(ChangeError::Program { what, sentence: client_sentence(&stderr) })
+    Err(Failure::Program { what, sentence: client_sentence(&stderr) }.into())
 }
 
 fn program_error(what: &'static str, e: &std::io::Error) -> ChangeError {
-    ChangeError::Program { what, sentence: e.to_string() }
+    // The OS error is the log's; the user learns which step could not run.
+    warn!(step = what, error = %e, "an upgrade step could not run");
+    let sentence = "it could not run; see the control plane's log".to_owned();
+    Failure::Program { what, sentence }.into()
 }
 
 /// Waits until every table is copied and the new cluster is within `NEAR_BYTES` of the old

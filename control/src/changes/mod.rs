@@ -8,35 +8,28 @@ pub mod plan;
 pub mod resume;
 pub mod upgrade;
 
+use crate::failure::{Failure, Reportable};
 use crate::ha::HaError;
 use crate::lifecycle::LifecycleError;
-use crate::nodes::NodeError;
 use crate::state::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeError {
+    /// What every workflow can meet.
     #[error(transparent)]
-    Node(#[from] NodeError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    Core(#[from] Failure),
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
     #[error(transparent)]
     Ha(#[from] HaError),
-    #[error("database {0} vanished")]
-    Vanished(String),
     #[error("unknown plan {0}")]
     UnknownPlan(String),
-    #[error("database {0} has no primary")]
-    NoPrimary(String),
     #[error("standby {0} did not stream again within 60 s")]
     NotStreaming(String),
     #[error("the old primary of {0} did not rejoin as a synchronous standby within 120 s")]
     NotRejoined(String),
     #[error("a failover took over the database: its primary failed during the change")]
     Preempted,
-    #[error("{what} failed: {sentence}")]
-    Program { what: &'static str, sentence: String },
     #[error("the new cluster did not catch up within {0} s")]
     NotSynced(u64),
     #[error("{0} took the hold past its budget")]
@@ -48,7 +41,32 @@ pub enum ChangeError {
     HoldBudget { held_ms: u64, budget_ms: u64, reason: String },
 }
 
-crate::nodes::from_node_errors!(ChangeError);
+crate::failure::wraps_failure!(ChangeError);
+
+impl Reportable for ChangeError {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Core(e) => e.code(),
+            Self::Lifecycle(e) => e.code(),
+            Self::Ha(e) => e.code(),
+            Self::UnknownPlan(_) => "unknown_plan",
+            Self::NotStreaming(_) => "not_streaming",
+            Self::NotRejoined(_) => "not_rejoined",
+            Self::Preempted => "preempted",
+            Self::NotSynced(_) => "not_synced",
+            Self::Budget(_) | Self::HoldBudget { .. } => "hold_budget",
+        }
+    }
+
+    fn sentence(&self) -> String {
+        match self {
+            Self::Core(e) => e.sentence(),
+            Self::Lifecycle(e) => e.sentence(),
+            Self::Ha(e) => e.sentence(),
+            other => other.to_string(),
+        }
+    }
+}
 
 /// Applies `change` to database `id`'s record (under its lock); returns the record.
 pub(crate) fn update_record(
@@ -61,6 +79,6 @@ pub(crate) fn update_record(
             change(db);
             Ok::<_, StoreError>(())
         })?
-        .ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
+        .ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     Ok(db)
 }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use pgwarden_api::control::{DatabaseStatus, NodeRole, Plan};
 
 use super::{update_record, ChangeError};
+use crate::failure::{Failure, Reportable};
 use crate::ha::switchover::switchover;
 use crate::lifecycle::standby::add_standby;
 use crate::nodes::config::slot_name;
@@ -72,7 +73,7 @@ pub async fn change(
     let _ = set_status(platform, id, DatabaseStatus::Running);
     match &result {
         Ok(()) => platform.event(id, "plan_changed", format!("now on plan {}", plan.name)),
-        Err(e) => platform.event(id, "plan_change_failed", e.to_string()),
+        Err(e) => platform.event(id, "plan_change_failed", e.sentence()),
     }
     result
 }
@@ -101,7 +102,7 @@ async fn run(
     let old_plan =
         plans::find(&old.plan).ok_or_else(|| ChangeError::UnknownPlan(old.plan.clone()))?;
     let parameters_change = plans::parameters(&old_plan) != plans::parameters(plan);
-    let primary = old.primary().cloned().ok_or_else(|| ChangeError::NoPrimary(id.to_owned()))?;
+    let primary = old.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let standbys: Vec<NodeRecord> =
         old.nodes.iter().filter(|n| n.role == NodeRole::Replica).cloned().collect();
     match (standbys.is_empty(), plan.nodes) {
@@ -308,8 +309,7 @@ pub(super) async fn wait_synchronous_again(
     id: &str,
 ) -> Result<(), ChangeError> {
     let rejoined = wait::until(REJOIN_TIMEOUT, wait::SLOW, || async move {
-        let db =
-            platform.store.database(id)?.ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
+        let db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
         Ok::<_, ChangeError>((db.synchronous && db.nodes.iter().all(|n| !n.fenced)).then_some(()))
     });
     rejoined.await?.ok_or_else(|| ChangeError::NotRejoined(id.to_owned()))
@@ -317,7 +317,7 @@ pub(super) async fn wait_synchronous_again(
 
 /// Adds the standbys `plan` has beyond the primary: copied, streaming, synchronous.
 async fn add_standbys(platform: &Arc<Platform>, id: &str, plan: &Plan) -> Result<(), ChangeError> {
-    let db = platform.store.database(id)?.ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
+    let db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let next = db
         .nodes
         .iter()
@@ -335,7 +335,7 @@ async fn add_standbys(platform: &Arc<Platform>, id: &str, plan: &Plan) -> Result
             db.nodes.extend(added.iter().cloned());
             Ok::<_, StoreError>(())
         })?
-        .ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
+        .ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     for standby in &added {
         if let Err(e) = add_standby(platform, &db, standby).await {
             // Leave nothing half-built: the node goes, the record forgets it.
@@ -367,7 +367,7 @@ async fn remove_standbys(
         db.synchronous = false;
         Ok::<_, StoreError>(())
     })?;
-    let (_, db) = db.ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
+    let (_, db) = db.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let config = platform.node_config(&db, primary, None)?;
     let (driver, spec) = (platform.driver.clone(), platform.node_spec(primary));
     blocking(move || {

@@ -24,6 +24,7 @@ use super::plan::{
     restart_primary_held, restart_standby, set_status, wait_replayed, wait_synchronous_again,
 };
 use super::ChangeError;
+use crate::failure::{Failure, Reportable};
 use crate::ha::switchover::switchover;
 use crate::plans;
 use crate::platform::operations::Progress;
@@ -78,7 +79,7 @@ pub async fn resume(
     let _ = set_status(platform, id, DatabaseStatus::Running);
     match &result {
         Ok(()) => platform.event(id, "change_finished", "every node runs what its record says"),
-        Err(e) => platform.event(id, "change_resume_failed", e.to_string()),
+        Err(e) => platform.event(id, "change_resume_failed", e.sentence()),
     }
     result
 }
@@ -117,10 +118,10 @@ async fn run(
     id: &str,
     op: &mut Progress,
 ) -> Result<(), ChangeError> {
-    let db = platform.store.database(id)?.ok_or_else(|| ChangeError::Vanished(id.to_owned()))?;
+    let db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let plan = plans::find(&db.plan).ok_or_else(|| ChangeError::UnknownPlan(db.plan.clone()))?;
     let what = format!("plan {} (resumed)", db.plan);
-    let primary = db.primary().cloned().ok_or_else(|| ChangeError::NoPrimary(id.to_owned()))?;
+    let primary = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     serving(platform, &primary).await?;
     // A fenced standby (an old primary the cut switchover left) is rejoined by the watcher,
     // on the configuration its record names.

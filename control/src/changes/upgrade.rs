@@ -17,6 +17,7 @@ use pgwarden_api::control::{DatabaseStatus, NodeRole};
 
 use super::plan::{restart_primary_held, restart_standby, set_status, wait_synchronous_again};
 use super::{update_record, ChangeError};
+use crate::failure::{Failure, Reportable};
 use crate::ha::switchover::switchover;
 use crate::nodes::engines::{Engine, Engines};
 use crate::platform::operations::Progress;
@@ -112,7 +113,7 @@ pub async fn upgrade(
         Ok(()) => {
             platform.event(id, "engine_upgraded", format!("now on PostgreSQL {}", engine.version))
         }
-        Err(e) => platform.event(id, "engine_upgrade_failed", e.to_string()),
+        Err(e) => platform.event(id, "engine_upgrade_failed", e.sentence()),
     }
     result
 }
@@ -143,12 +144,12 @@ async fn run(
     let what = format!("PostgreSQL {}", engine.version);
     // The platform's own build is recorded as none, as at creation.
     let bin = (engine.bin != platform.pg_bin).then(|| engine.bin.clone());
-    let primary = old.primary().cloned().ok_or_else(|| ChangeError::NoPrimary(id.to_owned()))?;
+    let primary = old.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let standbys: Vec<NodeRecord> =
         old.nodes.iter().filter(|n| n.role == NodeRole::Replica).cloned().collect();
     if standbys.is_empty() {
         let db = record_engine(platform, id, &bin, &[&primary.name])?;
-        let primary = db.primary().cloned().ok_or_else(|| ChangeError::NoPrimary(id.to_owned()))?;
+        let primary = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
         op.set(0.3);
         return restart_primary_held(platform, &claim, &db, &primary, &what).await;
     }

@@ -10,6 +10,7 @@ use tracing::{info, warn};
 use super::watcher::check_primary;
 use super::HaError;
 use crate::agent::fencing;
+use crate::failure::{Failure, Reportable};
 use crate::nodes::blocking;
 use crate::nodes::sql::Timeouts;
 use crate::platform::Platform;
@@ -33,7 +34,7 @@ pub async fn failover(
     let Some(_claim) = platform.changes.for_failover(id).await else {
         return Err(HaError::PlannedChangeFinishing);
     };
-    let db = platform.store.database(id)?.ok_or_else(|| HaError::Vanished(id.to_owned()))?;
+    let db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     if db.primary().map(|p| p.name.as_str()) != Some(old_primary) {
         return Err(HaError::Moved(old_primary.to_owned())); // Someone moved it.
     }
@@ -59,7 +60,7 @@ pub async fn failover(
         Err(e) => {
             platform.metrics.failover(false);
             let e = HaError::PromoteFailed { candidate, source: Box::new(e) };
-            platform.event(id, "failover_failed", e.to_string());
+            platform.event(id, "failover_failed", e.sentence());
             Err(e)
         }
     }
@@ -163,7 +164,7 @@ pub(crate) async fn promote(
     old: &str,
     new: &str,
 ) -> Result<u64, HaError> {
-    let db = platform.store.database(id)?.ok_or_else(|| HaError::Vanished(id.to_owned()))?;
+    let db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let find = |name: &str| {
         let node = db.nodes.iter().find(|n| n.name == name).cloned();
         node.ok_or_else(|| HaError::NodeVanished(name.to_owned()))
@@ -206,10 +207,10 @@ pub(crate) async fn promote(
             db.synchronous = false;
             Ok::<_, StoreError>(())
         })?
-        .ok_or_else(|| HaError::Vanished(id.to_owned()))?;
+        .ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let epoch = platform.publish_routes()?;
     // The new primary's own settings: no upstream, asynchronous until a standby is back.
-    let promoted = db.primary().cloned().ok_or_else(|| HaError::NoPrimary(id.to_owned()))?;
+    let promoted = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let config = platform.node_config(&db, &promoted, None)?;
     let (driver, spec) = (platform.driver.clone(), platform.node_spec(&promoted));
     blocking(move || {
@@ -223,8 +224,8 @@ pub(crate) async fn promote(
 
 /// `POST .../failover`: change the primary now, even if it looks healthy.
 pub async fn forced_failover(platform: &Arc<Platform>, id: &str) -> Result<String, HaError> {
-    let db = platform.store.database(id)?.ok_or_else(|| HaError::Vanished(id.to_owned()))?;
-    let primary = db.primary().cloned().ok_or_else(|| HaError::NoPrimary(id.to_owned()))?;
+    let db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+    let primary = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let last_lag = match check_primary(platform, &primary).await {
         Ok(state) => state.lags(),
         Err(_) => Vec::new(),

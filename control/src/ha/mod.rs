@@ -18,22 +18,16 @@ pub mod rejoin;
 pub mod switchover;
 pub mod watcher;
 
+use crate::failure::{Failure, Reportable};
 use crate::lifecycle::LifecycleError;
-use crate::nodes::NodeError;
-use crate::state::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HaError {
+    /// What every workflow can meet.
     #[error(transparent)]
-    Node(#[from] NodeError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    Core(#[from] Failure),
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
-    #[error("database {0} vanished")]
-    Vanished(String),
-    #[error("database {0} has no primary")]
-    NoPrimary(String),
     #[error("node {0} is no longer part of the database")]
     NodeVanished(String),
     #[error("{0} is no longer the primary")]
@@ -56,4 +50,34 @@ pub enum HaError {
     Fence(String),
 }
 
-crate::nodes::from_node_errors!(HaError);
+crate::failure::wraps_failure!(HaError);
+
+impl Reportable for HaError {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Core(e) => e.code(),
+            Self::Lifecycle(e) => e.code(),
+            Self::NodeVanished(_) => "node_vanished",
+            Self::Moved(_) => "moved",
+            Self::PlannedChangeFinishing => "planned_change_finishing",
+            Self::NoStandby => "no_standby",
+            Self::CouldLoseCommits { .. } => "could_lose_commits",
+            Self::PromoteFailed { .. } => "promote_failed",
+            Self::NotAStandby(..) => "not_a_standby",
+            Self::Preempted => "preempted",
+            Self::NotCaughtUp { .. } => "not_caught_up",
+            Self::Fence(_) => "fence_failed",
+        }
+    }
+
+    fn sentence(&self) -> String {
+        match self {
+            Self::Core(e) => e.sentence(),
+            Self::Lifecycle(e) => e.sentence(),
+            Self::PromoteFailed { candidate, source } => {
+                format!("promoting {candidate} failed: {}", source.sentence())
+            }
+            other => other.to_string(),
+        }
+    }
+}

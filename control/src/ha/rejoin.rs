@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tracing::warn;
 
 use super::HaError;
+use crate::failure::Reportable;
 use crate::lifecycle::standby::add_standby_only;
 use crate::nodes::config::slot_name;
 use crate::nodes::{blocking, roles, NodeSpec, Upstream};
@@ -78,9 +79,11 @@ pub async fn rejoin(platform: &Arc<Platform>, id: &str, fenced: &NodeRecord) {
                 format!("{} rejoined as a standby of {} ({how})", node.name, primary.name),
             );
         }
-        Err(e) => {
-            platform.event(id, "rejoin_failed", format!("{} could not rejoin yet: {e}", node.name))
-        }
+        Err(e) => platform.event(
+            id,
+            "rejoin_failed",
+            format!("{} could not rejoin yet: {}", node.name, e.sentence()),
+        ),
     }
 }
 

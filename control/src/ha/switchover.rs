@@ -13,6 +13,7 @@ use tracing::warn;
 
 use super::failover::promote;
 use super::HaError;
+use crate::failure::Failure;
 use crate::nodes::blocking;
 use crate::platform::{ChangeGuard, Platform};
 use crate::state::NodeRecord;
@@ -59,8 +60,8 @@ pub async fn switchover(
     id: &str,
     target_name: Option<&str>,
 ) -> Result<(String, Duration), HaError> {
-    let db = platform.store.database(id)?.ok_or_else(|| HaError::Vanished(id.to_owned()))?;
-    let old = db.primary().cloned().ok_or_else(|| HaError::NoPrimary(id.to_owned()))?;
+    let db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+    let old = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let candidate = target(&db, target_name)?;
     let (old_spec, new_spec) = (platform.node_spec(&old), platform.node_spec(&candidate));
     let standby = step(claim, platform.session(&new_spec, "postgres")).await?;

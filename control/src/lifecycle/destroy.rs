@@ -7,6 +7,8 @@ use std::sync::Arc;
 use pgwarden_api::control::{DatabaseStatus, NodeRole, Operation};
 
 use super::LifecycleError;
+use crate::failure::Failure;
+use crate::failure::Reportable;
 use crate::nodes::{blocking, NodeError};
 use crate::platform::Platform;
 use crate::state::StoreError;
@@ -17,7 +19,7 @@ pub fn run(platform: &Arc<Platform>, id: String, op: Operation) -> tokio::task::
     platform.run_operation(op, move |_| async move {
         let result = destroy(&p, &id).await;
         if let Err(e) = &result {
-            super::provision::mark_failed(&p, &id, "destroy", &e.to_string());
+            super::provision::mark_failed(&p, &id, "destroy", &e.sentence());
         }
         result
     })
@@ -29,7 +31,7 @@ async fn destroy(platform: &Arc<Platform>, id: &str) -> Result<(), LifecycleErro
         Ok::<_, StoreError>(())
     })?
     else {
-        return Err(LifecycleError::Vanished(id.to_owned()));
+        return Err(Failure::Vanished(id.to_owned()).into());
     };
     platform.publish_routes()?;
     platform.verifiers.forget(id);

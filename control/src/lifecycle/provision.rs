@@ -9,6 +9,8 @@ use pgwarden_api::control::{DatabaseStatus, Operation};
 
 use super::standby::add_standby;
 use super::LifecycleError;
+use crate::failure::Failure;
+use crate::failure::Reportable;
 use crate::nodes::config::REPLICATION_ROLE;
 use crate::nodes::{blocking, roles};
 use crate::plans;
@@ -21,7 +23,7 @@ pub fn run(platform: &Arc<Platform>, id: String, op: Operation) -> tokio::task::
     platform.run_operation(op, move |progress| async move {
         let result = provision(&p, &id, progress).await;
         if let Err(e) = &result {
-            mark_failed(&p, &id, "provision", &e.to_string());
+            mark_failed(&p, &id, "provision", &e.sentence());
         }
         result
     })
@@ -42,8 +44,7 @@ async fn provision(
     id: &str,
     mut op: Progress,
 ) -> Result<(), LifecycleError> {
-    let mut db =
-        platform.store.database(id)?.ok_or_else(|| LifecycleError::Vanished(id.to_owned()))?;
+    let mut db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let plan = plans::find(&db.plan).ok_or_else(|| LifecycleError::UnknownPlan(db.plan.clone()))?;
     // Start from a clean slate: a provisioning interrupted earlier may have left nodes behind.
     for node in std::mem::take(&mut db.nodes) {
@@ -53,7 +54,7 @@ async fn provision(
     db.nodes = platform.new_nodes(id, db.engine.as_deref(), 1, plan.nodes as usize)?;
     platform.store.put_database(&db)?;
 
-    let primary = db.primary().cloned().ok_or_else(|| LifecycleError::NoPrimary(id.to_owned()))?;
+    let primary = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let primary_spec = platform.node_spec(&primary);
     let config = platform.node_config(&db, &primary, None)?;
     let (driver, spec) = (platform.driver.clone(), primary_spec.clone());

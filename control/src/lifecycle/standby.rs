@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::LifecycleError;
+use crate::failure::Failure;
 use crate::nodes::config::{slot_name, REPLICATION_ROLE};
 use crate::nodes::{blocking, NodeSpec, Upstream};
 use crate::platform::Platform;
@@ -18,7 +19,7 @@ pub async fn add_standby(
     standby: &NodeRecord,
 ) -> Result<(), LifecycleError> {
     add_standby_only(platform, db, standby).await?;
-    let primary = db.primary().cloned().ok_or_else(|| LifecycleError::NoPrimary(db.id.clone()))?;
+    let primary = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(db.id.clone()))?;
     let primary_spec = platform.node_spec(&primary);
     let config = platform.node_config(db, &primary, Some(&standby.name))?;
     let (driver, spec) = (platform.driver.clone(), primary_spec.clone());
@@ -42,7 +43,7 @@ pub async fn add_standby_only(
     db: &DatabaseRecord,
     standby: &NodeRecord,
 ) -> Result<(), LifecycleError> {
-    let primary = db.primary().cloned().ok_or_else(|| LifecycleError::NoPrimary(db.id.clone()))?;
+    let primary = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(db.id.clone()))?;
     let upstream = Upstream {
         host: primary.host.clone(),
         port: primary.port,

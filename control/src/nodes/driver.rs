@@ -99,8 +99,36 @@ pub enum DriverError {
     Command { what: String, detail: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error("{0}")]
-    Other(String),
+    #[error("PostgreSQL server programs not found in {} (install postgresql-15)", .0.display())]
+    NotInstalled(std::path::PathBuf),
+    #[error("OS user {name:?} for the nodes: {reason}")]
+    OsUser { name: String, reason: &'static str },
+    /// `log`: the node's own last log lines, or why it could not be started.
+    #[error("node {node} did not start: {log}")]
+    NotStarted { node: String, log: String },
+    #[error(
+        "node {0} was rewound (or a rewind began) and not started since: a second pg_rewind \
+         would fork its history; it needs a fresh copy"
+    )]
+    RewoundNotStarted(String),
+    #[error("node {0} is on another host: it is copied afresh rather than rewound")]
+    RemoteRewind(String),
+    #[error("node {0} has no agent")]
+    NoAgent(String),
+    #[error("{}", crate::coord::NOT_LEADING)]
+    NotLeading,
+    #[error("agent {agent}: {source}")]
+    AgentUnreachable { agent: String, source: crate::httpc::HttpError },
+    /// The agent answered with an error: its sentence.
+    #[error("agent {agent}: {message}")]
+    AgentRefused { agent: String, message: String },
+    /// Moving files to or from an agent failed.
+    #[error("agent {agent}: {what} failed: {detail}")]
+    Transfer { agent: String, what: String, detail: String },
+    #[error("cannot encode or read a driver call: {0}")]
+    Encoding(#[from] serde_json::Error),
+    #[error("{op} needs the node's {what}")]
+    Incomplete { op: &'static str, what: &'static str },
 }
 
 pub trait NodeDriver: Send + Sync + 'static {

@@ -42,10 +42,7 @@ impl LocalDriver {
     pub fn new(bin: PathBuf, user: &str) -> Result<Self, DriverError> {
         let run_as = if is_root() { Some(lookup_user(user)?) } else { None };
         if !bin.join("postgres").exists() {
-            return Err(DriverError::Other(format!(
-                "PostgreSQL 15 server not found in {} (install postgresql-15)",
-                bin.display()
-            )));
+            return Err(DriverError::NotInstalled(bin));
         }
         let cgroups = Cgroups::detect();
         match cgroups.unavailable() {
@@ -166,10 +163,7 @@ impl LocalDriver {
     fn run_rewind(&self, node: &NodeSpec, cmd: &mut Command) -> Result<(), DriverError> {
         let marker = node.dir.join(REWIND_MARKER);
         if marker.exists() || Self::data(node).join("backup_label").exists() {
-            return Err(DriverError::Other(format!(
-                "node {} was rewound (or a rewind began) and not started since: a second pg_rewind would fork its history; it needs a fresh copy",
-                node.name
-            )));
+            return Err(DriverError::RewoundNotStarted(node.name.clone()));
         }
         self.write(&marker, "", 0o600)?;
         self.run("pg_rewind", cmd).map(drop)
@@ -349,15 +343,12 @@ impl NodeDriver for LocalDriver {
             .arg("-l")
             .arg(&log)
             .args(["-w", "-t", "60"]);
-        self.run("pg_ctl start", &mut cmd).map_err(|e| {
-            DriverError::Other(format!(
-                "node {} did not start: {}",
-                node.name,
-                match &e {
-                    DriverError::Command { .. } => Self::log_tail(node),
-                    other => other.to_string(),
-                }
-            ))
+        self.run("pg_ctl start", &mut cmd).map_err(|e| DriverError::NotStarted {
+            node: node.name.clone(),
+            log: match &e {
+                DriverError::Command { .. } => Self::log_tail(node),
+                other => other.to_string(),
+            },
         })?;
         // Started: a rewind before it is replayed from here on (`run_rewind`).
         let _ = fs::remove_file(node.dir.join(REWIND_MARKER));
@@ -456,7 +447,10 @@ impl NodeDriver for LocalDriver {
         let data = Self::data(node);
         let status = Command::new("cp").arg("-a").arg(base).arg(&data).status()?;
         if !status.success() {
-            return Err(DriverError::Other(format!("cannot copy base backup {}", base.display())));
+            return Err(DriverError::Command {
+                what: format!("copying base backup {}", base.display()),
+                detail: format!("cp {status}"),
+            });
         }
         for leftover in ["standby.signal", "recovery.signal", "postmaster.pid", "backup_manifest"] {
             let _ = fs::remove_file(data.join(leftover));
@@ -480,7 +474,10 @@ impl NodeDriver for LocalDriver {
                 .arg(&node.dir)
                 .status()?;
             if !status.success() {
-                return Err(DriverError::Other("cannot chown the restored node".into()));
+                return Err(DriverError::Command {
+                    what: "giving the restored node to its OS user".into(),
+                    detail: format!("chown {status}"),
+                });
             }
         }
         let mut config = config.clone();
@@ -632,9 +629,14 @@ fn lookup_user(name: &str) -> Result<(u32, u32), DriverError> {
         .lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
         .find(|f| f.len() > 3 && f[0] == name)
-        .ok_or_else(|| DriverError::Other(format!("OS user {name:?} not found: PostgreSQL nodes cannot run as root (apt-get install postgresql creates the postgres user)")))?;
+        .ok_or_else(|| DriverError::OsUser {
+            name: name.to_owned(),
+            reason: "not found: PostgreSQL nodes cannot run as root (apt-get install postgresql \
+                     creates the postgres user)",
+        })?;
     let parse = |s: &str| {
-        s.parse().map_err(|_| DriverError::Other(format!("bad /etc/passwd entry for {name}")))
+        let bad = || DriverError::OsUser { name: name.to_owned(), reason: "bad /etc/passwd entry" };
+        s.parse().map_err(|_| bad())
     };
     Ok((parse(fields[2])?, parse(fields[3])?))
 }

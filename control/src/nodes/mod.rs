@@ -34,26 +34,3 @@ pub async fn blocking<T: Send + 'static>(
 ) -> Result<T, NodeError> {
     Ok(tokio::task::spawn_blocking(f).await??)
 }
-
-/// `From` the errors of `nodes` (through `NodeError`) for an error enum with a
-/// `Node(NodeError)` variant.
-macro_rules! from_node_errors {
-    ($target:ident) => {
-        impl From<$crate::nodes::sql::SqlError> for $target {
-            fn from(e: $crate::nodes::sql::SqlError) -> Self {
-                $target::Node(e.into())
-            }
-        }
-        impl From<$crate::nodes::DriverError> for $target {
-            fn from(e: $crate::nodes::DriverError) -> Self {
-                $target::Node(e.into())
-            }
-        }
-        impl From<$crate::nodes::config::ConfigError> for $target {
-            fn from(e: $crate::nodes::config::ConfigError) -> Self {
-                $target::Node(e.into())
-            }
-        }
-    };
-}
-pub(crate) use from_node_errors;

@@ -13,6 +13,7 @@ use tracing::warn;
 
 use super::base::{base_backup_due, prune, take_base_backup, wal_gaps};
 use super::{pitr_plan, wal_dir, PitrError};
+use crate::failure::Reportable;
 use crate::nodes::config::{conninfo, REPLICATION_ROLE};
 use crate::nodes::sql::{Session, Timeouts};
 use crate::platform::Platform;
@@ -163,9 +164,11 @@ async fn archive(
                         platform.event(id, "base_backup", message);
                         prune(platform, id);
                     }
-                    Err(e) => {
-                        platform.event(id, "base_backup_failed", format!("base backup failed: {e}"))
-                    }
+                    Err(e) => platform.event(
+                        id,
+                        "base_backup_failed",
+                        format!("base backup failed: {}", e.sentence()),
+                    ),
                 }
             }
         }

@@ -9,6 +9,7 @@ use tracing::info;
 
 use super::archiver::replication_conninfo;
 use super::{base_dir, wal_dir, PitrError};
+use crate::failure::Failure;
 use crate::nodes::NodeError;
 use crate::platform::{now_rfc3339, Platform};
 use crate::state::DatabaseRecord;
@@ -76,7 +77,7 @@ pub async fn take_base_backup(
                 let stderr = String::from_utf8_lossy(&out.stderr);
                 tracing::error!(command = what, output = %stderr.trim(), "base backup program failed");
                 let sentence = crate::nodes::driver::client_sentence(&stderr);
-                Err(PitrError::Program { what, sentence })
+                Err(Failure::Program { what, sentence }.into())
             }
         };
         let _ = std::fs::remove_dir_all(&tmp);

@@ -35,17 +35,15 @@ pub fn pitr_plan(db: &DatabaseRecord) -> bool {
     plans::find(&db.plan).is_some_and(|p| p.pitr)
 }
 
+use crate::failure::{Failure, Reportable};
 use crate::lifecycle::LifecycleError;
 use crate::nodes::sql::SqlError;
-use crate::nodes::NodeError;
-use crate::state::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PitrError {
+    /// What every workflow can meet.
     #[error(transparent)]
-    Node(#[from] NodeError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    Core(#[from] Failure),
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
     #[error("cannot write the archive: {0}")]
@@ -54,9 +52,6 @@ pub enum PitrError {
     Json(#[from] serde_json::Error),
     #[error("cannot run {what}: {source}")]
     NotRunnable { what: &'static str, source: std::io::Error },
-    /// A program failed; `sentence` is for clients, its output went to the log.
-    #[error("{what} failed: {sentence}")]
-    Program { what: &'static str, sentence: String },
     #[error("plan {0} has no point-in-time recovery")]
     NoPitr(String),
     #[error("no base backup yet: point-in-time recovery starts after the first one")]
@@ -65,12 +60,8 @@ pub enum PitrError {
     NoBaseBefore,
     #[error("backup_label has no start segment")]
     NoStartSegment,
-    #[error("database {0} has no primary")]
-    NoPrimary(String),
     #[error("no node to take a base backup from")]
     NoNode,
-    #[error("database {0} vanished")]
-    Vanished(String),
     #[error("WAL archiving is not streaming right now")]
     NotStreaming,
     #[error("no archived commit yet")]
@@ -91,4 +82,45 @@ pub enum PitrError {
     Time(#[from] time::error::Format),
 }
 
-crate::nodes::from_node_errors!(PitrError);
+crate::failure::wraps_failure!(PitrError);
+
+impl Reportable for PitrError {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Core(e) => e.code(),
+            Self::Lifecycle(e) => e.code(),
+            Self::Io(_) | Self::Json(_) | Self::Time(_) => "internal",
+            Self::NotRunnable { .. } => "program_failed",
+            Self::NoPitr(_) => "no_pitr",
+            Self::NoBaseBackup | Self::NoBaseBefore => "no_base_backup",
+            Self::NoStartSegment => "damaged",
+            Self::NoNode => "no_node",
+            Self::NotStreaming => "archiving_not_streaming",
+            Self::NoArchivedCommit => "no_archived_commit",
+            Self::Outside { .. } => "outside_window",
+            Self::Damaged { .. } => "backup_damaged",
+            Self::Gap(_) => "wal_gap",
+            Self::NotAnswering(_) => "not_answering",
+            Self::RecoveryFailed(_) => "recovery_failed",
+            Self::RecoveryTimeout => "recovery_timeout",
+        }
+    }
+
+    fn sentence(&self) -> String {
+        match self {
+            Self::Core(e) => e.sentence(),
+            Self::Lifecycle(e) => e.sentence(),
+            Self::Io(_) | Self::Json(_) | Self::Time(_) => {
+                "the archive or its records could not be written; see the control plane's log"
+                    .into()
+            }
+            Self::NotRunnable { what, .. } => {
+                format!("cannot run {what}; see the control plane's log")
+            }
+            Self::NotAnswering(_) => {
+                "the restored database does not answer; see the control plane's log".into()
+            }
+            other => other.to_string(),
+        }
+    }
+}

@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 use super::archiver::{Heartbeats, ARCHIVER};
 use super::base::{base_backups, parse_time, wal_gaps, BaseBackup};
 use super::{base_dir, pitr_plan, wal_dir, PitrError};
+use crate::failure::{Failure, Reportable};
 use crate::lifecycle::standby::add_standby;
 use crate::nodes::blocking;
 use crate::nodes::config::quote;
@@ -31,7 +32,7 @@ pub async fn window(
         .first()
         .and_then(|b| parse_time(&b.finished_at))
         .ok_or(PitrError::NoBaseBackup)?;
-    let primary = db.primary().ok_or_else(|| PitrError::NoPrimary(db.id.clone()))?;
+    let primary = db.primary().ok_or_else(|| Failure::NoPrimary(db.id.clone()))?;
     let admin = platform.session(&platform.node_spec(primary), "postgres").await?;
     let row = admin
         .query_opt(
@@ -56,7 +57,7 @@ pub async fn restore(
 ) -> Result<(), PitrError> {
     let result = do_restore(platform, heartbeats, id, target, &mut op).await;
     if let Err(e) = &result {
-        platform.event(id, "restore_failed", e.to_string());
+        platform.event(id, "restore_failed", e.sentence());
         let _ = platform.update(id, |db| {
             db.status = DatabaseStatus::Running;
             Ok::<_, crate::state::StoreError>(())
@@ -118,14 +119,14 @@ async fn do_restore(
     target: OffsetDateTime,
     op: &mut Progress,
 ) -> Result<(), PitrError> {
-    let db = platform.store.database(id)?.ok_or_else(|| PitrError::Vanished(id.to_owned()))?;
+    let db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let base = check_restorable(platform, heartbeats, &db, target).await?;
     let Some(((), db)) = platform.update(id, |db| {
         db.status = DatabaseStatus::Restoring;
         Ok::<_, StoreError>(())
     })?
     else {
-        return Err(PitrError::Vanished(id.to_owned()));
+        return Err(Failure::Vanished(id.to_owned()).into());
     };
     let old_nodes = db.nodes.clone();
     platform.event(id, "restoring", format!("restoring to {target} from base backup {}", base.id));
@@ -148,7 +149,7 @@ async fn do_restore(
     };
     let result = async {
         let primary =
-            restored.primary().cloned().ok_or_else(|| PitrError::NoPrimary(id.to_owned()))?;
+            restored.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
         let mut config = platform.node_config(&restored, &primary, None)?;
         let target_text = target.format(&time::macros::format_description!(
             "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6]+00"

@@ -1,5 +1,6 @@
 //! The one way to run a long operation: record it pending, run it as a task, record its
-//! progress and its end (succeeded, or failed with a sentence), count it in the metrics.
+//! progress and its end (succeeded, or failed with a stable code and a sentence for the user,
+//! the detail in the log), count it in the metrics.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use pgwarden_api::control::{Operation, OperationStatus};
 use tracing::error;
 
 use super::Platform;
+use crate::failure::Reportable;
 use crate::state::StoreError;
 
 /// A running operation's handle to report progress.
@@ -36,6 +38,7 @@ impl Platform {
             status: OperationStatus::Pending,
             progress: 0.0,
             error: None,
+            error_code: None,
         };
         self.store.put_operation(&op)?;
         Ok(op)
@@ -61,7 +64,7 @@ impl Platform {
     where
         F: FnOnce(Progress) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
-        E: std::fmt::Display + Send + 'static,
+        E: Reportable + Send + 'static,
     {
         let op = self.new_operation(kind, database_id)?;
         self.run_operation(op.clone(), task);
@@ -77,7 +80,7 @@ impl Platform {
     where
         F: FnOnce(Progress) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
-        E: std::fmt::Display + Send + 'static,
+        E: Reportable + Send + 'static,
     {
         let platform = self.clone();
         tokio::spawn(async move {
@@ -94,8 +97,10 @@ impl Platform {
             match result {
                 Ok(()) => platform.update_operation(&mut op, OperationStatus::Succeeded, 1.0),
                 Err(e) => {
-                    error!(operation = %op.id, kind, error = %e, "operation failed");
-                    op.error = Some(e.to_string());
+                    // The whole detail is the log's; the operation keeps what the user reads.
+                    error!(operation = %op.id, kind, code = e.code(), error = %e, "operation failed");
+                    op.error = Some(e.sentence());
+                    op.error_code = Some(e.code().to_owned());
                     let at = op.progress;
                     platform.update_operation(&mut op, OperationStatus::Failed, at);
                 }

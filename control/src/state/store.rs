@@ -238,6 +238,7 @@ mod tests {
                 status: OperationStatus::Running,
                 progress: 0.5,
                 error: None,
+                error_code: None,
             };
             store.put_operation(&op).unwrap();
         }
