@@ -8,6 +8,7 @@ use std::time::Instant;
 use pgwarden_api::control::DatabaseStatus;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info};
 
 use super::failover::failover;
@@ -18,7 +19,8 @@ use crate::platform::Platform;
 use crate::state::{DatabaseRecord, NodeRecord, StoreError};
 
 /// Starts a watcher for every replicated database, now and as they appear.
-pub async fn supervise(platform: Arc<Platform>, shutdown: CancellationToken) {
+/// Each watcher is a task of `tasks`, and ends with `shutdown`.
+pub async fn supervise(platform: Arc<Platform>, shutdown: CancellationToken, tasks: TaskTracker) {
     let watched: Arc<Mutex<HashSet<String>>> = Arc::default();
     loop {
         for db in platform.store.databases().unwrap_or_default() {
@@ -32,7 +34,7 @@ pub async fn supervise(platform: Arc<Platform>, shutdown: CancellationToken) {
             {
                 let (platform, watched, shutdown) =
                     (platform.clone(), watched.clone(), shutdown.clone());
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     tokio::select! {
                         () = watch(&platform, &db.id) => {}
                         () = shutdown.cancelled() => {}

@@ -14,7 +14,8 @@ use anyhow::{bail, Context};
 use pgwarden_certs::Ca;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
 
 use crate::api::{self, ApiState};
 use crate::coord::{Etcd, Leadership};
@@ -94,6 +95,10 @@ pub async fn serve(
     bail!("this control plane lost the leadership and stopped acting; start it again to stand by")
 }
 
+/// How long the background loops have to end after the API stopped (each ends at its next
+/// step; a check of a node is bounded well within this).
+const BACKGROUND_STOP: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Runs the control plane, state in etcd's `kv` when given (the data dir's embedded store
 /// without).
 async fn lead(
@@ -108,29 +113,35 @@ async fn lead(
     let token = read_secret_file(&platform.config.data_dir.join("token"))?;
     info!(listen = %listener.local_addr()?, data_dir = %platform.config.data_dir.display(), "control plane started");
     let heartbeats = Arc::new(Heartbeats::default());
-    tokio::spawn(crate::pitr::archiver::supervise(
+    // The background loops: tracked, and ended with the API (whatever ended it), before the
+    // nodes are stopped, so that none of them acts on a node being stopped.
+    let (tasks, background) = (TaskTracker::new(), shutdown.child_token());
+    tasks.spawn(crate::pitr::archiver::supervise(
         platform.clone(),
         heartbeats.clone(),
-        shutdown.child_token(),
+        background.child_token(),
     ));
-    tokio::spawn(crate::platform::verifiers::keep_fresh(platform.clone(), shutdown.child_token()));
-    tokio::spawn(crate::changes::major::supervise_retired(
+    tasks.spawn(crate::platform::verifiers::keep_fresh(platform.clone(), background.child_token()));
+    tasks.spawn(crate::changes::major::supervise_retired(
         platform.clone(),
-        shutdown.child_token(),
+        background.child_token(),
     ));
-    tokio::spawn(crate::backups::schedule::schedule(
+    tasks.spawn(crate::backups::schedule::schedule(
         platform.clone(),
         platform.config.backup_tick,
-        shutdown.child_token(),
+        background.child_token(),
     ));
     // Nodes are adopted (started if stopped) first, then watched; interrupted operations are
     // resumed only once the watchers run, each as a task of its own.
     // What the previous run left is read now, before the API serves.
     let left = recover::Leftovers::read(&platform).context("state store")?;
-    let (recovering, watchers) = (platform.clone(), shutdown.child_token());
-    tokio::spawn(async move {
+    let (recovering, watchers, tracker) =
+        (platform.clone(), background.child_token(), tasks.clone());
+    tasks.spawn(async move {
         recover::adopt_nodes(&recovering, &left).await;
-        tokio::spawn(crate::ha::watcher::supervise(recovering.clone(), watchers));
+        let supervised =
+            crate::ha::watcher::supervise(recovering.clone(), watchers, tracker.clone());
+        tracker.spawn(supervised);
         let changes = left.interrupted_changes();
         recover::resume_operations(&recovering, left);
         crate::changes::resume::resume_interrupted(&recovering, changes);
@@ -147,18 +158,23 @@ async fn lead(
     )
     .context("stats history")?;
     let sampler = Arc::new(crate::stats::Sampler::new(history));
-    tokio::spawn(crate::stats::run(
+    tasks.spawn(crate::stats::run(
         platform.clone(),
         heartbeats.clone(),
         sampler.clone(),
         platform.config.stats_interval,
-        shutdown.child_token(),
+        background.child_token(),
     ));
     let state = Arc::new(ApiState { platform: platform.clone(), heartbeats, sampler, token });
     let served = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
         .context("control API failed");
+    background.cancel();
+    tasks.close();
+    if tokio::time::timeout(BACKGROUND_STOP, tasks.wait()).await.is_err() {
+        warn!(running = tasks.len(), "background tasks did not end in time");
+    }
     if stop_on_exit {
         recover::stop_all(&platform).await;
     }
