@@ -17,7 +17,9 @@
 # expression, keeps the workloads whose name matches), SSLMODES (default "disable require"),
 # TARGETS (default "direct pgwarden pgbouncer haproxy"), and PW_ALT (TOML lines appended to a
 # second pgwarden-proxy's configuration, run as the extra target "pgwarden-alt", e.g.
-# PW_ALT='worker_threads = 1'; tables go inline: PW_ALT='limits = { max_client_connections = 50 }').
+# PW_ALT='worker_threads = 1'; tables go inline: PW_ALT='limits = { max_client_connections = 50 }'),
+# and ALT_BIN (another pgwarden-proxy binary for "pgwarden-alt", say a build of an earlier commit,
+# for an A/B of two builds in one run; plaintext rows only, as for PW_ALT).
 #
 # TLS to the node: "pgwarden-nodetls" is pgwarden-proxy as the control plane runs it (it
 # authenticates clients itself with SCRAM from the role's verifier, and reaches the node over TLS
@@ -91,12 +93,12 @@ RUST_LOG=warn target/release/pgwarden-proxy --config "$work/proxy-tls.toml" >"$w
 pids+=($!)
 PWT_PID=$!
 PWA_PORT=$(free_port); PWA_PID=
-if [ -n "${PW_ALT:-}" ]; then
+if [ -n "${PW_ALT:-}${ALT_BIN:-}" ]; then
   sed -e "s/127.0.0.1:$PW_PORT/127.0.0.1:$PWA_PORT/" -e "s/127.0.0.1:$PW_ADMIN/127.0.0.1:$(free_port)/" \
     "$work/proxy.toml" > "$work/proxy-alt.toml"
   # Top-level keys must come before the first table.
   { printf '%s\n' "$PW_ALT"; cat "$work/proxy-alt.toml"; } > "$work/proxy-alt2.toml"
-  RUST_LOG=warn target/release/pgwarden-proxy --config "$work/proxy-alt2.toml" >"$work/proxy-alt.log" 2>&1 &
+  RUST_LOG=warn "${ALT_BIN:-target/release/pgwarden-proxy}" --config "$work/proxy-alt2.toml" >"$work/proxy-alt.log" 2>&1 &
   pids+=($!)
   PWA_PID=$!
 fi

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgwarden_control::{NodeOptions, PlatformConfig};
 use pgwarden_proxy::config::Limits;
@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::{http_request, HttpResponse};
 use crate::proxy::{TestCerts, TestProxy};
+use crate::wait_until;
 
 pub struct TestControl {
     pub addr: SocketAddr,
@@ -239,11 +240,10 @@ impl TestControl {
             self.shutdown.clone(),
         )));
         let token_path = self.data.join("token");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !token_path.exists() {
-            assert!(Instant::now() < deadline, "control plane did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until("the control plane's start", Duration::from_secs(10), async || {
+            token_path.exists().then_some(()).ok_or_else(|| "no token file yet".to_owned())
+        })
+        .await;
         self.token = std::fs::read_to_string(token_path).expect("token").trim().to_owned();
     }
 
@@ -283,15 +283,16 @@ impl TestControl {
 
     /// Polls an operation until it ends; returns it.
     pub async fn wait_operation(&self, id: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
+        wait_until(&format!("the end of operation {id}"), Duration::from_secs(180), async || {
             let op = self.request("GET", &format!("/v1/operations/{id}"), None).await.json();
-            if op["status"] == "succeeded" || op["status"] == "failed" {
-                return op;
+            let ended = op["status"] == "succeeded" || op["status"] == "failed";
+            if ended {
+                Ok(op)
+            } else {
+                Err(op.to_string())
             }
-            assert!(Instant::now() < deadline, "operation {id} still {op}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        })
+        .await
     }
 
     /// Creates a database and waits for its provisioning; returns the database object.
@@ -318,22 +319,17 @@ impl TestControl {
 
     /// Waits until the proxy routes `database` (the publisher pushes asynchronously).
     pub async fn wait_routed(&self, database: &str, present: bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let r = self
-                .proxy
-                .admin_request("GET", "/v1/routes", Some(&self.proxy.token.clone()), None)
-                .await;
+        let what = format!("the route of {database} being there: {present}");
+        wait_until(&what, Duration::from_secs(10), async || {
+            let token = self.proxy.token.clone();
+            let r = self.proxy.admin_request("GET", "/v1/routes", Some(&token), None).await;
             if r.json()["databases"].get(database).is_some() == present {
-                return;
+                Ok(())
+            } else {
+                Err(r.body)
             }
-            assert!(
-                Instant::now() < deadline,
-                "route for {database} never became {present}: {}",
-                r.body
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 }
 
@@ -398,16 +394,16 @@ impl TestControl {
     /// Events are recorded when a step has ended, which can be after clients see its effect
     /// (a failover reconfigures the new primary after the proxies route to it).
     pub async fn wait_event(&self, id: &str, kind: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+        wait_until(&format!("a {kind} event"), Duration::from_secs(60), async || {
             let events =
                 self.request("GET", &format!("/v1/databases/{id}/events"), None).await.json();
             if events.as_array().expect("events").iter().any(|e| e["kind"] == kind) {
-                return events;
+                Ok(events)
+            } else {
+                Err(events.to_string())
             }
-            assert!(Instant::now() < deadline, "no {kind} event: {events}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        })
+        .await
     }
 
     /// Polls `GET /v1/databases/{id}` until `check` holds; returns the database.
@@ -417,14 +413,14 @@ impl TestControl {
         what: &str,
         check: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
+        wait_until(what, Duration::from_secs(90), async || {
             let db = self.request("GET", &format!("/v1/databases/{id}"), None).await.json();
             if check(&db) {
-                return db;
+                Ok(db)
+            } else {
+                Err(db.to_string())
             }
-            assert!(Instant::now() < deadline, "{what} never happened: {db}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        })
+        .await
     }
 }

@@ -16,6 +16,7 @@
 //! - `clients.rs`: `psql` and `pgbench` runners.
 //! - `tls.rs`: a rustls client for raw protocol tests over TLS.
 //! - `browser.rs`: [`Browser`], headless Chromium through ChromeDriver (WebDriver).
+//! - `wait.rs`: [`wait_until`], the one way tests wait for a condition.
 #![forbid(unsafe_code)]
 
 mod browser;
@@ -32,6 +33,7 @@ mod planes;
 mod proxy;
 mod relay;
 mod tls;
+mod wait;
 
 pub use browser::{Browser, Element};
 pub use clients::{assert_cancel_reaches_the_backend, pg_bin, psql, until_ok, ClientOutput};
@@ -50,6 +52,7 @@ pub use planes::{live_processes, TestPlanes};
 pub use proxy::{plain_route, TestCerts, TestProxy};
 pub use relay::Relay;
 pub use tls::{connect_with_binding, tls_connect};
+pub use wait::{let_time_pass, wait_until};
 
 /// The engines directory `scripts/setup.sh` fills (`PGWARDEN_ENGINES_DIR`, else
 /// `/var/cache/pgwarden/engines` for root and `~/.cache/pgwarden/engines` for others), if the

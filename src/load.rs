@@ -81,6 +81,20 @@ impl Writer {
         true
     }
 
+    /// Waits until `more` inserts beyond those acknowledged now are (the load runs).
+    pub async fn wait_more(&self, more: usize) {
+        let from = self.acked().len();
+        crate::wait_until(&format!("{more} more writes"), Duration::from_secs(30), async || {
+            let now = self.acked().len();
+            if now >= from + more {
+                Ok(())
+            } else {
+                Err(format!("{} more", now - from))
+            }
+        })
+        .await;
+    }
+
     pub async fn stop(self) -> Vec<Ack> {
         self.stop.cancel();
         let _ = self.task.await;
@@ -155,6 +169,22 @@ impl Connector {
             }
         });
         Self { outcomes, stop, task }
+    }
+
+    /// Waits until `more` sessions beyond those tried now were (the load runs).
+    pub async fn wait_more(&self, more: usize) {
+        let tried = || self.outcomes.lock().expect("lock").len();
+        let from = tried();
+        let what = format!("{more} more new sessions");
+        crate::wait_until(&what, Duration::from_secs(30), async || {
+            let now = tried();
+            if now >= from + more {
+                Ok(())
+            } else {
+                Err(format!("{} more", now - from))
+            }
+        })
+        .await;
     }
 
     pub async fn stop(self) -> Vec<Result<Duration, String>> {

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use pgwarden_e2e::{psql, TestControl};
+use pgwarden_e2e::{let_time_pass, psql, wait_until, TestControl};
 use serde_json::Value;
 
 fn nodes(db: &Value) -> Vec<Value> {
@@ -42,8 +42,7 @@ async fn a_business_database_runs_on_two_agents_and_fails_over_across_them() {
     assert_eq!(out.stdout.trim(), role_host(&db, "primary"), "{}", out.stdout);
 
     // Stats come from the agents: each node's container (or why it has none) and its files.
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
-    loop {
+    wait_until("stats from the agents", Duration::from_secs(40), async || {
         let stats = control.request("GET", &format!("/v1/databases/{id}/stats"), None).await;
         let sampled = stats.status == 200
             && stats.json()["nodes"].as_array().is_some_and(|nodes| {
@@ -55,11 +54,12 @@ async fn a_business_database_runs_on_two_agents_and_fails_over_across_them() {
                     })
             });
         if sampled {
-            break;
+            Ok(())
+        } else {
+            Err(stats.body)
         }
-        assert!(std::time::Instant::now() < deadline, "no stats from the agents: {}", stats.body);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    })
+    .await;
 
     // A backup: pg_dump runs on the standby's agent, the archive streams to the control
     // plane's storage with its SHA-256 and reads back with pg_restore.
@@ -254,20 +254,16 @@ async fn an_agent_answers_only_the_platform_s_control_plane() {
 /// Waits until the PITR window of `id` reaches `until`.
 async fn window_reaching(control: &TestControl, id: &str, until: time::OffsetDateTime) {
     let rfc3339 = &time::format_description::well_known::Rfc3339;
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    loop {
+    wait_until(&format!("the PITR window reaching {until}"), Duration::from_secs(90), async || {
         let r = control.request("GET", &format!("/v1/databases/{id}/pitr"), None).await;
         let latest = r.json()["latest"].as_str().map(|t| time::OffsetDateTime::parse(t, rfc3339));
         if r.status == 200 && latest.is_some_and(|l| l.is_ok_and(|l| l >= until)) {
-            return;
+            Ok(())
+        } else {
+            Err(r.body)
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "PITR window never reached {until}: {}",
-            r.body
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
 /// Point-in-time recovery onto an agent's host: the base backup and WAL the control plane
@@ -279,9 +275,9 @@ async fn a_database_on_an_agent_is_restored_to_a_point_in_time_there() {
     let (db, id, url) = control.create_routed_database("ledger", "postgresql-starter-512").await;
     window_reaching(&control, &id, time::OffsetDateTime::now_utc()).await;
     assert!(psql(&url, None, "CREATE TABLE t(v text); INSERT INTO t VALUES ('t1')").success);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let_time_pass(Duration::from_millis(1500)).await;
     let target = time::OffsetDateTime::now_utc();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let_time_pass(Duration::from_millis(1500)).await;
     assert!(psql(&url, None, "INSERT INTO t VALUES ('t2')").success);
     window_reaching(&control, &id, time::OffsetDateTime::now_utc()).await;
 

@@ -2,9 +2,11 @@
 //! PostgreSQL: real nodes, real pg_dump/pg_restore.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use pgwarden_e2e::{pg_bin, postmaster_pid, psql, workspace_bin, PgNode, TestControl};
+use pgwarden_e2e::{
+    let_time_pass, pg_bin, postmaster_pid, psql, wait_until, workspace_bin, PgNode, TestControl,
+};
 use serde_json::{json, Value};
 
 async fn take_backup(control: &TestControl, id: &str) -> (u16, Value) {
@@ -181,27 +183,21 @@ async fn daily_backup_runs_at_its_hour_and_a_failed_backup_keeps_its_reason() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    wait_until("a daily backup", Duration::from_secs(30), async || {
         let list =
             control.request("GET", &format!("/v1/databases/{id}/backups"), None).await.json();
-        if list
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|b| b["kind"] == "daily" && b["status"] == "succeeded")
-        {
-            assert_eq!(
-                list.as_array().unwrap().len(),
-                1,
-                "exactly one daily backup per slot: {list}"
-            );
-            break;
+        let daily = list.as_array().unwrap().iter();
+        if daily.clone().any(|b| b["kind"] == "daily" && b["status"] == "succeeded") {
+            assert_eq!(daily.count(), 1, "exactly one daily backup per slot: {list}");
+            Ok(())
+        } else {
+            Err(list.to_string())
         }
-        assert!(Instant::now() < deadline, "no daily backup: {list}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    })
+    .await;
+    // Time itself must pass: the schedule ticks again (every 200 ms here) and must not take a
+    // second backup in the same slot.
+    let_time_pass(Duration::from_millis(600)).await;
     let list = control.request("GET", &format!("/v1/databases/{id}/backups"), None).await.json();
     assert_eq!(list.as_array().unwrap().len(), 1, "taken once, not at every tick: {list}");
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use pgwarden_control::coord::{Etcd, Leadership};
 use pgwarden_control::state::etcd::EtcdKv;
 use pgwarden_control::state::{Store, StoreError};
-use pgwarden_e2e::{lost_writes, TestEtcd, TestPlanes, Writer};
+use pgwarden_e2e::{lost_writes, wait_until, TestEtcd, TestPlanes, Writer};
 use rustix::process::Signal;
 use tokio_util::sync::CancellationToken;
 
@@ -153,26 +153,26 @@ async fn a_standby_takes_over_from_a_killed_leader_and_then_fails_a_database_ove
     let r = planes.request(0, "POST", &format!("/v1/databases/{id}/backups"), None).await;
     assert_eq!(r.status, 202, "{}", r.body);
     let backup = r.json()["backup"]["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    wait_until("the backup done", Duration::from_secs(60), async || {
         let list = planes.request(0, "GET", &format!("/v1/databases/{id}/backups"), None).await;
         let mine = list.json().as_array().unwrap().iter().find(|b| b["id"] == backup).cloned();
         if mine.as_ref().is_some_and(|b| b["status"] == "succeeded") {
-            break;
+            Ok(())
+        } else {
+            Err(list.body)
         }
-        assert!(Instant::now() < deadline, "backup not done: {}", list.body);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
     // Stats samples under the first leader (one a second here).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let before = loop {
+    let before = wait_until("three stats samples", Duration::from_secs(30), async || {
         let at = sampled(&planes, 0, &id).await;
         if at.len() >= 3 {
-            break at;
+            Ok(at)
+        } else {
+            Err(format!("{at:?}"))
         }
-        assert!(Instant::now() < deadline, "no stats history: {at:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await;
     let receivers = within(Duration::from_secs(30), || {
         let pids = planes.children_running(0, "pg_receivewal");
         (!pids.is_empty()).then_some(pids)
@@ -214,16 +214,16 @@ async fn a_standby_takes_over_from_a_killed_leader_and_then_fails_a_database_ove
     assert!(before.iter().all(|t| after.contains(t)), "{before:?} not in {after:?}");
 
     // The new leader watches the nodes: kill -9 of the primary's postmaster fails over.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let db = loop {
+    let what = "synchronous replication under the new leader";
+    let db = wait_until(what, Duration::from_secs(30), async || {
         let db = planes.request(1, "GET", &format!("/v1/databases/{id}"), None).await.json();
-        let synchronous = db["replication"] == "synchronous";
-        if synchronous {
-            break db;
+        if db["replication"] == "synchronous" {
+            Ok(db)
+        } else {
+            Err(db.to_string())
         }
-        assert!(Instant::now() < deadline, "not synchronous under the new leader: {db}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
     let primary = db["nodes"].as_array().unwrap().iter().find(|n| n["role"] == "primary");
     let primary_name = primary.unwrap()["name"].as_str().unwrap().to_owned();
     let standby_port = port(&db, "replica");
@@ -247,15 +247,15 @@ async fn a_standby_takes_over_from_a_killed_leader_and_then_fails_a_database_ove
 }
 
 async fn wait_synchronous(planes: &TestPlanes, plane: usize, id: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    wait_until("synchronous replication", Duration::from_secs(60), async || {
         let db = planes.request(plane, "GET", &format!("/v1/databases/{id}"), None).await.json();
         if db["replication"] == "synchronous" {
-            return db;
+            Ok(db)
+        } else {
+            Err(db.to_string())
         }
-        assert!(Instant::now() < deadline, "never synchronous: {db}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 fn node<'a>(db: &'a serde_json::Value, role: &str) -> &'a serde_json::Value {

@@ -5,10 +5,10 @@
 //! is refused before anything moves, a swap past its hold budget is abandoned with the database
 //! untouched, and the old cluster is kept stopped for the rollback window, then removed.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgwarden_e2e::{
-    assert_no_failed, engines_dir, lost_writes, psql, Connector, TestControl, Writer,
+    assert_no_failed, engines_dir, lost_writes, psql, wait_until, Connector, TestControl, Writer,
 };
 use serde_json::{json, Value};
 
@@ -129,7 +129,8 @@ async fn a_business_database_moves_to_postgresql_18_online_without_failed_connec
 
     let writer = Writer::start(url.clone());
     let connector = Connector::start(url.clone());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    writer.wait_more(10).await;
+    connector.wait_more(5).await;
     let op = upgrade(&control, &id, request_upgrade(&v18, None)).await;
     assert_eq!(op["status"], "succeeded", "{op}");
     // The old cluster is stopped but kept (the rollback window is 30 s).
@@ -139,7 +140,7 @@ async fn a_business_database_moves_to_postgresql_18_online_without_failed_connec
     for name in &old_names {
         assert!(control.node_data_dir(name).exists(), "old node {name} removed too early");
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    connector.wait_more(5).await;
     let outcomes = connector.stop().await;
     let acked = writer.stop().await;
     assert_no_failed(&outcomes, "major upgrade");
@@ -188,15 +189,7 @@ async fn a_business_database_moves_to_postgresql_18_online_without_failed_connec
     assert!(!write.success && write.stderr.contains("permission denied"), "{}", write.stderr);
 
     // The old cluster is removed when the rollback window ends (it was kept, checked above).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let events = control.request("GET", &format!("/v1/databases/{id}/events"), None).await;
-        if event_kinds(&events.json()).iter().any(|k| k == "old_cluster_removed") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the old cluster was never removed: {}", events.body);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    control.wait_event(&id, "old_cluster_removed").await;
     let dirs = pgwarden_e2e::node_data_dirs(&control.data);
     for name in &old_names {
         let prefix = format!("{name}.");
@@ -210,8 +203,7 @@ async fn a_business_database_moves_to_postgresql_18_online_without_failed_connec
     }
     // PITR goes on on the new cluster: WAL streams from its primary, a new base backup is taken.
     let new_primary = format!("streaming WAL from {}", names[0]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    wait_until("PITR going on on the new cluster", Duration::from_secs(60), async || {
         let events = control.request("GET", &format!("/v1/databases/{id}/events"), None).await;
         let events = events.json();
         let list = events.as_array().unwrap();
@@ -219,11 +211,12 @@ async fn a_business_database_moves_to_postgresql_18_online_without_failed_connec
         let archiving = list.iter().any(|e| e["message"] == new_primary.as_str());
         let base = list[switched..].iter().any(|e| e["kind"] == "base_backup");
         if archiving && base {
-            break;
+            Ok(())
+        } else {
+            Err(events.to_string())
         }
-        assert!(Instant::now() < deadline, "PITR did not go on on the new cluster: {events}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    })
+    .await;
     let events = control.request("GET", &format!("/v1/databases/{id}/events"), None).await.json();
     let kinds = event_kinds(&events);
     for kind in [
@@ -338,7 +331,7 @@ async fn a_database_on_node_agents_moves_to_postgresql_18_with_its_users_and_dat
         node_names(&control.request("GET", &format!("/v1/databases/{id}"), None).await.json());
 
     let writer = Writer::start(url.clone());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    writer.wait_more(10).await;
     let op = upgrade(&control, &id, request_upgrade(&v18, None)).await;
     assert_eq!(op["status"], "succeeded", "{op}");
     let acked = writer.stop().await;

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{psql, TestControl};
+use pgwarden_e2e::{let_time_pass, psql, wait_until, TestControl};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
@@ -22,19 +22,18 @@ async fn window_reaching(
     id: &str,
     until: OffsetDateTime,
 ) -> (OffsetDateTime, OffsetDateTime) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
+    wait_until(&format!("the PITR window reaching {until}"), Duration::from_secs(90), async || {
         let r = control.request("GET", &format!("/v1/databases/{id}/pitr"), None).await;
         if r.status == 200 {
             let w = r.json();
             let (earliest, latest) = (parse(&w["earliest"]), parse(&w["latest"]));
             if latest >= until {
-                return (earliest, latest);
+                return Ok((earliest, latest));
             }
         }
-        assert!(Instant::now() < deadline, "PITR window never reached {until}: {}", r.body);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Err(r.body)
+    })
+    .await
 }
 
 async fn restore(control: &TestControl, id: &str, target: OffsetDateTime) -> Value {
@@ -56,20 +55,15 @@ fn rows(url: &str) -> String {
 }
 
 async fn wait_rows(url: &str, expected: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    wait_until(&format!("the rows {expected}"), Duration::from_secs(20), async || {
         let out = psql(url, None, "SELECT string_agg(v, ',' ORDER BY v) FROM t");
         if out.success && out.stdout.trim() == expected {
-            return;
+            Ok(())
+        } else {
+            Err(format!("{}{}", out.stdout, out.stderr))
         }
-        assert!(
-            Instant::now() < deadline,
-            "rows never became {expected}: {} {}",
-            out.stdout,
-            out.stderr
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,11 +73,11 @@ async fn restore_to_a_second_between_two_commits_through_the_same_url() {
     window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
 
     assert!(psql(&url, None, "CREATE TABLE t(v text); INSERT INTO t VALUES ('t1')").success);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let_time_pass(Duration::from_millis(1500)).await;
     assert!(psql(&url, None, "INSERT INTO t VALUES ('t2')").success);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let_time_pass(Duration::from_millis(1500)).await;
     let target = OffsetDateTime::now_utc();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let_time_pass(Duration::from_millis(1500)).await;
     assert!(psql(&url, None, "INSERT INTO t VALUES ('t3')").success);
     let committed = OffsetDateTime::now_utc();
     let started = Instant::now();
@@ -123,20 +117,20 @@ async fn a_restore_to_a_few_seconds_ago_has_the_last_commits() {
     let (_, latest) = window_reaching(&control, &id, last_commit).await;
     let recovery_point = latest - last_commit;
     println!("newest restorable second is {recovery_point} after the last commit was acknowledged");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let_time_pass(Duration::from_secs(2)).await;
     let target = OffsetDateTime::now_utc() - time::Duration::seconds(1);
     window_reaching(&control, &id, target).await;
     let op = restore(&control, &id, target).await;
     assert_eq!(op["status"], "succeeded", "{op}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    wait_until("the 100 rows restored", Duration::from_secs(20), async || {
         let out = psql(&url, None, "SELECT count(*), max(v) FROM t");
         if out.success && out.stdout.trim() == "100|row100" {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{}{}", out.stdout, out.stderr))
         }
-        assert!(Instant::now() < deadline, "{} {}", out.stdout, out.stderr);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,21 +231,20 @@ async fn a_missing_wal_segment_or_a_target_outside_the_window_is_refused_and_not
     assert_eq!(now["status"], "running");
     assert_eq!(rows(&url), "0,1,2,3");
     // The gap is reported, not only discovered at restore time.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    wait_until("a wal_gap event naming the segment", Duration::from_secs(30), async || {
         let events =
             control.request("GET", &format!("/v1/databases/{id}/events"), None).await.json();
-        if events
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["kind"] == "wal_gap" && e["message"].as_str().unwrap().contains(&victim))
-        {
-            break;
+        let reported =
+            events.as_array().unwrap().iter().any(|e| {
+                e["kind"] == "wal_gap" && e["message"].as_str().unwrap().contains(&victim)
+            });
+        if reported {
+            Ok(())
+        } else {
+            Err(events.to_string())
         }
-        assert!(Instant::now() < deadline, "no wal_gap event: {events}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,14 +259,18 @@ async fn restore_across_a_failover_follows_the_new_timeline() {
     assert_eq!(r.status, 202, "{}", r.body);
     let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
     assert_eq!(op["status"], "succeeded", "{op}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !psql(&url, None, "INSERT INTO t VALUES ('after')").success {
-        assert!(Instant::now() < deadline, "no writes after failover");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_until("a write after the failover", Duration::from_secs(20), async || {
+        let out = psql(&url, None, "INSERT INTO t VALUES ('after')");
+        if out.success {
+            Ok(())
+        } else {
+            Err(out.stderr)
+        }
+    })
+    .await;
+    let_time_pass(Duration::from_millis(1500)).await;
     let target = OffsetDateTime::now_utc();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let_time_pass(Duration::from_millis(1500)).await;
     assert!(psql(&url, None, "INSERT INTO t VALUES ('later')").success);
     window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
     let wal = control.dir.path().join("data/backups").join(&id).join("wal");
@@ -324,9 +321,9 @@ async fn a_pitr_database_in_a_quoted_data_dir_is_private_restorable_and_destroye
     assert_eq!(db["replication"], "synchronous", "{db}");
     window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
     assert!(psql(&url, None, "CREATE TABLE t(v text); INSERT INTO t VALUES ('t1')").success);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let_time_pass(Duration::from_millis(1500)).await;
     let target = OffsetDateTime::now_utc();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let_time_pass(Duration::from_millis(1500)).await;
     assert!(psql(&url, None, "INSERT INTO t VALUES ('t2')").success);
     window_reaching(&control, &id, OffsetDateTime::now_utc()).await;
     let op = restore(&control, &id, target).await;

@@ -8,8 +8,6 @@ use pgwarden_e2e::{assert_no_failed, lost_writes, psql, Connector, TestControl, 
 use serde_json::{json, Value};
 use tokio_postgres::NoTls;
 
-const WAIT: Duration = Duration::from_secs(60);
-
 /// Changes `id` to `plan` and waits for the operation; returns it.
 async fn change(control: &TestControl, id: &str, plan: &str) -> Value {
     let r =
@@ -81,10 +79,11 @@ async fn a_single_node_restarts_on_its_new_plan_while_new_connections_wait() {
     let established = tokio::spawn(connection);
     let writer = Writer::start(url.clone());
     let connector = Connector::start(url.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    writer.wait_more(10).await;
+    connector.wait_more(5).await;
     let op = change(&control, &id, "postgresql-starter-1024").await;
     assert_eq!(op["status"], "succeeded", "{op}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    connector.wait_more(5).await;
     assert_no_failed(&connector.stop().await, "single-node restart");
     let acked = writer.stop().await;
     let out = psql(&url, None, "SELECT string_agg(n::text, ',') FROM w");
@@ -125,17 +124,12 @@ async fn a_business_database_changes_plan_up_then_down_without_failed_connection
     for (plan, buffers, connections) in
         [("postgresql-business-1024", "256MB", "80"), ("postgresql-business-512", "128MB", "60")]
     {
-        let before = writer.acked().len();
-        let deadline = Instant::now() + WAIT;
-        while writer.acked().len() < before + 20 {
-            assert!(Instant::now() < deadline, "writer stalled before the change to {plan}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        writer.wait_more(20).await;
         let connector = Connector::start(url.clone());
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        connector.wait_more(5).await;
         let op = change(&control, &id, plan).await;
         assert_eq!(op["status"], "succeeded", "{plan}: {op}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        connector.wait_more(5).await;
         assert_no_failed(&connector.stop().await, plan);
         let db = control.wait_synchronous(&id, "both nodes back, synchronous").await;
         assert_eq!(db["plan"], plan);
@@ -177,7 +171,8 @@ async fn starter_to_business_adds_a_synchronous_standby_and_back_removes_it() {
     assert!(psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)").success);
     let writer = Writer::start(url.clone());
     let connector = Connector::start(url.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    writer.wait_more(10).await;
+    connector.wait_more(5).await;
 
     let op = change(&control, &id, "postgresql-business-512").await;
     assert_eq!(op["status"], "succeeded", "{op}");
@@ -200,7 +195,7 @@ async fn starter_to_business_adds_a_synchronous_standby_and_back_removes_it() {
         1,
         "the standby's directory is gone"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    connector.wait_more(5).await;
     assert_no_failed(&connector.stop().await, "starter → business → starter");
     let acked = writer.stop().await;
     let out = psql(&url, None, "SELECT string_agg(n::text, ',') FROM w");

@@ -1,8 +1,8 @@
 //! Business plans: a standby built with pg_basebackup, streaming over TLS, synchronous.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use pgwarden_e2e::{psql, TestControl};
+use pgwarden_e2e::{psql, wait_until, TestControl};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn business_database_has_a_synchronous_standby_streaming_over_tls() {
@@ -49,24 +49,19 @@ async fn business_database_has_a_synchronous_standby_streaming_over_tls() {
 
     // The standby has the rows (it is a hot standby, read-only).
     let standby = node_conninfo(&control, &db, 1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    wait_until("the standby caught up", Duration::from_secs(10), async || {
         let out = psql(
             &format!("{standby} dbname={name}"),
             None,
             "SELECT count(*), pg_is_in_recovery() FROM orders",
         );
         if out.success && out.stdout.trim() == "100|t" {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{}{}", out.stdout, out.stderr))
         }
-        assert!(
-            Instant::now() < deadline,
-            "standby never caught up: {} {}",
-            out.stdout,
-            out.stderr
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     // Replication without TLS is refused by the primary's pg_hba.
     let plain = format!(
         "host=127.0.0.1 port={} user=pgwarden_replicator dbname=replication replication=true sslmode=disable password=x",

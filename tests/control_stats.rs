@@ -3,8 +3,9 @@
 //! sessions held open, data loaded; the limit follows a plan change; a node that runs out of
 //! memory is contained and the event recorded. The same figures are gauges on `/metrics`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use pgwarden_e2e::wait_until;
 use pgwarden_e2e::TestControl;
 use serde_json::{json, Value};
 use tokio_postgres::NoTls;
@@ -24,15 +25,15 @@ async fn wait_stats(
     what: &str,
     ok: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    wait_until(what, Duration::from_secs(30), async || {
         let s = stats(control, id).await;
         if ok(&s) {
-            return s;
+            Ok(s)
+        } else {
+            Err(format!("{s:#}"))
         }
-        assert!(Instant::now() < deadline, "{what}: {s:#}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    })
+    .await
 }
 
 async fn history(control: &TestControl, id: &str, query: &str) -> pgwarden_e2e::HttpResponse {
@@ -232,18 +233,15 @@ async fn a_node_that_runs_out_of_memory_is_contained_and_the_event_recorded() {
 
     control.wait_event(&id, "node_out_of_memory").await;
     // The node restarted its sessions and serves again; the host was never short of memory.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok((client, connection)) = tokio_postgres::connect(&url, NoTls).await {
-            tokio::spawn(connection);
-            if let Ok(row) = client.query_one("SELECT 1", &[]).await {
-                assert_eq!(row.get::<_, i32>(0), 1);
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "the node does not serve again");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_until("the node serving again", Duration::from_secs(30), async || {
+        let (client, connection) =
+            tokio_postgres::connect(&url, NoTls).await.map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        let row = client.query_one("SELECT 1", &[]).await.map_err(|e| e.to_string())?;
+        assert_eq!(row.get::<_, i32>(0), 1);
+        Ok(())
+    })
+    .await;
     let after = stats(&control, &id).await;
     assert!(u(&after["nodes"][0]["memory"]["highest"]) <= 256 * MIB, "{after:#}");
 }

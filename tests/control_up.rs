@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use pgwarden_e2e::{
     free_port, http_request, node_data_dirs, node_port_block, postmaster_pid, psql,
-    stop_immediately, workspace_bin, TestProxy,
+    stop_immediately, wait_until, workspace_bin, TestProxy,
 };
 use pgwarden_proxy::config::Limits;
 
@@ -330,11 +330,15 @@ async fn kill_9_of_serve_keeps_databases_adopts_nodes_and_republishes_routes() {
     let id =
         created.split_whitespace().find(|w| w.starts_with("billing-")).expect(&created).to_owned();
     let url = env_url(&data, &first.api, &id);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !psql(&url, None, "SELECT 1").success {
-        assert!(Instant::now() < deadline, "never routed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("the database routed", Duration::from_secs(10), async || {
+        let out = psql(&url, None, "SELECT 1");
+        if out.success {
+            Ok(())
+        } else {
+            Err(out.stderr)
+        }
+    })
+    .await;
     assert!(psql(&url, None, "CREATE TABLE t(x int); INSERT INTO t VALUES (1)").success);
     let node = node_data_dirs(&data).pop().unwrap();
     let pid_before = postmaster_pid(&node).expect("node running");
@@ -348,11 +352,15 @@ async fn kill_9_of_serve_keeps_databases_adopts_nodes_and_republishes_routes() {
         assert_eq!(r.status, 200, "{}", r.body);
         r.json()["at"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect::<Vec<i64>>()
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while sampled(&first.api).len() < 3 {
-        assert!(Instant::now() < deadline, "no stats history");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until("three stats samples", Duration::from_secs(20), async || {
+        let at = sampled(&first.api);
+        if at.len() >= 3 {
+            Ok(())
+        } else {
+            Err(format!("{at:?}"))
+        }
+    })
+    .await;
     let table = cli(&data, &first.api, &["stats", &id]);
     assert!(table.contains("MEMORY") && table.contains(&format!("{id}-")), "{table}");
     // --output json prints the API's answer, for scripts.
@@ -379,11 +387,15 @@ async fn kill_9_of_serve_keeps_databases_adopts_nodes_and_republishes_routes() {
     assert!(before_kill.iter().all(|t| after.contains(t)), "{before_kill:?} then {after:?}");
     let listed = cli(&data, &second.api, &["list"]);
     assert!(listed.contains(&id) && listed.contains("running"), "{listed}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while bed.proxy.metric("pgwarden_proxy_epoch").await <= epoch_before {
-        assert!(Instant::now() < deadline, "routes not republished");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("the routes published again", Duration::from_secs(10), async || {
+        let epoch = bed.proxy.metric("pgwarden_proxy_epoch").await;
+        if epoch > epoch_before {
+            Ok(())
+        } else {
+            Err(format!("epoch {epoch}"))
+        }
+    })
+    .await;
     assert_eq!(postmaster_pid(&node), Some(pid_before), "running node adopted, not restarted");
     assert_eq!(node_data_dirs(&data).len(), 1, "not re-created");
     assert!(psql(&url, None, "INSERT INTO t VALUES (2)").success);
@@ -427,26 +439,30 @@ async fn provisioning_interrupted_by_kill_9_is_finished_on_restart() {
         .await;
 
     let mut second = bed.serve();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
+    wait_until("the provisioning finished", Duration::from_secs(120), async || {
         let shown = cli(&data, &second.api, &["--output", "json", "show", &id]);
         let shown: serde_json::Value = serde_json::from_str(&shown).expect(&shown);
         let database_running = shown["status"] == "running";
         let nodes = shown["nodes"].as_array().unwrap();
         let nodes_running = nodes.iter().filter(|n| n["status"] == "running").count();
-        if database_running && nodes_running == 2 {
-            break;
-        }
         assert_ne!(shown["status"], "failed", "{shown}");
-        assert!(Instant::now() < deadline, "provisioning never finished: {shown}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+        if database_running && nodes_running == 2 {
+            Ok(())
+        } else {
+            Err(shown.to_string())
+        }
+    })
+    .await;
     let url = env_url(&data, &second.api, &id);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !psql(&url, None, "SELECT 1").success {
-        assert!(Instant::now() < deadline, "finished database not reachable");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("the finished database reachable", Duration::from_secs(10), async || {
+        let out = psql(&url, None, "SELECT 1");
+        if out.success {
+            Ok(())
+        } else {
+            Err(out.stderr)
+        }
+    })
+    .await;
     let events = cli(&data, &second.api, &["events", &id]);
     assert!(events.contains("provision_resumed") && events.contains("provisioned"), "{events}");
     // Only the finished database's two nodes remain running.
@@ -483,11 +499,15 @@ async fn a_plan_change_cut_by_kill_9_is_finished_on_restart() {
         cli(&data, &first.api, &["create", "resumed", "--plan", "postgresql-business-512"]);
     let id =
         created.split_whitespace().find(|w| w.starts_with("resumed-")).expect(&created).to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cli(&data, &first.api, &["events", &id]).contains("replication_synchronous") {
-        assert!(Instant::now() < deadline, "never synchronous");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until("synchronous replication", Duration::from_secs(60), async || {
+        let events = cli(&data, &first.api, &["events", &id]);
+        if events.contains("replication_synchronous") {
+            Ok(())
+        } else {
+            Err(events)
+        }
+    })
+    .await;
     cli(&data, &first.api, &["plan", &id, "postgresql-business-1024", "--no-wait"]);
     // Cut it once a node restarted on the new plan (before the switchover, if this is quick
     // enough; any later point must be finished the same way).

@@ -82,10 +82,11 @@ async fn a_business_database_rolls_to_a_newer_minor_without_failed_connections_o
     assert!(psql(&url, None, "CREATE TABLE w(n int8 PRIMARY KEY)").success);
     let writer = Writer::start(url.clone());
     let connector = Connector::start(url.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    writer.wait_more(10).await;
+    connector.wait_more(5).await;
     let op = upgrade(&control, &id, &newer).await;
     assert_eq!(op["status"], "succeeded", "{op}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    connector.wait_more(5).await;
     assert_no_failed(&connector.stop().await, "rolling minor upgrade");
     let db = control.wait_synchronous(&id, "both nodes back, synchronous").await;
     assert_eq!(versions_on_every_node(&control, &db), vec![newer.clone(), newer.clone()]);
@@ -121,10 +122,10 @@ async fn a_single_node_restarts_on_the_newer_build_while_new_connections_wait() 
     let (_established, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
     let established = tokio::spawn(connection);
     let connector = Connector::start(url.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    connector.wait_more(5).await;
     let op = upgrade(&control, &id, &newer).await;
     assert_eq!(op["status"], "succeeded", "{op}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    connector.wait_more(5).await;
     assert_no_failed(&connector.stop().await, "single-node upgrade");
     let out = psql(&url, None, "SHOW server_version");
     assert!(out.stdout.starts_with(&newer), "{}", out.stdout);

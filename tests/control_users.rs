@@ -1,6 +1,6 @@
 //! Users (SPEC §5) and force-TLS through the control API, checked with real clients.
 
-use pgwarden_e2e::{psql, TestControl};
+use pgwarden_e2e::{psql, wait_until, TestControl};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,20 +122,19 @@ async fn force_tls_refuses_plaintext_and_accepts_tls() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["tls"]["force"], true);
     assert!(r.json()["epoch"].as_u64().unwrap() > epoch_before);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
+    wait_until("plaintext refused", std::time::Duration::from_secs(10), async || {
         let out = psql(&format!("{url}?sslmode=disable"), None, "SELECT 1");
-        if !out.success {
-            assert!(
-                out.stderr.contains("TLS is required") && out.stderr.contains("sslmode=require"),
-                "{}",
-                out.stderr
-            );
-            break;
+        if out.success {
+            return Err("plaintext still accepted".to_owned());
         }
-        assert!(std::time::Instant::now() < deadline, "plaintext still accepted");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+        assert!(
+            out.stderr.contains("TLS is required") && out.stderr.contains("sslmode=require"),
+            "{}",
+            out.stderr
+        );
+        Ok(())
+    })
+    .await;
     let verify =
         format!("{url}?sslmode=verify-full&sslrootcert={}", control.certs.ca_path().display());
     let out = psql(&verify.replace("127.0.0.1", "localhost"), None, "SELECT 1");
@@ -145,11 +144,15 @@ async fn force_tls_refuses_plaintext_and_accepts_tls() {
         .request("PUT", &format!("/v1/databases/{id}/tls"), Some(json!({"force": false})))
         .await;
     assert_eq!(r.status, 200);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !psql(&format!("{url}?sslmode=disable"), None, "SELECT 1").success {
-        assert!(std::time::Instant::now() < deadline, "plaintext never accepted again");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_until("plaintext accepted again", std::time::Duration::from_secs(10), async || {
+        let out = psql(&format!("{url}?sslmode=disable"), None, "SELECT 1");
+        if out.success {
+            Ok(())
+        } else {
+            Err(out.stderr)
+        }
+    })
+    .await;
     let r = control
         .request("PUT", &format!("/v1/databases/{id}/tls"), Some(json!({"force": "yes"})))
         .await;

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use pgwarden_e2e::{
-    kill_postmaster, lost_writes, postmaster_pid, psql, stop_immediately, Connector, TestControl,
-    Writer,
+    kill_postmaster, lost_writes, postmaster_pid, psql, stop_immediately, wait_until, Connector,
+    TestControl, Writer,
 };
 use serde_json::Value;
 use tokio_postgres::NoTls;
@@ -85,14 +85,16 @@ async fn failover_under_writer(freeze: bool) {
         old_port,
         db["name"].as_str().unwrap()
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while psql(&standby, None, "SELECT count(*) FROM w WHERE n = -1").stdout.trim() != "1" {
-        assert!(
-            Instant::now() < deadline,
-            "rejoined standby does not replay the new primary's WAL"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let what = "the rejoined standby replaying the new primary's WAL";
+    wait_until(what, Duration::from_secs(10), async || {
+        let out = psql(&standby, None, "SELECT count(*) FROM w WHERE n = -1");
+        if out.stdout.trim() == "1" {
+            Ok(())
+        } else {
+            Err(format!("{}{}", out.stdout, out.stderr))
+        }
+    })
+    .await;
     let metrics = control.request("GET", "/metrics", None).await.body;
     assert!(metrics.contains("pgwarden_failovers_total{result=\"promoted\"} 1"), "{metrics}");
 }
@@ -161,19 +163,15 @@ async fn forced_failover_through_the_api_changes_the_primary() {
     assert_eq!(name_of(&db, "primary"), new);
     assert_eq!(name_of(&db, "replica"), old);
     let url = db["database_url"].as_str().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    wait_until("the proxy routing to the new primary", Duration::from_secs(10), async || {
         let out = psql(url, None, "SELECT inet_server_port(), pg_is_in_recovery()");
         if out.success && out.stdout.trim() == format!("{}|f", port_of(&db, "primary")) {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{}{}", out.stdout, out.stderr))
         }
-        assert!(
-            Instant::now() < deadline,
-            "proxy does not route to the new primary: {}",
-            out.stdout
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     let sandbox = control.create_database("single", "postgresql-sandbox").await;
     let r = control
         .request(
@@ -279,11 +277,15 @@ async fn a_rejoin_cut_short_after_its_rewind_ends_in_a_fresh_copy() {
                 generate_series(1, current_setting('max_replication_slots')::int - \
                 (SELECT count(*) FROM pg_replication_slots)::int) AS i";
     // The first base backup, taken from the standby, uses a slot of its own for its length.
-    let deadline = Instant::now() + WAIT;
-    while !events_of(&control, &id).await.contains("base_backup") {
-        assert!(Instant::now() < deadline, "no base backup");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until("a base backup", WAIT, async || {
+        let events = events_of(&control, &id).await;
+        if events.contains("base_backup") {
+            Ok(())
+        } else {
+            Err(events)
+        }
+    })
+    .await;
     let drop = "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots";
     for sql in [drop, fill] {
         let out = psql(&new_admin, None, sql);
@@ -294,11 +296,15 @@ async fn a_rejoin_cut_short_after_its_rewind_ends_in_a_fresh_copy() {
 
     kill_postmaster(&old_data);
     assert!(writer.wait_acks_from(new_port, 20, WAIT).await);
-    let deadline = Instant::now() + WAIT;
-    while !events_of(&control, &id).await.contains("rejoin_failed") {
-        assert!(Instant::now() < deadline, "no rejoin attempt: {}", events_of(&control, &id).await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until("a rejoin attempt", WAIT, async || {
+        let events = events_of(&control, &id).await;
+        if events.contains("rejoin_failed") {
+            Ok(())
+        } else {
+            Err(events)
+        }
+    })
+    .await;
     // The control plane stops; the first half of a rejoin happens without it: the old
     // primary rewound onto the new one's timeline, not started.
     control.stop().await;
@@ -307,11 +313,15 @@ async fn a_rejoin_cut_short_after_its_rewind_ends_in_a_fresh_copy() {
     // PostgreSQL (pg_rewind's crash recovery) takes the lock file for a live postmaster's.
     let lock = std::fs::read_to_string(old_data.join("postmaster.pid")).unwrap_or_default();
     if let Some(pid) = lock.lines().next().and_then(|l| l.trim().parse::<u32>().ok()) {
-        let deadline = Instant::now() + WAIT;
-        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            assert!(Instant::now() < deadline, "the old primary's postmaster {pid} never went");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until("the old primary's postmaster gone", WAIT, async || {
+            let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+            if alive {
+                Err(format!("pid {pid} still there"))
+            } else {
+                Ok(())
+            }
+        })
+        .await;
     }
     // pg_rewind reads the new primary's timeline from its control file: a checkpoint writes it.
     assert!(psql(&new_admin, None, "CHECKPOINT").success);
@@ -332,11 +342,15 @@ async fn a_rejoin_cut_short_after_its_rewind_ends_in_a_fresh_copy() {
     );
     // The primary goes on past the copy.
     let acked = writer.acked().len();
-    let deadline = Instant::now() + WAIT;
-    while writer.acked().len() < acked + 50 {
-        assert!(Instant::now() < deadline, "writes stopped");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("50 more writes", WAIT, async || {
+        let now = writer.acked().len();
+        if now >= acked + 50 {
+            Ok(())
+        } else {
+            Err(format!("{} more", now - acked))
+        }
+    })
+    .await;
     let free = "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots \
                 WHERE slot_name LIKE 'filler\\_%'";
     let out = psql(&new_admin, None, free);

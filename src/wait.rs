@@ -1,0 +1,58 @@
+//! Waiting in tests, one way: until a condition holds, failing the test with what was last
+//! seen when it does not hold in time. Tests wait on conditions, never on fixed sleeps, unless
+//! time itself must pass (a PITR target between two commits): those say so where they sleep.
+
+use std::time::{Duration, Instant};
+
+/// How often a test looks again at what it waits for.
+const EVERY: Duration = Duration::from_millis(100);
+
+/// Runs `check` until it gives `Ok` (its value is returned), for at most `limit`; each `Err`
+/// says what was seen. Panics with `what` and the last thing seen once `limit` has passed.
+pub async fn wait_until<T>(
+    what: &str,
+    limit: Duration,
+    mut check: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check().await {
+            Ok(done) => return done,
+            Err(seen) if Instant::now() >= deadline => {
+                panic!("{what}: not within {} s; last seen: {seen}", limit.as_secs_f64())
+            }
+            Err(_) => tokio::time::sleep(EVERY).await,
+        }
+    }
+}
+
+/// Lets `duration` of wall-clock time pass: only for what needs time itself to pass (a PITR
+/// target strictly between two commits' timestamps), never to wait for something to happen.
+pub async fn let_time_pass(duration: Duration) {
+    tokio::time::sleep(duration).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_wait_returns_what_held_and_fails_with_what_it_saw_last() {
+        let mut n = 0;
+        let third = wait_until("the third look", Duration::from_secs(5), async || {
+            n += 1;
+            if n == 3 {
+                Ok(n)
+            } else {
+                Err(format!("look {n}"))
+            }
+        });
+        assert_eq!(third.await, 3);
+        let never = tokio::spawn(wait_until("never", Duration::from_millis(50), async || {
+            Err::<(), _>("still nothing".to_owned())
+        }));
+        let panic = never.await.expect_err("it gives up").into_panic();
+        let message = panic.downcast_ref::<String>().expect("a message");
+        assert!(message.contains("never") && message.contains("still nothing"), "{message}");
+    }
+}
