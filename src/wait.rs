@@ -26,6 +26,20 @@ pub async fn wait_until<T>(
     }
 }
 
+/// Runs `sql` through `url` with psql until it succeeds, for at most `limit`; returns its
+/// output. Fails the test with `what` and psql's last error.
+pub async fn wait_psql(what: &str, limit: Duration, url: &str, sql: &str) -> crate::ClientOutput {
+    wait_until(what, limit, async || {
+        let out = crate::psql(url, None, sql);
+        if out.success {
+            Ok(out)
+        } else {
+            Err(out.stderr)
+        }
+    })
+    .await
+}
+
 /// Lets `duration` of wall-clock time pass: only for what needs time itself to pass (a PITR
 /// target strictly between two commits' timestamps), never to wait for something to happen.
 pub async fn let_time_pass(duration: Duration) {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{let_time_pass, psql, wait_until, TestControl};
+use pgwarden_e2e::{let_time_pass, psql, wait_psql, wait_until, TestControl};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
@@ -259,15 +259,8 @@ async fn restore_across_a_failover_follows_the_new_timeline() {
     assert_eq!(r.status, 202, "{}", r.body);
     let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
     assert_eq!(op["status"], "succeeded", "{op}");
-    wait_until("a write after the failover", Duration::from_secs(20), async || {
-        let out = psql(&url, None, "INSERT INTO t VALUES ('after')");
-        if out.success {
-            Ok(())
-        } else {
-            Err(out.stderr)
-        }
-    })
-    .await;
+    let after = "INSERT INTO t VALUES ('after')";
+    wait_psql("a write after the failover", Duration::from_secs(20), &url, after).await;
     let_time_pass(Duration::from_millis(1500)).await;
     let target = OffsetDateTime::now_utc();
     let_time_pass(Duration::from_millis(1500)).await;

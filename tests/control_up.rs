@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use pgwarden_e2e::{
     free_port, http_request, node_data_dirs, node_port_block, postmaster_pid, psql,
-    stop_immediately, wait_until, workspace_bin, TestProxy,
+    stop_immediately, wait_psql, wait_until, workspace_bin, TestProxy,
 };
 use pgwarden_proxy::config::Limits;
 
@@ -330,15 +330,7 @@ async fn kill_9_of_serve_keeps_databases_adopts_nodes_and_republishes_routes() {
     let id =
         created.split_whitespace().find(|w| w.starts_with("billing-")).expect(&created).to_owned();
     let url = env_url(&data, &first.api, &id);
-    wait_until("the database routed", Duration::from_secs(10), async || {
-        let out = psql(&url, None, "SELECT 1");
-        if out.success {
-            Ok(())
-        } else {
-            Err(out.stderr)
-        }
-    })
-    .await;
+    wait_psql("the database routed", Duration::from_secs(10), &url, "SELECT 1").await;
     assert!(psql(&url, None, "CREATE TABLE t(x int); INSERT INTO t VALUES (1)").success);
     let node = node_data_dirs(&data).pop().unwrap();
     let pid_before = postmaster_pid(&node).expect("node running");
@@ -454,15 +446,7 @@ async fn provisioning_interrupted_by_kill_9_is_finished_on_restart() {
     })
     .await;
     let url = env_url(&data, &second.api, &id);
-    wait_until("the finished database reachable", Duration::from_secs(10), async || {
-        let out = psql(&url, None, "SELECT 1");
-        if out.success {
-            Ok(())
-        } else {
-            Err(out.stderr)
-        }
-    })
-    .await;
+    wait_psql("the finished database reachable", Duration::from_secs(10), &url, "SELECT 1").await;
     let events = cli(&data, &second.api, &["events", &id]);
     assert!(events.contains("provision_resumed") && events.contains("provisioned"), "{events}");
     // Only the finished database's two nodes remain running.

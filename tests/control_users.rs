@@ -1,6 +1,6 @@
 //! Users (SPEC §5) and force-TLS through the control API, checked with real clients.
 
-use pgwarden_e2e::{psql, wait_until, TestControl};
+use pgwarden_e2e::{psql, wait_psql, wait_until, TestControl};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,15 +144,9 @@ async fn force_tls_refuses_plaintext_and_accepts_tls() {
         .request("PUT", &format!("/v1/databases/{id}/tls"), Some(json!({"force": false})))
         .await;
     assert_eq!(r.status, 200);
-    wait_until("plaintext accepted again", std::time::Duration::from_secs(10), async || {
-        let out = psql(&format!("{url}?sslmode=disable"), None, "SELECT 1");
-        if out.success {
-            Ok(())
-        } else {
-            Err(out.stderr)
-        }
-    })
-    .await;
+    let plaintext = format!("{url}?sslmode=disable");
+    let what = "plaintext accepted again";
+    wait_psql(what, std::time::Duration::from_secs(10), &plaintext, "SELECT 1").await;
     let r = control
         .request("PUT", &format!("/v1/databases/{id}/tls"), Some(json!({"force": "yes"})))
         .await;
