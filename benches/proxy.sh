@@ -97,7 +97,7 @@ if [ -n "${PW_ALT:-}${ALT_BIN:-}" ]; then
   sed -e "s/127.0.0.1:$PW_PORT/127.0.0.1:$PWA_PORT/" -e "s/127.0.0.1:$PW_ADMIN/127.0.0.1:$(free_port)/" \
     "$work/proxy.toml" > "$work/proxy-alt.toml"
   # Top-level keys must come before the first table.
-  { printf '%s\n' "$PW_ALT"; cat "$work/proxy-alt.toml"; } > "$work/proxy-alt2.toml"
+  { printf '%s\n' "${PW_ALT:-}"; cat "$work/proxy-alt.toml"; } > "$work/proxy-alt2.toml"
   RUST_LOG=warn "${ALT_BIN:-target/release/pgwarden-proxy}" --config "$work/proxy-alt2.toml" >"$work/proxy-alt.log" 2>&1 &
   pids+=($!)
   PWA_PID=$!
