@@ -16,6 +16,7 @@ use crate::etcd::TestEtcd;
 use crate::http::{http_request, http_request_within, HttpResponse};
 use crate::proxy::{TestCerts, TestProxy};
 use crate::relay::Relay;
+use crate::wait_until;
 
 pub struct Plane {
     pub addr: SocketAddr,
@@ -114,11 +115,10 @@ pub(crate) async fn start_agent(
         .stderr(log)
         .spawn()
         .expect("pgwarden agent");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "agent {addr} did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(&format!("agent {addr} listening"), Duration::from_secs(10), async || {
+        std::net::TcpStream::connect(addr).map(drop).map_err(|e| e.to_string())
+    })
+    .await;
     child
 }
 
@@ -332,16 +332,16 @@ impl TestPlanes {
         assert_eq!(r.status, 202, "{}", r.body);
         let answer = r.json();
         let op = answer["operation"]["id"].as_str().expect("op id").to_owned();
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
+        wait_until(&format!("operation {op} succeeded"), Duration::from_secs(180), async || {
             let state = self.request(i, "GET", &format!("/v1/operations/{op}"), None).await.json();
-            if state["status"] == "succeeded" {
-                break;
-            }
             assert!(state["status"] != "failed", "{state}\n{}", self.logs());
-            assert!(Instant::now() < deadline, "operation {op} still {state}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            if state["status"] == "succeeded" {
+                Ok(())
+            } else {
+                Err(state.to_string())
+            }
+        })
+        .await;
         let id = answer["database"]["id"].as_str().expect("id");
         self.request(i, "GET", &format!("/v1/databases/{id}"), None).await.json()
     }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{psql, NodeOptions, PgNode, TestCerts, TestProxy, TEST_PASSWORD};
+use pgwarden_e2e::{psql, wait_until, NodeOptions, PgNode, TestCerts, TestProxy, TEST_PASSWORD};
 use pgwarden_proxy::config::Limits;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
@@ -210,16 +210,16 @@ async fn psql_cancel_with_sigint() {
         .spawn()
         .expect("psql");
     // Wait until the query runs on the node.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while node
-        .superuser_sql("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'")
-        .stdout
-        .trim()
-        != "1"
-    {
-        assert!(Instant::now() < deadline, "query never started");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let running = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'";
+    wait_until("the query running on the node", Duration::from_secs(10), async || {
+        let out = node.superuser_sql(running);
+        if out.stdout.trim() == "1" {
+            Ok(())
+        } else {
+            Err(format!("{}{}", out.stdout, out.stderr))
+        }
+    })
+    .await;
     let started = Instant::now();
     std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     let out = tokio::task::spawn_blocking(move || {
@@ -267,19 +267,11 @@ async fn too_many_clients_get_53300() {
     assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
     drop(a);
     // The slot frees once the first session is gone.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match connect(&proxy, "app", "app").await {
-            Ok(c) => {
-                c.simple_query("SELECT 1").await.unwrap();
-                break;
-            }
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("slot never freed: {e}"),
-        }
-    }
+    let c = wait_until("the slot freed", Duration::from_secs(5), async || {
+        connect(&proxy, "app", "app").await.map_err(|e| e.to_string())
+    })
+    .await;
+    c.simple_query("SELECT 1").await.unwrap();
     b.simple_query("SELECT 1").await.unwrap();
 }
 

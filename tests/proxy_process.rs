@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{free_port, http_request, workspace_bin, PgNode, TEST_PASSWORD};
+use pgwarden_e2e::{free_port, http_request, wait_until, workspace_bin, PgNode, TEST_PASSWORD};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
@@ -105,16 +105,10 @@ async fn clients_beyond_the_open_file_limit_get_53300() {
         client.simple_query("SELECT 1").await.expect("a session under the limit works");
     }
     sessions.pop();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let again = loop {
-        match connect(proxy.port).await {
-            Ok(client) => break client,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("a freed slot is never reused: {e}"),
-        }
-    };
+    let again = wait_until("a freed slot reused", Duration::from_secs(5), async || {
+        connect(proxy.port).await.map_err(|e| e.to_string())
+    })
+    .await;
     again.simple_query("SELECT 1").await.unwrap();
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{psql, PgNode, TestCerts, TestProxy, TEST_PASSWORD};
+use pgwarden_e2e::{psql, wait_until, PgNode, TestCerts, TestProxy, TEST_PASSWORD};
 use pgwarden_proxy::config::Limits;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
@@ -211,15 +211,15 @@ async fn sighup_reloads_the_certificate_without_dropping_sessions() {
         .status()
         .unwrap();
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    wait_until("the new certificate served", Duration::from_secs(5), async || {
         let out = psql(&verify(&new_ca_path), Some(TEST_PASSWORD), "SELECT 1");
         if out.success {
-            break;
+            Ok(())
+        } else {
+            Err(out.stderr)
         }
-        assert!(Instant::now() < deadline, "new certificate never served: {}", out.stderr);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     assert!(!psql(&verify(&certs.ca_path()), Some(TEST_PASSWORD), "SELECT 1").success);
     server_port(&established).await.expect("session opened before the reload still works");
 
