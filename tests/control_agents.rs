@@ -132,7 +132,7 @@ async fn info_with(
         Some(issuer) => {
             let cert = issuer.issue_client("pgwarden-control").unwrap();
             let id = Identity { ca: ca_pem, cert: &cert.cert_pem, key: &cert.key_pem };
-            client_config(&id)?
+            client_config(&id).map_err(|e| e.to_string())?
         }
         None => {
             let mut roots = rustls::RootCertStore::empty();

@@ -49,8 +49,8 @@ pub struct RemoteDriver {
 impl RemoteDriver {
     /// A client certificate of `ca` for the control plane (made now, kept in memory only).
     /// Must be called inside the runtime its blocking calls will use.
-    pub fn new(ca: &pgwarden_certs::Ca) -> Result<Self, String> {
-        let cert = ca.issue_client("pgwarden-control").map_err(|e| e.to_string())?;
+    pub fn new(ca: &pgwarden_certs::Ca) -> Result<Self, super::tls::TlsSetupError> {
+        let cert = ca.issue_client("pgwarden-control")?;
         let identity =
             super::tls::Identity { ca: ca.cert_pem(), cert: &cert.cert_pem, key: &cert.key_pem };
         let config = super::tls::client_config(&identity)?;

@@ -146,10 +146,16 @@ fn fence_primaries(nodes_dir: &Path, driver: &LocalDriver) -> Vec<String> {
     fenced
 }
 
+/// An agent still holds its lease in etcd: it is in touch with etcd, so its primary may
+/// still be serving.
+#[derive(Debug, thiserror::Error)]
+#[error("agent {0} still holds its lease in etcd: it is in touch with etcd, so its primary may still be serving")]
+pub struct StillLeased(pub String);
+
 /// For the control plane: waits until the key of the agent at `address` is gone, then
 /// `PROMOTE_MARGIN`; an error if it is still there after `limit` (the agent is in touch with
 /// etcd, so its primary may still serve).
-pub async fn wait_fenced(etcd: &Etcd, address: &str, limit: Duration) -> Result<(), String> {
+pub async fn wait_fenced(etcd: &Etcd, address: &str, limit: Duration) -> Result<(), StillLeased> {
     let key = &key(etcd, address);
     let gone = wait::until_true(limit, wait::STEADY, || async move {
         let get = etcd.call(|mut c| {
@@ -165,10 +171,7 @@ pub async fn wait_fenced(etcd: &Etcd, address: &str, limit: Duration) -> Result<
         }
     });
     if !gone.await {
-        return Err(format!(
-            "agent {address} still holds its lease in etcd: it is in touch with etcd, so its \
-             primary may still be serving"
-        ));
+        return Err(StillLeased(address.to_owned()));
     }
     // Time itself must pass: the agent's own lease check fences its primary within it.
     tokio::time::sleep(PROMOTE_MARGIN).await;

@@ -153,7 +153,7 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
     }
     let (ca, cert, key) = (read("ca.crt")?, read("agent.crt")?, read("agent.key")?);
     let identity = super::tls::Identity { ca: &ca, cert: &cert, key: &key };
-    let config = super::tls::server_config(&identity).map_err(anyhow::Error::msg)?;
+    let config = super::tls::server_config(&identity)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind(options.listen)
         .await

@@ -186,7 +186,7 @@ pub(crate) async fn promote(
                     warn!(database = %id, old, error = %e, "cannot fence the old primary through its agent; waiting for the agent's lease to end");
                     by_lease.await.map_err(|why| HaError::Fence(format!("{e}; {why}")))?;
                 },
-                ended = &mut by_lease => ended.map_err(HaError::Fence)?,
+                ended = &mut by_lease => ended.map_err(|e| HaError::Fence(e.to_string()))?,
             }
         }
         _ => fence.await?,

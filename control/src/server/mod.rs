@@ -213,7 +213,6 @@ fn open(
     let backups =
         crate::storage::LocalStorage::new(config.backup_dir.clone()).context("backup storage")?;
     let remote = crate::agent::client::RemoteDriver::new(&ca)
-        .map_err(anyhow::Error::msg)
         .context("the agents' client certificate")?
         .with_term(leadership.as_ref().map(|l| l.term()));
     let (local, remote) = (Arc::new(driver), Arc::new(remote));
