@@ -19,8 +19,10 @@
 //! - `backups/`: logical backups, their schedule and retention.
 //! - `pitr/`: WAL archiving, base backups, the recoverable window and restores.
 //! - `api/`: the HTTP API, one file per resource.
-//! - `server/`: `pgwarden serve` and `pgwarden up`.
-//! - `cli/`: the command line, a client of the API (wire types from `pgwarden-api` only).
+//! - `server/`: `pgwarden serve` and `pgwarden up`, and the arguments of the server's own
+//!   commands (`args.rs`).
+//! - `cli/`: the client commands of the command line, a client of the API (wire types from
+//!   `pgwarden-api` only); the binary puts them beside the server's.
 //!
 //! Leaves used by several: `plans.rs` (catalogue), `secrets.rs` (passwords, SCRAM verifiers),
 //! `files.rs` (private files), `storage.rs` (where backups live), `httpc.rs` (bounded HTTP

@@ -2,7 +2,10 @@
 //! starts supervision, resumes interrupted operations, and serves the control API until
 //! shutdown. `up.rs` holds the `serve` and `up` commands.
 
+pub mod args;
 pub mod up;
+
+pub use args::Command;
 
 use std::fs;
 use std::future::IntoFuture;

@@ -13,8 +13,9 @@ use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use super::args::{AgentArgs, AgentCertArgs, EtcdArgs, HealthArgs, NodeArgs, ServeArgs, UpArgs};
 use crate::agent::server::DEFAULT_ROOT;
-use crate::cli::{split_host_port, Client, HealthArgs, NodeArgs, ServeArgs, UpArgs};
+use crate::cli::{split_host_port, Client};
 use crate::httpc::Timeouts;
 use crate::server::{read_secret_file, NodeOptions};
 use crate::wait;
@@ -116,7 +117,7 @@ pub async fn serve_command(data_dir: &Path, args: ServeArgs) -> anyhow::Result<(
 
 /// What `--etcd` and its options ask for (none without `--etcd`).
 fn etcd_settings(
-    args: &crate::cli::EtcdArgs,
+    args: &EtcdArgs,
     listen: std::net::SocketAddr,
 ) -> Option<crate::coord::EtcdSettings> {
     (!args.etcd.is_empty()).then(|| crate::coord::EtcdSettings {
@@ -127,7 +128,7 @@ fn etcd_settings(
     })
 }
 
-pub async fn agent_command(args: crate::cli::AgentArgs) -> anyhow::Result<()> {
+pub async fn agent_command(args: AgentArgs) -> anyhow::Result<()> {
     let etcd = etcd_settings(&args.etcd, args.listen);
     let options = crate::agent::server::AgentOptions {
         listen: args.listen,
@@ -160,7 +161,7 @@ pub fn init_command(data_dir: &Path) -> anyhow::Result<()> {
 
 /// Writes an agent's certificate for `args.addresses`, its key and the CA certificate, issued
 /// by the CA of `data_dir` (the control plane's).
-pub fn agent_cert_command(data_dir: &Path, args: &crate::cli::AgentCertArgs) -> anyhow::Result<()> {
+pub fn agent_cert_command(data_dir: &Path, args: &AgentCertArgs) -> anyhow::Result<()> {
     let ca_dir = data_dir.join("ca");
     if !ca_dir.join("ca.key").exists() {
         bail!(
