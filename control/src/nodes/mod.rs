@@ -1,12 +1,13 @@
 //! PostgreSQL nodes: the driver interface (`driver.rs`) and its local implementation
-//! (`local.rs`, each node in a resource container of its own: `cgroup.rs`), the configuration the control plane writes into a node (`config.rs`), ports for
-//! new nodes (`ports.rs`), and SQL sessions on a node, always bounded in time (`sql.rs`).
+//! (`local.rs`, each node in a resource container of its own: `cgroup.rs`), the configuration the control plane writes into a node (`config.rs`), where new
+//! nodes go (`placement.rs`) and their ports (`ports.rs`), and SQL sessions on a node, always bounded in time (`sql.rs`).
 
 pub mod cgroup;
 pub mod config;
 pub mod driver;
 pub mod engines;
 pub mod local;
+pub mod placement;
 pub mod ports;
 pub mod roles;
 pub mod sql;

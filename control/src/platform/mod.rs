@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use pgwarden_api::control::{Event, NodeRole};
+use pgwarden_api::control::Event;
 use pgwarden_certs::Ca;
 use tracing::{error, info};
 
@@ -29,6 +29,7 @@ use crate::agent::client::{Placed, RemoteDriver};
 use crate::metrics::Metrics;
 use crate::nodes::config::{node_config, ConfigError};
 use crate::nodes::engines::Engines;
+use crate::nodes::placement;
 use crate::nodes::ports::Ports;
 use crate::nodes::sql::{Session, SqlError, Timeouts};
 use crate::nodes::{NodeConfig, NodeDriver, NodeSpec};
@@ -222,12 +223,7 @@ impl Platform {
         self.config.data_dir.join("nodes")
     }
 
-    /// Records for `count` new nodes of database `id`, named `<id>-<first>`, `<id>-<first+1>`...
-    /// (the first is the primary), on ports no other node has, each in a directory of its own
-    /// for this attempt (a program orphaned by an interrupted attempt may still write into an
-    /// earlier one). With agents, each node goes to the agent with the fewest nodes of this
-    /// database, then the fewest nodes of all (a standby never shares its primary's host while
-    /// another host is free).
+    /// Records for `count` new nodes of database `id` (`nodes::placement`).
     pub fn new_nodes(
         &self,
         id: &str,
@@ -235,60 +231,15 @@ impl Platform {
         first: u32,
         count: usize,
     ) -> Result<Vec<NodeRecord>, StoreError> {
-        let attempt: u16 = rand::random();
-        let databases = self.store.databases()?;
-        // Nodes of a major upgrade in progress and of retired clusters keep their ports.
-        let all_nodes = |d: &DatabaseRecord| {
-            let upgrading = d.upgrade.iter().flat_map(|u| u.nodes.iter()).cloned();
-            let retired = d.retired.iter().flat_map(|r| r.nodes.iter()).cloned();
-            d.nodes.iter().cloned().chain(upgrading).chain(retired).collect::<Vec<_>>()
+        let hosts = placement::Hosts {
+            agents: &self.config.agents,
+            node_host: &self.config.node_host,
+            first_port: self.config.first_node_port,
+            nodes_dir: self.nodes_dir(),
+            agent_nodes_dir: self.config.agent_root.join("nodes"),
+            ports: &self.ports,
         };
-        let existing: Vec<(bool, NodeRecord)> = databases
-            .iter()
-            .flat_map(|d| all_nodes(d).into_iter().map(move |n| (d.id == id, n)))
-            .collect();
-        let used: Vec<u16> = existing.iter().map(|(_, n)| n.port).collect();
-        let mut placed: Vec<Option<String>> = Vec::with_capacity(count);
-        for _ in 0..count {
-            let on = |agent: &String, only_ours: bool| {
-                let recorded = existing
-                    .iter()
-                    .filter(|(ours, n)| (*ours || !only_ours) && n.agent.as_ref() == Some(agent));
-                recorded.count() + placed.iter().filter(|p| p.as_ref() == Some(agent)).count()
-            };
-            let agent = self.config.agents.iter().min_by_key(|a| (on(a, true), on(a, false)));
-            placed.push(agent.cloned());
-        }
-        let mut records = Vec::with_capacity(count);
-        for (i, agent) in placed.into_iter().enumerate() {
-            let host = agent.as_deref().map_or(self.config.node_host.as_str(), |a| {
-                a.rsplit_once(':').map_or(a, |(host, _)| host.trim_matches(['[', ']']))
-            });
-            let taken: Vec<u16> =
-                used.iter().chain(records.iter().map(|r: &NodeRecord| &r.port)).copied().collect();
-            let Some(port) =
-                self.ports.allocate(host, self.config.first_node_port, &taken, 1).pop()
-            else {
-                continue;
-            };
-            let name = format!("{id}-{}", first + i as u32);
-            let parent = if agent.is_some() {
-                self.config.agent_root.join("nodes")
-            } else {
-                self.nodes_dir()
-            };
-            records.push(NodeRecord {
-                role: if i == 0 { NodeRole::Primary } else { NodeRole::Replica },
-                host: host.to_owned(),
-                port,
-                dir: parent.join(format!("{name}.{attempt:04x}")),
-                name,
-                fenced: false,
-                engine: engine.map(ToOwned::to_owned),
-                agent,
-            });
-        }
-        Ok(records)
+        Ok(placement::new_nodes(&hosts, &self.store.databases()?, id, engine, first, count))
     }
 
     /// `postgres://user:password@host:port/db` through the proxies.
