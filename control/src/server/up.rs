@@ -210,7 +210,7 @@ pub async fn up(data_dir: &Path, args: UpArgs) -> anyhow::Result<()> {
         Some(args.client_pool_listen.port()),
     );
     let admins = args.proxy_admin.iter().map(|a| a.to_string()).collect();
-    let config = platform_config(&data_dir, client, admins, proxy_token, &args.nodes);
+    let config = platform_config(&data_dir, client, admins, proxy_token.clone(), &args.nodes);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -221,8 +221,14 @@ pub async fn up(data_dir: &Path, args: UpArgs) -> anyhow::Result<()> {
     };
     let server = tokio::spawn(crate::serve(listener, config, nodes, shutdown.clone()));
 
+    let provisioned = async {
+        let db = ensure_database(&args, &data_dir).await?;
+        // The URL is printed once it works: every proxy routes the database.
+        wait_routed(&args.proxy_admin, &proxy_token, &db.name).await?;
+        Ok(db)
+    };
     let provisioned = tokio::select! {
-        r = ensure_database(&args, &data_dir) => r,
+        r = provisioned => r,
         () = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted")),
     };
     match provisioned {
@@ -295,6 +301,30 @@ async fn wait_active(admin: std::net::SocketAddr) {
         answer.is_ok_and(|(status, _)| status.is_success())
     })
     .await;
+}
+
+/// Waits (up to 30 s) until every proxy at `admins` routes `database`: the control plane pushes
+/// its tables in the background, and a URL printed before would answer that the database does
+/// not exist.
+async fn wait_routed(
+    admins: &[std::net::SocketAddr],
+    token: &str,
+    database: &str,
+) -> anyhow::Result<()> {
+    for admin in admins {
+        let addr = admin.to_string();
+        let routed = wait::until_true(Duration::from_secs(30), wait::STEADY, || async {
+            let routes =
+                crate::httpc::request(&addr, Method::GET, "/v1/routes", Some(token), None, PROBE);
+            let Ok((status, body)) = routes.await else { return false };
+            let table: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            status.is_success() && table["databases"].get(database).is_some()
+        });
+        if !routed.await {
+            bail!("the proxy at {admin} does not route database {database} after 30 s");
+        }
+    }
+    Ok(())
 }
 
 async fn stop_child(child: &mut Child) {
