@@ -5,8 +5,11 @@
 //! - `statements.rs`: named prepared statements on whichever server connection a client gets,
 //!   and the server's answers matched to what the client is owed;
 //! - `pool.rs`: each database's server connections, their permits and waiters;
+//! - `internal.rs`: what the proxy runs on a server connection for itself (settings, a batch
+//!   run again after a stale plan, the check that an idle connection is open);
 //! - `session.rs`: a pooled client's session, from its first transaction to its leaving.
 
+mod internal;
 pub mod pool;
 pub mod session;
 pub mod session_sql;
