@@ -1,7 +1,7 @@
 //! Hosts in network namespaces for the multi-host tests: each "host" is a namespace of its own
 //! with one interface (`eth0`) on a bridge, in a switch namespace; the test itself reaches the
 //! LAN through one more interface in its own namespace. Addresses are in a /24 of 10.213.0.0/16
-//! picked from the test's pid. Processes start in a host with `command`; a host is cut off by
+//! that no other test's LAN holds at the time. Processes start in a host with `command`; a host is cut off by
 //! taking its interface down, or partitioned by dropping its packets. Everything is removed on
 //! drop.
 
@@ -28,12 +28,21 @@ impl Lan {
     /// A LAN of `hosts` (names of at most 8 characters), with addresses `.10`, `.11`... in
     /// their order; the test's own side is `.1`.
     pub fn new(hosts: &[&str]) -> Self {
-        let pid = std::process::id();
-        let prefix = format!("pw{}", pid % 100_000);
-        let subnet = (213, (pid % 250) as u8 + 1);
+        // A subnet no other test's LAN has now: two on one subnet would both be routed from
+        // this namespace, and a test would reach the other's hosts. The switch namespace,
+        // named for the subnet, is the claim (`ip netns add` fails if it exists).
+        let start = std::process::id() as usize;
+        let (prefix, subnet) = (0..250)
+            .map(|i| ((start + i) % 250) as u8 + 1)
+            .find_map(|x| {
+                let prefix = format!("pw{x}");
+                let claim = ["netns", "add", &format!("{prefix}-sw")];
+                let claimed = Command::new("ip").args(claim).output();
+                claimed.is_ok_and(|o| o.status.success()).then_some((prefix, (213, x)))
+            })
+            .expect("a free subnet for the LAN");
         let lan = Self { prefix, subnet, hosts: hosts.iter().map(|h| h.to_string()).collect() };
         let switch = lan.ns("sw");
-        ip(&["netns", "add", &switch]);
         ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &switch, "link", "set", "br0", "up"]);
         for (i, host) in hosts.iter().enumerate() {
