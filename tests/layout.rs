@@ -1,9 +1,11 @@
 //! The layout of the two binaries' crates, read from their source so that a new back edge
 //! fails here, not in a review:
+//! - both crates: `lib.rs` lists their modules in dependency order and each uses only those
+//!   listed before it;
 //! - the control plane: no top-level module uses one that uses it back (directly or through
-//!   others), and the CLI depends on no module of the control plane's own state or workflows;
-//! - the proxy: `lib.rs` lists its modules in dependency order and each uses only those listed
-//!   before it; message tags are spelled only in `protocol.rs`.
+//!   others), the CLI depends on no module of the control plane's own state or workflows, and
+//!   no type is named in more than a third of its files (no hub every workflow reaches through);
+//! - the proxy: message tags are spelled only in `protocol.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -105,9 +107,9 @@ fn the_cli_uses_the_api_types_and_leaves_only() {
     assert!(other.is_empty(), "cli uses {other:?}");
 }
 
-/// The modules the proxy's `lib.rs` doc comment lists, in its order ("//! - `name`: ...").
-fn proxy_order() -> Vec<String> {
-    let lib = std::fs::read_to_string(src("proxy").join("lib.rs")).unwrap();
+/// The modules `krate`'s `lib.rs` doc comment lists, in its order ("//! - `name`: ...").
+fn listed_order(krate: &str) -> Vec<String> {
+    let lib = std::fs::read_to_string(src(krate).join("lib.rs")).unwrap();
     let list = lib.split("each using only those listed before it").nth(1).expect("the list");
     list.lines()
         .skip(1)
@@ -118,15 +120,15 @@ fn proxy_order() -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn every_proxy_module_uses_only_modules_listed_before_it_in_lib_rs() {
-    let order = proxy_order();
-    let deps = dependencies(&src("proxy"));
-    assert!(deps.len() >= 15, "modules found: {deps:?}");
+/// Every module of `krate` is listed in its `lib.rs`, and uses only modules listed before it.
+fn check_order(krate: &str, at_least: usize) {
+    let order = listed_order(krate);
+    let deps = dependencies(&src(krate));
+    assert!(deps.len() >= at_least, "modules found: {deps:?}");
     let unlisted: Vec<&String> = deps.keys().filter(|m| !order.contains(m)).collect();
-    assert!(unlisted.is_empty(), "modules missing from lib.rs's list: {unlisted:?}");
+    assert!(unlisted.is_empty(), "modules missing from {krate}'s lib.rs list: {unlisted:?}");
     let stale: Vec<&String> = order.iter().filter(|m| !deps.contains_key(*m)).collect();
-    assert!(stale.is_empty(), "lib.rs lists modules that do not exist: {stale:?}");
+    assert!(stale.is_empty(), "{krate}'s lib.rs lists modules that do not exist: {stale:?}");
     let mut back_edges = Vec::new();
     for (at, module) in order.iter().enumerate() {
         for used in deps[module].iter().filter(|u| order.contains(u)) {
@@ -135,7 +137,65 @@ fn every_proxy_module_uses_only_modules_listed_before_it_in_lib_rs() {
             }
         }
     }
-    assert!(back_edges.is_empty(), "modules using ones listed after them: {back_edges:?}");
+    assert!(back_edges.is_empty(), "{krate}: modules using ones listed after them: {back_edges:?}");
+}
+
+#[test]
+fn every_proxy_module_uses_only_modules_listed_before_it_in_lib_rs() {
+    check_order("proxy", 15);
+}
+
+#[test]
+fn every_control_plane_module_uses_only_modules_listed_before_it_in_lib_rs() {
+    check_order("control", 20);
+}
+
+/// How many of `krate`'s source files name `ty` in code (as a whole word; tests and comments
+/// excluded).
+fn files_naming(krate: &str, ty: &str) -> usize {
+    modules(&src(krate))
+        .iter()
+        .map(|(_, _, code)| {
+            code.lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .filter(|code| {
+            code.match_indices(ty).any(|(i, _)| {
+                let before = code[..i].chars().next_back();
+                let after = code[i + ty.len()..].chars().next();
+                let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+                !word(before) && !word(after)
+            })
+        })
+        .count()
+}
+
+#[test]
+fn no_control_plane_type_is_named_in_more_than_a_third_of_its_files() {
+    let files = modules(&src("control")).len();
+    let types: BTreeSet<String> = modules(&src("control"))
+        .iter()
+        .flat_map(|(_, _, code)| {
+            code.lines()
+                .filter_map(|l| {
+                    let l = l.trim_start().strip_prefix("pub ")?;
+                    let rest =
+                        ["struct ", "enum ", "trait "].iter().find_map(|k| l.strip_prefix(k))?;
+                    Some(rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect())
+                })
+                .collect::<Vec<String>>()
+        })
+        .collect();
+    assert!(types.len() >= 50, "types found: {types:?}");
+    let hubs: Vec<String> = types
+        .iter()
+        .map(|t| (t, files_naming("control", t)))
+        .filter(|(_, n)| n * 3 > files)
+        .map(|(t, n)| format!("{t}: {n} of {files} files"))
+        .collect();
+    assert!(hubs.is_empty(), "types named in more than a third of the files: {hubs:?}");
 }
 
 #[test]

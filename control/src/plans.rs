@@ -48,11 +48,11 @@ pub fn find(name: &str) -> Option<Plan> {
     catalogue().into_iter().find(|p| p.name == name)
 }
 
-/// Server connections the proxies' transaction pool of `db` may open: the plan's
-/// `max_connections` less a reserve for session clients (`DATABASE_URL`) and the platform
+/// Server connections the proxies' transaction pool of a database on `plan` may open: the
+/// plan's `max_connections` less a reserve for session clients (`DATABASE_URL`) and the platform
 /// (health checks, backups, WAL archiving, replication), a quarter and at least 10.
-pub fn pool_size(db: &crate::state::DatabaseRecord) -> u32 {
-    let max = find(&db.plan).map_or(30, |p| p.max_connections);
+pub fn pool_size(plan: &str) -> u32 {
+    let max = find(plan).map_or(30, |p| p.max_connections);
     max.saturating_sub((max / 4).max(10)).max(1)
 }
 
@@ -101,15 +101,8 @@ mod tests {
         assert_eq!(get("shared_buffers"), "256MB");
         assert_eq!(get("effective_cache_size"), "768MB");
         assert_eq!(get("max_connections"), "80");
-        let mut db: crate::state::DatabaseRecord = serde_json::from_value(serde_json::json!({
-            "id": "a-1", "name": "a_1", "plan": "postgresql-business-1024", "status": "running",
-            "force_tls": false, "password": "p", "replication_password": "r", "nodes": [],
-            "users": [], "created_at": "2026-01-01T00:00:00Z"
-        }))
-        .unwrap();
-        assert_eq!(pool_size(&db), 60, "80 less a quarter");
-        db.plan = "postgresql-sandbox".into();
-        assert_eq!(pool_size(&db), 20, "30 less the minimum reserve of 10");
+        assert_eq!(pool_size("postgresql-business-1024"), 60, "80 less a quarter");
+        assert_eq!(pool_size("postgresql-sandbox"), 20, "30 less the minimum reserve of 10");
         assert_eq!(get("work_mem"), "3276kB");
         assert_eq!(get("maintenance_work_mem"), "64MB");
         let sandbox = parameters(&find("postgresql-sandbox").unwrap());

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use super::{Op, SQL_PROTOCOL};
 use crate::httpc::{self, HttpError, Timeouts};
+use crate::nodes::context::{ByteStream, Opening, Tunnels};
 use crate::nodes::driver::{
     DriverError, NodeConfig, NodeDriver, NodeResources, NodeSpec, Upstream,
 };
@@ -127,6 +128,15 @@ impl RemoteDriver {
         let path = format!("/v1/sql/{dir}/{}", node.port);
         let timeouts = Timeouts { connect: after, exchange: after };
         httpc::upgrade(agent, Some(&self.tls), &path, SQL_PROTOCOL, timeouts).await
+    }
+}
+
+impl Tunnels for RemoteDriver {
+    fn open<'a>(&'a self, node: &'a NodeSpec, within: Duration) -> Opening<'a> {
+        Box::pin(async move {
+            let tunnel = self.tunnel(node, within).await?;
+            Ok(Box::new(tunnel) as Box<dyn ByteStream>)
+        })
     }
 }
 

@@ -12,8 +12,8 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::client::RemoteDriver;
 use crate::nodes::config::conninfo;
+use crate::nodes::context::Tunnels;
 use crate::nodes::NodeSpec;
 
 /// The port in the socket's name (`.s.PGSQL.<port>`); any would do.
@@ -30,11 +30,7 @@ pub struct Forward {
 
 impl Forward {
     /// Forwards `node`'s socket into a new private directory under `scratch`.
-    pub fn open(
-        remote: Arc<RemoteDriver>,
-        node: NodeSpec,
-        scratch: &Path,
-    ) -> std::io::Result<Self> {
+    pub fn open(remote: Arc<dyn Tunnels>, node: NodeSpec, scratch: &Path) -> std::io::Result<Self> {
         let dir = scratch.join(format!("socket-{:016x}", rand::random::<u64>()));
         crate::files::private_dir(&dir)?;
         let listener = match UnixListener::bind(dir.join(format!(".s.PGSQL.{PORT}"))) {
@@ -66,7 +62,7 @@ impl Drop for Forward {
 /// Relays each connection to the node through a tunnel of its own, until `stop`.
 async fn serve(
     listener: UnixListener,
-    remote: Arc<RemoteDriver>,
+    remote: Arc<dyn Tunnels>,
     node: NodeSpec,
     stop: CancellationToken,
 ) {
@@ -86,7 +82,7 @@ async fn serve(
         };
         let (remote, node, stop) = (Arc::clone(&remote), node.clone(), stop.clone());
         tokio::spawn(async move {
-            let mut tunnel = match remote.tunnel(&node, TUNNEL_WAIT).await {
+            let mut tunnel = match remote.open(&node, TUNNEL_WAIT).await {
                 Ok(tunnel) => tunnel,
                 Err(e) => {
                     return debug!(node = %node.name, error = %e, "no tunnel for a forwarded connection")

@@ -20,7 +20,7 @@ pub async fn list(
     Path(id): Path<String>,
 ) -> Result<Json<Vec<Backup>>, ApiError> {
     load(&state.platform, &id)?;
-    let mut backups = state.platform.store.backups(&id)?;
+    let mut backups = state.platform.records.store.backups(&id)?;
     backups.reverse();
     Ok(Json(backups))
 }
@@ -32,21 +32,22 @@ pub async fn create(
     let platform = &state.platform;
     // Checking the plan's cap and recording the new backup are one step.
     let (backup, _) = platform
+        .records
         .update(&id, |db| {
             require_running(db)?;
-            logical::check_manual_allowed(platform, db).map_err(|e| match e {
+            logical::check_manual_allowed(&platform.records, db).map_err(|e| match e {
                 BackupError::NoManualBackups(_) | BackupError::LimitReached { .. } => {
                     ApiError::conflict("backup_limit", e.to_string())
                 }
                 other => ApiError::internal(other),
             })?;
-            logical::start(platform, db, BackupKind::Manual).map_err(ApiError::internal)
+            logical::start(&platform.records, db, BackupKind::Manual).map_err(ApiError::internal)
         })?
         .ok_or_else(|| ApiError::not_found("database", &id))?;
     let p = platform.clone();
     let taking = backup.clone();
-    let operation = platform.spawn_operation("backup", &id, move |_| async move {
-        let done = logical::run(p, taking).await;
+    let operation = platform.operations.spawn("backup", &id, move |_| async move {
+        let done = logical::run(&p.records, &p.nodes, &p.backups, taking).await;
         match done.status {
             BackupStatus::Succeeded => Ok(()),
             // The backup's record keeps what went wrong, as a sentence for the user.
@@ -61,7 +62,7 @@ pub async fn create(
 
 fn load_backup(platform: &Platform, id: &str, backup: &str) -> Result<Backup, ApiError> {
     load(platform, id)?;
-    platform.store.backup(id, backup)?.ok_or_else(|| ApiError::not_found("backup", backup))
+    platform.records.store.backup(id, backup)?.ok_or_else(|| ApiError::not_found("backup", backup))
 }
 
 pub async fn delete(
@@ -76,8 +77,8 @@ pub async fn delete(
             format!("backup {} is still being taken", backup.id),
         ));
     }
-    logical::delete(platform, &backup).map_err(ApiError::internal)?;
-    platform.event(&id, "backup_deleted", format!("backup {} deleted", backup.id));
+    logical::delete(&platform.records, &platform.backups, &backup).map_err(ApiError::internal)?;
+    platform.records.event(&id, "backup_deleted", format!("backup {} deleted", backup.id));
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -105,7 +106,7 @@ pub async fn download(
         .await
         .map_err(ApiError::internal)??;
     if Some(&actual) != backup.sha256.as_ref() {
-        platform.event(
+        platform.records.event(
             &id,
             "backup_damaged",
             format!("backup {} does not match its checksum; refused", backup.id),
@@ -156,12 +157,13 @@ pub async fn set_schedule(
     }
     let platform = &state.platform;
     platform
+        .records
         .update(&id, |db| {
             db.backup_hour_utc = request.hour_utc;
             Ok::<_, ApiError>(())
         })?
         .ok_or_else(|| ApiError::not_found("database", &id))?;
-    platform.event(
+    platform.records.event(
         &id,
         "backup_schedule",
         format!("daily backup at {:02}:00 UTC", request.hour_utc),

@@ -17,7 +17,8 @@ use super::view::view;
 use super::{body, load, require_running, AppState};
 use crate::changes::{major, plan, upgrade};
 use crate::failure::Reportable;
-use crate::platform::{now_rfc3339, Platform};
+use crate::platform::Platform;
+use crate::state::access::now_rfc3339;
 use crate::state::{DatabaseRecord, UserRecord};
 use crate::{lifecycle, plans, secrets};
 
@@ -79,7 +80,7 @@ pub async fn create(
         retired: Vec::new(),
     };
     // The check and the insert are one step: of two creates with the same name, one wins.
-    platform.insert_new(&db, |existing| {
+    platform.records.insert_new(&db, |existing| {
         if existing.iter().any(|d| name_of(&d.id) == Some(request.name.as_str())) {
             return Err(ApiError::conflict(
                 "duplicate_name",
@@ -91,9 +92,9 @@ pub async fn create(
         }
         Ok(())
     })?;
-    let op = platform.new_operation("provision", &id)?;
-    platform.event(&id, "provisioning", format!("provisioning {} on plan {}", id, db.plan));
-    lifecycle::provision::run(platform, id, op.clone());
+    let op = platform.operations.new_operation("provision", &id)?;
+    platform.records.event(&id, "provisioning", format!("provisioning {} on plan {}", id, db.plan));
+    lifecycle::provision::run(&platform.lifecycle(), id, op.clone());
     let database = view(platform, &db).await;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation: op })))
 }
@@ -104,7 +105,7 @@ fn engine_for(
     platform: &Platform,
     version: Option<&str>,
 ) -> Result<Option<std::path::PathBuf>, ApiError> {
-    let engines = &platform.engines;
+    let engines = &platform.nodes.engines;
     let default = engines.default_engine();
     let engine = match version {
         // The build `GET /v1/engines` says is the default (none found: the driver's own).
@@ -129,12 +130,12 @@ fn engine_for(
             ),
         ));
     }
-    Ok((engine.bin != platform.pg_bin).then(|| engine.bin.clone()))
+    Ok((engine.bin != platform.nodes.pg_bin).then(|| engine.bin.clone()))
 }
 
 /// `GET /v1/engines`.
 pub async fn engines(State(state): AppState) -> Json<Vec<Engine>> {
-    let engines = &state.platform.engines;
+    let engines = &state.platform.nodes.engines;
     let default = engines.default_engine().map(|e| e.version.clone());
     Json(
         engines
@@ -152,7 +153,7 @@ pub async fn engines(State(state): AppState) -> Json<Vec<Engine>> {
 
 pub async fn list(State(state): AppState) -> Result<Json<Vec<Database>>, ApiError> {
     let mut out = Vec::new();
-    for db in state.platform.store.databases()? {
+    for db in state.platform.records.store.databases()? {
         out.push(view(&state.platform, &db).await);
     }
     Ok(Json(out))
@@ -178,9 +179,9 @@ pub async fn destroy(
             format!("database {id} is {:?}; try again when it settles", db.status).to_lowercase(),
         ));
     }
-    let op = platform.new_operation("destroy", &id)?;
-    platform.event(&id, "deleting", "destroying nodes, routes and backups");
-    lifecycle::destroy::run(platform, id, op.clone());
+    let op = platform.operations.new_operation("destroy", &id)?;
+    platform.records.event(&id, "deleting", "destroying nodes, routes and backups");
+    lifecycle::destroy::run(&platform.lifecycle(), id, op.clone());
     let database = view(platform, &db).await;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation: op })))
 }
@@ -202,8 +203,8 @@ pub async fn change(
     let database = view(platform, &db).await;
     let (p, database_id) = (platform.clone(), id.clone());
     let operation =
-        platform.spawn_operation("plan_change", &database_id, move |progress| async move {
-            plan::change(&p, claim, &id, plan, progress).await
+        platform.operations.spawn("plan_change", &database_id, move |progress| async move {
+            plan::change(&p.records, &p.nodes, &p.routing, claim, &id, plan, progress).await
         })?;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
 }
@@ -218,7 +219,7 @@ pub async fn upgrade_engine(
     let request: EngineUpgrade = body(&bytes)?;
     let platform = &state.platform;
     let db = load(platform, &id)?;
-    let target = upgrade::check(platform, &db, &request.version).map_err(|e| match e {
+    let target = upgrade::check(&platform.nodes, &db, &request.version).map_err(|e| match e {
         upgrade::Refusal::Same(..) => ApiError::conflict("same_version", e.to_string()),
         upgrade::Refusal::Unknown(..) => ApiError::unprocessable("unknown_version", e.to_string()),
         upgrade::Refusal::Downgrade { .. } => ApiError::unprocessable("downgrade", e.to_string()),
@@ -228,7 +229,7 @@ pub async fn upgrade_engine(
     })?;
     if let upgrade::Target::Major(_) = &target {
         require_running(&db)?;
-        major::precheck(platform, &db).await.map_err(|e| match e {
+        major::precheck(&platform.nodes, &db).await.map_err(|e| match e {
             major::Refusal::NotReplicable(..) => {
                 ApiError::unprocessable("not_replicable", e.to_string())
             }
@@ -242,13 +243,15 @@ pub async fn upgrade_engine(
     let heartbeats = state.heartbeats.clone();
     let budget = request.hold_budget_ms.map_or(major::DEFAULT_HOLD_BUDGET, Duration::from_millis);
     let operation =
-        platform.spawn_operation("engine_upgrade", &database_id, move |progress| async move {
+        platform.operations.spawn("engine_upgrade", &database_id, move |progress| async move {
             match target {
                 upgrade::Target::Minor(engine) => {
-                    upgrade::upgrade(&p, claim, &id, engine, progress).await
+                    upgrade::upgrade(&p.records, &p.nodes, &p.routing, claim, &id, engine, progress)
+                        .await
                 }
                 upgrade::Target::Major(engine) => {
-                    major::upgrade(&p, &heartbeats, claim, &id, engine, budget, progress).await
+                    major::upgrade(&p.changes(), &heartbeats, claim, &id, engine, budget, progress)
+                        .await
                 }
             }
         })?;
@@ -259,7 +262,7 @@ pub async fn upgrade_engine(
 fn claim_running(
     platform: &Platform,
     db: &DatabaseRecord,
-) -> Result<crate::platform::ChangeGuard, ApiError> {
+) -> Result<crate::ha::ChangeGuard, ApiError> {
     require_running(db)?;
     if let Some(fenced) = db.nodes.iter().find(|n| n.fenced) {
         return Err(ApiError::conflict(
@@ -267,7 +270,7 @@ fn claim_running(
             format!("node {} is rejoining after a failover; try again when it has", fenced.name),
         ));
     }
-    platform.changes.try_planned(&db.id).ok_or_else(|| {
+    platform.claims.try_planned(&db.id).ok_or_else(|| {
         ApiError::conflict(
             "primary_change_in_progress",
             format!("a primary change of {} is in progress; try again when it ends", db.id),
@@ -277,8 +280,9 @@ fn claim_running(
 
 pub async fn env(State(state): AppState, Path(id): Path<String>) -> Result<Json<Env>, ApiError> {
     let db = load(&state.platform, &id)?;
-    let url = state.platform.database_url(&db);
-    let database_pool_url = state.platform.database_pool_url(&db);
+    let routing = &state.platform.routing;
+    let url = routing.url(&db.name, &db.password, &db.name);
+    let database_pool_url = routing.pool_url(&db.name, &db.password, &db.name);
     Ok(Json(Env { database_url: url.clone(), pgwarden_postgresql_url: url, database_pool_url }))
 }
 
@@ -290,6 +294,7 @@ pub async fn set_tls(
     let request: SetTls = body(&bytes)?;
     let platform: &Arc<_> = &state.platform;
     let (changed, db) = platform
+        .records
         .update(&id, |db| {
             require_running(db)?;
             let changed = db.force_tls != request.force;
@@ -298,9 +303,13 @@ pub async fn set_tls(
         })?
         .ok_or_else(|| ApiError::not_found("database", &id))?;
     if changed {
-        let epoch = platform.publish_routes()?;
+        let epoch = platform.routing.publish(&platform.records.store)?;
         let state = if request.force { "on" } else { "off" };
-        platform.event(&id, "tls_changed", format!("force TLS {state} (routing epoch {epoch})"));
+        platform.records.event(
+            &id,
+            "tls_changed",
+            format!("force TLS {state} (routing epoch {epoch})"),
+        );
     }
     Ok(Json(view(platform, &db).await))
 }
@@ -310,7 +319,7 @@ pub async fn events(
     Path(id): Path<String>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
     load(&state.platform, &id)?;
-    Ok(Json(state.platform.store.events(&id)?))
+    Ok(Json(state.platform.records.store.events(&id)?))
 }
 
 /// The latest sample of the database's stats (one is taken now if the sampler has none yet).
@@ -322,7 +331,15 @@ pub async fn stats(
     if let Some(stats) = state.sampler.latest(&id) {
         return Ok(Json(stats));
     }
-    let stats = crate::stats::sample(&state.platform, &state.heartbeats, &state.sampler, &db).await;
+    let stats = crate::stats::sample(
+        &state.platform.records,
+        &state.platform.nodes,
+        &state.platform.config.backup_dir,
+        &state.heartbeats,
+        &state.sampler,
+        &db,
+    )
+    .await;
     Ok(Json(stats))
 }
 

@@ -27,8 +27,8 @@ pub async fn failover(
     let database = view(platform, &db).await;
     let p = platform.clone();
     let database_id = id.clone();
-    let operation = platform.spawn_operation("failover", &database_id, move |_| async move {
-        ha::failover::forced_failover(&p, &id).await.map(drop)
+    let operation = platform.operations.spawn("failover", &database_id, move |_| async move {
+        ha::failover::forced_failover(&p.ha(), &id).await.map(drop)
     })?;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
 }
@@ -67,7 +67,7 @@ pub async fn switchover(
         }
         _ => {}
     }
-    let claim = platform.changes.try_planned(&id).ok_or_else(|| {
+    let claim = platform.claims.try_planned(&id).ok_or_else(|| {
         ApiError::conflict(
             "primary_change_in_progress",
             format!("a primary change of {id} is already in progress; try again when it ends"),
@@ -76,8 +76,17 @@ pub async fn switchover(
     let database = view(platform, &db).await;
     let p = platform.clone();
     let database_id = id.clone();
-    let operation = platform.spawn_operation("switchover", &database_id, move |_| async move {
-        ha::switchover::switchover(&p, &claim, &id, request.target.as_deref()).await.map(drop)
+    let operation = platform.operations.spawn("switchover", &database_id, move |_| async move {
+        ha::switchover::switchover(
+            &p.records,
+            &p.nodes,
+            &p.routing,
+            &claim,
+            &id,
+            request.target.as_deref(),
+        )
+        .await
+        .map(drop)
     })?;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
 }

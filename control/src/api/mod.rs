@@ -393,7 +393,7 @@ async fn method_not_allowed() -> ApiError {
 /// or cut off from etcd), before it notices and stops: a load balancer in front of the planes
 /// must not send it anything.
 async fn health(State(state): AppState) -> Result<Json<serde_json::Value>, ApiError> {
-    if !state.platform.leads() {
+    if !state.platform.nodes.leads() {
         return Err(ApiError::standby(crate::coord::NOT_LEADING));
     }
     Ok(Json(json!({"status": "ok"})))
@@ -410,7 +410,7 @@ fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
 }
 
 fn load(platform: &Platform, id: &str) -> Result<DatabaseRecord, ApiError> {
-    platform.store.database(id)?.ok_or_else(|| ApiError::not_found("database", id))
+    platform.records.store.database(id)?.ok_or_else(|| ApiError::not_found("database", id))
 }
 
 fn require_running(db: &DatabaseRecord) -> Result<(), ApiError> {

@@ -14,6 +14,7 @@ pub async fn show(
     Ok(Json(
         state
             .platform
+            .records
             .store
             .operation(&id)?
             .ok_or_else(|| ApiError::not_found("operation", &id))?,

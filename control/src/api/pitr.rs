@@ -35,9 +35,14 @@ pub async fn window(
     Path(id): Path<String>,
 ) -> Result<Json<PitrWindow>, ApiError> {
     let db = load(&state.platform, &id)?;
-    let (earliest, latest) = restore::window(&state.platform, &state.heartbeats, &db)
-        .await
-        .map_err(|e| refused(e, ApiError::conflict, "pitr_unavailable"))?;
+    let (earliest, latest) = restore::window(
+        &state.platform.nodes,
+        &state.platform.config.backup_dir,
+        &state.heartbeats,
+        &db,
+    )
+    .await
+    .map_err(|e| refused(e, ApiError::conflict, "pitr_unavailable"))?;
     Ok(Json(PitrWindow { earliest: rfc3339(earliest), latest: rfc3339(latest) }))
 }
 
@@ -66,15 +71,21 @@ pub async fn restore(
     let platform = &state.platform;
     let db = load(platform, &id)?;
     require_running(&db)?;
-    restore::check_restorable(platform, &state.heartbeats, &db, target)
-        .await
-        .map_err(|e| refused(e, ApiError::unprocessable, "not_restorable"))?;
+    restore::check_restorable(
+        &platform.nodes,
+        &platform.config.backup_dir,
+        &state.heartbeats,
+        &db,
+        target,
+    )
+    .await
+    .map_err(|e| refused(e, ApiError::unprocessable, "not_restorable"))?;
     let database = view(platform, &db).await;
     let (p, heartbeats) = (platform.clone(), state.heartbeats.clone());
     let database_id = id.clone();
     let operation =
-        platform.spawn_operation("restore", &database_id, move |progress| async move {
-            restore::restore(&p, &heartbeats, &id, target, progress).await
+        platform.operations.spawn("restore", &database_id, move |progress| async move {
+            restore::restore(&p.pitr(), &heartbeats, &id, target, progress).await
         })?;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
 }

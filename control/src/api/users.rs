@@ -9,9 +9,10 @@ use pgwarden_api::control::{CreateUser, User, UserWithPassword};
 
 use super::error::ApiError;
 use super::{body, load, require_running, AppState};
-use crate::nodes::roles;
 use crate::nodes::sql::{Session, SqlError};
-use crate::platform::{verifiers, Platform};
+use crate::nodes::{roles, NodeSpec};
+use crate::platform::Platform;
+use crate::routing::refresh as verifiers;
 use crate::secrets;
 use crate::state::{DatabaseRecord, UserRecord};
 
@@ -39,7 +40,7 @@ async fn primary_session(
     let primary = db
         .primary()
         .ok_or_else(|| ApiError::unavailable(format!("database {} has no primary", db.id)))?;
-    Ok(platform.session(&platform.node_spec(primary), database).await?)
+    Ok(platform.nodes.session(&NodeSpec::of(primary), database).await?)
 }
 
 /// Database `id` and its user `name`.
@@ -93,6 +94,7 @@ pub async fn create(
     let user =
         UserRecord { name: request.name.clone(), read_only: request.read_only, default: false };
     platform
+        .records
         .update(&id, |db| {
             if !db.users.iter().any(|u| u.name == user.name) {
                 db.users.push(user.clone());
@@ -100,10 +102,10 @@ pub async fn create(
             Ok::<_, ApiError>(())
         })?
         .ok_or_else(|| ApiError::not_found("database", &id))?;
-    verifiers::publish_now(platform, &id).await;
+    verifiers::publish_now(&platform.records, &platform.nodes, &platform.routing, &id).await;
     let access = if request.read_only { "read-only" } else { "read-write" };
-    platform.event(&id, "user_created", format!("{access} user {} created", request.name));
-    let database_url = platform.url(&request.name, &password, &db.name);
+    platform.records.event(&id, "user_created", format!("{access} user {} created", request.name));
+    let database_url = platform.routing.url(&request.name, &password, &db.name);
     Ok((
         StatusCode::CREATED,
         Json(UserWithPassword { user: user_view(&user), password, database_url }),
@@ -125,12 +127,12 @@ pub async fn delete(
     require_running(&db)?;
     let admin = primary_session(platform, &db, &db.name).await?;
     roles::drop_user(&admin, &name, &db.name).await?;
-    platform.update(&id, |db| {
+    platform.records.update(&id, |db| {
         db.users.retain(|u| u.name != name);
         Ok::<_, ApiError>(())
     })?;
-    verifiers::publish_now(platform, &id).await;
-    platform.event(&id, "user_deleted", format!("user {name} deleted"));
+    verifiers::publish_now(&platform.records, &platform.nodes, &platform.routing, &id).await;
+    platform.records.event(&id, "user_deleted", format!("user {name} deleted"));
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -145,13 +147,13 @@ pub async fn reset_password(
     let admin = primary_session(platform, &db, &db.name).await?;
     roles::set_password(&admin, &name, &password).await?;
     if user.default {
-        platform.update(&id, |db| {
+        platform.records.update(&id, |db| {
             db.password = password.clone();
             Ok::<_, ApiError>(())
         })?;
     }
-    verifiers::publish_now(platform, &id).await;
-    platform.event(&id, "password_reset", format!("password of {name} reset"));
-    let database_url = platform.url(&name, &password, &db.name);
+    verifiers::publish_now(&platform.records, &platform.nodes, &platform.routing, &id).await;
+    platform.records.event(&id, "password_reset", format!("password of {name} reset"));
+    let database_url = platform.routing.url(&name, &password, &db.name);
     Ok(Json(UserWithPassword { user: user_view(&user), password, database_url }))
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use pgwarden_api::control::{Database, Node, NodeRole, TlsSettings};
 
 use crate::nodes::sql::Timeouts;
+use crate::nodes::NodeSpec;
 use crate::platform::Platform;
 use crate::state::DatabaseRecord;
 
@@ -17,7 +18,7 @@ pub async fn view(platform: &Arc<Platform>, db: &DatabaseRecord) -> Database {
     let mut nodes = Vec::new();
     let mut primary_lags = None;
     for node in &db.nodes {
-        let (driver, spec) = (platform.driver.clone(), platform.node_spec(node));
+        let (driver, spec) = (platform.nodes.driver.clone(), NodeSpec::of(node));
         let running =
             tokio::task::spawn_blocking(move || driver.is_running(&spec)).await.unwrap_or(false);
         nodes.push(Node {
@@ -42,9 +43,10 @@ pub async fn view(platform: &Arc<Platform>, db: &DatabaseRecord) -> Database {
         if node.status != "running" {
             continue;
         }
-        let spec = platform.node_spec(record);
+        let spec = NodeSpec::of(record);
         let live = async {
             let admin = platform
+                .nodes
                 .session_within(&spec, "postgres", Timeouts::within(LIVE_STATE))
                 .await
                 .ok()?;
@@ -83,9 +85,9 @@ pub async fn view(platform: &Arc<Platform>, db: &DatabaseRecord) -> Database {
         name: db.name.clone(),
         plan: db.plan.clone(),
         status: db.status,
-        database_url: platform.database_url(db),
+        database_url: platform.routing.url(&db.name, &db.password, &db.name),
         tls: TlsSettings { force: db.force_tls },
-        epoch: platform.publisher.current().epoch,
+        epoch: platform.routing.publisher.current().epoch,
         replication: match (db.nodes.len(), db.synchronous) {
             (1, _) => "none",
             (_, true) => "synchronous",

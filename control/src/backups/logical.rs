@@ -13,11 +13,11 @@ use tracing::error;
 use super::BackupError;
 use crate::failure::{Failure, Reportable};
 use crate::nodes::driver::client_sentence;
-use crate::nodes::DriverError;
-use crate::nodes::NodeError;
+use crate::nodes::{DriverError, NodeError, NodeSpec, Nodes};
 use crate::plans;
-use crate::platform::{now_rfc3339, Platform};
-use crate::state::DatabaseRecord;
+use crate::state::access::now_rfc3339;
+use crate::state::{DatabaseRecord, Records};
+use crate::storage::BackupStorage;
 
 /// Storage key of a backup's file.
 pub fn key(backup: &Backup) -> String {
@@ -29,9 +29,9 @@ pub fn started(backup: &Backup) -> Option<OffsetDateTime> {
 }
 
 /// Why a manual backup cannot be taken now.
-pub fn check_manual_allowed(platform: &Platform, db: &DatabaseRecord) -> Result<(), BackupError> {
+pub fn check_manual_allowed(records: &Records, db: &DatabaseRecord) -> Result<(), BackupError> {
     let plan = plans::find(&db.plan).ok_or_else(|| BackupError::UnknownPlan(db.plan.clone()))?;
-    let manual = platform
+    let manual = records
         .store
         .backups(&db.id)?
         .iter()
@@ -49,11 +49,11 @@ pub fn check_manual_allowed(platform: &Platform, db: &DatabaseRecord) -> Result<
 
 /// Records a new backup as running; `run` takes it.
 pub fn start(
-    platform: &Platform,
+    records: &Records,
     db: &DatabaseRecord,
     kind: BackupKind,
 ) -> Result<Backup, BackupError> {
-    let seq = platform.store.next_counter("backup_seq")?;
+    let seq = records.store.next_counter("backup_seq")?;
     let backup = Backup {
         id: format!("bk-{seq:06}"),
         database_id: db.id.clone(),
@@ -66,18 +66,23 @@ pub fn start(
         node: None,
         error: None,
     };
-    platform.store.put_backup(&backup)?;
+    records.store.put_backup(&backup)?;
     Ok(backup)
 }
 
 /// Takes the dump, verifies it, stores it; records success or the reason of failure.
-pub async fn run(platform: Arc<Platform>, mut backup: Backup) -> Backup {
-    let result = take(&platform, &mut backup).await;
+pub async fn run(
+    records: &Records,
+    nodes: &Nodes,
+    backups: &Arc<dyn BackupStorage>,
+    mut backup: Backup,
+) -> Backup {
+    let result = take(records, nodes, backups, &mut backup).await;
     backup.finished_at = Some(now_rfc3339());
     match result {
         Ok(()) => {
             backup.status = BackupStatus::Succeeded;
-            platform.event(
+            records.event(
                 &backup.database_id,
                 "backup",
                 format!(
@@ -94,7 +99,7 @@ pub async fn run(platform: Arc<Platform>, mut backup: Backup) -> Backup {
             backup.status = BackupStatus::Failed;
             error!(backup = %backup.id, code = e.code(), error = %e, "backup failed");
             let sentence = e.sentence();
-            platform.event(
+            records.event(
                 &backup.database_id,
                 "backup_failed",
                 format!("backup {} failed: {sentence}", backup.id),
@@ -102,25 +107,29 @@ pub async fn run(platform: Arc<Platform>, mut backup: Backup) -> Backup {
             backup.error = Some(sentence);
         }
     }
-    if let Err(e) = platform.store.put_backup(&backup) {
+    if let Err(e) = records.store.put_backup(&backup) {
         error!(error = %e, "cannot record backup");
     }
     backup
 }
 
-async fn take(platform: &Arc<Platform>, backup: &mut Backup) -> Result<(), BackupError> {
-    let db = platform
+async fn take(
+    records: &Records,
+    nodes: &Nodes,
+    backups: &Arc<dyn BackupStorage>,
+    backup: &mut Backup,
+) -> Result<(), BackupError> {
+    let db = records
         .store
         .database(&backup.database_id)?
         .ok_or_else(|| Failure::Vanished(backup.database_id.clone()))?;
     // From a standby when there is one, so that the primary's clients do not pay for it.
     let source = db.replicas().next().or(db.primary()).cloned().ok_or(BackupError::NoNode)?;
     backup.node = Some(source.name.clone());
-    let scratch =
-        platform.backups.scratch().join(format!("{}-{}.dump", backup.database_id, backup.id));
+    let scratch = backups.scratch().join(format!("{}-{}.dump", backup.database_id, backup.id));
     let (driver, node, database) =
-        (Arc::clone(&platform.driver), platform.node_spec(&source), db.name.clone());
-    let bin = platform.tools(&db);
+        (Arc::clone(&nodes.driver), NodeSpec::of(&source), db.name.clone());
+    let bin = nodes.tools(&db);
     let file = scratch.clone();
     let (size, sha256) = tokio::task::spawn_blocking(move || {
         dump_and_verify(&bin, &file, |file| driver.dump(&node, &database, &bin, file))
@@ -130,7 +139,7 @@ async fn take(platform: &Arc<Platform>, backup: &mut Backup) -> Result<(), Backu
     backup.size_bytes = size;
     backup.sha256 = Some(sha256);
     let key = key(backup);
-    platform.backups.store(&key, &scratch).map_err(|e| {
+    backups.store(&key, &scratch).map_err(|e| {
         let _ = std::fs::remove_file(&scratch);
         BackupError::Storage(e)
     })
@@ -188,7 +197,11 @@ fn run_program(
 pub use crate::files::sha256_file;
 
 /// Deletes a backup's file and record.
-pub fn delete(platform: &Platform, backup: &Backup) -> Result<(), BackupError> {
-    platform.backups.delete(&key(backup)).map_err(BackupError::Storage)?;
-    Ok(platform.store.delete_backup(&backup.database_id, &backup.id)?)
+pub fn delete(
+    records: &Records,
+    backups: &Arc<dyn BackupStorage>,
+    backup: &Backup,
+) -> Result<(), BackupError> {
+    backups.delete(&key(backup)).map_err(BackupError::Storage)?;
+    Ok(records.store.delete_backup(&backup.database_id, &backup.id)?)
 }

@@ -10,28 +10,35 @@ use tracing::{error, info};
 
 use super::logical::{delete, run, start, started};
 use super::retention::{self, Policy};
+use crate::metrics::Metrics;
+use crate::nodes::Nodes;
 use crate::plans;
-use crate::platform::Platform;
-use crate::state::DatabaseRecord;
+use crate::state::{DatabaseRecord, Records};
+use crate::storage::BackupStorage;
 
 /// Applies the plan's retention to a database's daily backups.
-pub fn prune(platform: &Platform, db: &DatabaseRecord, now: OffsetDateTime) {
+pub fn prune(
+    records: &Records,
+    backups: &Arc<dyn BackupStorage>,
+    db: &DatabaseRecord,
+    now: OffsetDateTime,
+) {
     let Some(plan) = plans::find(&db.plan) else { return };
     let policy = Policy {
         daily: plan.daily_backups,
         weekly: plan.weekly_backups,
         monthly: plan.monthly_backups,
     };
-    let Ok(backups) = platform.store.backups(&db.id) else { return };
-    let daily: Vec<(String, OffsetDateTime)> = backups
+    let Ok(taken) = records.store.backups(&db.id) else { return };
+    let daily: Vec<(String, OffsetDateTime)> = taken
         .iter()
         .filter(|b| b.kind == BackupKind::Daily && b.status == BackupStatus::Succeeded)
         .filter_map(|b| Some((b.id.clone(), started(b)?)))
         .collect();
     for id in retention::to_delete(&daily, policy, now) {
-        if let Some(backup) = backups.iter().find(|b| b.id == id) {
-            match delete(platform, backup) {
-                Ok(()) => platform.event(
+        if let Some(backup) = taken.iter().find(|b| b.id == id) {
+            match delete(records, backups, backup) {
+                Ok(()) => records.event(
                     &db.id,
                     "backup_expired",
                     format!("backup {id} removed by the plan's retention"),
@@ -56,9 +63,16 @@ pub fn last_slot(now: OffsetDateTime, hour: u8) -> OffsetDateTime {
 
 /// Takes each database's daily backup when its hour has come and none was taken since (so a
 /// backup missed while the control plane was down is taken when it comes back), then prunes.
-pub async fn schedule(platform: Arc<Platform>, tick: Duration, shutdown: CancellationToken) {
+pub async fn schedule(
+    records: Arc<Records>,
+    nodes: Arc<Nodes>,
+    storage: Arc<dyn BackupStorage>,
+    metrics: Metrics,
+    tick: Duration,
+    shutdown: CancellationToken,
+) {
     loop {
-        for db in platform.store.databases().unwrap_or_default() {
+        for db in records.store.databases().unwrap_or_default() {
             let daily_plan = plans::find(&db.plan).is_some_and(|p| p.daily_backups > 0);
             if db.status != DatabaseStatus::Running || !daily_plan {
                 continue;
@@ -72,18 +86,18 @@ pub async fn schedule(platform: Arc<Platform>, tick: Duration, shutdown: Cancell
             .unwrap_or(now);
             let created_hour =
                 created.replace_time(time::Time::from_hms(created.hour(), 0, 0).expect("valid"));
-            let taken = platform.store.backups(&db.id).unwrap_or_default().iter().any(|b| {
+            let taken = records.store.backups(&db.id).unwrap_or_default().iter().any(|b| {
                 b.kind == BackupKind::Daily
                     && b.status != BackupStatus::Failed
                     && started(b).is_some_and(|t| t >= slot)
             });
             if slot >= created_hour && !taken {
                 info!(database = %db.id, "daily backup due");
-                if let Ok(backup) = start(&platform, &db, BackupKind::Daily) {
-                    let done = run(platform.clone(), backup).await;
-                    platform.metrics.operation("backup", done.status == BackupStatus::Succeeded);
+                if let Ok(backup) = start(&records, &db, BackupKind::Daily) {
+                    let done = run(&records, &nodes, &storage, backup).await;
+                    metrics.operation("backup", done.status == BackupStatus::Succeeded);
                 }
-                prune(&platform, &db, OffsetDateTime::now_utc());
+                prune(&records, &storage, &db, OffsetDateTime::now_utc());
             }
         }
         tokio::select! {

@@ -29,20 +29,21 @@ use time::OffsetDateTime;
 use tracing::{error, warn};
 
 use super::plan::set_status;
-use super::ChangeError;
+use super::{ChangeError, Changes};
 use crate::agent::forward::Forward;
 use crate::failure::{Failure, Reportable};
+use crate::ha::ChangeGuard;
 use crate::lifecycle::standby::add_standby;
 use crate::nodes::config::conninfo;
 use crate::nodes::driver::client_sentence;
 use crate::nodes::engines::Engine;
+use crate::nodes::placement;
 use crate::nodes::roles::{ident, literal};
 use crate::nodes::sql::{Session, Timeouts};
-use crate::nodes::{blocking, roles, NodeSpec};
+use crate::nodes::{blocking, roles, NodeSpec, Nodes};
+use crate::operations::Progress;
 use crate::pitr::{base_dir, pitr_plan, wal_dir, Heartbeats};
-use crate::platform::operations::Progress;
-use crate::platform::{ChangeGuard, Platform};
-use crate::state::{DatabaseRecord, MajorUpgrade, NodeRecord, RetiredCluster, StoreError};
+use crate::state::{DatabaseRecord, MajorUpgrade, NodeRecord, Records, RetiredCluster, StoreError};
 use crate::{plans, secrets, wait};
 
 /// How long new sessions may be held for the swap unless the request says otherwise.
@@ -75,13 +76,11 @@ pub enum Refusal {
 }
 
 /// What logical replication cannot carry in `db`, or why the upgrade cannot start.
-pub async fn precheck(platform: &Platform, db: &DatabaseRecord) -> Result<(), Refusal> {
+pub async fn precheck(nodes: &Nodes, db: &DatabaseRecord) -> Result<(), Refusal> {
     let primary =
         db.primary().ok_or_else(|| ChangeError::from(Failure::NoPrimary(db.id.clone())))?;
-    let session = platform
-        .session(&platform.node_spec(primary), &db.name)
-        .await
-        .map_err(ChangeError::from)?;
+    let session =
+        nodes.session(&NodeSpec::of(primary), &db.name).await.map_err(ChangeError::from)?;
     let level: String =
         session.query_one("SHOW wal_level", &[]).await.map_err(ChangeError::from)?.get(0);
     if level != "logical" {
@@ -121,7 +120,7 @@ pub async fn precheck(platform: &Platform, db: &DatabaseRecord) -> Result<(), Re
 /// Upgrades `id` to `engine` (another major) with new sessions held at most `budget`;
 /// `claim` is its planned-change claim, taken by the caller.
 pub async fn upgrade(
-    platform: &Arc<Platform>,
+    changes: &Changes,
     heartbeats: &Heartbeats,
     claim: ChangeGuard,
     id: &str,
@@ -129,10 +128,10 @@ pub async fn upgrade(
     budget: Duration,
     mut op: Progress,
 ) -> Result<(), ChangeError> {
-    let old = set_status(platform, id, DatabaseStatus::Updating)?;
-    let from = super::upgrade::current(&platform.engines, &platform.pg_bin, &old)
+    let old = set_status(&changes.records, id, DatabaseStatus::Updating)?;
+    let from = super::upgrade::current(&changes.nodes.engines, &changes.nodes.pg_bin, &old)
         .map_or_else(|| "its build".to_owned(), |e| format!("PostgreSQL {}", e.version));
-    platform.event(
+    changes.records.event(
         id,
         "engine_upgrade_started",
         format!(
@@ -141,15 +140,19 @@ pub async fn upgrade(
             budget.as_millis()
         ),
     );
-    let result = run(platform, heartbeats, &claim, &old, &engine, budget, &mut op).await;
+    let result = run(changes, heartbeats, &claim, &old, &engine, budget, &mut op).await;
     if let Err(e) = &result {
-        platform.event(id, "engine_upgrade_failed", e.sentence());
-        clean_up(platform, id).await;
+        changes.records.event(id, "engine_upgrade_failed", e.sentence());
+        clean_up(&changes.records, &changes.nodes, id).await;
     }
     drop(claim);
-    let _ = set_status(platform, id, DatabaseStatus::Running);
+    let _ = set_status(&changes.records, id, DatabaseStatus::Running);
     if result.is_ok() {
-        platform.event(id, "engine_upgraded", format!("now on PostgreSQL {}", engine.version));
+        changes.records.event(
+            id,
+            "engine_upgraded",
+            format!("now on PostgreSQL {}", engine.version),
+        );
     }
     result
 }
@@ -166,7 +169,7 @@ async fn step<T, E: Into<ChangeError>>(
 }
 
 async fn run(
-    platform: &Arc<Platform>,
+    changes: &Changes,
     heartbeats: &Heartbeats,
     claim: &ChangeGuard,
     old: &DatabaseRecord,
@@ -177,19 +180,28 @@ async fn run(
     let id = old.id.as_str();
     let plan = plans::find(&old.plan).ok_or_else(|| ChangeError::UnknownPlan(old.plan.clone()))?;
     let old_primary = old.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
-    let bin = (engine.bin != platform.pg_bin).then(|| engine.bin.clone());
+    let bin = (engine.bin != changes.nodes.pg_bin).then(|| engine.bin.clone());
     // The new nodes, recorded before anything exists: a restart finds and removes them.
-    let next = all_nodes(old)
+    let next = old
+        .all_nodes()
         .filter_map(|n| n.name.rsplit('-').next()?.parse::<u32>().ok())
         .max()
         .unwrap_or(0)
         + 1;
-    let nodes = platform.new_nodes(id, bin.as_deref(), next, plan.nodes as usize)?;
+    let nodes = placement::new_nodes(
+        &changes.nodes.hosts,
+        &changes.nodes.ports,
+        &changes.records.store.databases()?,
+        id,
+        bin.as_deref(),
+        next,
+        plan.nodes as usize,
+    );
     let mut new = old.clone();
     new.nodes = nodes.clone();
     new.engine = bin.clone();
     new.synchronous = false;
-    super::update_record(platform, id, |db| {
+    super::update_record(&changes.records, id, |db| {
         db.upgrade = Some(MajorUpgrade {
             version: engine.version.clone(),
             engine: bin.clone(),
@@ -199,11 +211,11 @@ async fn run(
     })?;
     let tools = engine.bin.clone();
     let new_primary = new.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
-    let (old_spec, new_spec) = (platform.node_spec(&old_primary), platform.node_spec(&new_primary));
+    let (old_spec, new_spec) = (NodeSpec::of(&old_primary), NodeSpec::of(&new_primary));
 
     // 1. The new primary, with the roles and the schema.
-    let config = platform.node_config(&new, &new_primary, None)?;
-    let (driver, spec) = (platform.driver.clone(), new_spec.clone());
+    let config = changes.nodes.config(&new, &new_primary, None)?;
+    let (driver, spec) = (changes.nodes.driver.clone(), new_spec.clone());
     step(
         claim,
         blocking(move || {
@@ -212,20 +224,22 @@ async fn run(
         }),
     )
     .await?;
-    platform.event(
+    changes.records.event(
         id,
         "node_started",
         format!("new primary {} started on PostgreSQL {}", new_primary.name, engine.version),
     );
     op.set(0.1);
-    let scratch = platform.backups.scratch();
+    let scratch = changes.backups.scratch();
     // A node on another host is reached through its agent's tunnel, forwarded to a private
     // socket here for the client programs.
-    let (old_forward, new_forward) =
-        (forward(platform, &old_spec, &scratch)?, forward(platform, &new_spec, &scratch)?);
+    let (old_forward, new_forward) = (
+        forward(&changes.nodes, &old_spec, &scratch)?,
+        forward(&changes.nodes, &new_spec, &scratch)?,
+    );
     let admin = |spec: &NodeSpec, forward: &Option<Forward>, database: &str| match forward {
         Some(forward) => forward.conninfo(database),
-        None => platform.driver.admin_conninfo(spec, database),
+        None => changes.nodes.driver.admin_conninfo(spec, database),
     };
     let old_admin = admin(&old_spec, &old_forward, "postgres");
     let new_admin = admin(&new_spec, &new_forward, "postgres");
@@ -238,20 +252,24 @@ async fn run(
     })
     .await?;
     drop((old_forward, new_forward));
-    platform.event(id, "schema_copied", "roles, schema and GRANTs copied to the new cluster");
+    changes.records.event(
+        id,
+        "schema_copied",
+        "roles, schema and GRANTs copied to the new cluster",
+    );
     op.set(0.2);
 
     // 2. Its standby, synchronous, before the data arrives: it streams everything.
     for standby in new.replicas().cloned().collect::<Vec<_>>() {
-        step(claim, add_standby(platform, &new, &standby)).await?;
+        step(claim, add_standby(&changes.records, &changes.nodes, &new, &standby)).await?;
         new.synchronous = true;
     }
     op.set(0.3);
 
     // 3. The data, then the application's writes, through logical replication.
     let password = secrets::generate_password();
-    let old_session = step(claim, platform.session(&old_spec, &old.name)).await?;
-    let old_postgres = step(claim, platform.session(&old_spec, "postgres")).await?;
+    let old_session = step(claim, changes.nodes.session(&old_spec, &old.name)).await?;
+    let old_postgres = step(claim, changes.nodes.session(&old_spec, "postgres")).await?;
     roles::create_role(&old_postgres, UPGRADER, &password, "REPLICATION").await?;
     old_postgres.batch_execute(&format!("GRANT pg_read_all_data TO {UPGRADER}")).await?;
     old_session
@@ -269,7 +287,7 @@ async fn run(
         ("application_name", REPLICATION_NAME),
         ("connect_timeout", "5"),
     ]);
-    let new_session = step(claim, platform.session_within(&new_spec, &old.name, LONG)).await?;
+    let new_session = step(claim, changes.nodes.session_within(&new_spec, &old.name, LONG)).await?;
     step(
         claim,
         new_session.batch_execute(&format!(
@@ -279,14 +297,22 @@ async fn run(
         )),
     )
     .await?;
-    platform.event(id, "replication_started", "copying the data through logical replication");
+    changes.records.event(
+        id,
+        "replication_started",
+        "copying the data through logical replication",
+    );
     step(claim, wait_near(&old_session, &new_session, op)).await?;
-    platform.event(id, "replication_caught_up", "the new cluster follows the old one closely");
+    changes.records.event(
+        id,
+        "replication_caught_up",
+        "the new cluster follows the old one closely",
+    );
     op.set(0.8);
 
     // 4. The swap, under a hold with a budget.
     let held_at = Instant::now();
-    let swapped = swap(platform, claim, old, &old_session, &old_postgres, &new_session, budget)
+    let swapped = swap(changes, claim, old, &old_session, &old_postgres, &new_session, budget)
         .await
         .map_err(|reason| match reason {
             ChangeError::Preempted => ChangeError::Preempted,
@@ -301,24 +327,24 @@ async fn run(
         Err(e) => {
             // The routes never moved: the held sessions go to the old primary again, which
             // `clean_up` opens to them again.
-            platform.holds.release(id);
-            if let Ok(epoch) = platform.publish_routes() {
-                platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await;
+            changes.routing.holds.release(id);
+            if let Ok(epoch) = changes.routing.publish(&changes.records.store) {
+                changes.routing.publisher.wait_applied(epoch, APPLY_TIMEOUT).await;
             }
             return Err(e);
         }
     };
-    let old_version = super::upgrade::current(&platform.engines, &platform.pg_bin, old)
+    let old_version = super::upgrade::current(&changes.nodes.engines, &changes.nodes.pg_bin, old)
         .map_or_else(|| "?".to_owned(), |e| e.version.clone());
-    if pitr_plan(old) {
-        set_archive_aside(platform, id, op.id());
+    if pitr_plan(&old.plan) {
+        set_archive_aside(&changes.backup_dir, id, op.id());
         heartbeats.forget(id);
     }
-    let window = time::Duration::try_from(platform.config.rollback_window).unwrap_or_default();
+    let window = time::Duration::try_from(changes.rollback_window).unwrap_or_default();
     let remove_after = (OffsetDateTime::now_utc() + window)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    super::update_record(platform, id, |db| {
+    super::update_record(&changes.records, id, |db| {
         db.retired.push(RetiredCluster {
             version: old_version.clone(),
             nodes: db.nodes.clone(),
@@ -329,10 +355,10 @@ async fn run(
         db.synchronous = new.synchronous;
         db.upgrade = None;
     })?;
-    platform.holds.release(id);
-    let epoch = platform.publish_routes()?;
-    platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await;
-    platform.event(
+    changes.routing.holds.release(id);
+    let epoch = changes.routing.publish(&changes.records.store)?;
+    changes.routing.publisher.wait_applied(epoch, APPLY_TIMEOUT).await;
+    changes.records.event(
         id,
         "switched_cluster",
         format!(
@@ -346,20 +372,15 @@ async fn run(
     // 5. The old cluster: what the upgrade made there goes, then it stops (kept until
     // `remove_after`).
     drop((old_session, new_session));
-    undo_on_old(platform, old, &old_postgres, Some(limit)).await;
+    undo_on_old(&changes.records, &changes.nodes, old, &old_postgres, Some(limit)).await;
     drop(old_postgres);
-    stop_nodes(platform, &old.nodes).await;
-    platform.event(
+    stop_nodes(&changes.nodes, &old.nodes).await;
+    changes.records.event(
         id,
         "old_cluster_stopped",
         format!("the PostgreSQL {old_version} nodes are stopped and kept until {remove_after}"),
     );
     Ok(())
-}
-
-fn all_nodes(db: &DatabaseRecord) -> impl Iterator<Item = &NodeRecord> {
-    let upgrading = db.upgrade.iter().flat_map(|u| u.nodes.iter());
-    db.nodes.iter().chain(upgrading).chain(db.retired.iter().flat_map(|r| r.nodes.iter()))
 }
 
 /// Roles (with their verifiers and memberships) and the database's schema with its GRANTs,
@@ -413,15 +434,11 @@ fn copy_definitions(
 }
 
 /// `node`'s socket forwarded here when the node is on another host.
-fn forward(
-    platform: &Platform,
-    node: &NodeSpec,
-    scratch: &Path,
-) -> Result<Option<Forward>, ChangeError> {
+fn forward(nodes: &Nodes, node: &NodeSpec, scratch: &Path) -> Result<Option<Forward>, ChangeError> {
     if node.agent.is_none() {
         return Ok(None);
     }
-    let remote = Arc::clone(&platform.remote);
+    let remote = Arc::clone(&nodes.tunnels);
     Forward::open(remote, node.clone(), scratch)
         .map(Some)
         .map_err(|e| program_error("forwarding a node's socket", &e))
@@ -497,7 +514,7 @@ async fn wait_near(old: &Session, new: &Session, op: &mut Progress) -> Result<()
 /// The held part: the old database takes no more sessions, the last changes arrive, the
 /// sequences follow, the subscription goes. Any error (or the budget running out) abandons it.
 async fn swap(
-    platform: &Arc<Platform>,
+    changes: &Changes,
     claim: &ChangeGuard,
     old: &DatabaseRecord,
     old_db: &Session,
@@ -505,6 +522,7 @@ async fn swap(
     new_db: &Session,
     budget: Duration,
 ) -> Result<i32, ChangeError> {
+    let (records, routing) = (&changes.records, &changes.routing);
     let id = old.id.as_str();
     let deadline = Instant::now() + budget;
     let within = |what: &'static str| {
@@ -514,10 +532,10 @@ async fn swap(
             Ok(())
         }
     };
-    platform.holds.hold(id);
-    let epoch = platform.publish_routes()?;
+    routing.holds.hold(id);
+    let epoch = routing.publish(&records.store)?;
     let applied =
-        async { Ok::<_, ChangeError>(platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await) };
+        async { Ok::<_, ChangeError>(routing.publisher.wait_applied(epoch, APPLY_TIMEOUT).await) };
     if !step(claim, applied).await? {
         warn!(database = id, epoch, "not every proxy applied the hold in time");
     }
@@ -527,7 +545,7 @@ async fn swap(
         .query_one("SELECT datconnlimit FROM pg_database WHERE datname = $1", &[&old.name])
         .await?
         .get(0);
-    super::update_record(platform, id, |db| {
+    super::update_record(records, id, |db| {
         if let Some(u) = db.upgrade.as_mut() {
             u.connection_limit = Some(limit);
         }
@@ -608,13 +626,14 @@ async fn drop_subscription(new_db: &Session) -> Result<(), ChangeError> {
 /// database its connection limit back (`limit`; `None`: the one recorded, if any). Best effort:
 /// what fails is logged.
 async fn undo_on_old(
-    platform: &Platform,
+    records: &Records,
+    nodes: &Nodes,
     old: &DatabaseRecord,
     postgres: &Session,
     limit: Option<i32>,
 ) {
     let limit = limit.or_else(|| {
-        let db = platform.store.database(&old.id).ok().flatten()?;
+        let db = records.store.database(&old.id).ok().flatten()?;
         db.upgrade.and_then(|u| u.connection_limit)
     });
     if let Some(limit) = limit {
@@ -645,7 +664,7 @@ async fn undo_on_old(
     }
     if let Some(primary) = old.primary() {
         let drop = format!("DROP PUBLICATION IF EXISTS {REPLICATION_NAME}");
-        match platform.session(&platform.node_spec(primary), &old.name).await {
+        match nodes.session(&NodeSpec::of(primary), &old.name).await {
             Ok(session) => {
                 if let Err(e) = session.batch_execute(&drop).await {
                     warn!(database = %old.id, error = %e, "cannot drop the upgrade's publication");
@@ -661,9 +680,9 @@ async fn undo_on_old(
     }
 }
 
-async fn stop_nodes(platform: &Platform, nodes: &[NodeRecord]) {
-    for node in nodes {
-        let (driver, spec) = (platform.driver.clone(), platform.node_spec(node));
+async fn stop_nodes(nodes: &Nodes, list: &[NodeRecord]) {
+    for node in list {
+        let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(node));
         let stopped = blocking(move || {
             if !driver.is_running(&spec) {
                 return Ok(());
@@ -678,8 +697,8 @@ async fn stop_nodes(platform: &Platform, nodes: &[NodeRecord]) {
 }
 
 /// Moves the PITR archive aside: the new cluster's WAL starts a new recoverable window.
-fn set_archive_aside(platform: &Platform, id: &str, op: &str) {
-    let (wal, bases) = (wal_dir(platform, id), base_dir(platform, id));
+fn set_archive_aside(backup_dir: &Path, id: &str, op: &str) {
+    let (wal, bases) = (wal_dir(backup_dir, id), base_dir(backup_dir, id));
     let wal_aside: PathBuf = wal.with_file_name(format!("wal-before-{op}"));
     let bases_aside: PathBuf = bases.with_file_name(format!("base-before-{op}"));
     crate::files::blocking_io(|| {
@@ -690,24 +709,26 @@ fn set_archive_aside(platform: &Platform, id: &str, op: &str) {
 
 /// Removes the new cluster of an upgrade that did not swap, and what it made on the old
 /// primary; the record forgets the upgrade.
-async fn clean_up(platform: &Arc<Platform>, id: &str) {
-    let Ok(Some(db)) = platform.store.database(id) else { return };
+async fn clean_up(records: &Records, nodes: &Nodes, id: &str) {
+    let Ok(Some(db)) = records.store.database(id) else { return };
     let Some(upgrade) = db.upgrade.clone() else { return };
     // The new nodes first: the subscription's walsender on the old primary goes with them.
     for node in &upgrade.nodes {
-        let (driver, spec) = (platform.driver.clone(), platform.node_spec(node));
+        let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(node));
         if let Err(e) = blocking(move || driver.destroy(&spec)).await {
             warn!(node = %node.name, error = %e, "cannot remove a node of the abandoned upgrade");
         }
     }
     if let Some(primary) = db.primary() {
-        match platform.session(&platform.node_spec(primary), "postgres").await {
-            Ok(postgres) => undo_on_old(platform, &db, &postgres, upgrade.connection_limit).await,
+        match nodes.session(&NodeSpec::of(primary), "postgres").await {
+            Ok(postgres) => {
+                undo_on_old(records, nodes, &db, &postgres, upgrade.connection_limit).await
+            }
             Err(e) => warn!(database = id, error = %e, "cannot undo the upgrade on the primary"),
         }
     }
-    let _ = super::update_record(platform, id, |db| db.upgrade = None);
-    platform.event(
+    let _ = super::update_record(records, id, |db| db.upgrade = None);
+    records.event(
         id,
         "upgrade_rolled_back",
         format!(
@@ -719,11 +740,11 @@ async fn clean_up(platform: &Arc<Platform>, id: &str) {
 
 /// A major upgrade a control plane restart cut before its swap: rolled back, its operation
 /// failed with the reason.
-pub fn rollback_interrupted(platform: &Arc<Platform>, id: String, op: Option<Operation>) {
-    let platform = platform.clone();
+pub fn rollback_interrupted(changes: &Changes, id: String, op: Option<Operation>) {
+    let changes = changes.clone();
     tokio::spawn(async move {
-        clean_up(&platform, &id).await;
-        let _ = set_status(&platform, &id, DatabaseStatus::Running);
+        clean_up(&changes.records, &changes.nodes, &id).await;
+        let _ = set_status(&changes.records, &id, DatabaseStatus::Running);
         if let Some(mut op) = op {
             op.error = Some(
                 "interrupted by a control plane restart; rolled back: the database stays on its \
@@ -731,24 +752,21 @@ pub fn rollback_interrupted(platform: &Arc<Platform>, id: String, op: Option<Ope
                     .into(),
             );
             let at = op.progress;
-            platform.update_operation(&mut op, OperationStatus::Failed, at);
+            changes.operations.update(&mut op, OperationStatus::Failed, at);
         }
     });
 }
 
 /// Keeps retired clusters stopped and removes them when their rollback window ends; rolls back
 /// an upgrade its control plane left behind without an operation. Runs until `shutdown`.
-pub async fn supervise_retired(
-    platform: Arc<Platform>,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
+pub async fn supervise_retired(changes: Changes, shutdown: tokio_util::sync::CancellationToken) {
     loop {
-        for db in platform.store.databases().unwrap_or_default() {
+        for db in changes.records.store.databases().unwrap_or_default() {
             if db.upgrade.is_some()
                 && db.status == DatabaseStatus::Running
-                && !platform.changes.busy(&db.id)
+                && !changes.claims.busy(&db.id)
             {
-                clean_up(&platform, &db.id).await;
+                clean_up(&changes.records, &changes.nodes, &db.id).await;
             }
             let now = OffsetDateTime::now_utc();
             for cluster in &db.retired {
@@ -758,12 +776,12 @@ pub async fn supervise_retired(
                 )
                 .is_ok_and(|t| t <= now);
                 if !due {
-                    stop_nodes(&platform, &cluster.nodes).await;
+                    stop_nodes(&changes.nodes, &cluster.nodes).await;
                     continue;
                 }
                 let mut removed = true;
                 for node in &cluster.nodes {
-                    let (driver, spec) = (platform.driver.clone(), platform.node_spec(node));
+                    let (driver, spec) = (changes.nodes.driver.clone(), NodeSpec::of(node));
                     if let Err(e) = blocking(move || driver.destroy(&spec)).await {
                         warn!(node = %node.name, error = %e, "cannot remove a retired node");
                         removed = false;
@@ -771,11 +789,11 @@ pub async fn supervise_retired(
                 }
                 if removed {
                     let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
-                    let _ = platform.update(&db.id, |db| {
+                    let _ = changes.records.update(&db.id, |db| {
                         db.retired.retain(|r| r.remove_after != cluster.remove_after);
                         Ok::<_, StoreError>(())
                     });
-                    platform.event(
+                    changes.records.event(
                         &db.id,
                         "old_cluster_removed",
                         format!(

@@ -8,10 +8,33 @@ pub mod plan;
 pub mod resume;
 pub mod upgrade;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
 use crate::failure::{Failure, Reportable};
-use crate::ha::HaError;
+use crate::ha::{HaError, PrimaryChanges};
 use crate::lifecycle::LifecycleError;
-use crate::state::StoreError;
+use crate::nodes::Nodes;
+use crate::operations::Operations;
+use crate::routing::Routing;
+use crate::state::{Records, StoreError};
+use crate::storage::BackupStorage;
+
+/// What a change of a running database acts with, for the tasks that run or resume one.
+#[derive(Clone)]
+pub struct Changes {
+    pub records: Arc<Records>,
+    pub nodes: Arc<Nodes>,
+    pub routing: Arc<Routing>,
+    pub claims: Arc<PrimaryChanges>,
+    pub operations: Operations,
+    pub backups: Arc<dyn BackupStorage>,
+    /// Where the WAL archive is (a major upgrade sets the old one aside).
+    pub backup_dir: PathBuf,
+    /// How long a cluster a major upgrade replaced is kept (stopped).
+    pub rollback_window: Duration,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeError {
@@ -70,11 +93,11 @@ impl Reportable for ChangeError {
 
 /// Applies `change` to database `id`'s record (under its lock); returns the record.
 pub(crate) fn update_record(
-    platform: &crate::platform::Platform,
+    records: &Records,
     id: &str,
     change: impl FnOnce(&mut crate::state::DatabaseRecord),
 ) -> Result<crate::state::DatabaseRecord, ChangeError> {
-    let (_, db) = platform
+    let (_, db) = records
         .update(id, |db| {
             change(db);
             Ok::<_, StoreError>(())

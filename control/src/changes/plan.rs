@@ -16,7 +16,6 @@
 //! fails meanwhile, and the change then fails with the reason.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgwarden_api::control::{DatabaseStatus, NodeRole, Plan};
@@ -24,14 +23,15 @@ use pgwarden_api::control::{DatabaseStatus, NodeRole, Plan};
 use super::{update_record, ChangeError};
 use crate::failure::{Failure, Reportable};
 use crate::ha::switchover::switchover;
+use crate::ha::ChangeGuard;
 use crate::lifecycle::standby::add_standby;
 use crate::nodes::config::slot_name;
-use crate::nodes::{blocking, NodeConfig};
-use crate::plans;
-use crate::platform::operations::Progress;
-use crate::platform::{ChangeGuard, Platform};
-use crate::state::{DatabaseRecord, NodeRecord, StoreError};
-use crate::wait;
+use crate::nodes::placement;
+use crate::nodes::{blocking, NodeConfig, NodeSpec, Nodes};
+use crate::operations::Progress;
+use crate::routing::Routing;
+use crate::state::{DatabaseRecord, NodeRecord, Records, StoreError};
+use crate::{plans, wait};
 
 /// How long the proxies may take to apply a table, and a restarted node to stream again.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -61,38 +61,42 @@ pub fn check(db: &DatabaseRecord, name: &str) -> Result<Plan, Refusal> {
 /// Changes `id` to `plan`; `claim` is its planned-change claim, taken by the caller. On failure
 /// the database is `running` again on what it had (the record names the plan its nodes run).
 pub async fn change(
-    platform: &Arc<Platform>,
+    records: &Records,
+    nodes: &Nodes,
+    routing: &Routing,
     claim: ChangeGuard,
     id: &str,
     plan: Plan,
     mut op: Progress,
 ) -> Result<(), ChangeError> {
-    let old = set_status(platform, id, DatabaseStatus::Updating)?;
-    platform.event(id, "plan_change_started", format!("from {} to {}", old.plan, plan.name));
-    let result = run(platform, claim, &old, &plan, &mut op).await;
-    let _ = set_status(platform, id, DatabaseStatus::Running);
+    let old = set_status(records, id, DatabaseStatus::Updating)?;
+    records.event(id, "plan_change_started", format!("from {} to {}", old.plan, plan.name));
+    let result = run(records, nodes, routing, claim, &old, &plan, &mut op).await;
+    let _ = set_status(records, id, DatabaseStatus::Running);
     match &result {
-        Ok(()) => platform.event(id, "plan_changed", format!("now on plan {}", plan.name)),
-        Err(e) => platform.event(id, "plan_change_failed", e.sentence()),
+        Ok(()) => records.event(id, "plan_changed", format!("now on plan {}", plan.name)),
+        Err(e) => records.event(id, "plan_change_failed", e.sentence()),
     }
     result
 }
 
 pub(super) fn set_status(
-    platform: &Platform,
+    records: &Records,
     id: &str,
     status: DatabaseStatus,
 ) -> Result<DatabaseRecord, ChangeError> {
-    update_record(platform, id, |db| db.status = status)
+    update_record(records, id, |db| db.status = status)
 }
 
 /// Records `plan` as the database's; returns the record.
-fn record_plan(platform: &Platform, id: &str, plan: &Plan) -> Result<DatabaseRecord, ChangeError> {
-    update_record(platform, id, |db| db.plan = plan.name.clone())
+fn record_plan(records: &Records, id: &str, plan: &Plan) -> Result<DatabaseRecord, ChangeError> {
+    update_record(records, id, |db| db.plan = plan.name.clone())
 }
 
 async fn run(
-    platform: &Arc<Platform>,
+    records: &Records,
+    nodes: &Nodes,
+    routing: &Routing,
     claim: ChangeGuard,
     old: &DatabaseRecord,
     plan: &Plan,
@@ -107,57 +111,61 @@ async fn run(
         old.nodes.iter().filter(|n| n.role == NodeRole::Replica).cloned().collect();
     match (standbys.is_empty(), plan.nodes) {
         (true, 1) => {
-            let db = record_plan(platform, id, plan)?;
+            let db = record_plan(records, id, plan)?;
             op.set(0.3);
-            restart_primary_held(platform, &claim, &db, &primary, &on_plan(&db)).await?;
+            restart_primary_held(records, nodes, routing, &claim, &db, &primary, &on_plan(&db))
+                .await?;
         }
         (false, n) if n > 1 => {
             let raising = plan.max_connections >= old_plan.max_connections;
             if raising {
                 // Standby first, then the switchover makes it the primary.
-                let db = record_plan(platform, id, plan)?;
+                let db = record_plan(records, id, plan)?;
                 for standby in &standbys {
-                    restart_standby(platform, &claim, &db, &primary, standby, &on_plan(&db))
+                    restart_standby(records, nodes, &claim, &db, &primary, standby, &on_plan(&db))
                         .await?;
                 }
                 op.set(0.4);
                 let target = standbys.iter().find(|s| !s.fenced).map(|s| s.name.clone());
-                switchover(platform, &claim, id, target.as_deref()).await?;
+                switchover(records, nodes, routing, &claim, id, target.as_deref()).await?;
                 op.set(0.7);
                 // The watcher rejoins the old primary (on the new parameters: the record names
                 // the new plan) and makes commits synchronous again.
                 drop(claim);
-                wait_synchronous_again(platform, id).await?;
+                wait_synchronous_again(records, id).await?;
             } else {
                 // Primary first: a standby may have more connections than its primary. The
                 // standby restarts on the lower values only once it has replayed the
                 // primary's record of them (until then it refuses them at start).
-                let db = record_plan(platform, id, plan)?;
-                restart_primary_held(platform, &claim, &db, &primary, &on_plan(&db)).await?;
+                let db = record_plan(records, id, plan)?;
+                restart_primary_held(records, nodes, routing, &claim, &db, &primary, &on_plan(&db))
+                    .await?;
                 op.set(0.5);
                 for standby in &standbys {
-                    wait_replayed(platform, &claim, &primary, standby).await?;
-                    restart_standby(platform, &claim, &db, &primary, standby, &on_plan(&db))
+                    wait_replayed(nodes, &claim, &primary, standby).await?;
+                    restart_standby(records, nodes, &claim, &db, &primary, standby, &on_plan(&db))
                         .await?;
                 }
             }
         }
         (true, _) => {
             // One node to two: the primary first if its parameters change, then a standby.
-            let db = record_plan(platform, id, plan)?;
+            let db = record_plan(records, id, plan)?;
             if parameters_change {
-                restart_primary_held(platform, &claim, &db, &primary, &on_plan(&db)).await?;
+                restart_primary_held(records, nodes, routing, &claim, &db, &primary, &on_plan(&db))
+                    .await?;
             }
             op.set(0.4);
-            add_standbys(platform, id, plan).await?;
+            add_standbys(records, nodes, routing, id, plan).await?;
         }
         (false, _) => {
             // Two nodes to one: asynchronous commits, the standby goes, then the primary.
-            remove_standbys(platform, id, &primary, &standbys).await?;
+            remove_standbys(records, nodes, routing, id, &primary, &standbys).await?;
             op.set(0.5);
-            let db = record_plan(platform, id, plan)?;
+            let db = record_plan(records, id, plan)?;
             if parameters_change {
-                restart_primary_held(platform, &claim, &db, &primary, &on_plan(&db)).await?;
+                restart_primary_held(records, nodes, routing, &claim, &db, &primary, &on_plan(&db))
+                    .await?;
             }
         }
     }
@@ -181,12 +189,8 @@ async fn step<T, E: Into<ChangeError>>(
 }
 
 /// Rewrites `node`'s configuration for `db` and restarts it.
-async fn restart(
-    platform: &Platform,
-    node: &NodeRecord,
-    config: NodeConfig,
-) -> Result<(), ChangeError> {
-    let (driver, spec) = (platform.driver.clone(), platform.node_spec(node));
+async fn restart(nodes: &Nodes, node: &NodeRecord, config: NodeConfig) -> Result<(), ChangeError> {
+    let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(node));
     blocking(move || {
         driver.configure(&spec, &config)?;
         driver.stop(&spec)?;
@@ -198,36 +202,38 @@ async fn restart(
 
 /// Restarts the primary on `db`'s parameters while the proxies hold new sessions.
 pub(super) async fn restart_primary_held(
-    platform: &Arc<Platform>,
+    records: &Records,
+    nodes: &Nodes,
+    routing: &Routing,
     claim: &ChangeGuard,
     db: &DatabaseRecord,
     primary: &NodeRecord,
     what: &str,
 ) -> Result<(), ChangeError> {
     let sync = if db.synchronous { db.replicas().next().map(|s| s.name.clone()) } else { None };
-    let config = platform.node_config(db, primary, sync.as_deref())?;
+    let config = nodes.config(db, primary, sync.as_deref())?;
     let id = db.id.as_str();
-    platform.holds.hold(id);
+    routing.holds.hold(id);
     let held_at = Instant::now();
     let result = async {
-        let epoch = platform.publish_routes()?;
+        let epoch = routing.publish(&records.store)?;
         let applied = async {
-            Ok::<_, ChangeError>(platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await)
+            Ok::<_, ChangeError>(routing.publisher.wait_applied(epoch, APPLY_TIMEOUT).await)
         };
         if !step(claim, applied).await? {
             tracing::warn!(database = id, epoch, "not every proxy applied the hold in time");
         }
         claim.primary_stopped_on_purpose();
-        let restarted = restart(platform, primary, config).await;
+        let restarted = restart(nodes, primary, config).await;
         claim.primary_back();
         restarted
     }
     .await;
-    platform.holds.release(id);
-    let epoch = platform.publish_routes()?;
-    platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await;
+    routing.holds.release(id);
+    let epoch = routing.publish(&records.store)?;
+    routing.publisher.wait_applied(epoch, APPLY_TIMEOUT).await;
     result?;
-    platform.event(
+    records.event(
         id,
         "node_reconfigured",
         format!(
@@ -241,20 +247,21 @@ pub(super) async fn restart_primary_held(
 
 /// Restarts a standby on `db`'s parameters and waits until it streams from `primary` again.
 pub(super) async fn restart_standby(
-    platform: &Arc<Platform>,
+    records: &Records,
+    nodes: &Nodes,
     claim: &ChangeGuard,
     db: &DatabaseRecord,
     primary: &NodeRecord,
     standby: &NodeRecord,
     what: &str,
 ) -> Result<(), ChangeError> {
-    let config = platform.node_config(db, standby, None)?;
-    step(claim, restart(platform, standby, config)).await?;
-    let spec = platform.node_spec(primary);
+    let config = nodes.config(db, standby, None)?;
+    step(claim, restart(nodes, standby, config)).await?;
+    let spec = NodeSpec::of(primary);
     let spec = &spec;
     let streaming = wait::until(STREAMING_TIMEOUT, wait::STEADY, || async move {
         let streaming = step(claim, async {
-            let admin = platform.session(spec, "postgres").await?;
+            let admin = nodes.session(spec, "postgres").await?;
             let rows = admin
                 .query(
                     "SELECT 1 FROM pg_stat_replication WHERE application_name = $1 AND state = 'streaming'",
@@ -267,7 +274,7 @@ pub(super) async fn restart_standby(
         Ok::<_, ChangeError>(streaming.then_some(()))
     });
     streaming.await?.ok_or_else(|| ChangeError::NotStreaming(standby.name.clone()))?;
-    platform.event(
+    records.event(
         &db.id,
         "node_reconfigured",
         format!("standby {} restarted on {what} and streaming", standby.name),
@@ -277,18 +284,18 @@ pub(super) async fn restart_standby(
 
 /// Waits until `standby` has replayed everything `primary` has written now.
 pub(super) async fn wait_replayed(
-    platform: &Platform,
+    nodes: &Nodes,
     claim: &ChangeGuard,
     primary: &NodeRecord,
     standby: &NodeRecord,
 ) -> Result<(), ChangeError> {
-    let source = step(claim, platform.session(&platform.node_spec(primary), "postgres")).await?;
+    let source = step(claim, nodes.session(&NodeSpec::of(primary), "postgres")).await?;
     let lsn: String =
         step(claim, source.query_one("SELECT pg_current_wal_lsn()::text", &[])).await?.get(0);
     let lsn = &lsn;
     let replayed = wait::until(STREAMING_TIMEOUT, wait::STEADY, || async move {
         let replayed = step(claim, async {
-            let session = platform.session(&platform.node_spec(standby), "postgres").await?;
+            let session = nodes.session(&NodeSpec::of(standby), "postgres").await?;
             let row = session
                 .query_one(
                     "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)",
@@ -304,20 +311,23 @@ pub(super) async fn wait_replayed(
 }
 
 /// Waits until every node runs, none is fenced, and commits are synchronous.
-pub(super) async fn wait_synchronous_again(
-    platform: &Platform,
-    id: &str,
-) -> Result<(), ChangeError> {
+pub(super) async fn wait_synchronous_again(records: &Records, id: &str) -> Result<(), ChangeError> {
     let rejoined = wait::until(REJOIN_TIMEOUT, wait::SLOW, || async move {
-        let db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+        let db = records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
         Ok::<_, ChangeError>((db.synchronous && db.nodes.iter().all(|n| !n.fenced)).then_some(()))
     });
     rejoined.await?.ok_or_else(|| ChangeError::NotRejoined(id.to_owned()))
 }
 
 /// Adds the standbys `plan` has beyond the primary: copied, streaming, synchronous.
-async fn add_standbys(platform: &Arc<Platform>, id: &str, plan: &Plan) -> Result<(), ChangeError> {
-    let db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+async fn add_standbys(
+    records: &Records,
+    nodes: &Nodes,
+    routing: &Routing,
+    id: &str,
+    plan: &Plan,
+) -> Result<(), ChangeError> {
+    let db = records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let next = db
         .nodes
         .iter()
@@ -326,61 +336,71 @@ async fn add_standbys(platform: &Arc<Platform>, id: &str, plan: &Plan) -> Result
         .unwrap_or(0)
         + 1;
     let missing = (plan.nodes as usize).saturating_sub(db.nodes.len());
-    let mut added = platform.new_nodes(id, db.engine.as_deref(), next, missing)?;
+    let mut added = placement::new_nodes(
+        &nodes.hosts,
+        &nodes.ports,
+        &records.store.databases()?,
+        id,
+        db.engine.as_deref(),
+        next,
+        missing,
+    );
     for node in &mut added {
         node.role = NodeRole::Replica;
     }
-    let (_, db) = platform
+    let (_, db) = records
         .update(id, |db| {
             db.nodes.extend(added.iter().cloned());
             Ok::<_, StoreError>(())
         })?
         .ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     for standby in &added {
-        if let Err(e) = add_standby(platform, &db, standby).await {
+        if let Err(e) = add_standby(records, nodes, &db, standby).await {
             // Leave nothing half-built: the node goes, the record forgets it.
-            let (driver, spec) = (platform.driver.clone(), platform.node_spec(standby));
+            let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(standby));
             let _ = blocking(move || driver.destroy(&spec)).await;
-            let _ = platform.update(id, |db| {
+            let _ = records.update(id, |db| {
                 db.nodes.retain(|n| n.name != standby.name);
                 Ok::<_, StoreError>(())
             });
             return Err(e.into());
         }
     }
-    platform.update(id, |db| {
+    records.update(id, |db| {
         db.synchronous = true;
         Ok::<_, StoreError>(())
     })?;
-    platform.publish_routes()?;
+    routing.publish(&records.store)?;
     Ok(())
 }
 
 /// Makes commits asynchronous, then removes `standbys` and their slots.
 async fn remove_standbys(
-    platform: &Arc<Platform>,
+    records: &Records,
+    nodes: &Nodes,
+    routing: &Routing,
     id: &str,
     primary: &NodeRecord,
     standbys: &[NodeRecord],
 ) -> Result<(), ChangeError> {
-    let db = platform.update(id, |db| {
+    let db = records.update(id, |db| {
         db.synchronous = false;
         Ok::<_, StoreError>(())
     })?;
     let (_, db) = db.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
-    let config = platform.node_config(&db, primary, None)?;
-    let (driver, spec) = (platform.driver.clone(), platform.node_spec(primary));
+    let config = nodes.config(&db, primary, None)?;
+    let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(primary));
     blocking(move || {
         driver.configure(&spec, &config)?;
         driver.reload(&spec)
     })
     .await?;
-    platform.event(id, "replication_asynchronous", "commits no longer wait for a standby");
+    records.event(id, "replication_asynchronous", "commits no longer wait for a standby");
     // Each standby leaves the record only once it and its slot are gone: a failure leaves it
     // recorded (and destroyed with the database), never running unknown to the control plane.
-    let admin = platform.session(&platform.node_spec(primary), "postgres").await?;
+    let admin = nodes.session(&NodeSpec::of(primary), "postgres").await?;
     for standby in standbys {
-        let (driver, spec) = (platform.driver.clone(), platform.node_spec(standby));
+        let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(standby));
         blocking(move || driver.destroy(&spec)).await?;
         admin
             .execute(
@@ -388,12 +408,12 @@ async fn remove_standbys(
                 &[&slot_name(&standby.name)],
             )
             .await?;
-        platform.update(id, |db| {
+        records.update(id, |db| {
             db.nodes.retain(|n| n.name != standby.name);
             Ok::<_, StoreError>(())
         })?;
-        platform.event(id, "node_removed", format!("standby {} removed", standby.name));
+        records.event(id, "node_removed", format!("standby {} removed", standby.name));
     }
-    platform.publish_routes()?;
+    routing.publish(&records.store)?;
     Ok(())
 }

@@ -16,84 +16,92 @@
 //! planned restart is invisible to new connections. A change that was adding or removing a
 //! standby is not resumed: the watcher restarts or rejoins the standby the record names.
 
-use std::sync::Arc;
-
-use pgwarden_api::control::{DatabaseStatus, NodeRole, OperationStatus};
+use pgwarden_api::control::{DatabaseStatus, NodeRole, Operation, OperationStatus};
 
 use super::plan::{
     restart_primary_held, restart_standby, set_status, wait_replayed, wait_synchronous_again,
 };
-use super::ChangeError;
+use super::{ChangeError, Changes};
 use crate::failure::{Failure, Reportable};
 use crate::ha::switchover::switchover;
-use crate::plans;
-use crate::platform::operations::Progress;
-use crate::platform::{ChangeGuard, Platform};
-use crate::wait;
+use crate::ha::ChangeGuard;
+use crate::nodes::{NodeSpec, Nodes};
+use crate::operations::Progress;
+use crate::routing::Routing;
+use crate::state::Records;
+use crate::{plans, wait};
+
+/// A plan change or engine upgrade that a control plane restart cut short.
+pub struct Interrupted {
+    pub database: String,
+    /// A major upgrade (rolled back, not finished: it was cut before its swap).
+    pub major: bool,
+    /// The operation it ran as.
+    pub op: Operation,
+}
 
 /// Finishes every change `left` holds, each as its operation (the interrupted one, which then
 /// succeeds or fails with the reason).
-pub fn resume_interrupted(
-    platform: &Arc<Platform>,
-    changes: Vec<(crate::state::DatabaseRecord, pgwarden_api::control::Operation)>,
-) {
-    for (db, op) in changes {
-        if db.upgrade.is_some() {
+pub fn resume_interrupted(with: &Changes, changes: Vec<Interrupted>) {
+    for Interrupted { database: id, major, op } in changes {
+        if major {
             // A major upgrade before its swap: the old cluster still serves; the new one goes.
-            tracing::warn!(database = %db.id, operation = %op.id, "rolling back an interrupted major upgrade");
-            super::major::rollback_interrupted(platform, db.id.clone(), Some(op));
+            tracing::warn!(database = %id, operation = %op.id, "rolling back an interrupted major upgrade");
+            super::major::rollback_interrupted(with, id, Some(op));
             continue;
         }
-        let Some(claim) = platform.changes.try_planned(&db.id) else {
+        let Some(claim) = with.claims.try_planned(&id) else {
             // A failover claimed the primary first; it settles the database. The operation
             // ends too: a client polling it must not wait forever.
-            let _ = set_status(platform, &db.id, DatabaseStatus::Running);
+            let _ = set_status(&with.records, &id, DatabaseStatus::Running);
             let mut op = op;
             op.error = Some("interrupted by a control plane restart, then by a failover".into());
             let at = op.progress;
-            platform.update_operation(&mut op, OperationStatus::Failed, at);
+            with.operations.update(&mut op, OperationStatus::Failed, at);
             continue;
         };
-        tracing::warn!(database = %db.id, operation = %op.id, "finishing an interrupted change");
-        let (p, id) = (platform.clone(), db.id.clone());
-        platform.run_operation(op, move |progress| async move {
-            resume(&p, claim, &id, progress).await
+        tracing::warn!(database = %id, operation = %op.id, "finishing an interrupted change");
+        let w = with.clone();
+        with.operations.run(op, move |progress| async move {
+            resume(&w.records, &w.nodes, &w.routing, claim, &id, progress).await
         });
     }
 }
 
 /// Finishes the interrupted change of `id`; `claim` is its planned-change claim.
 pub async fn resume(
-    platform: &Arc<Platform>,
+    records: &Records,
+    nodes: &Nodes,
+    routing: &Routing,
     claim: ChangeGuard,
     id: &str,
     mut op: Progress,
 ) -> Result<(), ChangeError> {
-    let db = set_status(platform, id, DatabaseStatus::Updating)?;
-    platform.event(
+    let db = set_status(records, id, DatabaseStatus::Updating)?;
+    records.event(
         id,
         "change_resumed",
         format!("finishing the change to plan {} cut short by a control plane restart", db.plan),
     );
-    let result = run(platform, claim, id, &mut op).await;
-    let _ = set_status(platform, id, DatabaseStatus::Running);
+    let result = run(records, nodes, routing, claim, id, &mut op).await;
+    let _ = set_status(records, id, DatabaseStatus::Running);
     match &result {
-        Ok(()) => platform.event(id, "change_finished", "every node runs what its record says"),
-        Err(e) => platform.event(id, "change_resume_failed", e.sentence()),
+        Ok(()) => records.event(id, "change_finished", "every node runs what its record says"),
+        Err(e) => records.event(id, "change_resume_failed", e.sentence()),
     }
     result
 }
 
 /// Waits until `node` accepts sessions, starting it if it is stopped: the killed control plane
 /// may have left it stopping (a `pg_ctl stop` it started outlives it) or stopped.
-async fn serving(platform: &Platform, node: &crate::state::NodeRecord) -> Result<(), ChangeError> {
-    let spec = &platform.node_spec(node);
+async fn serving(nodes: &Nodes, node: &crate::state::NodeRecord) -> Result<(), ChangeError> {
+    let spec = &NodeSpec::of(node);
     let limit = std::time::Duration::from_secs(60);
     let serves = wait::until_true(limit, wait::SLOW, || async move {
-        if platform.session(spec, "postgres").await.is_ok() {
+        if nodes.session(spec, "postgres").await.is_ok() {
             return true;
         }
-        let (driver, spec) = (platform.driver.clone(), spec.clone());
+        let (driver, spec) = (nodes.driver.clone(), spec.clone());
         // Not running (any more): start it; running (starting or stopping): wait.
         let _ = crate::nodes::blocking(move || {
             if driver.is_running(&spec) {
@@ -109,53 +117,51 @@ async fn serving(platform: &Platform, node: &crate::state::NodeRecord) -> Result
         return Ok(());
     }
     // The last attempt's error says why.
-    platform.session(spec, "postgres").await.map(drop).map_err(Into::into)
+    nodes.session(spec, "postgres").await.map(drop).map_err(Into::into)
 }
 
 async fn run(
-    platform: &Arc<Platform>,
+    records: &Records,
+    nodes: &Nodes,
+    routing: &Routing,
     claim: ChangeGuard,
     id: &str,
     op: &mut Progress,
 ) -> Result<(), ChangeError> {
-    let db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+    let db = records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let plan = plans::find(&db.plan).ok_or_else(|| ChangeError::UnknownPlan(db.plan.clone()))?;
     let what = format!("plan {} (resumed)", db.plan);
     let primary = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
-    serving(platform, &primary).await?;
+    serving(nodes, &primary).await?;
     // A fenced standby (an old primary the cut switchover left) is rejoined by the watcher,
     // on the configuration its record names.
     let standbys: Vec<_> =
         db.nodes.iter().filter(|n| n.role == NodeRole::Replica && !n.fenced).collect();
     if standbys.is_empty() {
         op.set(0.3);
-        restart_primary_held(platform, &claim, &db, &primary, &what).await?;
+        restart_primary_held(records, nodes, routing, &claim, &db, &primary, &what).await?;
         drop(claim);
-        return if db.nodes.len() > 1 {
-            wait_synchronous_again(platform, id).await
-        } else {
-            Ok(())
-        };
+        return if db.nodes.len() > 1 { wait_synchronous_again(records, id).await } else { Ok(()) };
     }
-    let admin = platform.session(&platform.node_spec(&primary), "postgres").await?;
+    let admin = nodes.session(&NodeSpec::of(&primary), "postgres").await?;
     let live: String = admin.query_one("SHOW max_connections", &[]).await?.get(0);
     drop(admin);
     if live.parse::<u32>().is_ok_and(|live| plan.max_connections < live) {
-        restart_primary_held(platform, &claim, &db, &primary, &what).await?;
+        restart_primary_held(records, nodes, routing, &claim, &db, &primary, &what).await?;
         op.set(0.5);
         for standby in standbys {
-            wait_replayed(platform, &claim, &primary, standby).await?;
-            restart_standby(platform, &claim, &db, &primary, standby, &what).await?;
+            wait_replayed(nodes, &claim, &primary, standby).await?;
+            restart_standby(records, nodes, &claim, &db, &primary, standby, &what).await?;
         }
         return Ok(());
     }
     for standby in &standbys {
-        restart_standby(platform, &claim, &db, &primary, standby, &what).await?;
+        restart_standby(records, nodes, &claim, &db, &primary, standby, &what).await?;
     }
     op.set(0.4);
     let target = standbys.iter().find(|s| !s.fenced).map(|s| s.name.clone());
-    switchover(platform, &claim, id, target.as_deref()).await?;
+    switchover(records, nodes, routing, &claim, id, target.as_deref()).await?;
     op.set(0.7);
     drop(claim);
-    wait_synchronous_again(platform, id).await
+    wait_synchronous_again(records, id).await
 }

@@ -11,7 +11,6 @@
 //! A major upgrade needs a new cluster (logical replication): `major.rs`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use pgwarden_api::control::{DatabaseStatus, NodeRole};
 
@@ -19,10 +18,12 @@ use super::plan::{restart_primary_held, restart_standby, set_status, wait_synchr
 use super::{update_record, ChangeError};
 use crate::failure::{Failure, Reportable};
 use crate::ha::switchover::switchover;
+use crate::ha::ChangeGuard;
 use crate::nodes::engines::{Engine, Engines};
-use crate::platform::operations::Progress;
-use crate::platform::{ChangeGuard, Platform};
-use crate::state::{DatabaseRecord, NodeRecord};
+use crate::nodes::Nodes;
+use crate::operations::Progress;
+use crate::routing::Routing;
+use crate::state::{DatabaseRecord, NodeRecord, Records};
 
 /// Why an upgrade is refused before anything moves.
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +58,8 @@ pub enum Target {
 }
 
 /// The build an upgrade of `db` to `version` leads to, or why it cannot be done.
-pub fn check(platform: &Platform, db: &DatabaseRecord, version: &str) -> Result<Target, Refusal> {
-    let engines = &platform.engines;
+pub fn check(nodes: &Nodes, db: &DatabaseRecord, version: &str) -> Result<Target, Refusal> {
+    let engines = &nodes.engines;
     let installed = engines.versions();
     let wanted = engines
         .find(version)
@@ -66,7 +67,7 @@ pub fn check(platform: &Platform, db: &DatabaseRecord, version: &str) -> Result<
     if engines.toolset(wanted.major).is_none() {
         return Err(Refusal::NoToolset(wanted.version.clone()));
     }
-    let Some(now) = current(engines, &platform.pg_bin, db) else {
+    let Some(now) = current(engines, &nodes.pg_bin, db) else {
         // The build the database was created on is gone: any build of the major it had serves.
         return Ok(Target::Minor(wanted.clone()));
     };
@@ -93,39 +94,41 @@ fn version_key(version: &str) -> Vec<u32> {
 
 /// Upgrades `id` to `engine`; `claim` is its planned-change claim, taken by the caller.
 pub async fn upgrade(
-    platform: &Arc<Platform>,
+    records: &Records,
+    nodes: &Nodes,
+    routing: &Routing,
     claim: ChangeGuard,
     id: &str,
     engine: Engine,
     mut op: Progress,
 ) -> Result<(), ChangeError> {
-    let old = set_status(platform, id, DatabaseStatus::Updating)?;
-    let from = current(&platform.engines, &platform.pg_bin, &old)
+    let old = set_status(records, id, DatabaseStatus::Updating)?;
+    let from = current(&nodes.engines, &nodes.pg_bin, &old)
         .map_or_else(|| "its build".to_owned(), |e| format!("PostgreSQL {}", e.version));
-    platform.event(
+    records.event(
         id,
         "engine_upgrade_started",
         format!("from {from} to PostgreSQL {}", engine.version),
     );
-    let result = run(platform, claim, &old, &engine, &mut op).await;
-    let _ = set_status(platform, id, DatabaseStatus::Running);
+    let result = run(records, nodes, routing, claim, &old, &engine, &mut op).await;
+    let _ = set_status(records, id, DatabaseStatus::Running);
     match &result {
         Ok(()) => {
-            platform.event(id, "engine_upgraded", format!("now on PostgreSQL {}", engine.version))
+            records.event(id, "engine_upgraded", format!("now on PostgreSQL {}", engine.version))
         }
-        Err(e) => platform.event(id, "engine_upgrade_failed", e.sentence()),
+        Err(e) => records.event(id, "engine_upgrade_failed", e.sentence()),
     }
     result
 }
 
 /// Records that `nodes` (all of them when empty) and new nodes of `id` run `bin`.
 fn record_engine(
-    platform: &Platform,
+    records: &Records,
     id: &str,
     bin: &Option<PathBuf>,
     nodes: &[&str],
 ) -> Result<DatabaseRecord, ChangeError> {
-    update_record(platform, id, |db| {
+    update_record(records, id, |db| {
         db.engine = bin.clone();
         for node in db.nodes.iter_mut().filter(|n| nodes.contains(&n.name.as_str())) {
             node.engine = bin.clone();
@@ -134,7 +137,9 @@ fn record_engine(
 }
 
 async fn run(
-    platform: &Arc<Platform>,
+    records: &Records,
+    nodes: &Nodes,
+    routing: &Routing,
     claim: ChangeGuard,
     old: &DatabaseRecord,
     engine: &Engine,
@@ -143,29 +148,29 @@ async fn run(
     let id = old.id.as_str();
     let what = format!("PostgreSQL {}", engine.version);
     // The platform's own build is recorded as none, as at creation.
-    let bin = (engine.bin != platform.pg_bin).then(|| engine.bin.clone());
+    let bin = (engine.bin != nodes.pg_bin).then(|| engine.bin.clone());
     let primary = old.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let standbys: Vec<NodeRecord> =
         old.nodes.iter().filter(|n| n.role == NodeRole::Replica).cloned().collect();
     if standbys.is_empty() {
-        let db = record_engine(platform, id, &bin, &[&primary.name])?;
+        let db = record_engine(records, id, &bin, &[&primary.name])?;
         let primary = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
         op.set(0.3);
-        return restart_primary_held(platform, &claim, &db, &primary, &what).await;
+        return restart_primary_held(records, nodes, routing, &claim, &db, &primary, &what).await;
     }
     // Standbys first, then the switchover makes one the primary.
     let names: Vec<&str> = standbys.iter().map(|s| s.name.as_str()).collect();
-    let db = record_engine(platform, id, &bin, &names)?;
+    let db = record_engine(records, id, &bin, &names)?;
     for standby in db.replicas() {
-        restart_standby(platform, &claim, &db, &primary, standby, &what).await?;
+        restart_standby(records, nodes, &claim, &db, &primary, standby, &what).await?;
     }
     op.set(0.4);
     let target = db.replicas().find(|s| !s.fenced).map(|s| s.name.clone());
-    switchover(platform, &claim, id, target.as_deref()).await?;
+    switchover(records, nodes, routing, &claim, id, target.as_deref()).await?;
     op.set(0.7);
     // The old primary is stopped and fenced now: the watcher rejoins it with the binaries its
     // record names, the new build's.
-    record_engine(platform, id, &bin, &[&primary.name])?;
+    record_engine(records, id, &bin, &[&primary.name])?;
     drop(claim);
-    wait_synchronous_again(platform, id).await
+    wait_synchronous_again(records, id).await
 }

@@ -1,20 +1,19 @@
 //! Failover: the reachable standby with the most WAL received, refused if it could miss
 //! acknowledged commits; the old primary fenced first; then promotion and a new routing epoch.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgwarden_api::control::NodeRole;
 use tracing::{info, warn};
 
 use super::watcher::check_primary;
-use super::HaError;
+use super::{Ha, HaError, HealthConfig};
 use crate::agent::fencing;
 use crate::failure::{Failure, Reportable};
-use crate::nodes::blocking;
 use crate::nodes::sql::Timeouts;
-use crate::platform::Platform;
-use crate::state::{DatabaseRecord, StoreError};
+use crate::nodes::{blocking, NodeSpec, Nodes};
+use crate::routing::Routing;
+use crate::state::{DatabaseRecord, Records, StoreError};
 
 /// How long a standby may take to say whether it can be promoted.
 const PROBE: Duration = Duration::from_secs(1);
@@ -25,32 +24,32 @@ const AGENT_FENCE_WAIT: Duration = Duration::from_secs(15);
 /// Replaces `old_primary` of `id` by its best standby now. Returns the new primary's name, or
 /// why there was none (also recorded as an event).
 pub async fn failover(
-    platform: &Arc<Platform>,
+    ha: &Ha,
     id: &str,
     old_primary: &str,
     last_lag: &[(String, u64)],
     reason: &str,
 ) -> Result<String, HaError> {
-    let Some(_claim) = platform.changes.for_failover(id).await else {
+    let Some(_claim) = ha.claims.for_failover(id).await else {
         return Err(HaError::PlannedChangeFinishing);
     };
-    let db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+    let db = ha.records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     if db.primary().map(|p| p.name.as_str()) != Some(old_primary) {
         return Err(HaError::Moved(old_primary.to_owned())); // Someone moved it.
     }
-    let candidate = match choose_standby(platform, &db, last_lag).await {
+    let candidate = match choose_standby(&ha.nodes, &ha.health, &db, last_lag).await {
         Ok(candidate) => candidate,
         Err(why) => {
-            platform.metrics.failover(false);
-            platform.event(id, "failover_refused", why.to_string());
+            ha.metrics.failover(false);
+            ha.records.event(id, "failover_refused", why.to_string());
             return Err(why);
         }
     };
     let started = Instant::now();
-    match promote(platform, id, old_primary, &candidate).await {
+    match promote(&ha.records, &ha.nodes, &ha.routing, id, old_primary, &candidate).await {
         Ok(epoch) => {
-            platform.metrics.failover(true);
-            platform.event(
+            ha.metrics.failover(true);
+            ha.records.event(
                 id,
                 "failover",
                 format!("{reason}: promoted {candidate} in place of {old_primary} in {} ms, routing epoch {epoch}", started.elapsed().as_millis()),
@@ -58,9 +57,9 @@ pub async fn failover(
             Ok(candidate)
         }
         Err(e) => {
-            platform.metrics.failover(false);
+            ha.metrics.failover(false);
             let e = HaError::PromoteFailed { candidate, source: Box::new(e) };
-            platform.event(id, "failover_failed", e.sentence());
+            ha.records.event(id, "failover_failed", e.sentence());
             Err(e)
         }
     }
@@ -69,14 +68,15 @@ pub async fn failover(
 /// The standby to promote: reachable, in recovery, most WAL received, and not missing commits
 /// the primary acknowledged. Standbys are asked all at once.
 async fn choose_standby(
-    platform: &Platform,
+    nodes: &Nodes,
+    health: &HealthConfig,
     db: &DatabaseRecord,
     last_lag: &[(String, u64)],
 ) -> Result<String, HaError> {
     let probes = db.replicas().map(|standby| async move {
-        let spec = platform.node_spec(standby);
+        let spec = NodeSpec::of(standby);
         let probe = async {
-            let session = platform.session_within(&spec, "postgres", Timeouts::within(PROBE)).await?;
+            let session = nodes.session_within(&spec, "postgres", Timeouts::within(PROBE)).await?;
             let row = session
                 .query_one("SELECT pg_is_in_recovery(), coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), '0/0'), 0)::int8", &[])
                 .await?;
@@ -105,7 +105,7 @@ async fn choose_standby(
     }
     let (name, _) = best.ok_or(HaError::NoStandby)?;
     let lag = last_lag.iter().find(|(n, _)| *n == name).map(|(_, l)| *l);
-    may_promote(&name, db.synchronous, lag, platform.config.health.max_failover_lag_bytes)?;
+    may_promote(&name, db.synchronous, lag, health.max_failover_lag_bytes)?;
     Ok(name)
 }
 
@@ -159,22 +159,24 @@ pub(crate) fn may_promote(
 /// and gives the new primary its own settings. Returns the routing epoch. The caller holds the
 /// database's primary-change claim.
 pub(crate) async fn promote(
-    platform: &Arc<Platform>,
+    records: &Records,
+    nodes: &Nodes,
+    routing: &Routing,
     id: &str,
     old: &str,
     new: &str,
 ) -> Result<u64, HaError> {
-    let db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+    let db = records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let find = |name: &str| {
         let node = db.nodes.iter().find(|n| n.name == name).cloned();
         node.ok_or_else(|| HaError::NodeVanished(name.to_owned()))
     };
     let (old_node, new_node) = (find(old)?, find(new)?);
     // Fence first: whatever happens next, the old primary serves nothing more.
-    let (old_spec, new_spec) = (platform.node_spec(&old_node), platform.node_spec(&new_node));
-    let driver = platform.driver.clone();
+    let (old_spec, new_spec) = (NodeSpec::of(&old_node), NodeSpec::of(&new_node));
+    let driver = nodes.driver.clone();
     let fence = blocking(move || driver.fence(&old_spec));
-    match (&platform.etcd, &old_node.agent) {
+    match (&nodes.etcd, &old_node.agent) {
         // An agent out of reach fences its host's primaries itself once it is cut off from
         // etcd: its key gone, plus a margin, the old primary is known to be stopped. Whichever
         // comes first.
@@ -191,9 +193,9 @@ pub(crate) async fn promote(
         }
         _ => fence.await?,
     }
-    let driver = platform.driver.clone();
+    let driver = nodes.driver.clone();
     blocking(move || driver.promote(&new_spec)).await?;
-    let (_, db) = platform
+    let (_, db) = records
         .update(id, |db| {
             for node in &mut db.nodes {
                 if node.name == old {
@@ -208,11 +210,11 @@ pub(crate) async fn promote(
             Ok::<_, StoreError>(())
         })?
         .ok_or_else(|| Failure::Vanished(id.to_owned()))?;
-    let epoch = platform.publish_routes()?;
+    let epoch = routing.publish(&records.store)?;
     // The new primary's own settings: no upstream, asynchronous until a standby is back.
     let promoted = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
-    let config = platform.node_config(&db, &promoted, None)?;
-    let (driver, spec) = (platform.driver.clone(), platform.node_spec(&promoted));
+    let config = nodes.config(&db, &promoted, None)?;
+    let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(&promoted));
     blocking(move || {
         driver.configure(&spec, &config)?;
         driver.reload(&spec)
@@ -223,14 +225,14 @@ pub(crate) async fn promote(
 }
 
 /// `POST .../failover`: change the primary now, even if it looks healthy.
-pub async fn forced_failover(platform: &Arc<Platform>, id: &str) -> Result<String, HaError> {
-    let db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+pub async fn forced_failover(ha: &Ha, id: &str) -> Result<String, HaError> {
+    let db = ha.records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let primary = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
-    let last_lag = match check_primary(platform, &primary).await {
+    let last_lag = match check_primary(&ha.nodes, &ha.health, &primary).await {
         Ok(state) => state.lags(),
         Err(_) => Vec::new(),
     };
-    failover(platform, id, &primary.name, &last_lag, "failover requested").await
+    failover(ha, id, &primary.name, &last_lag, "failover requested").await
 }
 
 #[cfg(test)]

@@ -5,21 +5,69 @@
 //!   commits synchronous while the standby streams (asynchronous, visibly, when it does not),
 //!   and starts failovers, rejoins and standby restarts, the last two as tasks of their own so
 //!   that the checks never stop.
+//! - `claims.rs`: one primary change at a time per database; a failover preempts a planned
+//!   change that has not yet stopped the primary on purpose.
 //! - `failover.rs`: picks the standby, fences the old primary, promotes, publishes.
 //! - `switchover.rs`: the planned primary change, preempted by a failover if the primary fails
 //!   meanwhile.
 //! - `rejoin.rs`: a fenced former primary comes back as a standby (pg_rewind or a fresh copy).
 //!
-//! Primary changes claim the database in `platform::changes`; record changes take the record
+//! Primary changes claim the database in `claims.rs`; record changes take the record
 //! lock only while the record is written; every node call is bounded.
 
+pub mod claims;
 pub mod failover;
 pub mod rejoin;
 pub mod switchover;
 pub mod watcher;
 
+pub use claims::{ChangeGuard, PrimaryChanges};
+
+use std::sync::Arc;
+
 use crate::failure::{Failure, Reportable};
 use crate::lifecycle::LifecycleError;
+use crate::metrics::Metrics;
+use crate::nodes::Nodes;
+use crate::routing::Routing;
+use crate::state::Records;
+
+/// What the watchers and failovers act with; each watcher's task holds a copy.
+#[derive(Clone)]
+pub struct Ha {
+    pub records: Arc<Records>,
+    pub nodes: Arc<Nodes>,
+    pub routing: Arc<Routing>,
+    pub claims: Arc<PrimaryChanges>,
+    pub metrics: Metrics,
+    pub health: HealthConfig,
+}
+
+/// How nodes are watched and when a primary is declared dead.
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    /// Time between two checks of a node.
+    pub interval: std::time::Duration,
+    /// Consecutive failed checks before the primary is declared dead (default 3 × 500 ms:
+    /// about 1.5 s).
+    pub failures: u32,
+    /// How long one check may take.
+    pub timeout: std::time::Duration,
+    /// A standby that was not synchronous may be promoted only if it lagged at most this many
+    /// bytes at the last check; beyond, failover is refused (acknowledged commits could be lost).
+    pub max_failover_lag_bytes: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval: std::time::Duration::from_millis(500),
+            failures: 3,
+            timeout: std::time::Duration::from_millis(400),
+            max_failover_lag_bytes: 0,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HaError {

@@ -1,38 +1,42 @@
 //! A fenced former primary comes back as a standby of the current primary: pg_rewind, or a
 //! fresh copy when the rewind cannot be done.
 
-use std::sync::Arc;
-
 use tracing::warn;
 
 use super::HaError;
 use crate::failure::Reportable;
 use crate::lifecycle::standby::add_standby_only;
 use crate::nodes::config::slot_name;
-use crate::nodes::{blocking, roles, NodeSpec, Upstream};
-use crate::platform::Platform;
-use crate::state::{DatabaseRecord, NodeRecord, StoreError};
+use crate::nodes::{blocking, roles, NodeSpec, Nodes, Upstream};
+use crate::routing::Routing;
+use crate::state::{DatabaseRecord, NodeRecord, Records, StoreError};
 
 /// Brings `fenced` back as a standby of `id`'s current primary.
-pub async fn rejoin(platform: &Arc<Platform>, id: &str, fenced: &NodeRecord) {
-    let Ok(Some(db)) = platform.store.database(id) else { return };
+pub async fn rejoin(
+    records: &Records,
+    nodes: &Nodes,
+    routing: &Routing,
+    id: &str,
+    fenced: &NodeRecord,
+) {
+    let Ok(Some(db)) = records.store.database(id) else { return };
     let Some(primary) = db.primary().cloned() else { return };
     let Some(node) = db.nodes.iter().find(|n| n.name == fenced.name && n.fenced).cloned() else {
         return;
     };
-    let (spec, source) = (platform.node_spec(&node), platform.node_spec(&primary));
+    let (spec, source) = (NodeSpec::of(&node), NodeSpec::of(&primary));
     let result = async {
-        ensure_slot(platform, &source, &slot_name(&node.name)).await?;
+        ensure_slot(nodes, &source, &slot_name(&node.name)).await?;
         // pg_rewind reads the source's timeline from its control file, which a recently
         // promoted primary updates only at its next checkpoint.
-        checkpoint(platform, &source).await?;
-        let config = platform.node_config(&db, &node, None)?;
+        checkpoint(nodes, &source).await?;
+        let config = nodes.config(&db, &node, None)?;
         // Across hosts pg_rewind reaches the primary over TLS as a role allowed in for this
         // rewind only; on one host, through the primary's socket.
         let remote = spec.agent.is_some() || source.agent.is_some();
         let login =
-            if remote { Some(open_rewind_login(platform, &source, &primary).await?) } else { None };
-        let driver = platform.driver.clone();
+            if remote { Some(open_rewind_login(nodes, &source, &primary).await?) } else { None };
+        let driver = nodes.driver.clone();
         let (spec2, source2) = (spec.clone(), source.clone());
         let rewound = blocking(move || {
             driver.fence(&spec2)?;
@@ -46,40 +50,40 @@ pub async fn rejoin(platform: &Arc<Platform>, id: &str, fenced: &NodeRecord) {
         })
         .await;
         if remote {
-            close_rewind_login(platform, &source).await;
+            close_rewind_login(nodes, &source).await;
         }
         match rewound {
             Ok(()) => Ok("pg_rewind"),
             Err(e) => {
                 warn!(database = id, node = %node.name, error = %e, "pg_rewind failed; copying the primary afresh");
-                fresh_copy(platform, &db, &node, &spec).await.map(|()| "a fresh base backup")
+                fresh_copy(records, nodes, &db, &node, &spec).await.map(|()| "a fresh base backup")
             }
         }
     }
     .await;
     match result {
         Ok(how) => {
-            let recorded = platform.update(id, |db| {
+            let recorded = records.update(id, |db| {
                 if let Some(n) = db.nodes.iter_mut().find(|n| n.name == node.name) {
                     n.fenced = false;
                 }
                 Ok::<_, StoreError>(())
             });
             if let Err(e) = recorded {
-                return platform.event(
+                return records.event(
                     id,
                     "rejoin_failed",
                     format!("cannot record the rejoin: {e}"),
                 );
             }
-            let _ = platform.publish_routes();
-            platform.event(
+            let _ = routing.publish(&records.store);
+            records.event(
                 id,
                 "rejoined",
                 format!("{} rejoined as a standby of {} ({how})", node.name, primary.name),
             );
         }
-        Err(e) => platform.event(
+        Err(e) => records.event(
             id,
             "rejoin_failed",
             format!("{} could not rejoin yet: {}", node.name, e.sentence()),
@@ -88,29 +92,30 @@ pub async fn rejoin(platform: &Arc<Platform>, id: &str, fenced: &NodeRecord) {
 }
 
 async fn fresh_copy(
-    platform: &Arc<Platform>,
+    records: &Records,
+    nodes: &Nodes,
     db: &DatabaseRecord,
     node: &NodeRecord,
     spec: &NodeSpec,
 ) -> Result<(), HaError> {
-    let (driver, spec2) = (platform.driver.clone(), spec.clone());
+    let (driver, spec2) = (nodes.driver.clone(), spec.clone());
     blocking(move || driver.destroy(&spec2)).await?;
     // The slot was made for the rewind; pg_basebackup creates its own.
     if let Some(primary) = db.primary() {
-        drop_slot(platform, &platform.node_spec(primary), &slot_name(&node.name)).await;
+        drop_slot(nodes, &NodeSpec::of(primary), &slot_name(&node.name)).await;
     }
-    Ok(add_standby_only(platform, db, node).await?)
+    Ok(add_standby_only(records, nodes, db, node).await?)
 }
 
 /// Lets the rewind role log in on the primary with a password made for this rewind; the
 /// source the node's agent runs pg_rewind from.
 async fn open_rewind_login(
-    platform: &Platform,
+    nodes: &Nodes,
     source: &NodeSpec,
     primary: &NodeRecord,
 ) -> Result<Upstream, HaError> {
     let password = crate::secrets::generate_password();
-    let admin = platform.session(source, "postgres").await?;
+    let admin = nodes.session(source, "postgres").await?;
     roles::open_rewind_login(&admin, &password).await?;
     Ok(Upstream {
         host: primary.host.clone(),
@@ -122,9 +127,9 @@ async fn open_rewind_login(
 }
 
 /// Ends the rewind role's login (logged, not fatal: it has no password it could use).
-async fn close_rewind_login(platform: &Platform, source: &NodeSpec) {
+async fn close_rewind_login(nodes: &Nodes, source: &NodeSpec) {
     let closed = async {
-        let admin = platform.session(source, "postgres").await?;
+        let admin = nodes.session(source, "postgres").await?;
         roles::close_rewind_login(&admin).await?;
         Ok::<_, HaError>(())
     };
@@ -133,8 +138,8 @@ async fn close_rewind_login(platform: &Platform, source: &NodeSpec) {
     }
 }
 
-async fn ensure_slot(platform: &Platform, primary: &NodeSpec, slot: &str) -> Result<(), HaError> {
-    let admin = platform.session(primary, "postgres").await?;
+async fn ensure_slot(nodes: &Nodes, primary: &NodeSpec, slot: &str) -> Result<(), HaError> {
+    let admin = nodes.session(primary, "postgres").await?;
     admin
         .execute(
             "SELECT pg_create_physical_replication_slot($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
@@ -144,13 +149,13 @@ async fn ensure_slot(platform: &Platform, primary: &NodeSpec, slot: &str) -> Res
     Ok(())
 }
 
-async fn checkpoint(platform: &Platform, node: &NodeSpec) -> Result<(), HaError> {
-    let admin = platform.session(node, "postgres").await?;
+async fn checkpoint(nodes: &Nodes, node: &NodeSpec) -> Result<(), HaError> {
+    let admin = nodes.session(node, "postgres").await?;
     Ok(admin.batch_execute("CHECKPOINT").await?)
 }
 
-async fn drop_slot(platform: &Platform, primary: &NodeSpec, slot: &str) {
-    if let Ok(admin) = platform.session(primary, "postgres").await {
+async fn drop_slot(nodes: &Nodes, primary: &NodeSpec, slot: &str) {
+    if let Ok(admin) = nodes.session(primary, "postgres").await {
         let _ = admin
             .execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
             .await;

@@ -6,17 +6,16 @@
 //! database over: the switchover then gives up at once, releasing the hold.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::warn;
 
 use super::failover::promote;
-use super::HaError;
+use super::{ChangeGuard, HaError};
 use crate::failure::Failure;
-use crate::nodes::blocking;
-use crate::platform::{ChangeGuard, Platform};
-use crate::state::NodeRecord;
+use crate::nodes::{blocking, NodeSpec, Nodes};
+use crate::routing::Routing;
+use crate::state::{NodeRecord, Records};
 use crate::wait;
 
 /// How long a switchover waits for the proxies to apply a table.
@@ -55,16 +54,18 @@ async fn step<T, E: Into<HaError>>(
 /// Switches `id` over to `target` (default: its first standby). `claim` is the database's
 /// planned-change claim. Returns the new primary and how long new sessions were held.
 pub async fn switchover(
-    platform: &Arc<Platform>,
+    records: &Records,
+    nodes: &Nodes,
+    routing: &Routing,
     claim: &ChangeGuard,
     id: &str,
     target_name: Option<&str>,
 ) -> Result<(String, Duration), HaError> {
-    let db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+    let db = records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let old = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let candidate = target(&db, target_name)?;
-    let (old_spec, new_spec) = (platform.node_spec(&old), platform.node_spec(&candidate));
-    let standby = step(claim, platform.session(&new_spec, "postgres")).await?;
+    let (old_spec, new_spec) = (NodeSpec::of(&old), NodeSpec::of(&candidate));
+    let standby = step(claim, nodes.session(&new_spec, "postgres")).await?;
     let in_recovery: bool =
         step(claim, standby.query_one("SELECT pg_is_in_recovery()", &[])).await?.get(0);
     if !in_recovery {
@@ -72,18 +73,18 @@ pub async fn switchover(
     }
 
     // 1. Hold new sessions on every proxy.
-    platform.holds.hold(id);
+    routing.holds.hold(id);
     let held_at = Instant::now();
     let result: Result<(), HaError> = async {
-        let epoch = platform.publish_routes()?;
+        let epoch = routing.publish(&records.store)?;
         let applied =
-            async { Ok::<_, HaError>(platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await) };
+            async { Ok::<_, HaError>(routing.publisher.wait_applied(epoch, APPLY_TIMEOUT).await) };
         if !step(claim, applied).await? {
             warn!(database = id, epoch, "not every proxy applied the hold in time");
         }
         // 2. Stop the primary cleanly; with synchronous replication its WAL is on the standby.
         let lsn: String = step(claim, async {
-            let admin = platform.session(&old_spec, "postgres").await?;
+            let admin = nodes.session(&old_spec, "postgres").await?;
             let row = admin.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?;
             Ok::<_, HaError>(row.get(0))
         })
@@ -92,12 +93,12 @@ pub async fn switchover(
             return Err(HaError::Preempted);
         }
         claim.primary_stopped_on_purpose();
-        let (driver, spec) = (platform.driver.clone(), old_spec.clone());
+        let (driver, spec) = (nodes.driver.clone(), old_spec.clone());
         let stopped =
             tokio::time::timeout(STOP_TIMEOUT, blocking(move || driver.stop(&spec))).await;
         if !matches!(stopped, Ok(Ok(()))) {
             // It would not stop in time: make sure it serves nothing, then check the standby.
-            let (driver, spec) = (platform.driver.clone(), old_spec.clone());
+            let (driver, spec) = (nodes.driver.clone(), old_spec.clone());
             blocking(move || driver.fence(&spec)).await?;
         }
         // 3. The standby must have received everything the primary wrote.
@@ -113,17 +114,17 @@ pub async fn switchover(
     }
     .await;
     if let Err(e) = result {
-        platform.holds.release(id);
+        routing.holds.release(id);
         if !matches!(e, HaError::Preempted) {
             // Roll back: the old primary serves again, sessions are released to it.
-            let (driver, spec) = (platform.driver.clone(), old_spec.clone());
+            let (driver, spec) = (nodes.driver.clone(), old_spec.clone());
             let _ = blocking(
                 move || if driver.is_running(&spec) { Ok(()) } else { driver.start(&spec) },
             )
             .await;
         }
-        let _ = platform.publish_routes();
-        platform.event(
+        let _ = routing.publish(&records.store);
+        records.event(
             id,
             "switchover_failed",
             format!("switchover to {} abandoned: {e}", candidate.name),
@@ -131,13 +132,13 @@ pub async fn switchover(
         return Err(e);
     }
     // 4. Promote and release the held sessions to the new primary.
-    platform.holds.release(id);
-    let promoted = promote(platform, id, &old.name, &candidate.name).await;
+    routing.holds.release(id);
+    let promoted = promote(records, nodes, routing, id, &old.name, &candidate.name).await;
     let held_for = held_at.elapsed();
     match promoted {
         Ok(epoch) => {
-            platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await;
-            platform.event(
+            routing.publisher.wait_applied(epoch, APPLY_TIMEOUT).await;
+            records.event(
                 id,
                 "switchover",
                 format!("{} is the new primary in place of {} (new sessions held {} ms), routing epoch {epoch}", candidate.name, old.name, held_for.as_millis()),
@@ -145,8 +146,8 @@ pub async fn switchover(
             Ok((candidate.name, held_for))
         }
         Err(e) => {
-            let _ = platform.publish_routes();
-            platform.event(
+            let _ = routing.publish(&records.store);
+            records.event(
                 id,
                 "switchover_failed",
                 format!("promoting {} failed: {e}", candidate.name),

@@ -13,17 +13,18 @@ use tracing::{debug, error, info};
 
 use super::failover::failover;
 use super::rejoin::rejoin;
-use crate::nodes::blocking;
+use super::{Ha, HealthConfig};
+use crate::metrics::Metrics;
 use crate::nodes::sql::{SqlError, Timeouts};
-use crate::platform::Platform;
-use crate::state::{DatabaseRecord, NodeRecord, StoreError};
+use crate::nodes::{blocking, NodeSpec, Nodes};
+use crate::state::{DatabaseRecord, NodeRecord, Records, StoreError};
 
 /// Starts a watcher for every replicated database, now and as they appear.
 /// Each watcher is a task of `tasks`, and ends with `shutdown`.
-pub async fn supervise(platform: Arc<Platform>, shutdown: CancellationToken, tasks: TaskTracker) {
+pub async fn supervise(ha: Ha, shutdown: CancellationToken, tasks: TaskTracker) {
     let watched: Arc<Mutex<HashSet<String>>> = Arc::default();
     loop {
-        for db in platform.store.databases().unwrap_or_default() {
+        for db in ha.records.store.databases().unwrap_or_default() {
             // Also a database already `updating` again: a plan change started between two
             // passes relies on the watcher to rejoin the old primary after its switchover.
             let replicated = db.nodes.len() > 1;
@@ -32,11 +33,10 @@ pub async fn supervise(platform: Arc<Platform>, shutdown: CancellationToken, tas
                 && alive
                 && watched.lock().unwrap_or_else(|e| e.into_inner()).insert(db.id.clone())
             {
-                let (platform, watched, shutdown) =
-                    (platform.clone(), watched.clone(), shutdown.clone());
+                let (ha, watched, shutdown) = (ha.clone(), watched.clone(), shutdown.clone());
                 tasks.spawn(async move {
                     tokio::select! {
-                        () = watch(&platform, &db.id) => {}
+                        () = watch(&ha, &db.id) => {}
                         () = shutdown.cancelled() => {}
                     }
                     watched.lock().unwrap_or_else(|e| e.into_inner()).remove(&db.id);
@@ -44,7 +44,7 @@ pub async fn supervise(platform: Arc<Platform>, shutdown: CancellationToken, tas
             }
         }
         tokio::select! {
-            () = tokio::time::sleep(platform.config.health.interval) => {}
+            () = tokio::time::sleep(ha.health.interval) => {}
             () = shutdown.cancelled() => return,
         }
     }
@@ -106,8 +106,8 @@ impl Drop for Background {
     }
 }
 
-async fn watch(platform: &Arc<Platform>, id: &str) {
-    let health = platform.config.health.clone();
+async fn watch(ha: &Ha, id: &str) {
+    let health = ha.health.clone();
     let mut failures = 0u32;
     let mut standby_missing = 0u32;
     // Lag of each standby at the last good check, for the failover decision.
@@ -122,7 +122,7 @@ async fn watch(platform: &Arc<Platform>, id: &str) {
     ticks.tick().await;
     loop {
         ticks.tick().await;
-        let Ok(Some(db)) = platform.store.database(id) else { return };
+        let Ok(Some(db)) = ha.records.store.database(id) else { return };
         if db.nodes.len() < 2 {
             return; // No standby any more (a plan change to a single-node plan).
         }
@@ -135,14 +135,14 @@ async fn watch(platform: &Arc<Platform>, id: &str) {
             continue;
         }
         let Some(primary) = db.primary().cloned() else { continue };
-        match check_primary(platform, &primary).await {
+        match check_primary(&ha.nodes, &ha.health, &primary).await {
             Ok(state) => {
                 failures = 0;
                 last_lag = state.lags();
                 let streaming =
                     db.replicas().any(|r| state.standbys.iter().any(|s| s.name == r.name));
                 standby_missing = if streaming { 0 } else { standby_missing + 1 };
-                if platform.changes.busy(id) {
+                if ha.claims.busy(id) {
                     // A primary change is running: leave the nodes to it.
                     if waiting_since.get_or_insert_with(Instant::now).elapsed() > WHY_EVERY {
                         waiting_since = Some(Instant::now());
@@ -155,13 +155,17 @@ async fn watch(platform: &Arc<Platform>, id: &str) {
                 }
                 let lost = standby_missing >= health.failures;
                 let modes = (&mut switching, &mut waiting_since);
-                replication_mode(platform, &db, &primary, &state, lost, modes).await;
+                replication_mode(ha, &db, &primary, &state, lost, modes).await;
                 if let Some(fenced) = db.nodes.iter().find(|n| n.fenced).cloned() {
-                    let (platform, id) = (platform.clone(), id.to_owned());
-                    repair.start(async move { rejoin(&platform, &id, &fenced).await });
+                    let (ha, id) = (ha.clone(), id.to_owned());
+                    repair.start(async move {
+                        rejoin(&ha.records, &ha.nodes, &ha.routing, &id, &fenced).await
+                    });
                 } else if standby_missing >= health.failures {
-                    let platform = platform.clone();
-                    repair.start(async move { restart_stopped_standbys(&platform, &db).await });
+                    let ha = ha.clone();
+                    repair.start(async move {
+                        restart_stopped_standbys(&ha.records, &ha.nodes, &db).await
+                    });
                 }
             }
             Err(e) => {
@@ -170,17 +174,16 @@ async fn watch(platform: &Arc<Platform>, id: &str) {
                 if failures < health.failures {
                     continue;
                 }
-                if platform.changes.primary_stopped_on_purpose(id) {
+                if ha.claims.primary_stopped_on_purpose(id) {
                     debug!(database = id, "primary stopped by a planned change");
                     continue;
                 }
-                platform.event(
+                ha.records.event(
                     id,
                     "primary_unreachable",
                     format!("primary {} failed {failures} checks: {e}", primary.name),
                 );
-                let _ =
-                    failover(platform, id, &primary.name, &last_lag, "primary unreachable").await;
+                let _ = failover(ha, id, &primary.name, &last_lag, "primary unreachable").await;
                 failures = 0;
             }
         }
@@ -188,12 +191,13 @@ async fn watch(platform: &Arc<Platform>, id: &str) {
 }
 
 pub(crate) async fn check_primary(
-    platform: &Platform,
+    nodes: &Nodes,
+    health: &HealthConfig,
     primary: &NodeRecord,
 ) -> Result<PrimaryState, SqlError> {
-    let timeouts = Timeouts::within(platform.config.health.timeout);
-    let spec = platform.node_spec(primary);
-    let session = platform.session_within(&spec, "postgres", timeouts).await?;
+    let timeouts = Timeouts::within(health.timeout);
+    let spec = NodeSpec::of(primary);
+    let session = nodes.session_within(&spec, "postgres", timeouts).await?;
     // One round trip: the primary's position, and each streaming standby's (none: one row of
     // NULLs).
     let rows = session
@@ -220,20 +224,21 @@ pub(crate) async fn check_primary(
 /// when it streams nearly caught up, and records it once the standby has everything written
 /// before the switch. Never waits on a node beyond one reload: the watcher's checks go on.
 async fn replication_mode(
-    platform: &Arc<Platform>,
+    ha: &Ha,
     db: &DatabaseRecord,
     primary: &NodeRecord,
     state: &PrimaryState,
     standby_lost: bool,
     (switching, waiting_since): (&mut Option<Switch>, &mut Option<Instant>),
 ) {
+    let Ha { records, nodes, metrics, .. } = ha;
     if standby_lost && (db.synchronous || switching.is_some()) {
         // Asynchronous again, also when a switch was under way: commits must not wait for a
         // standby that is gone.
-        if set_synchronous_standby(platform, db, primary, None).await {
+        if set_synchronous_standby(nodes, db, primary, None).await {
             *switching = None;
             if db.synchronous {
-                record(platform, db, primary, false);
+                record(records, metrics, db, primary, false);
             }
         }
         return;
@@ -250,8 +255,8 @@ async fn replication_mode(
             Some(after) if standby.flushed >= after => {
                 let name = switch.standby.clone();
                 *switching = None;
-                if record(platform, db, primary, true) {
-                    platform.event(
+                if record(records, metrics, db, primary, true) {
+                    records.event(
                         &db.id,
                         "replication_synchronous",
                         format!("standby {name} caught up: commits are synchronous again"),
@@ -273,7 +278,7 @@ async fn replication_mode(
     if let Some(standby) = caught_up {
         *waiting_since = None;
         info!(database = %db.id, standby = %standby.name, "making commits wait for this standby");
-        if set_synchronous_standby(platform, db, primary, Some(&standby.name)).await {
+        if set_synchronous_standby(nodes, db, primary, Some(&standby.name)).await {
             *switching = Some(Switch {
                 primary: primary.name.clone(),
                 standby: standby.name.clone(),
@@ -291,19 +296,19 @@ const CATCH_UP_BYTES: u64 = 1 << 20;
 
 /// Rewrites the primary's `synchronous_standby_names` and reloads it. False on failure (logged).
 async fn set_synchronous_standby(
-    platform: &Platform,
+    nodes: &Nodes,
     db: &DatabaseRecord,
     primary: &NodeRecord,
     standby: Option<&str>,
 ) -> bool {
-    let config = match platform.node_config(db, primary, standby) {
+    let config = match nodes.config(db, primary, standby) {
         Ok(config) => config,
         Err(e) => {
             error!(database = %db.id, error = %e, "cannot change replication mode");
             return false;
         }
     };
-    let (driver, spec) = (platform.driver.clone(), platform.node_spec(primary));
+    let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(primary));
     let reloaded = blocking(move || {
         driver.configure(&spec, &config)?;
         driver.reload(&spec)
@@ -318,12 +323,13 @@ async fn set_synchronous_standby(
 /// Records whether commits are synchronous (if `primary` is still the primary). The event of a
 /// degrade is recorded here; the caller records the way back, naming the standby.
 fn record(
-    platform: &Platform,
+    records: &Records,
+    metrics: &Metrics,
     db: &DatabaseRecord,
     primary: &NodeRecord,
     synchronous: bool,
 ) -> bool {
-    let recorded = platform.update(&db.id, |db| {
+    let recorded = records.update(&db.id, |db| {
         let same = db.primary().is_some_and(|p| p.name == primary.name);
         if same {
             db.synchronous = synchronous;
@@ -338,9 +344,9 @@ fn record(
             return false;
         }
     }
-    platform.metrics.replication_mode(synchronous);
+    metrics.replication_mode(synchronous);
     if !synchronous {
-        platform.event(
+        records.event(
             &db.id,
             "replication_degraded",
             "standby not streaming: commits are asynchronous until it is back",
@@ -350,9 +356,9 @@ fn record(
 }
 
 /// Starts standbys whose processes are gone (crashed or killed); they catch up by streaming.
-async fn restart_stopped_standbys(platform: &Arc<Platform>, db: &DatabaseRecord) {
+async fn restart_stopped_standbys(records: &Records, nodes: &Nodes, db: &DatabaseRecord) {
     for standby in db.replicas() {
-        let (driver, spec) = (platform.driver.clone(), platform.node_spec(standby));
+        let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(standby));
         let restarted = blocking(move || {
             if driver.is_running(&spec) {
                 return Ok(false);
@@ -362,13 +368,13 @@ async fn restart_stopped_standbys(platform: &Arc<Platform>, db: &DatabaseRecord)
         })
         .await;
         match restarted {
-            Ok(true) => platform.event(
+            Ok(true) => records.event(
                 &db.id,
                 "node_restarted",
                 format!("standby {} was down; restarted", standby.name),
             ),
             Ok(false) => {}
-            Err(e) => platform.event(
+            Err(e) => records.event(
                 &db.id,
                 "node_failed",
                 format!("standby {} could not restart: {e}", standby.name),

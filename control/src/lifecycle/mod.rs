@@ -1,13 +1,28 @@
 //! A database's life: provisioning (`provision.rs`), standbys (`standby.rs`, also used by HA
-//! and PITR), destruction (`destroy.rs`), and what a restart of the control plane resumes
-//! (`recover.rs`).
+//! and PITR) and destruction (`destroy.rs`).
 
 pub mod destroy;
 pub mod provision;
-pub mod recover;
 pub mod standby;
 
+use std::sync::Arc;
+
 use crate::failure::{Failure, Reportable};
+use crate::nodes::Nodes;
+use crate::operations::Operations;
+use crate::routing::Routing;
+use crate::state::Records;
+use crate::storage::BackupStorage;
+
+/// What provisioning and destruction act with, as operations of their own.
+#[derive(Clone)]
+pub struct Lifecycle {
+    pub records: Arc<Records>,
+    pub nodes: Arc<Nodes>,
+    pub routing: Arc<Routing>,
+    pub operations: Operations,
+    pub backups: Arc<dyn BackupStorage>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {

@@ -1,35 +1,34 @@
 //! Standbys: copied from the primary over TLS, streaming, then made synchronous.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use super::LifecycleError;
 use crate::failure::Failure;
 use crate::nodes::config::{slot_name, REPLICATION_ROLE};
-use crate::nodes::{blocking, NodeSpec, Upstream};
-use crate::platform::Platform;
-use crate::state::{DatabaseRecord, NodeRecord};
+use crate::nodes::{blocking, NodeSpec, Nodes, Upstream};
+use crate::state::{DatabaseRecord, NodeRecord, Records};
 use crate::wait;
 
 /// Copies the primary into `standby` over TLS, starts it streaming, then makes it the
 /// synchronous standby.
 pub async fn add_standby(
-    platform: &Arc<Platform>,
+    records: &Records,
+    nodes: &Nodes,
     db: &DatabaseRecord,
     standby: &NodeRecord,
 ) -> Result<(), LifecycleError> {
-    add_standby_only(platform, db, standby).await?;
+    add_standby_only(records, nodes, db, standby).await?;
     let primary = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(db.id.clone()))?;
-    let primary_spec = platform.node_spec(&primary);
-    let config = platform.node_config(db, &primary, Some(&standby.name))?;
-    let (driver, spec) = (platform.driver.clone(), primary_spec.clone());
+    let primary_spec = NodeSpec::of(&primary);
+    let config = nodes.config(db, &primary, Some(&standby.name))?;
+    let (driver, spec) = (nodes.driver.clone(), primary_spec.clone());
     blocking(move || {
         driver.configure(&spec, &config)?;
         driver.reload(&spec)
     })
     .await?;
-    wait_synchronous(platform, &primary_spec, &standby.name).await?;
-    platform.event(
+    wait_synchronous(nodes, &primary_spec, &standby.name).await?;
+    records.event(
         &db.id,
         "replication_synchronous",
         format!("standby {} is synchronous", standby.name),
@@ -39,7 +38,8 @@ pub async fn add_standby(
 
 /// Copies the primary into `standby` (pg_basebackup over TLS) and starts it streaming.
 pub async fn add_standby_only(
-    platform: &Arc<Platform>,
+    records: &Records,
+    nodes: &Nodes,
     db: &DatabaseRecord,
     standby: &NodeRecord,
 ) -> Result<(), LifecycleError> {
@@ -51,14 +51,14 @@ pub async fn add_standby_only(
         password: db.replication_password.clone(),
         slot: slot_name(&standby.name),
     };
-    let config = platform.node_config(db, standby, None)?;
-    let (driver, spec) = (platform.driver.clone(), platform.node_spec(standby));
+    let config = nodes.config(db, standby, None)?;
+    let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(standby));
     blocking(move || {
         driver.init_standby(&spec, &config, &upstream)?;
         driver.start(&spec)
     })
     .await?;
-    platform.event(
+    records.event(
         &db.id,
         "node_started",
         format!("standby {} streaming from {}", standby.name, primary.name),
@@ -67,11 +67,11 @@ pub async fn add_standby_only(
 }
 
 async fn wait_synchronous(
-    platform: &Platform,
+    nodes: &Nodes,
     primary: &NodeSpec,
     standby: &str,
 ) -> Result<(), LifecycleError> {
-    let admin = platform.session(primary, "postgres").await?;
+    let admin = nodes.session(primary, "postgres").await?;
     let admin = &admin;
     let synchronous = wait::until(Duration::from_secs(60), wait::STEADY, || async move {
         let rows = admin

@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod config;
+pub mod context;
 pub mod driver;
 pub mod engines;
 pub mod local;
@@ -12,9 +13,11 @@ pub mod ports;
 pub mod roles;
 pub mod sql;
 
+pub use context::{Nodes, Tunnels};
 pub use driver::{
     DiskUsage, DriverError, NodeConfig, NodeDriver, NodeResources, NodeSpec, Upstream,
 };
+pub use placement::Hosts;
 
 /// What can go wrong with a node: a program of the driver, a SQL session, its configuration.
 #[derive(Debug, thiserror::Error)]

@@ -9,24 +9,25 @@ use pgwarden_api::control::NodeRole;
 use super::ports::Ports;
 use crate::state::{DatabaseRecord, NodeRecord};
 
-/// What placement needs to know of the platform.
-pub struct Hosts<'a> {
+/// Where new nodes may go.
+pub struct Hosts {
     /// The agents (`host:port`); none: nodes run on this host.
-    pub agents: &'a [String],
+    pub agents: Vec<String>,
     /// This host's address for nodes, without agents.
-    pub node_host: &'a str,
+    pub node_host: String,
+    /// First port tried for new nodes; ports go up from there.
     pub first_port: u16,
     /// Where nodes' directories go: on this host, and on the agents' hosts.
     pub nodes_dir: PathBuf,
     pub agent_nodes_dir: PathBuf,
-    pub ports: &'a Ports,
 }
 
 /// Records for `count` new nodes of database `id`, named `<id>-<first>`, `<id>-<first+1>`...
 /// (the first is the primary), given every database's records. A program orphaned by an
 /// interrupted attempt may still write into an earlier directory: each attempt has its own.
 pub fn new_nodes(
-    hosts: &Hosts<'_>,
+    hosts: &Hosts,
+    ports: &Ports,
     databases: &[DatabaseRecord],
     id: &str,
     engine: Option<&Path>,
@@ -35,14 +36,9 @@ pub fn new_nodes(
 ) -> Vec<NodeRecord> {
     let attempt: u16 = rand::random();
     // Nodes of a major upgrade in progress and of retired clusters keep their ports.
-    let all_nodes = |d: &DatabaseRecord| {
-        let upgrading = d.upgrade.iter().flat_map(|u| u.nodes.iter()).cloned();
-        let retired = d.retired.iter().flat_map(|r| r.nodes.iter()).cloned();
-        d.nodes.iter().cloned().chain(upgrading).chain(retired).collect::<Vec<_>>()
-    };
     let existing: Vec<(bool, NodeRecord)> = databases
         .iter()
-        .flat_map(|d| all_nodes(d).into_iter().map(move |n| (d.id == id, n)))
+        .flat_map(|d| d.all_nodes().map(move |n| (d.id == id, n.clone())))
         .collect();
     let used: Vec<u16> = existing.iter().map(|(_, n)| n.port).collect();
     let mut placed: Vec<Option<String>> = Vec::with_capacity(count);
@@ -58,12 +54,12 @@ pub fn new_nodes(
     }
     let mut records = Vec::with_capacity(count);
     for (i, agent) in placed.into_iter().enumerate() {
-        let host = agent.as_deref().map_or(hosts.node_host, |a| {
+        let host = agent.as_deref().map_or(hosts.node_host.as_str(), |a| {
             a.rsplit_once(':').map_or(a, |(host, _)| host.trim_matches(['[', ']']))
         });
         let taken: Vec<u16> =
             used.iter().chain(records.iter().map(|r: &NodeRecord| &r.port)).copied().collect();
-        let Some(port) = hosts.ports.allocate(host, hosts.first_port, &taken, 1).pop() else {
+        let Some(port) = ports.allocate(host, hosts.first_port, &taken, 1).pop() else {
             continue;
         };
         let name = format!("{id}-{}", first + i as u32);
@@ -86,14 +82,13 @@ pub fn new_nodes(
 mod tests {
     use super::*;
 
-    fn hosts<'a>(agents: &'a [String], ports: &'a Ports) -> Hosts<'a> {
+    fn hosts(agents: &[String]) -> Hosts {
         Hosts {
-            agents,
-            node_host: "127.0.0.1",
+            agents: agents.to_vec(),
+            node_host: "127.0.0.1".into(),
             first_port: 21500,
             nodes_dir: "/data/nodes".into(),
             agent_nodes_dir: "/agent/nodes".into(),
-            ports,
         }
     }
 
@@ -101,7 +96,7 @@ mod tests {
     fn a_standby_goes_to_another_host_than_its_primary_and_ports_are_never_shared() {
         let agents = vec!["127.0.0.2:9190".to_owned(), "127.0.0.3:9190".to_owned()];
         let ports = Ports::default();
-        let nodes = new_nodes(&hosts(&agents, &ports), &[], "db", None, 1, 2);
+        let nodes = new_nodes(&hosts(&agents), &ports, &[], "db", None, 1, 2);
         assert_eq!(nodes.len(), 2);
         assert_eq!((nodes[0].role, nodes[1].role), (NodeRole::Primary, NodeRole::Replica));
         assert_ne!(nodes[0].agent, nodes[1].agent, "primary and standby on two hosts");
@@ -113,7 +108,7 @@ mod tests {
     #[test]
     fn without_agents_nodes_go_to_this_host() {
         let ports = Ports::default();
-        let nodes = new_nodes(&hosts(&[], &ports), &[], "solo", None, 1, 1);
+        let nodes = new_nodes(&hosts(&[]), &ports, &[], "solo", None, 1, 1);
         assert_eq!(nodes[0].host, "127.0.0.1");
         assert!(nodes[0].agent.is_none() && nodes[0].dir.starts_with("/data/nodes"));
     }

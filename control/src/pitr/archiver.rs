@@ -2,6 +2,7 @@
 //! gap checks and the weekly base backup.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,11 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::base::{base_backup_due, prune, take_base_backup, wal_gaps};
-use super::{pitr_plan, wal_dir, PitrError};
+use super::{pitr_plan, wal_dir, Pitr, PitrError};
 use crate::failure::Reportable;
 use crate::nodes::config::{conninfo, REPLICATION_ROLE};
 use crate::nodes::sql::{Session, Timeouts};
-use crate::platform::Platform;
+use crate::nodes::{NodeSpec, Nodes};
 use crate::state::{DatabaseRecord, NodeRecord};
 
 pub(crate) const ARCHIVER: &str = "pgwarden_archiver";
@@ -50,23 +51,18 @@ impl Heartbeats {
 }
 
 /// Starts an archiver for every PITR database, now and as they appear.
-pub async fn supervise(
-    platform: Arc<Platform>,
-    heartbeats: Arc<Heartbeats>,
-    shutdown: CancellationToken,
-) {
+pub async fn supervise(pitr: Pitr, heartbeats: Arc<Heartbeats>, shutdown: CancellationToken) {
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     loop {
-        for db in platform.store.databases().unwrap_or_default() {
+        for db in pitr.records.store.databases().unwrap_or_default() {
             if db.status == DatabaseStatus::Running
-                && pitr_plan(&db)
+                && pitr_plan(&db.plan)
                 && running.lock().expect("lock").insert(db.id.clone())
             {
-                let (platform, running, shutdown) =
-                    (platform.clone(), running.clone(), shutdown.clone());
+                let (pitr, running, shutdown) = (pitr.clone(), running.clone(), shutdown.clone());
                 let heartbeats = heartbeats.clone();
                 tokio::spawn(async move {
-                    archive(&platform, &heartbeats, &db.id, &shutdown).await;
+                    archive(&pitr, &heartbeats, &db.id, &shutdown).await;
                     running.lock().expect("lock").remove(&db.id);
                 });
             }
@@ -78,17 +74,13 @@ pub async fn supervise(
     }
 }
 
-async fn archive(
-    platform: &Arc<Platform>,
-    heartbeats: &Heartbeats,
-    id: &str,
-    shutdown: &CancellationToken,
-) {
+async fn archive(pitr: &Pitr, heartbeats: &Heartbeats, id: &str, shutdown: &CancellationToken) {
+    let Pitr { records, nodes, metrics, backup_dir, data_dir, .. } = pitr;
     let mut receiver: Option<(String, Child)> = None;
     let mut admin: Option<Session> = None;
     let mut ticks = 0u64;
     let mut reported_gaps: Vec<String> = Vec::new();
-    while let Ok(Some(db)) = platform.store.database(id) {
+    while let Ok(Some(db)) = records.store.database(id) {
         match db.status {
             DatabaseStatus::Deleting | DatabaseStatus::Failed => break,
             DatabaseStatus::Restoring => {
@@ -111,10 +103,10 @@ async fn archive(
                 if let Some((_, mut child)) = receiver.take() {
                     let _ = child.kill().await;
                 }
-                match start_receiver(platform, &db, &primary).await {
+                match start_receiver(nodes, backup_dir, data_dir, &db, &primary).await {
                     Ok(child) => {
                         receiver = Some((primary.name.clone(), child));
-                        platform.event(
+                        records.event(
                             id,
                             "wal_archiving",
                             format!("streaming WAL from {}", primary.name),
@@ -124,9 +116,8 @@ async fn archive(
                 }
             }
             if admin.as_ref().is_none_or(|s| s.node() != primary.name || s.is_closed()) {
-                let spec = platform.node_spec(&primary);
-                admin =
-                    platform.session_within(&spec, "postgres", Timeouts::within(TICK)).await.ok();
+                let spec = NodeSpec::of(&primary);
+                admin = nodes.session_within(&spec, "postgres", Timeouts::within(TICK)).await.ok();
             }
             if let Some(session) = &admin {
                 let before = OffsetDateTime::now_utc();
@@ -146,10 +137,10 @@ async fn archive(
                 }
             }
             if ticks.is_multiple_of(10) {
-                let gaps = wal_gaps(&wal_dir(platform, id), None);
+                let gaps = wal_gaps(&wal_dir(backup_dir, id), None);
                 if !gaps.is_empty() && gaps != reported_gaps {
-                    platform.metrics.wal_gap();
-                    platform.event(
+                    metrics.wal_gap();
+                    records.event(
                         id,
                         "wal_gap",
                         format!("WAL archive is missing segment(s) {}", gaps.join(", ")),
@@ -157,14 +148,14 @@ async fn archive(
                     reported_gaps = gaps;
                 }
             }
-            if receiver.is_some() && base_backup_due(platform, id) {
-                match take_base_backup(platform, &db).await {
+            if receiver.is_some() && base_backup_due(backup_dir, id) {
+                match take_base_backup(records, nodes, backup_dir, data_dir, &db).await {
                     Ok(b) => {
                         let message = format!("base backup {} taken and verified", b.id);
-                        platform.event(id, "base_backup", message);
-                        prune(platform, id);
+                        records.event(id, "base_backup", message);
+                        prune(records, backup_dir, id);
                     }
-                    Err(e) => platform.event(
+                    Err(e) => records.event(
                         id,
                         "base_backup_failed",
                         format!("base backup failed: {}", e.sentence()),
@@ -186,9 +177,9 @@ async fn archive(
 
 /// A replication connection string to `node` (the password comes from the environment of the
 /// program that uses it, never from its command line).
-pub(crate) fn replication_conninfo(platform: &Platform, node: &NodeRecord, app: &str) -> String {
+pub(crate) fn replication_conninfo(data_dir: &Path, node: &NodeRecord, app: &str) -> String {
     let port = node.port.to_string();
-    let ca = platform.config.data_dir.join("ca/ca.crt").display().to_string();
+    let ca = data_dir.join("ca/ca.crt").display().to_string();
     conninfo(&[
         ("host", &node.host),
         ("port", &port),
@@ -201,18 +192,20 @@ pub(crate) fn replication_conninfo(platform: &Platform, node: &NodeRecord, app: 
 }
 
 async fn start_receiver(
-    platform: &Platform,
+    nodes: &Nodes,
+    backup_dir: &Path,
+    data_dir: &Path,
     db: &DatabaseRecord,
     primary: &NodeRecord,
 ) -> Result<Child, PitrError> {
-    let admin = platform.session(&platform.node_spec(primary), "postgres").await?;
+    let admin = nodes.session(&NodeSpec::of(primary), "postgres").await?;
     admin
         .execute(
             "SELECT pg_create_physical_replication_slot($1, true) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
             &[&ARCHIVER],
         )
         .await?;
-    let dir = wal_dir(platform, &db.id);
+    let dir = wal_dir(backup_dir, &db.id);
     let log = crate::files::blocking_io(|| {
         crate::files::private_dir(&dir)?;
         crate::files::create_private(&dir.parent().unwrap_or(&dir).join("pg_receivewal.log"))
@@ -221,11 +214,11 @@ async fn start_receiver(
     // and write into the archive the next leader writes to.
     Command::new("setpriv")
         .args(["--pdeathsig", "KILL"])
-        .arg(platform.tools(db).join("pg_receivewal"))
+        .arg(nodes.tools(db).join("pg_receivewal"))
         .arg("-D")
         .arg(&dir)
         .args(["--slot", ARCHIVER, "--synchronous", "--no-loop", "--no-password", "-d"])
-        .arg(replication_conninfo(platform, primary, ARCHIVER))
+        .arg(replication_conninfo(data_dir, primary, ARCHIVER))
         .env("PGPASSWORD", &db.replication_password)
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)

@@ -10,9 +10,9 @@ use tracing::info;
 use super::archiver::replication_conninfo;
 use super::{base_dir, wal_dir, PitrError};
 use crate::failure::Failure;
-use crate::nodes::NodeError;
-use crate::platform::{now_rfc3339, Platform};
-use crate::state::DatabaseRecord;
+use crate::nodes::{NodeError, Nodes};
+use crate::state::access::now_rfc3339;
+use crate::state::{DatabaseRecord, Records};
 
 const BASE_BACKUP_EVERY: time::Duration = time::Duration::days(7);
 
@@ -26,9 +26,9 @@ pub struct BaseBackup {
     pub start_segment: String,
 }
 
-pub fn base_backups(platform: &Platform, id: &str) -> Vec<BaseBackup> {
+pub fn base_backups(backup_dir: &Path, id: &str) -> Vec<BaseBackup> {
     crate::files::blocking_io(|| {
-        let mut all: Vec<BaseBackup> = std::fs::read_dir(base_dir(platform, id))
+        let mut all: Vec<BaseBackup> = std::fs::read_dir(base_dir(backup_dir, id))
             .map(|d| {
                 d.flatten()
                     .filter_map(|e| std::fs::read(e.path().join("pgwarden-base.json")).ok())
@@ -45,8 +45,8 @@ pub(crate) fn parse_time(t: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
 }
 
-pub(crate) fn base_backup_due(platform: &Platform, id: &str) -> bool {
-    base_backups(platform, id)
+pub(crate) fn base_backup_due(backup_dir: &Path, id: &str) -> bool {
+    base_backups(backup_dir, id)
         .last()
         .and_then(|b| parse_time(&b.finished_at))
         .is_none_or(|t| OffsetDateTime::now_utc() - t > BASE_BACKUP_EVERY)
@@ -54,17 +54,20 @@ pub(crate) fn base_backup_due(platform: &Platform, id: &str) -> bool {
 
 /// `pg_basebackup` (from the standby when there is one), verified with `pg_verifybackup`.
 pub async fn take_base_backup(
-    platform: &Platform,
+    records: &Records,
+    nodes: &Nodes,
+    backup_dir: &Path,
+    data_dir: &Path,
     db: &DatabaseRecord,
 ) -> Result<BaseBackup, PitrError> {
     let source = db.replicas().next().or(db.primary()).cloned().ok_or(PitrError::NoNode)?;
-    let seq = platform.store.next_counter("base_backup_seq")?;
+    let seq = records.store.next_counter("base_backup_seq")?;
     let id = format!("base-{seq:06}");
-    let dir = base_dir(platform, &db.id);
+    let dir = base_dir(backup_dir, &db.id);
     crate::files::blocking_io(|| crate::files::private_dir(&dir))?;
     let (tmp, done) = (dir.join(format!(".{id}")), dir.join(&id));
-    let bin = platform.tools(db);
-    let conninfo = replication_conninfo(platform, &source, "pgwarden_base_backup");
+    let bin = nodes.tools(db);
+    let conninfo = replication_conninfo(data_dir, &source, "pgwarden_base_backup");
     let password = db.replication_password.clone();
     let work = tmp.clone();
     let start_segment = tokio::task::spawn_blocking(move || -> Result<String, PitrError> {
@@ -185,15 +188,15 @@ pub fn wal_to_prune(names: &[String], oldest_needed: &str) -> Vec<String> {
 }
 
 /// Drops base backups and WAL that no time in the window needs.
-pub(crate) fn prune(platform: &Platform, id: &str) {
+pub(crate) fn prune(records: &Records, backup_dir: &Path, id: &str) {
     crate::files::blocking_io(|| {
-        let bases = base_backups(platform, id);
+        let bases = base_backups(backup_dir, id);
         let gone = bases_to_prune(&bases, OffsetDateTime::now_utc());
         for b in &gone {
-            let _ = std::fs::remove_dir_all(base_dir(platform, id).join(b));
+            let _ = std::fs::remove_dir_all(base_dir(backup_dir, id).join(b));
         }
         let Some(oldest) = bases.iter().find(|b| !gone.contains(&b.id)) else { return };
-        let wal = wal_dir(platform, id);
+        let wal = wal_dir(backup_dir, id);
         let names: Vec<String> = std::fs::read_dir(&wal)
             .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
             .unwrap_or_default();
@@ -207,7 +210,7 @@ pub(crate) fn prune(platform: &Platform, id: &str) {
                 gone.len(),
                 old.len()
             );
-            platform.event(id, "pitr_pruned", message);
+            records.event(id, "pitr_pruned", message);
         }
     })
 }

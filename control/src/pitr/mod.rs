@@ -15,24 +15,41 @@ pub mod archiver;
 pub mod base;
 pub mod restore;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use crate::metrics::Metrics;
+use crate::nodes::Nodes;
 use crate::plans;
-use crate::platform::Platform;
-use crate::state::DatabaseRecord;
+use crate::routing::Routing;
+use crate::state::Records;
+
+/// What archiving and restores act with.
+#[derive(Clone)]
+pub struct Pitr {
+    pub records: Arc<Records>,
+    pub nodes: Arc<Nodes>,
+    pub routing: Arc<Routing>,
+    pub metrics: Metrics,
+    /// Where base backups and the WAL archive are.
+    pub backup_dir: PathBuf,
+    /// The control plane's data dir (the archiver's connection files).
+    pub data_dir: PathBuf,
+}
 
 pub use archiver::Heartbeats;
 
-pub fn wal_dir(platform: &Platform, id: &str) -> PathBuf {
-    platform.config.backup_dir.join(id).join("wal")
+pub fn wal_dir(backup_dir: &Path, id: &str) -> PathBuf {
+    backup_dir.join(id).join("wal")
 }
 
-pub fn base_dir(platform: &Platform, id: &str) -> PathBuf {
-    platform.config.backup_dir.join(id).join("base")
+pub fn base_dir(backup_dir: &Path, id: &str) -> PathBuf {
+    backup_dir.join(id).join("base")
 }
 
-pub fn pitr_plan(db: &DatabaseRecord) -> bool {
-    plans::find(&db.plan).is_some_and(|p| p.pitr)
+/// Whether databases on `plan` have point-in-time recovery.
+pub fn pitr_plan(plan: &str) -> bool {
+    plans::find(plan).is_some_and(|p| p.pitr)
 }
 
 use crate::failure::{Failure, Reportable};

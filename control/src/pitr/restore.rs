@@ -1,6 +1,6 @@
 //! The recoverable window and point-in-time restores.
 
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
 
 use pgwarden_api::control::DatabaseStatus;
@@ -8,32 +8,32 @@ use time::OffsetDateTime;
 
 use super::archiver::{Heartbeats, ARCHIVER};
 use super::base::{base_backups, parse_time, wal_gaps, BaseBackup};
-use super::{base_dir, pitr_plan, wal_dir, PitrError};
+use super::{base_dir, pitr_plan, wal_dir, Pitr, PitrError};
 use crate::failure::{Failure, Reportable};
 use crate::lifecycle::standby::add_standby;
-use crate::nodes::blocking;
 use crate::nodes::config::quote;
-use crate::nodes::NodeError;
-use crate::platform::operations::Progress;
-use crate::platform::Platform;
+use crate::nodes::placement;
+use crate::nodes::{blocking, NodeError, NodeSpec, Nodes};
+use crate::operations::Progress;
 use crate::state::{DatabaseRecord, NodeRecord, StoreError};
 use crate::wait;
 
 /// The recoverable window: from the oldest base backup to the newest archived heartbeat.
 pub async fn window(
-    platform: &Platform,
+    nodes: &Nodes,
+    backup_dir: &Path,
     heartbeats: &Heartbeats,
     db: &DatabaseRecord,
 ) -> Result<(OffsetDateTime, OffsetDateTime), PitrError> {
-    if !pitr_plan(db) {
+    if !pitr_plan(&db.plan) {
         return Err(PitrError::NoPitr(db.plan.clone()));
     }
-    let earliest = base_backups(platform, &db.id)
+    let earliest = base_backups(backup_dir, &db.id)
         .first()
         .and_then(|b| parse_time(&b.finished_at))
         .ok_or(PitrError::NoBaseBackup)?;
     let primary = db.primary().ok_or_else(|| Failure::NoPrimary(db.id.clone()))?;
-    let admin = platform.session(&platform.node_spec(primary), "postgres").await?;
+    let admin = nodes.session(&NodeSpec::of(primary), "postgres").await?;
     let row = admin
         .query_opt(
             "SELECT pg_wal_lsn_diff(flush_lsn, '0/0')::int8 FROM pg_stat_replication WHERE application_name = $1",
@@ -49,16 +49,16 @@ pub async fn window(
 /// Rebuilds `id` as it was at `target` on new nodes; swaps routes; removes the old nodes. On
 /// failure the database is left as it was (running on its old nodes).
 pub async fn restore(
-    platform: &Arc<Platform>,
+    pitr: &Pitr,
     heartbeats: &Heartbeats,
     id: &str,
     target: OffsetDateTime,
     mut op: Progress,
 ) -> Result<(), PitrError> {
-    let result = do_restore(platform, heartbeats, id, target, &mut op).await;
+    let result = do_restore(pitr, heartbeats, id, target, &mut op).await;
     if let Err(e) = &result {
-        platform.event(id, "restore_failed", e.sentence());
-        let _ = platform.update(id, |db| {
+        pitr.records.event(id, "restore_failed", e.sentence());
+        let _ = pitr.records.update(id, |db| {
             db.status = DatabaseStatus::Running;
             Ok::<_, crate::state::StoreError>(())
         });
@@ -68,12 +68,13 @@ pub async fn restore(
 
 /// Checks that `target` can be restored; returns the base backup to start from.
 pub async fn check_restorable(
-    platform: &Platform,
+    nodes: &Nodes,
+    backup_dir: &Path,
     heartbeats: &Heartbeats,
     db: &DatabaseRecord,
     target: OffsetDateTime,
 ) -> Result<BaseBackup, PitrError> {
-    let (earliest, latest) = window(platform, heartbeats, db).await?;
+    let (earliest, latest) = window(nodes, backup_dir, heartbeats, db).await?;
     let fmt = |t: OffsetDateTime| {
         t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
     };
@@ -84,12 +85,12 @@ pub async fn check_restorable(
             latest: fmt(latest),
         });
     }
-    let base = base_backups(platform, &db.id)
+    let base = base_backups(backup_dir, &db.id)
         .into_iter()
         .rfind(|b| parse_time(&b.finished_at).is_some_and(|t| t <= target))
         .ok_or(PitrError::NoBaseBefore)?;
     // The base backup must still match its manifest (checksums of every file).
-    let (bin, dir) = (platform.tools(db), base_dir(platform, &db.id).join(&base.id));
+    let (bin, dir) = (nodes.tools(db), base_dir(backup_dir, &db.id).join(&base.id));
     let verified = tokio::task::spawn_blocking(move || {
         std::process::Command::new(bin.join("pg_verifybackup"))
             .args(["--ignore", "pgwarden-base.json"])
@@ -105,7 +106,7 @@ pub async fn check_restorable(
         let first = crate::nodes::driver::client_sentence(detail.lines().next().unwrap_or(""));
         return Err(PitrError::Damaged { backup: base.id.clone(), reason: first });
     }
-    let gaps = wal_gaps(&wal_dir(platform, &db.id), Some(&base.start_segment));
+    let gaps = wal_gaps(&wal_dir(backup_dir, &db.id), Some(&base.start_segment));
     if !gaps.is_empty() {
         return Err(PitrError::Gap(gaps.join(", ")));
     }
@@ -113,15 +114,15 @@ pub async fn check_restorable(
 }
 
 async fn do_restore(
-    platform: &Arc<Platform>,
+    pitr: &Pitr,
     heartbeats: &Heartbeats,
     id: &str,
     target: OffsetDateTime,
     op: &mut Progress,
 ) -> Result<(), PitrError> {
-    let db = platform.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
-    let base = check_restorable(platform, heartbeats, &db, target).await?;
-    let Some(((), db)) = platform.update(id, |db| {
+    let db = pitr.records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+    let base = check_restorable(&pitr.nodes, &pitr.backup_dir, heartbeats, &db, target).await?;
+    let Some(((), db)) = pitr.records.update(id, |db| {
         db.status = DatabaseStatus::Restoring;
         Ok::<_, StoreError>(())
     })?
@@ -129,7 +130,11 @@ async fn do_restore(
         return Err(Failure::Vanished(id.to_owned()).into());
     };
     let old_nodes = db.nodes.clone();
-    platform.event(id, "restoring", format!("restoring to {target} from base backup {}", base.id));
+    pitr.records.event(
+        id,
+        "restoring",
+        format!("restoring to {target} from base backup {}", base.id),
+    );
 
     // New nodes next to the old ones.
     let next = old_nodes
@@ -138,19 +143,27 @@ async fn do_restore(
         .max()
         .unwrap_or(0)
         + 1;
-    let new_nodes = platform.new_nodes(id, db.engine.as_deref(), next, old_nodes.len())?;
+    let new_nodes = placement::new_nodes(
+        &pitr.nodes.hosts,
+        &pitr.nodes.ports,
+        &pitr.records.store.databases()?,
+        id,
+        db.engine.as_deref(),
+        next,
+        old_nodes.len(),
+    );
     let mut restored = db.clone();
     restored.nodes = new_nodes.clone();
-    let cleanup = |platform: Arc<Platform>, nodes: Vec<NodeRecord>| async move {
-        for node in nodes {
-            let (driver, spec) = (platform.driver.clone(), platform.node_spec(&node));
+    let cleanup = |list: Vec<NodeRecord>| async move {
+        for node in list {
+            let (driver, spec) = (pitr.nodes.driver.clone(), NodeSpec::of(&node));
             let _ = blocking(move || driver.destroy(&spec)).await;
         }
     };
     let result = async {
         let primary =
             restored.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
-        let mut config = platform.node_config(&restored, &primary, None)?;
+        let mut config = pitr.nodes.config(&restored, &primary, None)?;
         let target_text = target.format(&time::macros::format_description!(
             "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6]+00"
         ))?;
@@ -159,9 +172,12 @@ async fn do_restore(
             ("recovery_target_action".to_owned(), "'promote'".to_owned()),
             ("recovery_target_timeline".to_owned(), "'latest'".to_owned()),
         ]);
-        let spec = platform.node_spec(&primary);
-        let (driver, base_path, wal) =
-            (platform.driver.clone(), base_dir(platform, id).join(&base.id), wal_dir(platform, id));
+        let spec = NodeSpec::of(&primary);
+        let (driver, base_path, wal) = (
+            pitr.nodes.driver.clone(),
+            base_dir(&pitr.backup_dir, id).join(&base.id),
+            wal_dir(&pitr.backup_dir, id),
+        );
         let spec2 = spec.clone();
         blocking(move || {
             driver.init_from_backup(&spec2, &config, &base_path, &wal)?;
@@ -169,50 +185,50 @@ async fn do_restore(
         })
         .await?;
         op.set(0.4);
-        wait_promoted(platform, &spec).await?;
+        wait_promoted(&pitr.nodes, &spec).await?;
         // Plain settings again (no recovery target), and a check that the database is there.
-        let config = platform.node_config(&restored, &primary, None)?;
-        let (driver, spec2) = (platform.driver.clone(), spec.clone());
+        let config = pitr.nodes.config(&restored, &primary, None)?;
+        let (driver, spec2) = (pitr.nodes.driver.clone(), spec.clone());
         blocking(move || {
             driver.configure(&spec2, &config)?;
             driver.reload(&spec2)
         })
         .await?;
-        let check = platform.session(&spec, &restored.name).await?;
+        let check = pitr.nodes.session(&spec, &restored.name).await?;
         check.query_one("SELECT current_database()", &[]).await.map_err(PitrError::NotAnswering)?;
         op.set(0.6);
         for standby in restored.replicas().cloned().collect::<Vec<_>>() {
-            add_standby(platform, &restored, &standby).await?;
+            add_standby(&pitr.records, &pitr.nodes, &restored, &standby).await?;
             restored.synchronous = true;
         }
         Ok::<(), PitrError>(())
     }
     .await;
     if let Err(e) = result {
-        cleanup(platform.clone(), new_nodes).await;
+        cleanup(new_nodes).await;
         return Err(e);
     }
     // Swap: the archive starts a new generation, routes go to the restored nodes, then the old
     // nodes go away.
-    let wal = wal_dir(platform, id);
+    let wal = wal_dir(&pitr.backup_dir, id);
     let aside = wal.with_file_name(format!("wal-before-{}", op.id()));
-    let bases = base_dir(platform, id);
+    let bases = base_dir(&pitr.backup_dir, id);
     let bases_aside = bases.with_file_name(format!("base-before-{}", op.id()));
     crate::files::blocking_io(|| {
         let _ = std::fs::rename(&wal, &aside);
         let _ = std::fs::rename(&bases, &bases_aside);
     });
     heartbeats.forget(id);
-    platform.update(id, |db| {
+    pitr.records.update(id, |db| {
         db.nodes = restored.nodes.clone();
         db.synchronous = restored.synchronous;
         db.status = DatabaseStatus::Running;
         Ok::<_, StoreError>(())
     })?;
-    let epoch = platform.publish_routes()?;
+    let epoch = pitr.routing.publish(&pitr.records.store)?;
     op.set(0.9);
-    cleanup(platform.clone(), old_nodes).await;
-    platform.event(
+    cleanup(old_nodes).await;
+    pitr.records.event(
         id,
         "restored",
         format!("restored to {target}; routing epoch {epoch}; new base backup follows"),
@@ -220,22 +236,19 @@ async fn do_restore(
     Ok(())
 }
 
-async fn wait_promoted(
-    platform: &Platform,
-    node: &crate::nodes::NodeSpec,
-) -> Result<(), PitrError> {
+async fn wait_promoted(nodes: &Nodes, node: &crate::nodes::NodeSpec) -> Result<(), PitrError> {
     let promoted = wait::until(Duration::from_secs(1800), wait::SLOW, || async move {
-        if let Ok(admin) = platform.session(node, "postgres").await {
+        if let Ok(admin) = nodes.session(node, "postgres").await {
             if let Ok(row) = admin.query_one("SELECT pg_is_in_recovery()", &[]).await {
                 if !row.get::<_, bool>(0) {
                     return Ok(Some(()));
                 }
             }
         } else {
-            let (driver, spec) = (platform.driver.clone(), node.clone());
+            let (driver, spec) = (nodes.driver.clone(), node.clone());
             let running = blocking(move || Ok(driver.is_running(&spec))).await.unwrap_or(false);
             if !running {
-                return Err(PitrError::RecoveryFailed(platform.driver.log_tail(node)));
+                return Err(PitrError::RecoveryFailed(nodes.driver.log_tail(node)));
             }
         }
         Ok(None)

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::ha::HealthConfig;
+
 #[derive(Clone)]
 pub struct PlatformConfig {
     pub data_dir: PathBuf,
@@ -41,32 +43,6 @@ pub struct PlatformConfig {
     pub stats_retention: std::time::Duration,
     /// State in etcd and a leader among several control planes; none: the embedded store.
     pub etcd: Option<crate::coord::EtcdSettings>,
-}
-
-/// How nodes are watched and when a primary is declared dead.
-#[derive(Clone, Debug)]
-pub struct HealthConfig {
-    /// Time between two checks of a node.
-    pub interval: std::time::Duration,
-    /// Consecutive failed checks before the primary is declared dead (default 3 × 500 ms:
-    /// about 1.5 s).
-    pub failures: u32,
-    /// How long one check may take.
-    pub timeout: std::time::Duration,
-    /// A standby that was not synchronous may be promoted only if it lagged at most this many
-    /// bytes at the last check; beyond, failover is refused (acknowledged commits could be lost).
-    pub max_failover_lag_bytes: u64,
-}
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        Self {
-            interval: std::time::Duration::from_millis(500),
-            failures: 3,
-            timeout: std::time::Duration::from_millis(400),
-            max_failover_lag_bytes: 0,
-        }
-    }
 }
 
 /// Everything but the proxies' token.

@@ -28,7 +28,7 @@ const PUSH_TIMEOUTS: Timeouts =
 pub enum Delivery {
     /// `PUT /v1/routes` to each proxy (the embedded store).
     Push,
-    /// The proxies watch etcd, where `Platform::publish_routes` put the table.
+    /// The proxies watch etcd, where `Routing::publish` put the table.
     Watched,
 }
 

@@ -52,7 +52,7 @@ pub fn build(
             hold: holds.is_held(&db.id),
             id: Some(db.id.clone()),
             users: verifiers.get(&db.id),
-            pool_size: Some(plans::pool_size(db)),
+            pool_size: Some(plans::pool_size(&db.plan)),
         };
         routes.insert(db.name.clone(), route);
     }

@@ -3,6 +3,7 @@
 //! shutdown. `up.rs` holds the `serve` and `up` commands.
 
 pub mod args;
+pub mod recover;
 pub mod up;
 
 pub use args::Command;
@@ -22,7 +23,6 @@ use tracing::{info, warn};
 
 use crate::api::{self, ApiState};
 use crate::coord::{Etcd, Leadership};
-use crate::lifecycle::recover;
 use crate::nodes::local::LocalDriver;
 use crate::pitr::Heartbeats;
 use crate::platform::{Parts, Platform, PlatformConfig};
@@ -120,38 +120,40 @@ async fn lead(
     // nodes are stopped, so that none of them acts on a node being stopped.
     let (tasks, background) = (TaskTracker::new(), shutdown.child_token());
     tasks.spawn(crate::pitr::archiver::supervise(
-        platform.clone(),
+        platform.pitr(),
         heartbeats.clone(),
         background.child_token(),
     ));
-    tasks.spawn(crate::platform::verifiers::keep_fresh(platform.clone(), background.child_token()));
+    tasks.spawn(crate::routing::refresh::keep_fresh(platform.refresh(), background.child_token()));
     tasks.spawn(crate::changes::major::supervise_retired(
-        platform.clone(),
+        platform.changes(),
         background.child_token(),
     ));
     tasks.spawn(crate::backups::schedule::schedule(
-        platform.clone(),
+        Arc::clone(&platform.records),
+        Arc::clone(&platform.nodes),
+        Arc::clone(&platform.backups),
+        platform.metrics.clone(),
         platform.config.backup_tick,
         background.child_token(),
     ));
     // Nodes are adopted (started if stopped) first, then watched; interrupted operations are
     // resumed only once the watchers run, each as a task of its own.
     // What the previous run left is read now, before the API serves.
-    let left = recover::Leftovers::read(&platform).context("state store")?;
+    let left = recover::Leftovers::read(&platform.records).context("state store")?;
     let (recovering, watchers, tracker) =
         (platform.clone(), background.child_token(), tasks.clone());
     tasks.spawn(async move {
         recover::adopt_nodes(&recovering, &left).await;
-        let supervised =
-            crate::ha::watcher::supervise(recovering.clone(), watchers, tracker.clone());
+        let supervised = crate::ha::watcher::supervise(recovering.ha(), watchers, tracker.clone());
         tracker.spawn(supervised);
         let changes = left.interrupted_changes();
         recover::resume_operations(&recovering, left);
-        crate::changes::resume::resume_interrupted(&recovering, changes);
+        crate::changes::resume::resume_interrupted(&recovering.changes(), changes);
     });
     // Control planes on etcd keep it with the backups, on the storage they share: a new leader
     // goes on with its predecessor's history.
-    let stats_dir = match platform.etcd {
+    let stats_dir = match platform.nodes.etcd {
         Some(_) => &platform.config.backup_dir,
         None => &platform.config.data_dir,
     };
@@ -161,9 +163,15 @@ async fn lead(
     )
     .context("stats history")?;
     let sampler = Arc::new(crate::stats::Sampler::new(history));
+    let sources = crate::stats::Sources {
+        records: Arc::clone(&platform.records),
+        nodes: Arc::clone(&platform.nodes),
+        metrics: platform.metrics.clone(),
+        backup_dir: platform.config.backup_dir.clone(),
+        heartbeats: heartbeats.clone(),
+    };
     tasks.spawn(crate::stats::run(
-        platform.clone(),
-        heartbeats.clone(),
+        sources,
         sampler.clone(),
         platform.config.stats_interval,
         background.child_token(),
@@ -179,7 +187,7 @@ async fn lead(
         warn!(running = tasks.len(), "background tasks did not end in time");
     }
     if stop_on_exit {
-        recover::stop_all(&platform).await;
+        recover::stop_all(&platform.records, &platform.nodes).await;
     }
     served
 }

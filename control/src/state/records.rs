@@ -98,6 +98,14 @@ impl DatabaseRecord {
     pub fn replicas(&self) -> impl Iterator<Item = &NodeRecord> {
         self.nodes.iter().filter(|n| n.role == NodeRole::Replica && !n.fenced)
     }
+
+    /// Every node the record holds: its own, a major upgrade's new ones, retired clusters'
+    /// (they all keep their names, ports and directories).
+    pub fn all_nodes(&self) -> impl Iterator<Item = &NodeRecord> {
+        let upgrading = self.upgrade.iter().flat_map(|u| u.nodes.iter());
+        let retired = self.retired.iter().flat_map(|r| r.nodes.iter());
+        self.nodes.iter().chain(upgrading).chain(retired)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -12,6 +12,7 @@
 pub mod history;
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,11 +22,12 @@ use pgwarden_api::control::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::nodes::{cgroup, DiskUsage, NodeResources};
+use crate::metrics::Metrics;
+use crate::nodes::{cgroup, DiskUsage, NodeResources, NodeSpec, Nodes};
 use crate::pitr::base::parse_time;
 use crate::pitr::Heartbeats;
-use crate::platform::{now_rfc3339, Platform};
-use crate::state::{DatabaseRecord, NodeRecord};
+use crate::state::access::now_rfc3339;
+use crate::state::{DatabaseRecord, NodeRecord, Records};
 
 /// The latest sample of each database, what the next one compares with, and the history.
 pub struct Sampler {
@@ -74,20 +76,40 @@ impl Sampler {
     }
 }
 
+/// What the stats are read from.
+pub struct Sources {
+    pub records: Arc<Records>,
+    pub nodes: Arc<Nodes>,
+    pub metrics: Metrics,
+    /// Where the WAL archive is (the recoverable window).
+    pub backup_dir: PathBuf,
+    /// How recent each archive is.
+    pub heartbeats: Arc<Heartbeats>,
+}
+
 /// Samples every database every `interval` until `shutdown`.
 pub async fn run(
-    platform: Arc<Platform>,
-    heartbeats: Arc<Heartbeats>,
+    sources: Sources,
     sampler: Arc<Sampler>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
     loop {
-        let databases = platform.store.databases().unwrap_or_default();
+        let databases = sources.records.store.databases().unwrap_or_default();
         let round = async {
             let mut all = Vec::with_capacity(databases.len());
             for db in databases.iter().filter(|d| sampled(d)) {
-                all.push(sample(&platform, &heartbeats, &sampler, db).await);
+                all.push(
+                    sample(
+                        &sources.records,
+                        &sources.nodes,
+                        &sources.backup_dir,
+                        &sources.heartbeats,
+                        &sampler,
+                        db,
+                    )
+                    .await,
+                );
             }
             all
         };
@@ -97,7 +119,7 @@ pub async fn run(
             () = shutdown.cancelled() => return,
             all = round => all,
         };
-        platform.metrics.stats(&all);
+        sources.metrics.stats(&all);
         let existing: Vec<String> = databases.iter().map(|d| d.id.clone()).collect();
         let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
         if let Err(e) = sampler.history.record(&all, &existing, now_ms) {
@@ -131,43 +153,46 @@ fn sampled(db: &DatabaseRecord) -> bool {
 
 /// One sample of `db`, taken now.
 pub async fn sample(
-    platform: &Arc<Platform>,
+    records: &Records,
+    nodes: &Nodes,
+    backup_dir: &Path,
     heartbeats: &Heartbeats,
     sampler: &Sampler,
     db: &DatabaseRecord,
 ) -> Stats {
-    let mut nodes = Vec::new();
+    let mut per_node = Vec::new();
     let mut logical = None;
     for node in db.nodes.iter().filter(|n| !n.fenced) {
-        let (stats, size) = node_stats(platform, sampler, db, node).await;
+        let (stats, size) = node_stats(records, nodes, sampler, db, node).await;
         logical = logical.or(size);
-        nodes.push(stats);
+        per_node.push(stats);
     }
-    let primary = nodes.iter().find(|n| n.role == NodeRole::Primary);
+    let primary = per_node.iter().find(|n| n.role == NodeRole::Primary);
     let size =
         SizeStats { sampled_at: now_rfc3339(), logical, disk: primary.map(|p| p.disk.clone()) };
-    let pitr = crate::pitr::restore::window(platform, heartbeats, db).await.ok().map(
+    let pitr = crate::pitr::restore::window(nodes, backup_dir, heartbeats, db).await.ok().map(
         |(earliest, latest)| PitrWindow { earliest: rfc3339(earliest), latest: rfc3339(latest) },
     );
     Stats {
         database: db.id.clone(),
         sampled_at: now_rfc3339(),
-        nodes,
+        nodes: per_node,
         size,
-        backups: backups(platform, db),
+        backups: backups(records, db),
         pitr,
     }
 }
 
 /// One node's figures, and the database's logical size when the node is the primary.
 async fn node_stats(
-    platform: &Arc<Platform>,
+    records: &Records,
+    nodes: &Nodes,
     sampler: &Sampler,
     db: &DatabaseRecord,
     node: &NodeRecord,
 ) -> (NodeStats, Option<u64>) {
-    let spec = platform.node_spec(node);
-    let driver = platform.driver.clone();
+    let spec = NodeSpec::of(node);
+    let driver = nodes.driver.clone();
     let resources = {
         let spec = spec.clone();
         tokio::task::spawn_blocking(move || driver.resources(&spec)).await.unwrap_or_default()
@@ -176,7 +201,7 @@ async fn node_stats(
     let usage = usage.unwrap_or_default();
     let (cpu_percent, kills) = sampler.compare(&node.name, usage.cpu_ns, usage.oom_kills);
     if kills > 0 {
-        platform.event(
+        records.event(
             &db.id,
             "node_out_of_memory",
             format!(
@@ -188,7 +213,7 @@ async fn node_stats(
         );
     }
     let Live { connections, lag: replication_lag, logical } =
-        live(platform, &spec, node.role, &db.name).await;
+        live(nodes, &spec, node.role, &db.name).await;
     let triple =
         |t: &cgroup::Triple| Usage { current: t.current, highest: t.highest, limit: t.limit };
     let stats = NodeStats {
@@ -216,12 +241,12 @@ struct Live {
 }
 
 async fn live(
-    platform: &Platform,
+    nodes: &Nodes,
     spec: &crate::nodes::NodeSpec,
     role: NodeRole,
     database: &str,
 ) -> Live {
-    let Ok(session) = platform.session(spec, "postgres").await else { return Live::default() };
+    let Ok(session) = nodes.session(spec, "postgres").await else { return Live::default() };
     let connections = session
         .query_one(
             "SELECT count(*) FILTER (WHERE backend_type = 'client backend' \
@@ -264,8 +289,8 @@ async fn live(
     Live { connections, lag, logical }
 }
 
-fn backups(platform: &Platform, db: &DatabaseRecord) -> BackupStats {
-    let backups = platform.store.backups(&db.id).unwrap_or_default();
+fn backups(records: &Records, db: &DatabaseRecord) -> BackupStats {
+    let backups = records.store.backups(&db.id).unwrap_or_default();
     let last = backups
         .iter()
         .filter(|b| b.status == BackupStatus::Succeeded)

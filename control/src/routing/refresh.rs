@@ -10,9 +10,10 @@ use pgwarden_api::control::DatabaseStatus;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::Platform;
-use crate::nodes::roles;
+use super::Routing;
 use crate::nodes::sql::{SqlError, Timeouts};
+use crate::nodes::{roles, NodeSpec, Nodes};
+use crate::state::Records;
 
 /// How often the catalogs are read.
 const EVERY: Duration = Duration::from_secs(2);
@@ -20,24 +21,30 @@ const EVERY: Duration = Duration::from_secs(2);
 const APPLY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Reads `id`'s verifiers from its primary; true when they changed.
-pub async fn refresh(platform: &Platform, id: &str, timeouts: Timeouts) -> Result<bool, SqlError> {
-    let Ok(Some(db)) = platform.store.database(id) else { return Ok(false) };
+pub async fn refresh(
+    records: &Records,
+    nodes: &Nodes,
+    routing: &Routing,
+    id: &str,
+    timeouts: Timeouts,
+) -> Result<bool, SqlError> {
+    let Ok(Some(db)) = records.store.database(id) else { return Ok(false) };
     if !matches!(db.status, DatabaseStatus::Running | DatabaseStatus::Updating) {
         return Ok(false);
     }
     let Some(primary) = db.primary() else { return Ok(false) };
-    let admin = platform.session_within(&platform.node_spec(primary), "postgres", timeouts).await?;
+    let admin = nodes.session_within(&NodeSpec::of(primary), "postgres", timeouts).await?;
     let verifiers = roles::verifiers(&admin).await?;
-    Ok(platform.verifiers.set(id, verifiers))
+    Ok(routing.verifiers.set(id, verifiers))
 }
 
 /// After a user change through the API: the proxies have the new verifiers when this returns
 /// (or after a bounded wait, logged), so an old password stops working at once.
-pub async fn publish_now(platform: &Platform, id: &str) {
-    match refresh(platform, id, Timeouts::DEFAULT).await {
-        Ok(true) => match platform.publish_routes() {
+pub async fn publish_now(records: &Records, nodes: &Nodes, routing: &Routing, id: &str) {
+    match refresh(records, nodes, routing, id, Timeouts::DEFAULT).await {
+        Ok(true) => match routing.publish(&records.store) {
             Ok(epoch) => {
-                if !platform.publisher.wait_applied(epoch, APPLY_TIMEOUT).await {
+                if !routing.publisher.wait_applied(epoch, APPLY_TIMEOUT).await {
                     warn!(
                         database = id,
                         epoch, "not every proxy applied the new verifiers in time"
@@ -51,15 +58,25 @@ pub async fn publish_now(platform: &Platform, id: &str) {
     }
 }
 
+/// What keeping the verifiers fresh reads (records, nodes) and writes (routing).
+#[derive(Clone)]
+pub struct Refresh {
+    pub records: Arc<Records>,
+    pub nodes: Arc<Nodes>,
+    pub routing: Arc<Routing>,
+    /// How long one read may take.
+    pub within: Duration,
+}
+
 /// Reads every database's verifiers, all at once, each read bounded; true when any changed.
-pub async fn refresh_all(platform: &Arc<Platform>) -> bool {
-    let timeouts = Timeouts::within(platform.config.health.timeout.max(Duration::from_secs(1)));
+pub async fn refresh_all(with: &Refresh) -> bool {
+    let timeouts = Timeouts::within(with.within.max(Duration::from_secs(1)));
     let mut changed = false;
     let mut reads = tokio::task::JoinSet::new();
-    for db in platform.store.databases().unwrap_or_default() {
-        let platform = platform.clone();
+    for db in with.records.store.databases().unwrap_or_default() {
+        let with = with.clone();
         reads.spawn(async move {
-            let read = refresh(&platform, &db.id, timeouts).await;
+            let read = refresh(&with.records, &with.nodes, &with.routing, &db.id, timeouts).await;
             (db.id, read)
         });
     }
@@ -75,10 +92,10 @@ pub async fn refresh_all(platform: &Arc<Platform>) -> bool {
 }
 
 /// Reads every database's verifiers every few seconds; publishes when any changed.
-pub async fn keep_fresh(platform: Arc<Platform>, shutdown: CancellationToken) {
+pub async fn keep_fresh(with: Refresh, shutdown: CancellationToken) {
     loop {
-        if refresh_all(&platform).await {
-            if let Err(e) = platform.publish_routes() {
+        if refresh_all(&with).await {
+            if let Err(e) = with.routing.publish(&with.records.store) {
                 warn!(error = %e, "cannot publish the new verifiers");
             }
         }

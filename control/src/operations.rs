@@ -8,19 +8,26 @@ use std::sync::Arc;
 use pgwarden_api::control::{Operation, OperationStatus};
 use tracing::error;
 
-use super::Platform;
 use crate::failure::Reportable;
-use crate::state::StoreError;
+use crate::metrics::Metrics;
+use crate::state::{Records, StoreError};
+
+/// Where operations are recorded and counted.
+#[derive(Clone)]
+pub struct Operations {
+    records: Arc<Records>,
+    metrics: Metrics,
+}
 
 /// A running operation's handle to report progress.
 pub struct Progress {
-    platform: Arc<Platform>,
+    operations: Operations,
     op: Operation,
 }
 
 impl Progress {
     pub fn set(&mut self, progress: f64) {
-        self.platform.update_operation(&mut self.op, OperationStatus::Running, progress);
+        self.operations.update(&mut self.op, OperationStatus::Running, progress);
     }
 
     pub fn id(&self) -> &str {
@@ -28,11 +35,15 @@ impl Progress {
     }
 }
 
-impl Platform {
+impl Operations {
+    pub fn new(records: Arc<Records>, metrics: Metrics) -> Self {
+        Self { records, metrics }
+    }
+
     /// Records a new operation on `database_id`, pending.
     pub fn new_operation(&self, kind: &str, database_id: &str) -> Result<Operation, StoreError> {
         let op = Operation {
-            id: format!("op-{}", self.store.next_counter("operation_seq")?),
+            id: format!("op-{}", self.records.store.next_counter("operation_seq")?),
             kind: kind.into(),
             database_id: database_id.into(),
             status: OperationStatus::Pending,
@@ -40,14 +51,14 @@ impl Platform {
             error: None,
             error_code: None,
         };
-        self.store.put_operation(&op)?;
+        self.records.store.put_operation(&op)?;
         Ok(op)
     }
 
-    pub fn update_operation(&self, op: &mut Operation, status: OperationStatus, progress: f64) {
+    pub fn update(&self, op: &mut Operation, status: OperationStatus, progress: f64) {
         op.status = status;
         op.progress = progress;
-        if let Err(e) = self.store.put_operation(op) {
+        if let Err(e) = self.records.store.put_operation(op) {
             error!(error = %e, operation = %op.id, "cannot record operation progress");
         }
     }
@@ -55,8 +66,8 @@ impl Platform {
     /// Records an operation and runs `task` as it; returns the operation (pending) to answer
     /// with. `task` reports progress through its `Progress`; its error is what the operation
     /// says when it fails.
-    pub fn spawn_operation<F, Fut, E>(
-        self: &Arc<Self>,
+    pub fn spawn<F, Fut, E>(
+        &self,
         kind: &'static str,
         database_id: &str,
         task: F,
@@ -67,42 +78,43 @@ impl Platform {
         E: Reportable + Send + 'static,
     {
         let op = self.new_operation(kind, database_id)?;
-        self.run_operation(op.clone(), task);
+        self.run(op.clone(), task);
         Ok(op)
     }
 
     /// Runs `task` as the already recorded `op` (an operation resumed after a restart).
-    pub fn run_operation<F, Fut, E>(
-        self: &Arc<Self>,
-        op: Operation,
-        task: F,
-    ) -> tokio::task::JoinHandle<()>
+    pub fn run<F, Fut, E>(&self, op: Operation, task: F) -> tokio::task::JoinHandle<()>
     where
         F: FnOnce(Progress) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: Reportable + Send + 'static,
     {
-        let platform = self.clone();
+        let operations = self.clone();
         tokio::spawn(async move {
             let kind = op.kind.clone();
-            let mut progress = Progress { platform: platform.clone(), op };
+            let mut progress = Progress { operations: operations.clone(), op };
             let start = progress.op.progress.max(0.05);
             progress.set(start);
             let result =
-                task(Progress { platform: platform.clone(), op: progress.op.clone() }).await;
+                task(Progress { operations: operations.clone(), op: progress.op.clone() }).await;
             // The task's own handle recorded its progress in the store; read where it got.
-            let mut op =
-                platform.store.operation(&progress.op.id).ok().flatten().unwrap_or(progress.op);
-            platform.metrics.operation(&kind, result.is_ok());
+            let mut op = operations
+                .records
+                .store
+                .operation(&progress.op.id)
+                .ok()
+                .flatten()
+                .unwrap_or(progress.op);
+            operations.metrics.operation(&kind, result.is_ok());
             match result {
-                Ok(()) => platform.update_operation(&mut op, OperationStatus::Succeeded, 1.0),
+                Ok(()) => operations.update(&mut op, OperationStatus::Succeeded, 1.0),
                 Err(e) => {
                     // The whole detail is the log's; the operation keeps what the user reads.
                     error!(operation = %op.id, kind, code = e.code(), error = %e, "operation failed");
                     op.error = Some(e.sentence());
                     op.error_code = Some(e.code().to_owned());
                     let at = op.progress;
-                    platform.update_operation(&mut op, OperationStatus::Failed, at);
+                    operations.update(&mut op, OperationStatus::Failed, at);
                 }
             }
         })

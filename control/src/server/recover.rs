@@ -10,9 +10,10 @@ use std::sync::Arc;
 use pgwarden_api::control::{DatabaseStatus, NodeRole, Operation, OperationStatus};
 use tracing::{error, info, warn};
 
-use crate::nodes::blocking;
+use crate::changes::resume::Interrupted;
+use crate::nodes::{blocking, NodeSpec, Nodes};
 use crate::platform::Platform;
-use crate::state::{DatabaseRecord, StoreError};
+use crate::state::{DatabaseRecord, Records, StoreError};
 
 /// What the previous run left, read before the API serves: anything the API starts afterwards
 /// is this run's own, never taken for interrupted work.
@@ -26,7 +27,7 @@ pub const RESUMABLE_CHANGES: [&str; 2] = ["plan_change", "engine_upgrade"];
 
 impl Leftovers {
     /// The databases a plan change or engine upgrade left `updating`, with that operation.
-    pub fn interrupted_changes(&self) -> Vec<(DatabaseRecord, Operation)> {
+    pub fn interrupted_changes(&self) -> Vec<Interrupted> {
         self.databases
             .iter()
             .filter(|db| db.status == DatabaseStatus::Updating)
@@ -34,19 +35,23 @@ impl Leftovers {
                 let op = self.operations.iter().find(|o| {
                     o.database_id == db.id && RESUMABLE_CHANGES.contains(&o.kind.as_str())
                 })?;
-                Some((db.clone(), op.clone()))
+                Some(Interrupted {
+                    database: db.id.clone(),
+                    major: db.upgrade.is_some(),
+                    op: op.clone(),
+                })
             })
             .collect()
     }
 
-    pub fn read(platform: &Platform) -> Result<Self, StoreError> {
-        let operations = platform
+    pub fn read(records: &Records) -> Result<Self, StoreError> {
+        let operations = records
             .store
             .operations()?
             .into_iter()
             .filter(|o| matches!(o.status, OperationStatus::Pending | OperationStatus::Running))
             .collect();
-        Ok(Self { databases: platform.store.databases()?, operations })
+        Ok(Self { databases: records.store.databases()?, operations })
     }
 }
 
@@ -55,7 +60,7 @@ impl Leftovers {
 pub async fn adopt_nodes(platform: &Arc<Platform>, left: &Leftovers) {
     let interrupted = &left.operations;
     let resumable: Vec<String> =
-        left.interrupted_changes().into_iter().map(|(db, _)| db.id).collect();
+        left.interrupted_changes().into_iter().map(|c| c.database).collect();
     for db in left.databases.iter().cloned() {
         if matches!(db.status, DatabaseStatus::Provisioning | DatabaseStatus::Deleting) {
             continue;
@@ -67,7 +72,7 @@ pub async fn adopt_nodes(platform: &Arc<Platform>, left: &Leftovers) {
         // A fenced node (a former primary) stays down: started, it would serve writes as a
         // second primary. The watcher brings it back as a standby.
         for node in nodes.into_iter().filter(|n| !n.fenced) {
-            let (driver, spec) = (platform.driver.clone(), platform.node_spec(&node));
+            let (driver, spec) = (platform.nodes.driver.clone(), NodeSpec::of(&node));
             let started = blocking(move || {
                 if driver.is_running(&spec) {
                     Ok(false)
@@ -77,13 +82,13 @@ pub async fn adopt_nodes(platform: &Arc<Platform>, left: &Leftovers) {
             })
             .await;
             match started {
-                Ok(true) => platform.event(
+                Ok(true) => platform.records.event(
                     &db.id,
                     "node_started",
                     format!("node {} started after a control plane restart", node.name),
                 ),
                 Ok(false) => info!(database = %db.id, node = %node.name, "adopted running node"),
-                Err(e) => platform.event(
+                Err(e) => platform.records.event(
                     &db.id,
                     "node_failed",
                     format!("node {} did not start: {e}", node.name),
@@ -92,11 +97,11 @@ pub async fn adopt_nodes(platform: &Arc<Platform>, left: &Leftovers) {
         }
         if db.status == DatabaseStatus::Updating && !resumed {
             // A change with no operation to finish: the database serves on what its nodes run.
-            let _ = platform.update(&db.id, |db| {
+            let _ = platform.records.update(&db.id, |db| {
                 db.status = DatabaseStatus::Running;
                 Ok::<_, crate::state::StoreError>(())
             });
-            platform.event(
+            platform.records.event(
                 &db.id,
                 "plan_change_failed",
                 format!(
@@ -107,11 +112,11 @@ pub async fn adopt_nodes(platform: &Arc<Platform>, left: &Leftovers) {
         }
         if db.status == DatabaseStatus::Restoring {
             // Nothing of the current nodes is touched before a restore succeeded.
-            let _ = platform.update(&db.id, |db| {
+            let _ = platform.records.update(&db.id, |db| {
                 db.status = DatabaseStatus::Running;
                 Ok::<_, crate::state::StoreError>(())
             });
-            platform.event(
+            platform.records.event(
                 &db.id,
                 "restore_failed",
                 "restore interrupted by a control plane restart; the database is as it was",
@@ -121,13 +126,13 @@ pub async fn adopt_nodes(platform: &Arc<Platform>, left: &Leftovers) {
         if let Some(mut op) = left_op.filter(|_| !resumed) {
             op.error = Some("interrupted by a control plane restart".into());
             let progress = op.progress;
-            platform.update_operation(&mut op, OperationStatus::Failed, progress);
+            platform.operations.update(&mut op, OperationStatus::Failed, progress);
         }
     }
     // The first table carries the verifiers: proxies that restarted with this control plane
     // authenticate clients from the start.
-    crate::platform::verifiers::refresh_all(platform).await;
-    if let Err(e) = platform.publish_routes() {
+    crate::routing::refresh::refresh_all(&platform.refresh()).await;
+    if let Err(e) = platform.routing.publish(&platform.records.store) {
         error!(error = %e, "cannot publish routes");
     }
 }
@@ -142,14 +147,14 @@ pub fn resume_operations(platform: &Arc<Platform>, left: Leftovers) {
             _ => continue,
         };
         warn!(database = %db.id, "{label} was interrupted; starting it again");
-        platform.event(
+        platform.records.event(
             &db.id,
             &format!("{kind}_resumed"),
             format!("{label} interrupted by a control plane restart; starting again"),
         );
         let op = match interrupted.iter().find(|o| o.database_id == db.id).cloned() {
             Some(op) => op,
-            None => match platform.new_operation(kind, &db.id) {
+            None => match platform.operations.new_operation(kind, &db.id) {
                 Ok(op) => op,
                 Err(e) => {
                     error!(error = %e, "cannot record operation");
@@ -158,22 +163,22 @@ pub fn resume_operations(platform: &Arc<Platform>, left: Leftovers) {
             },
         };
         if kind == "provision" {
-            super::provision::run(platform, db.id.clone(), op);
+            crate::lifecycle::provision::run(&platform.lifecycle(), db.id.clone(), op);
         } else {
-            super::destroy::run(platform, db.id.clone(), op);
+            crate::lifecycle::destroy::run(&platform.lifecycle(), db.id.clone(), op);
         }
     }
 }
 
 /// Stops every node cleanly (fast shutdown: sessions end, everything committed is on disk).
-pub async fn stop_all(platform: &Arc<Platform>) {
-    let databases = platform.store.databases().unwrap_or_default();
+pub async fn stop_all(records: &Records, nodes: &Nodes) {
+    let databases = records.store.databases().unwrap_or_default();
     for db in databases {
         // Standbys last would make a synchronous primary wait; stop primaries first.
-        let mut nodes = db.nodes.clone();
-        nodes.sort_by_key(|n| n.role != NodeRole::Primary);
-        for node in nodes {
-            let (driver, spec) = (platform.driver.clone(), platform.node_spec(&node));
+        let mut order = db.nodes.clone();
+        order.sort_by_key(|n| n.role != NodeRole::Primary);
+        for node in order {
+            let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(&node));
             if let Err(e) = blocking(move || driver.stop(&spec)).await {
                 error!(node = %node.name, error = %e, "cannot stop node");
             }
