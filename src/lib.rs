@@ -52,7 +52,7 @@ pub use planes::{live_processes, TestPlanes};
 pub use proxy::{plain_route, TestCerts, TestProxy};
 pub use relay::Relay;
 pub use tls::{connect_with_binding, tls_connect};
-pub use wait::{let_time_pass, wait_psql, wait_until};
+pub use wait::{let_time_pass, wait_psql, wait_until, wait_until_blocking};
 
 /// The engines directory `scripts/setup.sh` fills (`PGWARDEN_ENGINES_DIR`, else
 /// `/var/cache/pgwarden/engines` for root and `~/.cache/pgwarden/engines` for others), if the

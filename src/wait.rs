@@ -26,6 +26,25 @@ pub async fn wait_until<T>(
     }
 }
 
+/// As [`wait_until`], for a test that does not run on a runtime: `check` blocks, and so does
+/// the wait.
+pub fn wait_until_blocking<T>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(done) => return done,
+            Err(seen) if Instant::now() >= deadline => {
+                panic!("{what}: not within {} s; last seen: {seen}", limit.as_secs_f64())
+            }
+            Err(_) => std::thread::sleep(EVERY),
+        }
+    }
+}
+
 /// Runs `sql` through `url` with psql until it succeeds, for at most `limit`; returns its
 /// output. Fails the test with `what` and psql's last error.
 pub async fn wait_psql(what: &str, limit: Duration, url: &str, sql: &str) -> crate::ClientOutput {

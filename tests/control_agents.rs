@@ -189,10 +189,7 @@ async fn an_agent_answers_only_the_platform_s_control_plane() {
     assert!(plain.is_err(), "plain HTTP: {plain:?}");
 
     // A node whose directory is not right under the agent's nodes/ is refused.
-    let remote = {
-        let _guard = tokio::runtime::Handle::current().enter();
-        pgwarden_control::agent::client::RemoteDriver::new(&platform).unwrap()
-    };
+    let remote = pgwarden_control::agent::client::RemoteDriver::new(&platform).unwrap();
     let node = pgwarden_control::nodes::driver::NodeSpec {
         name: "x".into(),
         dir: "/etc/x".into(),
@@ -202,8 +199,7 @@ async fn an_agent_answers_only_the_platform_s_control_plane() {
         agent: Some(addr.clone()),
     };
     use pgwarden_control::nodes::driver::NodeDriver;
-    let error = tokio::task::spawn_blocking(move || remote.destroy(&node)).await.unwrap();
-    let message = error.expect_err("refused").to_string();
+    let message = remote.destroy(&node).await.expect_err("refused").to_string();
     assert!(message.contains("keeps its nodes right under"), "{message}");
 
     // Once a control plane of a newer leadership term called, an older one changes nothing
@@ -216,38 +212,27 @@ async fn an_agent_answers_only_the_platform_s_control_plane() {
         bin: None,
         agent: Some(addr.clone()),
     };
-    let reload = |term: i64| {
-        let remote = {
-            let _guard = tokio::runtime::Handle::current().enter();
-            pgwarden_control::agent::client::RemoteDriver::new(&platform).unwrap()
-        }
-        .with_term(Some(term));
-        let ghost = ghost.clone();
-        tokio::task::spawn_blocking(move || {
-            (
-                remote.reload(&ghost).expect_err("no such node").to_string(),
-                remote.is_running(&ghost),
-            )
-        })
+    let reload = async |term: i64| {
+        let remote = pgwarden_control::agent::client::RemoteDriver::new(&platform)
+            .unwrap()
+            .with_term(Some(term));
+        (
+            remote.reload(&ghost).await.expect_err("no such node").to_string(),
+            remote.is_running(&ghost).await,
+        )
     };
-    let (newer, _) = reload(10).await.unwrap();
+    let (newer, _) = reload(10).await;
     assert!(!newer.contains("newer control plane"), "{newer}");
-    let (older, running) = reload(9).await.unwrap();
+    let (older, running) = reload(9).await;
     assert!(older.contains("a newer control plane leads (term 10"), "{older}");
     assert!(!running);
-    let (same, _) = reload(10).await.unwrap();
+    let (same, _) = reload(10).await;
     assert!(!same.contains("newer control plane"), "{same}");
     // A restarted agent remembers the newest term.
     control.restart_agent(&addr).await;
-    let remote = {
-        let _guard = tokio::runtime::Handle::current().enter();
-        pgwarden_control::agent::client::RemoteDriver::new(&platform).unwrap()
-    }
-    .with_term(Some(9));
-    let older = tokio::task::spawn_blocking(move || remote.reload(&ghost).expect_err("refused"))
-        .await
-        .unwrap()
-        .to_string();
+    let remote =
+        pgwarden_control::agent::client::RemoteDriver::new(&platform).unwrap().with_term(Some(9));
+    let older = remote.reload(&ghost).await.expect_err("refused").to_string();
     assert!(older.contains("a newer control plane leads (term 10"), "{older}");
 }
 

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use pgwarden_api::RoutingTable;
 use pgwarden_e2e::{
-    assert_cancel_reaches_the_backend, plain_route, until_ok, PgNode, TestEtcd, TestProxy,
-    TEST_PASSWORD,
+    assert_cancel_reaches_the_backend, plain_route, until_ok, wait_until, PgNode, TestEtcd,
+    TestProxy, TEST_PASSWORD,
 };
 use pgwarden_proxy::config::EtcdConfig;
 use rustix::process::Signal;
@@ -42,11 +42,15 @@ async fn write_table(etcd: &TestEtcd, token: &str, table: &RoutingTable) -> i64 
 }
 
 async fn wait_epoch(proxy: &TestProxy, epoch: i64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while proxy.metric("pgwarden_proxy_epoch").await != epoch as f64 {
-        assert!(Instant::now() < deadline, "epoch {epoch} never applied");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(&format!("epoch {epoch} applied"), Duration::from_secs(10), async || {
+        let applied = proxy.metric("pgwarden_proxy_epoch").await;
+        if applied == epoch as f64 {
+            Ok(())
+        } else {
+            Err(format!("epoch {applied}"))
+        }
+    })
+    .await;
 }
 
 async fn connect(
@@ -78,11 +82,15 @@ async fn a_proxy_applies_the_table_sealed_with_its_token_at_the_revision_that_wr
     let mut other = table(&node);
     other.databases.insert("forged".into(), other.databases["app"].clone());
     write_table(&etcd, "another-token", &other).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while proxy.metric(invalid).await != 1.0 {
-        assert!(Instant::now() < deadline, "the forged table was not refused");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the forged table refused", Duration::from_secs(10), async || {
+        let refused = proxy.metric(invalid).await;
+        if refused == 1.0 {
+            Ok(())
+        } else {
+            Err(format!("{refused} refused"))
+        }
+    })
+    .await;
     assert_eq!(proxy.metric("pgwarden_proxy_epoch").await, revision as f64, "forged table taken");
     let routes = proxy.admin_request("GET", "/v1/routes", Some(&proxy.token), None).await.json();
     assert!(routes["databases"].get("forged").is_none(), "{routes}");
@@ -121,11 +129,15 @@ async fn a_proxy_cut_off_from_etcd_stops_routing_until_etcd_answers_again() {
 
     // etcd answers again: the proxy routes again, with the same table.
     etcd.signal(0, Signal::CONT);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while proxy.metric("pgwarden_proxy_fenced").await != 0.0 {
-        assert!(Instant::now() < deadline, "still fenced");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("the proxy no longer fenced", Duration::from_secs(15), async || {
+        let fenced = proxy.metric("pgwarden_proxy_fenced").await;
+        if fenced == 0.0 {
+            Ok(())
+        } else {
+            Err(format!("fenced {fenced}"))
+        }
+    })
+    .await;
     let (client, _) = connect(&proxy).await.expect("routed again");
     client.simple_query("SELECT 1").await.unwrap();
     eprintln!("fenced {fenced_after:?} after etcd froze (bound 1 s)");
@@ -181,11 +193,11 @@ fn role_of(proxy: &PairProxy) -> Option<String> {
 }
 
 async fn wait_role(proxy: &PairProxy, role: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while role_of(proxy).as_deref() != Some(role) {
-        assert!(Instant::now() < deadline, "never {role}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(&format!("role {role}"), Duration::from_secs(15), async || match role_of(proxy) {
+        Some(now) if now == role => Ok(()),
+        other => Err(format!("{other:?}")),
+    })
+    .await;
 }
 
 fn hooks(proxy: &PairProxy) -> Vec<String> {
@@ -243,21 +255,21 @@ async fn a_proxy_pair_elects_its_active_through_etcd_and_a_frozen_active_stands_
     rustix::process::kill_process(pid, Signal::STOP).unwrap();
     // Elected, it runs on_active; it reports itself active only once it listens, which on
     // this one host (no address to move) waits for the frozen one to let the port go.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while hooks(&a).last().map(String::as_str) != Some("active") {
-        assert!(Instant::now() < deadline, "never elected: {:?}", hooks(&a));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("elected (on_active ran)", Duration::from_secs(15), async || {
+        let ran = hooks(&a);
+        if ran.last().map(String::as_str) == Some("active") {
+            Ok(())
+        } else {
+            Err(format!("{ran:?}"))
+        }
+    })
+    .await;
     assert_eq!(role_of(&a).as_deref(), Some("standby"), "active before it listens");
     rustix::process::kill_process(pid, Signal::CONT).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = b.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the resumed proxy still runs");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = wait_until("the resumed proxy exited", Duration::from_secs(10), async || {
+        b.child.try_wait().unwrap().ok_or_else(|| "still running".to_owned())
+    })
+    .await;
     assert!(!status.success(), "{status:?}");
     assert_eq!(hooks(&b).last().map(String::as_str), Some("standby"), "{:?}", hooks(&b));
     wait_role(&a, "active").await;

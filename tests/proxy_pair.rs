@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use pgwarden_e2e::{
     assert_cancel_reaches_the_backend, free_port, http_request, until_ok, wait_until,
-    workspace_bin, PgNode, TEST_PASSWORD,
+    wait_until_blocking, workspace_bin, PgNode, TEST_PASSWORD,
 };
 use tokio_postgres::NoTls;
 
@@ -53,11 +53,11 @@ fn role(admin: u16) -> Option<String> {
 }
 
 fn wait_role(admin: u16, expected: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while role(admin).as_deref() != Some(expected) {
-        assert!(Instant::now() < deadline, "proxy on admin port {admin} never became {expected}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let what = format!("proxy on admin port {admin} {expected}");
+    wait_until_blocking(&what, Duration::from_secs(10), || match role(admin) {
+        Some(now) if now == expected => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
 }
 
 fn active_status(admin: u16) -> u16 {

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{free_port, http_request, wait_until, workspace_bin, PgNode, TEST_PASSWORD};
+use pgwarden_e2e::{
+    free_port, http_request, wait_until, wait_until_blocking, workspace_bin, PgNode, TEST_PASSWORD,
+};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
@@ -53,11 +55,10 @@ fn start(dir: &Path, node: &PgNode, open_files: u32, extra: &str) -> Proxy {
         .stderr(log_file)
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http_request(([127, 0, 0, 1], admin).into(), "GET", "/health", None, None).is_err() {
-        assert!(Instant::now() < deadline, "proxy did not start: {}", read(&log));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_blocking("the proxy answering", Duration::from_secs(10), || {
+        let health = http_request(([127, 0, 0, 1], admin).into(), "GET", "/health", None, None);
+        health.map(drop).map_err(|e| format!("{e}; log: {}", read(&log)))
+    });
     Proxy { child, port, log }
 }
 

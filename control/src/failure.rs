@@ -111,12 +111,16 @@ impl DriverError {
             DriverError::AgentRefused { .. } => "agent_refused",
             DriverError::Transfer { .. } => "transfer_failed",
             DriverError::Encoding(_) | DriverError::Incomplete { .. } => "internal",
+            DriverError::Interrupted(_) => "interrupted",
         }
     }
 
     fn sentence(&self) -> String {
         match self {
-            DriverError::Io(_) | DriverError::Encoding(_) | DriverError::Incomplete { .. } => {
+            DriverError::Io(_)
+            | DriverError::Encoding(_)
+            | DriverError::Incomplete { .. }
+            | DriverError::Interrupted(_) => {
                 "a node operation failed; see the control plane's log".into()
             }
             DriverError::AgentUnreachable { agent, .. } => {

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::coord::{CoordError, Etcd, Lease};
-use crate::nodes::driver::{NodeDriver, NodeSpec};
+use crate::nodes::driver::NodeSpec;
 use crate::nodes::local::LocalDriver;
 use crate::wait;
 

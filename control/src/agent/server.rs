@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::fencing::{self, Standing};
 use super::{Call, Info, Op, SQL_PROTOCOL};
-use crate::nodes::driver::{DriverError, NodeDriver, NodeSpec};
+use crate::nodes::driver::{DriverError, NodeSpec};
 use crate::nodes::local::LocalDriver;
 
 /// How long a client may take to finish its TLS handshake, then to send a request's headers.

@@ -18,9 +18,8 @@ pub async fn view(platform: &Arc<Platform>, db: &DatabaseRecord) -> Database {
     let mut nodes = Vec::new();
     let mut primary_lags = None;
     for node in &db.nodes {
-        let (driver, spec) = (platform.nodes.driver.clone(), NodeSpec::of(node));
-        let running =
-            tokio::task::spawn_blocking(move || driver.is_running(&spec)).await.unwrap_or(false);
+        let (driver, spec) = (&platform.nodes.driver, NodeSpec::of(node));
+        let running = driver.is_running(&spec).await;
         nodes.push(Node {
             name: node.name.clone(),
             role: node.role,

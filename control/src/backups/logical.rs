@@ -127,15 +127,23 @@ async fn take(
     let source = db.replicas().next().or(db.primary()).cloned().ok_or(BackupError::NoNode)?;
     backup.node = Some(source.name.clone());
     let scratch = backups.scratch().join(format!("{}-{}.dump", backup.database_id, backup.id));
-    let (driver, node, database) =
-        (Arc::clone(&nodes.driver), NodeSpec::of(&source), db.name.clone());
     let bin = nodes.tools(&db);
-    let file = scratch.clone();
-    let (size, sha256) = tokio::task::spawn_blocking(move || {
-        dump_and_verify(&bin, &file, |file| driver.dump(&node, &database, &bin, file))
-    })
-    .await
-    .map_err(NodeError::from)??;
+    // The dump is private from its first byte: pg_dump would create it under the process's
+    // umask, so it is created here, 0600, and pg_dump writes into it.
+    crate::files::blocking_io(|| crate::files::create_private(&scratch))?;
+    let dumped = nodes.driver.dump(&NodeSpec::of(&source), &db.name, &bin, &scratch).await;
+    let checked = match dumped {
+        Ok(()) => {
+            let file = scratch.clone();
+            tokio::task::spawn_blocking(move || verify(&bin, &file))
+                .await
+                .map_err(NodeError::from)?
+        }
+        Err(e) => Err(dump_failed(e)),
+    };
+    let (size, sha256) = checked.inspect_err(|_| {
+        let _ = std::fs::remove_file(&scratch);
+    })?;
     backup.size_bytes = size;
     backup.sha256 = Some(sha256);
     let key = key(backup);
@@ -145,35 +153,22 @@ async fn take(
     })
 }
 
-/// Dumps with `dump` (into the private file it is given) and reads the archive back with
-/// `bin`'s `pg_restore --list`; its size and SHA-256.
-fn dump_and_verify(
-    bin: &Path,
-    file: &Path,
-    dump: impl FnOnce(&Path) -> Result<(), DriverError>,
-) -> Result<(u64, String), BackupError> {
-    // The dump is private from its first byte: pg_dump would create it under the process's
-    // umask, so it is created here, 0600, and pg_dump writes into it.
-    crate::files::create_private(file)?;
-    let checked = dump(file)
-        .map_err(|e| {
-            let sentence = match e {
-                DriverError::Command { detail, .. } => detail,
-                other => Failure::from(other).sentence(),
-            };
-            BackupError::from(Failure::Program { what: "pg_dump", sentence })
-        })
-        .and_then(|()| {
-            run_program(
-                Command::new(bin.join("pg_restore")).arg("--list").arg(file),
-                "pg_restore",
-                "reading the archive back",
-            )
-        });
-    if let Err(e) = checked {
-        let _ = std::fs::remove_file(file);
-        return Err(e);
-    }
+/// Why the dump failed, in the driver's words.
+fn dump_failed(e: DriverError) -> BackupError {
+    let sentence = match e {
+        DriverError::Command { detail, .. } => detail,
+        other => Failure::from(other).sentence(),
+    };
+    BackupError::from(Failure::Program { what: "pg_dump", sentence })
+}
+
+/// Reads the dump in `file` back with `bin`'s `pg_restore --list`; its size and SHA-256.
+fn verify(bin: &Path, file: &Path) -> Result<(u64, String), BackupError> {
+    run_program(
+        Command::new(bin.join("pg_restore")).arg("--list").arg(file),
+        "pg_restore",
+        "reading the archive back",
+    )?;
     let size = std::fs::metadata(file)?.len();
     Ok((size, sha256_file(file)?))
 }

@@ -40,7 +40,7 @@ use crate::nodes::engines::Engine;
 use crate::nodes::placement;
 use crate::nodes::roles::{ident, literal};
 use crate::nodes::sql::{Session, Timeouts};
-use crate::nodes::{blocking, roles, NodeSpec, Nodes};
+use crate::nodes::{roles, NodeSpec, Nodes};
 use crate::operations::Progress;
 use crate::pitr::{base_dir, pitr_plan, wal_dir, Heartbeats};
 use crate::state::{DatabaseRecord, MajorUpgrade, NodeRecord, Records, RetiredCluster, StoreError};
@@ -215,14 +215,11 @@ async fn run(
 
     // 1. The new primary, with the roles and the schema.
     let config = changes.nodes.config(&new, &new_primary, None)?;
-    let (driver, spec) = (changes.nodes.driver.clone(), new_spec.clone());
-    step(
-        claim,
-        blocking(move || {
-            driver.init(&spec, &config)?;
-            driver.start(&spec)
-        }),
-    )
+    let (driver, spec) = (&changes.nodes.driver, &new_spec);
+    step(claim, async move {
+        driver.init(spec, &config).await?;
+        driver.start(spec).await
+    })
     .await?;
     changes.records.event(
         id,
@@ -682,14 +679,14 @@ async fn undo_on_old(
 
 async fn stop_nodes(nodes: &Nodes, list: &[NodeRecord]) {
     for node in list {
-        let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(node));
-        let stopped = blocking(move || {
-            if !driver.is_running(&spec) {
-                return Ok(());
-            }
-            driver.stop(&spec).or_else(|_| driver.fence(&spec))
-        })
-        .await;
+        let (driver, spec) = (&nodes.driver, NodeSpec::of(node));
+        if !driver.is_running(&spec).await {
+            continue;
+        }
+        let stopped = match driver.stop(&spec).await {
+            Ok(()) => Ok(()),
+            Err(_) => driver.fence(&spec).await,
+        };
         if let Err(e) = stopped {
             warn!(node = %node.name, error = %e, "cannot stop a retired node");
         }
@@ -714,8 +711,8 @@ async fn clean_up(records: &Records, nodes: &Nodes, id: &str) {
     let Some(upgrade) = db.upgrade.clone() else { return };
     // The new nodes first: the subscription's walsender on the old primary goes with them.
     for node in &upgrade.nodes {
-        let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(node));
-        if let Err(e) = blocking(move || driver.destroy(&spec)).await {
+        let (driver, spec) = (&nodes.driver, NodeSpec::of(node));
+        if let Err(e) = driver.destroy(&spec).await {
             warn!(node = %node.name, error = %e, "cannot remove a node of the abandoned upgrade");
         }
     }
@@ -781,8 +778,8 @@ pub async fn supervise_retired(changes: Changes, shutdown: tokio_util::sync::Can
                 }
                 let mut removed = true;
                 for node in &cluster.nodes {
-                    let (driver, spec) = (changes.nodes.driver.clone(), NodeSpec::of(node));
-                    if let Err(e) = blocking(move || driver.destroy(&spec)).await {
+                    let (driver, spec) = (&changes.nodes.driver, NodeSpec::of(node));
+                    if let Err(e) = driver.destroy(&spec).await {
                         warn!(node = %node.name, error = %e, "cannot remove a retired node");
                         removed = false;
                     }

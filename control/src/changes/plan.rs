@@ -27,7 +27,7 @@ use crate::ha::ChangeGuard;
 use crate::lifecycle::standby::add_standby;
 use crate::nodes::config::slot_name;
 use crate::nodes::placement;
-use crate::nodes::{blocking, NodeConfig, NodeSpec, Nodes};
+use crate::nodes::{NodeConfig, NodeSpec, Nodes};
 use crate::operations::Progress;
 use crate::routing::Routing;
 use crate::state::{DatabaseRecord, NodeRecord, Records, StoreError};
@@ -190,13 +190,10 @@ async fn step<T, E: Into<ChangeError>>(
 
 /// Rewrites `node`'s configuration for `db` and restarts it.
 async fn restart(nodes: &Nodes, node: &NodeRecord, config: NodeConfig) -> Result<(), ChangeError> {
-    let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(node));
-    blocking(move || {
-        driver.configure(&spec, &config)?;
-        driver.stop(&spec)?;
-        driver.start(&spec)
-    })
-    .await?;
+    let (driver, spec) = (&nodes.driver, NodeSpec::of(node));
+    driver.configure(&spec, &config).await?;
+    driver.stop(&spec).await?;
+    driver.start(&spec).await?;
     Ok(())
 }
 
@@ -357,8 +354,8 @@ async fn add_standbys(
     for standby in &added {
         if let Err(e) = add_standby(records, nodes, &db, standby).await {
             // Leave nothing half-built: the node goes, the record forgets it.
-            let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(standby));
-            let _ = blocking(move || driver.destroy(&spec)).await;
+            let (driver, spec) = (&nodes.driver, NodeSpec::of(standby));
+            let _ = driver.destroy(&spec).await;
             let _ = records.update(id, |db| {
                 db.nodes.retain(|n| n.name != standby.name);
                 Ok::<_, StoreError>(())
@@ -389,19 +386,16 @@ async fn remove_standbys(
     })?;
     let (_, db) = db.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let config = nodes.config(&db, primary, None)?;
-    let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(primary));
-    blocking(move || {
-        driver.configure(&spec, &config)?;
-        driver.reload(&spec)
-    })
-    .await?;
+    let (driver, spec) = (&nodes.driver, NodeSpec::of(primary));
+    driver.configure(&spec, &config).await?;
+    driver.reload(&spec).await?;
     records.event(id, "replication_asynchronous", "commits no longer wait for a standby");
     // Each standby leaves the record only once it and its slot are gone: a failure leaves it
     // recorded (and destroyed with the database), never running unknown to the control plane.
     let admin = nodes.session(&NodeSpec::of(primary), "postgres").await?;
     for standby in standbys {
-        let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(standby));
-        blocking(move || driver.destroy(&spec)).await?;
+        let (driver, spec) = (&nodes.driver, NodeSpec::of(standby));
+        driver.destroy(&spec).await?;
         admin
             .execute(
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",

@@ -101,16 +101,10 @@ async fn serving(nodes: &Nodes, node: &crate::state::NodeRecord) -> Result<(), C
         if nodes.session(spec, "postgres").await.is_ok() {
             return true;
         }
-        let (driver, spec) = (nodes.driver.clone(), spec.clone());
         // Not running (any more): start it; running (starting or stopping): wait.
-        let _ = crate::nodes::blocking(move || {
-            if driver.is_running(&spec) {
-                Ok(())
-            } else {
-                driver.start(&spec)
-            }
-        })
-        .await;
+        if !nodes.driver.is_running(spec).await {
+            let _ = nodes.driver.start(spec).await;
+        }
         false
     });
     if serves.await {

@@ -11,7 +11,7 @@ use super::{Ha, HaError, HealthConfig};
 use crate::agent::fencing;
 use crate::failure::{Failure, Reportable};
 use crate::nodes::sql::Timeouts;
-use crate::nodes::{blocking, NodeSpec, Nodes};
+use crate::nodes::{NodeSpec, Nodes};
 use crate::routing::Routing;
 use crate::state::{DatabaseRecord, Records, StoreError};
 
@@ -175,7 +175,7 @@ pub(crate) async fn promote(
     // Fence first: whatever happens next, the old primary serves nothing more.
     let (old_spec, new_spec) = (NodeSpec::of(&old_node), NodeSpec::of(&new_node));
     let driver = nodes.driver.clone();
-    let fence = blocking(move || driver.fence(&old_spec));
+    let fence = async move { driver.fence(&old_spec).await };
     match (&nodes.etcd, &old_node.agent) {
         // An agent out of reach fences its host's primaries itself once it is cut off from
         // etcd: its key gone, plus a margin, the old primary is known to be stopped. Whichever
@@ -194,7 +194,7 @@ pub(crate) async fn promote(
         _ => fence.await?,
     }
     let driver = nodes.driver.clone();
-    blocking(move || driver.promote(&new_spec)).await?;
+    driver.promote(&new_spec).await?;
     let (_, db) = records
         .update(id, |db| {
             for node in &mut db.nodes {
@@ -214,12 +214,9 @@ pub(crate) async fn promote(
     // The new primary's own settings: no upstream, asynchronous until a standby is back.
     let promoted = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let config = nodes.config(&db, &promoted, None)?;
-    let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(&promoted));
-    blocking(move || {
-        driver.configure(&spec, &config)?;
-        driver.reload(&spec)
-    })
-    .await?;
+    let (driver, spec) = (&nodes.driver, NodeSpec::of(&promoted));
+    driver.configure(&spec, &config).await?;
+    driver.reload(&spec).await?;
     info!(database = %id, old, new, epoch, "primary changed");
     Ok(epoch)
 }

@@ -7,7 +7,7 @@ use super::HaError;
 use crate::failure::Reportable;
 use crate::lifecycle::standby::add_standby_only;
 use crate::nodes::config::slot_name;
-use crate::nodes::{blocking, roles, NodeSpec, Nodes, Upstream};
+use crate::nodes::{roles, NodeSpec, Nodes, Upstream};
 use crate::routing::Routing;
 use crate::state::{DatabaseRecord, NodeRecord, Records, StoreError};
 
@@ -36,18 +36,17 @@ pub async fn rejoin(
         let remote = spec.agent.is_some() || source.agent.is_some();
         let login =
             if remote { Some(open_rewind_login(nodes, &source, &primary).await?) } else { None };
-        let driver = nodes.driver.clone();
-        let (spec2, source2) = (spec.clone(), source.clone());
-        let rewound = blocking(move || {
-            driver.fence(&spec2)?;
+        let driver = &nodes.driver;
+        let rewound = async {
+            driver.fence(&spec).await?;
             match &login {
-                Some(login) => driver.rewind_from(&spec2, login)?,
-                None => driver.rewind(&spec2, &source2)?,
+                Some(login) => driver.rewind_from(&spec, login).await?,
+                None => driver.rewind(&spec, &source).await?,
             }
-            driver.configure(&spec2, &config)?;
-            driver.make_standby(&spec2)?;
-            driver.start(&spec2)
-        })
+            driver.configure(&spec, &config).await?;
+            driver.make_standby(&spec).await?;
+            driver.start(&spec).await
+        }
         .await;
         if remote {
             close_rewind_login(nodes, &source).await;
@@ -98,8 +97,8 @@ async fn fresh_copy(
     node: &NodeRecord,
     spec: &NodeSpec,
 ) -> Result<(), HaError> {
-    let (driver, spec2) = (nodes.driver.clone(), spec.clone());
-    blocking(move || driver.destroy(&spec2)).await?;
+    let (driver, spec2) = (&nodes.driver, &spec);
+    driver.destroy(spec2).await?;
     // The slot was made for the rewind; pg_basebackup creates its own.
     if let Some(primary) = db.primary() {
         drop_slot(nodes, &NodeSpec::of(primary), &slot_name(&node.name)).await;

@@ -13,7 +13,7 @@ use tracing::warn;
 use super::failover::promote;
 use super::{ChangeGuard, HaError};
 use crate::failure::Failure;
-use crate::nodes::{blocking, NodeSpec, Nodes};
+use crate::nodes::{NodeSpec, Nodes};
 use crate::routing::Routing;
 use crate::state::{NodeRecord, Records};
 use crate::wait;
@@ -93,13 +93,10 @@ pub async fn switchover(
             return Err(HaError::Preempted);
         }
         claim.primary_stopped_on_purpose();
-        let (driver, spec) = (nodes.driver.clone(), old_spec.clone());
-        let stopped =
-            tokio::time::timeout(STOP_TIMEOUT, blocking(move || driver.stop(&spec))).await;
+        let stopped = tokio::time::timeout(STOP_TIMEOUT, nodes.driver.stop(&old_spec)).await;
         if !matches!(stopped, Ok(Ok(()))) {
             // It would not stop in time: make sure it serves nothing, then check the standby.
-            let (driver, spec) = (nodes.driver.clone(), old_spec.clone());
-            blocking(move || driver.fence(&spec)).await?;
+            nodes.driver.fence(&old_spec).await?;
         }
         // 3. The standby must have received everything the primary wrote.
         let caught_up = wait::until(CATCH_UP_TIMEOUT, wait::QUICK, || async {
@@ -117,11 +114,9 @@ pub async fn switchover(
         routing.holds.release(id);
         if !matches!(e, HaError::Preempted) {
             // Roll back: the old primary serves again, sessions are released to it.
-            let (driver, spec) = (nodes.driver.clone(), old_spec.clone());
-            let _ = blocking(
-                move || if driver.is_running(&spec) { Ok(()) } else { driver.start(&spec) },
-            )
-            .await;
+            if !nodes.driver.is_running(&old_spec).await {
+                let _ = nodes.driver.start(&old_spec).await;
+            }
         }
         let _ = routing.publish(&records.store);
         records.event(

@@ -16,7 +16,7 @@ use super::rejoin::rejoin;
 use super::{Ha, HealthConfig};
 use crate::metrics::Metrics;
 use crate::nodes::sql::{SqlError, Timeouts};
-use crate::nodes::{blocking, NodeSpec, Nodes};
+use crate::nodes::{NodeSpec, Nodes};
 use crate::state::{DatabaseRecord, NodeRecord, Records, StoreError};
 
 /// Starts a watcher for every replicated database, now and as they appear.
@@ -308,11 +308,11 @@ async fn set_synchronous_standby(
             return false;
         }
     };
-    let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(primary));
-    let reloaded = blocking(move || {
-        driver.configure(&spec, &config)?;
-        driver.reload(&spec)
-    })
+    let (driver, spec) = (&nodes.driver, NodeSpec::of(primary));
+    let reloaded = async move {
+        driver.configure(&spec, &config).await?;
+        driver.reload(&spec).await
+    }
     .await;
     if let Err(e) = &reloaded {
         error!(database = %db.id, error = %e, "cannot change replication mode");
@@ -358,14 +358,14 @@ fn record(
 /// Starts standbys whose processes are gone (crashed or killed); they catch up by streaming.
 async fn restart_stopped_standbys(records: &Records, nodes: &Nodes, db: &DatabaseRecord) {
     for standby in db.replicas() {
-        let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(standby));
-        let restarted = blocking(move || {
-            if driver.is_running(&spec) {
+        let (driver, spec) = (&nodes.driver, NodeSpec::of(standby));
+        let restarted = async move {
+            if driver.is_running(&spec).await {
                 return Ok(false);
             }
-            driver.fence(&spec)?;
-            driver.start(&spec).map(|()| true)
-        })
+            driver.fence(&spec).await?;
+            driver.start(&spec).await.map(|()| true)
+        }
         .await;
         match restarted {
             Ok(true) => records.event(

@@ -10,7 +10,7 @@ use super::{Lifecycle, LifecycleError};
 use crate::failure::{Failure, Reportable};
 use crate::nodes::config::REPLICATION_ROLE;
 use crate::nodes::placement;
-use crate::nodes::{blocking, roles, NodeSpec, Nodes};
+use crate::nodes::{roles, NodeSpec, Nodes};
 use crate::operations::Progress;
 use crate::plans;
 use crate::routing::Routing;
@@ -49,8 +49,8 @@ async fn provision(
     let plan = plans::find(&db.plan).ok_or_else(|| LifecycleError::UnknownPlan(db.plan.clone()))?;
     // Start from a clean slate: a provisioning interrupted earlier may have left nodes behind.
     for node in std::mem::take(&mut db.nodes) {
-        let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(&node));
-        blocking(move || driver.destroy(&spec)).await?;
+        let (driver, spec) = (&nodes.driver, NodeSpec::of(&node));
+        driver.destroy(&spec).await?;
     }
     db.nodes = placement::new_nodes(
         &nodes.hosts,
@@ -66,12 +66,9 @@ async fn provision(
     let primary = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let primary_spec = NodeSpec::of(&primary);
     let config = nodes.config(&db, &primary, None)?;
-    let (driver, spec) = (nodes.driver.clone(), primary_spec.clone());
-    blocking(move || {
-        driver.init(&spec, &config)?;
-        driver.start(&spec)
-    })
-    .await?;
+    let (driver, spec) = (&nodes.driver, &primary_spec);
+    driver.init(spec, &config).await?;
+    driver.start(spec).await?;
     op.set(0.4);
     records.event(
         id,

@@ -5,7 +5,7 @@ use std::time::Duration;
 use super::LifecycleError;
 use crate::failure::Failure;
 use crate::nodes::config::{slot_name, REPLICATION_ROLE};
-use crate::nodes::{blocking, NodeSpec, Nodes, Upstream};
+use crate::nodes::{NodeSpec, Nodes, Upstream};
 use crate::state::{DatabaseRecord, NodeRecord, Records};
 use crate::wait;
 
@@ -21,12 +21,9 @@ pub async fn add_standby(
     let primary = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(db.id.clone()))?;
     let primary_spec = NodeSpec::of(&primary);
     let config = nodes.config(db, &primary, Some(&standby.name))?;
-    let (driver, spec) = (nodes.driver.clone(), primary_spec.clone());
-    blocking(move || {
-        driver.configure(&spec, &config)?;
-        driver.reload(&spec)
-    })
-    .await?;
+    let (driver, spec) = (&nodes.driver, &primary_spec);
+    driver.configure(spec, &config).await?;
+    driver.reload(spec).await?;
     wait_synchronous(nodes, &primary_spec, &standby.name).await?;
     records.event(
         &db.id,
@@ -52,12 +49,9 @@ pub async fn add_standby_only(
         slot: slot_name(&standby.name),
     };
     let config = nodes.config(db, standby, None)?;
-    let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(standby));
-    blocking(move || {
-        driver.init_standby(&spec, &config, &upstream)?;
-        driver.start(&spec)
-    })
-    .await?;
+    let (driver, spec) = (&nodes.driver, NodeSpec::of(standby));
+    driver.init_standby(&spec, &config, &upstream).await?;
+    driver.start(&spec).await?;
     records.event(
         &db.id,
         "node_started",

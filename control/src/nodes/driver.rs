@@ -1,8 +1,11 @@
 //! The node driver interface: how the control plane creates, starts and removes PostgreSQL
-//! nodes. `local.rs` runs them as processes on this host; other drivers (containers, VMs) can
-//! implement the same trait. Methods block (they run programs); callers use `spawn_blocking`.
+//! nodes. `local.rs` runs them as processes on this host (on a blocking thread, once per
+//! call), `agent::client` on other hosts through their agents; other drivers (containers, VMs)
+//! can implement the same trait.
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 
 /// Everything a driver needs to know about one node.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -129,68 +132,79 @@ pub enum DriverError {
     Encoding(#[from] serde_json::Error),
     #[error("{op} needs the node's {what}")]
     Incomplete { op: &'static str, what: &'static str },
+    /// The blocking thread running the call ended without an answer (it panicked).
+    #[error("a node operation was interrupted: {0}")]
+    Interrupted(String),
 }
 
+/// A driver call under way.
+pub type Call<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the platform does to nodes, wherever they run: each call is async (this host's driver
+/// runs its programs on a blocking thread, an agent's is an HTTP call), bounded by the driver.
 pub trait NodeDriver: Send + Sync + 'static {
     /// Creates an empty cluster (initdb) and writes its configuration.
-    fn init(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError>;
+    fn init<'a>(&'a self, node: &'a NodeSpec, config: &'a NodeConfig) -> Call<'a, Done>;
     /// Creates a standby by copying `upstream` (pg_basebackup over TLS), configured to stream.
-    fn init_standby(
-        &self,
-        node: &NodeSpec,
-        config: &NodeConfig,
-        upstream: &Upstream,
-    ) -> Result<(), DriverError>;
+    fn init_standby<'a>(
+        &'a self,
+        node: &'a NodeSpec,
+        config: &'a NodeConfig,
+        upstream: &'a Upstream,
+    ) -> Call<'a, Done>;
     /// Rewrites settings and hba; call `reload` or restart to apply.
-    fn configure(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError>;
+    fn configure<'a>(&'a self, node: &'a NodeSpec, config: &'a NodeConfig) -> Call<'a, Done>;
     /// Starts the node and waits until it accepts connections. The error carries the node's
     /// own log lines.
-    fn start(&self, node: &NodeSpec) -> Result<(), DriverError>;
-    fn stop(&self, node: &NodeSpec) -> Result<(), DriverError>;
-    fn reload(&self, node: &NodeSpec) -> Result<(), DriverError>;
-    fn is_running(&self, node: &NodeSpec) -> bool;
+    fn start<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, Done>;
+    fn stop<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, Done>;
+    fn reload<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, Done>;
+    fn is_running<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, bool>;
     /// Makes sure the node can serve nothing any more, whatever state it is in (even frozen):
     /// its processes are killed.
-    fn fence(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    fn fence<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, Done>;
     /// Promotes a standby to primary and waits until it accepts writes.
-    fn promote(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    fn promote<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, Done>;
     /// Rewinds a stopped former primary onto `source`'s timeline (pg_rewind), so it can follow
     /// it as a standby.
-    fn rewind(&self, node: &NodeSpec, source: &NodeSpec) -> Result<(), DriverError>;
+    fn rewind<'a>(&'a self, node: &'a NodeSpec, source: &'a NodeSpec) -> Call<'a, Done>;
     /// As `rewind`, from a source reached over the network (TLS verified against the node's
     /// CA, `source.user` holding only the rights pg_rewind needs): for nodes on other hosts,
     /// where the superuser never logs in. `source.slot` is unused.
-    fn rewind_from(&self, node: &NodeSpec, source: &Upstream) -> Result<(), DriverError>;
+    fn rewind_from<'a>(&'a self, node: &'a NodeSpec, source: &'a Upstream) -> Call<'a, Done>;
     /// Marks a stopped node's data directory as a standby's (`standby.signal`).
-    fn make_standby(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    fn make_standby<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, Done>;
     /// Creates a node from a base backup directory and WAL files, set to recover (its
     /// `config.settings` carry the recovery target) and then promote. `wal` files are copied
     /// into the node, `.partial` ones under their full name.
-    fn init_from_backup(
-        &self,
-        node: &NodeSpec,
-        config: &NodeConfig,
-        base: &std::path::Path,
-        wal: &std::path::Path,
-    ) -> Result<(), DriverError>;
+    fn init_from_backup<'a>(
+        &'a self,
+        node: &'a NodeSpec,
+        config: &'a NodeConfig,
+        base: &'a Path,
+        wal: &'a Path,
+    ) -> Call<'a, Done>;
     /// The last lines of the node's log.
-    fn log_tail(&self, node: &NodeSpec) -> String;
+    fn log_tail<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, String>;
     /// Stops the node if needed and deletes everything it had.
-    fn destroy(&self, node: &NodeSpec) -> Result<(), DriverError>;
+    fn destroy<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, Done>;
     /// Writes a custom-format `pg_dump` of `database` into `file` (which exists, private),
     /// with the client programs of `tools` (a directory on the node's host).
-    fn dump(
-        &self,
-        node: &NodeSpec,
-        database: &str,
-        tools: &std::path::Path,
-        file: &std::path::Path,
-    ) -> Result<(), DriverError>;
+    fn dump<'a>(
+        &'a self,
+        node: &'a NodeSpec,
+        database: &'a str,
+        tools: &'a Path,
+        file: &'a Path,
+    ) -> Call<'a, Done>;
     /// libpq connection string for the superuser, local to the node.
     fn admin_conninfo(&self, node: &NodeSpec, database: &str) -> String;
     /// The node's container figures and disk usage.
-    fn resources(&self, node: &NodeSpec) -> NodeResources;
+    fn resources<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, NodeResources>;
 }
+
+/// What a driver call that changes a node ends with.
+pub type Done = Result<(), DriverError>;
 
 /// What a client is told of a program's output: its last line, without the program's name
 /// prefix and with file system paths left out (the whole output goes to the log).

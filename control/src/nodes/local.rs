@@ -3,22 +3,21 @@
 //! runs as root, every node file is owned by, and every node process runs as, an unprivileged
 //! OS user.
 
+use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::{chown, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-
-use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
-use std::sync::Mutex;
 
 use crate::nodes::cgroup::Cgroups;
 use crate::nodes::config::{conninfo, pgpass_line, quote, REPLICATION_PASSFILE};
 use crate::nodes::driver::{
-    client_sentence, DiskUsage, DriverError, NodeConfig, NodeDriver, NodeResources, NodeSpec,
-    Upstream,
+    client_sentence, Call, DiskUsage, Done, DriverError, NodeConfig, NodeDriver, NodeResources,
+    NodeSpec, Upstream,
 };
 
 pub struct LocalDriver {
@@ -258,7 +257,7 @@ impl LocalDriver {
 
     /// The node's own last complaint (its log's last FATAL, PANIC or ERROR line) as a sentence;
     /// the last lines of the log go to the control plane's log.
-    fn log_tail(node: &NodeSpec) -> String {
+    fn read_log_tail(node: &NodeSpec) -> String {
         let log = fs::read_to_string(node.dir.join("postgres.log")).unwrap_or_default();
         tracing::error!(node = %node.name, log = %last_lines(&log, 10), "node log");
         let complaint = log
@@ -272,8 +271,10 @@ impl LocalDriver {
     }
 }
 
-impl NodeDriver for LocalDriver {
-    fn init(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError> {
+/// The driver's calls, blocking (they run programs and touch files): the agent runs them on
+/// its blocking threads, the control plane through [`ThisHost`].
+impl LocalDriver {
+    pub fn init(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError> {
         self.make_dir(node)?;
         let mut cmd = self.command(node, "initdb");
         cmd.arg("-D").arg(Self::data(node)).args([
@@ -289,7 +290,7 @@ impl NodeDriver for LocalDriver {
         self.write_files(node, config)
     }
 
-    fn init_standby(
+    pub fn init_standby(
         &self,
         node: &NodeSpec,
         config: &NodeConfig,
@@ -311,7 +312,7 @@ impl NodeDriver for LocalDriver {
         self.write(&Self::data(node).join("standby.signal"), "", 0o600)
     }
 
-    fn configure(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError> {
+    pub fn configure(&self, node: &NodeSpec, config: &NodeConfig) -> Result<(), DriverError> {
         self.write_files(node, config)?;
         // A higher limit holds at once; a lower one waits for the restart that brings the
         // node's memory settings down with it.
@@ -324,7 +325,7 @@ impl NodeDriver for LocalDriver {
         Ok(())
     }
 
-    fn start(&self, node: &NodeSpec) -> Result<(), DriverError> {
+    pub fn start(&self, node: &NodeSpec) -> Result<(), DriverError> {
         // A postmaster still shutting down (a stop that an earlier control plane began and did
         // not see through, say) holds the node's lock files: its end is waited for first.
         if let Some(pid) = Self::postmaster_pid(node) {
@@ -346,7 +347,7 @@ impl NodeDriver for LocalDriver {
         self.run("pg_ctl start", &mut cmd).map_err(|e| DriverError::NotStarted {
             node: node.name.clone(),
             log: match &e {
-                DriverError::Command { .. } => Self::log_tail(node),
+                DriverError::Command { .. } => Self::read_log_tail(node),
                 other => other.to_string(),
             },
         })?;
@@ -356,7 +357,7 @@ impl NodeDriver for LocalDriver {
         Ok(())
     }
 
-    fn stop(&self, node: &NodeSpec) -> Result<(), DriverError> {
+    pub fn stop(&self, node: &NodeSpec) -> Result<(), DriverError> {
         if !self.is_running(node) {
             return Ok(());
         }
@@ -365,13 +366,13 @@ impl NodeDriver for LocalDriver {
         self.run("pg_ctl stop", &mut cmd).map(drop)
     }
 
-    fn reload(&self, node: &NodeSpec) -> Result<(), DriverError> {
+    pub fn reload(&self, node: &NodeSpec) -> Result<(), DriverError> {
         let mut cmd = self.command(node, "pg_ctl");
         cmd.arg("reload").arg("-D").arg(Self::data(node));
         self.run("pg_ctl reload", &mut cmd).map(drop)
     }
 
-    fn is_running(&self, node: &NodeSpec) -> bool {
+    pub fn is_running(&self, node: &NodeSpec) -> bool {
         let mut cmd = self.command(node, "pg_ctl");
         cmd.arg("status")
             .arg("-D")
@@ -381,7 +382,7 @@ impl NodeDriver for LocalDriver {
         cmd.status().is_ok_and(|s| s.success())
     }
 
-    fn fence(&self, node: &NodeSpec) -> Result<(), DriverError> {
+    pub fn fence(&self, node: &NodeSpec) -> Result<(), DriverError> {
         let Some(pid) = Self::postmaster_pid(node) else {
             return Ok(());
         };
@@ -394,7 +395,7 @@ impl NodeDriver for LocalDriver {
         Ok(())
     }
 
-    fn promote(&self, node: &NodeSpec) -> Result<(), DriverError> {
+    pub fn promote(&self, node: &NodeSpec) -> Result<(), DriverError> {
         // Promoted already (a failover that promoted it was cut short before recording it).
         if !Self::data(node).join("standby.signal").exists() && self.is_running(node) {
             return Ok(());
@@ -404,7 +405,7 @@ impl NodeDriver for LocalDriver {
         self.run("pg_ctl promote", &mut cmd).map(drop)
     }
 
-    fn rewind(&self, node: &NodeSpec, source: &NodeSpec) -> Result<(), DriverError> {
+    pub fn rewind(&self, node: &NodeSpec, source: &NodeSpec) -> Result<(), DriverError> {
         let mut cmd = self.command(node, "pg_rewind");
         cmd.arg("--target-pgdata")
             .arg(Self::data(node))
@@ -412,7 +413,7 @@ impl NodeDriver for LocalDriver {
         self.run_rewind(node, &mut cmd)
     }
 
-    fn rewind_from(&self, node: &NodeSpec, source: &Upstream) -> Result<(), DriverError> {
+    pub fn rewind_from(&self, node: &NodeSpec, source: &Upstream) -> Result<(), DriverError> {
         let port = source.port.to_string();
         let server = conninfo(&[
             ("host", &source.host),
@@ -432,11 +433,11 @@ impl NodeDriver for LocalDriver {
         self.run_rewind(node, &mut cmd)
     }
 
-    fn make_standby(&self, node: &NodeSpec) -> Result<(), DriverError> {
+    pub fn make_standby(&self, node: &NodeSpec) -> Result<(), DriverError> {
         self.write(&Self::data(node).join("standby.signal"), "", 0o600)
     }
 
-    fn init_from_backup(
+    pub fn init_from_backup(
         &self,
         node: &NodeSpec,
         config: &NodeConfig,
@@ -489,11 +490,11 @@ impl NodeDriver for LocalDriver {
         self.write(&data.join("recovery.signal"), "", 0o600)
     }
 
-    fn log_tail(&self, node: &NodeSpec) -> String {
-        Self::log_tail(node)
+    pub fn log_tail(&self, node: &NodeSpec) -> String {
+        Self::read_log_tail(node)
     }
 
-    fn destroy(&self, node: &NodeSpec) -> Result<(), DriverError> {
+    pub fn destroy(&self, node: &NodeSpec) -> Result<(), DriverError> {
         if self.is_running(node) {
             let mut cmd = self.command(node, "pg_ctl");
             cmd.arg("stop").arg("-D").arg(Self::data(node)).args(["-m", "immediate", "-w"]);
@@ -507,7 +508,7 @@ impl NodeDriver for LocalDriver {
         }
     }
 
-    fn resources(&self, node: &NodeSpec) -> NodeResources {
+    pub fn resources(&self, node: &NodeSpec) -> NodeResources {
         let usage = self.cgroups.usage(&node.name);
         let uncontained = self.uncontained.lock().unwrap_or_else(|e| e.into_inner());
         let unlimited = match (uncontained.get(&node.name), &usage) {
@@ -525,7 +526,7 @@ impl NodeDriver for LocalDriver {
         NodeResources { usage, cgroup, unlimited, disk: disk_usage(&node.dir) }
     }
 
-    fn dump(
+    pub fn dump(
         &self,
         node: &NodeSpec,
         database: &str,
@@ -542,7 +543,7 @@ impl NodeDriver for LocalDriver {
         .map(drop)
     }
 
-    fn admin_conninfo(&self, node: &NodeSpec, database: &str) -> String {
+    pub fn admin_conninfo(&self, node: &NodeSpec, database: &str) -> String {
         let (dir, port) = (node.dir.display().to_string(), node.port.to_string());
         conninfo(&[
             ("host", &dir),
@@ -551,6 +552,131 @@ impl NodeDriver for LocalDriver {
             ("dbname", database),
             ("connect_timeout", "3"),
         ])
+    }
+}
+
+/// This host's driver for the control plane: each call runs on a blocking thread, once.
+#[derive(Clone)]
+pub struct ThisHost(pub Arc<LocalDriver>);
+
+impl ThisHost {
+    /// Runs `work` with the driver and a copy of `node` on a blocking thread.
+    fn off<'a, T: Send + 'static>(
+        &self,
+        node: &NodeSpec,
+        interrupted: impl FnOnce(String) -> T + Send + 'a,
+        work: impl FnOnce(&LocalDriver, &NodeSpec) -> T + Send + 'static,
+    ) -> Call<'a, T> {
+        let (driver, node) = (Arc::clone(&self.0), node.clone());
+        let running = tokio::task::spawn_blocking(move || work(&driver, &node));
+        Box::pin(async move { running.await.unwrap_or_else(|e| interrupted(e.to_string())) })
+    }
+
+    /// As `off`, for a call that changes the node.
+    fn change<'a>(
+        &self,
+        node: &NodeSpec,
+        work: impl FnOnce(&LocalDriver, &NodeSpec) -> Done + Send + 'static,
+    ) -> Call<'a, Done> {
+        self.off(node, |e| Err(DriverError::Interrupted(e)), work)
+    }
+}
+
+impl NodeDriver for ThisHost {
+    fn init<'a>(&'a self, node: &'a NodeSpec, config: &'a NodeConfig) -> Call<'a, Done> {
+        let config = config.clone();
+        self.change(node, move |d, n| d.init(n, &config))
+    }
+
+    fn init_standby<'a>(
+        &'a self,
+        node: &'a NodeSpec,
+        config: &'a NodeConfig,
+        upstream: &'a Upstream,
+    ) -> Call<'a, Done> {
+        let (config, upstream) = (config.clone(), upstream.clone());
+        self.change(node, move |d, n| d.init_standby(n, &config, &upstream))
+    }
+
+    fn configure<'a>(&'a self, node: &'a NodeSpec, config: &'a NodeConfig) -> Call<'a, Done> {
+        let config = config.clone();
+        self.change(node, move |d, n| d.configure(n, &config))
+    }
+
+    fn start<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, Done> {
+        self.change(node, |d, n| d.start(n))
+    }
+
+    fn stop<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, Done> {
+        self.change(node, |d, n| d.stop(n))
+    }
+
+    fn reload<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, Done> {
+        self.change(node, |d, n| d.reload(n))
+    }
+
+    fn is_running<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, bool> {
+        self.off(node, |_| false, |d, n| d.is_running(n))
+    }
+
+    fn fence<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, Done> {
+        self.change(node, |d, n| d.fence(n))
+    }
+
+    fn promote<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, Done> {
+        self.change(node, |d, n| d.promote(n))
+    }
+
+    fn rewind<'a>(&'a self, node: &'a NodeSpec, source: &'a NodeSpec) -> Call<'a, Done> {
+        let source = source.clone();
+        self.change(node, move |d, n| d.rewind(n, &source))
+    }
+
+    fn rewind_from<'a>(&'a self, node: &'a NodeSpec, source: &'a Upstream) -> Call<'a, Done> {
+        let source = source.clone();
+        self.change(node, move |d, n| d.rewind_from(n, &source))
+    }
+
+    fn make_standby<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, Done> {
+        self.change(node, |d, n| d.make_standby(n))
+    }
+
+    fn init_from_backup<'a>(
+        &'a self,
+        node: &'a NodeSpec,
+        config: &'a NodeConfig,
+        base: &'a Path,
+        wal: &'a Path,
+    ) -> Call<'a, Done> {
+        let (config, base, wal) = (config.clone(), base.to_owned(), wal.to_owned());
+        self.change(node, move |d, n| d.init_from_backup(n, &config, &base, &wal))
+    }
+
+    fn log_tail<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, String> {
+        self.off(node, |e| e, |d, n| d.log_tail(n))
+    }
+
+    fn destroy<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, Done> {
+        self.change(node, |d, n| d.destroy(n))
+    }
+
+    fn dump<'a>(
+        &'a self,
+        node: &'a NodeSpec,
+        database: &'a str,
+        tools: &'a Path,
+        file: &'a Path,
+    ) -> Call<'a, Done> {
+        let (database, tools, file) = (database.to_owned(), tools.to_owned(), file.to_owned());
+        self.change(node, move |d, n| d.dump(n, &database, &tools, &file))
+    }
+
+    fn admin_conninfo(&self, node: &NodeSpec, database: &str) -> String {
+        self.0.admin_conninfo(node, database)
+    }
+
+    fn resources<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, NodeResources> {
+        self.off(node, |_| NodeResources::default(), |d, n| d.resources(n))
     }
 }
 

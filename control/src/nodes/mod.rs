@@ -31,10 +31,3 @@ pub enum NodeError {
     #[error("node work was interrupted: {0}")]
     Interrupted(#[from] tokio::task::JoinError),
 }
-
-/// Runs driver work (it runs programs and touches files) off the async runtime.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
-) -> Result<T, NodeError> {
-    Ok(tokio::task::spawn_blocking(f).await??)
-}

@@ -13,7 +13,7 @@ use crate::failure::{Failure, Reportable};
 use crate::lifecycle::standby::add_standby;
 use crate::nodes::config::quote;
 use crate::nodes::placement;
-use crate::nodes::{blocking, NodeError, NodeSpec, Nodes};
+use crate::nodes::{NodeError, NodeSpec, Nodes};
 use crate::operations::Progress;
 use crate::state::{DatabaseRecord, NodeRecord, StoreError};
 use crate::wait;
@@ -156,8 +156,8 @@ async fn do_restore(
     restored.nodes = new_nodes.clone();
     let cleanup = |list: Vec<NodeRecord>| async move {
         for node in list {
-            let (driver, spec) = (pitr.nodes.driver.clone(), NodeSpec::of(&node));
-            let _ = blocking(move || driver.destroy(&spec)).await;
+            let (driver, spec) = (&pitr.nodes.driver, NodeSpec::of(&node));
+            let _ = driver.destroy(&spec).await;
         }
     };
     let result = async {
@@ -179,21 +179,15 @@ async fn do_restore(
             wal_dir(&pitr.backup_dir, id),
         );
         let spec2 = spec.clone();
-        blocking(move || {
-            driver.init_from_backup(&spec2, &config, &base_path, &wal)?;
-            driver.start(&spec2)
-        })
-        .await?;
+        driver.init_from_backup(&spec2, &config, &base_path, &wal).await?;
+        driver.start(&spec2).await?;
         op.set(0.4);
         wait_promoted(&pitr.nodes, &spec).await?;
         // Plain settings again (no recovery target), and a check that the database is there.
         let config = pitr.nodes.config(&restored, &primary, None)?;
-        let (driver, spec2) = (pitr.nodes.driver.clone(), spec.clone());
-        blocking(move || {
-            driver.configure(&spec2, &config)?;
-            driver.reload(&spec2)
-        })
-        .await?;
+        let (driver, spec2) = (&pitr.nodes.driver, &spec);
+        driver.configure(spec2, &config).await?;
+        driver.reload(spec2).await?;
         let check = pitr.nodes.session(&spec, &restored.name).await?;
         check.query_one("SELECT current_database()", &[]).await.map_err(PitrError::NotAnswering)?;
         op.set(0.6);
@@ -245,10 +239,8 @@ async fn wait_promoted(nodes: &Nodes, node: &crate::nodes::NodeSpec) -> Result<(
                 }
             }
         } else {
-            let (driver, spec) = (nodes.driver.clone(), node.clone());
-            let running = blocking(move || Ok(driver.is_running(&spec))).await.unwrap_or(false);
-            if !running {
-                return Err(PitrError::RecoveryFailed(nodes.driver.log_tail(node)));
+            if !nodes.driver.is_running(node).await {
+                return Err(PitrError::RecoveryFailed(nodes.driver.log_tail(node).await));
             }
         }
         Ok(None)

@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use crate::api::{self, ApiState};
 use crate::coord::{Etcd, Leadership};
-use crate::nodes::local::LocalDriver;
+use crate::nodes::local::{LocalDriver, ThisHost};
 use crate::pitr::Heartbeats;
 use crate::platform::{Parts, Platform, PlatformConfig};
 use crate::state::kv::{Kv, RedbKv};
@@ -226,7 +226,7 @@ fn open(
     let remote = crate::agent::client::RemoteDriver::new(&ca)
         .context("the agents' client certificate")?
         .with_term(leadership.as_ref().map(|l| l.term()));
-    let (local, remote) = (Arc::new(driver), Arc::new(remote));
+    let (local, remote) = (Arc::new(ThisHost(Arc::new(driver))), Arc::new(remote));
     let parts = Parts {
         store,
         etcd,

@@ -11,7 +11,7 @@ use pgwarden_api::control::{DatabaseStatus, NodeRole, Operation, OperationStatus
 use tracing::{error, info, warn};
 
 use crate::changes::resume::Interrupted;
-use crate::nodes::{blocking, NodeSpec, Nodes};
+use crate::nodes::{NodeSpec, Nodes};
 use crate::platform::Platform;
 use crate::state::{DatabaseRecord, Records, StoreError};
 
@@ -72,14 +72,14 @@ pub async fn adopt_nodes(platform: &Arc<Platform>, left: &Leftovers) {
         // A fenced node (a former primary) stays down: started, it would serve writes as a
         // second primary. The watcher brings it back as a standby.
         for node in nodes.into_iter().filter(|n| !n.fenced) {
-            let (driver, spec) = (platform.nodes.driver.clone(), NodeSpec::of(&node));
-            let started = blocking(move || {
-                if driver.is_running(&spec) {
+            let (driver, spec) = (&platform.nodes.driver, NodeSpec::of(&node));
+            let started = async move {
+                if driver.is_running(&spec).await {
                     Ok(false)
                 } else {
-                    driver.start(&spec).map(|()| true)
+                    driver.start(&spec).await.map(|()| true)
                 }
-            })
+            }
             .await;
             match started {
                 Ok(true) => platform.records.event(
@@ -178,8 +178,8 @@ pub async fn stop_all(records: &Records, nodes: &Nodes) {
         let mut order = db.nodes.clone();
         order.sort_by_key(|n| n.role != NodeRole::Primary);
         for node in order {
-            let (driver, spec) = (nodes.driver.clone(), NodeSpec::of(&node));
-            if let Err(e) = blocking(move || driver.stop(&spec)).await {
+            let (driver, spec) = (&nodes.driver, NodeSpec::of(&node));
+            if let Err(e) = driver.stop(&spec).await {
                 error!(node = %node.name, error = %e, "cannot stop node");
             }
         }

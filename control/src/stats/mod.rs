@@ -195,7 +195,7 @@ async fn node_stats(
     let driver = nodes.driver.clone();
     let resources = {
         let spec = spec.clone();
-        tokio::task::spawn_blocking(move || driver.resources(&spec)).await.unwrap_or_default()
+        driver.resources(&spec).await
     };
     let NodeResources { usage, cgroup, unlimited, disk } = resources;
     let usage = usage.unwrap_or_default();
