@@ -63,6 +63,27 @@ where
     }
 }
 
+/// Waits until a session over `conninfo` is running `query` (as `pg_stat_activity` shows it,
+/// read over another session): a cancel sent before the backend started it finds nothing to
+/// cancel.
+pub async fn wait_running(conninfo: &str, query: &str) {
+    use tokio_postgres::NoTls;
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    let sql = "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'";
+    let what = format!("{query:?} running");
+    crate::wait_until(&what, std::time::Duration::from_secs(10), async || {
+        let row = client.query_one(sql, &[&query]).await.map_err(|e| e.to_string())?;
+        let running: i64 = row.get(0);
+        if running > 0 {
+            Ok(())
+        } else {
+            Err("not running yet".to_owned())
+        }
+    })
+    .await;
+}
+
 /// Starts `SELECT pg_sleep(30)` in a session over `conninfo` and cancels it with the session's
 /// cancel key: the query must end with `57014` (long before the sleep would).
 pub async fn assert_cancel_reaches_the_backend(conninfo: &str) {
@@ -72,7 +93,7 @@ pub async fn assert_cancel_reaches_the_backend(conninfo: &str) {
     let token = client.cancel_token();
     let sleeping =
         tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await.map(drop) });
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    wait_running(conninfo, "SELECT pg_sleep(30)").await;
     let cancelled = std::time::Instant::now();
     token.cancel_query(NoTls).await.expect("cancel request");
     let err = sleeping.await.expect("join").expect_err("cancelled");

@@ -36,7 +36,9 @@ mod tls;
 mod wait;
 
 pub use browser::{Browser, Element};
-pub use clients::{assert_cancel_reaches_the_backend, pg_bin, psql, until_ok, ClientOutput};
+pub use clients::{
+    assert_cancel_reaches_the_backend, pg_bin, psql, until_ok, wait_running, ClientOutput,
+};
 pub use control::TestControl;
 pub use etcd::TestEtcd;
 pub use hosts::{TestHosts, DB_HOSTS};

@@ -205,7 +205,15 @@ async fn daily_backup_runs_at_its_hour_and_a_failed_backup_keeps_its_reason() {
     let node = db["nodes"][0]["name"].as_str().unwrap();
     let pid = postmaster_pid(&control.node_data_dir(node)).unwrap();
     Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until("the killed postmaster gone", Duration::from_secs(10), async || {
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if alive {
+            Err(format!("{pid} still there"))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
     let (status, backup) = take_backup(&control, &id).await;
     assert_eq!(status, 202);
     assert_eq!(backup["status"], "failed");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use pgwarden_control::coord::{Etcd, Leadership};
 use pgwarden_control::state::etcd::EtcdKv;
 use pgwarden_control::state::{Store, StoreError};
-use pgwarden_e2e::{lost_writes, wait_until, TestEtcd, TestPlanes, Writer};
+use pgwarden_e2e::{let_time_pass, lost_writes, wait_until, TestEtcd, TestPlanes, Writer};
 use rustix::process::Signal;
 use tokio_util::sync::CancellationToken;
 
@@ -83,7 +83,8 @@ async fn the_state_in_etcd_is_written_by_the_leader_only() {
             Leadership::campaign(&etcd, "leader", "second:2", ttl, "the lead", &never).await
         })
     };
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Time must pass: longer than the second's lease, while the first keeps leading.
+    let_time_pass(Duration::from_secs(3)).await;
     assert!(!campaign.is_finished(), "two leaders at once");
     assert_eq!(etcd.leader().await.unwrap().as_deref(), Some("first:1"));
     // ...and leads once the first gives up; the first can write nothing any more.

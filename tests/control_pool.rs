@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use pgwarden_e2e::{psql, TestControl};
+use pgwarden_e2e::{let_time_pass, psql, TestControl};
 use tokio_postgres::NoTls;
 
 /// A pgbench run through a pooled URL, and the operation that starts 2 s into it.
@@ -46,7 +46,8 @@ impl Across<'_> {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Time must pass: the operation starts while pgbench is well into its run.
+        let_time_pass(Duration::from_secs(2)).await;
         let r = control.request(method, &path, body).await;
         assert_eq!(r.status, 202, "{}", r.body);
         let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;

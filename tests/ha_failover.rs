@@ -197,7 +197,7 @@ async fn switchover_under_load_loses_nothing_and_new_connections_wait_instead_of
     let writer = Writer::start(url.clone());
     assert!(writer.wait_acks_from(port_of(&db, "primary"), 50, WAIT).await);
     let connector = Connector::start(url.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    connector.wait_more(5).await;
 
     let r = control
         .request(
@@ -210,7 +210,7 @@ async fn switchover_under_load_loses_nothing_and_new_connections_wait_instead_of
     let op = control.wait_operation(r.json()["operation"]["id"].as_str().unwrap()).await;
     assert_eq!(op["status"], "succeeded", "{op}");
     assert!(writer.wait_acks_from(new_port, 50, WAIT).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    connector.wait_more(5).await;
     let outcomes = connector.stop().await;
     let acked = writer.stop().await;
 

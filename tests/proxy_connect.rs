@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{psql, wait_until, NodeOptions, PgNode, TestCerts, TestProxy, TEST_PASSWORD};
+use pgwarden_e2e::{
+    psql, wait_running, wait_until, NodeOptions, PgNode, TestCerts, TestProxy, TEST_PASSWORD,
+};
 use pgwarden_proxy::config::Limits;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
@@ -181,7 +183,8 @@ async fn cancel_reaches_the_right_backend() {
     let started = Instant::now();
     let query =
         tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let conninfo = proxy.conninfo("app", "app", &format!("password={TEST_PASSWORD}"));
+    wait_running(&conninfo, "SELECT pg_sleep(30)").await;
     token.cancel_query(NoTls).await.expect("send cancel");
     let err = query.await.unwrap().expect_err("query must be cancelled");
     assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use pgwarden_api::RoutingTable;
 use pgwarden_e2e::{
-    assert_cancel_reaches_the_backend, plain_route, until_ok, wait_until, PgNode, TestEtcd,
-    TestProxy, TEST_PASSWORD,
+    assert_cancel_reaches_the_backend, let_time_pass, plain_route, until_ok, wait_until, PgNode,
+    TestEtcd, TestProxy, TEST_PASSWORD,
 };
 use pgwarden_proxy::config::EtcdConfig;
 use rustix::process::Signal;
@@ -224,7 +224,8 @@ async fn a_proxy_pair_elects_its_active_through_etcd_and_a_frozen_active_stands_
     let mut a = pair_proxy(dir.path(), &etcd, "a", listen);
     wait_role(&a, "active").await;
     let b = pair_proxy(dir.path(), &etcd, "b", listen);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Time must pass: the second proxy stays standby while the first is active.
+    let_time_pass(Duration::from_secs(1)).await;
     assert_eq!(role_of(&b).as_deref(), Some("standby"), "two active proxies");
     assert_eq!(hooks(&a), ["standby", "active"], "on_active ran (before the address was bound)");
     assert_eq!(hooks(&b), ["standby"]);

@@ -4,7 +4,9 @@
 
 use pgwarden_api::{DatabaseRoute, RoutingTable};
 use pgwarden_certs::Ca;
-use pgwarden_e2e::{plain_route, psql, NodeOptions, PgNode, TestCerts, TestProxy, TEST_PASSWORD};
+use pgwarden_e2e::{
+    plain_route, psql, wait_running, NodeOptions, PgNode, TestCerts, TestProxy, TEST_PASSWORD,
+};
 use pgwarden_proxy::config::Limits;
 
 fn table(epoch: u64, primary: &str, node_ca: &Ca) -> RoutingTable {
@@ -140,7 +142,7 @@ async fn a_cancel_reaches_a_node_behind_tls() {
     let token = client.cancel_token();
     let sleeping =
         tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    wait_running(&conninfo, "SELECT pg_sleep(30)").await;
     token.cancel_query(tokio_postgres::NoTls).await.expect("cancel sent");
     let err = sleeping.await.unwrap().expect_err("cancelled");
     assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{err:?}");

@@ -6,8 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pgwarden_e2e::{
-    assert_cancel_reaches_the_backend, free_port, http_request, until_ok, wait_until,
-    wait_until_blocking, workspace_bin, PgNode, TEST_PASSWORD,
+    assert_cancel_reaches_the_backend, free_port, http_request, let_time_pass, until_ok,
+    wait_until, wait_until_blocking, workspace_bin, PgNode, TEST_PASSWORD,
 };
 use tokio_postgres::NoTls;
 
@@ -107,7 +107,8 @@ async fn standby_takes_over_within_a_second_and_a_returning_proxy_stays_standby(
     // The old active comes back: it stays standby, no flapping.
     let _a = start(dir.path(), "a", listen, admin_a, admin_b);
     wait_role(admin_a, "standby");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Time must pass: no flapping for a while.
+    let_time_pass(Duration::from_secs(1)).await;
     assert_eq!(role(admin_a).as_deref(), Some("standby"));
     assert_eq!(role(admin_b).as_deref(), Some("active"));
     assert_eq!(query(listen).await.unwrap(), node.port as i32);

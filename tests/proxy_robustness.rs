@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{pg_bin, ClientOutput, PgNode, TestProxy, TEST_PASSWORD};
+use pgwarden_e2e::{let_time_pass, pg_bin, ClientOutput, PgNode, TestProxy, TEST_PASSWORD};
 use pgwarden_proxy::config::Limits;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -253,7 +253,8 @@ async fn a_node_slower_than_the_handshake_timeout_still_serves_its_client() {
         tokio::spawn(connection);
         client.simple_query("SELECT 1").await.map(drop)
     });
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Time must pass: the node stays frozen well past the 1 s handshake timeout.
+    let_time_pass(Duration::from_millis(2500)).await;
     node.signal("-CONT");
     let served = tokio::time::timeout(Duration::from_secs(20), connecting).await;
     served.expect("client answered").unwrap().expect("the client's session started");

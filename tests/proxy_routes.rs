@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{psql, wait_until, PgNode, TestCerts, TestProxy, TEST_PASSWORD};
+use pgwarden_e2e::{let_time_pass, psql, wait_until, PgNode, TestCerts, TestProxy, TEST_PASSWORD};
 use pgwarden_proxy::config::Limits;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
@@ -254,8 +254,13 @@ async fn shutdown_lets_sessions_finish_then_ends_them_with_57p01() {
     let stopping = Instant::now();
     let addr = proxy.addr;
     let stop = tokio::spawn(async move { proxy.stop().await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no new clients while draining");
+    wait_until("the draining proxy refusing new clients", Duration::from_secs(5), async || {
+        match tokio::net::TcpStream::connect(addr).await {
+            Err(_) => Ok(()),
+            Ok(_) => Err("still accepted".to_owned()),
+        }
+    })
+    .await;
     in_grace.await.unwrap().expect("a query in progress finishes during the grace period");
 
     stop.await.unwrap().expect("clean exit");
@@ -311,7 +316,8 @@ async fn held_sessions_wait_then_get_57p03_or_go_through() {
 
     // Released within the bound: the session goes to the new primary.
     let waiting = tokio::spawn(port_once_connected(conninfo.clone()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Time must pass: the held session is still waiting a while later.
+    let_time_pass(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "held session must wait");
     proxy.route(3, &[("app", &b.address(), false)]).await;
     assert_eq!(waiting.await.unwrap().unwrap(), b.port as i32);
@@ -335,7 +341,8 @@ async fn a_new_session_to_an_unreachable_primary_waits_for_the_failover_or_gets_
 
     // The failover's table arrives while the session waits: it lands on the new primary.
     let waiting = tokio::spawn(port_once_connected(conninfo.clone()));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Time must pass: the session is still waiting a while later.
+    let_time_pass(Duration::from_millis(400)).await;
     assert!(!waiting.is_finished(), "the session must wait for a new primary");
     proxy.route(2, &[("app", &b.address(), false)]).await;
     assert_eq!(waiting.await.unwrap().unwrap(), b.port as i32);

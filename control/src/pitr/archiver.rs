@@ -10,6 +10,7 @@ use pgwarden_api::control::DatabaseStatus;
 use time::OffsetDateTime;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use super::base::{base_backup_due, prune, take_base_backup, wal_gaps};
@@ -50,8 +51,14 @@ impl Heartbeats {
     }
 }
 
-/// Starts an archiver for every PITR database, now and as they appear.
-pub async fn supervise(pitr: Pitr, heartbeats: Arc<Heartbeats>, shutdown: CancellationToken) {
+/// Starts an archiver for every PITR database, now and as they appear, each a task of
+/// `tasks` that ends with `shutdown`.
+pub async fn supervise(
+    pitr: Pitr,
+    heartbeats: Arc<Heartbeats>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     loop {
         for db in pitr.records.store.databases().unwrap_or_default() {
@@ -61,7 +68,7 @@ pub async fn supervise(pitr: Pitr, heartbeats: Arc<Heartbeats>, shutdown: Cancel
             {
                 let (pitr, running, shutdown) = (pitr.clone(), running.clone(), shutdown.clone());
                 let heartbeats = heartbeats.clone();
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     archive(&pitr, &heartbeats, &db.id, &shutdown).await;
                     running.lock().expect("lock").remove(&db.id);
                 });

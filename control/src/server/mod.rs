@@ -123,6 +123,7 @@ async fn lead(
         platform.pitr(),
         heartbeats.clone(),
         background.child_token(),
+        tasks.clone(),
     ));
     tasks.spawn(crate::routing::refresh::keep_fresh(platform.refresh(), background.child_token()));
     tasks.spawn(crate::changes::major::supervise_retired(
