@@ -26,8 +26,8 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn set(&mut self, progress: f64) {
-        self.operations.update(&mut self.op, OperationStatus::Running, progress);
+    pub async fn set(&mut self, progress: f64) {
+        self.operations.update(&mut self.op, OperationStatus::Running, progress).await;
     }
 
     pub fn id(&self) -> &str {
@@ -41,9 +41,13 @@ impl Operations {
     }
 
     /// Records a new operation on `database_id`, pending.
-    pub fn new_operation(&self, kind: &str, database_id: &str) -> Result<Operation, StoreError> {
+    pub async fn new_operation(
+        &self,
+        kind: &str,
+        database_id: &str,
+    ) -> Result<Operation, StoreError> {
         let op = Operation {
-            id: format!("op-{}", self.records.store.next_counter("operation_seq")?),
+            id: format!("op-{}", self.records.store.next_counter("operation_seq").await?),
             kind: kind.into(),
             database_id: database_id.into(),
             status: OperationStatus::Pending,
@@ -51,14 +55,14 @@ impl Operations {
             error: None,
             error_code: None,
         };
-        self.records.store.put_operation(&op)?;
+        self.records.store.put_operation(&op).await?;
         Ok(op)
     }
 
-    pub fn update(&self, op: &mut Operation, status: OperationStatus, progress: f64) {
+    pub async fn update(&self, op: &mut Operation, status: OperationStatus, progress: f64) {
         op.status = status;
         op.progress = progress;
-        if let Err(e) = self.records.store.put_operation(op) {
+        if let Err(e) = self.records.store.put_operation(op).await {
             error!(error = %e, operation = %op.id, "cannot record operation progress");
         }
     }
@@ -66,7 +70,7 @@ impl Operations {
     /// Records an operation and runs `task` as it; returns the operation (pending) to answer
     /// with. `task` reports progress through its `Progress`; its error is what the operation
     /// says when it fails.
-    pub fn spawn<F, Fut, E>(
+    pub async fn spawn<F, Fut, E>(
         &self,
         kind: &'static str,
         database_id: &str,
@@ -77,7 +81,7 @@ impl Operations {
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: Reportable + Send + 'static,
     {
-        let op = self.new_operation(kind, database_id)?;
+        let op = self.new_operation(kind, database_id).await?;
         self.run(op.clone(), task);
         Ok(op)
     }
@@ -94,7 +98,7 @@ impl Operations {
             let kind = op.kind.clone();
             let mut progress = Progress { operations: operations.clone(), op };
             let start = progress.op.progress.max(0.05);
-            progress.set(start);
+            progress.set(start).await;
             let result =
                 task(Progress { operations: operations.clone(), op: progress.op.clone() }).await;
             // The task's own handle recorded its progress in the store; read where it got.
@@ -102,19 +106,20 @@ impl Operations {
                 .records
                 .store
                 .operation(&progress.op.id)
+                .await
                 .ok()
                 .flatten()
                 .unwrap_or(progress.op);
             operations.metrics.operation(&kind, result.is_ok());
             match result {
-                Ok(()) => operations.update(&mut op, OperationStatus::Succeeded, 1.0),
+                Ok(()) => operations.update(&mut op, OperationStatus::Succeeded, 1.0).await,
                 Err(e) => {
                     // The whole detail is the log's; the operation keeps what the user reads.
                     error!(operation = %op.id, kind, code = e.code(), error = %e, "operation failed");
                     op.error = Some(e.sentence());
                     op.error_code = Some(e.code().to_owned());
                     let at = op.progress;
-                    operations.update(&mut op, OperationStatus::Failed, at);
+                    operations.update(&mut op, OperationStatus::Failed, at).await;
                 }
             }
         })

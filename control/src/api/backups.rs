@@ -19,8 +19,8 @@ pub async fn list(
     State(state): AppState,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<Backup>>, ApiError> {
-    load(&state.platform, &id)?;
-    let mut backups = state.platform.records.store.backups(&id)?;
+    load(&state.platform, &id).await?;
+    let mut backups = state.platform.records.store.backups(&id).await?;
     backups.reverse();
     Ok(Json(backups))
 }
@@ -31,38 +31,48 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<BackupOperation>), ApiError> {
     let platform = &state.platform;
     // Checking the plan's cap and recording the new backup are one step.
-    let (backup, _) = platform
-        .records
-        .update(&id, |db| {
-            require_running(db)?;
-            logical::check_manual_allowed(&platform.records, db).map_err(|e| match e {
-                BackupError::NoManualBackups(_) | BackupError::LimitReached { .. } => {
-                    ApiError::conflict("backup_limit", e.to_string())
-                }
-                other => ApiError::internal(other),
-            })?;
-            logical::start(&platform.records, db, BackupKind::Manual).map_err(ApiError::internal)
-        })?
-        .ok_or_else(|| ApiError::not_found("database", &id))?;
+    let backup = {
+        let _held = platform.records.lock(&id).await;
+        let db = platform.records.store.database(&id).await?;
+        let db = db.ok_or_else(|| ApiError::not_found("database", &id))?;
+        require_running(&db)?;
+        logical::check_manual_allowed(&platform.records, &db).await.map_err(|e| match e {
+            BackupError::NoManualBackups(_) | BackupError::LimitReached { .. } => {
+                ApiError::conflict("backup_limit", e.to_string())
+            }
+            other => ApiError::internal(other),
+        })?;
+        logical::start(&platform.records, &db, BackupKind::Manual)
+            .await
+            .map_err(ApiError::internal)?
+    };
     let p = platform.clone();
     let taking = backup.clone();
-    let operation = platform.operations.spawn("backup", &id, move |_| async move {
-        let done = logical::run(&p.records, &p.nodes, &p.backups, taking).await;
-        match done.status {
-            BackupStatus::Succeeded => Ok(()),
-            // The backup's record keeps what went wrong, as a sentence for the user.
-            _ => Err(Reported {
-                code: "backup_failed",
-                sentence: done.error.unwrap_or_else(|| "the backup failed".into()),
-            }),
-        }
-    })?;
+    let operation = platform
+        .operations
+        .spawn("backup", &id, move |_| async move {
+            let done = logical::run(&p.records, &p.nodes, &p.backups, taking).await;
+            match done.status {
+                BackupStatus::Succeeded => Ok(()),
+                // The backup's record keeps what went wrong, as a sentence for the user.
+                _ => Err(Reported {
+                    code: "backup_failed",
+                    sentence: done.error.unwrap_or_else(|| "the backup failed".into()),
+                }),
+            }
+        })
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(BackupOperation { backup, operation })))
 }
 
-fn load_backup(platform: &Platform, id: &str, backup: &str) -> Result<Backup, ApiError> {
-    load(platform, id)?;
-    platform.records.store.backup(id, backup)?.ok_or_else(|| ApiError::not_found("backup", backup))
+async fn load_backup(platform: &Platform, id: &str, backup: &str) -> Result<Backup, ApiError> {
+    load(platform, id).await?;
+    platform
+        .records
+        .store
+        .backup(id, backup)
+        .await?
+        .ok_or_else(|| ApiError::not_found("backup", backup))
 }
 
 pub async fn delete(
@@ -70,15 +80,17 @@ pub async fn delete(
     Path((id, backup)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let platform = &state.platform;
-    let backup = load_backup(platform, &id, &backup)?;
+    let backup = load_backup(platform, &id, &backup).await?;
     if backup.status == BackupStatus::Running {
         return Err(ApiError::conflict(
             "backup_running",
             format!("backup {} is still being taken", backup.id),
         ));
     }
-    logical::delete(&platform.records, &platform.backups, &backup).map_err(ApiError::internal)?;
-    platform.records.event(&id, "backup_deleted", format!("backup {} deleted", backup.id));
+    logical::delete(&platform.records, &platform.backups, &backup)
+        .await
+        .map_err(ApiError::internal)?;
+    platform.records.event(&id, "backup_deleted", format!("backup {} deleted", backup.id)).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -88,7 +100,7 @@ pub async fn download(
     Path((id, backup)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let platform = &state.platform;
-    let backup = load_backup(platform, &id, &backup)?;
+    let backup = load_backup(platform, &id, &backup).await?;
     if backup.status != BackupStatus::Succeeded {
         return Err(ApiError::conflict(
             "backup_not_ready",
@@ -106,11 +118,14 @@ pub async fn download(
         .await
         .map_err(ApiError::internal)??;
     if Some(&actual) != backup.sha256.as_ref() {
-        platform.records.event(
-            &id,
-            "backup_damaged",
-            format!("backup {} does not match its checksum; refused", backup.id),
-        );
+        platform
+            .records
+            .event(
+                &id,
+                "backup_damaged",
+                format!("backup {} does not match its checksum; refused", backup.id),
+            )
+            .await;
         return Err(ApiError::conflict(
             "backup_damaged",
             format!(
@@ -161,12 +176,12 @@ pub async fn set_schedule(
         .update(&id, |db| {
             db.backup_hour_utc = request.hour_utc;
             Ok::<_, ApiError>(())
-        })?
+        })
+        .await?
         .ok_or_else(|| ApiError::not_found("database", &id))?;
-    platform.records.event(
-        &id,
-        "backup_schedule",
-        format!("daily backup at {:02}:00 UTC", request.hour_utc),
-    );
+    platform
+        .records
+        .event(&id, "backup_schedule", format!("daily backup at {:02}:00 UTC", request.hour_utc))
+        .await;
     Ok(Json(json!({"hour_utc": request.hour_utc})))
 }

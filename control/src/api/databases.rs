@@ -80,20 +80,26 @@ pub async fn create(
         retired: Vec::new(),
     };
     // The check and the insert are one step: of two creates with the same name, one wins.
-    platform.records.insert_new(&db, |existing| {
-        if existing.iter().any(|d| name_of(&d.id) == Some(request.name.as_str())) {
-            return Err(ApiError::conflict(
-                "duplicate_name",
-                format!("a database named {:?} already exists", request.name),
-            ));
-        }
-        if existing.iter().any(|d| d.id == id) {
-            return Err(ApiError::conflict("duplicate_id", format!("{id} exists; try again")));
-        }
-        Ok(())
-    })?;
-    let op = platform.operations.new_operation("provision", &id)?;
-    platform.records.event(&id, "provisioning", format!("provisioning {} on plan {}", id, db.plan));
+    platform
+        .records
+        .insert_new(&db, |existing| {
+            if existing.iter().any(|d| name_of(&d.id) == Some(request.name.as_str())) {
+                return Err(ApiError::conflict(
+                    "duplicate_name",
+                    format!("a database named {:?} already exists", request.name),
+                ));
+            }
+            if existing.iter().any(|d| d.id == id) {
+                return Err(ApiError::conflict("duplicate_id", format!("{id} exists; try again")));
+            }
+            Ok(())
+        })
+        .await?;
+    let op = platform.operations.new_operation("provision", &id).await?;
+    platform
+        .records
+        .event(&id, "provisioning", format!("provisioning {} on plan {}", id, db.plan))
+        .await;
     lifecycle::provision::run(&platform.lifecycle(), id, op.clone());
     let database = view(platform, &db).await;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation: op })))
@@ -153,7 +159,7 @@ pub async fn engines(State(state): AppState) -> Json<Vec<Engine>> {
 
 pub async fn list(State(state): AppState) -> Result<Json<Vec<Database>>, ApiError> {
     let mut out = Vec::new();
-    for db in state.platform.records.store.databases()? {
+    for db in state.platform.records.store.databases().await? {
         out.push(view(&state.platform, &db).await);
     }
     Ok(Json(out))
@@ -163,7 +169,7 @@ pub async fn show(
     State(state): AppState,
     Path(id): Path<String>,
 ) -> Result<Json<Database>, ApiError> {
-    let db = load(&state.platform, &id)?;
+    let db = load(&state.platform, &id).await?;
     Ok(Json(view(&state.platform, &db).await))
 }
 
@@ -172,15 +178,15 @@ pub async fn destroy(
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<DatabaseOperation>), ApiError> {
     let platform = &state.platform;
-    let db = load(platform, &id)?;
+    let db = load(platform, &id).await?;
     if matches!(db.status, DatabaseStatus::Provisioning | DatabaseStatus::Deleting) {
         return Err(ApiError::conflict(
             "database_busy",
             format!("database {id} is {:?}; try again when it settles", db.status).to_lowercase(),
         ));
     }
-    let op = platform.operations.new_operation("destroy", &id)?;
-    platform.records.event(&id, "deleting", "destroying nodes, routes and backups");
+    let op = platform.operations.new_operation("destroy", &id).await?;
+    platform.records.event(&id, "deleting", "destroying nodes, routes and backups").await;
     lifecycle::destroy::run(&platform.lifecycle(), id, op.clone());
     let database = view(platform, &db).await;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation: op })))
@@ -194,7 +200,7 @@ pub async fn change(
 ) -> Result<(StatusCode, Json<DatabaseOperation>), ApiError> {
     let request: ChangeDatabase = body(&bytes)?;
     let platform = &state.platform;
-    let db = load(platform, &id)?;
+    let db = load(platform, &id).await?;
     let plan = plan::check(&db, &request.plan).map_err(|e| match e {
         plan::Refusal::UnknownPlan(..) => ApiError::unprocessable("unknown_plan", e.to_string()),
         plan::Refusal::SamePlan(..) => ApiError::conflict("same_plan", e.to_string()),
@@ -202,10 +208,12 @@ pub async fn change(
     let claim = claim_running(platform, &db)?;
     let database = view(platform, &db).await;
     let (p, database_id) = (platform.clone(), id.clone());
-    let operation =
-        platform.operations.spawn("plan_change", &database_id, move |progress| async move {
+    let operation = platform
+        .operations
+        .spawn("plan_change", &database_id, move |progress| async move {
             plan::change(&p.records, &p.nodes, &p.routing, claim, &id, plan, progress).await
-        })?;
+        })
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
 }
 
@@ -218,7 +226,7 @@ pub async fn upgrade_engine(
 ) -> Result<(StatusCode, Json<DatabaseOperation>), ApiError> {
     let request: EngineUpgrade = body(&bytes)?;
     let platform = &state.platform;
-    let db = load(platform, &id)?;
+    let db = load(platform, &id).await?;
     let target = upgrade::check(&platform.nodes, &db, &request.version).map_err(|e| match e {
         upgrade::Refusal::Same(..) => ApiError::conflict("same_version", e.to_string()),
         upgrade::Refusal::Unknown(..) => ApiError::unprocessable("unknown_version", e.to_string()),
@@ -242,8 +250,9 @@ pub async fn upgrade_engine(
     let (p, database_id) = (platform.clone(), id.clone());
     let heartbeats = state.heartbeats.clone();
     let budget = request.hold_budget_ms.map_or(major::DEFAULT_HOLD_BUDGET, Duration::from_millis);
-    let operation =
-        platform.operations.spawn("engine_upgrade", &database_id, move |progress| async move {
+    let operation = platform
+        .operations
+        .spawn("engine_upgrade", &database_id, move |progress| async move {
             match target {
                 upgrade::Target::Minor(engine) => {
                     upgrade::upgrade(&p.records, &p.nodes, &p.routing, claim, &id, engine, progress)
@@ -254,7 +263,8 @@ pub async fn upgrade_engine(
                         .await
                 }
             }
-        })?;
+        })
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
 }
 
@@ -279,7 +289,7 @@ fn claim_running(
 }
 
 pub async fn env(State(state): AppState, Path(id): Path<String>) -> Result<Json<Env>, ApiError> {
-    let db = load(&state.platform, &id)?;
+    let db = load(&state.platform, &id).await?;
     let routing = &state.platform.routing;
     let url = routing.url(&db.name, &db.password, &db.name);
     let database_pool_url = routing.pool_url(&db.name, &db.password, &db.name);
@@ -300,16 +310,16 @@ pub async fn set_tls(
             let changed = db.force_tls != request.force;
             db.force_tls = request.force;
             Ok::<_, ApiError>(changed)
-        })?
+        })
+        .await?
         .ok_or_else(|| ApiError::not_found("database", &id))?;
     if changed {
-        let epoch = platform.routing.publish(&platform.records.store)?;
+        let epoch = platform.routing.publish(&platform.records.store).await?;
         let state = if request.force { "on" } else { "off" };
-        platform.records.event(
-            &id,
-            "tls_changed",
-            format!("force TLS {state} (routing epoch {epoch})"),
-        );
+        platform
+            .records
+            .event(&id, "tls_changed", format!("force TLS {state} (routing epoch {epoch})"))
+            .await;
     }
     Ok(Json(view(platform, &db).await))
 }
@@ -318,8 +328,8 @@ pub async fn events(
     State(state): AppState,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    load(&state.platform, &id)?;
-    Ok(Json(state.platform.records.store.events(&id)?))
+    load(&state.platform, &id).await?;
+    Ok(Json(state.platform.records.store.events(&id).await?))
 }
 
 /// The latest sample of the database's stats (one is taken now if the sampler has none yet).
@@ -327,7 +337,7 @@ pub async fn stats(
     State(state): AppState,
     Path(id): Path<String>,
 ) -> Result<Json<pgwarden_api::control::Stats>, ApiError> {
-    let db = load(&state.platform, &id)?;
+    let db = load(&state.platform, &id).await?;
     if let Some(stats) = state.sampler.latest(&id) {
         return Ok(Json(stats));
     }
@@ -362,7 +372,7 @@ pub async fn stats_history(
 ) -> Result<Json<pgwarden_api::control::StatsHistory>, ApiError> {
     let axum::extract::Query(query) =
         query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    load(&state.platform, &id)?;
+    load(&state.platform, &id).await?;
     let rfc3339 = &time::format_description::well_known::Rfc3339;
     let time = |name: &str, text: Option<&str>| {
         text.map(|t| {

@@ -16,7 +16,7 @@ pub async fn failover(
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<DatabaseOperation>), ApiError> {
     let platform = &state.platform;
-    let db = load(platform, &id)?;
+    let db = load(platform, &id).await?;
     require_running(&db)?;
     if db.replicas().next().is_none() {
         return Err(ApiError::conflict(
@@ -27,9 +27,12 @@ pub async fn failover(
     let database = view(platform, &db).await;
     let p = platform.clone();
     let database_id = id.clone();
-    let operation = platform.operations.spawn("failover", &database_id, move |_| async move {
-        ha::failover::forced_failover(&p.ha(), &id).await.map(drop)
-    })?;
+    let operation = platform
+        .operations
+        .spawn("failover", &database_id, move |_| async move {
+            ha::failover::forced_failover(&p.ha(), &id).await.map(drop)
+        })
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
 }
 
@@ -47,7 +50,7 @@ pub async fn switchover(
     let request: SwitchoverRequest =
         if bytes.is_empty() { SwitchoverRequest::default() } else { body(&bytes)? };
     let platform = &state.platform;
-    let db = load(platform, &id)?;
+    let db = load(platform, &id).await?;
     require_running(&db)?;
     match &request.target {
         Some(t) if !db.replicas().any(|r| &r.name == t) => {
@@ -76,17 +79,20 @@ pub async fn switchover(
     let database = view(platform, &db).await;
     let p = platform.clone();
     let database_id = id.clone();
-    let operation = platform.operations.spawn("switchover", &database_id, move |_| async move {
-        ha::switchover::switchover(
-            &p.records,
-            &p.nodes,
-            &p.routing,
-            &claim,
-            &id,
-            request.target.as_deref(),
-        )
-        .await
-        .map(drop)
-    })?;
+    let operation = platform
+        .operations
+        .spawn("switchover", &database_id, move |_| async move {
+            ha::switchover::switchover(
+                &p.records,
+                &p.nodes,
+                &p.routing,
+                &claim,
+                &id,
+                request.target.as_deref(),
+            )
+            .await
+            .map(drop)
+        })
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
 }

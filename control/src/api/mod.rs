@@ -409,8 +409,8 @@ fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
         .map_err(|e| ApiError::bad_request("invalid_body", format!("invalid JSON body: {e}")))
 }
 
-fn load(platform: &Platform, id: &str) -> Result<DatabaseRecord, ApiError> {
-    platform.records.store.database(id)?.ok_or_else(|| ApiError::not_found("database", id))
+async fn load(platform: &Platform, id: &str) -> Result<DatabaseRecord, ApiError> {
+    platform.records.store.database(id).await?.ok_or_else(|| ApiError::not_found("database", id))
 }
 
 fn require_running(db: &DatabaseRecord) -> Result<(), ApiError> {

@@ -16,7 +16,8 @@ pub async fn show(
             .platform
             .records
             .store
-            .operation(&id)?
+            .operation(&id)
+            .await?
             .ok_or_else(|| ApiError::not_found("operation", &id))?,
     ))
 }

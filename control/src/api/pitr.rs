@@ -34,7 +34,7 @@ pub async fn window(
     State(state): AppState,
     Path(id): Path<String>,
 ) -> Result<Json<PitrWindow>, ApiError> {
-    let db = load(&state.platform, &id)?;
+    let db = load(&state.platform, &id).await?;
     let (earliest, latest) = restore::window(
         &state.platform.nodes,
         &state.platform.config.backup_dir,
@@ -69,7 +69,7 @@ pub async fn restore(
         )
     })?;
     let platform = &state.platform;
-    let db = load(platform, &id)?;
+    let db = load(platform, &id).await?;
     require_running(&db)?;
     restore::check_restorable(
         &platform.nodes,
@@ -83,9 +83,11 @@ pub async fn restore(
     let database = view(platform, &db).await;
     let (p, heartbeats) = (platform.clone(), state.heartbeats.clone());
     let database_id = id.clone();
-    let operation =
-        platform.operations.spawn("restore", &database_id, move |progress| async move {
+    let operation = platform
+        .operations
+        .spawn("restore", &database_id, move |progress| async move {
             restore::restore(&p.pitr(), &heartbeats, &id, target, progress).await
-        })?;
+        })
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(DatabaseOperation { database, operation })))
 }

@@ -27,7 +27,7 @@ pub async fn list(
     State(state): AppState,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<User>>, ApiError> {
-    let db = load(&state.platform, &id)?;
+    let db = load(&state.platform, &id).await?;
     Ok(Json(db.users.iter().map(user_view).collect()))
 }
 
@@ -44,12 +44,12 @@ async fn primary_session(
 }
 
 /// Database `id` and its user `name`.
-fn load_user(
+async fn load_user(
     platform: &Platform,
     id: &str,
     name: &str,
 ) -> Result<(DatabaseRecord, UserRecord), ApiError> {
-    let db = load(platform, id)?;
+    let db = load(platform, id).await?;
     let user = db.users.iter().find(|u| u.name == name).cloned();
     let user = user.ok_or_else(|| ApiError::not_found("user", name))?;
     Ok((db, user))
@@ -72,7 +72,7 @@ pub async fn create(
             format!("invalid user name {:?}: use lower-case letters, digits and _, starting with a letter", request.name),
         ));
     }
-    let db = load(platform, &id)?;
+    let db = load(platform, &id).await?;
     require_running(&db)?;
     if db.users.iter().any(|u| u.name == request.name) {
         return Err(duplicate(&request.name));
@@ -100,11 +100,15 @@ pub async fn create(
                 db.users.push(user.clone());
             }
             Ok::<_, ApiError>(())
-        })?
+        })
+        .await?
         .ok_or_else(|| ApiError::not_found("database", &id))?;
     verifiers::publish_now(&platform.records, &platform.nodes, &platform.routing, &id).await;
     let access = if request.read_only { "read-only" } else { "read-write" };
-    platform.records.event(&id, "user_created", format!("{access} user {} created", request.name));
+    platform
+        .records
+        .event(&id, "user_created", format!("{access} user {} created", request.name))
+        .await;
     let database_url = platform.routing.url(&request.name, &password, &db.name);
     Ok((
         StatusCode::CREATED,
@@ -117,7 +121,7 @@ pub async fn delete(
     Path((id, name)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let platform = &state.platform;
-    let (db, user) = load_user(platform, &id, &name)?;
+    let (db, user) = load_user(platform, &id, &name).await?;
     if user.default {
         return Err(ApiError::conflict(
             "default_user",
@@ -127,12 +131,15 @@ pub async fn delete(
     require_running(&db)?;
     let admin = primary_session(platform, &db, &db.name).await?;
     roles::drop_user(&admin, &name, &db.name).await?;
-    platform.records.update(&id, |db| {
-        db.users.retain(|u| u.name != name);
-        Ok::<_, ApiError>(())
-    })?;
+    platform
+        .records
+        .update(&id, |db| {
+            db.users.retain(|u| u.name != name);
+            Ok::<_, ApiError>(())
+        })
+        .await?;
     verifiers::publish_now(&platform.records, &platform.nodes, &platform.routing, &id).await;
-    platform.records.event(&id, "user_deleted", format!("user {name} deleted"));
+    platform.records.event(&id, "user_deleted", format!("user {name} deleted")).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -141,19 +148,22 @@ pub async fn reset_password(
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Json<UserWithPassword>, ApiError> {
     let platform = &state.platform;
-    let (db, user) = load_user(platform, &id, &name)?;
+    let (db, user) = load_user(platform, &id, &name).await?;
     require_running(&db)?;
     let password = secrets::generate_password();
     let admin = primary_session(platform, &db, &db.name).await?;
     roles::set_password(&admin, &name, &password).await?;
     if user.default {
-        platform.records.update(&id, |db| {
-            db.password = password.clone();
-            Ok::<_, ApiError>(())
-        })?;
+        platform
+            .records
+            .update(&id, |db| {
+                db.password = password.clone();
+                Ok::<_, ApiError>(())
+            })
+            .await?;
     }
     verifiers::publish_now(&platform.records, &platform.nodes, &platform.routing, &id).await;
-    platform.records.event(&id, "password_reset", format!("password of {name} reset"));
+    platform.records.event(&id, "password_reset", format!("password of {name} reset")).await;
     let database_url = platform.routing.url(&name, &password, &db.name);
     Ok(Json(UserWithPassword { user: user_view(&user), password, database_url }))
 }

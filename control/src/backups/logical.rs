@@ -29,11 +29,15 @@ pub fn started(backup: &Backup) -> Option<OffsetDateTime> {
 }
 
 /// Why a manual backup cannot be taken now.
-pub fn check_manual_allowed(records: &Records, db: &DatabaseRecord) -> Result<(), BackupError> {
+pub async fn check_manual_allowed(
+    records: &Records,
+    db: &DatabaseRecord,
+) -> Result<(), BackupError> {
     let plan = plans::find(&db.plan).ok_or_else(|| BackupError::UnknownPlan(db.plan.clone()))?;
     let manual = records
         .store
-        .backups(&db.id)?
+        .backups(&db.id)
+        .await?
         .iter()
         .filter(|b| b.kind == BackupKind::Manual && b.status != BackupStatus::Failed)
         .count();
@@ -48,12 +52,12 @@ pub fn check_manual_allowed(records: &Records, db: &DatabaseRecord) -> Result<()
 }
 
 /// Records a new backup as running; `run` takes it.
-pub fn start(
+pub async fn start(
     records: &Records,
     db: &DatabaseRecord,
     kind: BackupKind,
 ) -> Result<Backup, BackupError> {
-    let seq = records.store.next_counter("backup_seq")?;
+    let seq = records.store.next_counter("backup_seq").await?;
     let backup = Backup {
         id: format!("bk-{seq:06}"),
         database_id: db.id.clone(),
@@ -66,7 +70,7 @@ pub fn start(
         node: None,
         error: None,
     };
-    records.store.put_backup(&backup)?;
+    records.store.put_backup(&backup).await?;
     Ok(backup)
 }
 
@@ -82,32 +86,36 @@ pub async fn run(
     match result {
         Ok(()) => {
             backup.status = BackupStatus::Succeeded;
-            records.event(
-                &backup.database_id,
-                "backup",
-                format!(
-                    "{:?} backup {} taken: {} bytes from {}",
-                    backup.kind,
-                    backup.id,
-                    backup.size_bytes,
-                    backup.node.as_deref().unwrap_or("?")
+            records
+                .event(
+                    &backup.database_id,
+                    "backup",
+                    format!(
+                        "{:?} backup {} taken: {} bytes from {}",
+                        backup.kind,
+                        backup.id,
+                        backup.size_bytes,
+                        backup.node.as_deref().unwrap_or("?")
+                    )
+                    .to_lowercase(),
                 )
-                .to_lowercase(),
-            );
+                .await;
         }
         Err(e) => {
             backup.status = BackupStatus::Failed;
             error!(backup = %backup.id, code = e.code(), error = %e, "backup failed");
             let sentence = e.sentence();
-            records.event(
-                &backup.database_id,
-                "backup_failed",
-                format!("backup {} failed: {sentence}", backup.id),
-            );
+            records
+                .event(
+                    &backup.database_id,
+                    "backup_failed",
+                    format!("backup {} failed: {sentence}", backup.id),
+                )
+                .await;
             backup.error = Some(sentence);
         }
     }
-    if let Err(e) = records.store.put_backup(&backup) {
+    if let Err(e) = records.store.put_backup(&backup).await {
         error!(error = %e, "cannot record backup");
     }
     backup
@@ -121,7 +129,8 @@ async fn take(
 ) -> Result<(), BackupError> {
     let db = records
         .store
-        .database(&backup.database_id)?
+        .database(&backup.database_id)
+        .await?
         .ok_or_else(|| Failure::Vanished(backup.database_id.clone()))?;
     // From a standby when there is one, so that the primary's clients do not pay for it.
     let source = db.replicas().next().or(db.primary()).cloned().ok_or(BackupError::NoNode)?;
@@ -192,11 +201,11 @@ fn run_program(
 pub use crate::files::sha256_file;
 
 /// Deletes a backup's file and record.
-pub fn delete(
+pub async fn delete(
     records: &Records,
     backups: &Arc<dyn BackupStorage>,
     backup: &Backup,
 ) -> Result<(), BackupError> {
     backups.delete(&key(backup)).map_err(BackupError::Storage)?;
-    Ok(records.store.delete_backup(&backup.database_id, &backup.id)?)
+    Ok(records.store.delete_backup(&backup.database_id, &backup.id).await?)
 }

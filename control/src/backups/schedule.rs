@@ -17,7 +17,7 @@ use crate::state::{DatabaseRecord, Records};
 use crate::storage::BackupStorage;
 
 /// Applies the plan's retention to a database's daily backups.
-pub fn prune(
+pub async fn prune(
     records: &Records,
     backups: &Arc<dyn BackupStorage>,
     db: &DatabaseRecord,
@@ -29,7 +29,7 @@ pub fn prune(
         weekly: plan.weekly_backups,
         monthly: plan.monthly_backups,
     };
-    let Ok(taken) = records.store.backups(&db.id) else { return };
+    let Ok(taken) = records.store.backups(&db.id).await else { return };
     let daily: Vec<(String, OffsetDateTime)> = taken
         .iter()
         .filter(|b| b.kind == BackupKind::Daily && b.status == BackupStatus::Succeeded)
@@ -37,12 +37,16 @@ pub fn prune(
         .collect();
     for id in retention::to_delete(&daily, policy, now) {
         if let Some(backup) = taken.iter().find(|b| b.id == id) {
-            match delete(records, backups, backup) {
-                Ok(()) => records.event(
-                    &db.id,
-                    "backup_expired",
-                    format!("backup {id} removed by the plan's retention"),
-                ),
+            match delete(records, backups, backup).await {
+                Ok(()) => {
+                    records
+                        .event(
+                            &db.id,
+                            "backup_expired",
+                            format!("backup {id} removed by the plan's retention"),
+                        )
+                        .await
+                }
                 Err(e) => {
                     error!(database = %db.id, backup = %id, error = %e, "cannot remove expired backup")
                 }
@@ -72,7 +76,7 @@ pub async fn schedule(
     shutdown: CancellationToken,
 ) {
     loop {
-        for db in records.store.databases().unwrap_or_default() {
+        for db in records.store.databases().await.unwrap_or_default() {
             let daily_plan = plans::find(&db.plan).is_some_and(|p| p.daily_backups > 0);
             if db.status != DatabaseStatus::Running || !daily_plan {
                 continue;
@@ -86,18 +90,18 @@ pub async fn schedule(
             .unwrap_or(now);
             let created_hour =
                 created.replace_time(time::Time::from_hms(created.hour(), 0, 0).expect("valid"));
-            let taken = records.store.backups(&db.id).unwrap_or_default().iter().any(|b| {
+            let taken = records.store.backups(&db.id).await.unwrap_or_default().iter().any(|b| {
                 b.kind == BackupKind::Daily
                     && b.status != BackupStatus::Failed
                     && started(b).is_some_and(|t| t >= slot)
             });
             if slot >= created_hour && !taken {
                 info!(database = %db.id, "daily backup due");
-                if let Ok(backup) = start(&records, &db, BackupKind::Daily) {
+                if let Ok(backup) = start(&records, &db, BackupKind::Daily).await {
                     let done = run(&records, &nodes, &storage, backup).await;
                     metrics.operation("backup", done.status == BackupStatus::Succeeded);
                 }
-                prune(&records, &storage, &db, OffsetDateTime::now_utc());
+                prune(&records, &storage, &db, OffsetDateTime::now_utc()).await;
             }
         }
         tokio::select! {

@@ -128,7 +128,7 @@ pub async fn upgrade(
     budget: Duration,
     mut op: Progress,
 ) -> Result<(), ChangeError> {
-    let old = set_status(&changes.records, id, DatabaseStatus::Updating)?;
+    let old = set_status(&changes.records, id, DatabaseStatus::Updating).await?;
     let from = super::upgrade::current(&changes.nodes.engines, &changes.nodes.pg_bin, &old)
         .map_or_else(|| "its build".to_owned(), |e| format!("PostgreSQL {}", e.version));
     changes.records.event(
@@ -139,20 +139,19 @@ pub async fn upgrade(
             engine.version,
             budget.as_millis()
         ),
-    );
+    ).await;
     let result = run(changes, heartbeats, &claim, &old, &engine, budget, &mut op).await;
     if let Err(e) = &result {
-        changes.records.event(id, "engine_upgrade_failed", e.sentence());
+        changes.records.event(id, "engine_upgrade_failed", e.sentence()).await;
         clean_up(&changes.records, &changes.nodes, id).await;
     }
     drop(claim);
-    let _ = set_status(&changes.records, id, DatabaseStatus::Running);
+    let _ = set_status(&changes.records, id, DatabaseStatus::Running).await;
     if result.is_ok() {
-        changes.records.event(
-            id,
-            "engine_upgraded",
-            format!("now on PostgreSQL {}", engine.version),
-        );
+        changes
+            .records
+            .event(id, "engine_upgraded", format!("now on PostgreSQL {}", engine.version))
+            .await;
     }
     result
 }
@@ -191,7 +190,7 @@ async fn run(
     let nodes = placement::new_nodes(
         &changes.nodes.hosts,
         &changes.nodes.ports,
-        &changes.records.store.databases()?,
+        &changes.records.store.databases().await?,
         id,
         bin.as_deref(),
         next,
@@ -208,7 +207,8 @@ async fn run(
             nodes: nodes.clone(),
             connection_limit: None,
         });
-    })?;
+    })
+    .await?;
     let tools = engine.bin.clone();
     let new_primary = new.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let (old_spec, new_spec) = (NodeSpec::of(&old_primary), NodeSpec::of(&new_primary));
@@ -221,12 +221,15 @@ async fn run(
         driver.start(spec).await
     })
     .await?;
-    changes.records.event(
-        id,
-        "node_started",
-        format!("new primary {} started on PostgreSQL {}", new_primary.name, engine.version),
-    );
-    op.set(0.1);
+    changes
+        .records
+        .event(
+            id,
+            "node_started",
+            format!("new primary {} started on PostgreSQL {}", new_primary.name, engine.version),
+        )
+        .await;
+    op.set(0.1).await;
     let scratch = changes.backups.scratch();
     // A node on another host is reached through its agent's tunnel, forwarded to a private
     // socket here for the client programs.
@@ -249,19 +252,18 @@ async fn run(
     })
     .await?;
     drop((old_forward, new_forward));
-    changes.records.event(
-        id,
-        "schema_copied",
-        "roles, schema and GRANTs copied to the new cluster",
-    );
-    op.set(0.2);
+    changes
+        .records
+        .event(id, "schema_copied", "roles, schema and GRANTs copied to the new cluster")
+        .await;
+    op.set(0.2).await;
 
     // 2. Its standby, synchronous, before the data arrives: it streams everything.
     for standby in new.replicas().cloned().collect::<Vec<_>>() {
         step(claim, add_standby(&changes.records, &changes.nodes, &new, &standby)).await?;
         new.synchronous = true;
     }
-    op.set(0.3);
+    op.set(0.3).await;
 
     // 3. The data, then the application's writes, through logical replication.
     let password = secrets::generate_password();
@@ -294,18 +296,16 @@ async fn run(
         )),
     )
     .await?;
-    changes.records.event(
-        id,
-        "replication_started",
-        "copying the data through logical replication",
-    );
+    changes
+        .records
+        .event(id, "replication_started", "copying the data through logical replication")
+        .await;
     step(claim, wait_near(&old_session, &new_session, op)).await?;
-    changes.records.event(
-        id,
-        "replication_caught_up",
-        "the new cluster follows the old one closely",
-    );
-    op.set(0.8);
+    changes
+        .records
+        .event(id, "replication_caught_up", "the new cluster follows the old one closely")
+        .await;
+    op.set(0.8).await;
 
     // 4. The swap, under a hold with a budget.
     let held_at = Instant::now();
@@ -325,7 +325,7 @@ async fn run(
             // The routes never moved: the held sessions go to the old primary again, which
             // `clean_up` opens to them again.
             changes.routing.holds.release(id);
-            if let Ok(epoch) = changes.routing.publish(&changes.records.store) {
+            if let Ok(epoch) = changes.routing.publish(&changes.records.store).await {
                 changes.routing.publisher.wait_applied(epoch, APPLY_TIMEOUT).await;
             }
             return Err(e);
@@ -351,20 +351,24 @@ async fn run(
         db.engine = new.engine.clone();
         db.synchronous = new.synchronous;
         db.upgrade = None;
-    })?;
+    })
+    .await?;
     changes.routing.holds.release(id);
-    let epoch = changes.routing.publish(&changes.records.store)?;
+    let epoch = changes.routing.publish(&changes.records.store).await?;
     changes.routing.publisher.wait_applied(epoch, APPLY_TIMEOUT).await;
-    changes.records.event(
-        id,
-        "switched_cluster",
-        format!(
+    changes
+        .records
+        .event(
+            id,
+            "switched_cluster",
+            format!(
             "routes on the PostgreSQL {} cluster (new sessions held {} ms), routing epoch {epoch}",
             engine.version,
             held_at.elapsed().as_millis()
         ),
-    );
-    op.set(0.9);
+        )
+        .await;
+    op.set(0.9).await;
 
     // 5. The old cluster: what the upgrade made there goes, then it stops (kept until
     // `remove_after`).
@@ -372,11 +376,14 @@ async fn run(
     undo_on_old(&changes.records, &changes.nodes, old, &old_postgres, Some(limit)).await;
     drop(old_postgres);
     stop_nodes(&changes.nodes, &old.nodes).await;
-    changes.records.event(
-        id,
-        "old_cluster_stopped",
-        format!("the PostgreSQL {old_version} nodes are stopped and kept until {remove_after}"),
-    );
+    changes
+        .records
+        .event(
+            id,
+            "old_cluster_stopped",
+            format!("the PostgreSQL {old_version} nodes are stopped and kept until {remove_after}"),
+        )
+        .await;
     Ok(())
 }
 
@@ -476,7 +483,7 @@ fn program_error(what: &'static str, e: &std::io::Error) -> ChangeError {
 /// Waits until every table is copied and the new cluster is within `NEAR_BYTES` of the old
 /// primary.
 async fn wait_near(old: &Session, new: &Session, op: &mut Progress) -> Result<(), ChangeError> {
-    let op = std::sync::Mutex::new(op);
+    let op = tokio::sync::Mutex::new(op);
     let op = &op;
     let near = wait::until(SYNC_TIMEOUT, wait::STEADY, || async move {
         let row = new
@@ -488,7 +495,7 @@ async fn wait_near(old: &Session, new: &Session, op: &mut Progress) -> Result<()
         let (copying, tables): (i64, i64) = (row.get(0), row.get(1));
         if tables > 0 {
             let done = 0.3 + 0.4 * (tables - copying) as f64 / tables as f64;
-            op.lock().unwrap_or_else(|e| e.into_inner()).set(done);
+            op.lock().await.set(done).await;
         }
         if copying == 0 {
             let lag: Option<i64> = old
@@ -530,7 +537,7 @@ async fn swap(
         }
     };
     routing.holds.hold(id);
-    let epoch = routing.publish(&records.store)?;
+    let epoch = routing.publish(&records.store).await?;
     let applied =
         async { Ok::<_, ChangeError>(routing.publisher.wait_applied(epoch, APPLY_TIMEOUT).await) };
     if !step(claim, applied).await? {
@@ -546,7 +553,8 @@ async fn swap(
         if let Some(u) = db.upgrade.as_mut() {
             u.connection_limit = Some(limit);
         }
-    })?;
+    })
+    .await?;
     old_postgres
         .batch_execute(&format!("ALTER DATABASE {} CONNECTION LIMIT 0", ident(&old.name)))
         .await?;
@@ -629,10 +637,13 @@ async fn undo_on_old(
     postgres: &Session,
     limit: Option<i32>,
 ) {
-    let limit = limit.or_else(|| {
-        let db = records.store.database(&old.id).ok().flatten()?;
-        db.upgrade.and_then(|u| u.connection_limit)
-    });
+    let limit = match limit {
+        Some(limit) => Some(limit),
+        None => {
+            let db = records.store.database(&old.id).await.ok().flatten();
+            db.and_then(|db| db.upgrade).and_then(|u| u.connection_limit)
+        }
+    };
     if let Some(limit) = limit {
         let sql = format!("ALTER DATABASE {} CONNECTION LIMIT {limit}", ident(&old.name));
         if let Err(e) = postgres.batch_execute(&sql).await {
@@ -707,7 +718,7 @@ fn set_archive_aside(backup_dir: &Path, id: &str, op: &str) {
 /// Removes the new cluster of an upgrade that did not swap, and what it made on the old
 /// primary; the record forgets the upgrade.
 async fn clean_up(records: &Records, nodes: &Nodes, id: &str) {
-    let Ok(Some(db)) = records.store.database(id) else { return };
+    let Ok(Some(db)) = records.store.database(id).await else { return };
     let Some(upgrade) = db.upgrade.clone() else { return };
     // The new nodes first: the subscription's walsender on the old primary goes with them.
     for node in &upgrade.nodes {
@@ -724,15 +735,17 @@ async fn clean_up(records: &Records, nodes: &Nodes, id: &str) {
             Err(e) => warn!(database = id, error = %e, "cannot undo the upgrade on the primary"),
         }
     }
-    let _ = super::update_record(records, id, |db| db.upgrade = None);
-    records.event(
-        id,
-        "upgrade_rolled_back",
-        format!(
-            "the PostgreSQL {} cluster was removed; the database stays where it was",
-            upgrade.version
-        ),
-    );
+    let _ = super::update_record(records, id, |db| db.upgrade = None).await;
+    records
+        .event(
+            id,
+            "upgrade_rolled_back",
+            format!(
+                "the PostgreSQL {} cluster was removed; the database stays where it was",
+                upgrade.version
+            ),
+        )
+        .await;
 }
 
 /// A major upgrade a control plane restart cut before its swap: rolled back, its operation
@@ -741,7 +754,7 @@ pub fn rollback_interrupted(changes: &Changes, id: String, op: Option<Operation>
     let changes = changes.clone();
     tokio::spawn(async move {
         clean_up(&changes.records, &changes.nodes, &id).await;
-        let _ = set_status(&changes.records, &id, DatabaseStatus::Running);
+        let _ = set_status(&changes.records, &id, DatabaseStatus::Running).await;
         if let Some(mut op) = op {
             op.error = Some(
                 "interrupted by a control plane restart; rolled back: the database stays on its \
@@ -749,7 +762,7 @@ pub fn rollback_interrupted(changes: &Changes, id: String, op: Option<Operation>
                     .into(),
             );
             let at = op.progress;
-            changes.operations.update(&mut op, OperationStatus::Failed, at);
+            changes.operations.update(&mut op, OperationStatus::Failed, at).await;
         }
     });
 }
@@ -758,7 +771,7 @@ pub fn rollback_interrupted(changes: &Changes, id: String, op: Option<Operation>
 /// an upgrade its control plane left behind without an operation. Runs until `shutdown`.
 pub async fn supervise_retired(changes: Changes, shutdown: tokio_util::sync::CancellationToken) {
     loop {
-        for db in changes.records.store.databases().unwrap_or_default() {
+        for db in changes.records.store.databases().await.unwrap_or_default() {
             if db.upgrade.is_some()
                 && db.status == DatabaseStatus::Running
                 && !changes.claims.busy(&db.id)
@@ -786,19 +799,25 @@ pub async fn supervise_retired(changes: Changes, shutdown: tokio_util::sync::Can
                 }
                 if removed {
                     let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
-                    let _ = changes.records.update(&db.id, |db| {
-                        db.retired.retain(|r| r.remove_after != cluster.remove_after);
-                        Ok::<_, StoreError>(())
-                    });
-                    changes.records.event(
-                        &db.id,
-                        "old_cluster_removed",
-                        format!(
-                            "the PostgreSQL {} nodes {} were removed (rollback window over)",
-                            cluster.version,
-                            names.join(", ")
-                        ),
-                    );
+                    let _ = changes
+                        .records
+                        .update(&db.id, |db| {
+                            db.retired.retain(|r| r.remove_after != cluster.remove_after);
+                            Ok::<_, StoreError>(())
+                        })
+                        .await;
+                    changes
+                        .records
+                        .event(
+                            &db.id,
+                            "old_cluster_removed",
+                            format!(
+                                "the PostgreSQL {} nodes {} were removed (rollback window over)",
+                                cluster.version,
+                                names.join(", ")
+                            ),
+                        )
+                        .await;
                 }
             }
         }

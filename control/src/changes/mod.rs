@@ -92,7 +92,7 @@ impl Reportable for ChangeError {
 }
 
 /// Applies `change` to database `id`'s record (under its lock); returns the record.
-pub(crate) fn update_record(
+pub(crate) async fn update_record(
     records: &Records,
     id: &str,
     change: impl FnOnce(&mut crate::state::DatabaseRecord),
@@ -101,7 +101,8 @@ pub(crate) fn update_record(
         .update(id, |db| {
             change(db);
             Ok::<_, StoreError>(())
-        })?
+        })
+        .await?
         .ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     Ok(db)
 }

@@ -69,28 +69,32 @@ pub async fn change(
     plan: Plan,
     mut op: Progress,
 ) -> Result<(), ChangeError> {
-    let old = set_status(records, id, DatabaseStatus::Updating)?;
-    records.event(id, "plan_change_started", format!("from {} to {}", old.plan, plan.name));
+    let old = set_status(records, id, DatabaseStatus::Updating).await?;
+    records.event(id, "plan_change_started", format!("from {} to {}", old.plan, plan.name)).await;
     let result = run(records, nodes, routing, claim, &old, &plan, &mut op).await;
-    let _ = set_status(records, id, DatabaseStatus::Running);
+    let _ = set_status(records, id, DatabaseStatus::Running).await;
     match &result {
-        Ok(()) => records.event(id, "plan_changed", format!("now on plan {}", plan.name)),
-        Err(e) => records.event(id, "plan_change_failed", e.sentence()),
+        Ok(()) => records.event(id, "plan_changed", format!("now on plan {}", plan.name)).await,
+        Err(e) => records.event(id, "plan_change_failed", e.sentence()).await,
     }
     result
 }
 
-pub(super) fn set_status(
+pub(super) async fn set_status(
     records: &Records,
     id: &str,
     status: DatabaseStatus,
 ) -> Result<DatabaseRecord, ChangeError> {
-    update_record(records, id, |db| db.status = status)
+    update_record(records, id, |db| db.status = status).await
 }
 
 /// Records `plan` as the database's; returns the record.
-fn record_plan(records: &Records, id: &str, plan: &Plan) -> Result<DatabaseRecord, ChangeError> {
-    update_record(records, id, |db| db.plan = plan.name.clone())
+async fn record_plan(
+    records: &Records,
+    id: &str,
+    plan: &Plan,
+) -> Result<DatabaseRecord, ChangeError> {
+    update_record(records, id, |db| db.plan = plan.name.clone()).await
 }
 
 async fn run(
@@ -111,8 +115,8 @@ async fn run(
         old.nodes.iter().filter(|n| n.role == NodeRole::Replica).cloned().collect();
     match (standbys.is_empty(), plan.nodes) {
         (true, 1) => {
-            let db = record_plan(records, id, plan)?;
-            op.set(0.3);
+            let db = record_plan(records, id, plan).await?;
+            op.set(0.3).await;
             restart_primary_held(records, nodes, routing, &claim, &db, &primary, &on_plan(&db))
                 .await?;
         }
@@ -120,15 +124,15 @@ async fn run(
             let raising = plan.max_connections >= old_plan.max_connections;
             if raising {
                 // Standby first, then the switchover makes it the primary.
-                let db = record_plan(records, id, plan)?;
+                let db = record_plan(records, id, plan).await?;
                 for standby in &standbys {
                     restart_standby(records, nodes, &claim, &db, &primary, standby, &on_plan(&db))
                         .await?;
                 }
-                op.set(0.4);
+                op.set(0.4).await;
                 let target = standbys.iter().find(|s| !s.fenced).map(|s| s.name.clone());
                 switchover(records, nodes, routing, &claim, id, target.as_deref()).await?;
-                op.set(0.7);
+                op.set(0.7).await;
                 // The watcher rejoins the old primary (on the new parameters: the record names
                 // the new plan) and makes commits synchronous again.
                 drop(claim);
@@ -137,10 +141,10 @@ async fn run(
                 // Primary first: a standby may have more connections than its primary. The
                 // standby restarts on the lower values only once it has replayed the
                 // primary's record of them (until then it refuses them at start).
-                let db = record_plan(records, id, plan)?;
+                let db = record_plan(records, id, plan).await?;
                 restart_primary_held(records, nodes, routing, &claim, &db, &primary, &on_plan(&db))
                     .await?;
-                op.set(0.5);
+                op.set(0.5).await;
                 for standby in &standbys {
                     wait_replayed(nodes, &claim, &primary, standby).await?;
                     restart_standby(records, nodes, &claim, &db, &primary, standby, &on_plan(&db))
@@ -150,19 +154,19 @@ async fn run(
         }
         (true, _) => {
             // One node to two: the primary first if its parameters change, then a standby.
-            let db = record_plan(records, id, plan)?;
+            let db = record_plan(records, id, plan).await?;
             if parameters_change {
                 restart_primary_held(records, nodes, routing, &claim, &db, &primary, &on_plan(&db))
                     .await?;
             }
-            op.set(0.4);
+            op.set(0.4).await;
             add_standbys(records, nodes, routing, id, plan).await?;
         }
         (false, _) => {
             // Two nodes to one: asynchronous commits, the standby goes, then the primary.
             remove_standbys(records, nodes, routing, id, &primary, &standbys).await?;
-            op.set(0.5);
-            let db = record_plan(records, id, plan)?;
+            op.set(0.5).await;
+            let db = record_plan(records, id, plan).await?;
             if parameters_change {
                 restart_primary_held(records, nodes, routing, &claim, &db, &primary, &on_plan(&db))
                     .await?;
@@ -213,7 +217,7 @@ pub(super) async fn restart_primary_held(
     routing.holds.hold(id);
     let held_at = Instant::now();
     let result = async {
-        let epoch = routing.publish(&records.store)?;
+        let epoch = routing.publish(&records.store).await?;
         let applied = async {
             Ok::<_, ChangeError>(routing.publisher.wait_applied(epoch, APPLY_TIMEOUT).await)
         };
@@ -227,18 +231,20 @@ pub(super) async fn restart_primary_held(
     }
     .await;
     routing.holds.release(id);
-    let epoch = routing.publish(&records.store)?;
+    let epoch = routing.publish(&records.store).await?;
     routing.publisher.wait_applied(epoch, APPLY_TIMEOUT).await;
     result?;
-    records.event(
-        id,
-        "node_reconfigured",
-        format!(
-            "primary {} restarted on {what} (new sessions held {} ms)",
-            primary.name,
-            held_at.elapsed().as_millis()
-        ),
-    );
+    records
+        .event(
+            id,
+            "node_reconfigured",
+            format!(
+                "primary {} restarted on {what} (new sessions held {} ms)",
+                primary.name,
+                held_at.elapsed().as_millis()
+            ),
+        )
+        .await;
     Ok(())
 }
 
@@ -271,11 +277,13 @@ pub(super) async fn restart_standby(
         Ok::<_, ChangeError>(streaming.then_some(()))
     });
     streaming.await?.ok_or_else(|| ChangeError::NotStreaming(standby.name.clone()))?;
-    records.event(
-        &db.id,
-        "node_reconfigured",
-        format!("standby {} restarted on {what} and streaming", standby.name),
-    );
+    records
+        .event(
+            &db.id,
+            "node_reconfigured",
+            format!("standby {} restarted on {what} and streaming", standby.name),
+        )
+        .await;
     Ok(())
 }
 
@@ -310,7 +318,8 @@ pub(super) async fn wait_replayed(
 /// Waits until every node runs, none is fenced, and commits are synchronous.
 pub(super) async fn wait_synchronous_again(records: &Records, id: &str) -> Result<(), ChangeError> {
     let rejoined = wait::until(REJOIN_TIMEOUT, wait::SLOW, || async move {
-        let db = records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+        let db =
+            records.store.database(id).await?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
         Ok::<_, ChangeError>((db.synchronous && db.nodes.iter().all(|n| !n.fenced)).then_some(()))
     });
     rejoined.await?.ok_or_else(|| ChangeError::NotRejoined(id.to_owned()))
@@ -324,7 +333,7 @@ async fn add_standbys(
     id: &str,
     plan: &Plan,
 ) -> Result<(), ChangeError> {
-    let db = records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+    let db = records.store.database(id).await?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let next = db
         .nodes
         .iter()
@@ -336,7 +345,7 @@ async fn add_standbys(
     let mut added = placement::new_nodes(
         &nodes.hosts,
         &nodes.ports,
-        &records.store.databases()?,
+        &records.store.databases().await?,
         id,
         db.engine.as_deref(),
         next,
@@ -349,25 +358,30 @@ async fn add_standbys(
         .update(id, |db| {
             db.nodes.extend(added.iter().cloned());
             Ok::<_, StoreError>(())
-        })?
+        })
+        .await?
         .ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     for standby in &added {
         if let Err(e) = add_standby(records, nodes, &db, standby).await {
             // Leave nothing half-built: the node goes, the record forgets it.
             let (driver, spec) = (&nodes.driver, NodeSpec::of(standby));
             let _ = driver.destroy(&spec).await;
-            let _ = records.update(id, |db| {
-                db.nodes.retain(|n| n.name != standby.name);
-                Ok::<_, StoreError>(())
-            });
+            let _ = records
+                .update(id, |db| {
+                    db.nodes.retain(|n| n.name != standby.name);
+                    Ok::<_, StoreError>(())
+                })
+                .await;
             return Err(e.into());
         }
     }
-    records.update(id, |db| {
-        db.synchronous = true;
-        Ok::<_, StoreError>(())
-    })?;
-    routing.publish(&records.store)?;
+    records
+        .update(id, |db| {
+            db.synchronous = true;
+            Ok::<_, StoreError>(())
+        })
+        .await?;
+    routing.publish(&records.store).await?;
     Ok(())
 }
 
@@ -380,16 +394,18 @@ async fn remove_standbys(
     primary: &NodeRecord,
     standbys: &[NodeRecord],
 ) -> Result<(), ChangeError> {
-    let db = records.update(id, |db| {
-        db.synchronous = false;
-        Ok::<_, StoreError>(())
-    })?;
+    let db = records
+        .update(id, |db| {
+            db.synchronous = false;
+            Ok::<_, StoreError>(())
+        })
+        .await?;
     let (_, db) = db.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let config = nodes.config(&db, primary, None)?;
     let (driver, spec) = (&nodes.driver, NodeSpec::of(primary));
     driver.configure(&spec, &config).await?;
     driver.reload(&spec).await?;
-    records.event(id, "replication_asynchronous", "commits no longer wait for a standby");
+    records.event(id, "replication_asynchronous", "commits no longer wait for a standby").await;
     // Each standby leaves the record only once it and its slot are gone: a failure leaves it
     // recorded (and destroyed with the database), never running unknown to the control plane.
     let admin = nodes.session(&NodeSpec::of(primary), "postgres").await?;
@@ -402,12 +418,14 @@ async fn remove_standbys(
                 &[&slot_name(&standby.name)],
             )
             .await?;
-        records.update(id, |db| {
-            db.nodes.retain(|n| n.name != standby.name);
-            Ok::<_, StoreError>(())
-        })?;
-        records.event(id, "node_removed", format!("standby {} removed", standby.name));
+        records
+            .update(id, |db| {
+                db.nodes.retain(|n| n.name != standby.name);
+                Ok::<_, StoreError>(())
+            })
+            .await?;
+        records.event(id, "node_removed", format!("standby {} removed", standby.name)).await;
     }
-    routing.publish(&records.store)?;
+    routing.publish(&records.store).await?;
     Ok(())
 }

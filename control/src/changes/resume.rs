@@ -42,7 +42,7 @@ pub struct Interrupted {
 
 /// Finishes every change `left` holds, each as its operation (the interrupted one, which then
 /// succeeds or fails with the reason).
-pub fn resume_interrupted(with: &Changes, changes: Vec<Interrupted>) {
+pub async fn resume_interrupted(with: &Changes, changes: Vec<Interrupted>) {
     for Interrupted { database: id, major, op } in changes {
         if major {
             // A major upgrade before its swap: the old cluster still serves; the new one goes.
@@ -53,11 +53,11 @@ pub fn resume_interrupted(with: &Changes, changes: Vec<Interrupted>) {
         let Some(claim) = with.claims.try_planned(&id) else {
             // A failover claimed the primary first; it settles the database. The operation
             // ends too: a client polling it must not wait forever.
-            let _ = set_status(&with.records, &id, DatabaseStatus::Running);
+            let _ = set_status(&with.records, &id, DatabaseStatus::Running).await;
             let mut op = op;
             op.error = Some("interrupted by a control plane restart, then by a failover".into());
             let at = op.progress;
-            with.operations.update(&mut op, OperationStatus::Failed, at);
+            with.operations.update(&mut op, OperationStatus::Failed, at).await;
             continue;
         };
         tracing::warn!(database = %id, operation = %op.id, "finishing an interrupted change");
@@ -77,17 +77,24 @@ pub async fn resume(
     id: &str,
     mut op: Progress,
 ) -> Result<(), ChangeError> {
-    let db = set_status(records, id, DatabaseStatus::Updating)?;
-    records.event(
-        id,
-        "change_resumed",
-        format!("finishing the change to plan {} cut short by a control plane restart", db.plan),
-    );
+    let db = set_status(records, id, DatabaseStatus::Updating).await?;
+    records
+        .event(
+            id,
+            "change_resumed",
+            format!(
+                "finishing the change to plan {} cut short by a control plane restart",
+                db.plan
+            ),
+        )
+        .await;
     let result = run(records, nodes, routing, claim, id, &mut op).await;
-    let _ = set_status(records, id, DatabaseStatus::Running);
+    let _ = set_status(records, id, DatabaseStatus::Running).await;
     match &result {
-        Ok(()) => records.event(id, "change_finished", "every node runs what its record says"),
-        Err(e) => records.event(id, "change_resume_failed", e.sentence()),
+        Ok(()) => {
+            records.event(id, "change_finished", "every node runs what its record says").await
+        }
+        Err(e) => records.event(id, "change_resume_failed", e.sentence()).await,
     }
     result
 }
@@ -122,7 +129,7 @@ async fn run(
     id: &str,
     op: &mut Progress,
 ) -> Result<(), ChangeError> {
-    let db = records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+    let db = records.store.database(id).await?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let plan = plans::find(&db.plan).ok_or_else(|| ChangeError::UnknownPlan(db.plan.clone()))?;
     let what = format!("plan {} (resumed)", db.plan);
     let primary = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
@@ -132,7 +139,7 @@ async fn run(
     let standbys: Vec<_> =
         db.nodes.iter().filter(|n| n.role == NodeRole::Replica && !n.fenced).collect();
     if standbys.is_empty() {
-        op.set(0.3);
+        op.set(0.3).await;
         restart_primary_held(records, nodes, routing, &claim, &db, &primary, &what).await?;
         drop(claim);
         return if db.nodes.len() > 1 { wait_synchronous_again(records, id).await } else { Ok(()) };
@@ -142,7 +149,7 @@ async fn run(
     drop(admin);
     if live.parse::<u32>().is_ok_and(|live| plan.max_connections < live) {
         restart_primary_held(records, nodes, routing, &claim, &db, &primary, &what).await?;
-        op.set(0.5);
+        op.set(0.5).await;
         for standby in standbys {
             wait_replayed(nodes, &claim, &primary, standby).await?;
             restart_standby(records, nodes, &claim, &db, &primary, standby, &what).await?;
@@ -152,10 +159,10 @@ async fn run(
     for standby in &standbys {
         restart_standby(records, nodes, &claim, &db, &primary, standby, &what).await?;
     }
-    op.set(0.4);
+    op.set(0.4).await;
     let target = standbys.iter().find(|s| !s.fenced).map(|s| s.name.clone());
     switchover(records, nodes, routing, &claim, id, target.as_deref()).await?;
-    op.set(0.7);
+    op.set(0.7).await;
     drop(claim);
     wait_synchronous_again(records, id).await
 }

@@ -102,27 +102,31 @@ pub async fn upgrade(
     engine: Engine,
     mut op: Progress,
 ) -> Result<(), ChangeError> {
-    let old = set_status(records, id, DatabaseStatus::Updating)?;
+    let old = set_status(records, id, DatabaseStatus::Updating).await?;
     let from = current(&nodes.engines, &nodes.pg_bin, &old)
         .map_or_else(|| "its build".to_owned(), |e| format!("PostgreSQL {}", e.version));
-    records.event(
-        id,
-        "engine_upgrade_started",
-        format!("from {from} to PostgreSQL {}", engine.version),
-    );
+    records
+        .event(
+            id,
+            "engine_upgrade_started",
+            format!("from {from} to PostgreSQL {}", engine.version),
+        )
+        .await;
     let result = run(records, nodes, routing, claim, &old, &engine, &mut op).await;
-    let _ = set_status(records, id, DatabaseStatus::Running);
+    let _ = set_status(records, id, DatabaseStatus::Running).await;
     match &result {
         Ok(()) => {
-            records.event(id, "engine_upgraded", format!("now on PostgreSQL {}", engine.version))
+            records
+                .event(id, "engine_upgraded", format!("now on PostgreSQL {}", engine.version))
+                .await
         }
-        Err(e) => records.event(id, "engine_upgrade_failed", e.sentence()),
+        Err(e) => records.event(id, "engine_upgrade_failed", e.sentence()).await,
     }
     result
 }
 
 /// Records that `nodes` (all of them when empty) and new nodes of `id` run `bin`.
-fn record_engine(
+async fn record_engine(
     records: &Records,
     id: &str,
     bin: &Option<PathBuf>,
@@ -134,6 +138,7 @@ fn record_engine(
             node.engine = bin.clone();
         }
     })
+    .await
 }
 
 async fn run(
@@ -153,24 +158,24 @@ async fn run(
     let standbys: Vec<NodeRecord> =
         old.nodes.iter().filter(|n| n.role == NodeRole::Replica).cloned().collect();
     if standbys.is_empty() {
-        let db = record_engine(records, id, &bin, &[&primary.name])?;
+        let db = record_engine(records, id, &bin, &[&primary.name]).await?;
         let primary = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
-        op.set(0.3);
+        op.set(0.3).await;
         return restart_primary_held(records, nodes, routing, &claim, &db, &primary, &what).await;
     }
     // Standbys first, then the switchover makes one the primary.
     let names: Vec<&str> = standbys.iter().map(|s| s.name.as_str()).collect();
-    let db = record_engine(records, id, &bin, &names)?;
+    let db = record_engine(records, id, &bin, &names).await?;
     for standby in db.replicas() {
         restart_standby(records, nodes, &claim, &db, &primary, standby, &what).await?;
     }
-    op.set(0.4);
+    op.set(0.4).await;
     let target = db.replicas().find(|s| !s.fenced).map(|s| s.name.clone());
     switchover(records, nodes, routing, &claim, id, target.as_deref()).await?;
-    op.set(0.7);
+    op.set(0.7).await;
     // The old primary is stopped and fenced now: the watcher rejoins it with the binaries its
     // record names, the new build's.
-    record_engine(records, id, &bin, &[&primary.name])?;
+    record_engine(records, id, &bin, &[&primary.name]).await?;
     drop(claim);
     wait_synchronous_again(records, id).await
 }

@@ -33,7 +33,8 @@ pub async fn failover(
     let Some(_claim) = ha.claims.for_failover(id).await else {
         return Err(HaError::PlannedChangeFinishing);
     };
-    let db = ha.records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+    let db =
+        ha.records.store.database(id).await?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     if db.primary().map(|p| p.name.as_str()) != Some(old_primary) {
         return Err(HaError::Moved(old_primary.to_owned())); // Someone moved it.
     }
@@ -41,7 +42,7 @@ pub async fn failover(
         Ok(candidate) => candidate,
         Err(why) => {
             ha.metrics.failover(false);
-            ha.records.event(id, "failover_refused", why.to_string());
+            ha.records.event(id, "failover_refused", why.to_string()).await;
             return Err(why);
         }
     };
@@ -53,13 +54,13 @@ pub async fn failover(
                 id,
                 "failover",
                 format!("{reason}: promoted {candidate} in place of {old_primary} in {} ms, routing epoch {epoch}", started.elapsed().as_millis()),
-            );
+            ).await;
             Ok(candidate)
         }
         Err(e) => {
             ha.metrics.failover(false);
             let e = HaError::PromoteFailed { candidate, source: Box::new(e) };
-            ha.records.event(id, "failover_failed", e.sentence());
+            ha.records.event(id, "failover_failed", e.sentence()).await;
             Err(e)
         }
     }
@@ -166,7 +167,7 @@ pub(crate) async fn promote(
     old: &str,
     new: &str,
 ) -> Result<u64, HaError> {
-    let db = records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+    let db = records.store.database(id).await?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let find = |name: &str| {
         let node = db.nodes.iter().find(|n| n.name == name).cloned();
         node.ok_or_else(|| HaError::NodeVanished(name.to_owned()))
@@ -208,9 +209,10 @@ pub(crate) async fn promote(
             }
             db.synchronous = false;
             Ok::<_, StoreError>(())
-        })?
+        })
+        .await?
         .ok_or_else(|| Failure::Vanished(id.to_owned()))?;
-    let epoch = routing.publish(&records.store)?;
+    let epoch = routing.publish(&records.store).await?;
     // The new primary's own settings: no upstream, asynchronous until a standby is back.
     let promoted = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let config = nodes.config(&db, &promoted, None)?;
@@ -223,7 +225,8 @@ pub(crate) async fn promote(
 
 /// `POST .../failover`: change the primary now, even if it looks healthy.
 pub async fn forced_failover(ha: &Ha, id: &str) -> Result<String, HaError> {
-    let db = ha.records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+    let db =
+        ha.records.store.database(id).await?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let primary = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let last_lag = match check_primary(&ha.nodes, &ha.health, &primary).await {
         Ok(state) => state.lags(),

@@ -19,7 +19,7 @@ pub async fn rejoin(
     id: &str,
     fenced: &NodeRecord,
 ) {
-    let Ok(Some(db)) = records.store.database(id) else { return };
+    let Ok(Some(db)) = records.store.database(id).await else { return };
     let Some(primary) = db.primary().cloned() else { return };
     let Some(node) = db.nodes.iter().find(|n| n.name == fenced.name && n.fenced).cloned() else {
         return;
@@ -62,31 +62,37 @@ pub async fn rejoin(
     .await;
     match result {
         Ok(how) => {
-            let recorded = records.update(id, |db| {
-                if let Some(n) = db.nodes.iter_mut().find(|n| n.name == node.name) {
-                    n.fenced = false;
-                }
-                Ok::<_, StoreError>(())
-            });
+            let recorded = records
+                .update(id, |db| {
+                    if let Some(n) = db.nodes.iter_mut().find(|n| n.name == node.name) {
+                        n.fenced = false;
+                    }
+                    Ok::<_, StoreError>(())
+                })
+                .await;
             if let Err(e) = recorded {
-                return records.event(
+                return records
+                    .event(id, "rejoin_failed", format!("cannot record the rejoin: {e}"))
+                    .await;
+            }
+            let _ = routing.publish(&records.store).await;
+            records
+                .event(
+                    id,
+                    "rejoined",
+                    format!("{} rejoined as a standby of {} ({how})", node.name, primary.name),
+                )
+                .await;
+        }
+        Err(e) => {
+            records
+                .event(
                     id,
                     "rejoin_failed",
-                    format!("cannot record the rejoin: {e}"),
-                );
-            }
-            let _ = routing.publish(&records.store);
-            records.event(
-                id,
-                "rejoined",
-                format!("{} rejoined as a standby of {} ({how})", node.name, primary.name),
-            );
+                    format!("{} could not rejoin yet: {}", node.name, e.sentence()),
+                )
+                .await
         }
-        Err(e) => records.event(
-            id,
-            "rejoin_failed",
-            format!("{} could not rejoin yet: {}", node.name, e.sentence()),
-        ),
     }
 }
 

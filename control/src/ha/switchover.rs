@@ -61,7 +61,7 @@ pub async fn switchover(
     id: &str,
     target_name: Option<&str>,
 ) -> Result<(String, Duration), HaError> {
-    let db = records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+    let db = records.store.database(id).await?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let old = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let candidate = target(&db, target_name)?;
     let (old_spec, new_spec) = (NodeSpec::of(&old), NodeSpec::of(&candidate));
@@ -76,7 +76,7 @@ pub async fn switchover(
     routing.holds.hold(id);
     let held_at = Instant::now();
     let result: Result<(), HaError> = async {
-        let epoch = routing.publish(&records.store)?;
+        let epoch = routing.publish(&records.store).await?;
         let applied =
             async { Ok::<_, HaError>(routing.publisher.wait_applied(epoch, APPLY_TIMEOUT).await) };
         if !step(claim, applied).await? {
@@ -118,12 +118,14 @@ pub async fn switchover(
                 let _ = nodes.driver.start(&old_spec).await;
             }
         }
-        let _ = routing.publish(&records.store);
-        records.event(
-            id,
-            "switchover_failed",
-            format!("switchover to {} abandoned: {e}", candidate.name),
-        );
+        let _ = routing.publish(&records.store).await;
+        records
+            .event(
+                id,
+                "switchover_failed",
+                format!("switchover to {} abandoned: {e}", candidate.name),
+            )
+            .await;
         return Err(e);
     }
     // 4. Promote and release the held sessions to the new primary.
@@ -137,16 +139,14 @@ pub async fn switchover(
                 id,
                 "switchover",
                 format!("{} is the new primary in place of {} (new sessions held {} ms), routing epoch {epoch}", candidate.name, old.name, held_for.as_millis()),
-            );
+            ).await;
             Ok((candidate.name, held_for))
         }
         Err(e) => {
-            let _ = routing.publish(&records.store);
-            records.event(
-                id,
-                "switchover_failed",
-                format!("promoting {} failed: {e}", candidate.name),
-            );
+            let _ = routing.publish(&records.store).await;
+            records
+                .event(id, "switchover_failed", format!("promoting {} failed: {e}", candidate.name))
+                .await;
             Err(HaError::PromoteFailed { candidate: candidate.name, source: Box::new(e) })
         }
     }

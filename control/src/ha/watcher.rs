@@ -24,7 +24,7 @@ use crate::state::{DatabaseRecord, NodeRecord, Records, StoreError};
 pub async fn supervise(ha: Ha, shutdown: CancellationToken, tasks: TaskTracker) {
     let watched: Arc<Mutex<HashSet<String>>> = Arc::default();
     loop {
-        for db in ha.records.store.databases().unwrap_or_default() {
+        for db in ha.records.store.databases().await.unwrap_or_default() {
             // Also a database already `updating` again: a plan change started between two
             // passes relies on the watcher to rejoin the old primary after its switchover.
             let replicated = db.nodes.len() > 1;
@@ -122,7 +122,7 @@ async fn watch(ha: &Ha, id: &str) {
     ticks.tick().await;
     loop {
         ticks.tick().await;
-        let Ok(Some(db)) = ha.records.store.database(id) else { return };
+        let Ok(Some(db)) = ha.records.store.database(id).await else { return };
         if db.nodes.len() < 2 {
             return; // No standby any more (a plan change to a single-node plan).
         }
@@ -178,11 +178,13 @@ async fn watch(ha: &Ha, id: &str) {
                     debug!(database = id, "primary stopped by a planned change");
                     continue;
                 }
-                ha.records.event(
-                    id,
-                    "primary_unreachable",
-                    format!("primary {} failed {failures} checks: {e}", primary.name),
-                );
+                ha.records
+                    .event(
+                        id,
+                        "primary_unreachable",
+                        format!("primary {} failed {failures} checks: {e}", primary.name),
+                    )
+                    .await;
                 let _ = failover(ha, id, &primary.name, &last_lag, "primary unreachable").await;
                 failures = 0;
             }
@@ -238,7 +240,7 @@ async fn replication_mode(
         if set_synchronous_standby(nodes, db, primary, None).await {
             *switching = None;
             if db.synchronous {
-                record(records, metrics, db, primary, false);
+                record(records, metrics, db, primary, false).await;
             }
         }
         return;
@@ -255,12 +257,14 @@ async fn replication_mode(
             Some(after) if standby.flushed >= after => {
                 let name = switch.standby.clone();
                 *switching = None;
-                if record(records, metrics, db, primary, true) {
-                    records.event(
-                        &db.id,
-                        "replication_synchronous",
-                        format!("standby {name} caught up: commits are synchronous again"),
-                    );
+                if record(records, metrics, db, primary, true).await {
+                    records
+                        .event(
+                            &db.id,
+                            "replication_synchronous",
+                            format!("standby {name} caught up: commits are synchronous again"),
+                        )
+                        .await;
                 }
             }
             Some(_) => {}
@@ -322,20 +326,22 @@ async fn set_synchronous_standby(
 
 /// Records whether commits are synchronous (if `primary` is still the primary). The event of a
 /// degrade is recorded here; the caller records the way back, naming the standby.
-fn record(
+async fn record(
     records: &Records,
     metrics: &Metrics,
     db: &DatabaseRecord,
     primary: &NodeRecord,
     synchronous: bool,
 ) -> bool {
-    let recorded = records.update(&db.id, |db| {
-        let same = db.primary().is_some_and(|p| p.name == primary.name);
-        if same {
-            db.synchronous = synchronous;
-        }
-        Ok::<_, StoreError>(same)
-    });
+    let recorded = records
+        .update(&db.id, |db| {
+            let same = db.primary().is_some_and(|p| p.name == primary.name);
+            if same {
+                db.synchronous = synchronous;
+            }
+            Ok::<_, StoreError>(same)
+        })
+        .await;
     match recorded {
         Ok(Some((true, _))) => {}
         Ok(_) => return false,
@@ -346,11 +352,13 @@ fn record(
     }
     metrics.replication_mode(synchronous);
     if !synchronous {
-        records.event(
-            &db.id,
-            "replication_degraded",
-            "standby not streaming: commits are asynchronous until it is back",
-        );
+        records
+            .event(
+                &db.id,
+                "replication_degraded",
+                "standby not streaming: commits are asynchronous until it is back",
+            )
+            .await;
     }
     true
 }
@@ -368,17 +376,25 @@ async fn restart_stopped_standbys(records: &Records, nodes: &Nodes, db: &Databas
         }
         .await;
         match restarted {
-            Ok(true) => records.event(
-                &db.id,
-                "node_restarted",
-                format!("standby {} was down; restarted", standby.name),
-            ),
+            Ok(true) => {
+                records
+                    .event(
+                        &db.id,
+                        "node_restarted",
+                        format!("standby {} was down; restarted", standby.name),
+                    )
+                    .await
+            }
             Ok(false) => {}
-            Err(e) => records.event(
-                &db.id,
-                "node_failed",
-                format!("standby {} could not restart: {e}", standby.name),
-            ),
+            Err(e) => {
+                records
+                    .event(
+                        &db.id,
+                        "node_failed",
+                        format!("standby {} could not restart: {e}", standby.name),
+                    )
+                    .await
+            }
         }
     }
 }

@@ -19,7 +19,7 @@ pub fn run(life: &Lifecycle, id: String, op: Operation) -> tokio::task::JoinHand
     life.operations.clone().run(op, move |_| async move {
         let result = destroy(&life.records, &life.nodes, &life.routing, &life.backups, &id).await;
         if let Err(e) = &result {
-            super::provision::mark_failed(&life.records, &id, "destroy", &e.sentence());
+            super::provision::mark_failed(&life.records, &id, "destroy", &e.sentence()).await;
         }
         result
     })
@@ -32,14 +32,16 @@ async fn destroy(
     backups: &Arc<dyn BackupStorage>,
     id: &str,
 ) -> Result<(), LifecycleError> {
-    let Some(((), db)) = records.update(id, |db| {
-        db.status = DatabaseStatus::Deleting;
-        Ok::<_, StoreError>(())
-    })?
+    let Some(((), db)) = records
+        .update(id, |db| {
+            db.status = DatabaseStatus::Deleting;
+            Ok::<_, StoreError>(())
+        })
+        .await?
     else {
         return Err(Failure::Vanished(id.to_owned()).into());
     };
-    routing.publish(&records.store)?;
+    routing.publish(&records.store).await?;
     routing.verifiers.forget(id);
     // Standbys first: a synchronous primary must not wait for a vanished standby. Then the
     // nodes of a major upgrade in progress and of the clusters one replaced.
@@ -57,9 +59,9 @@ async fn destroy(
         .await
         .map_err(NodeError::from)?
         .map_err(LifecycleError::Purge)?;
-    for backup in records.store.backups(id)? {
-        records.store.delete_backup(id, &backup.id)?;
+    for backup in records.store.backups(id).await? {
+        records.store.delete_backup(id, &backup.id).await?;
     }
-    records.store.delete_database(id)?;
+    records.store.delete_database(id).await?;
     Ok(())
 }

@@ -22,20 +22,22 @@ pub fn run(life: &Lifecycle, id: String, op: Operation) -> tokio::task::JoinHand
     life.operations.clone().run(op, move |progress| async move {
         let result = provision(&life.records, &life.nodes, &life.routing, &id, progress).await;
         if let Err(e) = &result {
-            mark_failed(&life.records, &id, "provision", &e.sentence());
+            mark_failed(&life.records, &id, "provision", &e.sentence()).await;
         }
         result
     })
 }
 
 /// Records why a lifecycle operation on `id` failed, and the database as `failed`.
-pub fn mark_failed(records: &Records, id: &str, kind: &str, message: &str) {
-    let _ = records.update(id, |db| {
-        db.status = DatabaseStatus::Failed;
-        db.error = Some(message.to_owned());
-        Ok::<_, crate::state::StoreError>(())
-    });
-    records.event(id, &format!("{kind}_failed"), message.to_owned());
+pub async fn mark_failed(records: &Records, id: &str, kind: &str, message: &str) {
+    let _ = records
+        .update(id, |db| {
+            db.status = DatabaseStatus::Failed;
+            db.error = Some(message.to_owned());
+            Ok::<_, crate::state::StoreError>(())
+        })
+        .await;
+    records.event(id, &format!("{kind}_failed"), message.to_owned()).await;
 }
 
 async fn provision(
@@ -45,7 +47,8 @@ async fn provision(
     id: &str,
     mut op: Progress,
 ) -> Result<(), LifecycleError> {
-    let mut db = records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+    let mut db =
+        records.store.database(id).await?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let plan = plans::find(&db.plan).ok_or_else(|| LifecycleError::UnknownPlan(db.plan.clone()))?;
     // Start from a clean slate: a provisioning interrupted earlier may have left nodes behind.
     for node in std::mem::take(&mut db.nodes) {
@@ -55,13 +58,13 @@ async fn provision(
     db.nodes = placement::new_nodes(
         &nodes.hosts,
         &nodes.ports,
-        &records.store.databases()?,
+        &records.store.databases().await?,
         id,
         db.engine.as_deref(),
         1,
         plan.nodes as usize,
     );
-    records.store.put_database(&db)?;
+    records.store.put_database(&db).await?;
 
     let primary = db.primary().cloned().ok_or_else(|| Failure::NoPrimary(id.to_owned()))?;
     let primary_spec = NodeSpec::of(&primary);
@@ -69,12 +72,14 @@ async fn provision(
     let (driver, spec) = (&nodes.driver, &primary_spec);
     driver.init(spec, &config).await?;
     driver.start(spec).await?;
-    op.set(0.4);
-    records.event(
-        id,
-        "node_started",
-        format!("primary {} started on port {}", primary.name, primary.port),
-    );
+    op.set(0.4).await;
+    records
+        .event(
+            id,
+            "node_started",
+            format!("primary {} started on port {}", primary.name, primary.port),
+        )
+        .await;
 
     let admin = nodes.session(&primary_spec, "postgres").await?;
     roles::create_role(&admin, REPLICATION_ROLE, &db.replication_password, "REPLICATION").await?;
@@ -82,28 +87,30 @@ async fn provision(
     roles::create_database(&admin, &db.name, &db.name).await?;
     let db_admin = nodes.session(&primary_spec, &db.name).await?;
     roles::grant(&db_admin, &db.name, &db.name, &db.name, false).await?;
-    op.set(0.6);
+    op.set(0.6).await;
 
     for standby in db.replicas().cloned().collect::<Vec<_>>() {
         add_standby(records, nodes, &db, &standby).await?;
         db.synchronous = true;
-        op.set(0.9);
+        op.set(0.9).await;
     }
 
     // The proxies authenticate the first client already: the verifiers go with the first table.
     routing.verifiers.set(id, roles::verifiers(&admin).await?);
     db.status = DatabaseStatus::Running;
     db.error = None;
-    records.store.put_database(&db)?;
-    let epoch = routing.publish(&records.store)?;
-    records.event(
-        id,
-        "provisioned",
-        format!(
-            "database {} is running ({} node(s)), routing epoch {epoch}",
-            db.name,
-            db.nodes.len()
-        ),
-    );
+    records.store.put_database(&db).await?;
+    let epoch = routing.publish(&records.store).await?;
+    records
+        .event(
+            id,
+            "provisioned",
+            format!(
+                "database {} is running ({} node(s)), routing epoch {epoch}",
+                db.name,
+                db.nodes.len()
+            ),
+        )
+        .await;
     Ok(())
 }

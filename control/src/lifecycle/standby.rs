@@ -25,11 +25,13 @@ pub async fn add_standby(
     driver.configure(spec, &config).await?;
     driver.reload(spec).await?;
     wait_synchronous(nodes, &primary_spec, &standby.name).await?;
-    records.event(
-        &db.id,
-        "replication_synchronous",
-        format!("standby {} is synchronous", standby.name),
-    );
+    records
+        .event(
+            &db.id,
+            "replication_synchronous",
+            format!("standby {} is synchronous", standby.name),
+        )
+        .await;
     Ok(())
 }
 
@@ -52,11 +54,13 @@ pub async fn add_standby_only(
     let (driver, spec) = (&nodes.driver, NodeSpec::of(standby));
     driver.init_standby(&spec, &config, &upstream).await?;
     driver.start(&spec).await?;
-    records.event(
-        &db.id,
-        "node_started",
-        format!("standby {} streaming from {}", standby.name, primary.name),
-    );
+    records
+        .event(
+            &db.id,
+            "node_started",
+            format!("standby {} streaming from {}", standby.name, primary.name),
+        )
+        .await;
     Ok(())
 }
 

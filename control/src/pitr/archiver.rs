@@ -61,7 +61,7 @@ pub async fn supervise(
 ) {
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     loop {
-        for db in pitr.records.store.databases().unwrap_or_default() {
+        for db in pitr.records.store.databases().await.unwrap_or_default() {
             if db.status == DatabaseStatus::Running
                 && pitr_plan(&db.plan)
                 && running.lock().expect("lock").insert(db.id.clone())
@@ -87,7 +87,7 @@ async fn archive(pitr: &Pitr, heartbeats: &Heartbeats, id: &str, shutdown: &Canc
     let mut admin: Option<Session> = None;
     let mut ticks = 0u64;
     let mut reported_gaps: Vec<String> = Vec::new();
-    while let Ok(Some(db)) = records.store.database(id) {
+    while let Ok(Some(db)) = records.store.database(id).await {
         match db.status {
             DatabaseStatus::Deleting | DatabaseStatus::Failed => break,
             DatabaseStatus::Restoring => {
@@ -113,11 +113,13 @@ async fn archive(pitr: &Pitr, heartbeats: &Heartbeats, id: &str, shutdown: &Canc
                 match start_receiver(nodes, backup_dir, data_dir, &db, &primary).await {
                     Ok(child) => {
                         receiver = Some((primary.name.clone(), child));
-                        records.event(
-                            id,
-                            "wal_archiving",
-                            format!("streaming WAL from {}", primary.name),
-                        );
+                        records
+                            .event(
+                                id,
+                                "wal_archiving",
+                                format!("streaming WAL from {}", primary.name),
+                            )
+                            .await;
                     }
                     Err(e) => warn!(database = id, error = %e, "cannot start WAL archiving"),
                 }
@@ -147,11 +149,13 @@ async fn archive(pitr: &Pitr, heartbeats: &Heartbeats, id: &str, shutdown: &Canc
                 let gaps = wal_gaps(&wal_dir(backup_dir, id), None);
                 if !gaps.is_empty() && gaps != reported_gaps {
                     metrics.wal_gap();
-                    records.event(
-                        id,
-                        "wal_gap",
-                        format!("WAL archive is missing segment(s) {}", gaps.join(", ")),
-                    );
+                    records
+                        .event(
+                            id,
+                            "wal_gap",
+                            format!("WAL archive is missing segment(s) {}", gaps.join(", ")),
+                        )
+                        .await;
                     reported_gaps = gaps;
                 }
             }
@@ -159,14 +163,18 @@ async fn archive(pitr: &Pitr, heartbeats: &Heartbeats, id: &str, shutdown: &Canc
                 match take_base_backup(records, nodes, backup_dir, data_dir, &db).await {
                     Ok(b) => {
                         let message = format!("base backup {} taken and verified", b.id);
-                        records.event(id, "base_backup", message);
-                        prune(records, backup_dir, id);
+                        records.event(id, "base_backup", message).await;
+                        prune(records, backup_dir, id).await;
                     }
-                    Err(e) => records.event(
-                        id,
-                        "base_backup_failed",
-                        format!("base backup failed: {}", e.sentence()),
-                    ),
+                    Err(e) => {
+                        records
+                            .event(
+                                id,
+                                "base_backup_failed",
+                                format!("base backup failed: {}", e.sentence()),
+                            )
+                            .await
+                    }
                 }
             }
         }

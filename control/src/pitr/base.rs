@@ -61,7 +61,7 @@ pub async fn take_base_backup(
     db: &DatabaseRecord,
 ) -> Result<BaseBackup, PitrError> {
     let source = db.replicas().next().or(db.primary()).cloned().ok_or(PitrError::NoNode)?;
-    let seq = records.store.next_counter("base_backup_seq")?;
+    let seq = records.store.next_counter("base_backup_seq").await?;
     let id = format!("base-{seq:06}");
     let dir = base_dir(backup_dir, &db.id);
     crate::files::blocking_io(|| crate::files::private_dir(&dir))?;
@@ -188,14 +188,16 @@ pub fn wal_to_prune(names: &[String], oldest_needed: &str) -> Vec<String> {
 }
 
 /// Drops base backups and WAL that no time in the window needs.
-pub(crate) fn prune(records: &Records, backup_dir: &Path, id: &str) {
-    crate::files::blocking_io(|| {
+pub(crate) async fn prune(records: &Records, backup_dir: &Path, id: &str) {
+    let (gone, old) = crate::files::blocking_io(|| {
         let bases = base_backups(backup_dir, id);
         let gone = bases_to_prune(&bases, OffsetDateTime::now_utc());
         for b in &gone {
             let _ = std::fs::remove_dir_all(base_dir(backup_dir, id).join(b));
         }
-        let Some(oldest) = bases.iter().find(|b| !gone.contains(&b.id)) else { return };
+        let Some(oldest) = bases.iter().find(|b| !gone.contains(&b.id)) else {
+            return (Vec::new(), Vec::new());
+        };
         let wal = wal_dir(backup_dir, id);
         let names: Vec<String> = std::fs::read_dir(&wal)
             .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
@@ -204,15 +206,16 @@ pub(crate) fn prune(records: &Records, backup_dir: &Path, id: &str) {
         for name in &old {
             let _ = std::fs::remove_file(wal.join(name));
         }
-        if !gone.is_empty() || !old.is_empty() {
-            let message = format!(
-                "{} base backup(s) and {} WAL segment(s) older than the window removed",
-                gone.len(),
-                old.len()
-            );
-            records.event(id, "pitr_pruned", message);
-        }
-    })
+        (gone, old)
+    });
+    if !gone.is_empty() || !old.is_empty() {
+        let message = format!(
+            "{} base backup(s) and {} WAL segment(s) older than the window removed",
+            gone.len(),
+            old.len()
+        );
+        records.event(id, "pitr_pruned", message).await;
+    }
 }
 
 #[cfg(test)]

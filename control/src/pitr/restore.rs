@@ -57,11 +57,14 @@ pub async fn restore(
 ) -> Result<(), PitrError> {
     let result = do_restore(pitr, heartbeats, id, target, &mut op).await;
     if let Err(e) = &result {
-        pitr.records.event(id, "restore_failed", e.sentence());
-        let _ = pitr.records.update(id, |db| {
-            db.status = DatabaseStatus::Running;
-            Ok::<_, crate::state::StoreError>(())
-        });
+        pitr.records.event(id, "restore_failed", e.sentence()).await;
+        let _ = pitr
+            .records
+            .update(id, |db| {
+                db.status = DatabaseStatus::Running;
+                Ok::<_, crate::state::StoreError>(())
+            })
+            .await;
     }
     result
 }
@@ -120,21 +123,23 @@ async fn do_restore(
     target: OffsetDateTime,
     op: &mut Progress,
 ) -> Result<(), PitrError> {
-    let db = pitr.records.store.database(id)?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
+    let db =
+        pitr.records.store.database(id).await?.ok_or_else(|| Failure::Vanished(id.to_owned()))?;
     let base = check_restorable(&pitr.nodes, &pitr.backup_dir, heartbeats, &db, target).await?;
-    let Some(((), db)) = pitr.records.update(id, |db| {
-        db.status = DatabaseStatus::Restoring;
-        Ok::<_, StoreError>(())
-    })?
+    let Some(((), db)) = pitr
+        .records
+        .update(id, |db| {
+            db.status = DatabaseStatus::Restoring;
+            Ok::<_, StoreError>(())
+        })
+        .await?
     else {
         return Err(Failure::Vanished(id.to_owned()).into());
     };
     let old_nodes = db.nodes.clone();
-    pitr.records.event(
-        id,
-        "restoring",
-        format!("restoring to {target} from base backup {}", base.id),
-    );
+    pitr.records
+        .event(id, "restoring", format!("restoring to {target} from base backup {}", base.id))
+        .await;
 
     // New nodes next to the old ones.
     let next = old_nodes
@@ -146,7 +151,7 @@ async fn do_restore(
     let new_nodes = placement::new_nodes(
         &pitr.nodes.hosts,
         &pitr.nodes.ports,
-        &pitr.records.store.databases()?,
+        &pitr.records.store.databases().await?,
         id,
         db.engine.as_deref(),
         next,
@@ -181,7 +186,7 @@ async fn do_restore(
         let spec2 = spec.clone();
         driver.init_from_backup(&spec2, &config, &base_path, &wal).await?;
         driver.start(&spec2).await?;
-        op.set(0.4);
+        op.set(0.4).await;
         wait_promoted(&pitr.nodes, &spec).await?;
         // Plain settings again (no recovery target), and a check that the database is there.
         let config = pitr.nodes.config(&restored, &primary, None)?;
@@ -190,7 +195,7 @@ async fn do_restore(
         driver.reload(spec2).await?;
         let check = pitr.nodes.session(&spec, &restored.name).await?;
         check.query_one("SELECT current_database()", &[]).await.map_err(PitrError::NotAnswering)?;
-        op.set(0.6);
+        op.set(0.6).await;
         for standby in restored.replicas().cloned().collect::<Vec<_>>() {
             add_standby(&pitr.records, &pitr.nodes, &restored, &standby).await?;
             restored.synchronous = true;
@@ -213,20 +218,24 @@ async fn do_restore(
         let _ = std::fs::rename(&bases, &bases_aside);
     });
     heartbeats.forget(id);
-    pitr.records.update(id, |db| {
-        db.nodes = restored.nodes.clone();
-        db.synchronous = restored.synchronous;
-        db.status = DatabaseStatus::Running;
-        Ok::<_, StoreError>(())
-    })?;
-    let epoch = pitr.routing.publish(&pitr.records.store)?;
-    op.set(0.9);
+    pitr.records
+        .update(id, |db| {
+            db.nodes = restored.nodes.clone();
+            db.synchronous = restored.synchronous;
+            db.status = DatabaseStatus::Running;
+            Ok::<_, StoreError>(())
+        })
+        .await?;
+    let epoch = pitr.routing.publish(&pitr.records.store).await?;
+    op.set(0.9).await;
     cleanup(old_nodes).await;
-    pitr.records.event(
-        id,
-        "restored",
-        format!("restored to {target}; routing epoch {epoch}; new base backup follows"),
-    );
+    pitr.records
+        .event(
+            id,
+            "restored",
+            format!("restored to {target}; routing epoch {epoch}; new base backup follows"),
+        )
+        .await;
     Ok(())
 }
 

@@ -51,11 +51,11 @@ impl Routing {
     /// Builds the routing table from the store with a new epoch and hands it to the publisher
     /// (which pushes it in the background: this never waits on a proxy). With etcd, the table
     /// goes to etcd with its epoch, sealed for the proxies that watch it.
-    pub fn publish(&self, store: &Store) -> Result<u64, StoreError> {
-        let databases = store.databases()?;
+    pub async fn publish(&self, store: &Store) -> Result<u64, StoreError> {
+        let databases = store.databases().await?;
         let mut table = table::build(&databases, &self.holds, &self.verifiers, &self.node_ca, 0);
         let sealed = seal_table(&self.proxy_token, &table);
-        let epoch = store.next_epoch(&sealed)?;
+        let epoch = store.next_epoch(&sealed).await?;
         table.epoch = epoch;
         self.metrics.epoch.set(epoch as i64);
         self.publisher.publish(table);

@@ -28,7 +28,7 @@ pub async fn refresh(
     id: &str,
     timeouts: Timeouts,
 ) -> Result<bool, SqlError> {
-    let Ok(Some(db)) = records.store.database(id) else { return Ok(false) };
+    let Ok(Some(db)) = records.store.database(id).await else { return Ok(false) };
     if !matches!(db.status, DatabaseStatus::Running | DatabaseStatus::Updating) {
         return Ok(false);
     }
@@ -42,7 +42,7 @@ pub async fn refresh(
 /// (or after a bounded wait, logged), so an old password stops working at once.
 pub async fn publish_now(records: &Records, nodes: &Nodes, routing: &Routing, id: &str) {
     match refresh(records, nodes, routing, id, Timeouts::DEFAULT).await {
-        Ok(true) => match routing.publish(&records.store) {
+        Ok(true) => match routing.publish(&records.store).await {
             Ok(epoch) => {
                 if !routing.publisher.wait_applied(epoch, APPLY_TIMEOUT).await {
                     warn!(
@@ -73,7 +73,7 @@ pub async fn refresh_all(with: &Refresh) -> bool {
     let timeouts = Timeouts::within(with.within.max(Duration::from_secs(1)));
     let mut changed = false;
     let mut reads = tokio::task::JoinSet::new();
-    for db in with.records.store.databases().unwrap_or_default() {
+    for db in with.records.store.databases().await.unwrap_or_default() {
         let with = with.clone();
         reads.spawn(async move {
             let read = refresh(&with.records, &with.nodes, &with.routing, &db.id, timeouts).await;
@@ -95,7 +95,7 @@ pub async fn refresh_all(with: &Refresh) -> bool {
 pub async fn keep_fresh(with: Refresh, shutdown: CancellationToken) {
     loop {
         if refresh_all(&with).await {
-            if let Err(e) = with.routing.publish(&with.records.store) {
+            if let Err(e) = with.routing.publish(&with.records.store).await {
                 warn!(error = %e, "cannot publish the new verifiers");
             }
         }

@@ -112,7 +112,7 @@ async fn lead(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let stop_on_exit = nodes.stop_on_exit;
-    let platform = open(config, nodes, etcd)?;
+    let platform = open(config, nodes, etcd).await?;
     let token = read_secret_file(&platform.config.data_dir.join("token"))?;
     info!(listen = %listener.local_addr()?, data_dir = %platform.config.data_dir.display(), "control plane started");
     let heartbeats = Arc::new(Heartbeats::default());
@@ -141,7 +141,7 @@ async fn lead(
     // Nodes are adopted (started if stopped) first, then watched; interrupted operations are
     // resumed only once the watchers run, each as a task of its own.
     // What the previous run left is read now, before the API serves.
-    let left = recover::Leftovers::read(&platform.records).context("state store")?;
+    let left = recover::Leftovers::read(&platform.records).await.context("state store")?;
     let (recovering, watchers, tracker) =
         (platform.clone(), background.child_token(), tasks.clone());
     tasks.spawn(async move {
@@ -149,8 +149,8 @@ async fn lead(
         let supervised = crate::ha::watcher::supervise(recovering.ha(), watchers, tracker.clone());
         tracker.spawn(supervised);
         let changes = left.interrupted_changes();
-        recover::resume_operations(&recovering, left);
-        crate::changes::resume::resume_interrupted(&recovering.changes(), changes);
+        recover::resume_operations(&recovering, left).await;
+        crate::changes::resume::resume_interrupted(&recovering.changes(), changes).await;
     });
     // Control planes on etcd keep it with the backups, on the storage they share: a new leader
     // goes on with its predecessor's history.
@@ -196,7 +196,7 @@ async fn lead(
 /// Opens the data dir. It and everything in it is private to this user (0700 directories,
 /// 0600 files), except that when nodes run as another OS user, the data dir and `nodes/` let
 /// that user through (0711: it can reach its own directory, list nothing).
-fn open(
+async fn open(
     config: PlatformConfig,
     nodes: NodeOptions,
     etcd: Option<Coordination>,
@@ -221,7 +221,7 @@ fn open(
             (Box::new(kv) as Box<dyn Kv>, None, None)
         }
     };
-    let store = Store::over(kv, sealer).context("state store (a different secret.key?)")?;
+    let store = Store::over(kv, sealer).await.context("state store (a different secret.key?)")?;
     let backups =
         crate::storage::LocalStorage::new(config.backup_dir.clone()).context("backup storage")?;
     let remote = crate::agent::client::RemoteDriver::new(&ca)

@@ -44,14 +44,15 @@ impl Leftovers {
             .collect()
     }
 
-    pub fn read(records: &Records) -> Result<Self, StoreError> {
+    pub async fn read(records: &Records) -> Result<Self, StoreError> {
         let operations = records
             .store
-            .operations()?
+            .operations()
+            .await?
             .into_iter()
             .filter(|o| matches!(o.status, OperationStatus::Pending | OperationStatus::Running))
             .collect();
-        Ok(Self { databases: records.store.databases()?, operations })
+        Ok(Self { databases: records.store.databases().await?, operations })
     }
 }
 
@@ -82,63 +83,85 @@ pub async fn adopt_nodes(platform: &Arc<Platform>, left: &Leftovers) {
             }
             .await;
             match started {
-                Ok(true) => platform.records.event(
-                    &db.id,
-                    "node_started",
-                    format!("node {} started after a control plane restart", node.name),
-                ),
+                Ok(true) => {
+                    platform
+                        .records
+                        .event(
+                            &db.id,
+                            "node_started",
+                            format!("node {} started after a control plane restart", node.name),
+                        )
+                        .await
+                }
                 Ok(false) => info!(database = %db.id, node = %node.name, "adopted running node"),
-                Err(e) => platform.records.event(
-                    &db.id,
-                    "node_failed",
-                    format!("node {} did not start: {e}", node.name),
-                ),
+                Err(e) => {
+                    platform
+                        .records
+                        .event(
+                            &db.id,
+                            "node_failed",
+                            format!("node {} did not start: {e}", node.name),
+                        )
+                        .await
+                }
             }
         }
         if db.status == DatabaseStatus::Updating && !resumed {
             // A change with no operation to finish: the database serves on what its nodes run.
-            let _ = platform.records.update(&db.id, |db| {
-                db.status = DatabaseStatus::Running;
-                Ok::<_, crate::state::StoreError>(())
-            });
-            platform.records.event(
-                &db.id,
-                "plan_change_failed",
-                format!(
+            let _ = platform
+                .records
+                .update(&db.id, |db| {
+                    db.status = DatabaseStatus::Running;
+                    Ok::<_, crate::state::StoreError>(())
+                })
+                .await;
+            platform
+                .records
+                .event(
+                    &db.id,
+                    "plan_change_failed",
+                    format!(
                     "plan change interrupted by a control plane restart; the record names plan {}",
                     db.plan
                 ),
-            );
+                )
+                .await;
         }
         if db.status == DatabaseStatus::Restoring {
             // Nothing of the current nodes is touched before a restore succeeded.
-            let _ = platform.records.update(&db.id, |db| {
-                db.status = DatabaseStatus::Running;
-                Ok::<_, crate::state::StoreError>(())
-            });
-            platform.records.event(
-                &db.id,
-                "restore_failed",
-                "restore interrupted by a control plane restart; the database is as it was",
-            );
+            let _ = platform
+                .records
+                .update(&db.id, |db| {
+                    db.status = DatabaseStatus::Running;
+                    Ok::<_, crate::state::StoreError>(())
+                })
+                .await;
+            platform
+                .records
+                .event(
+                    &db.id,
+                    "restore_failed",
+                    "restore interrupted by a control plane restart; the database is as it was",
+                )
+                .await;
         }
         let left_op = interrupted.iter().find(|o| o.database_id == db.id).cloned();
         if let Some(mut op) = left_op.filter(|_| !resumed) {
             op.error = Some("interrupted by a control plane restart".into());
             let progress = op.progress;
-            platform.operations.update(&mut op, OperationStatus::Failed, progress);
+            platform.operations.update(&mut op, OperationStatus::Failed, progress).await;
         }
     }
     // The first table carries the verifiers: proxies that restarted with this control plane
     // authenticate clients from the start.
     crate::routing::refresh::refresh_all(&platform.refresh()).await;
-    if let Err(e) = platform.routing.publish(&platform.records.store) {
+    if let Err(e) = platform.routing.publish(&platform.records.store).await {
         error!(error = %e, "cannot publish routes");
     }
 }
 
 /// Resumes interrupted provisionings and destructions, each as its own task.
-pub fn resume_operations(platform: &Arc<Platform>, left: Leftovers) {
+pub async fn resume_operations(platform: &Arc<Platform>, left: Leftovers) {
     let interrupted = left.operations;
     for db in left.databases {
         let (kind, label) = match db.status {
@@ -147,14 +170,17 @@ pub fn resume_operations(platform: &Arc<Platform>, left: Leftovers) {
             _ => continue,
         };
         warn!(database = %db.id, "{label} was interrupted; starting it again");
-        platform.records.event(
-            &db.id,
-            &format!("{kind}_resumed"),
-            format!("{label} interrupted by a control plane restart; starting again"),
-        );
+        platform
+            .records
+            .event(
+                &db.id,
+                &format!("{kind}_resumed"),
+                format!("{label} interrupted by a control plane restart; starting again"),
+            )
+            .await;
         let op = match interrupted.iter().find(|o| o.database_id == db.id).cloned() {
             Some(op) => op,
-            None => match platform.operations.new_operation(kind, &db.id) {
+            None => match platform.operations.new_operation(kind, &db.id).await {
                 Ok(op) => op,
                 Err(e) => {
                     error!(error = %e, "cannot record operation");
@@ -172,7 +198,7 @@ pub fn resume_operations(platform: &Arc<Platform>, left: Leftovers) {
 
 /// Stops every node cleanly (fast shutdown: sessions end, everything committed is on disk).
 pub async fn stop_all(records: &Records, nodes: &Nodes) {
-    let databases = records.store.databases().unwrap_or_default();
+    let databases = records.store.databases().await.unwrap_or_default();
     for db in databases {
         // Standbys last would make a synchronous primary wait; stop primaries first.
         let mut order = db.nodes.clone();

@@ -2,29 +2,40 @@
 //! `RedbKv` is the embedded file of `pgwarden up` and a single `serve`; `etcd.rs` holds them
 //! in etcd for control planes on several hosts.
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::files::blocking_io;
 use crate::state::StoreError;
 
+/// A store call under way.
+pub type Pending<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
 /// Every call is one transaction: it happens whole or not at all.
 pub trait Kv: Send + Sync {
-    fn put(&self, table: &str, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
-    fn get(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn put<'a>(&'a self, table: &'a str, key: &'a str, value: Vec<u8>) -> Pending<'a, ()>;
+    fn get<'a>(&'a self, table: &'a str, key: &'a str) -> Pending<'a, Option<Vec<u8>>>;
     /// The values of the keys of `table` that start with `prefix`, in key order.
-    fn list(&self, table: &str, prefix: &str) -> Result<Vec<Vec<u8>>, StoreError>;
+    fn list<'a>(&'a self, table: &'a str, prefix: &'a str) -> Pending<'a, Vec<Vec<u8>>>;
     /// Removes `key` of `table` and, with `also = (table, prefix)`, every key of that table
     /// starting with `prefix`.
-    fn remove(&self, table: &str, key: &str, also: Option<(&str, &str)>) -> Result<(), StoreError>;
+    fn remove<'a>(
+        &'a self,
+        table: &'a str,
+        key: &'a str,
+        also: Option<(&'a str, &'a str)>,
+    ) -> Pending<'a, ()>;
     /// Increments the counter `name` and returns its new value (the first is 1).
-    fn next_counter(&self, name: &str) -> Result<u64, StoreError>;
+    fn next_counter<'a>(&'a self, name: &'a str) -> Pending<'a, u64>;
     /// The counter's value (0 before its first increment).
-    fn counter(&self, name: &str) -> Result<u64, StoreError>;
+    fn counter<'a>(&'a self, name: &'a str) -> Pending<'a, u64>;
     /// A routing epoch greater than every one returned before, for `table` (the routing table
     /// sealed for the proxies: etcd keeps it for the proxies that watch it; the file does not).
-    fn next_epoch(&self, table: &[u8]) -> Result<u64, StoreError>;
+    fn next_epoch<'a>(&'a self, table: &'a [u8]) -> Pending<'a, u64>;
 }
 
 const TABLES: [&str; 4] = ["databases", "operations", "events", "backups"];
@@ -51,10 +62,10 @@ db_err!(
     redb::CommitError
 );
 
-/// The embedded store: one redb file, each call a committed transaction (off the runtime's
-/// workers: redb's calls block).
+/// The embedded store: one redb file, each call a committed transaction on a blocking thread
+/// (redb's calls block).
 pub struct RedbKv {
-    db: Database,
+    db: Arc<Database>,
 }
 
 impl RedbKv {
@@ -66,37 +77,66 @@ impl RedbKv {
         }
         tx.open_table(META)?;
         tx.commit()?;
-        Ok(Self { db })
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    /// Runs `work` on the database on a blocking thread.
+    fn off<'a, T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Pending<'a, T> {
+        let db = Arc::clone(&self.db);
+        let running = tokio::task::spawn_blocking(move || work(&db));
+        Box::pin(async move {
+            running
+                .await
+                .map_err(|e| StoreError::Db(format!("a store call was interrupted: {e}")))?
+        })
     }
 }
 
+fn next_counter(db: &Database, name: &str) -> Result<u64, StoreError> {
+    let tx = db.begin_write()?;
+    let next = {
+        let mut meta = tx.open_table(META)?;
+        let next = meta.get(name)?.map(|v| v.value()).unwrap_or(0) + 1;
+        meta.insert(name, next)?;
+        next
+    };
+    tx.commit()?;
+    Ok(next)
+}
+
 impl Kv for RedbKv {
-    fn put(&self, name: &str, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
-        blocking_io(|| {
-            let tx = self.db.begin_write()?;
-            tx.open_table(table(name))?.insert(key, value.as_slice())?;
+    fn put<'a>(&'a self, name: &'a str, key: &'a str, value: Vec<u8>) -> Pending<'a, ()> {
+        let (name, key) = (name.to_owned(), key.to_owned());
+        self.off(move |db| {
+            let tx = db.begin_write()?;
+            tx.open_table(table(&name))?.insert(key.as_str(), value.as_slice())?;
             tx.commit()?;
             Ok(())
         })
     }
 
-    fn get(&self, name: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        blocking_io(|| {
-            let tx = self.db.begin_read()?;
-            let table = tx.open_table(table(name))?;
-            let value = table.get(key)?;
+    fn get<'a>(&'a self, name: &'a str, key: &'a str) -> Pending<'a, Option<Vec<u8>>> {
+        let (name, key) = (name.to_owned(), key.to_owned());
+        self.off(move |db| {
+            let tx = db.begin_read()?;
+            let table = tx.open_table(table(&name))?;
+            let value = table.get(key.as_str())?;
             Ok(value.map(|v| v.value().to_vec()))
         })
     }
 
-    fn list(&self, name: &str, prefix: &str) -> Result<Vec<Vec<u8>>, StoreError> {
-        blocking_io(|| {
-            let tx = self.db.begin_read()?;
-            let table = tx.open_table(table(name))?;
+    fn list<'a>(&'a self, name: &'a str, prefix: &'a str) -> Pending<'a, Vec<Vec<u8>>> {
+        let (name, prefix) = (name.to_owned(), prefix.to_owned());
+        self.off(move |db| {
+            let tx = db.begin_read()?;
+            let table = tx.open_table(table(&name))?;
             let mut out = Vec::new();
-            for entry in table.range(prefix..)? {
+            for entry in table.range(prefix.as_str()..)? {
                 let (k, v) = entry?;
-                if !k.value().starts_with(prefix) {
+                if !k.value().starts_with(prefix.as_str()) {
                     break;
                 }
                 out.push(v.value().to_vec());
@@ -105,16 +145,23 @@ impl Kv for RedbKv {
         })
     }
 
-    fn remove(&self, name: &str, key: &str, also: Option<(&str, &str)>) -> Result<(), StoreError> {
-        blocking_io(|| {
-            let tx = self.db.begin_write()?;
-            tx.open_table(table(name))?.remove(key)?;
-            if let Some((name, prefix)) = also {
+    fn remove<'a>(
+        &'a self,
+        name: &'a str,
+        key: &'a str,
+        also: Option<(&'a str, &'a str)>,
+    ) -> Pending<'a, ()> {
+        let (name, key) = (name.to_owned(), key.to_owned());
+        let also = also.map(|(t, p)| (t.to_owned(), p.to_owned()));
+        self.off(move |db| {
+            let tx = db.begin_write()?;
+            tx.open_table(table(&name))?.remove(key.as_str())?;
+            if let Some((name, prefix)) = &also {
                 let mut other = tx.open_table(table(name))?;
                 let keys: Vec<String> = other
-                    .range(prefix..)?
+                    .range(prefix.as_str()..)?
                     .map_while(|e| e.ok().map(|(k, _)| k.value().to_owned()))
-                    .take_while(|k| k.starts_with(prefix))
+                    .take_while(|k| k.starts_with(prefix.as_str()))
                     .collect();
                 for k in keys {
                     other.remove(k.as_str())?;
@@ -125,29 +172,21 @@ impl Kv for RedbKv {
         })
     }
 
-    fn next_counter(&self, name: &str) -> Result<u64, StoreError> {
-        blocking_io(|| {
-            let tx = self.db.begin_write()?;
-            let next = {
-                let mut meta = tx.open_table(META)?;
-                let next = meta.get(name)?.map(|v| v.value()).unwrap_or(0) + 1;
-                meta.insert(name, next)?;
-                next
-            };
-            tx.commit()?;
-            Ok(next)
-        })
+    fn next_counter<'a>(&'a self, name: &'a str) -> Pending<'a, u64> {
+        let name = name.to_owned();
+        self.off(move |db| next_counter(db, &name))
     }
 
-    fn counter(&self, name: &str) -> Result<u64, StoreError> {
-        blocking_io(|| {
-            let tx = self.db.begin_read()?;
+    fn counter<'a>(&'a self, name: &'a str) -> Pending<'a, u64> {
+        let name = name.to_owned();
+        self.off(move |db| {
+            let tx = db.begin_read()?;
             let meta = tx.open_table(META)?;
-            Ok(meta.get(name)?.map(|v| v.value()).unwrap_or(0))
+            Ok(meta.get(name.as_str())?.map(|v| v.value()).unwrap_or(0))
         })
     }
 
-    fn next_epoch(&self, _table: &[u8]) -> Result<u64, StoreError> {
-        self.next_counter("epoch")
+    fn next_epoch<'a>(&'a self, _table: &'a [u8]) -> Pending<'a, u64> {
+        self.off(|db| next_counter(db, "epoch"))
     }
 }

@@ -44,22 +44,22 @@ pub struct Store {
 impl Store {
     /// Opens the embedded store at `path`; values are sealed with `sealer`. Records written
     /// before sealing existed are sealed now.
-    pub fn open(path: &Path, sealer: Sealer) -> Result<Self, StoreError> {
-        Self::over(Box::new(RedbKv::open(path)?), sealer)
+    pub async fn open(path: &Path, sealer: Sealer) -> Result<Self, StoreError> {
+        Self::over(Box::new(RedbKv::open(path)?), sealer).await
     }
 
     /// The store over `kv` (the embedded file, or etcd).
-    pub fn over(kv: Box<dyn Kv>, sealer: Sealer) -> Result<Self, StoreError> {
+    pub async fn over(kv: Box<dyn Kv>, sealer: Sealer) -> Result<Self, StoreError> {
         let store = Self { kv, sealer };
-        let raw: Vec<serde_json::Value> = store.list(DATABASES, "")?;
+        let raw: Vec<serde_json::Value> = store.list(DATABASES, "").await?;
         let plain = raw.iter().any(|r| {
             SEALED_FIELDS
                 .iter()
                 .any(|f| r[f].as_str().is_some_and(|v| !crate::secrets::is_sealed(v)))
         });
         if plain {
-            for db in store.databases()? {
-                store.put_database(&db)?;
+            for db in store.databases().await? {
+                store.put_database(&db).await?;
             }
         }
         Ok(store)
@@ -85,97 +85,108 @@ impl Store {
         Ok(serde_json::from_value(value)?)
     }
 
-    fn put<T: Serialize>(&self, table: &str, key: &str, value: &T) -> Result<(), StoreError> {
-        self.kv.put(table, key, serde_json::to_vec(value)?)
+    async fn put<T: Serialize>(&self, table: &str, key: &str, value: &T) -> Result<(), StoreError> {
+        self.kv.put(table, key, serde_json::to_vec(value)?).await
     }
 
-    fn get<T: DeserializeOwned>(&self, table: &str, key: &str) -> Result<Option<T>, StoreError> {
-        Ok(self.kv.get(table, key)?.map(|v| serde_json::from_slice(&v)).transpose()?)
+    async fn get<T: DeserializeOwned>(
+        &self,
+        table: &str,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        Ok(self.kv.get(table, key).await?.map(|v| serde_json::from_slice(&v)).transpose()?)
     }
 
-    fn list<T: DeserializeOwned>(&self, table: &str, prefix: &str) -> Result<Vec<T>, StoreError> {
-        let values = self.kv.list(table, prefix)?;
+    async fn list<T: DeserializeOwned>(
+        &self,
+        table: &str,
+        prefix: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        let values = self.kv.list(table, prefix).await?;
         Ok(values.iter().map(|v| serde_json::from_slice(v)).collect::<Result<_, _>>()?)
     }
 
-    pub fn put_database(&self, db: &DatabaseRecord) -> Result<(), StoreError> {
-        self.put(DATABASES, &db.id, &self.seal(db)?)
+    pub async fn put_database(&self, db: &DatabaseRecord) -> Result<(), StoreError> {
+        self.put(DATABASES, &db.id, &self.seal(db)?).await
     }
 
-    pub fn database(&self, id: &str) -> Result<Option<DatabaseRecord>, StoreError> {
-        self.get(DATABASES, id)?.map(|v| self.unseal(v)).transpose()
+    pub async fn database(&self, id: &str) -> Result<Option<DatabaseRecord>, StoreError> {
+        self.get(DATABASES, id).await?.map(|v| self.unseal(v)).transpose()
     }
 
-    pub fn databases(&self) -> Result<Vec<DatabaseRecord>, StoreError> {
-        self.list(DATABASES, "")?.into_iter().map(|v| self.unseal(v)).collect()
+    pub async fn databases(&self) -> Result<Vec<DatabaseRecord>, StoreError> {
+        self.list(DATABASES, "").await?.into_iter().map(|v| self.unseal(v)).collect()
     }
 
     /// Removes the database and its events, in one transaction.
-    pub fn delete_database(&self, id: &str) -> Result<(), StoreError> {
-        self.kv.remove(DATABASES, id, Some((EVENTS, &format!("{id}/"))))
+    pub async fn delete_database(&self, id: &str) -> Result<(), StoreError> {
+        self.kv.remove(DATABASES, id, Some((EVENTS, &format!("{id}/")))).await
     }
 
-    pub fn put_backup(&self, backup: &pgwarden_api::control::Backup) -> Result<(), StoreError> {
-        self.put(BACKUPS, &format!("{}/{}", backup.database_id, backup.id), backup)
+    pub async fn put_backup(
+        &self,
+        backup: &pgwarden_api::control::Backup,
+    ) -> Result<(), StoreError> {
+        self.put(BACKUPS, &format!("{}/{}", backup.database_id, backup.id), backup).await
     }
 
-    pub fn backup(
+    pub async fn backup(
         &self,
         database_id: &str,
         id: &str,
     ) -> Result<Option<pgwarden_api::control::Backup>, StoreError> {
-        self.get(BACKUPS, &format!("{database_id}/{id}"))
+        self.get(BACKUPS, &format!("{database_id}/{id}")).await
     }
 
     /// A database's backups, oldest first.
-    pub fn backups(
+    pub async fn backups(
         &self,
         database_id: &str,
     ) -> Result<Vec<pgwarden_api::control::Backup>, StoreError> {
-        self.list(BACKUPS, &format!("{database_id}/"))
+        self.list(BACKUPS, &format!("{database_id}/")).await
     }
 
-    pub fn delete_backup(&self, database_id: &str, id: &str) -> Result<(), StoreError> {
-        self.kv.remove(BACKUPS, &format!("{database_id}/{id}"), None)
+    pub async fn delete_backup(&self, database_id: &str, id: &str) -> Result<(), StoreError> {
+        self.kv.remove(BACKUPS, &format!("{database_id}/{id}"), None).await
     }
 
-    pub fn put_operation(&self, op: &Operation) -> Result<(), StoreError> {
-        self.put(OPERATIONS, &op.id, op)
+    pub async fn put_operation(&self, op: &Operation) -> Result<(), StoreError> {
+        self.put(OPERATIONS, &op.id, op).await
     }
 
-    pub fn operation(&self, id: &str) -> Result<Option<Operation>, StoreError> {
-        self.get(OPERATIONS, id)
+    pub async fn operation(&self, id: &str) -> Result<Option<Operation>, StoreError> {
+        self.get(OPERATIONS, id).await
     }
 
-    pub fn operations(&self) -> Result<Vec<Operation>, StoreError> {
-        self.list(OPERATIONS, "")
+    pub async fn operations(&self) -> Result<Vec<Operation>, StoreError> {
+        self.list(OPERATIONS, "").await
     }
 
     /// Appends an event to a database's history (keys sort by time of insertion).
-    pub fn add_event(&self, database_id: &str, event: &Event) -> Result<(), StoreError> {
-        let seq = self.next_counter("event_seq")?;
-        self.put(EVENTS, &format!("{database_id}/{seq:020}"), event)
+    pub async fn add_event(&self, database_id: &str, event: &Event) -> Result<(), StoreError> {
+        let seq = self.next_counter("event_seq").await?;
+        self.put(EVENTS, &format!("{database_id}/{seq:020}"), event).await
     }
 
-    pub fn events(&self, database_id: &str) -> Result<Vec<Event>, StoreError> {
-        self.list(EVENTS, &format!("{database_id}/"))
+    pub async fn events(&self, database_id: &str) -> Result<Vec<Event>, StoreError> {
+        self.list(EVENTS, &format!("{database_id}/")).await
     }
 
     /// Increments and returns a persistent counter (event and operation sequences).
-    pub fn next_counter(&self, name: &str) -> Result<u64, StoreError> {
-        self.kv.next_counter(name)
+    pub async fn next_counter(&self, name: &str) -> Result<u64, StoreError> {
+        self.kv.next_counter(name).await
     }
 
-    pub fn counter(&self, name: &str) -> Result<u64, StoreError> {
-        self.kv.counter(name)
+    pub async fn counter(&self, name: &str) -> Result<u64, StoreError> {
+        self.kv.counter(name).await
     }
 
     /// A new routing epoch, greater than every earlier one, for `table` (sealed for the
     /// proxies): a counter in the embedded store; with etcd, the revision of the write of
     /// `table`, which only the leader can make, so that a control plane that lost the
     /// leadership can neither make an epoch nor hand the proxies a table.
-    pub fn next_epoch(&self, table: &[u8]) -> Result<u64, StoreError> {
-        self.kv.next_epoch(table)
+    pub async fn next_epoch(&self, table: &[u8]) -> Result<u64, StoreError> {
+        self.kv.next_epoch(table).await
     }
 }
 
@@ -206,31 +217,34 @@ mod tests {
         }
     }
 
-    #[test]
-    fn records_survive_reopening() {
+    #[tokio::test]
+    async fn records_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
         let key = dir.path().join("secret.key");
         {
-            let store = Store::open(&path, Sealer::open(&key).unwrap()).unwrap();
-            store.put_database(&record("a-1")).unwrap();
+            let store = Store::open(&path, Sealer::open(&key).unwrap()).await.unwrap();
+            store.put_database(&record("a-1")).await.unwrap();
             let mut b = record("b-2");
             b.password = "secretPasswordOfB".into();
-            store.put_database(&b).unwrap();
+            store.put_database(&b).await.unwrap();
             store
                 .add_event("a-1", &Event { at: "t".into(), kind: "k".into(), message: "m1".into() })
+                .await
                 .unwrap();
             store
                 .add_event(
                     "a-10",
                     &Event { at: "t".into(), kind: "k".into(), message: "other".into() },
                 )
+                .await
                 .unwrap();
             store
                 .add_event("a-1", &Event { at: "t".into(), kind: "k".into(), message: "m2".into() })
+                .await
                 .unwrap();
-            assert_eq!(store.next_counter("epoch").unwrap(), 1);
-            assert_eq!(store.next_counter("epoch").unwrap(), 2);
+            assert_eq!(store.next_counter("epoch").await.unwrap(), 1);
+            assert_eq!(store.next_counter("epoch").await.unwrap(), 2);
             let op = Operation {
                 id: "op-1".into(),
                 kind: "provision".into(),
@@ -240,28 +254,28 @@ mod tests {
                 error: None,
                 error_code: None,
             };
-            store.put_operation(&op).unwrap();
+            store.put_operation(&op).await.unwrap();
         }
-        let store = Store::open(&path, Sealer::open(&key).unwrap()).unwrap();
-        let ids: Vec<_> = store.databases().unwrap().into_iter().map(|d| d.id).collect();
+        let store = Store::open(&path, Sealer::open(&key).unwrap()).await.unwrap();
+        let ids: Vec<_> = store.databases().await.unwrap().into_iter().map(|d| d.id).collect();
         assert_eq!(ids, ["a-1", "b-2"]);
         let messages: Vec<_> =
-            store.events("a-1").unwrap().into_iter().map(|e| e.message).collect();
+            store.events("a-1").await.unwrap().into_iter().map(|e| e.message).collect();
         assert_eq!(messages, ["m1", "m2"]);
-        assert_eq!(store.counter("epoch").unwrap(), 2);
-        assert_eq!(store.operation("op-1").unwrap().unwrap().progress, 0.5);
-        let a = store.database("a-1").unwrap().unwrap();
+        assert_eq!(store.counter("epoch").await.unwrap(), 2);
+        assert_eq!(store.operation("op-1").await.unwrap().unwrap().progress, 0.5);
+        let a = store.database("a-1").await.unwrap().unwrap();
         assert_eq!((a.password.as_str(), a.replication_password.as_str()), ("p", "r"));
         drop(store);
         // The file never holds a password in clear text.
         let raw = std::fs::read(&path).unwrap();
         let needle = b"secretPasswordOfB";
         assert!(!raw.windows(needle.len()).any(|w| w == needle), "a password in clear text");
-        let store = Store::open(&path, Sealer::open(&key).unwrap()).unwrap();
-        assert_eq!(store.database("b-2").unwrap().unwrap().password, "secretPasswordOfB");
-        store.delete_database("a-1").unwrap();
-        assert!(store.database("a-1").unwrap().is_none());
-        assert!(store.events("a-1").unwrap().is_empty());
-        assert_eq!(store.events("a-10").unwrap().len(), 1);
+        let store = Store::open(&path, Sealer::open(&key).unwrap()).await.unwrap();
+        assert_eq!(store.database("b-2").await.unwrap().unwrap().password, "secretPasswordOfB");
+        store.delete_database("a-1").await.unwrap();
+        assert!(store.database("a-1").await.unwrap().is_none());
+        assert!(store.events("a-1").await.unwrap().is_empty());
+        assert_eq!(store.events("a-10").await.unwrap().len(), 1);
     }
 }

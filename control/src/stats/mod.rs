@@ -95,7 +95,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     loop {
-        let databases = sources.records.store.databases().unwrap_or_default();
+        let databases = sources.records.store.databases().await.unwrap_or_default();
         let round = async {
             let mut all = Vec::with_capacity(databases.len());
             for db in databases.iter().filter(|d| sampled(d)) {
@@ -178,7 +178,7 @@ pub async fn sample(
         sampled_at: now_rfc3339(),
         nodes: per_node,
         size,
-        backups: backups(records, db),
+        backups: backups(records, db).await,
         pitr,
     }
 }
@@ -201,16 +201,18 @@ async fn node_stats(
     let usage = usage.unwrap_or_default();
     let (cpu_percent, kills) = sampler.compare(&node.name, usage.cpu_ns, usage.oom_kills);
     if kills > 0 {
-        records.event(
-            &db.id,
-            "node_out_of_memory",
-            format!(
+        records
+            .event(
+                &db.id,
+                "node_out_of_memory",
+                format!(
                 "node {} used all of its {} MiB: the kernel ended {kills} of its processes, and \
                  PostgreSQL restarted its sessions",
                 node.name,
                 usage.memory.limit.map_or(0, |l| l / (1024 * 1024))
             ),
-        );
+            )
+            .await;
     }
     let Live { connections, lag: replication_lag, logical } =
         live(nodes, &spec, node.role, &db.name).await;
@@ -289,8 +291,8 @@ async fn live(
     Live { connections, lag, logical }
 }
 
-fn backups(records: &Records, db: &DatabaseRecord) -> BackupStats {
-    let backups = records.store.backups(&db.id).unwrap_or_default();
+async fn backups(records: &Records, db: &DatabaseRecord) -> BackupStats {
+    let backups = records.store.backups(&db.id).await.unwrap_or_default();
     let last = backups
         .iter()
         .filter(|b| b.status == BackupStatus::Succeeded)
