@@ -56,6 +56,17 @@ impl Leftovers {
     }
 }
 
+/// Marks database `id` running again and records why, as event `kind`.
+async fn running_again(records: &Records, id: &str, kind: &str, why: String) {
+    let _ = records
+        .update(id, |db| {
+            db.status = DatabaseStatus::Running;
+            Ok::<_, StoreError>(())
+        })
+        .await;
+    records.event(id, kind, why).await;
+}
+
 /// Starts the stopped nodes of every settled database and fails the operations a restart
 /// interrupted on them; publishes the routes. Returns once every node was started or given up.
 pub async fn adopt_nodes(platform: &Arc<Platform>, left: &Leftovers) {
@@ -108,42 +119,16 @@ pub async fn adopt_nodes(platform: &Arc<Platform>, left: &Leftovers) {
         }
         if db.status == DatabaseStatus::Updating && !resumed {
             // A change with no operation to finish: the database serves on what its nodes run.
-            let _ = platform
-                .records
-                .update(&db.id, |db| {
-                    db.status = DatabaseStatus::Running;
-                    Ok::<_, crate::state::StoreError>(())
-                })
-                .await;
-            platform
-                .records
-                .event(
-                    &db.id,
-                    "plan_change_failed",
-                    format!(
-                    "plan change interrupted by a control plane restart; the record names plan {}",
-                    db.plan
-                ),
-                )
-                .await;
+            let why = format!(
+                "plan change interrupted by a control plane restart; the record names plan {}",
+                db.plan
+            );
+            running_again(&platform.records, &db.id, "plan_change_failed", why).await;
         }
         if db.status == DatabaseStatus::Restoring {
             // Nothing of the current nodes is touched before a restore succeeded.
-            let _ = platform
-                .records
-                .update(&db.id, |db| {
-                    db.status = DatabaseStatus::Running;
-                    Ok::<_, crate::state::StoreError>(())
-                })
-                .await;
-            platform
-                .records
-                .event(
-                    &db.id,
-                    "restore_failed",
-                    "restore interrupted by a control plane restart; the database is as it was",
-                )
-                .await;
+            let why = "restore interrupted by a control plane restart; the database is as it was";
+            running_again(&platform.records, &db.id, "restore_failed", why.to_owned()).await;
         }
         let left_op = interrupted.iter().find(|o| o.database_id == db.id).cloned();
         if let Some(mut op) = left_op.filter(|_| !resumed) {
