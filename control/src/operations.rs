@@ -1,22 +1,29 @@
 //! The one way to run a long operation: record it pending, run it as a task, record its
 //! progress and its end (succeeded, or failed with a stable code and a sentence for the user,
-//! the detail in the log), count it in the metrics.
+//! the detail in the log), count it in the metrics. Operations are tasks of their own,
+//! tracked: a stop of the control plane ends them (at their next await) and waits for them, as
+//! a kill would, and the next start resumes or fails them (`server::recover`).
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pgwarden_api::control::{Operation, OperationStatus};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::error;
 
 use crate::failure::Reportable;
 use crate::metrics::Metrics;
 use crate::state::{Records, StoreError};
 
-/// Where operations are recorded and counted.
+/// Where operations are recorded and counted, and their tasks.
 #[derive(Clone)]
 pub struct Operations {
     records: Arc<Records>,
     metrics: Metrics,
+    tasks: TaskTracker,
+    stop: CancellationToken,
 }
 
 /// A running operation's handle to report progress.
@@ -37,7 +44,15 @@ impl Progress {
 
 impl Operations {
     pub fn new(records: Arc<Records>, metrics: Metrics) -> Self {
-        Self { records, metrics }
+        Self { records, metrics, tasks: TaskTracker::new(), stop: CancellationToken::new() }
+    }
+
+    /// Ends every running operation and waits for them, at most `within`; false when some did
+    /// not end in time. Operations started afterwards end at once.
+    pub async fn stop(&self, within: Duration) -> bool {
+        self.stop.cancel();
+        self.tasks.close();
+        tokio::time::timeout(within, self.tasks.wait()).await.is_ok()
     }
 
     /// Records a new operation on `database_id`, pending.
@@ -94,7 +109,8 @@ impl Operations {
         E: Reportable + Send + 'static,
     {
         let operations = self.clone();
-        tokio::spawn(async move {
+        let stop = self.stop.clone();
+        let run = async move {
             let kind = op.kind.clone();
             let mut progress = Progress { operations: operations.clone(), op };
             let start = progress.op.progress.max(0.05);
@@ -121,6 +137,12 @@ impl Operations {
                     let at = op.progress;
                     operations.update(&mut op, OperationStatus::Failed, at).await;
                 }
+            }
+        };
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = run => {}
+                () = stop.cancelled() => {}
             }
         })
     }

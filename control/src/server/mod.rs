@@ -184,6 +184,9 @@ async fn lead(
         .context("control API failed");
     background.cancel();
     tasks.close();
+    if !platform.operations.stop(BACKGROUND_STOP).await {
+        warn!("operations did not end in time");
+    }
     if tokio::time::timeout(BACKGROUND_STOP, tasks.wait()).await.is_err() {
         warn!(running = tasks.len(), "background tasks did not end in time");
     }
