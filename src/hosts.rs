@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use crate::http::{http_request_within, HttpResponse};
 use crate::netns::Lan;
+use crate::wait::wait_until_every;
 
 const HOSTS: [&str; 10] = ["e1", "e2", "e3", "db1", "db2", "db3", "cp1", "cp2", "px1", "px2"];
 pub const DB_HOSTS: [&str; 3] = ["db1", "db2", "db3"];
@@ -252,34 +253,34 @@ impl TestHosts {
 
     /// The leading control plane, once one leads.
     pub async fn wait_leader(&self, timeout: Duration) -> &'static str {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let every = Duration::from_millis(20);
+        wait_until_every("a control plane leading", timeout, every, async || {
             for host in PLANES {
                 let running = self.processes.iter().any(|(h, _)| h == host);
                 let health = Self::get(self.api(host), "/health", None).await;
                 if running && health.is_some_and(|h| h.status == 200) {
-                    return host;
+                    return Ok(host);
                 }
             }
-            assert!(Instant::now() < deadline, "no control plane leads:\n{}", self.tails(&PLANES));
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            Err(format!("none leads:\n{}", self.tails(&PLANES)))
+        })
+        .await
     }
 
     /// The active proxy, once one is.
     pub async fn wait_active_proxy(&self, timeout: Duration) -> &'static str {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let every = Duration::from_millis(20);
+        wait_until_every("an active proxy", timeout, every, async || {
             for host in PROXIES {
                 let admin = SocketAddr::from((self.lan.addr(host), ADMIN));
                 let active = Self::get(admin, "/active", None).await;
                 if active.is_some_and(|a| a.status == 200) {
-                    return host;
+                    return Ok(host);
                 }
             }
-            assert!(Instant::now() < deadline, "no active proxy:\n{}", self.tails(&PROXIES));
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            Err(format!("none active:\n{}", self.tails(&PROXIES)))
+        })
+        .await
     }
 
     /// A request to the leading control plane.

@@ -54,7 +54,10 @@ pub use planes::{live_processes, TestPlanes};
 pub use proxy::{plain_route, TestCerts, TestProxy};
 pub use relay::Relay;
 pub use tls::{connect_with_binding, tls_connect};
-pub use wait::{let_time_pass, wait_psql, wait_until, wait_until_blocking};
+pub use wait::{
+    let_time_pass, until_blocking_every, wait_psql, wait_until, wait_until_blocking,
+    wait_until_every,
+};
 
 /// The engines directory `scripts/setup.sh` fills (`PGWARDEN_ENGINES_DIR`, else
 /// `/var/cache/pgwarden/engines` for root and `~/.cache/pgwarden/engines` for others), if the

@@ -173,15 +173,14 @@ impl PgNode {
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            let every = Duration::from_millis(20);
+            let exited = crate::wait::until_blocking_every(Duration::from_secs(20), every, || {
+                child.try_wait().ok().flatten().ok_or_else(|| "running".to_owned())
+            });
+            if exited.is_err() {
+                let _ = child.kill();
+                let _ = child.wait();
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
     }
 }
@@ -337,10 +336,10 @@ pub fn postmaster_pid(data: &Path) -> Option<u32> {
 pub fn stop_immediately(data: &Path) {
     let Some(pid) = postmaster_pid(data) else { return };
     let _ = Command::new("kill").args(["-QUIT", &pid.to_string()]).status();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while postmaster_pid(data).is_some() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let every = Duration::from_millis(20);
+    let _ = crate::wait::until_blocking_every(Duration::from_secs(10), every, || {
+        postmaster_pid(data).map_or(Ok(()), |pid| Err(format!("{pid} still there")))
+    });
 }
 
 /// The `data` directories of every node under a pgwarden data dir.

@@ -16,6 +16,7 @@ use crate::etcd::TestEtcd;
 use crate::http::{http_request, http_request_within, HttpResponse};
 use crate::proxy::{TestCerts, TestProxy};
 use crate::relay::Relay;
+use crate::wait::wait_until_every;
 use crate::wait_until;
 
 pub struct Plane {
@@ -288,18 +289,18 @@ impl TestPlanes {
 
     /// Waits until one control plane leads; returns it.
     pub async fn wait_leader(&self, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let every = Duration::from_millis(10);
+        wait_until_every("a control plane leading", timeout, every, async || {
             for i in 0..self.planes.len() {
                 if self.planes[i].child.is_some()
                     && self.health(i).await.is_some_and(|h| h.status == 200)
                 {
-                    return i;
+                    return Ok(i);
                 }
             }
-            assert!(Instant::now() < deadline, "no control plane leads:\n{}", self.logs());
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            Err(format!("none leads:\n{}", self.logs()))
+        })
+        .await
     }
 
     pub fn logs(&self) -> String {

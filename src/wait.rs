@@ -12,6 +12,18 @@ const EVERY: Duration = Duration::from_millis(100);
 pub async fn wait_until<T>(
     what: &str,
     limit: Duration,
+    check: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    wait_until_every(what, limit, EVERY, check).await
+}
+
+/// As [`wait_until`], looking every `every`: for the harness's own waits on fast things (a node
+/// ready, a process gone) and for waits whose duration a test reports (a takeover), which a
+/// 100 ms step would slow or blur.
+pub async fn wait_until_every<T>(
+    what: &str,
+    limit: Duration,
+    every: Duration,
     mut check: impl AsyncFnMut() -> Result<T, String>,
 ) -> T {
     let deadline = Instant::now() + limit;
@@ -21,7 +33,7 @@ pub async fn wait_until<T>(
             Err(seen) if Instant::now() >= deadline => {
                 panic!("{what}: not within {} s; last seen: {seen}", limit.as_secs_f64())
             }
-            Err(_) => tokio::time::sleep(EVERY).await,
+            Err(_) => tokio::time::sleep(every).await,
         }
     }
 }
@@ -31,16 +43,27 @@ pub async fn wait_until<T>(
 pub fn wait_until_blocking<T>(
     what: &str,
     limit: Duration,
-    mut check: impl FnMut() -> Result<T, String>,
+    check: impl FnMut() -> Result<T, String>,
 ) -> T {
+    until_blocking_every(limit, EVERY, check).unwrap_or_else(|seen| {
+        panic!("{what}: not within {} s; last seen: {seen}", limit.as_secs_f64())
+    })
+}
+
+/// Runs `check` every `every` until it gives `Ok`, for at most `limit`; the last thing seen
+/// when it did not hold in time. For the harness's blocking waits that handle the timeout
+/// themselves (a node that would not stop is killed).
+pub fn until_blocking_every<T>(
+    limit: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
     let deadline = Instant::now() + limit;
     loop {
         match check() {
-            Ok(done) => return done,
-            Err(seen) if Instant::now() >= deadline => {
-                panic!("{what}: not within {} s; last seen: {seen}", limit.as_secs_f64())
-            }
-            Err(_) => std::thread::sleep(EVERY),
+            Ok(done) => return Ok(done),
+            Err(seen) if Instant::now() >= deadline => return Err(seen),
+            Err(_) => std::thread::sleep(every),
         }
     }
 }
