@@ -70,18 +70,53 @@ struct Agent {
     node_locks: std::sync::Mutex<std::collections::HashMap<PathBuf, Arc<std::sync::Mutex<()>>>>,
 }
 
+/// Why the agent turns a call away: a stable code, an HTTP status and a sentence.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("node {node} has directory {dir}: this agent keeps its nodes right under {nodes}")]
+    OutsideNodes { node: String, dir: String, nodes: String },
+    #[error("node {node} runs the build in {bin}, which is not installed on this host")]
+    BuildMissing { node: String, bin: String },
+    #[error(
+        "a newer control plane leads (term {newest}; this call's is {term}): it changes nothing \
+         here"
+    )]
+    StaleLeader { newest: i64, term: i64 },
+    #[error("another operation on node {0} is still running")]
+    NodeBusy(String),
+}
+
+impl Refusal {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::OutsideNodes { .. } | Self::BuildMissing { .. } => "invalid_node",
+            Self::StaleLeader { .. } => "stale_leader",
+            Self::NodeBusy(_) => "node_busy",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::OutsideNodes { .. } | Self::BuildMissing { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::StaleLeader { .. } | Self::NodeBusy(_) => StatusCode::CONFLICT,
+        }
+    }
+
+    fn answer(&self) -> Response {
+        error(self.status(), self.code(), self)
+    }
+}
+
 impl Agent {
     /// Refuses an operation of a control plane older than one already served (and records a
     /// newer one).
-    fn admit(&self, term: Option<i64>) -> Result<(), String> {
+    fn admit(&self, term: Option<i64>) -> Result<(), Refusal> {
         let Some(term) = term else { return Ok(()) };
         let mut newest = self.newest_term.lock().unwrap_or_else(|e| e.into_inner());
         if term < *newest {
-            return Err(format!(
-                "a newer control plane leads (term {}; this call's is {term}): it changes \
-                 nothing here",
-                *newest
-            ));
+            return Err(Refusal::StaleLeader { newest: *newest, term });
         }
         if term > *newest {
             *newest = term;
@@ -100,24 +135,20 @@ impl Agent {
 
     /// A node's directory must be one directory right under the agent's `nodes/`, and its
     /// build (when one is named) a directory with a PostgreSQL server.
-    fn check(&self, node: &NodeSpec) -> Result<(), String> {
+    fn check(&self, node: &NodeSpec) -> Result<(), Refusal> {
         let under = node.dir.parent() == Some(self.nodes_dir.as_path());
         let plain = node.dir.file_name().and_then(|n| n.to_str()).is_some_and(plain_name);
         if !under || !plain {
-            return Err(format!(
-                "node {} has directory {}: this agent keeps its nodes right under {}",
-                node.name,
-                node.dir.display(),
-                self.nodes_dir.display()
-            ));
+            return Err(Refusal::OutsideNodes {
+                node: node.name.clone(),
+                dir: node.dir.display().to_string(),
+                nodes: self.nodes_dir.display().to_string(),
+            });
         }
         if let Some(bin) = &node.bin {
             if !bin.join("postgres").is_file() {
-                return Err(format!(
-                    "node {} runs the build in {}, which is not installed on this host",
-                    node.name,
-                    bin.display()
-                ));
+                let bin = bin.display().to_string();
+                return Err(Refusal::BuildMissing { node: node.name.clone(), bin });
             }
         }
         Ok(())
@@ -241,8 +272,8 @@ async fn call(
     let Some(op) = Op::parse(&op) else {
         return error(StatusCode::NOT_FOUND, "unknown_operation", format!("no operation {op:?}"));
     };
-    if let Err(why) = agent.check(&call.node) {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_node", why);
+    if let Err(refused) = agent.check(&call.node) {
+        return refused.answer();
     }
     let makes_primary = match op {
         Op::Promote => true,
@@ -260,21 +291,21 @@ async fn call(
     let work = move || {
         let lock = op.changes_node().then(|| agent.node_lock(&call.node.dir));
         let _serial = match &lock {
-            Some(lock) => Some(wait_for(lock, op.bound() / 2).ok_or_else(|| {
-                let why = format!("another operation on node {} is still running", call.node.name);
-                ("node_busy", why)
-            })?),
+            Some(lock) => Some(
+                wait_for(lock, op.bound() / 2)
+                    .ok_or_else(|| Refusal::NodeBusy(call.node.name.clone()))?,
+            ),
             None => None,
         };
         if op.changes_node() {
-            agent.admit(call.term).map_err(|why| ("stale_leader", why))?;
+            agent.admit(call.term)?;
         }
-        Ok::<_, (&str, String)>(apply(&agent, op, call))
+        Ok::<_, Refusal>(apply(&agent, op, call))
     };
     match tokio::task::spawn_blocking(work).await {
-        Ok(Err((code, why))) => {
-            warn!(node, op = op.name(), "{why}");
-            error(StatusCode::CONFLICT, code, why)
+        Ok(Err(refused)) => {
+            warn!(node, op = op.name(), "{refused}");
+            refused.answer()
         }
         Ok(Ok(Ok(answer))) => Json(answer).into_response(),
         Ok(Ok(Err(e))) => {
@@ -359,8 +390,8 @@ async fn sql(
         bin: None,
         agent: None,
     };
-    if let Err(why) = agent.check(&node) {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_node", why);
+    if let Err(refused) = agent.check(&node) {
+        return refused.answer();
     }
     let Some(upgrade) = request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return error(StatusCode::BAD_REQUEST, "upgrade_required", "ask for Upgrade: pgwarden-sql");
@@ -397,8 +428,8 @@ struct DumpRequest {
 /// A custom-format dump of a database of a node, streamed with its size and SHA-256 once it
 /// is complete (a dump that fails is an error, never a short file).
 async fn dump(State(agent): State<Arc<Agent>>, Json(request): Json<DumpRequest>) -> Response {
-    if let Err(why) = agent.check(&request.node) {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_node", why);
+    if let Err(refused) = agent.check(&request.node) {
+        return refused.answer();
     }
     if !request.tools.join("pg_dump").is_file() {
         let message = format!("no pg_dump in {} on this host", request.tools.display());

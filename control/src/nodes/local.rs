@@ -36,6 +36,22 @@ const MEMORY_LIMIT_FILE: &str = "memory.limit";
 /// In a node's directory from the start of a pg_rewind to the node's next start.
 const REWIND_MARKER: &str = "rewound";
 
+/// Why a node runs without its resource container (shown with its stats).
+#[derive(Debug, thiserror::Error)]
+enum Uncontained {
+    /// This host has no usable cgroups: the sentence says why.
+    #[error("{0}")]
+    NoContainers(String),
+    #[error("the node has no memory limit in its configuration")]
+    NoLimit,
+    #[error("cannot make the node's container: {0}")]
+    Create(std::io::Error),
+    #[error("the node has no postmaster.pid")]
+    NoPostmaster,
+    #[error("cannot move process {pid} into the node's container: {source}")]
+    Enter { pid: u32, source: std::io::Error },
+}
+
 impl LocalDriver {
     /// `bin`: directory of the PostgreSQL 15 programs; `user`: OS user for nodes when root.
     pub fn new(bin: PathBuf, user: &str) -> Result<Self, DriverError> {
@@ -72,27 +88,23 @@ impl LocalDriver {
 
     /// Makes the node's container anew with the limit its configuration names, before it
     /// starts.
-    fn prepare_container(&self, node: &NodeSpec) -> Result<(), String> {
+    fn prepare_container(&self, node: &NodeSpec) -> Result<(), Uncontained> {
         if let Some(why) = self.cgroups.unavailable() {
-            return Err(why.to_owned());
+            return Err(Uncontained::NoContainers(why.to_owned()));
         }
         let limit = fs::read_to_string(node.dir.join(MEMORY_LIMIT_FILE))
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or("the node has no memory limit in its configuration")?;
-        self.cgroups
-            .create(&node.name, limit)
-            .map_err(|e| format!("cannot make the node's container: {e}"))
+            .ok_or(Uncontained::NoLimit)?;
+        self.cgroups.create(&node.name, limit).map_err(Uncontained::Create)
     }
 
     /// Moves the started postmaster, then the children it has already forked, into the node's
     /// container (the children it forks later are born there).
-    fn enter_container(&self, node: &NodeSpec) -> Result<(), String> {
-        let pid = Self::postmaster_pid(node).ok_or("the node has no postmaster.pid")?;
+    fn enter_container(&self, node: &NodeSpec) -> Result<(), Uncontained> {
+        let pid = Self::postmaster_pid(node).ok_or(Uncontained::NoPostmaster)?;
         let enter = |pid| {
-            self.cgroups
-                .enter(&node.name, pid)
-                .map_err(|e| format!("cannot move process {pid} into the node's container: {e}"))
+            self.cgroups.enter(&node.name, pid).map_err(|source| Uncontained::Enter { pid, source })
         };
         enter(pid)?;
         for child in children_of(pid) {
@@ -106,7 +118,7 @@ impl LocalDriver {
         Ok(())
     }
 
-    fn contain(&self, node: &NodeSpec, placed: Result<(), String>) {
+    fn contain(&self, node: &NodeSpec, placed: Result<(), Uncontained>) {
         let mut uncontained = self.uncontained.lock().unwrap_or_else(|e| e.into_inner());
         match placed {
             Ok(()) => {
@@ -116,7 +128,7 @@ impl LocalDriver {
                 if self.cgroups.unavailable().is_none() {
                     tracing::warn!(node = %node.name, reason = %why, "node runs without its container");
                 }
-                uncontained.insert(node.name.clone(), why);
+                uncontained.insert(node.name.clone(), why.to_string());
             }
         }
     }
