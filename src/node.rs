@@ -197,12 +197,38 @@ pub fn free_port() -> u16 {
 }
 
 /// A first port for a control plane's nodes, which it allocates upwards from there: a block of
-/// 40 below the kernel's ephemeral range (where `free_port` and client sockets land), chosen by
-/// process id, so that control planes of tests running at the same time (each test is a
-/// process of its own) do not hand out the same ports.
+/// 40 below the kernel's ephemeral range (where `free_port` and client sockets land), claimed
+/// by this process for its lifetime, so that tests running at the same time (each test is a
+/// process of its own) never get the same block. The search starts at a block chosen by
+/// process id; a block is this process's while it holds an exclusive lock on the block's file
+/// (the kernel releases it when the process ends, however it ends). Two test processes whose
+/// ids were equal modulo the number of blocks once got the same block: `pgwarden up` found its
+/// API port taken and exited (control_up, in a full suite run).
 pub fn node_port_block() -> u16 {
-    let blocks = 550; // 10 000 to 32 000
-    10_000 + (std::process::id() % blocks) as u16 * 40
+    static BLOCK: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *BLOCK.get_or_init(|| {
+        const BLOCKS: u32 = 550; // 10 000 to 32 000
+        let dir = std::env::temp_dir().join("pgwarden-port-blocks");
+        fs::create_dir_all(&dir).expect("port block directory");
+        let first = std::process::id() % BLOCKS;
+        for n in (0..BLOCKS).map(|i| (first + i) % BLOCKS) {
+            let Ok(file) = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(n.to_string()))
+            else {
+                continue;
+            };
+            let exclusive = rustix::fs::FlockOperation::NonBlockingLockExclusive;
+            if rustix::fs::flock(&file, exclusive).is_ok() {
+                // Held until the process ends.
+                std::mem::forget(file);
+                return 10_000 + n as u16 * 40;
+            }
+        }
+        panic!("every port block is taken by a running test")
+    })
 }
 
 /// The initialized data directory every node copies, made once (atomically) per machine.
