@@ -24,8 +24,11 @@ struct Up {
     lines: Vec<String>,
 }
 
-/// Runs `pgwarden up` and reads its stdout until the summary block is complete.
+/// Runs `pgwarden up` and reads its stdout until the summary block is complete. Its stderr
+/// goes to `up.stderr` beside the data dir, told when it printed no summary.
 fn up(dir: &Path, ports: &[u16; 6]) -> Up {
+    let stderr_path = dir.join("up.stderr");
+    let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_path).unwrap();
     let mut child = Command::new(workspace_bin("pgwarden"))
         .arg("--data-dir")
         .arg(dir.join("pw"))
@@ -39,7 +42,7 @@ fn up(dir: &Path, ports: &[u16; 6]) -> Up {
         ])
         .args(["--first-node-port", &ports[4].to_string()])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -57,7 +60,15 @@ fn up(dir: &Path, ports: &[u16; 6]) -> Up {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => lines.push(line),
-            Err(_) => panic!("pgwarden up printed no summary: {lines:?}"),
+            Err(_) => {
+                let said = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                let tail: Vec<&str> = said.lines().rev().take(30).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "pgwarden up printed no summary: {lines:?}\nits stderr:\n{}",
+                    tail.join("\n")
+                )
+            }
         }
     }
     Up { child, lines }
