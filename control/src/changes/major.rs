@@ -17,14 +17,14 @@
 //! The hold has a budget: past it the swap is abandoned, the old database takes sessions
 //! again, the routes never moved, and the operation fails with the reason. Every failure before
 //! the swap removes the new cluster and what the upgrade made on the old one; a control plane
-//! restart in the middle does the same (`rollback_interrupted`). PITR starts a new window on the
+//! restart in the middle does the same (`retired::rollback_interrupted`). PITR starts a new window on the
 //! new cluster; the old archive is set aside.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgwarden_api::control::{DatabaseStatus, Operation, OperationStatus};
+use pgwarden_api::control::DatabaseStatus;
 use time::OffsetDateTime;
 use tracing::{error, warn};
 
@@ -43,7 +43,7 @@ use crate::nodes::sql::{Session, Timeouts};
 use crate::nodes::{roles, NodeSpec, Nodes};
 use crate::operations::Progress;
 use crate::pitr::{base_dir, pitr_plan, wal_dir, Heartbeats};
-use crate::state::{DatabaseRecord, MajorUpgrade, NodeRecord, Records, RetiredCluster, StoreError};
+use crate::state::{DatabaseRecord, MajorUpgrade, NodeRecord, Records, RetiredCluster};
 use crate::{plans, secrets, wait};
 
 /// How long new sessions may be held for the swap unless the request says otherwise.
@@ -688,7 +688,7 @@ async fn undo_on_old(
     }
 }
 
-async fn stop_nodes(nodes: &Nodes, list: &[NodeRecord]) {
+pub(super) async fn stop_nodes(nodes: &Nodes, list: &[NodeRecord]) {
     for node in list {
         let (driver, spec) = (&nodes.driver, NodeSpec::of(node));
         if !driver.is_running(&spec).await {
@@ -717,7 +717,7 @@ fn set_archive_aside(backup_dir: &Path, id: &str, op: &str) {
 
 /// Removes the new cluster of an upgrade that did not swap, and what it made on the old
 /// primary; the record forgets the upgrade.
-async fn clean_up(records: &Records, nodes: &Nodes, id: &str) {
+pub(super) async fn clean_up(records: &Records, nodes: &Nodes, id: &str) {
     let Ok(Some(db)) = records.store.database(id).await else { return };
     let Some(upgrade) = db.upgrade.clone() else { return };
     // The new nodes first: the subscription's walsender on the old primary goes with them.
@@ -746,84 +746,4 @@ async fn clean_up(records: &Records, nodes: &Nodes, id: &str) {
             ),
         )
         .await;
-}
-
-/// A major upgrade a control plane restart cut before its swap: rolled back, its operation
-/// failed with the reason.
-pub fn rollback_interrupted(changes: &Changes, id: String, op: Option<Operation>) {
-    let changes = changes.clone();
-    tokio::spawn(async move {
-        clean_up(&changes.records, &changes.nodes, &id).await;
-        let _ = set_status(&changes.records, &id, DatabaseStatus::Running).await;
-        if let Some(mut op) = op {
-            op.error = Some(
-                "interrupted by a control plane restart; rolled back: the database stays on its \
-                 current cluster"
-                    .into(),
-            );
-            let at = op.progress;
-            changes.operations.update(&mut op, OperationStatus::Failed, at).await;
-        }
-    });
-}
-
-/// Keeps retired clusters stopped and removes them when their rollback window ends; rolls back
-/// an upgrade its control plane left behind without an operation. Runs until `shutdown`.
-pub async fn supervise_retired(changes: Changes, shutdown: tokio_util::sync::CancellationToken) {
-    loop {
-        for db in changes.records.store.databases().await.unwrap_or_default() {
-            if db.upgrade.is_some()
-                && db.status == DatabaseStatus::Running
-                && !changes.claims.busy(&db.id)
-            {
-                clean_up(&changes.records, &changes.nodes, &db.id).await;
-            }
-            let now = OffsetDateTime::now_utc();
-            for cluster in &db.retired {
-                let due = OffsetDateTime::parse(
-                    &cluster.remove_after,
-                    &time::format_description::well_known::Rfc3339,
-                )
-                .is_ok_and(|t| t <= now);
-                if !due {
-                    stop_nodes(&changes.nodes, &cluster.nodes).await;
-                    continue;
-                }
-                let mut removed = true;
-                for node in &cluster.nodes {
-                    let (driver, spec) = (&changes.nodes.driver, NodeSpec::of(node));
-                    if let Err(e) = driver.destroy(&spec).await {
-                        warn!(node = %node.name, error = %e, "cannot remove a retired node");
-                        removed = false;
-                    }
-                }
-                if removed {
-                    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
-                    let _ = changes
-                        .records
-                        .update(&db.id, |db| {
-                            db.retired.retain(|r| r.remove_after != cluster.remove_after);
-                            Ok::<_, StoreError>(())
-                        })
-                        .await;
-                    changes
-                        .records
-                        .event(
-                            &db.id,
-                            "old_cluster_removed",
-                            format!(
-                                "the PostgreSQL {} nodes {} were removed (rollback window over)",
-                                cluster.version,
-                                names.join(", ")
-                            ),
-                        )
-                        .await;
-                }
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(2)) => {}
-            () = shutdown.cancelled() => return,
-        }
-    }
 }

@@ -1,11 +1,12 @@
 //! Changes of a running database that keep it serving: plan changes (`plan.rs`), minor
 //! engine upgrades (`upgrade.rs`, which rolls the same way) and major ones (`major.rs`, onto a
-//! new cluster through logical replication). They build on
+//! new cluster through logical replication; what it leaves behind is `retired.rs`). They build on
 //! `lifecycle/` (standbys) and `ha/` (switchover).
 
 pub mod major;
 pub mod plan;
 pub mod resume;
+pub mod retired;
 pub mod upgrade;
 
 use std::path::PathBuf;

@@ -9,7 +9,7 @@
 //! - lowering: the primary first under a hold, then each standby once it replayed the primary's
 //!   record of the lower value.
 //!
-//! A major upgrade cut before its swap is rolled back instead (`major::rollback_interrupted`):
+//! A major upgrade cut before its swap is rolled back instead (`retired::rollback_interrupted`):
 //! the old cluster never stopped serving.
 //!
 //! Nodes already on the target restart once more: simpler than finding out which are, and a
@@ -47,7 +47,7 @@ pub async fn resume_interrupted(with: &Changes, changes: Vec<Interrupted>) {
         if major {
             // A major upgrade before its swap: the old cluster still serves; the new one goes.
             tracing::warn!(database = %id, operation = %op.id, "rolling back an interrupted major upgrade");
-            super::major::rollback_interrupted(with, id, Some(op));
+            super::retired::rollback_interrupted(with, id, Some(op));
             continue;
         }
         let Some(claim) = with.claims.try_planned(&id) else {

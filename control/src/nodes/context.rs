@@ -90,6 +90,11 @@ impl Nodes {
         Session::open_over(&node.name, tunnel, database, timeouts).await
     }
 
+    /// Stops `node` if needed and deletes everything it had.
+    pub async fn destroy(&self, node: &NodeRecord) -> super::driver::Done {
+        self.driver.destroy(&NodeSpec::of(node)).await
+    }
+
     /// The configuration of `node` of `db` (see `nodes::config`).
     pub fn config(
         &self,

@@ -1,6 +1,9 @@
-//! PostgreSQL nodes: the driver interface (`driver.rs`) and its local implementation
-//! (`local.rs`, each node in a resource container of its own: `cgroup.rs`), the configuration the control plane writes into a node (`config.rs`), where new
-//! nodes go (`placement.rs`) and their ports (`ports.rs`), and SQL sessions on a node, always bounded in time (`sql.rs`).
+//! PostgreSQL nodes: the driver interface (`driver.rs`); its local implementation
+//! (`local.rs`, blocking, each node in a resource container of its own: `cgroup.rs`) and the
+//! async face the control plane uses for it (`this_host.rs`); the configuration the control
+//! plane writes into a node (`config.rs`); where new nodes go (`placement.rs`) and their ports
+//! (`ports.rs`); SQL sessions on a node, always bounded in time (`sql.rs`); and `Nodes`
+//! (`context.rs`), what workflows reach nodes with.
 
 pub mod cgroup;
 pub mod config;
@@ -12,6 +15,7 @@ pub mod placement;
 pub mod ports;
 pub mod roles;
 pub mod sql;
+pub mod this_host;
 
 pub use context::{Nodes, Tunnels};
 pub use driver::{

@@ -23,7 +23,8 @@ use tracing::{info, warn};
 
 use crate::api::{self, ApiState};
 use crate::coord::{Etcd, Leadership};
-use crate::nodes::local::{LocalDriver, ThisHost};
+use crate::nodes::local::LocalDriver;
+use crate::nodes::this_host::ThisHost;
 use crate::pitr::Heartbeats;
 use crate::platform::{Parts, Platform, PlatformConfig};
 use crate::state::kv::{Kv, RedbKv};
@@ -126,7 +127,7 @@ async fn lead(
         tasks.clone(),
     ));
     tasks.spawn(crate::routing::refresh::keep_fresh(platform.refresh(), background.child_token()));
-    tasks.spawn(crate::changes::major::supervise_retired(
+    tasks.spawn(crate::changes::retired::supervise_retired(
         platform.changes(),
         background.child_token(),
     ));
