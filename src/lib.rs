@@ -42,7 +42,7 @@ pub use clients::{
 pub use control::TestControl;
 pub use etcd::TestEtcd;
 pub use hosts::{TestHosts, DB_HOSTS};
-pub use http::{http_request, HttpResponse};
+pub use http::{http_request, http_request_within, HttpResponse};
 pub use load::{assert_no_failed, lost_writes, median_max, Ack, Connector, Writer};
 pub use netns::Lan;
 pub use node::{

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use pgwarden_e2e::wait_until;
 use pgwarden_e2e::TestControl;
+use pgwarden_e2e::{let_time_pass, wait_until};
 use serde_json::{json, Value};
 use tokio_postgres::NoTls;
 
@@ -244,4 +244,39 @@ async fn a_node_that_runs_out_of_memory_is_contained_and_the_event_recorded() {
     .await;
     let after = stats(&control, &id).await;
     assert!(u(&after["nodes"][0]["memory"]["highest"]) <= 256 * MIB, "{after:#}");
+}
+
+/// While nothing happens, the platform opens no PostgreSQL session on its nodes: health checks,
+/// stats samples, verifier reads, the PITR window and its heartbeats all run on sessions it
+/// keeps open (issue 26: a session per check and per sample kept a machine with hundreds of
+/// databases busy doing nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_platform_opens_no_session_on_its_nodes() {
+    let control = TestControl::start_sampling(Duration::from_secs(1)).await;
+    let (_, sandbox, _) = control.create_routed_database("quiet", "postgresql-sandbox").await;
+    let (_, business, _) = control.create_routed_database("calm", "postgresql-business-512").await;
+    control.wait_synchronous(&business, "synchronous replication").await;
+    // The first base backup (a replication connection of its own) is behind us, and both
+    // databases have been sampled.
+    control.wait_event(&business, "base_backup").await;
+    for id in [&sandbox, &business] {
+        wait_stats(&control, id, "a sample", |s| s["nodes"][0]["memory"].is_object()).await;
+    }
+    let mut dbs = Vec::new();
+    for id in [&sandbox, &business] {
+        dbs.push(control.request("GET", &format!("/v1/databases/{id}"), None).await.json());
+    }
+    let nodes: usize = dbs.iter().map(|db| db["nodes"].as_array().unwrap().len()).sum();
+    let sessions = || -> i64 {
+        let sql = "SELECT sum(sessions) FROM pg_stat_database";
+        let each = dbs.iter().flat_map(|db| control.sql_on_every_node(db, sql));
+        each.map(|n| n.parse::<i64>().unwrap()).sum()
+    };
+    let before = sessions();
+    // Time has to pass for the platform to do its rounds: 12 checks of the business primary,
+    // 6 stats samples, 3 verifier reads, 6 heartbeats.
+    let_time_pass(Duration::from_secs(6)).await;
+    let after = sessions();
+    // The sessions that read `before` (one per node) ended in between; nothing else did.
+    assert_eq!(after - before, nodes as i64, "sessions opened in 6 idle seconds");
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use pgwarden_e2e::{
     free_port, http_request, node_data_dirs, node_port_block, postmaster_pid, psql,
-    stop_immediately, wait_psql, wait_until, workspace_bin, TestProxy,
+    stop_immediately, wait_psql, wait_until, wait_until_blocking, workspace_bin, TestProxy,
 };
 use pgwarden_proxy::config::Limits;
 
@@ -632,4 +632,66 @@ async fn a_restarted_proxy_gets_the_current_routes() {
     control.proxy = TestProxy::start_at(addr, admin, Limits::default(), Some(files)).await;
     control.wait_routed(&name, true).await;
     assert!(psql(&url, None, "SELECT 1").success);
+}
+
+/// A control plane frozen (SIGSTOP) for a few seconds, three times, fails no healthy primary
+/// over: once it runs again, its late checks count neither for nor against the primary
+/// (issue 26: on an overloaded machine, the watcher took its own starvation for a dead
+/// primary).
+#[test]
+fn a_control_plane_frozen_for_seconds_fails_no_healthy_primary_over() {
+    let dir = data_dir();
+    let block = node_port_block();
+    let ports = [block, block + 1, block + 2, block + 3, block + 10, block + 4];
+    let mut cleanup = Cleanup(dir.path().join("pw"), vec![]);
+    let mut platform = up(dir.path(), &ports);
+    cleanup.1.push(platform.child.id());
+    let id_line = platform.lines.iter().find(|l| l.trim().starts_with("ID: ")).expect("ID line");
+    let id = id_line.trim().trim_start_matches("ID: ").to_owned();
+    let token = std::fs::read_to_string(dir.path().join("pw/token")).unwrap();
+    let api: std::net::SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
+    let get = |path: &str| {
+        let answer = http_request(api, "GET", path, Some(token.trim()), None).unwrap();
+        assert_eq!(answer.status, 200, "{path}: {}", answer.body);
+        answer.json()
+    };
+    let primary_of = |db: &serde_json::Value| {
+        let nodes = db["nodes"].as_array().cloned().unwrap_or_default();
+        nodes.into_iter().find(|n| n["role"] == "primary").map(|n| n["name"].clone())
+    };
+    // Watched and synchronous: a failover could happen.
+    let db = wait_until_blocking("synchronous replication", Duration::from_secs(60), || {
+        let db = get(&format!("/v1/databases/{id}"));
+        if db["replication"] == "synchronous" {
+            Ok(db)
+        } else {
+            Err(db.to_string())
+        }
+    });
+    let primary = primary_of(&db).expect("a primary");
+    let pid = platform.child.id();
+    for _ in 0..3 {
+        signal(pid, "-STOP");
+        // The freeze itself: time has to pass with the control plane stopped.
+        std::thread::sleep(Duration::from_secs(3));
+        signal(pid, "-CONT");
+        // Its checks run again, late at first (10 checks' worth).
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    let events = get(&format!("/v1/databases/{id}/events"));
+    let suspicious: Vec<&serde_json::Value> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            let kind = e["kind"].as_str().unwrap_or_default();
+            kind.starts_with("failover") || kind == "primary_unreachable"
+        })
+        .collect();
+    assert!(suspicious.is_empty(), "{suspicious:?}");
+    assert_eq!(primary_of(&get(&format!("/v1/databases/{id}"))), Some(primary));
+    let out = psql(&url_of(&platform), None, "SELECT 1");
+    assert!(out.success, "{}", out.stderr);
+    signal(pid, "-INT");
+    assert!(wait_exit(&mut platform.child, Duration::from_secs(60)).success());
 }

@@ -13,7 +13,7 @@ use super::{Op, SQL_PROTOCOL};
 use crate::httpc::{self, HttpError, Timeouts};
 use crate::nodes::context::{ByteStream, Opening, Tunnels};
 use crate::nodes::driver::{
-    Call, Done, DriverError, NodeConfig, NodeDriver, NodeResources, NodeSpec, Upstream,
+    Call, DiskUsage, Done, DriverError, NodeConfig, NodeDriver, NodeResources, NodeSpec, Upstream,
 };
 
 const CONNECT: Duration = Duration::from_secs(3);
@@ -64,6 +64,16 @@ impl RemoteDriver {
 
     fn agent(node: &NodeSpec) -> Result<&str, DriverError> {
         node.agent.as_deref().ok_or_else(|| DriverError::NoAgent(node.name.clone()))
+    }
+
+    /// Figures `op` reads on `node`'s host; none (their default) when the agent cannot answer.
+    async fn figures<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        op: Op,
+        node: &NodeSpec,
+    ) -> T {
+        let answer = self.call(op, node, None, None).await.ok();
+        answer.and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default()
     }
 
     async fn call(
@@ -321,13 +331,11 @@ impl NodeDriver for RemoteDriver {
     }
 
     fn resources<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, NodeResources> {
-        Box::pin(async move {
-            self.call(Op::Resources, node, None, None)
-                .await
-                .ok()
-                .and_then(|v| serde_json::from_value(v).ok())
-                .unwrap_or_default()
-        })
+        Box::pin(self.figures(Op::Resources, node))
+    }
+
+    fn disk<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, DiskUsage> {
+        Box::pin(self.figures(Op::Disk, node))
     }
 }
 
@@ -456,5 +464,9 @@ impl NodeDriver for Placed {
 
     fn resources<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, NodeResources> {
         self.of(node).resources(node)
+    }
+
+    fn disk<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, DiskUsage> {
+        self.of(node).disk(node)
     }
 }

@@ -76,10 +76,12 @@ pub enum Op {
     LogTail,
     Destroy,
     Resources,
+    /// What the node's files take on disk.
+    Disk,
 }
 
 impl Op {
-    pub const ALL: [Op; 15] = [
+    pub const ALL: [Op; 16] = [
         Op::Init,
         Op::InitStandby,
         Op::Configure,
@@ -95,6 +97,7 @@ impl Op {
         Op::LogTail,
         Op::Destroy,
         Op::Resources,
+        Op::Disk,
     ];
 
     pub fn name(self) -> &'static str {
@@ -114,13 +117,14 @@ impl Op {
             Op::LogTail => "log-tail",
             Op::Destroy => "destroy",
             Op::Resources => "resources",
+            Op::Disk => "disk",
         }
     }
 
     /// Whether it changes the node: such operations run one at a time per node, and only for
     /// the newest leader. Fencing is not one: it must never wait (it kills, whatever runs).
     pub fn changes_node(self) -> bool {
-        !matches!(self, Op::IsRunning | Op::Fence | Op::LogTail | Op::Resources)
+        !matches!(self, Op::IsRunning | Op::Fence | Op::LogTail | Op::Resources | Op::Disk)
     }
 
     pub fn parse(name: &str) -> Option<Op> {

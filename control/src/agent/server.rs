@@ -372,6 +372,7 @@ fn apply(agent: &Agent, op: Op, call: Call) -> Result<Value, DriverError> {
         Op::LogTail => json!(driver.log_tail(node)),
         Op::Destroy => json!(driver.destroy(node)?),
         Op::Resources => serde_json::to_value(driver.resources(node))?,
+        Op::Disk => serde_json::to_value(driver.disk(node))?,
     })
 }
 

@@ -13,7 +13,7 @@ use pgwarden_api::control::{
 };
 
 use super::error::ApiError;
-use super::view::view;
+use super::view::{listed, view};
 use super::{body, load, require_running, AppState};
 use crate::changes::{major, plan, upgrade};
 use crate::failure::Reportable;
@@ -160,7 +160,7 @@ pub async fn engines(State(state): AppState) -> Json<Vec<Engine>> {
 pub async fn list(State(state): AppState) -> Result<Json<Vec<Database>>, ApiError> {
     let mut out = Vec::new();
     for db in state.platform.records.store.databases().await? {
-        out.push(view(&state.platform, &db).await);
+        out.push(listed(&state.platform, &db).await);
     }
     Ok(Json(out))
 }

@@ -78,6 +78,12 @@ impl Drop for ChangeGuard {
 impl PrimaryChanges {
     fn slot(&self, id: &str) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if !slots.contains_key(id) {
+            // A slot no guard holds has nothing to remember (a guard clears its claim when it
+            // drops): such slots go as new ones come, so the map follows the databases being
+            // changed, not every database there ever was.
+            slots.retain(|_, slot| Arc::strong_count(slot) > 1);
+        }
         Arc::clone(slots.entry(id.to_owned()).or_default())
     }
 
@@ -91,14 +97,19 @@ impl PrimaryChanges {
         Some(ChangeGuard { slot, cancel, claim, _lock: lock })
     }
 
+    /// `id`'s slot if it has one (asking makes none).
+    fn existing(&self, id: &str) -> Option<Arc<Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+
     /// Whether a primary change of `id` is running.
     pub fn busy(&self, id: &str) -> bool {
-        self.slot(id).lock.try_lock().is_err()
+        self.existing(id).is_some_and(|slot| slot.lock.try_lock().is_err())
     }
 
     /// Whether a planned change stopped `id`'s primary on purpose (and still runs).
     pub fn primary_stopped_on_purpose(&self, id: &str) -> bool {
-        let slot = self.slot(id);
+        let Some(slot) = self.existing(id) else { return false };
         let planned = slot.planned.lock().unwrap_or_else(|e| e.into_inner());
         planned.as_ref().is_some_and(|p| p.primary_stopped && !p.cancel.is_cancelled())
     }
@@ -155,6 +166,22 @@ mod tests {
     }
 
     /// Polls a future once: `Some` if it is ready.
+    #[test]
+    fn slots_no_guard_holds_are_forgotten() {
+        let changes = PrimaryChanges::default();
+        let held = changes.try_planned("a").expect("claimed");
+        for id in ["b", "c", "d"] {
+            drop(changes.try_planned(id).expect("claimed"));
+        }
+        assert!(!changes.busy("never-claimed"), "asking makes no slot");
+        let _e = changes.try_planned("e").expect("claimed");
+        let kept: Vec<String> = changes.slots.lock().unwrap().keys().cloned().collect();
+        assert_eq!(kept.len(), 2, "the held one and the new one: {kept:?}");
+        assert!(changes.busy("a"));
+        drop(held);
+        assert!(!changes.busy("a"));
+    }
+
     async fn futures_poll<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
         tokio::select! {
             biased;

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pgwarden_api::control::DatabaseStatus;
 use tokio::task::JoinHandle;
@@ -15,7 +15,8 @@ use super::failover::failover;
 use super::rejoin::rejoin;
 use super::{Ha, HealthConfig};
 use crate::metrics::Metrics;
-use crate::nodes::sql::{SqlError, Timeouts};
+use crate::nodes::kept::Purpose;
+use crate::nodes::sql::{Session, SqlError, Timeouts};
 use crate::nodes::{NodeSpec, Nodes};
 use crate::state::{DatabaseRecord, NodeRecord, Records, StoreError};
 
@@ -47,6 +48,27 @@ pub async fn supervise(ha: Ha, shutdown: CancellationToken, tasks: TaskTracker) 
             () = tokio::time::sleep(ha.health.interval) => {}
             () = shutdown.cancelled() => return,
         }
+    }
+}
+
+/// How punctual a check was: how late its tick woke the watcher, and how long it took.
+struct Punctuality {
+    late: Duration,
+    took: Duration,
+}
+
+/// Lateness beyond which the control plane, not the node, is taken to be slow.
+const LATE: Duration = Duration::from_millis(100);
+
+impl Punctuality {
+    /// Whether a check that failed with `error` counts against the primary. A refusal or a
+    /// closed connection always does. A timeout counts only when the control plane ran on
+    /// time: its tick woke it within [`LATE`] and the check ended within [`LATE`] of its
+    /// bounds (a connection, then a statement, each within the health timeout). On an
+    /// overloaded machine both come late, and a primary that did not answer within the
+    /// timeout may only have waited for a CPU.
+    fn counts(&self, error: &CheckError, health: &HealthConfig) -> bool {
+        !error.timed_out() || (self.late <= LATE && self.took <= health.timeout * 2 + LATE)
     }
 }
 
@@ -121,7 +143,12 @@ async fn watch(ha: &Ha, id: &str) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
     loop {
-        ticks.tick().await;
+        // The tick's lateness: how long after it was due (or after this pass began waiting,
+        // when it was due already) the runtime woke this task.
+        let waiting_from = tokio::time::Instant::now();
+        let scheduled = ticks.tick().await;
+        let late =
+            tokio::time::Instant::now().saturating_duration_since(scheduled.max(waiting_from));
         let Ok(Some(db)) = ha.records.store.database(id).await else { return };
         if db.nodes.len() < 2 {
             return; // No standby any more (a plan change to a single-node plan).
@@ -135,7 +162,10 @@ async fn watch(ha: &Ha, id: &str) {
             continue;
         }
         let Some(primary) = db.primary().cloned() else { continue };
-        match check_primary(&ha.nodes, &ha.health, &primary).await {
+        let started = Instant::now();
+        let checked = check_primary(&ha.nodes, &ha.health, &primary).await;
+        let punctual = Punctuality { late, took: started.elapsed() };
+        match checked {
             Ok(state) => {
                 failures = 0;
                 last_lag = state.lags();
@@ -168,6 +198,13 @@ async fn watch(ha: &Ha, id: &str) {
                     });
                 }
             }
+            Err(e) if !punctual.counts(&e, &health) => {
+                // The control plane ran late (an overloaded machine): a check that timed out
+                // says nothing of the primary. Neither a failure nor a success.
+                info!(database = id, node = %primary.name, late_ms = punctual.late.as_millis(),
+                    took_ms = punctual.took.as_millis(), error = %e,
+                    "primary check inconclusive: the control plane ran late");
+            }
             Err(e) => {
                 failures += 1;
                 debug!(database = id, node = %primary.name, failures, error = %e, "primary check failed");
@@ -192,24 +229,55 @@ async fn watch(ha: &Ha, id: &str) {
     }
 }
 
+/// Why a check of the primary failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CheckError {
+    #[error(transparent)]
+    Sql(#[from] SqlError),
+    /// Its postmaster is stopped (SIGSTOP) or a zombie: sessions open on it still answer, new
+    /// ones cannot start.
+    #[error("the postmaster of node {node} is not running (process state {state})")]
+    PostmasterStopped { node: String, state: char },
+}
+
+impl CheckError {
+    /// The check ran out of time (as opposed to being refused or answered).
+    fn timed_out(&self) -> bool {
+        matches!(self, CheckError::Sql(SqlError::Timeout { .. }))
+    }
+}
+
+/// Checks `primary` on the session kept for health checks: one round trip that reads its WAL
+/// position, each streaming standby's, and its postmaster's process state (a check on an open
+/// session would not see a frozen postmaster, which starts no new session).
 pub(crate) async fn check_primary(
     nodes: &Nodes,
     health: &HealthConfig,
     primary: &NodeRecord,
-) -> Result<PrimaryState, SqlError> {
+) -> Result<PrimaryState, CheckError> {
     let timeouts = Timeouts::within(health.timeout);
     let spec = NodeSpec::of(primary);
-    let session = nodes.session_within(&spec, "postgres", timeouts).await?;
-    // One round trip: the primary's position, and each streaming standby's (none: one row of
-    // NULLs).
-    let rows = session
-        .query(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8, r.application_name, \
-             coalesce(pg_wal_lsn_diff(r.flush_lsn, '0/0'), 0)::int8 \
-             FROM (SELECT 1) AS one LEFT JOIN pg_stat_replication AS r ON r.state = 'streaming'",
-            &[],
-        )
-        .await?;
+    // One row of NULLs for the standbys when none streams.
+    let query = async |session: &Session| {
+        session
+            .query(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8, r.application_name, \
+                 coalesce(pg_wal_lsn_diff(r.flush_lsn, '0/0'), 0)::int8, one.postmaster \
+                 FROM (SELECT pg_read_file('/proc/' || \
+                   split_part(pg_read_file('postmaster.pid'), E'\\n', 1) || '/stat') AS postmaster) \
+                   AS one \
+                 LEFT JOIN pg_stat_replication AS r ON r.state = 'streaming'",
+                &[],
+            )
+            .await
+    };
+    let rows = nodes.read_kept(&spec, Purpose::Health, timeouts, query).await?;
+    let postmaster: Option<String> = rows.first().and_then(|r| r.get(3));
+    if let Some(state) = postmaster.as_deref().and_then(process_state) {
+        if matches!(state, 'T' | 't' | 'Z' | 'X') {
+            return Err(CheckError::PostmasterStopped { node: primary.name.clone(), state });
+        }
+    }
     let written: i64 = rows.first().map_or(0, |r| r.get(0));
     let standbys = rows
         .iter()
@@ -220,6 +288,12 @@ pub(crate) async fn check_primary(
         })
         .collect();
     Ok(PrimaryState { written, standbys })
+}
+
+/// The state letter of a `/proc/<pid>/stat` line (after the command name, which may hold
+/// spaces and parentheses).
+fn process_state(stat: &str) -> Option<char> {
+    stat.rsplit_once(')')?.1.split_whitespace().next()?.chars().next()
 }
 
 /// Degrades to asynchronous commits when the standby is gone; makes them synchronous again
@@ -396,5 +470,34 @@ async fn restart_stopped_standbys(records: &Records, nodes: &Nodes, db: &Databas
                     .await
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout() -> CheckError {
+        CheckError::Sql(SqlError::Timeout { node: "n".into(), after: Duration::from_millis(400) })
+    }
+
+    #[test]
+    fn a_timeout_counts_only_when_the_control_plane_ran_on_time() {
+        let health = HealthConfig::default();
+        let on_time = Punctuality { late: Duration::from_millis(3), took: health.timeout };
+        assert!(on_time.counts(&timeout(), &health));
+        let late_tick = Punctuality { late: Duration::from_millis(700), took: health.timeout };
+        assert!(!late_tick.counts(&timeout(), &health), "woken 700 ms late");
+        let slow = Punctuality { late: Duration::ZERO, took: Duration::from_secs(3) };
+        assert!(!slow.counts(&timeout(), &health), "a 400 ms bound that fired after 3 s");
+        let stopped = CheckError::PostmasterStopped { node: "n".into(), state: 'T' };
+        assert!(slow.counts(&stopped, &health), "an answer is evidence however late");
+    }
+
+    #[test]
+    fn the_process_state_follows_the_last_parenthesis() {
+        assert_eq!(process_state("4242 (postgres) T 1 4242 4242 0 -1"), Some('T'));
+        assert_eq!(process_state("7 (a (b) c) S 1 7"), Some('S'));
+        assert_eq!(process_state("garbage"), None);
     }
 }

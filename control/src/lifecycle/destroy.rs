@@ -8,7 +8,7 @@ use pgwarden_api::control::{DatabaseStatus, NodeRole, Operation};
 
 use super::{Lifecycle, LifecycleError};
 use crate::failure::{Failure, Reportable};
-use crate::nodes::{NodeError, NodeSpec, Nodes};
+use crate::nodes::{NodeError, Nodes};
 use crate::routing::Routing;
 use crate::state::{Records, StoreError};
 use crate::storage::BackupStorage;
@@ -50,8 +50,7 @@ async fn destroy(
     order.extend(db.upgrade.iter().flat_map(|u| u.nodes.iter().cloned()));
     order.extend(db.retired.iter().flat_map(|r| r.nodes.iter().cloned()));
     for node in order {
-        let (driver, spec) = (&nodes.driver, NodeSpec::of(&node));
-        driver.destroy(&spec).await?;
+        nodes.destroy(&node).await?;
     }
     let storage = backups.clone();
     let key = id.to_owned();

@@ -52,8 +52,7 @@ async fn provision(
     let plan = plans::find(&db.plan).ok_or_else(|| LifecycleError::UnknownPlan(db.plan.clone()))?;
     // Start from a clean slate: a provisioning interrupted earlier may have left nodes behind.
     for node in std::mem::take(&mut db.nodes) {
-        let (driver, spec) = (&nodes.driver, NodeSpec::of(&node));
-        driver.destroy(&spec).await?;
+        nodes.destroy(&node).await?;
     }
     db.nodes = placement::new_nodes(
         &nodes.hosts,

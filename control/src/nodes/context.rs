@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::config::{node_config, ConfigError};
 use super::engines::Engines;
+use super::kept::{spoils_session, Kept, Purpose};
 use super::placement::Hosts;
 use super::ports::Ports;
 use super::sql::{Session, SqlError, Timeouts};
@@ -54,7 +55,13 @@ pub struct Nodes {
     /// With control planes on etcd: the connection, where the agents' leases live (an agent
     /// cut off from it fences its host's primaries).
     pub etcd: Option<Etcd>,
+    /// Sessions kept open for the reads the platform repeats (`kept.rs`).
+    pub kept: Kept,
 }
+
+/// How long the node lets a statement of a kept session for [`Purpose::Reads`] run (each
+/// read has its own, shorter or not, bound on the client's side).
+const READS_STATEMENT: Duration = Duration::from_secs(10);
 
 impl Nodes {
     /// Whether this control plane may act: always alone; on etcd, while its lease is known
@@ -90,9 +97,49 @@ impl Nodes {
         Session::open_over(&node.name, tunnel, database, timeouts).await
     }
 
+    /// Runs `read` on the session kept on `node` for `purpose`, opened first when there is none
+    /// (within `timeouts.connect`); the whole read is bounded by `timeouts.statement`. A failure
+    /// that leaves the session unusable (no answer in time, connection gone) drops it: the next
+    /// read opens a new one.
+    pub async fn read_kept<T>(
+        &self,
+        node: &NodeSpec,
+        purpose: Purpose,
+        timeouts: Timeouts,
+        read: impl AsyncFnOnce(&Session) -> Result<T, SqlError>,
+    ) -> Result<T, SqlError> {
+        let session = match self.kept.get(node, purpose).filter(|_| self.leads()) {
+            Some(session) => session,
+            None => {
+                // The node's own bound on each statement: the longest any read of this
+                // purpose allows.
+                let statement = match purpose {
+                    Purpose::Health => timeouts.statement,
+                    Purpose::Reads => READS_STATEMENT,
+                };
+                let bounds = Timeouts { statement, ..timeouts };
+                let opened = self.session_within(node, "postgres", bounds).await?;
+                self.kept.put(node, purpose, opened)
+            }
+        };
+        let after = timeouts.statement;
+        let result = tokio::time::timeout(after, read(&session))
+            .await
+            .unwrap_or_else(|_| Err(SqlError::Timeout { node: node.name.clone(), after }));
+        if result.as_ref().is_err_and(spoils_session) {
+            self.kept.forget(&node.name, purpose, &session);
+        }
+        result
+    }
+
     /// Stops `node` if needed and deletes everything it had.
     pub async fn destroy(&self, node: &NodeRecord) -> super::driver::Done {
-        self.driver.destroy(&NodeSpec::of(node)).await
+        self.kept.retain(|name| name != node.name);
+        let destroyed = self.driver.destroy(&NodeSpec::of(node)).await;
+        if destroyed.is_ok() {
+            self.ports.release(node.port);
+        }
+        destroyed
     }
 
     /// The configuration of `node` of `db` (see `nodes::config`).

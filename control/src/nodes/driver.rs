@@ -71,7 +71,7 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-/// What a node's container and disk read now, on the node's host.
+/// What a node's container reads now, on the node's host.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct NodeResources {
     /// The container's figures; `None` when the node runs without one.
@@ -80,7 +80,6 @@ pub struct NodeResources {
     pub cgroup: Option<String>,
     /// Why the node runs without a container (or a limit), if it does.
     pub unlimited: Option<String>,
-    pub disk: DiskUsage,
 }
 
 /// Bytes the node's files take on disk (allocated blocks).
@@ -199,8 +198,11 @@ pub trait NodeDriver: Send + Sync + 'static {
     ) -> Call<'a, Done>;
     /// libpq connection string for the superuser, local to the node.
     fn admin_conninfo(&self, node: &NodeSpec, database: &str) -> String;
-    /// The node's container figures and disk usage.
+    /// The node's container figures.
     fn resources<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, NodeResources>;
+    /// What the node's files take on disk: a walk of its directory, so asked less often than
+    /// its container's figures.
+    fn disk<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, DiskUsage>;
 }
 
 /// What a driver call that changes a node ends with.

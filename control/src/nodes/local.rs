@@ -383,14 +383,15 @@ impl LocalDriver {
         self.run("pg_ctl reload", &mut cmd).map(drop)
     }
 
+    /// Whether the node's postmaster runs: the process its `postmaster.pid` names is alive, a
+    /// PostgreSQL server, and works in the node's data directory (what `pg_ctl status` checks,
+    /// without a process of its own: listings and checks ask this of every node).
     pub fn is_running(&self, node: &NodeSpec) -> bool {
-        let mut cmd = self.command(node, "pg_ctl");
-        cmd.arg("status")
-            .arg("-D")
-            .arg(Self::data(node))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        cmd.status().is_ok_and(|s| s.success())
+        let data = Self::data(node);
+        Self::postmaster_pid(node).is_some_and(|pid| {
+            let cwd = fs::read_link(format!("/proc/{pid}/cwd"));
+            is_postgres(pid) && cwd.is_ok_and(|cwd| same_file(&cwd, &data))
+        })
     }
 
     pub fn fence(&self, node: &NodeSpec) -> Result<(), DriverError> {
@@ -534,7 +535,11 @@ impl LocalDriver {
             )),
         };
         let cgroup = usage.as_ref().and(self.cgroups.version()).map(str::to_owned);
-        NodeResources { usage, cgroup, unlimited, disk: disk_usage(&node.dir) }
+        NodeResources { usage, cgroup, unlimited }
+    }
+
+    pub fn disk(&self, node: &NodeSpec) -> DiskUsage {
+        disk_usage(&node.dir)
     }
 
     pub fn dump(
@@ -585,6 +590,15 @@ fn disk_usage(dir: &Path) -> DiskUsage {
     let tables: u64 = ["base", "global"].iter().map(|d| walk(&data.join(d))).sum();
     let all = walk(dir);
     DiskUsage { data: tables, wal, other: all.saturating_sub(tables + wal) }
+}
+
+/// Whether `a` and `b` name the same directory (one may go through a symbolic link).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
 }
 
 /// Whether process `pid` is alive and a PostgreSQL server process.

@@ -2,7 +2,8 @@
 //! (`local.rs`, blocking, each node in a resource container of its own: `cgroup.rs`) and the
 //! async face the control plane uses for it (`this_host.rs`); the configuration the control
 //! plane writes into a node (`config.rs`); where new nodes go (`placement.rs`) and their ports
-//! (`ports.rs`); SQL sessions on a node, always bounded in time (`sql.rs`); and `Nodes`
+//! (`ports.rs`); SQL sessions on a node, always bounded in time (`sql.rs`), and those kept open
+//! for repeated reads (`kept.rs`); and `Nodes`
 //! (`context.rs`), what workflows reach nodes with.
 
 pub mod cgroup;
@@ -10,6 +11,7 @@ pub mod config;
 pub mod context;
 pub mod driver;
 pub mod engines;
+pub mod kept;
 pub mod local;
 pub mod placement;
 pub mod ports;

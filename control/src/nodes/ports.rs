@@ -1,5 +1,6 @@
 //! Ports for new nodes: free on the host, used by no node of this platform, and never handed
-//! out twice, even to two provisions running at the same time.
+//! out twice, even to two provisions running at the same time. A destroyed node's port is
+//! given back, so what is kept here follows the nodes that exist, not every node ever made.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -28,6 +29,16 @@ impl Ports {
         given.extend(&ports);
         ports
     }
+
+    /// Gives `port` back: its node is destroyed.
+    pub fn release(&self, port: u16) {
+        self.given.lock().unwrap_or_else(|e| e.into_inner()).remove(&port);
+    }
+
+    /// How many ports are handed out.
+    pub fn given(&self) -> usize {
+        self.given.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
 }
 
 #[cfg(test)]
@@ -42,5 +53,8 @@ mod tests {
         assert_eq!(first.len(), 2);
         assert!(!first.contains(&20001));
         assert!(first.iter().all(|p| !second.contains(p)), "{first:?} {second:?}");
+        assert_eq!(ports.given(), 4);
+        ports.release(first[0]);
+        assert_eq!(ports.given(), 3, "a destroyed node's port is forgotten");
     }
 }

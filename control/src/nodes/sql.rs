@@ -5,10 +5,12 @@
 //! client-side deadline, and the node itself is told to give up (`statement_timeout`,
 //! `lock_timeout`) when the control plane stopped waiting.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::{NoTls, Row, Statement};
 
 /// How long opening a session and running one statement may take.
 #[derive(Clone, Copy, Debug)]
@@ -57,6 +59,9 @@ pub struct Session {
     node: String,
     client: tokio_postgres::Client,
     timeouts: Timeouts,
+    /// The queries it prepared, by their text: a kept session (`kept.rs`) runs the same few
+    /// again and again, and a prepared one is parsed and planned once, not at every run.
+    prepared: Mutex<HashMap<String, Statement>>,
 }
 
 impl Session {
@@ -72,7 +77,11 @@ impl Session {
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        Ok(Self { node: node.to_owned(), client, timeouts })
+        Ok(Self::new(node, client, timeouts))
+    }
+
+    fn new(node: &str, client: tokio_postgres::Client, timeouts: Timeouts) -> Self {
+        Self { node: node.to_owned(), client, timeouts, prepared: Mutex::default() }
     }
 
     /// Opens a superuser session on `database` of `node` over `stream`, a byte stream to the
@@ -96,7 +105,7 @@ impl Session {
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        Ok(Self { node: node.to_owned(), client, timeouts })
+        Ok(Self::new(node, client, timeouts))
     }
 
     /// Statements and lock waits bounded by `timeouts.statement`.
@@ -141,12 +150,25 @@ impl Session {
         self.bounded(self.client.execute(sql, params)).await
     }
 
+    /// `sql` prepared on this session: once, the first time it runs here.
+    async fn prepared(&self, sql: &str) -> Result<Statement, SqlError> {
+        let known = self.prepared.lock().unwrap_or_else(PoisonError::into_inner).get(sql).cloned();
+        if let Some(statement) = known {
+            return Ok(statement);
+        }
+        let statement = self.bounded(self.client.prepare(sql)).await?;
+        let mut prepared = self.prepared.lock().unwrap_or_else(PoisonError::into_inner);
+        prepared.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
     pub async fn query(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, SqlError> {
-        self.bounded(self.client.query(sql, params)).await
+        let statement = self.prepared(sql).await?;
+        self.bounded(self.client.query(&statement, params)).await
     }
 
     pub async fn query_one(
@@ -154,7 +176,8 @@ impl Session {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row, SqlError> {
-        self.bounded(self.client.query_one(sql, params)).await
+        let statement = self.prepared(sql).await?;
+        self.bounded(self.client.query_one(&statement, params)).await
     }
 
     pub async fn query_opt(
@@ -162,6 +185,7 @@ impl Session {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, SqlError> {
-        self.bounded(self.client.query_opt(sql, params)).await
+        let statement = self.prepared(sql).await?;
+        self.bounded(self.client.query_opt(&statement, params)).await
     }
 }

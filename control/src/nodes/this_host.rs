@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::driver::{
-    Call, Done, DriverError, NodeConfig, NodeDriver, NodeResources, NodeSpec, Upstream,
+    Call, DiskUsage, Done, DriverError, NodeConfig, NodeDriver, NodeResources, NodeSpec, Upstream,
 };
 use super::local::LocalDriver;
 
@@ -131,5 +131,9 @@ impl NodeDriver for ThisHost {
 
     fn resources<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, NodeResources> {
         self.off(node, |_| NodeResources::default(), |d, n| d.resources(n))
+    }
+
+    fn disk<'a>(&'a self, node: &'a NodeSpec) -> Call<'a, DiskUsage> {
+        self.off(node, |_| DiskUsage::default(), |d, n| d.disk(n))
     }
 }

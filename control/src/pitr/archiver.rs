@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgwarden_api::control::DatabaseStatus;
 use time::OffsetDateTime;
@@ -17,7 +17,7 @@ use super::base::{base_backup_due, prune, take_base_backup, wal_gaps};
 use super::{pitr_plan, wal_dir, Pitr, PitrError};
 use crate::failure::Reportable;
 use crate::nodes::config::{conninfo, REPLICATION_ROLE};
-use crate::nodes::sql::{Session, Timeouts};
+use crate::nodes::sql::{Session, SqlError, Timeouts};
 use crate::nodes::{NodeSpec, Nodes};
 use crate::state::{DatabaseRecord, NodeRecord};
 
@@ -86,6 +86,8 @@ async fn archive(pitr: &Pitr, heartbeats: &Heartbeats, id: &str, shutdown: &Canc
     let mut receiver: Option<(String, Child)> = None;
     let mut admin: Option<Session> = None;
     let mut ticks = 0u64;
+    // When the last heartbeat was committed, and the WAL position after it.
+    let mut last_beat: Option<(Instant, i64)> = None;
     let mut reported_gaps: Vec<String> = Vec::new();
     while let Ok(Some(db)) = records.store.database(id).await {
         match db.status {
@@ -129,18 +131,12 @@ async fn archive(pitr: &Pitr, heartbeats: &Heartbeats, id: &str, shutdown: &Canc
                 admin = nodes.session_within(&spec, "postgres", Timeouts::within(TICK)).await.ok();
             }
             if let Some(session) = &admin {
-                let before = OffsetDateTime::now_utc();
-                let beat = async {
-                    session.batch_execute("SELECT pg_current_xact_id()").await?;
-                    session
-                        .query_one(
-                            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::int8",
-                            &[],
-                        )
-                        .await
-                };
-                match beat.await {
-                    Ok(row) => heartbeats.record(id, before, row.get(0)),
+                match heartbeat(session, last_beat).await {
+                    Ok(Some((before, lsn))) => {
+                        heartbeats.record(id, before, lsn);
+                        last_beat = Some((Instant::now(), lsn));
+                    }
+                    Ok(None) => {}
                     // A session that timed out may be stuck: open a new one next time.
                     Err(_) => admin = None,
                 }
@@ -188,6 +184,31 @@ async fn archive(pitr: &Pitr, heartbeats: &Heartbeats, id: &str, shutdown: &Canc
         let _ = child.kill().await;
     }
     heartbeats.forget(id);
+}
+
+/// While nothing was written since the last heartbeat, one every this often (a heartbeat is a
+/// commit: WAL written, flushed, and sent to the standby and the archive).
+const IDLE_BEAT: Duration = Duration::from_secs(5);
+
+/// Commits a heartbeat (a transaction of its own, for a restore to stop after) and returns the
+/// time before it and the WAL position after it, unless nothing was written since `last` and
+/// that beat is less than [`IDLE_BEAT`] old: then the PITR window's end moves on at the next
+/// beat, and an idle database costs its nodes one commit every few seconds, not every second.
+async fn heartbeat(
+    session: &Session,
+    last: Option<(Instant, i64)>,
+) -> Result<Option<(OffsetDateTime, i64)>, SqlError> {
+    const POSITION: &str = "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::int8";
+    if let Some((_, after)) = last.filter(|(at, _)| at.elapsed() < IDLE_BEAT) {
+        let now: i64 = session.query_one(POSITION, &[]).await?.get(0);
+        if now == after {
+            return Ok(None);
+        }
+    }
+    let before = OffsetDateTime::now_utc();
+    session.batch_execute("SELECT pg_current_xact_id()").await?;
+    let after: i64 = session.query_one(POSITION, &[]).await?.get(0);
+    Ok(Some((before, after)))
 }
 
 /// A replication connection string to `node` (the password comes from the environment of the

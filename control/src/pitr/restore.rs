@@ -12,7 +12,9 @@ use super::{base_dir, pitr_plan, wal_dir, Pitr, PitrError};
 use crate::failure::{Failure, Reportable};
 use crate::lifecycle::standby::add_standby;
 use crate::nodes::config::quote;
+use crate::nodes::kept::Purpose;
 use crate::nodes::placement;
+use crate::nodes::sql::{Session, Timeouts};
 use crate::nodes::{NodeError, NodeSpec, Nodes};
 use crate::operations::Progress;
 use crate::state::{DatabaseRecord, NodeRecord, StoreError};
@@ -33,12 +35,18 @@ pub async fn window(
         .and_then(|b| parse_time(&b.finished_at))
         .ok_or(PitrError::NoBaseBackup)?;
     let primary = db.primary().ok_or_else(|| Failure::NoPrimary(db.id.clone()))?;
-    let admin = nodes.session(&NodeSpec::of(primary), "postgres").await?;
-    let row = admin
-        .query_opt(
-            "SELECT pg_wal_lsn_diff(flush_lsn, '0/0')::int8 FROM pg_stat_replication WHERE application_name = $1",
-            &[&ARCHIVER],
-        )
+    // Asked at every stats sample: on the session kept on the primary.
+    let read = async |admin: &Session| {
+        admin
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(flush_lsn, '0/0')::int8 FROM pg_stat_replication WHERE application_name = $1",
+                &[&ARCHIVER],
+            )
+            .await
+    };
+    let spec = NodeSpec::of(primary);
+    let row = nodes
+        .read_kept(&spec, Purpose::Reads, Timeouts::DEFAULT, read)
         .await?
         .ok_or(PitrError::NotStreaming)?;
     let flushed: i64 = row.get(0);

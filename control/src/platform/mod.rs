@@ -93,6 +93,7 @@ impl Platform {
             extra_settings: config.extra_settings.clone(),
             leadership,
             etcd,
+            kept: Default::default(),
         };
         let records = Arc::new(Records::new(store));
         Arc::new(Self {

@@ -1,7 +1,7 @@
 //! Keeps the proxies' copy of each database's verifiers in step with its primary's catalog:
 //! at once after the API changes a user, and every few seconds for roles created or changed in
 //! SQL. A primary that does not answer keeps the verifiers last read (bounded calls, no lock
-//! held).
+//! held). The reads go through the session kept on each primary (`nodes::kept`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::Routing;
-use crate::nodes::sql::{SqlError, Timeouts};
+use crate::nodes::kept::Purpose;
+use crate::nodes::sql::{Session, SqlError, Timeouts};
 use crate::nodes::{roles, NodeSpec, Nodes};
 use crate::state::Records;
 
@@ -33,8 +34,8 @@ pub async fn refresh(
         return Ok(false);
     }
     let Some(primary) = db.primary() else { return Ok(false) };
-    let admin = nodes.session_within(&NodeSpec::of(primary), "postgres", timeouts).await?;
-    let verifiers = roles::verifiers(&admin).await?;
+    let read = async |admin: &Session| roles::verifiers(admin).await;
+    let verifiers = nodes.read_kept(&NodeSpec::of(primary), Purpose::Reads, timeouts, read).await?;
     Ok(routing.verifiers.set(id, verifiers))
 }
 

@@ -181,18 +181,30 @@ pub async fn resume_operations(platform: &Arc<Platform>, left: Leftovers) {
     }
 }
 
-/// Stops every node cleanly (fast shutdown: sessions end, everything committed is on disk).
-pub async fn stop_all(records: &Records, nodes: &Nodes) {
+/// How many databases are stopped at once: a node's fast shutdown is mostly its checkpoint's
+/// writes, and one after the other a thousand of them took minutes.
+const STOP_AT_ONCE: usize = 16;
+
+/// Stops every node cleanly (fast shutdown: sessions end, everything committed is on disk),
+/// [`STOP_AT_ONCE`] databases at a time.
+pub async fn stop_all(records: &Records, nodes: &Arc<Nodes>) {
     let databases = records.store.databases().await.unwrap_or_default();
+    let room = Arc::new(tokio::sync::Semaphore::new(STOP_AT_ONCE));
+    let mut stopping = tokio::task::JoinSet::new();
     for db in databases {
-        // Standbys last would make a synchronous primary wait; stop primaries first.
-        let mut order = db.nodes.clone();
-        order.sort_by_key(|n| n.role != NodeRole::Primary);
-        for node in order {
-            let (driver, spec) = (&nodes.driver, NodeSpec::of(&node));
-            if let Err(e) = driver.stop(&spec).await {
-                error!(node = %node.name, error = %e, "cannot stop node");
+        let (nodes, room) = (Arc::clone(nodes), Arc::clone(&room));
+        stopping.spawn(async move {
+            let Ok(_turn) = room.acquire_owned().await else { return };
+            // Standbys last would make a synchronous primary wait; stop primaries first.
+            let mut order = db.nodes.clone();
+            order.sort_by_key(|n| n.role != NodeRole::Primary);
+            for node in order {
+                let (driver, spec) = (&nodes.driver, NodeSpec::of(&node));
+                if let Err(e) = driver.stop(&spec).await {
+                    error!(node = %node.name, error = %e, "cannot stop node");
+                }
             }
-        }
+        });
     }
+    while stopping.join_next().await.is_some() {}
 }

@@ -43,6 +43,11 @@ impl Records {
     pub async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
             let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            if !locks.contains_key(id) {
+                // Locks nobody holds or waits for are dropped as new ones come: the map follows
+                // the databases being changed, not every database there ever was.
+                locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+            }
             Arc::clone(locks.entry(id.to_owned()).or_default())
         };
         lock.lock_owned().await

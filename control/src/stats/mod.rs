@@ -23,6 +23,8 @@ use pgwarden_api::control::{
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::nodes::kept::Purpose;
+use crate::nodes::sql::{Session, SqlError, Timeouts};
 use crate::nodes::{cgroup, DiskUsage, NodeResources, NodeSpec, Nodes};
 use crate::pitr::base::parse_time;
 use crate::pitr::Heartbeats;
@@ -35,7 +37,13 @@ pub struct Sampler {
     latest: Mutex<HashMap<String, Stats>>,
     /// Per node: what its container read at the previous sample.
     readings: Mutex<HashMap<String, Reading>>,
+    /// Per node: its disk usage, and how many samples have used it since it was walked.
+    disks: Mutex<HashMap<String, (u32, DiskUsage)>>,
 }
+
+/// A node's disk is walked every this many samples (a walk stats every file of the node: with
+/// hundreds of nodes, walking them all at every sample was most of the control plane's CPU).
+const DISK_EVERY: u32 = 6;
 
 #[derive(Default)]
 struct Reading {
@@ -47,7 +55,30 @@ struct Reading {
 
 impl Sampler {
     pub fn new(history: history::History) -> Self {
-        Self { history, latest: Mutex::default(), readings: Mutex::default() }
+        Self {
+            history,
+            latest: Mutex::default(),
+            readings: Mutex::default(),
+            disks: Mutex::default(),
+        }
+    }
+
+    /// `node`'s disk usage as walked less than [`DISK_EVERY`] samples ago; `None` when it is
+    /// due for a walk.
+    fn recent_disk(&self, node: &str) -> Option<DiskUsage> {
+        let mut disks = self.disks.lock().unwrap_or_else(|e| e.into_inner());
+        let (age, disk) = disks.get_mut(node)?;
+        *age += 1;
+        (*age < DISK_EVERY).then_some(*disk)
+    }
+
+    /// Keeps what a walk of `node`'s disk found. The first walk of a node starts its count at
+    /// a place of its own, so that the walks of many nodes spread over the samples.
+    fn walked_disk(&self, node: &str, disk: DiskUsage) {
+        let mut disks = self.disks.lock().unwrap_or_else(|e| e.into_inner());
+        let spread = || node.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
+        let age = if disks.contains_key(node) { 0 } else { spread() % DISK_EVERY };
+        disks.insert(node.to_owned(), (age, disk));
     }
 
     pub fn latest(&self, id: &str) -> Option<Stats> {
@@ -133,10 +164,16 @@ pub async fn run(
             }
         }
         // Nodes that are gone (replaced, removed) leave no readings behind.
-        let nodes: Vec<&str> =
+        let nodes: std::collections::HashSet<&str> =
             databases.iter().flat_map(|d| d.nodes.iter().map(|n| n.name.as_str())).collect();
+        sources.nodes.kept.retain(|node| nodes.contains(node));
         sampler
             .readings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|node, _| nodes.contains(&node.as_str()));
+        sampler
+            .disks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|node, _| nodes.contains(&node.as_str()));
@@ -197,7 +234,15 @@ async fn node_stats(
         let spec = spec.clone();
         driver.resources(&spec).await
     };
-    let NodeResources { usage, cgroup, unlimited, disk } = resources;
+    let NodeResources { usage, cgroup, unlimited } = resources;
+    let disk = match sampler.recent_disk(&node.name) {
+        Some(disk) => disk,
+        None => {
+            let disk = driver.disk(&spec).await;
+            sampler.walked_disk(&node.name, disk);
+            disk
+        }
+    };
     let usage = usage.unwrap_or_default();
     let (cpu_percent, kills) = sampler.compare(&node.name, usage.cpu_ns, usage.oom_kills);
     if kills > 0 {
@@ -233,8 +278,9 @@ async fn node_stats(
     (stats, logical)
 }
 
-/// What one session on the node reads: sessions open against `max_connections`; a standby's
-/// lag; the primary's `pg_database_size` of `database`.
+/// What one session on the node reads: sessions open against `max_connections` (not counting
+/// the platform's own, those of the bootstrap superuser, OID 10); a standby's lag; the primary's
+/// `pg_database_size` of `database`.
 #[derive(Default)]
 struct Live {
     connections: Option<Connections>,
@@ -248,47 +294,51 @@ async fn live(
     role: NodeRole,
     database: &str,
 ) -> Live {
-    let Ok(session) = nodes.session(spec, "postgres").await else { return Live::default() };
-    let connections = session
-        .query_one(
-            "SELECT count(*) FILTER (WHERE backend_type = 'client backend' \
-             AND pid <> pg_backend_pid())::int8, \
-             current_setting('max_connections')::int8 FROM pg_stat_activity",
-            &[],
-        )
-        .await
-        .ok()
-        .map(|row| Connections {
+    let read = async |session: &Session| -> Result<Live, SqlError> {
+        let row = session
+            .query_one(
+                "SELECT count(*) FILTER (WHERE backend_type = 'client backend' \
+                 AND usesysid <> 10)::int8, \
+                 current_setting('max_connections')::int8 FROM pg_stat_activity",
+                &[],
+            )
+            .await?;
+        let connections = Some(Connections {
             open: row.get::<_, i64>(0).max(0) as u64,
             max: row.get::<_, i64>(1).max(0) as u64,
         });
-    let logical = match role {
-        NodeRole::Primary => session
-            .query_one("SELECT pg_database_size($1)::int8", &[&database])
-            .await
-            .ok()
-            .map(|row| row.get::<_, i64>(0).max(0) as u64),
-        NodeRole::Replica => None,
+        let logical = match role {
+            NodeRole::Primary => Some(
+                session
+                    .query_one("SELECT pg_database_size($1)::int8", &[&database])
+                    .await?
+                    .get::<_, i64>(0)
+                    .max(0) as u64,
+            ),
+            NodeRole::Replica => None,
+        };
+        let lag = match role {
+            NodeRole::Primary => None,
+            NodeRole::Replica => {
+                let row = session
+                    .query_one(
+                        "SELECT COALESCE(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), \
+                         pg_last_wal_replay_lsn()), 0)::int8, \
+                         CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
+                         ELSE COALESCE(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0) \
+                         END::float8",
+                        &[],
+                    )
+                    .await?;
+                Some(Lag {
+                    bytes: row.get::<_, i64>(0).max(0) as u64,
+                    seconds: row.get::<_, f64>(1).max(0.0),
+                })
+            }
+        };
+        Ok(Live { connections, lag, logical })
     };
-    let lag = match role {
-        NodeRole::Primary => None,
-        NodeRole::Replica => session
-            .query_one(
-                "SELECT COALESCE(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), \
-                 pg_last_wal_replay_lsn()), 0)::int8, \
-                 CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
-                 ELSE COALESCE(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0) \
-                 END::float8",
-                &[],
-            )
-            .await
-            .ok()
-            .map(|row| Lag {
-                bytes: row.get::<_, i64>(0).max(0) as u64,
-                seconds: row.get::<_, f64>(1).max(0.0),
-            }),
-    };
-    Live { connections, lag, logical }
+    nodes.read_kept(spec, Purpose::Reads, Timeouts::DEFAULT, read).await.unwrap_or_default()
 }
 
 async fn backups(records: &Records, db: &DatabaseRecord) -> BackupStats {
