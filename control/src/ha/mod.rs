@@ -1,7 +1,9 @@
 //! High availability for replicated databases.
 //!
 //! - `watcher.rs`: one watcher task per replicated database checks the primary at a fixed
-//!   cadence (a fresh session each time: a frozen postmaster accepts no new session), keeps
+//!   cadence (on a session kept open, reading the postmaster's state too: a frozen postmaster
+//!   accepts no new session; a check that timed out while the control plane ran late or the
+//!   machine was starved, `pressure.rs`, defers the verdict), keeps
 //!   commits synchronous while the standby streams (asynchronous, visibly, when it does not),
 //!   and starts failovers, rejoins and standby restarts, the last two as tasks of their own so
 //!   that the checks never stop.
@@ -17,6 +19,7 @@
 
 pub mod claims;
 pub mod failover;
+pub mod pressure;
 pub mod rejoin;
 pub mod switchover;
 pub mod watcher;

@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info};
 
 use super::failover::failover;
+use super::pressure;
 use super::rejoin::rejoin;
 use super::{Ha, HealthConfig};
 use crate::metrics::Metrics;
@@ -51,11 +52,21 @@ pub async fn supervise(ha: Ha, shutdown: CancellationToken, tasks: TaskTracker) 
     }
 }
 
-/// How punctual a check was: how late its tick woke the watcher, and how long it took.
+/// How punctual a check was: how late its tick woke the watcher, how long it took, and whether
+/// the machine (when the primary is on this host) was starved meanwhile.
 struct Punctuality {
     late: Duration,
     took: Duration,
+    stalled: bool,
 }
+
+/// The share of the time tasks waited for a CPU or for I/O beyond which the machine is taken
+/// to be starved (`pressure.rs`).
+const STALLED: f64 = 0.5;
+
+/// How long timed-out checks may stay inconclusive: a primary that froze while the machine was
+/// starved is failed over after this much more, not never.
+const DEFER_AT_MOST: Duration = Duration::from_secs(30);
 
 /// Lateness beyond which the control plane, not the node, is taken to be slow.
 const LATE: Duration = Duration::from_millis(100);
@@ -63,12 +74,13 @@ const LATE: Duration = Duration::from_millis(100);
 impl Punctuality {
     /// Whether a check that failed with `error` counts against the primary. A refusal or a
     /// closed connection always does. A timeout counts only when the control plane ran on
-    /// time: its tick woke it within [`LATE`] and the check ended within [`LATE`] of its
-    /// bounds (a connection, then a statement, each within the health timeout). On an
-    /// overloaded machine both come late, and a primary that did not answer within the
+    /// time (its tick woke it within [`LATE`] and the check ended within [`LATE`] of its
+    /// bounds: a connection, then a statement, each within the health timeout) and the machine
+    /// was not starved. On an overloaded machine, a primary that did not answer within the
     /// timeout may only have waited for a CPU.
     fn counts(&self, error: &CheckError, health: &HealthConfig) -> bool {
-        !error.timed_out() || (self.late <= LATE && self.took <= health.timeout * 2 + LATE)
+        let on_time = self.late <= LATE && self.took <= health.timeout * 2 + LATE;
+        !error.timed_out() || (on_time && !self.stalled)
     }
 }
 
@@ -138,6 +150,8 @@ async fn watch(ha: &Ha, id: &str) {
     let mut switching: Option<Switch> = None;
     // Since when no standby could be made synchronous (logged now and then).
     let mut waiting_since: Option<Instant> = None;
+    // Since when timed-out checks have been inconclusive (the verdict deferred).
+    let mut deferring_since: Option<Instant> = None;
     // Checks at a fixed cadence: a check that times out does not delay the next one.
     let mut ticks = tokio::time::interval(health.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -164,10 +178,13 @@ async fn watch(ha: &Ha, id: &str) {
         let Some(primary) = db.primary().cloned() else { continue };
         let started = Instant::now();
         let checked = check_primary(&ha.nodes, &ha.health, &primary).await;
-        let punctual = Punctuality { late, took: started.elapsed() };
+        let on_this_host = primary.agent.is_none();
+        let stalled = on_this_host && pressure::MACHINE.stalled().is_some_and(|s| s >= STALLED);
+        let punctual = Punctuality { late, took: started.elapsed(), stalled };
         match checked {
             Ok(state) => {
                 failures = 0;
+                deferring_since = None;
                 last_lag = state.lags();
                 let streaming =
                     db.replicas().any(|r| state.standbys.iter().any(|s| s.name == r.name));
@@ -198,14 +215,19 @@ async fn watch(ha: &Ha, id: &str) {
                     });
                 }
             }
-            Err(e) if !punctual.counts(&e, &health) => {
-                // The control plane ran late (an overloaded machine): a check that timed out
-                // says nothing of the primary. Neither a failure nor a success.
+            Err(e)
+                if !punctual.counts(&e, &health)
+                    && deferring_since.get_or_insert_with(Instant::now).elapsed()
+                        < DEFER_AT_MOST =>
+            {
+                // The control plane ran late, or the machine is starved: a check that timed
+                // out says nothing of the primary. Neither a failure nor a success, for a while.
                 info!(database = id, node = %primary.name, late_ms = punctual.late.as_millis(),
-                    took_ms = punctual.took.as_millis(), error = %e,
-                    "primary check inconclusive: the control plane ran late");
+                    took_ms = punctual.took.as_millis(), stalled = punctual.stalled, error = %e,
+                    "primary check inconclusive: the control plane ran late or the machine is starved");
             }
             Err(e) => {
+                deferring_since = None;
                 failures += 1;
                 debug!(database = id, node = %primary.name, failures, error = %e, "primary check failed");
                 if failures < health.failures {
@@ -484,11 +506,15 @@ mod tests {
     #[test]
     fn a_timeout_counts_only_when_the_control_plane_ran_on_time() {
         let health = HealthConfig::default();
-        let on_time = Punctuality { late: Duration::from_millis(3), took: health.timeout };
+        let (late, took) = (Duration::from_millis(3), health.timeout);
+        let on_time = Punctuality { late, took, stalled: false };
         assert!(on_time.counts(&timeout(), &health));
-        let late_tick = Punctuality { late: Duration::from_millis(700), took: health.timeout };
+        let starved = Punctuality { late, took, stalled: true };
+        assert!(!starved.counts(&timeout(), &health), "the machine starved");
+        let late_tick = Punctuality { late: Duration::from_millis(700), took, stalled: false };
         assert!(!late_tick.counts(&timeout(), &health), "woken 700 ms late");
-        let slow = Punctuality { late: Duration::ZERO, took: Duration::from_secs(3) };
+        let slow =
+            Punctuality { late: Duration::ZERO, took: Duration::from_secs(3), stalled: false };
         assert!(!slow.counts(&timeout(), &health), "a 400 ms bound that fired after 3 s");
         let stopped = CheckError::PostmasterStopped { node: "n".into(), state: 'T' };
         assert!(slow.counts(&stopped, &health), "an answer is evidence however late");

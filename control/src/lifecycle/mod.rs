@@ -22,7 +22,14 @@ pub struct Lifecycle {
     pub routing: Arc<Routing>,
     pub operations: Operations,
     pub backups: Arc<dyn BackupStorage>,
+    /// Turns to make a new database's nodes: [`PROVISIONS_AT_ONCE`] at a time, the others wait
+    /// (a storm of creates that all ran at once starved the machine: provisions failed and
+    /// healthy primaries missed their checks).
+    pub provisions: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many provisions run at once.
+pub const PROVISIONS_AT_ONCE: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {

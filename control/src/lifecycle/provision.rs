@@ -20,7 +20,9 @@ use crate::state::Records;
 pub fn run(life: &Lifecycle, id: String, op: Operation) -> tokio::task::JoinHandle<()> {
     let life = life.clone();
     life.operations.clone().run(op, move |progress| async move {
+        let turn = life.provisions.acquire().await;
         let result = provision(&life.records, &life.nodes, &life.routing, &id, progress).await;
+        drop(turn);
         if let Err(e) = &result {
             mark_failed(&life.records, &id, "provision", &e.sentence()).await;
         }

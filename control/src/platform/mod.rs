@@ -35,6 +35,8 @@ pub struct Platform {
     pub metrics: Metrics,
     pub operations: Operations,
     pub backups: Arc<dyn BackupStorage>,
+    /// Turns of provisions (`lifecycle::PROVISIONS_AT_ONCE`).
+    pub provisions: Arc<tokio::sync::Semaphore>,
 }
 
 /// What a platform is made of, opened by `server::open`.
@@ -105,6 +107,7 @@ impl Platform {
             claims: Arc::default(),
             metrics,
             backups,
+            provisions: Arc::new(tokio::sync::Semaphore::new(crate::lifecycle::PROVISIONS_AT_ONCE)),
         })
     }
 
@@ -128,6 +131,7 @@ impl Platform {
             routing: Arc::clone(&self.routing),
             operations: self.operations.clone(),
             backups: Arc::clone(&self.backups),
+            provisions: Arc::clone(&self.provisions),
         }
     }
 
