@@ -25,7 +25,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use pgwarden_e2e::{
-    free_port, http_request_within, node_data_dirs, stop_immediately, workspace_bin,
+    free_port, http_request_within, node_data_dirs, stop_immediately, until_blocking_every,
+    workspace_bin,
 };
 use serde_json::Value;
 
@@ -306,23 +307,28 @@ fn create_all(platform: &Platform, n: usize, in_flight: usize) -> (Vec<Duration>
     (answers.into_inner().unwrap(), ids.into_inner().unwrap())
 }
 
-/// Waits until every database is `running` (or one failed); returns the count of each status.
+/// Waits until every database is `running` or `failed` (at most `within`); returns the count
+/// of each status, last seen.
 fn wait_all_running(platform: &Platform, within: Duration) -> HashMap<String, usize> {
-    let deadline = Instant::now() + within;
-    loop {
+    let counts = || {
         let (status, list, _) = platform.call("GET", "/v1/databases", None);
         let mut counts: HashMap<String, usize> = HashMap::new();
-        if status == 200 {
-            for db in list.as_array().into_iter().flatten() {
-                *counts.entry(db["status"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
-            }
+        for db in list.as_array().into_iter().flatten() {
+            *counts.entry(db["status"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
         }
-        let settled = status == 200 && counts.keys().all(|s| s == "running" || s == "failed");
-        if settled || Instant::now() > deadline {
-            return counts;
+        (status == 200 && counts.keys().all(|s| s == "running" || s == "failed"), counts)
+    };
+    let mut last = HashMap::new();
+    let _ = until_blocking_every(within, Duration::from_secs(2), || {
+        let settled;
+        (settled, last) = counts();
+        if settled {
+            Ok(())
+        } else {
+            Err(format!("{last:?}"))
         }
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    });
+    last
 }
 
 fn main() {
@@ -420,16 +426,12 @@ fn main() {
     let stopping = Instant::now();
     let mut platform = platform;
     let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
-    let stop_deadline = stopping + Duration::from_secs(600);
-    let stopped = loop {
-        if platform.child.try_wait().ok().flatten().is_some() {
-            break Some(stopping.elapsed());
-        }
-        if Instant::now() > stop_deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let exited = || match platform.child.try_wait() {
+        Ok(Some(_)) => Ok(stopping.elapsed()),
+        _ => Err("running".to_owned()),
     };
+    let stopped =
+        until_blocking_every(Duration::from_secs(600), Duration::from_millis(100), exited).ok();
 
     println!("| figure | N = {n} ({} sandbox + {} business, + up's own) |", n - n / 5, n / 5);
     println!("|---|---:|");

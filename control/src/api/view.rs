@@ -86,16 +86,11 @@ async fn live_state(platform: &Platform, db: &DatabaseRecord, nodes: &mut [Node]
         let primary = record.role == NodeRole::Primary;
         let read = async |admin: &Session| {
             let version: String = admin.query_one("SHOW server_version", &[]).await?.get(0);
-            let lags = match primary {
-                true => Some(
-                    admin
-                        .query(
-                            "SELECT application_name, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::int8 FROM pg_stat_replication",
-                            &[],
-                        )
-                        .await?,
-                ),
-                false => None,
+            let lags = if primary {
+                let sql = "SELECT application_name, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::int8 FROM pg_stat_replication";
+                Some(admin.query(sql, &[]).await?)
+            } else {
+                None
             };
             Ok((version, lags))
         };

@@ -165,7 +165,6 @@ mod tests {
         assert!(!changes.primary_stopped_on_purpose("db"));
     }
 
-    /// Polls a future once: `Some` if it is ready.
     #[test]
     fn slots_no_guard_holds_are_forgotten() {
         let changes = PrimaryChanges::default();
@@ -182,6 +181,7 @@ mod tests {
         assert!(!changes.busy("a"));
     }
 
+    /// Polls a future once: `Some` if it is ready.
     async fn futures_poll<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
         tokio::select! {
             biased;

@@ -150,7 +150,8 @@ async fn watch(ha: &Ha, id: &str) {
     let mut switching: Option<Switch> = None;
     // Since when no standby could be made synchronous (logged now and then).
     let mut waiting_since: Option<Instant> = None;
-    // Since when timed-out checks have been inconclusive (the verdict deferred).
+    // Since when timed-out checks have been inconclusive (the verdict deferred); only an
+    // answer of the primary (or a new primary) ends the deferral.
     let mut deferring_since: Option<Instant> = None;
     // Checks at a fixed cadence: a check that times out does not delay the next one.
     let mut ticks = tokio::time::interval(health.interval);
@@ -178,8 +179,11 @@ async fn watch(ha: &Ha, id: &str) {
         let Some(primary) = db.primary().cloned() else { continue };
         let started = Instant::now();
         let checked = check_primary(&ha.nodes, &ha.health, &primary).await;
-        let on_this_host = primary.agent.is_none();
-        let stalled = on_this_host && pressure::MACHINE.stalled().is_some_and(|s| s >= STALLED);
+        // The machine's pressure matters only for a timeout, and only on this host.
+        let timed_out = checked.as_ref().is_err_and(CheckError::timed_out);
+        let stalled = timed_out
+            && primary.agent.is_none()
+            && pressure::MACHINE.stalled().is_some_and(|s| s >= STALLED);
         let punctual = Punctuality { late, took: started.elapsed(), stalled };
         match checked {
             Ok(state) => {
@@ -227,7 +231,7 @@ async fn watch(ha: &Ha, id: &str) {
                     "primary check inconclusive: the control plane ran late or the machine is starved");
             }
             Err(e) => {
-                deferring_since = None;
+                // Past the deferral, every failure counts until the primary answers again.
                 failures += 1;
                 debug!(database = id, node = %primary.name, failures, error = %e, "primary check failed");
                 if failures < health.failures {
@@ -246,6 +250,7 @@ async fn watch(ha: &Ha, id: &str) {
                     .await;
                 let _ = failover(ha, id, &primary.name, &last_lag, "primary unreachable").await;
                 failures = 0;
+                deferring_since = None;
             }
         }
     }
@@ -264,7 +269,7 @@ pub(crate) enum CheckError {
 
 impl CheckError {
     /// The check ran out of time (as opposed to being refused or answered).
-    fn timed_out(&self) -> bool {
+    pub(crate) fn timed_out(&self) -> bool {
         matches!(self, CheckError::Sql(SqlError::Timeout { .. }))
     }
 }

@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::config::{node_config, ConfigError};
 use super::engines::Engines;
-use super::kept::{spoils_session, Kept, Purpose};
+use super::kept::{Kept, Purpose};
 use super::placement::Hosts;
 use super::ports::Ports;
 use super::sql::{Session, SqlError, Timeouts};
@@ -126,7 +126,9 @@ impl Nodes {
         let result = tokio::time::timeout(after, read(&session))
             .await
             .unwrap_or_else(|_| Err(SqlError::Timeout { node: node.name.clone(), after }));
-        if result.as_ref().is_err_and(spoils_session) {
+        // A node that did not answer in time (a statement may still run on it) or a connection
+        // gone spoils the session; an error of PostgreSQL's leaves it usable.
+        if result.as_ref().is_err_and(SqlError::unreachable) {
             self.kept.forget(&node.name, purpose, &session);
         }
         result

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::sql::{Session, SqlError};
+use super::sql::Session;
 use super::NodeSpec;
 
 /// What a kept session is for.
@@ -35,6 +35,13 @@ struct Entry {
     session: Arc<Session>,
 }
 
+impl Entry {
+    /// Its session, if open and at `address`.
+    fn usable(&self, address: &Address) -> Option<Arc<Session>> {
+        (self.address == *address && !self.session.is_closed()).then(|| Arc::clone(&self.session))
+    }
+}
+
 #[derive(Clone, PartialEq, Eq)]
 struct Address {
     host: String,
@@ -55,10 +62,7 @@ impl Kept {
 
     /// The open session kept for `node` and `purpose`, if any.
     pub(crate) fn get(&self, node: &NodeSpec, purpose: Purpose) -> Option<Arc<Session>> {
-        let sessions = self.sessions();
-        let entry = sessions.get(&(node.name.clone(), purpose))?;
-        (entry.address == Address::of(node) && !entry.session.is_closed())
-            .then(|| Arc::clone(&entry.session))
+        self.sessions().get(&(node.name.clone(), purpose))?.usable(&Address::of(node))
     }
 
     /// Keeps `session`, unless another open one was kept meanwhile (two reads opened one at
@@ -67,10 +71,8 @@ impl Kept {
         let address = Address::of(node);
         let mut sessions = self.sessions();
         let key = (node.name.clone(), purpose);
-        if let Some(entry) = sessions.get(&key) {
-            if entry.address == address && !entry.session.is_closed() {
-                return Arc::clone(&entry.session);
-            }
+        if let Some(kept) = sessions.get(&key).and_then(|e| e.usable(&address)) {
+            return kept;
         }
         let session = Arc::new(session);
         sessions.insert(key, Entry { address, session: Arc::clone(&session) });
@@ -90,20 +92,4 @@ impl Kept {
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         self.sessions().retain(|(node, _), _| keep(node));
     }
-
-    /// How many sessions are kept.
-    pub fn len(&self) -> usize {
-        self.sessions().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// Whether a read's failure means its session cannot be used again: the node did not answer
-/// in time (a statement may still be running on it) or the connection is gone. A statement
-/// that failed with an error of PostgreSQL's leaves the session usable.
-pub(crate) fn spoils_session(error: &SqlError) -> bool {
-    error.unreachable()
 }

@@ -36,7 +36,8 @@ impl Ports {
     }
 
     /// How many ports are handed out.
-    pub fn given(&self) -> usize {
+    #[cfg(test)]
+    fn given(&self) -> usize {
         self.given.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
