@@ -63,6 +63,8 @@ pub fn plain_route(primary: &str) -> DatabaseRoute {
         id: None,
         users: None,
         pool_size: None,
+        client_connections: None,
+        connections_per_second: None,
     }
 }
 

@@ -153,6 +153,56 @@ async fn force_tls_refuses_plaintext_and_accepts_tls() {
     assert_eq!(r.status, 400);
 }
 
+/// What the proxies allow a database comes from its plan and can be set through the API: a
+/// client beyond it is refused with 53300, and `null` gives the plan's back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_s_proxy_limits_come_from_its_plan_and_can_be_set() {
+    let control = TestControl::start().await;
+    let (_, id, url) = control.create_routed_database("tenant", "postgresql-sandbox").await;
+    let path = format!("/v1/databases/{id}");
+    let limits = control.request("GET", &path, None).await.json()["limits"].clone();
+    assert_eq!(limits, json!({"client_connections": 300, "connections_per_second": 60}));
+
+    let limits_path = format!("{path}/limits");
+    let r = control.request("PUT", &limits_path, Some(json!({"client_connections": 1}))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["limits"], json!({"client_connections": 1, "connections_per_second": 60}));
+    let connect = || async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        Ok::<_, tokio_postgres::Error>(client)
+    };
+    let first = connect().await.expect("the first client");
+    wait_until("a second client refused", std::time::Duration::from_secs(10), async || {
+        match connect().await {
+            Ok(_) => Err("a second client was let in".to_owned()),
+            Err(e) => {
+                assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS));
+                let message = e.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+                assert!(message.contains("at most 1 client at once"), "{message}");
+                Ok(())
+            }
+        }
+    })
+    .await;
+    first.simple_query("SELECT 1").await.expect("the first client goes on");
+    let events = control.request("GET", &format!("{path}/events"), None).await.json();
+    assert!(events.as_array().unwrap().iter().any(|e| e["kind"] == "limits_changed"), "{events}");
+
+    for bad in [json!({"client_connections": 0}), json!({"connections_per_second": 2_000_000})] {
+        let r = control.request("PUT", &limits_path, Some(bad)).await;
+        assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("invalid_limit")));
+    }
+    assert_eq!(control.request("PUT", &limits_path, Some(json!({"clients": 5}))).await.status, 400);
+
+    let r = control.request("PUT", &limits_path, Some(json!({"client_connections": null}))).await;
+    assert_eq!(r.json()["limits"]["client_connections"], 300);
+    wait_until("a second client let in again", std::time::Duration::from_secs(10), async || {
+        connect().await.map(drop).map_err(|e| e.to_string())
+    })
+    .await;
+}
+
 /// A role left on the node by a create whose grants never finished (the node stopped
 /// answering) is taken over by the next create of that name: new password, grants, recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

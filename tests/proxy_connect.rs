@@ -3,8 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use pgwarden_api::{DatabaseRoute, RoutingTable};
 use pgwarden_e2e::{
-    psql, wait_running, wait_until, NodeOptions, PgNode, TestCerts, TestProxy, TEST_PASSWORD,
+    plain_route, psql, wait_running, wait_until, NodeOptions, PgNode, TestCerts, TestProxy,
+    TEST_PASSWORD,
 };
 use pgwarden_proxy::config::Limits;
 use tokio_postgres::error::SqlState;
@@ -276,6 +278,82 @@ async fn too_many_clients_get_53300() {
     .await;
     c.simple_query("SELECT 1").await.unwrap();
     b.simple_query("SELECT 1").await.unwrap();
+}
+
+/// A database's own limits (from its plan, in its route): clients at once and new connections
+/// per second are refused with 53300 and a message that says which, and another database on the
+/// same proxy is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_s_own_limits_refuse_its_clients_with_53300_and_leave_others_alone() {
+    let node = PgNode::start();
+    let proxy = TestProxy::start(Limits::default(), None).await;
+    let table = |epoch: u64, clients: Option<u32>, per_second: Option<u32>| {
+        let app = DatabaseRoute {
+            client_connections: clients,
+            connections_per_second: per_second,
+            ..plain_route(&node.address())
+        };
+        let other = plain_route(&node.address());
+        let databases = [("app".to_owned(), app), ("postgres".to_owned(), other)].into();
+        RoutingTable { epoch, databases, node_ca: None }
+    };
+    assert_eq!(proxy.put_routes(&table(1, Some(2), None)).await.status, 200);
+    let a = connect(&proxy, "app", "app").await.expect("first");
+    let _b = connect(&proxy, "app", "app").await.expect("second");
+    let err = connect(&proxy, "app", "app").await.expect_err("third is refused");
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
+    let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    assert!(message.contains("\"app\"") && message.contains("2 clients at once"), "{message}");
+    // The other database has no such limit.
+    let others: Vec<_> =
+        futures_util::future::join_all((0..5).map(|_| connect(&proxy, "postgres", "app"))).await;
+    assert!(others.iter().all(Result::is_ok), "{:?}", others.iter().find(|r| r.is_err()));
+    drop(a);
+    let c = wait_until("the seat freed", Duration::from_secs(5), async || {
+        connect(&proxy, "app", "app").await.map_err(|e| e.to_string())
+    })
+    .await;
+    c.simple_query("SELECT 1").await.unwrap();
+    let metric = "pgwarden_proxy_connections_rejected_total{reason=\"database_client_limit\"}";
+    assert_eq!(proxy.metric(metric).await, 1.0);
+
+    // One new connection a second: of twenty at once, the first goes through, the next waits
+    // its turn (a second's worth wait), the others are refused, each after a second (so that a
+    // client reconnecting in a loop comes back once a second).
+    assert_eq!(proxy.put_routes(&table(2, None, Some(1))).await.status, 200);
+    let started = Instant::now();
+    let attempts = (0..20).map(|_| async {
+        let result = connect(&proxy, "app", "app").await;
+        (result, started.elapsed())
+    });
+    let results = futures_util::future::join_all(attempts).await;
+    let took = started.elapsed().as_secs_f64();
+    let mut admitted: Vec<Duration> =
+        results.iter().filter(|(r, _)| r.is_ok()).map(|(_, at)| *at).collect();
+    admitted.sort();
+    let refused: Vec<_> =
+        results.iter().filter_map(|(r, at)| Some((r.as_ref().err()?, *at))).collect();
+    assert!(
+        (1..=2 + took as usize).contains(&admitted.len()),
+        "{} admitted in {took:.2} s",
+        admitted.len()
+    );
+    if admitted.len() > 1 {
+        assert!(admitted[1] >= Duration::from_millis(900), "the second waited: {admitted:?}");
+    }
+    assert!(!refused.is_empty());
+    for (err, at) in &refused {
+        assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err}");
+        let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+        assert!(message.contains("at most 1 per second"), "{message}");
+        assert!(*at >= Duration::from_millis(950), "refused after {at:?}");
+    }
+    let metric = "pgwarden_proxy_connections_rejected_total{reason=\"database_connection_rate\"}";
+    assert_eq!(proxy.metric(metric).await, refused.len() as f64);
+    // Meanwhile the other database took every one of its own.
+    for _ in 0..5 {
+        connect(&proxy, "postgres", "app").await.expect("another database is not limited");
+    }
 }
 
 /// A libpq 17+ client (psycopg 3, `tests/clients/session.py`) sees its real backend through

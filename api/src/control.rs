@@ -77,6 +77,31 @@ pub struct Database {
     pub replication: String,
     /// RFC 3339.
     pub created_at: String,
+    /// What the proxies allow this database.
+    #[serde(default)]
+    pub limits: ClientLimits,
+}
+
+/// What the proxies allow one database: clients at once (beyond it a new one is refused with
+/// `53300`) and new connections per second (a second's worth at once; beyond it `53300` too).
+/// The plan's defaults unless set (`PUT /v1/databases/{id}/limits`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ClientLimits {
+    pub client_connections: u32,
+    pub connections_per_second: u32,
+}
+
+/// Body of `PUT /v1/databases/{id}/limits`: a number replaces the plan's default, `null` or
+/// nothing goes back to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SetLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_per_second: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -300,6 +325,7 @@ impl std::fmt::Debug for Database {
             .field("nodes", &self.nodes)
             .field("replication", &self.replication)
             .field("created_at", &self.created_at)
+            .field("limits", &self.limits)
             .finish()
     }
 }

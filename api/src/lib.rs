@@ -62,6 +62,14 @@ pub struct DatabaseRoute {
     /// pooled clients of this database (default 20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_size: Option<u32>,
+    /// Clients of this database the proxy serves at once (both addresses); beyond it a new one
+    /// is refused (`53300`). Absent: not limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_connections: Option<u32>,
+    /// New connections per second the proxy takes for this database (a second's worth at
+    /// once); beyond it a new one is refused (`53300`). Absent: not limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_per_second: Option<u32>,
 }
 
 /// SCRAM verifiers by user name, as `pg_authid.rolpassword` holds them

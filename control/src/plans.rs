@@ -56,6 +56,20 @@ pub fn pool_size(plan: &str) -> u32 {
     max.saturating_sub((max / 4).max(10)).max(1)
 }
 
+/// What the proxies allow a database on `plan` unless it was set otherwise: ten clients per
+/// connection its nodes take, and twice as many new connections per second (enough for every
+/// client of a pool to reconnect at once, not for a storm to fork the node's machine away).
+pub fn limits(
+    plan: &str,
+    set: pgwarden_api::control::SetLimits,
+) -> pgwarden_api::control::ClientLimits {
+    let max = find(plan).map_or(30, |p| p.max_connections);
+    pgwarden_api::control::ClientLimits {
+        client_connections: set.client_connections.unwrap_or(max * 10),
+        connections_per_second: set.connections_per_second.unwrap_or(max * 2),
+    }
+}
+
 pub fn names() -> Vec<String> {
     catalogue().into_iter().map(|p| p.name).collect()
 }
@@ -105,6 +119,14 @@ mod tests {
         assert_eq!(pool_size("postgresql-sandbox"), 20, "30 less the minimum reserve of 10");
         assert_eq!(get("work_mem"), "3276kB");
         assert_eq!(get("maintenance_work_mem"), "64MB");
+        let defaults = limits("postgresql-sandbox", Default::default());
+        assert_eq!((defaults.client_connections, defaults.connections_per_second), (300, 60));
+        let set = pgwarden_api::control::SetLimits {
+            client_connections: None,
+            connections_per_second: Some(5),
+        };
+        let mixed = limits("postgresql-business-2048", set);
+        assert_eq!((mixed.client_connections, mixed.connections_per_second), (1_200, 5));
         let sandbox = parameters(&find("postgresql-sandbox").unwrap());
         assert!(sandbox.contains(&("maintenance_work_mem", "16MB".into())));
     }

@@ -6,6 +6,7 @@
 //! log through `Display`). A connection refused before its session starts is a [`Refusal`],
 //! which also names its metric label; [`refuse`] counts it, logs it and tells the client.
 
+use crate::tenants::Full;
 use std::fmt;
 
 use tokio::io::AsyncWriteExt;
@@ -41,6 +42,8 @@ pub enum Refusal {
     UnknownId(String),
     UnknownDatabase(String),
     TooManyClients,
+    /// The database's own limit (clients at once, or new connections per second).
+    DatabaseFull(String, crate::tenants::Full),
     ShuttingDown,
     /// A plaintext client of a database that forces TLS.
     TlsRequired(String),
@@ -87,6 +90,8 @@ impl Refusal {
         Some(match self {
             Self::UnknownId(_) | Self::UnknownDatabase(_) => Rejection::UnknownDatabase,
             Self::TooManyClients => Rejection::TooManyClients,
+            Self::DatabaseFull(_, Full::Clients(_)) => Rejection::DatabaseClients,
+            Self::DatabaseFull(_, Full::Rate(_)) => Rejection::DatabaseRate,
             Self::ShuttingDown => Rejection::ShuttingDown,
             Self::TlsRequired(_) => Rejection::TlsRequired,
             Self::NoVerifiers(_) | Self::NotPoolable(_) => Rejection::NotPoolable,
@@ -152,7 +157,7 @@ impl UserFacing for Refusal {
     fn sqlstate(&self) -> SqlState {
         match self {
             Self::UnknownId(_) | Self::UnknownDatabase(_) => SqlState::UnknownDatabase,
-            Self::TooManyClients => SqlState::TooManyConnections,
+            Self::TooManyClients | Self::DatabaseFull(..) => SqlState::TooManyConnections,
             Self::TlsRequired(_) | Self::NoVerifiers(_) | Self::NotScram(_) => {
                 SqlState::InvalidAuthorization
             }
@@ -180,6 +185,14 @@ impl UserFacing for Refusal {
             }
             Self::UnknownDatabase(db) => format!("database \"{db}\" does not exist"),
             Self::TooManyClients => "sorry, too many clients already".into(),
+            Self::DatabaseFull(db, Full::Clients(max)) => format!(
+                "too many connections to database \"{db}\": it takes at most {max} {} at once",
+                if *max == 1 { "client" } else { "clients" }
+            ),
+            Self::DatabaseFull(db, Full::Rate(rate)) => format!(
+                "too many new connections to database \"{db}\": it takes at most {rate} per \
+                 second; retry shortly"
+            ),
             Self::ShuttingDown => "the proxy is shutting down".into(),
             Self::TlsRequired(db) => {
                 format!("TLS is required for database \"{db}\": connect with sslmode=require")

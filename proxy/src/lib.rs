@@ -25,6 +25,7 @@
 //! - `open_files`: the limit on open files as a session limit;
 //! - `stream`: client and node streams, plain or TLS;
 //! - `tls`: the client-facing certificate, re-read on SIGHUP;
+//! - `tenants`: bounds per database on clients and new connections per second;
 //! - `routes`: the routing table and its hot swap;
 //! - `node`: connections to nodes (TCP, verified TLS);
 //! - `cancel`: cancel keys and forwarding cancel requests to nodes;
@@ -65,6 +66,7 @@ mod scram;
 mod server;
 mod session;
 mod stream;
+mod tenants;
 mod tls;
 mod workers;
 
@@ -86,6 +88,8 @@ use tokio_util::sync::CancellationToken;
 pub(crate) struct Shared {
     limits: Limits,
     admission: Arc<admission::Admission>,
+    /// Each database's clients and new connections, against its limits.
+    tenants: Arc<tenants::Tenants>,
     routes: RouteStore,
     /// Transaction pooling's server connections, per database.
     pools: pooling::Pools,

@@ -66,10 +66,13 @@ pub enum Rejection {
     Evicted,
     /// A client of the pool address that cannot be pooled (no verifiers, replication...).
     NotPoolable,
+    /// A database's own limits (`tenants.rs`).
+    DatabaseClients,
+    DatabaseRate,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 17] = [
+    const ALL: [Rejection; 19] = [
         Self::TooManyClients,
         Self::HandshakeTimeout,
         Self::Malformed,
@@ -87,6 +90,8 @@ impl Rejection {
         Self::TooManyStarting,
         Self::Evicted,
         Self::NotPoolable,
+        Self::DatabaseClients,
+        Self::DatabaseRate,
     ];
 
     fn label(self) -> &'static str {
@@ -108,6 +113,8 @@ impl Rejection {
             Self::Evicted => "evicted_while_starting",
             Self::NodeTimeout => "node_timeout",
             Self::NotPoolable => "not_poolable",
+            Self::DatabaseClients => "database_client_limit",
+            Self::DatabaseRate => "database_connection_rate",
         }
     }
 }

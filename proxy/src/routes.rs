@@ -43,6 +43,8 @@ pub struct Route {
     pub node_tls: Option<Arc<TlsConnector>>,
     /// Transaction pooling: server connections to the primary at most.
     pub pool_size: usize,
+    /// Clients at once and new connections per second (`tenants.rs`).
+    pub limits: crate::tenants::Limits,
 }
 
 /// Server connections per database when the table does not say.
@@ -63,6 +65,7 @@ impl std::fmt::Debug for Route {
             .field("hold", &self.hold)
             .field("users", &self.users.as_ref().map(|u| u.len()))
             .field("node_tls", &self.node_tls.is_some())
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
@@ -264,6 +267,10 @@ impl RouteStore {
                 users: entry.users.as_ref().map(credentials),
                 node_tls: node_tls.as_ref().map(|(_, c)| c.clone()),
                 pool_size: entry.pool_size.map_or(DEFAULT_POOL_SIZE, |n| n.max(1) as usize),
+                limits: crate::tenants::Limits {
+                    client_connections: entry.client_connections,
+                    connections_per_second: entry.connections_per_second,
+                },
             };
             routes.insert(name.clone(), Arc::new(route));
         }
@@ -331,6 +338,8 @@ mod tests {
                     id: None,
                     users: None,
                     pool_size: None,
+                    client_connections: None,
+                    connections_per_second: None,
                 };
                 (n.to_string(), route)
             })

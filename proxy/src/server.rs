@@ -112,6 +112,7 @@ pub async fn run_on(
         crate::admission::Admission::new(limits.max_starting, limits.max_starting_per_source);
     let shared = Arc::new(Shared {
         admission,
+        tenants: Arc::default(),
         admin_token: config.resolve_admin_token()?,
         decoy_secret: rand::random(),
         domain: config.domain.as_ref().map(|d| d.trim_start_matches('.').to_ascii_lowercase()),

@@ -23,6 +23,7 @@ use crate::pooling::PooledSession;
 use crate::protocol::StartupParams;
 use crate::routes::Route;
 use crate::stream::{ClientStream, NodeStream};
+use crate::tenants::Seat;
 use crate::Shared;
 
 /// How long the proxy waits for a node to finish its current message before ending a session.
@@ -54,16 +55,17 @@ pub async fn serve(
         }
     };
     drop(starting);
+    // The client's seat in its database (`tenants.rs`), given back when it leaves.
+    let Some((opened, _seat)) = opened else { return };
     match opened {
-        Some(Opened::Session(session)) => run_session(session, &shared, span).await,
-        Some(Opened::Pooled(client)) => {
+        Opened::Session(session) => run_session(session, &shared, span).await,
+        Opened::Pooled(client) => {
             let started = PooledSession::start(client, &shared).instrument(span.clone()).await;
             if let Some(session) = started {
                 shared.metrics.accepted.inc();
                 session.run().await;
             }
         }
-        None => {}
     }
 }
 
@@ -76,7 +78,12 @@ enum Opened {
 /// Handshake, routing and authentication. The handshake timeout bounds what the client must
 /// send (TLS handshake and startup packet here, each authentication message in `auth`); the
 /// node's part has bounds of its own, and a node too slow ends in an ErrorResponse, not a close.
-async fn open(tcp: TcpStream, shared: &Shared, peer: IpAddr, pooled: bool) -> Option<Opened> {
+async fn open(
+    tcp: TcpStream,
+    shared: &Shared,
+    peer: IpAddr,
+    pooled: bool,
+) -> Option<(Opened, Seat)> {
     let over_limit =
         shared.metrics.client_connections.get() as usize > shared.limits.max_client_connections;
     let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout();
@@ -154,7 +161,7 @@ async fn start_session(
     peer: IpAddr,
     over_limit: bool,
     pooled: bool,
-) -> Option<Opened> {
+) -> Option<(Opened, Seat)> {
     let Startup { mut stream, mut params, packet, end_point, server_name } = startup;
     let started = async {
         params.database = database_named(&params.database, server_name.as_deref(), shared)?;
@@ -170,29 +177,42 @@ async fn start_session(
         // Subscribed before the route is read: a table that changes it shows there.
         let changes = shared.routes.subscribe();
         let route = admit(shared, &stream, &params.database)?;
+        // Before any authentication work: a refused client costs the node nothing, and learns
+        // it late enough not to come back at once (`tenants.rs`).
+        let seat = match shared.tenants.enter(&params.database, route.limits) {
+            Ok(seat) => seat,
+            Err(full) => {
+                tokio::time::sleep(crate::tenants::REFUSAL_DELAY).await;
+                return Err(Refusal::DatabaseFull(params.database.clone(), full));
+            }
+        };
+        tokio::time::sleep(seat.wait).await;
         let login =
             authenticate(&mut stream, &route, &params, end_point.as_deref(), shared).await?;
         if pooled {
-            return pooled_settings(&params.database, &packet, login).map(Started::Pooled);
+            let settings = pooled_settings(&params.database, &packet, login)?;
+            return Ok((Started::Pooled(settings), seat));
         }
         let node = NodeLogin { params: &params, packet: &packet, login: login.as_ref() };
-        node.open(&mut stream, (route, changes), shared).await.map(Started::Session)
+        let session = node.open(&mut stream, (route, changes), shared).await?;
+        Ok((Started::Session(session), seat))
     };
     match started.await {
-        Ok(Started::Session((node, route, auth))) => {
+        Ok((Started::Session((node, route, auth)), seat)) => {
             shared.metrics.accepted.inc();
             let database = params.database;
-            Some(Opened::Session(Session { client: stream, node, route, database, auth }))
+            Some((Opened::Session(Session { client: stream, node, route, database, auth }), seat))
         }
-        Ok(Started::Pooled((login, settings))) => {
-            Some(Opened::Pooled(crate::pooling::PooledClient {
+        Ok((Started::Pooled((login, settings)), seat)) => {
+            let client = crate::pooling::PooledClient {
                 stream,
                 database: params.database,
                 user: params.user,
                 login,
                 startup: settings.clone(),
                 settings,
-            }))
+            };
+            Some((Opened::Pooled(client), seat))
         }
         Err(refusal) => {
             if matches!(refusal, Refusal::BadPassword(_)) {

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use pgwarden_api::control::{
     ChangeDatabase, CreateDatabase, Database, DatabaseOperation, DatabaseStatus, Engine,
-    EngineUpgrade, Env, Event, Plan, SetTls,
+    EngineUpgrade, Env, Event, Plan, SetLimits, SetTls,
 };
 
 use super::error::ApiError;
@@ -78,6 +78,7 @@ pub async fn create(
         engine,
         upgrade: None,
         retired: Vec::new(),
+        limits: Default::default(),
     };
     // The check and the insert are one step: of two creates with the same name, one wins.
     platform
@@ -324,6 +325,50 @@ pub async fn set_tls(
     Ok(Json(view(platform, &db).await))
 }
 
+/// The most either limit may be set to.
+const LIMIT_MAX: u32 = 1_000_000;
+
+/// Sets (or gives back to the plan) what the proxies allow the database.
+pub async fn set_limits(
+    State(state): AppState,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<Json<Database>, ApiError> {
+    let request: SetLimits = body(&bytes)?;
+    for (name, value) in [
+        ("client_connections", request.client_connections),
+        ("connections_per_second", request.connections_per_second),
+    ] {
+        if let Some(v) = value.filter(|v| !(1..=LIMIT_MAX).contains(v)) {
+            return Err(ApiError::bad_request(
+                "invalid_limit",
+                format!("{name} {v} is out of range: 1 to {LIMIT_MAX}, or null for the plan's"),
+            ));
+        }
+    }
+    let platform: &Arc<_> = &state.platform;
+    let (changed, db) = platform
+        .records
+        .update(&id, |db| {
+            require_running(db)?;
+            let changed = db.limits != request;
+            db.limits = request;
+            Ok::<_, ApiError>(changed)
+        })
+        .await?
+        .ok_or_else(|| ApiError::not_found("database", &id))?;
+    if changed {
+        let epoch = platform.routing.publish(&platform.records.store).await?;
+        let limits = crate::plans::limits(&db.plan, db.limits);
+        let message = format!(
+            "clients at once {}, new connections per second {} (routing epoch {epoch})",
+            limits.client_connections, limits.connections_per_second
+        );
+        platform.records.event(&id, "limits_changed", message).await;
+    }
+    Ok(Json(view(platform, &db).await))
+}
+
 pub async fn events(
     State(state): AppState,
     Path(id): Path<String>,
@@ -360,7 +405,9 @@ pub struct HistoryQuery {
     since: Option<String>,
     /// RFC 3339; default: now.
     until: Option<String>,
-    /// Seconds per point; default: the range in at most 360 points, at least 1 s.
+    /// Seconds per point; default: the range in at most 360 points, at least 1 s, and no finer
+    /// than what the history keeps that far back (1 min after 3 h, 5 min after 7 h, 30 min
+    /// after 26 h).
     step: Option<u64>,
 }
 
@@ -397,9 +444,15 @@ pub async fn stats_history(
         return Err(ApiError::bad_request("invalid_query", "since must be before until"));
     }
     let span = (until - since).whole_seconds().max(1) as u64;
+    let ms = |t: time::OffsetDateTime| (t.unix_timestamp_nanos() / 1_000_000) as i64;
+    let history = &state.sampler.history;
+    let now = time::OffsetDateTime::now_utc();
     // A step longer than the range gives one point: it is capped there (a huge one would
     // overflow the arithmetic of the buckets).
-    let step = query.step.unwrap_or_else(|| span.div_ceil(360)).clamp(1, span);
+    let step = query
+        .step
+        .unwrap_or_else(|| history.default_step(ms(since), ms(until), ms(now)))
+        .clamp(1, span);
     let steps = span.div_ceil(step);
     if steps > crate::stats::history::MAX_STEPS {
         return Err(ApiError::bad_request(
@@ -410,7 +463,5 @@ pub async fn stats_history(
             ),
         ));
     }
-    let ms = |t: time::OffsetDateTime| (t.unix_timestamp_nanos() / 1_000_000) as i64;
-    let history = state.sampler.history.series(&id, ms(since), ms(until), step)?;
-    Ok(Json(history))
+    Ok(Json(history.series(&id, ms(since), ms(until), step)?))
 }

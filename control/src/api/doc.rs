@@ -5,11 +5,11 @@
 
 use axum::Json;
 use pgwarden_api::control::{
-    Backup, BackupKind, BackupOperation, BackupStats, BackupStatus, ChangeDatabase, Connections,
-    Container, CreateDatabase, CreateUser, Database, DatabaseOperation, DatabaseStatus, DiskStats,
-    Engine, EngineUpgrade, Env, Event, Lag, Node, NodeRole, NodeSeries, NodeStats, Operation,
-    OperationStatus, PitrWindow, Plan, SetTls, SizeStats, Stats, StatsHistory, TlsSettings, Usage,
-    User, UserWithPassword,
+    Backup, BackupKind, BackupOperation, BackupStats, BackupStatus, ChangeDatabase, ClientLimits,
+    Connections, Container, CreateDatabase, CreateUser, Database, DatabaseOperation,
+    DatabaseStatus, DiskStats, Engine, EngineUpgrade, Env, Event, Lag, Node, NodeRole, NodeSeries,
+    NodeStats, Operation, OperationStatus, PitrWindow, Plan, SetLimits, SetTls, SizeStats, Stats,
+    StatsHistory, TlsSettings, Usage, User, UserWithPassword,
 };
 use pgwarden_api::{ApiError, ApiErrorBody};
 use utoipa::openapi::path::{
@@ -40,6 +40,7 @@ use super::{Body, Route};
         BackupStats,
         BackupStatus,
         ChangeDatabase,
+        ClientLimits,
         Connections,
         Container,
         CreateDatabase,
@@ -61,6 +62,7 @@ use super::{Body, Route};
         OperationStatus,
         PitrWindow,
         Plan,
+        SetLimits,
         SetTls,
         SizeStats,
         Stats,

@@ -196,6 +196,14 @@ pub fn routes() -> Vec<Route> {
             put(databases::set_tls),
         ),
         route(
+            put_.clone(),
+            "/v1/databases/{id}/limits",
+            "Set the proxies' limits (clients at once, new connections per second)",
+            Schema("SetLimits"),
+            (200, Schema("Database")),
+            put(databases::set_limits),
+        ),
+        route(
             get_.clone(),
             "/v1/databases/{id}/events",
             "The database's history",

@@ -64,6 +64,7 @@ pub async fn listed(platform: &Arc<Platform>, db: &DatabaseRecord) -> Database {
         .into(),
         nodes,
         created_at: db.created_at.clone(),
+        limits: crate::plans::limits(&db.plan, db.limits),
     }
 }
 

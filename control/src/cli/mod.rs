@@ -71,6 +71,16 @@ pub enum Command {
         #[arg(long, value_parser = ["on", "off"])]
         force: String,
     },
+    /// Set what the proxies allow a database; an option left out goes back to the plan's.
+    Limits {
+        id: String,
+        /// Clients at once.
+        #[arg(long)]
+        clients: Option<u32>,
+        /// New connections per second.
+        #[arg(long)]
+        per_second: Option<u32>,
+    },
     /// Manage users.
     Users {
         #[command(subcommand)]
@@ -334,6 +344,20 @@ pub async fn run(
                 .await?;
             show(&db, || {
                 println!("{}: force TLS {}", db.id, if db.tls.force { "on" } else { "off" });
+            });
+            Ok(())
+        }
+        Command::Limits { id, clients, per_second } => {
+            let body = json!({"client_connections": clients, "connections_per_second": per_second});
+            let db: Database = client()?
+                .call(Method::PUT, &format!("/v1/databases/{id}/limits"), Some(body))
+                .await?;
+            show(&db, || {
+                let l = db.limits;
+                println!(
+                    "{}: {} clients at once, {} new connections per second",
+                    db.id, l.client_connections, l.connections_per_second
+                );
             });
             Ok(())
         }

@@ -45,6 +45,7 @@ pub fn build(
             continue;
         }
         let Some(primary) = db.primary() else { continue };
+        let limits = plans::limits(&db.plan, db.limits);
         let route = DatabaseRoute {
             force_tls: db.force_tls,
             primary: format!("{}:{}", primary.host, primary.port),
@@ -53,6 +54,8 @@ pub fn build(
             id: Some(db.id.clone()),
             users: verifiers.get(&db.id),
             pool_size: Some(plans::pool_size(&db.plan)),
+            client_connections: Some(limits.client_connections),
+            connections_per_second: Some(limits.connections_per_second),
         };
         routes.insert(db.name.clone(), route);
     }

@@ -161,6 +161,7 @@ async fn lead(
     };
     let history = crate::stats::history::History::open(
         &stats_dir.join("stats.redb"),
+        platform.config.stats_interval,
         platform.config.stats_retention,
     )
     .context("stats history")?;

@@ -38,6 +38,9 @@ pub struct DatabaseRecord {
     /// Clusters a major upgrade replaced: kept stopped for the rollback window, then removed.
     #[serde(default)]
     pub retired: Vec<RetiredCluster>,
+    /// The proxies' limits set for this database (`None`: the plan's).
+    #[serde(default)]
+    pub limits: pgwarden_api::control::SetLimits,
 }
 
 /// A major upgrade between its first new node and the swap of the routes.
@@ -157,6 +160,7 @@ mod tests {
             engine: None,
             upgrade: None,
             retired: vec![],
+            limits: Default::default(),
         };
         let shown = format!("{record:?}");
         assert!(shown.contains("a_1"), "{shown}");

@@ -214,6 +214,7 @@ mod tests {
             engine: None,
             upgrade: None,
             retired: vec![],
+            limits: Default::default(),
         }
     }
 

@@ -1,19 +1,42 @@
-//! The stats history: every sample of every database, kept `retention` in its own embedded,
+//! The stats history: what the samples of every database showed, in its own embedded,
 //! transactional store (`stats.redb` in the data dir: a crash loses at most the sample being
-//! written), pruned as samples are added. Answers are one mean per step, per figure.
+//! written), in tiers so that a database's week stays small whatever its figures:
+//!
+//! | tier | a point is | kept | answers charts of |
+//! |---|---|---|---|
+//! | 0 | one sample | 3 hours (1 080 samples, but at least 75 minutes) | an hour |
+//! | 1 | the mean of a minute | 7 hours | 6 hours |
+//! | 2 | the mean of 5 minutes | 26 hours | a day |
+//! | 3 | the mean of 30 minutes | the retention (7 days by default) | a week |
+//!
+//! A point is a few bytes per figure (`f32`s), keyed by tier, database and time. When a record
+//! starts a new minute, the steps that ended are rolled up from the tier below, each tier's
+//! expired points go, and so does everything of databases that no longer exist: one look per
+//! database and tier, whatever the number of points.
+//!
+//! An answer takes its range from the coarsest tier no coarser than its step, from finer tiers
+//! what is too recent to be rolled up yet, and from coarser ones what finer tiers no longer
+//! keep; then one mean per step, each point weighing the samples it stands for.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use pgwarden_api::control::{NodeSeries, Stats, StatsHistory};
-use redb::{Database, ReadableDatabase, TableDefinition};
-use serde::{Deserialize, Serialize};
+use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, TableHandle};
+use serde::Deserialize;
 
 use crate::files::blocking_io;
 use crate::state::StoreError;
 
-/// Key `<database>/<unix ms, 20 digits>`: a database's samples in time order.
+/// Key `(tier, database, unix ms)`: each tier's points of a database, in time order.
+const POINTS: TableDefinition<(u8, &str, i64), &[u8]> = TableDefinition::new("points");
+
+/// Where versions before the tiers kept every sample (as JSON, key `<database>/<ms>`); its
+/// samples are moved into the tiers when the store is first opened.
 const SAMPLES: TableDefinition<&str, &[u8]> = TableDefinition::new("samples");
 
 /// How redb says another process has the file open.
@@ -22,53 +45,151 @@ const ALREADY_OPEN: &str = "already open";
 /// The most steps an answer may have.
 pub const MAX_STEPS: u64 = 10_000;
 
-/// What a sample keeps for charts.
-#[derive(Debug, Serialize, Deserialize)]
-struct Point {
-    at_ms: i64,
-    nodes: Vec<NodePoint>,
-    logical: Option<u64>,
-    /// data, WAL, other.
-    disk: Option<[u64; 3]>,
+const TIERS: usize = 4;
+/// Samples kept: at most this long, and at most `RAW_SAMPLES` of them, but always the last
+/// `RAW_AT_LEAST` (the hour charts are of samples at any interval).
+const RAW_KEPT: Duration = Duration::from_secs(3 * 3600);
+const RAW_SAMPLES: u32 = 1_080;
+const RAW_AT_LEAST: Duration = Duration::from_secs(75 * 60);
+/// The rolled-up tiers: grain, and how long they are kept (at most the retention).
+const ROLLED: [(Duration, Duration); TIERS - 1] = [
+    (Duration::from_secs(60), Duration::from_secs(7 * 3600)),
+    (Duration::from_secs(300), Duration::from_secs(26 * 3600)),
+    (Duration::from_secs(1800), Duration::MAX),
+];
+
+const NODE_FIGURES: usize = 9;
+/// Logical size; disk: data, WAL, other.
+const DATABASE_FIGURES: usize = 4;
+
+/// A tier's grain and how long it keeps its points (ms).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Tier {
+    grain_ms: i64,
+    kept_ms: i64,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct NodePoint {
-    name: String,
-    cpu: Option<f64>,
-    memory: Option<u64>,
-    memory_limit: Option<u64>,
-    swap: Option<u64>,
-    swap_limit: Option<u64>,
-    open: Option<u64>,
-    max: Option<u64>,
-    lag_bytes: Option<u64>,
-    lag_seconds: Option<f64>,
+fn ms(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+/// The tiers for samples every `interval`, all kept for at most `retention`.
+fn tiers(interval: Duration, retention: Duration) -> [Tier; TIERS] {
+    let interval = ms(interval).max(1);
+    let retention = ms(retention);
+    let raw = ms(RAW_KEPT).min(interval.saturating_mul(RAW_SAMPLES.into()).max(ms(RAW_AT_LEAST)));
+    let mut tiers = [Tier { grain_ms: interval, kept_ms: raw.min(retention) }; TIERS];
+    for (tier, (grain, kept)) in tiers[1..].iter_mut().zip(ROLLED) {
+        *tier = Tier { grain_ms: ms(grain).max(interval), kept_ms: ms(kept).min(retention) };
+    }
+    tiers
+}
+
+/// One point: a sample, or the mean of the samples of a minute or a quarter.
+#[derive(Debug, Clone, PartialEq)]
+struct Point {
+    at_ms: i64,
+    /// How many samples it stands for.
+    samples: u32,
+    database: [Option<f64>; DATABASE_FIGURES],
+    nodes: Vec<(String, [Option<f64>; NODE_FIGURES])>,
 }
 
 impl Point {
     fn of(stats: &Stats, at_ms: i64) -> Self {
+        let f = |v: Option<u64>| v.map(|v| v as f64);
+        let disk = |i: usize| stats.size.disk.as_ref().map(|d| [d.data, d.wal, d.other][i] as f64);
         Self {
             at_ms,
+            samples: 1,
+            database: [f(stats.size.logical), disk(0), disk(1), disk(2)],
             nodes: stats
                 .nodes
                 .iter()
-                .map(|n| NodePoint {
-                    name: n.name.clone(),
-                    cpu: n.cpu_percent,
-                    memory: n.memory.current,
-                    memory_limit: n.memory.limit,
-                    swap: n.swap.current,
-                    swap_limit: n.swap.limit,
-                    open: n.connections.as_ref().map(|c| c.open),
-                    max: n.connections.as_ref().map(|c| c.max),
-                    lag_bytes: n.replication_lag.as_ref().map(|l| l.bytes),
-                    lag_seconds: n.replication_lag.as_ref().map(|l| l.seconds),
+                .map(|n| {
+                    let (open, max) = n.connections.as_ref().map(|c| (c.open, c.max)).unzip();
+                    let lag = n.replication_lag.as_ref();
+                    let figures = [
+                        n.cpu_percent,
+                        f(n.memory.current),
+                        f(n.memory.limit),
+                        f(n.swap.current),
+                        f(n.swap.limit),
+                        f(open),
+                        f(max),
+                        f(lag.map(|l| l.bytes)),
+                        lag.map(|l| l.seconds),
+                    ];
+                    (n.name.clone(), figures)
                 })
                 .collect(),
-            logical: stats.size.logical,
-            disk: stats.size.disk.as_ref().map(|d| [d.data, d.wal, d.other]),
         }
+    }
+
+    /// `samples` (u32), the database's figures, the number of nodes (u8), then each node's
+    /// name (u8 length, bytes) and figures; a figure is an `f32`, NaN when it was not known.
+    fn encode(&self) -> Vec<u8> {
+        let nodes = &self.nodes[..self.nodes.len().min(usize::from(u8::MAX))];
+        let mut out = Vec::with_capacity(
+            4 + 4 * DATABASE_FIGURES + 1 + nodes.len() * (1 + 16 + 4 * NODE_FIGURES),
+        );
+        let figure = |out: &mut Vec<u8>, v: &Option<f64>| {
+            out.extend_from_slice(&v.map_or(f32::NAN, |v| v as f32).to_le_bytes());
+        };
+        out.extend_from_slice(&self.samples.to_le_bytes());
+        self.database.iter().for_each(|v| figure(&mut out, v));
+        out.push(nodes.len() as u8);
+        for (name, figures) in nodes {
+            let mut len = name.len().min(usize::from(u8::MAX));
+            while !name.is_char_boundary(len) {
+                len -= 1;
+            }
+            out.push(len as u8);
+            out.extend_from_slice(&name.as_bytes()[..len]);
+            figures.iter().for_each(|v| figure(&mut out, v));
+        }
+        out
+    }
+
+    /// The point `encode` wrote; `None` for bytes it did not write.
+    fn decode(at_ms: i64, bytes: &[u8]) -> Option<Self> {
+        let mut r = Reader(bytes);
+        let samples = u32::from_le_bytes(r.take()?);
+        let mut database = [None; DATABASE_FIGURES];
+        r.figures(&mut database)?;
+        let count = r.take::<1>()?[0];
+        let mut nodes = Vec::with_capacity(count.into());
+        for _ in 0..count {
+            let len = r.take::<1>()?[0];
+            let name = std::str::from_utf8(r.bytes(len.into())?).ok()?.to_owned();
+            let mut figures = [None; NODE_FIGURES];
+            r.figures(&mut figures)?;
+            nodes.push((name, figures));
+        }
+        r.0.is_empty().then_some(Self { at_ms, samples, database, nodes })
+    }
+}
+
+/// What is left to decode of a point.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn bytes(&mut self, n: usize) -> Option<&[u8]> {
+        let (head, tail) = self.0.split_at_checked(n)?;
+        self.0 = tail;
+        Some(head)
+    }
+
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.bytes(N)?.try_into().ok()
+    }
+
+    fn figures(&mut self, out: &mut [Option<f64>]) -> Option<()> {
+        for v in out {
+            let f = f32::from_le_bytes(self.take()?);
+            *v = (!f.is_nan()).then_some(f64::from(f));
+        }
+        Some(())
     }
 }
 
@@ -77,28 +198,25 @@ pub struct History {
     /// Open once a first use could open it: on storage the control planes share, the one that
     /// led before may hold it for a moment yet (a frozen leader, until it resumes and stops).
     db: OnceLock<Database>,
-    retention_ms: i64,
-    /// Samples recorded since the last sweep of the whole store.
-    since_sweep: std::sync::atomic::AtomicU32,
-}
-
-/// A sweep of the whole store (samples of deleted databases) every this many records.
-const SWEEP_EVERY: u32 = 360;
-
-fn key(database: &str, at_ms: i64) -> String {
-    format!("{database}/{:020}", at_ms.max(0))
+    tiers: [Tier; TIERS],
+    /// When the last record was (ms; `i64::MIN` before the first): a record in a new minute
+    /// rolls up and prunes.
+    last_record_ms: AtomicI64,
 }
 
 impl History {
-    /// Opens (or makes) the history at `path`, keeping samples for `retention`; `Err` if it
-    /// cannot be made at all.
-    pub fn open(path: &Path, retention: std::time::Duration) -> Result<Self, StoreError> {
-        let retention_ms = retention.as_millis().min(i64::MAX as u128) as i64;
+    /// Opens (or makes) the history at `path`, for samples every `interval` kept for
+    /// `retention` (the coarsest tier's); `Err` if it cannot be made at all.
+    pub fn open(path: &Path, interval: Duration, retention: Duration) -> Result<Self, StoreError> {
+        Self::with_tiers(path, tiers(interval, retention))
+    }
+
+    fn with_tiers(path: &Path, tiers: [Tier; TIERS]) -> Result<Self, StoreError> {
         let history = Self {
             path: path.to_owned(),
             db: OnceLock::new(),
-            retention_ms,
-            since_sweep: std::sync::atomic::AtomicU32::new(0),
+            tiers,
+            last_record_ms: AtomicI64::new(i64::MIN),
         };
         match history.db() {
             Err(StoreError::Db(e)) if e.contains(ALREADY_OPEN) => {
@@ -107,6 +225,20 @@ impl History {
             opened => drop(opened?),
         }
         Ok(history)
+    }
+
+    /// The size of the store's file, in bytes.
+    pub fn file_size(&self) -> std::io::Result<u64> {
+        Ok(std::fs::metadata(&self.path)?.len())
+    }
+
+    /// Bytes of the store: keys and values stored, pages in use, pages the file holds free.
+    pub fn usage(&self) -> Result<[u64; 3], StoreError> {
+        let tx = self.db()?.begin_write()?;
+        let stats = tx.stats()?;
+        let pages = stats.allocated_pages() * stats.page_size() as u64;
+        let file = self.file_size().map_err(|e| StoreError::Db(e.to_string()))?;
+        Ok([stats.stored_bytes(), pages, file.saturating_sub(pages)])
     }
 
     /// The store, opened now if it was not yet.
@@ -129,14 +261,21 @@ impl History {
         private().map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
         let db = blocking_io(|| Database::create(path))?;
         let tx = db.begin_write()?;
-        tx.open_table(SAMPLES)?;
+        tx.open_table(POINTS)?;
+        let moved = self.move_samples(&tx, now_ms())?;
         tx.commit()?;
+        if let Some(moved) = moved {
+            tracing::info!(
+                samples = moved,
+                "stats history: samples of an earlier version moved into tiers"
+            );
+        }
         Ok(self.db.get_or_init(|| db))
     }
 
-    /// Adds one sample per database, at `now_ms`; drops what is older than the retention and
-    /// (at the first call, then every `SWEEP_EVERY`) everything of databases not in `existing`,
-    /// in the same transaction.
+    /// Adds one sample per database at `now_ms`. In a new minute, first rolls up what ended,
+    /// drops each tier's expired points and everything of databases not in `existing`, in the
+    /// same transaction.
     pub fn record(
         &self,
         all: &[Stats],
@@ -144,27 +283,19 @@ impl History {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         blocking_io(|| {
+            let minute = self.tiers[1].grain_ms;
+            let last = self.last_record_ms.swap(now_ms, Ordering::Relaxed);
+            let tidy = last == i64::MIN || last.div_euclid(minute) != now_ms.div_euclid(minute);
             let tx = self.db()?.begin_write()?;
             {
-                let mut table = tx.open_table(SAMPLES)?;
-                let cutoff = now_ms - self.retention_ms;
-                // Keys sort by database, then time: what is too old is a range of each
-                // database. Now and then (and first), whatever belongs to no database that
-                // exists goes too.
-                let count = self.since_sweep.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if count.is_multiple_of(SWEEP_EVERY) {
-                    table.retain(|k, _| {
-                        let database = k.rsplit_once('/').map_or(k, |(d, _)| d);
-                        existing.iter().any(|e| e == database)
-                    })?;
-                }
-                for database in existing {
-                    let (from, to) = (key(database, 0), key(database, cutoff));
-                    table.retain_in(from.as_str()..to.as_str(), |_, _| false)?;
+                let mut table = tx.open_table(POINTS)?;
+                if tidy {
+                    let existing: HashSet<&str> = existing.iter().map(String::as_str).collect();
+                    self.tidy(&mut table, &existing, now_ms)?;
                 }
                 for stats in all {
-                    let point = serde_json::to_vec(&Point::of(stats, now_ms))?;
-                    table.insert(key(&stats.database, now_ms).as_str(), point.as_slice())?;
+                    let point = Point::of(stats, now_ms).encode();
+                    table.insert((0, stats.database.as_str(), now_ms), point.as_slice())?;
                 }
             }
             tx.commit()?;
@@ -172,7 +303,129 @@ impl History {
         })
     }
 
-    /// The samples of `database` in `[since_ms, until_ms)`, one mean per step of `step_secs`.
+    /// Rolls up every database's ended minutes and quarters, prunes each tier, and drops the
+    /// points of databases not in `existing`.
+    fn tidy(
+        &self,
+        table: &mut Table<(u8, &str, i64), &[u8]>,
+        existing: &HashSet<&str>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        // Rolled up first: what a tier rolls up may be about to expire below it.
+        for tier in 1..TIERS {
+            for db in existing {
+                self.roll(table, tier, db, now_ms)?;
+            }
+        }
+        for tier in 0..TIERS {
+            let t = tier as u8;
+            // Every database this tier holds points of, one look each.
+            let mut databases = Vec::new();
+            let mut lower = Bound::Included((t, String::new(), i64::MIN));
+            loop {
+                let bounds = (
+                    match &lower {
+                        Bound::Included((t, db, at)) => Bound::Included((*t, db.as_str(), *at)),
+                        Bound::Excluded((t, db, at)) => Bound::Excluded((*t, db.as_str(), *at)),
+                        Bound::Unbounded => Bound::Unbounded,
+                    },
+                    Bound::Excluded((t + 1, "", i64::MIN)),
+                );
+                let Some(entry) = table.range::<(u8, &str, i64)>(bounds)?.next() else {
+                    break;
+                };
+                let db = entry?.0.value().1.to_owned();
+                lower = Bound::Excluded((t, db.clone(), i64::MAX));
+                databases.push(db);
+            }
+            for db in &databases {
+                let end = match existing.contains(db.as_str()) {
+                    true => now_ms - self.tiers[tier].kept_ms,
+                    false => i64::MAX,
+                };
+                table.retain_in((t, db.as_str(), i64::MIN)..(t, db.as_str(), end), |_, _| false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rolls what tier `tier - 1` holds of `database`'s ended steps of tier `tier` (since its
+    /// last point) into points of `tier`.
+    fn roll(
+        &self,
+        table: &mut Table<(u8, &str, i64), &[u8]>,
+        tier: usize,
+        database: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let grain = self.tiers[tier].grain_ms;
+        let end = now_ms - now_ms.rem_euclid(grain);
+        let t = tier as u8;
+        let start = match table.range((t, database, i64::MIN)..(t, database, i64::MAX))?.next_back()
+        {
+            Some(entry) => entry?.0.value().2 + grain,
+            None => i64::MIN,
+        };
+        if start >= end {
+            return Ok(());
+        }
+        let finer = read(table, tier - 1, database, start, end)?;
+        for point in means(&finer, grain) {
+            table.insert((t, database, point.at_ms), point.encode().as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Moves the samples an earlier version kept (every sample, as JSON) into the tiers, and
+    /// drops their table; how many there were, `None` when there was no such table.
+    fn move_samples(
+        &self,
+        tx: &redb::WriteTransaction,
+        now_ms: i64,
+    ) -> Result<Option<usize>, StoreError> {
+        if !tx.list_tables()?.any(|t| t.name() == SAMPLES.name()) {
+            return Ok(None);
+        }
+        let mut per_database: BTreeMap<String, Vec<Point>> = BTreeMap::new();
+        {
+            let old = tx.open_table(SAMPLES)?;
+            for entry in old.iter()? {
+                let (key, value) = entry?;
+                let Some((database, _)) = key.value().rsplit_once('/') else { continue };
+                let Ok(sample) = serde_json::from_slice::<Sample>(value.value()) else { continue };
+                per_database.entry(database.to_owned()).or_default().push(sample.point());
+            }
+        }
+        let moved = per_database.values().map(Vec::len).sum();
+        let mut table = tx.open_table(POINTS)?;
+        for (database, samples) in &per_database {
+            for (tier, Tier { grain_ms, kept_ms }) in self.tiers.iter().enumerate() {
+                let points = match tier {
+                    0 => samples.clone(),
+                    _ => means(samples, *grain_ms),
+                };
+                for point in points.iter().filter(|p| p.at_ms >= now_ms - kept_ms) {
+                    let key = (tier as u8, database.as_str(), point.at_ms);
+                    table.insert(key, point.encode().as_slice())?;
+                }
+            }
+        }
+        drop(table);
+        tx.delete_table(SAMPLES)?;
+        Ok(Some(moved))
+    }
+
+    /// The step of an answer over `[since_ms, until_ms)` when none is asked: the range in at
+    /// most 360 points, and no finer than the grain of the finest tier that keeps `since_ms` at
+    /// `now_ms` (finer steps would be empty between that tier's points).
+    pub fn default_step(&self, since_ms: i64, until_ms: i64, now_ms: i64) -> u64 {
+        let span_s = (until_ms.saturating_sub(since_ms) / 1_000).max(1) as u64;
+        let age = now_ms.saturating_sub(since_ms);
+        let tier = self.tiers.iter().find(|t| t.kept_ms >= age).unwrap_or(&self.tiers[TIERS - 1]);
+        span_s.div_ceil(360).max((tier.grain_ms / 1_000).max(1) as u64)
+    }
+
+    /// `database`'s figures over `[since_ms, until_ms)`, one mean per step of `step_secs`.
     pub fn series(
         &self,
         database: &str,
@@ -180,88 +433,136 @@ impl History {
         until_ms: i64,
         step_secs: u64,
     ) -> Result<StatsHistory, StoreError> {
-        let points: Vec<Point> = blocking_io(|| {
+        let step_ms = (step_secs.max(1) * 1000) as i64;
+        let points = blocking_io(|| {
             let tx = self.db()?.begin_read()?;
-            let table = tx.open_table(SAMPLES)?;
-            let (from, to) = (key(database, since_ms), key(database, until_ms));
-            let mut out = Vec::new();
-            for entry in table.range(from.as_str()..to.as_str())? {
-                let (_, v) = entry?;
-                out.push(serde_json::from_slice(v.value())?);
+            let table = tx.open_table(POINTS)?;
+            let grain = |tier: usize| self.tiers[tier].grain_ms;
+            let preferred = (0..TIERS).rev().find(|&t| grain(t) <= step_ms).unwrap_or(0);
+            let mut points = read(&table, preferred, database, since_ms, until_ms)?;
+            // What is too recent for the preferred tier, from finer ones.
+            let mut covered_to = points.last().map_or(since_ms, |p| p.at_ms + grain(preferred));
+            for tier in (0..preferred).rev() {
+                let recent = read(&table, tier, database, covered_to.max(since_ms), until_ms)?;
+                if let Some(last) = recent.last() {
+                    covered_to = last.at_ms + grain(tier);
+                }
+                points.extend(recent);
             }
-            Ok::<_, StoreError>(out)
+            // What finer tiers no longer keep, from coarser ones: points that end before the
+            // first one taken.
+            let mut covered_from = points.first().map_or(until_ms, |p| p.at_ms);
+            for tier in preferred + 1..TIERS {
+                let end = covered_from.saturating_sub(grain(tier) - 1);
+                let mut older = read(&table, tier, database, since_ms, end)?;
+                if let Some(first) = older.first() {
+                    covered_from = first.at_ms;
+                }
+                older.append(&mut points);
+                points = older;
+            }
+            Ok::<_, StoreError>(points)
         })?;
-        Ok(bucket(database, &points, since_ms, until_ms, step_secs))
+        Ok(answer(database, &means(&points, step_ms), since_ms, until_ms, step_secs))
     }
 }
 
-/// Means of the values of each step.
-#[derive(Default)]
-struct Mean(f64, u32);
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// `tier`'s points of `database` in `[from_ms, to_ms)`; unreadable ones are skipped.
+fn read(
+    table: &impl ReadableTable<(u8, &'static str, i64), &'static [u8]>,
+    tier: usize,
+    database: &str,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Vec<Point>, StoreError> {
+    let mut out = Vec::new();
+    if from_ms >= to_ms {
+        return Ok(out);
+    }
+    let t = tier as u8;
+    for entry in table.range((t, database, from_ms)..(t, database, to_ms))? {
+        let (key, value) = entry?;
+        out.extend(Point::decode(key.value().2, value.value()));
+    }
+    Ok(out)
+}
+
+/// A mean of values, each weighing what it stands for.
+#[derive(Default, Clone, Copy)]
+struct Mean(f64, f64);
 
 impl Mean {
-    fn add(&mut self, v: Option<f64>) {
+    fn add(&mut self, v: Option<f64>, weight: f64) {
         if let Some(v) = v {
-            self.0 += v;
-            self.1 += 1;
+            self.0 += v * weight;
+            self.1 += weight;
         }
     }
 
     fn get(&self) -> Option<f64> {
-        (self.1 > 0).then(|| self.0 / f64::from(self.1))
+        (self.1 > 0.0).then(|| self.0 / self.1)
     }
 }
 
-const NODE_FIGURES: usize = 9;
-const DATABASE_FIGURES: usize = 4;
-
-fn node_figures(n: &NodePoint) -> [Option<f64>; NODE_FIGURES] {
-    let f = |v: Option<u64>| v.map(|v| v as f64);
-    [
-        n.cpu,
-        f(n.memory),
-        f(n.memory_limit),
-        f(n.swap),
-        f(n.swap_limit),
-        f(n.open),
-        f(n.max),
-        f(n.lag_bytes),
-        n.lag_seconds,
-    ]
+/// One point per step of `step_ms` that has points: their means. Steps start at multiples of
+/// the step (not at the first point): a point falls in the same step whatever is asked.
+fn means(points: &[Point], step_ms: i64) -> Vec<Point> {
+    #[derive(Default)]
+    struct Step {
+        samples: u32,
+        database: [Mean; DATABASE_FIGURES],
+        nodes: Vec<(String, [Mean; NODE_FIGURES])>,
+    }
+    let step_ms = step_ms.max(1);
+    let mut steps: BTreeMap<i64, Step> = BTreeMap::new();
+    for point in points {
+        let step = steps.entry(point.at_ms - point.at_ms.rem_euclid(step_ms)).or_default();
+        step.samples = step.samples.saturating_add(point.samples);
+        let weight = f64::from(point.samples.max(1));
+        for (mean, v) in step.database.iter_mut().zip(point.database) {
+            mean.add(v, weight);
+        }
+        for (name, figures) in &point.nodes {
+            let at = match step.nodes.iter().position(|(n, _)| n == name) {
+                Some(at) => at,
+                None => {
+                    step.nodes.push((name.clone(), Default::default()));
+                    step.nodes.len() - 1
+                }
+            };
+            for (mean, v) in step.nodes[at].1.iter_mut().zip(figures) {
+                mean.add(*v, weight);
+            }
+        }
+    }
+    steps
+        .into_iter()
+        .map(|(at_ms, step)| Point {
+            at_ms,
+            samples: step.samples,
+            database: step.database.map(|m| m.get()),
+            nodes: step.nodes.into_iter().map(|(name, m)| (name, m.map(|m| m.get()))).collect(),
+        })
+        .collect()
 }
 
-fn bucket(
+/// The answer for `steps` (one point per step, in time order): arrays aligned with `at`, a
+/// node missing from a step a gap.
+fn answer(
     database: &str,
-    points: &[Point],
+    steps: &[Point],
     since_ms: i64,
     until_ms: i64,
     step_secs: u64,
 ) -> StatsHistory {
-    let step_ms = (step_secs.max(1) * 1000) as i64;
-    // Step start (ms) → the database's means, and each node's.
-    type Step = ([Mean; DATABASE_FIGURES], BTreeMap<usize, [Mean; NODE_FIGURES]>);
-    let mut steps: BTreeMap<i64, Step> = BTreeMap::new();
-    let mut names: Vec<String> = Vec::new();
-    // Steps start at multiples of the step (not at `since`): a sample falls in the same step
-    // whenever it is asked for.
-    for point in points {
-        let start = point.at_ms - point.at_ms.rem_euclid(step_ms);
-        let (db, nodes) = steps.entry(start).or_default();
-        let disk = |i: usize| point.disk.map(|d| d[i] as f64);
-        for (mean, v) in
-            db.iter_mut().zip([point.logical.map(|v| v as f64), disk(0), disk(1), disk(2)])
-        {
-            mean.add(v);
-        }
-        for node in &point.nodes {
-            let at = names.iter().position(|n| *n == node.name).unwrap_or_else(|| {
-                names.push(node.name.clone());
-                names.len() - 1
-            });
-            let means = nodes.entry(at).or_default();
-            for (mean, v) in means.iter_mut().zip(node_figures(node)) {
-                mean.add(v);
-            }
+    let mut names: Vec<&str> = Vec::new();
+    for (name, _) in steps.iter().flat_map(|s| &s.nodes) {
+        if !names.contains(&name.as_str()) {
+            names.push(name);
         }
     }
     let mut history = StatsHistory {
@@ -270,22 +571,24 @@ fn bucket(
         until: rfc3339_ms(until_ms),
         step_secs: step_secs.max(1),
         at: Vec::with_capacity(steps.len()),
-        nodes: names.iter().map(|n| NodeSeries { name: n.clone(), ..Default::default() }).collect(),
+        nodes: names
+            .iter()
+            .map(|n| NodeSeries { name: (*n).to_owned(), ..Default::default() })
+            .collect(),
         size_logical: Vec::new(),
         disk_data: Vec::new(),
         disk_wal: Vec::new(),
         disk_other: Vec::new(),
     };
-    for (start, (db, nodes)) in &steps {
-        history.at.push(start.div_euclid(1000));
-        let [logical, data, wal, other] = db;
-        history.size_logical.push(logical.get());
-        history.disk_data.push(data.get());
-        history.disk_wal.push(wal.get());
-        history.disk_other.push(other.get());
-        for (i, series) in history.nodes.iter_mut().enumerate() {
-            let means = nodes.get(&i);
-            let value = |figure: usize| means.and_then(|m| m[figure].get());
+    for step in steps {
+        history.at.push(step.at_ms.div_euclid(1000));
+        let [logical, data, wal, other] = step.database;
+        history.size_logical.push(logical);
+        history.disk_data.push(data);
+        history.disk_wal.push(wal);
+        history.disk_other.push(other);
+        for series in &mut history.nodes {
+            let figures = step.nodes.iter().find(|(n, _)| *n == series.name).map(|(_, f)| f);
             for (figure, column) in [
                 &mut series.cpu_percent,
                 &mut series.memory,
@@ -300,11 +603,64 @@ fn bucket(
             .into_iter()
             .enumerate()
             {
-                column.push(value(figure));
+                column.push(figures.and_then(|f| f[figure]));
             }
         }
     }
     history
+}
+
+/// A sample as versions before the tiers kept it.
+#[derive(Deserialize)]
+struct Sample {
+    at_ms: i64,
+    nodes: Vec<SampleNode>,
+    logical: Option<u64>,
+    disk: Option<[u64; 3]>,
+}
+
+#[derive(Deserialize)]
+struct SampleNode {
+    name: String,
+    cpu: Option<f64>,
+    memory: Option<u64>,
+    memory_limit: Option<u64>,
+    swap: Option<u64>,
+    swap_limit: Option<u64>,
+    open: Option<u64>,
+    max: Option<u64>,
+    lag_bytes: Option<u64>,
+    lag_seconds: Option<f64>,
+}
+
+impl Sample {
+    fn point(self) -> Point {
+        let f = |v: Option<u64>| v.map(|v| v as f64);
+        let disk = |i: usize| self.disk.map(|d| d[i] as f64);
+        Point {
+            at_ms: self.at_ms,
+            samples: 1,
+            database: [f(self.logical), disk(0), disk(1), disk(2)],
+            nodes: self
+                .nodes
+                .into_iter()
+                .map(|n| {
+                    let figures = [
+                        n.cpu,
+                        f(n.memory),
+                        f(n.memory_limit),
+                        f(n.swap),
+                        f(n.swap_limit),
+                        f(n.open),
+                        f(n.max),
+                        f(n.lag_bytes),
+                        n.lag_seconds,
+                    ];
+                    (n.name, figures)
+                })
+                .collect(),
+        }
+    }
 }
 
 fn rfc3339_ms(ms: i64) -> String {
@@ -317,111 +673,244 @@ fn rfc3339_ms(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pgwarden_api::control::{
+        BackupStats, Connections, Container, DiskStats, NodeRole, NodeStats, SizeStats, Usage,
+    };
 
-    fn point(at_ms: i64, nodes: &[(&str, f64)], logical: u64) -> Point {
+    /// A sample of `database` whose figures tell its time: logical size `t` (seconds), each
+    /// node's CPU `t % 100`.
+    fn stats(database: &str, nodes: &[&str], t: i64) -> Stats {
+        let node = |name: &&str| NodeStats {
+            name: (*name).to_owned(),
+            role: NodeRole::Primary,
+            sampled_at: String::new(),
+            container: Container { cgroup: None, unlimited_reason: None },
+            cpu_percent: Some((t % 100) as f64),
+            memory: Usage { current: Some(100), highest: None, limit: Some(1000) },
+            swap: Usage::default(),
+            connections: Some(Connections { open: 1, max: 30 }),
+            replication_lag: None,
+            disk: DiskStats { data: 1, wal: 2, other: 3, total: 6 },
+        };
+        Stats {
+            database: database.to_owned(),
+            sampled_at: String::new(),
+            nodes: nodes.iter().map(node).collect(),
+            size: SizeStats {
+                sampled_at: String::new(),
+                logical: Some(t as u64),
+                disk: Some(DiskStats { data: 1, wal: 2, other: 3, total: 6 }),
+            },
+            backups: BackupStats {
+                sampled_at: String::new(),
+                last_backup_at: None,
+                last_backup_age_secs: None,
+            },
+            pitr: None,
+        }
+    }
+
+    fn point(at_ms: i64, samples: u32, nodes: &[(&str, f64)], logical: f64) -> Point {
+        // Memory, its limit, swap, its limit, sessions open, their most, lag.
+        let rest = [Some(100.0), Some(1000.0), None, None, Some(1.0), Some(30.0), None, None];
         Point {
             at_ms,
+            samples,
+            database: [Some(logical), Some(1.0), Some(2.0), Some(3.0)],
             nodes: nodes
                 .iter()
-                .map(|(name, cpu)| NodePoint {
-                    name: (*name).to_owned(),
-                    cpu: Some(*cpu),
-                    memory: Some(100),
-                    memory_limit: Some(1000),
-                    swap: None,
-                    swap_limit: None,
-                    open: Some(1),
-                    max: Some(30),
-                    lag_bytes: None,
-                    lag_seconds: None,
+                .map(|(name, cpu)| {
+                    let mut all = [Some(*cpu); NODE_FIGURES];
+                    all[1..].copy_from_slice(&rest);
+                    ((*name).to_owned(), all)
                 })
                 .collect(),
-            logical: Some(logical),
-            disk: Some([1, 2, 3]),
         }
     }
 
     #[test]
-    fn a_sample_is_in_the_same_step_whatever_the_query_s_start() {
-        let points = [point(79_900, &[("a", 1.0)], 1), point(80_950, &[("a", 2.0)], 2)];
+    fn a_point_reads_back_as_written_and_foreign_bytes_do_not_read() {
+        let mut p = point(5, 7, &[("n1", 12.5), ("ünïcode-node", 0.25)], 1e9);
+        p.database[2] = None;
+        let bytes = p.encode();
+        assert_eq!(bytes.len(), 4 + 16 + 1 + (1 + 2 + 36) + (1 + 14 + 36));
+        assert_eq!(Point::decode(5, &bytes), Some(p));
+        assert_eq!(Point::decode(5, &bytes[..bytes.len() - 1]), None);
+        assert_eq!(Point::decode(5, &[bytes.as_slice(), &[0]].concat()), None);
+        assert_eq!(Point::decode(5, br#"{"at_ms":5,"nodes":[]}"#), None);
+    }
+
+    #[test]
+    fn a_point_is_in_the_same_step_whatever_the_query_s_start() {
+        let points = [point(79_900, 1, &[("a", 1.0)], 1.0), point(80_950, 1, &[("a", 2.0)], 2.0)];
+        let steps = means(&points, 1_000);
         for since in [0, 78_950, 79_100, 79_999] {
-            let h = bucket("db", &points, since, 90_000, 1);
-            assert_eq!(h.at, [79, 80], "since {since} ms");
+            assert_eq!(answer("db", &steps, since, 90_000, 1).at, [79, 80], "since {since} ms");
         }
     }
 
     #[test]
-    fn samples_are_averaged_per_step_and_nodes_that_come_and_go_leave_gaps() {
+    fn points_are_averaged_per_step_by_weight_and_nodes_that_come_and_go_leave_gaps() {
         let points = [
-            point(0, &[("a", 10.0)], 100),
-            point(5_000, &[("a", 30.0)], 200),
-            point(10_000, &[("a", 50.0), ("b", 1.0)], 300),
-            point(25_000, &[("b", 3.0)], 400),
+            point(0, 1, &[("a", 10.0)], 100.0),
+            // A minute's mean of three samples weighs three.
+            point(5_000, 3, &[("a", 30.0)], 200.0),
+            point(10_000, 1, &[("a", 50.0), ("b", 1.0)], 300.0),
+            point(25_000, 1, &[("b", 3.0)], 400.0),
         ];
-        let h = bucket("db", &points, 0, 30_000, 10);
+        let steps = means(&points, 10_000);
+        assert_eq!(steps.iter().map(|s| s.samples).collect::<Vec<_>>(), [4, 1, 1]);
+        let h = answer("db", &steps, 0, 30_000, 10);
         assert_eq!(h.at, [0, 10, 20]);
-        assert_eq!(h.size_logical, [Some(150.0), Some(300.0), Some(400.0)]);
+        assert_eq!(h.size_logical, [Some(175.0), Some(300.0), Some(400.0)]);
         assert_eq!(h.disk_wal, [Some(2.0); 3]);
         let names: Vec<&str> = h.nodes.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
-        assert_eq!(h.nodes[0].cpu_percent, [Some(20.0), Some(50.0), None]);
+        assert_eq!(h.nodes[0].cpu_percent, [Some(25.0), Some(50.0), None]);
         assert_eq!(h.nodes[1].cpu_percent, [None, Some(1.0), Some(3.0)]);
         assert_eq!(h.nodes[1].connections_max, [None, Some(30.0), Some(30.0)]);
         assert_eq!(h.nodes[0].swap, [None, None, None]);
         assert_eq!(h.since, "1970-01-01T00:00:00Z");
     }
 
-    #[test]
-    fn the_store_keeps_what_is_recent_and_of_existing_databases() {
-        let dir = tempfile_dir();
-        let history = History::open(&dir.join("stats.redb"), std::time::Duration::from_secs(60))
-            .expect("open");
-        let stats = |id: &str| Stats {
-            database: id.into(),
-            sampled_at: String::new(),
-            nodes: Vec::new(),
-            size: pgwarden_api::control::SizeStats {
-                sampled_at: String::new(),
-                logical: Some(7),
-                disk: None,
-            },
-            backups: pgwarden_api::control::BackupStats {
-                sampled_at: String::new(),
-                last_backup_at: None,
-                last_backup_age_secs: None,
-            },
-            pitr: None,
-        };
-        let both = ["a".to_owned(), "b".to_owned()];
-        history.record(&[stats("a"), stats("b")], &both, 1_000).unwrap();
-        history.record(&[stats("a"), stats("b")], &both, 30_000).unwrap();
-        // 70 s: the sample at 1 s is past the 60 s retention.
-        history.record(&[stats("a")], &both[..1], 70_000).unwrap();
-        let a = history.series("a", 0, 100_000, 1).unwrap();
-        assert_eq!(a.at, [30, 70]);
-        assert_eq!(a.size_logical, [Some(7.0), Some(7.0)]);
-        assert_eq!(history.series("b", 0, 100_000, 1).unwrap().at, [1, 30]);
-        // "a" is not a prefix match for "ab".
-        assert!(history.series("ab", 0, 100_000, 1).unwrap().at.is_empty());
-        // Reopened (a restart): the first record sweeps b, which no longer exists, away.
-        drop(history);
-        let path = dir.join("stats.redb");
-        let history = History::open(&path, std::time::Duration::from_secs(60)).expect("reopen");
-        history.record(&[stats("a")], &both[..1], 80_000).unwrap();
-        assert!(history.series("b", 0, 100_000, 1).unwrap().at.is_empty());
-        assert_eq!(history.series("a", 0, 100_000, 1).unwrap().at, [30, 70, 80]);
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        std::fs::remove_dir_all(dir).unwrap();
+    /// Tiers of 1 s kept 60 s, 10 s kept 300 s, 60 s kept 900 s, 300 s kept 1 800 s: the shape
+    /// of the real ones, in fewer records.
+    const SMALL: [Tier; TIERS] = [
+        Tier { grain_ms: 1_000, kept_ms: 60_000 },
+        Tier { grain_ms: 10_000, kept_ms: 300_000 },
+        Tier { grain_ms: 60_000, kept_ms: 900_000 },
+        Tier { grain_ms: 300_000, kept_ms: 1_800_000 },
+    ];
+
+    fn count(history: &History, tier: u8, database: &str) -> usize {
+        let tx = history.db().unwrap().begin_read().unwrap();
+        let table = tx.open_table(POINTS).unwrap();
+        table.range((tier, database, i64::MIN)..(tier, database, i64::MAX)).unwrap().count()
     }
 
-    fn tempfile_dir() -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "pgwarden-history-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    #[test]
+    fn the_tiers_keep_each_grain_its_time_and_answers_join_them_without_gaps() {
+        // In memory when the machine has it: 2 000 commits, each waiting for the disk.
+        let dir = tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).unwrap();
+        let path = dir.path().join("stats.redb");
+        let history = History::with_tiers(&path, SMALL).unwrap();
+        let both = ["a".to_owned(), "b".to_owned()];
+        // 2 000 s, a sample a second; b is deleted at 1 000 s.
+        for t in 1..=2_000i64 {
+            let existing = if t < 1_000 { &both[..] } else { &both[..1] };
+            let all: Vec<Stats> = existing
+                .iter()
+                .map(|db| match db.as_str() {
+                    "a" => stats("a", &["a1", "a2"], t),
+                    _ => stats("b", &["b1"], t),
+                })
+                .collect();
+            history.record(&all, existing, t * 1_000).unwrap();
+        }
+        // Each tier holds its last `kept` (the raw tier up to the sample just added, rolled
+        // tiers up to their last ended step).
+        assert_eq!(count(&history, 0, "a"), 61);
+        assert_eq!(count(&history, 1, "a"), 30);
+        // 1 140 s is the first whole step of 60 s in the last 900 s; 1 980 s is not over.
+        assert_eq!(count(&history, 2, "a"), 14);
+        // 300, 600, 900, 1 200, 1 500.
+        assert_eq!(count(&history, 3, "a"), 5);
+        for tier in 0..4 {
+            assert_eq!(count(&history, tier, "b"), 0, "tier {tier} of a deleted database");
+        }
+
+        // A mean per step is the mean of the samples' times in it, whichever tiers answer.
+        let check = |since_s: i64, step_s: i64, first_s: i64| {
+            let h = history.series("a", since_s * 1_000, 2_001_000, step_s as u64).unwrap();
+            let expected: Vec<i64> = (first_s..=2_000).step_by(step_s as usize).collect();
+            assert_eq!(h.at, expected, "since {since_s} s, step {step_s} s");
+            for (at, logical) in h.at.iter().zip(&h.size_logical) {
+                let last = (at + step_s - 1).min(2_000);
+                let mean = (*at + last) as f64 / 2.0;
+                assert_eq!(*logical, Some(mean), "step {at} s of {step_s} s");
+            }
+            assert_eq!(h.nodes.len(), 2);
+            h
+        };
+        // The raw tier alone.
+        check(1_950, 1, 1_950);
+        // Minutes (10 s here) then the raw tier for the minute that is not over.
+        check(1_800, 10, 1_800);
+        // Each tier over what it keeps, then every finer one for what is not rolled up yet.
+        check(1_200, 60, 1_200);
+        let h = check(0, 300, 300);
+        assert_eq!(h.nodes[0].cpu_percent.len(), h.at.len());
+        // Steps finer than what is kept that far back: the older part from coarser tiers.
+        let h = history.series("a", 0, 2_001_000, 10).unwrap();
+        assert_eq!(h.at.first(), Some(&300));
+        assert_eq!(h.at.last(), Some(&2_000));
+        assert!(h.at.windows(2).all(|w| w[0] < w[1]));
+
+        // Reopened (a restart): same answers, and the first record goes on from there.
+        drop(history);
+        let history = History::with_tiers(&path, SMALL).unwrap();
+        // With no step asked: the range in 360 points, no finer than the tier that answers.
+        let now = 2_000_000;
+        assert_eq!(history.default_step(1_950_000, now, now), 1);
+        assert_eq!(history.default_step(1_500_000, now, now), 60);
+        assert_eq!(history.default_step(0, now, now), 300);
+        assert_eq!(history.default_step(0, 360_000_000, now), 1_000);
+        history.record(&[stats("a", &["a1", "a2"], 2_001)], &both[..1], 2_001_000).unwrap();
+        // The first record after a start tidies: the minute at 1 700 s is now past 300 s.
+        assert_eq!(count(&history, 1, "a"), 29);
+        let h = history.series("a", 1_990_000, 2_002_000, 1).unwrap();
+        assert_eq!(h.at.len(), 12);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn samples_kept_by_an_earlier_version_move_into_the_tiers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats.redb");
+        let now = now_ms();
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut old = tx.open_table(SAMPLES).unwrap();
+                for i in 0..90i64 {
+                    let at = now - 3_600_000 + i * 10_000;
+                    let json = format!(
+                        r#"{{"at_ms":{at},"nodes":[{{"name":"n","cpu":{i}.0,"memory":5,"memory_limit":null,"swap":null,"swap_limit":null,"open":1,"max":2,"lag_bytes":null,"lag_seconds":null}}],"logical":7,"disk":[1,2,3]}}"#
+                    );
+                    old.insert(format!("db/{at:020}").as_str(), json.as_bytes()).unwrap();
+                }
+                old.insert("db/garbage", b"{".as_slice()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let history =
+            History::open(&path, Duration::from_secs(10), Duration::from_secs(7 * 86_400)).unwrap();
+        let tx = history.db().unwrap().begin_read().unwrap();
+        assert!(!tx.list_tables().unwrap().any(|t| t.name() == SAMPLES.name()));
+        drop(tx);
+        assert_eq!(count(&history, 0, "db"), 90);
+        assert!(count(&history, 1, "db") >= 15);
+        let h = history.series("db", now - 3_600_000, now, 10).unwrap();
+        assert_eq!(h.at.len(), 90);
+        assert_eq!(h.nodes[0].cpu_percent[89], Some(89.0));
+        assert_eq!(h.size_logical[0], Some(7.0));
+    }
+
+    #[test]
+    fn the_real_tiers_follow_the_interval_and_the_retention() {
+        let week = Duration::from_secs(7 * 86_400);
+        let t = tiers(Duration::from_secs(10), week);
+        assert_eq!(t[0], Tier { grain_ms: 10_000, kept_ms: 3 * 3_600_000 });
+        assert_eq!(t[1], Tier { grain_ms: 60_000, kept_ms: 7 * 3_600_000 });
+        assert_eq!(t[2], Tier { grain_ms: 300_000, kept_ms: 26 * 3_600_000 });
+        assert_eq!(t[3], Tier { grain_ms: 1_800_000, kept_ms: 7 * 86_400_000 });
+        // A sample a second: 1 080 of them would be 18 minutes; the last 75 are kept.
+        assert_eq!(tiers(Duration::from_secs(1), week)[0].kept_ms, 4_500_000);
+        assert_eq!(tiers(Duration::from_secs(5), week)[0].kept_ms, 5_400_000);
+        // A retention of an hour bounds every tier.
+        let hour = tiers(Duration::from_secs(10), Duration::from_secs(3_600));
+        assert!(hour.iter().all(|t| t.kept_ms == 3_600_000));
     }
 }
