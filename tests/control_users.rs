@@ -188,6 +188,10 @@ async fn a_database_s_proxy_limits_come_from_its_plan_and_can_be_set() {
     first.simple_query("SELECT 1").await.expect("the first client goes on");
     let events = control.request("GET", &format!("{path}/events"), None).await.json();
     assert!(events.as_array().unwrap().iter().any(|e| e["kind"] == "limits_changed"), "{events}");
+    // The proxy got that change alone, not the whole table again.
+    let metrics = control.request("GET", "/metrics", None).await.body;
+    let deltas = metrics.lines().find_map(|l| l.strip_prefix("pgwarden_route_deltas_total "));
+    assert!(deltas.and_then(|d| d.parse::<f64>().ok()).is_some_and(|d| d >= 1.0), "{metrics}");
 
     for bad in [json!({"client_connections": 0}), json!({"connections_per_second": 2_000_000})] {
         let r = control.request("PUT", &limits_path, Some(bad)).await;

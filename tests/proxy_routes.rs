@@ -90,6 +90,54 @@ async fn swap_sends_new_sessions_to_the_new_primary_and_ends_old_ones() {
     assert_eq!(err.code(), Some(&SqlState::INVALID_CATALOG_NAME));
 }
 
+/// A change (`PATCH /v1/routes`) moves the databases it names and nothing else; one from an
+/// epoch the proxy does not hold is refused with 409, and the proxy keeps its table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_moves_only_the_databases_it_names() {
+    let (a, b) = (PgNode::start(), PgNode::start());
+    b.superuser_sql("CREATE DATABASE other OWNER app");
+    a.superuser_sql("CREATE DATABASE other OWNER app");
+    let proxy = TestProxy::start(Limits::default(), None).await;
+    proxy.route(1, &[("app", &a.address(), false), ("other", &a.address(), false)]).await;
+    let (_on_old, on_old_connection) = connect_watched(&proxy, "app").await;
+    let (unaffected, _unaffected_connection) = connect_watched(&proxy, "other").await;
+    let patch = |body: serde_json::Value| {
+        proxy.admin_request("PATCH", "/v1/routes", Some(&proxy.token), Some(body.to_string()))
+    };
+
+    let moved = patch(serde_json::json!({"base_epoch": 1, "epoch": 2,
+        "set": {"app": {"primary": b.address()}}}))
+    .await;
+    assert_eq!(moved.status, 200, "{}", moved.body);
+    assert_ended_with_57p01(on_old_connection, "primary of database \"app\" moved").await;
+    assert_eq!(server_port(&connect(&proxy, "app").await).await.unwrap(), b.port as i32);
+    assert_eq!(server_port(&unaffected).await.unwrap(), a.port as i32, "untouched, kept");
+    let table = proxy.admin_request("GET", "/v1/routes", Some(&proxy.token), None).await.json();
+    assert_eq!(table["epoch"], 2);
+    assert_eq!(table["databases"]["other"]["primary"], a.address());
+
+    // From an epoch it does not hold: refused, the table unchanged.
+    let stale = patch(serde_json::json!({"base_epoch": 1, "epoch": 3, "remove": ["other"]})).await;
+    assert_eq!(stale.status, 409, "{}", stale.body);
+    assert_eq!(stale.json()["error"]["code"], "base_epoch_mismatch");
+    assert_eq!(server_port(&unaffected).await.unwrap(), a.port as i32);
+    let bad = patch(
+        serde_json::json!({"base_epoch": 2, "epoch": 3, "set": {"x": {"primary": "nohost"}}}),
+    )
+    .await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+
+    let removed =
+        patch(serde_json::json!({"base_epoch": 2, "epoch": 3, "remove": ["other"]})).await;
+    assert_eq!(removed.status, 200, "{}", removed.body);
+    let conninfo = proxy.conninfo("other", "app", &format!("password={TEST_PASSWORD}"));
+    let Err(err) = tokio_postgres::connect(&conninfo, NoTls).await else {
+        panic!("a removed database must not be routed");
+    };
+    assert_eq!(err.code(), Some(&SqlState::INVALID_CATALOG_NAME));
+    assert_eq!(proxy.metric("pgwarden_proxy_epoch").await, 3.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_ended_mid_result_gets_the_error_after_a_whole_message() {
     use futures_util::{pin_mut, StreamExt};

@@ -1,7 +1,8 @@
 //! Types that cross a process boundary between pgwarden components, and nothing else.
 //!
 //! - [`RoutingTable`]: what the control plane `PUT`s to each proxy's `/v1/routes` (and what a
-//!   proxy's `routes_file` holds).
+//!   proxy's `routes_file` holds); [`RoutingDelta`]: what it `PATCH`es there, the databases
+//!   that changed since an epoch the proxy holds.
 //! - [`ProxyHealth`]: what a proxy's `GET /health` answers.
 //! - [`ApiError`]: the JSON error body every pgwarden HTTP API answers with.
 //! - `sealed`: the routing table as etcd holds it, sealed with the proxies' admin token.
@@ -31,6 +32,42 @@ pub struct RoutingTable {
     /// connects to must be in the certificate); when absent, in plaintext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_ca: Option<String>,
+}
+
+/// A change to a routing table (`PATCH /v1/routes`): the databases that changed since
+/// `base_epoch`, whole, and those removed. A proxy that does not hold `base_epoch` refuses it
+/// (`409`, `base_epoch_mismatch`) and is sent the whole table instead.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingDelta {
+    pub base_epoch: u64,
+    pub epoch: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, DatabaseRoute>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+impl RoutingDelta {
+    /// What turns `old` into `new`; `None` when more than databases changed (the nodes' CA).
+    pub fn between(old: &RoutingTable, new: &RoutingTable) -> Option<Self> {
+        if old.node_ca != new.node_ca {
+            return None;
+        }
+        let set = new
+            .databases
+            .iter()
+            .filter(|(name, route)| old.databases.get(*name) != Some(route))
+            .map(|(name, route)| (name.clone(), route.clone()))
+            .collect();
+        let remove = old
+            .databases
+            .keys()
+            .filter(|name| !new.databases.contains_key(*name))
+            .cloned()
+            .collect();
+        Some(Self { base_epoch: old.epoch, epoch: new.epoch, set, remove })
+    }
 }
 
 /// Where one database lives.

@@ -8,6 +8,7 @@ pub struct Metrics {
     pub epoch: IntGauge,
     operations: IntCounterVec,
     route_pushes: IntCounterVec,
+    route_deltas: prometheus::IntCounter,
     failovers: IntCounterVec,
     replication_changes: IntCounterVec,
     wal_gaps: prometheus::IntCounter,
@@ -36,6 +37,11 @@ impl Metrics {
         let route_pushes = IntCounterVec::new(
             Opts::new("route_pushes_total", "Routing tables sent to proxies, by result"),
             &["result"],
+        )
+        .expect("metric");
+        let route_deltas = prometheus::IntCounter::new(
+            "route_deltas_total",
+            "Routing changes a proxy applied as what changed since the table it held",
         )
         .expect("metric");
         let failovers = IntCounterVec::new(
@@ -103,11 +109,13 @@ impl Metrics {
         registry.register(Box::new(epoch.clone())).expect("register");
         registry.register(Box::new(operations.clone())).expect("register");
         registry.register(Box::new(route_pushes.clone())).expect("register");
+        registry.register(Box::new(route_deltas.clone())).expect("register");
         Self {
             registry,
             epoch,
             operations,
             route_pushes,
+            route_deltas,
             failovers,
             replication_changes,
             wal_gaps,
@@ -190,6 +198,10 @@ impl Metrics {
 
     pub fn route_push(&self, ok: bool) {
         self.route_pushes.with_label_values(&[if ok { "applied" } else { "failed" }]).inc();
+    }
+
+    pub fn route_delta(&self) {
+        self.route_deltas.inc();
     }
 
     pub fn wal_gap(&self) {

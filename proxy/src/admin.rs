@@ -8,7 +8,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use pgwarden_api::{ApiError, ProxyHealth, ProxyRole, RoutingTable};
+use pgwarden_api::{ApiError, ProxyHealth, ProxyRole, RoutingDelta, RoutingTable};
 use serde_json::json;
 use tracing::info;
 
@@ -24,7 +24,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/health", get(health))
         .route("/active", get(active))
         .route("/metrics", get(metrics))
-        .route("/v1/routes", get(get_routes).put(put_routes))
+        .route("/v1/routes", get(get_routes).put(put_routes).patch(patch_routes))
         .with_state(shared)
 }
 
@@ -69,7 +69,7 @@ async fn get_routes(
 ) -> Result<Json<RoutingTable>, AdminError> {
     authorize(&shared, &headers)?;
     // Verifiers never leave the proxy: the users are listed, their verifiers hidden.
-    let mut table = shared.routes.load().table.clone();
+    let mut table = shared.routes.load().table();
     for route in table.databases.values_mut() {
         route.users = route.users.as_ref().map(|users| users.hidden());
     }
@@ -81,19 +81,43 @@ async fn put_routes(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, AdminError> {
-    if let Err(e) = authorize(&shared, &headers) {
+    let table: RoutingTable = parse(&shared, &headers, &body)?;
+    answer(apply(&shared, Change::Table(table)).await)
+}
+
+/// A change since an epoch the proxy holds (`RoutingDelta`); `409 base_epoch_mismatch` when it
+/// holds another, and the control plane sends the whole table.
+async fn patch_routes(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, AdminError> {
+    let delta: RoutingDelta = parse(&shared, &headers, &body)?;
+    answer(apply(&shared, Change::Delta(delta)).await)
+}
+
+/// The body of an authorized change of the table.
+fn parse<T: serde::de::DeserializeOwned>(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, AdminError> {
+    if let Err(e) = authorize(shared, headers) {
         shared.metrics.route_update(RouteUpdate::Unauthorized);
         return Err(e);
     }
-    let table: RoutingTable = serde_json::from_slice(&body).map_err(|e| {
+    serde_json::from_slice(body).map_err(|e| {
         shared.metrics.route_update(RouteUpdate::Invalid);
         AdminError::new(
             StatusCode::BAD_REQUEST,
             "invalid_routing_table",
             format!("invalid routing table: {e}"),
         )
-    })?;
-    match apply(&shared, table).await {
+    })
+}
+
+fn answer(applied: Result<u64, RouteError>) -> Result<Json<serde_json::Value>, AdminError> {
+    match applied {
         Ok(epoch) => Ok(Json(json!({"epoch": epoch}))),
         Err(e @ RouteError::Invalid(_)) => {
             Err(AdminError::new(StatusCode::BAD_REQUEST, "invalid_routing_table", e.to_string()))
@@ -101,15 +125,32 @@ async fn put_routes(
         Err(e @ RouteError::StaleEpoch { .. }) => {
             Err(AdminError::new(StatusCode::CONFLICT, "stale_epoch", e.to_string()))
         }
+        Err(e @ RouteError::NotBase { .. }) => {
+            Err(AdminError::new(StatusCode::CONFLICT, "base_epoch_mismatch", e.to_string()))
+        }
     }
 }
 
-/// Makes `table` current (pushed, or read from etcd) and returns once its holds are in effect:
+/// A whole table, or what changed since the current one.
+pub(crate) enum Change {
+    Table(RoutingTable),
+    Delta(RoutingDelta),
+}
+
+/// Makes `change` current (pushed, or read from etcd) and returns once its holds are in effect:
 /// no session is still on its way to a held database's old primary (at most `HOLD_SETTLE`).
-pub(crate) async fn apply(shared: &Shared, table: RoutingTable) -> Result<u64, RouteError> {
+pub(crate) async fn apply(shared: &Shared, change: Change) -> Result<u64, RouteError> {
+    let databases = match &change {
+        Change::Table(table) => &table.databases,
+        Change::Delta(delta) => &delta.set,
+    };
     let held: Vec<String> =
-        table.databases.iter().filter(|(_, r)| r.hold).map(|(name, _)| name.clone()).collect();
-    match shared.routes.replace(table) {
+        databases.iter().filter(|(_, r)| r.hold).map(|(name, _)| name.clone()).collect();
+    let applied = match change {
+        Change::Table(table) => shared.routes.replace(table),
+        Change::Delta(delta) => shared.routes.patch(delta),
+    };
+    match applied {
         Ok(epoch) => {
             shared.metrics.route_update(RouteUpdate::Applied);
             shared.metrics.epoch.set(epoch as i64);
@@ -126,7 +167,7 @@ pub(crate) async fn apply(shared: &Shared, table: RoutingTable) -> Result<u64, R
         Err(e) => {
             let outcome = match e {
                 RouteError::Invalid(_) => RouteUpdate::Invalid,
-                RouteError::StaleEpoch { .. } => RouteUpdate::Stale,
+                RouteError::StaleEpoch { .. } | RouteError::NotBase { .. } => RouteUpdate::Stale,
             };
             shared.metrics.route_update(outcome);
             Err(e)

@@ -141,7 +141,7 @@ impl Follower {
             }
         };
         table.epoch = kv.mod_revision().max(0) as u64;
-        match crate::admin::apply(&self.shared, table).await {
+        match crate::admin::apply(&self.shared, crate::admin::Change::Table(table)).await {
             Ok(epoch) => debug!(epoch, "routing table from etcd applied"),
             Err(RouteError::StaleEpoch { .. }) => {}
             Err(e) => warn!(error = %e, "routing table in etcd refused"),

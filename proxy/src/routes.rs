@@ -5,15 +5,19 @@
 //! ends every session still attached to the old primary. Entries whose primary is unchanged keep
 //! their token, so their sessions are not disturbed.
 //!
+//! A change (`patch`, `PATCH /v1/routes`) names the databases that changed since the epoch the
+//! proxy holds: only those entries are rebuilt, the others are the same `Arc`s, so applying it
+//! costs the same with ten routes or ten thousand (a copy of the map's pointers aside).
+//!
 //! A proxy that follows etcd and is cut off from it longer than its bound is *fenced*
 //! (`fence`): every database is held and every token cancelled, since the proxy can no longer
 //! know who the primaries are. The next table from etcd, even of the same epoch, lifts it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use pgwarden_api::{RoutingTable, Verifiers};
+use pgwarden_api::{DatabaseRoute, RoutingDelta, RoutingTable, Verifiers};
 use tokio_util::sync::CancellationToken;
 
 use tokio_rustls::TlsConnector;
@@ -27,6 +31,10 @@ pub enum RouteError {
     Invalid(String),
     #[error("epoch {offered} is not greater than the current epoch {current}")]
     StaleEpoch { offered: u64, current: u64 },
+    #[error(
+        "a change from epoch {base}, but the current epoch is {current}: send the whole table"
+    )]
+    NotBase { base: u64, current: u64 },
 }
 
 /// Where new sessions of one database go.
@@ -95,23 +103,45 @@ fn credentials(users: &Verifiers) -> HashMap<String, Credential> {
 /// An immutable routing table as sessions see it.
 #[derive(Default)]
 pub struct Snapshot {
-    pub table: RoutingTable,
-    routes: HashMap<String, Arc<Route>>,
+    pub epoch: u64,
+    entries: HashMap<String, Entry>,
+    /// Database ids (SNI names) to database names.
+    by_id: HashMap<String, String>,
     /// The nodes' CA (PEM) and the connector built from it.
     node_tls: Option<(String, Arc<TlsConnector>)>,
     /// Cut off from etcd: every database held until the next table.
     pub fenced: bool,
 }
 
+/// One database: its route as the table said it, and as sessions use it.
+#[derive(Clone)]
+struct Entry {
+    wire: Arc<DatabaseRoute>,
+    route: Arc<Route>,
+}
+
 impl Snapshot {
     pub fn route(&self, database: &str) -> Option<Arc<Route>> {
-        self.routes.get(database).cloned()
+        self.entries.get(database).map(|e| e.route.clone())
     }
 
     /// The name and route of the database whose id is `id`.
     pub fn route_by_id(&self, id: &str) -> Option<(String, Arc<Route>)> {
-        let (name, _) = self.table.databases.iter().find(|(_, r)| r.id.as_deref() == Some(id))?;
-        Some((name.clone(), self.routes.get(name)?.clone()))
+        let name = self.by_id.get(id)?;
+        Some((name.clone(), self.entries.get(name)?.route.clone()))
+    }
+
+    /// The table it was made from.
+    pub fn table(&self) -> RoutingTable {
+        RoutingTable {
+            epoch: self.epoch,
+            databases: self
+                .entries
+                .iter()
+                .map(|(name, e)| (name.clone(), DatabaseRoute::clone(&e.wire)))
+                .collect(),
+            node_ca: self.node_tls.as_ref().map(|(pem, _)| pem.clone()),
+        }
     }
 }
 
@@ -209,14 +239,62 @@ impl RouteStore {
     /// Validates `table` and, if its epoch is newer (or the same while fenced), makes it
     /// current. Returns the new epoch.
     pub fn replace(&self, table: RoutingTable) -> Result<u64, RouteError> {
-        validate(&table)?;
+        validate(&table.databases)?;
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.current.load_full();
-        let lifts_fence = old.fenced && table.epoch == old.table.epoch;
-        if table.epoch <= old.table.epoch && !lifts_fence {
-            return Err(RouteError::StaleEpoch { offered: table.epoch, current: old.table.epoch });
+        let lifts_fence = old.fenced && table.epoch == old.epoch;
+        if table.epoch <= old.epoch && !lifts_fence {
+            return Err(RouteError::StaleEpoch { offered: table.epoch, current: old.epoch });
         }
         self.install(&old, table, false)
+    }
+
+    /// Applies `delta` to the current table, which must be its base (and not fenced): only the
+    /// databases it names are touched, whatever the size of the table. Returns the new epoch.
+    pub fn patch(&self, delta: RoutingDelta) -> Result<u64, RouteError> {
+        validate(&delta.set)?;
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current.load_full();
+        if delta.base_epoch != old.epoch || old.fenced {
+            return Err(RouteError::NotBase { base: delta.base_epoch, current: old.epoch });
+        }
+        if delta.epoch <= old.epoch {
+            return Err(RouteError::StaleEpoch { offered: delta.epoch, current: old.epoch });
+        }
+        let node_tls = old.node_tls.as_ref().map(|(_, c)| c);
+        let mut entries = old.entries.clone();
+        let mut by_id = old.by_id.clone();
+        // The tokens of primaries that stop being primaries, cancelled once the new table is in.
+        let mut moved = Vec::new();
+        for name in &delta.remove {
+            if let Some(prev) = entries.remove(name) {
+                if let Some(id) = &prev.wire.id {
+                    by_id.remove(id);
+                }
+                moved.push(prev.route.moved.clone());
+            }
+        }
+        for (name, wire) in delta.set {
+            let prev = entries.remove(&name);
+            if let Some(id) = prev.as_ref().and_then(|p| p.wire.id.as_ref()) {
+                by_id.remove(id);
+            }
+            let entry = entry(wire, prev.as_ref(), node_tls, false);
+            if let Some(prev) = prev.filter(|p| p.route.primary != entry.route.primary) {
+                moved.push(prev.route.moved.clone());
+            }
+            if let Some(id) = &entry.wire.id {
+                by_id.insert(id.clone(), name.clone());
+            }
+            entries.insert(name, entry);
+        }
+        let (epoch, node_tls) = (delta.epoch, old.node_tls.clone());
+        self.current.store(Arc::new(Snapshot { epoch, entries, by_id, node_tls, fenced: false }));
+        for token in moved {
+            token.cancel();
+        }
+        self.changed.send_replace(epoch);
+        Ok(epoch)
     }
 
     /// Holds every database and ends every session on a primary (see the module's doc).
@@ -227,7 +305,7 @@ impl RouteStore {
         if old.fenced {
             return false;
         }
-        let mut table = old.table.clone();
+        let mut table = old.table();
         for route in table.databases.values_mut() {
             route.hold = true;
         }
@@ -253,34 +331,24 @@ impl RouteStore {
                 Some((pem.clone(), Arc::new(connector)))
             }
         };
-        let mut routes = HashMap::with_capacity(table.databases.len());
-        for (name, entry) in &table.databases {
-            let moved = match old.routes.get(name) {
-                Some(prev) if prev.primary == entry.primary && !fenced => prev.moved.clone(),
-                _ => CancellationToken::new(),
-            };
-            let route = Route {
-                primary: entry.primary.clone(),
-                force_tls: entry.force_tls,
-                hold: entry.hold,
-                moved,
-                users: entry.users.as_ref().map(credentials),
-                node_tls: node_tls.as_ref().map(|(_, c)| c.clone()),
-                pool_size: entry.pool_size.map_or(DEFAULT_POOL_SIZE, |n| n.max(1) as usize),
-                limits: crate::tenants::Limits {
-                    client_connections: entry.client_connections,
-                    connections_per_second: entry.connections_per_second,
-                },
-            };
-            routes.insert(name.clone(), Arc::new(route));
+        let mut entries = HashMap::with_capacity(table.databases.len());
+        let mut by_id = HashMap::new();
+        for (name, wire) in table.databases {
+            let connector = node_tls.as_ref().map(|(_, c)| c);
+            let entry = entry(wire, old.entries.get(&name), connector, fenced);
+            if let Some(id) = &entry.wire.id {
+                by_id.insert(id.clone(), name.clone());
+            }
+            entries.insert(name, entry);
         }
         let epoch = table.epoch;
-        self.current.store(Arc::new(Snapshot { table, routes, node_tls, fenced }));
+        self.current.store(Arc::new(Snapshot { epoch, entries, by_id, node_tls, fenced }));
         let new = self.current.load();
-        for (name, prev) in &old.routes {
-            let kept = !fenced && new.routes.get(name).is_some_and(|r| r.primary == prev.primary);
+        for (name, prev) in &old.entries {
+            let kept = !fenced
+                && new.entries.get(name).is_some_and(|e| e.route.primary == prev.route.primary);
             if !kept {
-                prev.moved.cancel();
+                prev.route.moved.cancel();
             }
         }
         self.changed.send_replace(epoch);
@@ -288,9 +356,37 @@ impl RouteStore {
     }
 }
 
-fn validate(table: &RoutingTable) -> Result<(), RouteError> {
+/// The entry for `wire`: its sessions keep `prev`'s token when the primary is the same (and
+/// the proxy is not fencing).
+fn entry(
+    wire: DatabaseRoute,
+    prev: Option<&Entry>,
+    node_tls: Option<&Arc<TlsConnector>>,
+    fenced: bool,
+) -> Entry {
+    let moved = match prev {
+        Some(prev) if prev.route.primary == wire.primary && !fenced => prev.route.moved.clone(),
+        _ => CancellationToken::new(),
+    };
+    let route = Route {
+        primary: wire.primary.clone(),
+        force_tls: wire.force_tls,
+        hold: wire.hold,
+        moved,
+        users: wire.users.as_ref().map(credentials),
+        node_tls: node_tls.cloned(),
+        pool_size: wire.pool_size.map_or(DEFAULT_POOL_SIZE, |n| n.max(1) as usize),
+        limits: crate::tenants::Limits {
+            client_connections: wire.client_connections,
+            connections_per_second: wire.connections_per_second,
+        },
+    };
+    Entry { wire: Arc::new(wire), route: Arc::new(route) }
+}
+
+fn validate(databases: &BTreeMap<String, DatabaseRoute>) -> Result<(), RouteError> {
     let invalid = |m: String| Err(RouteError::Invalid(m));
-    for (name, route) in &table.databases {
+    for (name, route) in databases {
         if name.is_empty() || name.len() > 63 || name.contains('\0') {
             return invalid(format!("database name {name:?} must be 1 to 63 bytes"));
         }
@@ -381,7 +477,7 @@ mod tests {
         assert!(store.fence());
         assert!(!store.fence(), "already fenced");
         let fenced = store.load();
-        assert!(fenced.fenced && fenced.table.epoch == 4);
+        assert!(fenced.fenced && fenced.epoch == 4);
         assert!(before.moved.is_cancelled(), "sessions on the primary end");
         assert!(["a", "b"].iter().all(|db| fenced.route(db).unwrap().hold), "all held");
         let stale = store.replace(table(3, &[("a", "127.0.0.1:1")])).unwrap_err();
@@ -395,6 +491,63 @@ mod tests {
         assert!(matches!(again, RouteError::StaleEpoch { .. }), "only once");
     }
 
+    fn delta(base: u64, epoch: u64, set: &[(&str, &str)], remove: &[&str]) -> RoutingDelta {
+        RoutingDelta {
+            base_epoch: base,
+            epoch,
+            set: table(0, set).databases,
+            remove: remove.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_change_touches_only_the_databases_it_names() {
+        let store = RouteStore::default();
+        let many: Vec<(String, String)> =
+            (0..1_000).map(|i| (format!("db{i}"), format!("127.0.0.1:{}", 1_000 + i))).collect();
+        let many: Vec<(&str, &str)> = many.iter().map(|(n, p)| (n.as_str(), p.as_str())).collect();
+        store.replace(table(1, &many)).unwrap();
+        let before = store.load();
+        let (moved, kept) = (before.route("db1").unwrap(), before.route("db2").unwrap());
+        let removed = before.route("db3").unwrap();
+        // db1 moves, db2's hold changes (same primary), db3 goes, new arrives.
+        let mut change = delta(1, 2, &[("db1", "127.0.0.1:9"), ("new", "127.0.0.1:8")], &["db3"]);
+        let mut held = change.set["db1"].clone();
+        held.primary = "127.0.0.1:1002".into();
+        held.hold = true;
+        change.set.insert("db2".into(), held);
+        store.patch(change).unwrap();
+        let after = store.load();
+        assert_eq!(after.epoch, 2);
+        assert!(moved.moved.is_cancelled(), "a moved primary ends its sessions");
+        assert!(removed.moved.is_cancelled(), "a removed database ends its sessions");
+        assert!(after.route("db3").is_none() && after.route("new").is_some());
+        let db2 = after.route("db2").unwrap();
+        assert!(db2.hold && !kept.moved.is_cancelled(), "a held database keeps its sessions");
+        // Every other route is the very same (its pool, its tokens, its parsed users).
+        for i in (4..1_000).step_by(97) {
+            let name = format!("db{i}");
+            assert!(Arc::ptr_eq(&before.route(&name).unwrap(), &after.route(&name).unwrap()));
+        }
+        assert_eq!(after.table().databases.len(), 1_000);
+    }
+
+    #[test]
+    fn a_change_from_another_epoch_or_while_fenced_is_refused() {
+        let store = RouteStore::default();
+        store.replace(table(5, &[("a", "127.0.0.1:1")])).unwrap();
+        let err = store.patch(delta(4, 6, &[("b", "127.0.0.1:2")], &[])).unwrap_err();
+        assert!(matches!(err, RouteError::NotBase { base: 4, current: 5 }), "{err}");
+        let err = store.patch(delta(5, 5, &[("b", "127.0.0.1:2")], &[])).unwrap_err();
+        assert!(matches!(err, RouteError::StaleEpoch { .. }), "{err}");
+        let err = store.patch(delta(5, 6, &[("b", "nohost")], &[])).unwrap_err();
+        assert!(matches!(err, RouteError::Invalid(_)), "{err}");
+        assert!(store.load().route("b").is_none() && store.load().epoch == 5);
+        assert!(store.fence());
+        let err = store.patch(delta(5, 6, &[("b", "127.0.0.1:2")], &[])).unwrap_err();
+        assert!(matches!(err, RouteError::NotBase { .. }), "fenced: only a whole table lifts it");
+    }
+
     #[test]
     fn invalid_tables_are_refused_with_the_reason() {
         let store = RouteStore::default();
@@ -406,6 +559,6 @@ mod tests {
         }
         assert!(store.replace(table(1, &[("", "h:1")])).is_err());
         assert!(store.replace(table(1, &[("a", "[::1]:5432")])).is_ok());
-        assert_eq!(store.load().table.epoch, 1);
+        assert_eq!(store.load().epoch, 1);
     }
 }

@@ -1,13 +1,15 @@
 //! Keeps every proxy on the latest routing table: one task per proxy pushes each new table,
 //! retries while the proxy is unreachable, and re-pushes when a proxy reports an older epoch
-//! (it restarted). With etcd the proxies watch the table there instead: each task only asks
+//! (it restarted). A proxy that holds the table this task last gave it gets only what changed
+//! since (`PATCH`, a `RoutingDelta`); one that does not (it restarted, or a push failed) gets
+//! the whole table. With etcd the proxies watch the table there instead: each task only asks
 //! its proxy which epoch it applied, until it has the newest.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
-use pgwarden_api::{ProxyHealth, RoutingTable};
+use pgwarden_api::{ProxyHealth, RoutingDelta, RoutingTable};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -95,11 +97,30 @@ struct Sync {
 }
 
 impl Sync {
-    /// Has the proxy apply `table` (push), or sees that it did (watched).
-    async fn deliver(&self, table: &RoutingTable) -> Result<(), PushError> {
+    /// Has the proxy apply `table` (push: what changed since `held`, the table it holds, when
+    /// it holds one), or sees that it did (watched).
+    async fn deliver(
+        &self,
+        table: &RoutingTable,
+        held: Option<&RoutingTable>,
+    ) -> Result<(), PushError> {
         match self.delivery {
             Delivery::Push => {
-                let pushed = push(&self.proxy, &self.token, table).await;
+                let delta = held.and_then(|held| RoutingDelta::between(held, table));
+                let pushed = match delta {
+                    Some(delta) => match patch(&self.proxy, &self.token, &delta).await {
+                        Ok(()) => {
+                            self.metrics.route_delta();
+                            Ok(())
+                        }
+                        // It holds another table after all: the whole one.
+                        Err(PushError::Refused { status: StatusCode::CONFLICT, .. }) => {
+                            push(&self.proxy, &self.token, table).await
+                        }
+                        Err(e) => Err(e),
+                    },
+                    None => push(&self.proxy, &self.token, table).await,
+                };
                 self.metrics.route_push(pushed.is_ok());
                 pushed
             }
@@ -121,17 +142,22 @@ impl Sync {
 async fn keep_in_sync(sync: Sync, mut rx: watch::Receiver<Arc<RoutingTable>>, reporter: Reporter) {
     let proxy = &sync.proxy;
     let mut applied = 0u64;
+    // The table the proxy holds, as far as this task knows (it gave it).
+    let mut held: Option<Arc<RoutingTable>> = None;
     loop {
         let table = rx.borrow_and_update().clone();
         if table.epoch > applied {
-            match sync.deliver(&table).await {
+            match sync.deliver(&table, held.as_deref()).await {
                 Ok(()) => {
                     info!(%proxy, epoch = table.epoch, "routing table applied");
                     applied = table.epoch;
                     reporter.set(applied);
+                    held = Some(table);
                 }
                 Err(e) => {
                     debug!(%proxy, error = %e, "routing table not applied yet");
+                    // It may hold this table or not: the next try sends the whole one.
+                    held = None;
                     tokio::select! {
                         _ = tokio::time::sleep(sync.retry_after()) => {}
                         r = rx.changed() => if r.is_err() { return },
@@ -147,6 +173,7 @@ async fn keep_in_sync(sync: Sync, mut rx: watch::Receiver<Arc<RoutingTable>>, re
                     if epoch < applied {
                         warn!(%proxy, epoch, applied, "proxy lost its routing table (restarted?); pushing again");
                         applied = 0;
+                        held = None;
                         reporter.set(0);
                     }
                 }
@@ -177,6 +204,20 @@ async fn push(proxy: &str, token: &str, table: &RoutingTable) -> Result<(), Push
         StatusCode::OK => Ok(()),
         // The proxy already holds this epoch or a newer one.
         StatusCode::CONFLICT => Ok(()),
+        status => {
+            Err(PushError::Refused { status, body: String::from_utf8_lossy(&answer).into_owned() })
+        }
+    }
+}
+
+/// `PATCH /v1/routes`: what changed since the table the proxy holds.
+async fn patch(proxy: &str, token: &str, delta: &RoutingDelta) -> Result<(), PushError> {
+    let body = serde_json::to_vec(delta)?;
+    let (status, answer) =
+        httpc::request(proxy, Method::PATCH, "/v1/routes", Some(token), Some(body), PUSH_TIMEOUTS)
+            .await?;
+    match status {
+        StatusCode::OK => Ok(()),
         status => {
             Err(PushError::Refused { status, body: String::from_utf8_lossy(&answer).into_owned() })
         }
