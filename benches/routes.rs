@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use pgwarden_e2e::{free_port, http_request_within, workspace_bin};
+use pgwarden_e2e::{free_port, http_request_within, spawn_release_proxy};
 use serde_json::{json, Value};
 
 fn route(i: usize, port: u16) -> Value {
@@ -56,12 +56,7 @@ fn main() {
     let config = format!(
         "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nadmin_token = \"bench\"\n"
     );
-    std::fs::write(dir.path().join("proxy.toml"), config).unwrap();
-    let mut proxy = std::process::Command::new(workspace_bin("pgwarden-proxy"))
-        .args(["--config", &dir.path().join("proxy.toml").display().to_string()])
-        .env("RUST_LOG", "error")
-        .spawn()
-        .expect("pgwarden-proxy (cargo build --release -p pgwarden-proxy)");
+    let mut proxy = spawn_release_proxy(dir.path(), &config);
     let pid = proxy.id();
     let admin: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
     let call = |method: &str, body: &Value| {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{free_port, http_request, workspace_bin, PgNode, TEST_PASSWORD};
+use pgwarden_e2e::{free_port, http_request, spawn_release_proxy, PgNode, TEST_PASSWORD};
 use serde_json::json;
 
 const SAMPLES: usize = 100;
@@ -106,12 +106,7 @@ async fn main() {
          admin_token = \"bench\"\nroutes_file = \"{}\"\n",
         dir.path().join("routes.json").display()
     );
-    std::fs::write(dir.path().join("proxy.toml"), config).unwrap();
-    let mut proxy = std::process::Command::new(workspace_bin("pgwarden-proxy"))
-        .args(["--config", &dir.path().join("proxy.toml").display().to_string()])
-        .env("RUST_LOG", "error")
-        .spawn()
-        .expect("pgwarden-proxy (cargo build --release -p pgwarden-proxy)");
+    let mut proxy = spawn_release_proxy(dir.path(), &config);
     let admin: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
     let conninfo = |db: &str| {
         format!("host=127.0.0.1 port={port} user=app dbname={db} password={TEST_PASSWORD} connect_timeout=10")

@@ -76,6 +76,19 @@ pub fn engines_dir() -> Option<std::path::PathBuf> {
 
 /// Path of a workspace binary (`pgwarden`, `pgwarden-proxy`) built next to the running test.
 /// Cargo builds them for the `control/` and `proxy/` crates' own CLI tests.
+/// The release `pgwarden-proxy` as a process of its own (benchmarks), configured by `toml`
+/// (written to `proxy.toml` in `dir`), logging errors only.
+pub fn spawn_release_proxy(dir: &std::path::Path, toml: &str) -> std::process::Child {
+    let config = dir.join("proxy.toml");
+    std::fs::write(&config, toml).expect("write proxy.toml");
+    std::process::Command::new(workspace_bin("pgwarden-proxy"))
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "error")
+        .spawn()
+        .expect("pgwarden-proxy (cargo build --release -p pgwarden-proxy)")
+}
+
 pub fn workspace_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
