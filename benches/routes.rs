@@ -34,6 +34,16 @@ fn route(i: usize, port: u16) -> Value {
     })
 }
 
+/// The proxy, killed when the bench ends (or panics).
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -56,8 +66,8 @@ fn main() {
     let config = format!(
         "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nadmin_token = \"bench\"\n"
     );
-    let mut proxy = spawn_release_proxy(dir.path(), &config);
-    let pid = proxy.id();
+    let proxy = Stopped(spawn_release_proxy(dir.path(), &config));
+    let pid = proxy.0.id();
     let admin: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
     let call = |method: &str, body: &Value| {
         let started = Instant::now();
@@ -117,8 +127,7 @@ fn main() {
         current += 1;
         whole_change.push(call("PUT", &json!({"epoch": current, "databases": databases})));
     }
-    let _ = proxy.kill();
-    let _ = proxy.wait();
+    drop(proxy);
 
     for v in [&mut whole, &mut deltas, &mut whole_change] {
         v.sort();

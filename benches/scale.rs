@@ -1,6 +1,6 @@
 //! Many databases on one machine: what the platform costs per database while they sit idle.
 //!
-//!   cargo build --release --workspace --bins && cargo bench --bench scale -- [N=100] [in_flight=50] [idle_secs=60]
+//!   cargo build --release --workspace --bins && cargo bench --bench scale -- [N=100] [in_flight=50] [idle_secs=60] [settle_secs=30]
 //!
 //! `PGWARDEN_BIN=/path/to/pgwarden` runs another build (with its `pgwarden-proxy` beside it).
 //!
@@ -8,8 +8,8 @@
 //! port 20000 up) and creates N databases through the API, `in_flight` creates at a time: four
 //! sandbox databases for each business one (N = 1 000: 800 + 200), beside the business database
 //! `up` creates itself. It reports how long each create took to answer, how long until all were
-//! `running`, then, after the platform settled, over `idle_secs` of nothing but the platform:
-//! the whole machine's CPU, processes forked per second (each new PostgreSQL session is one),
+//! `running`, then, after `settle_secs` (first samples, backups, the checkpoints the creates
+//! caused), over `idle_secs` of nothing but the platform: the whole machine's CPU, processes forked per second (each new PostgreSQL session is one),
 //! the control plane's and the proxies' CPU and memory, PostgreSQL's memory (PSS) per database,
 //! disk per database, how fast `GET /v1/databases` and a database's stats answer, the events
 //! that say a primary was thought dead, and at the end how long Ctrl-C takes to stop it all.
@@ -336,6 +336,7 @@ fn main() {
     let n = args.first().copied().unwrap_or(100) as usize;
     let in_flight = args.get(1).copied().unwrap_or(50) as usize;
     let idle = Duration::from_secs(args.get(2).copied().unwrap_or(60));
+    let settle = Duration::from_secs(args.get(3).copied().unwrap_or(30));
     let ticks_per_sec = 100.0; // USER_HZ on Linux
     let node_uid = uid_of("postgres").expect("the postgres OS user");
 
@@ -358,7 +359,7 @@ fn main() {
     eprintln!("created {n} in {:.1} s: {counts:?}", all_running.as_secs_f64());
 
     // Settle (first samples, first backups, checkpoints), then measure the idle platform.
-    std::thread::sleep(Duration::from_secs(30));
+    std::thread::sleep(settle);
     let proxies: Vec<u32> = {
         let data = platform.data().to_string_lossy().into_owned();
         processes()

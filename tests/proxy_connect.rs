@@ -317,9 +317,9 @@ async fn a_database_s_own_limits_refuse_its_clients_with_53300_and_leave_others_
     let metric = "pgwarden_proxy_connections_rejected_total{reason=\"database_client_limit\"}";
     assert_eq!(proxy.metric(metric).await, 1.0);
 
-    // One new connection a second: of twenty at once, the first goes through, the next waits
-    // its turn (a second's worth wait), the others are refused, each after a second (so that a
-    // client reconnecting in a loop comes back once a second).
+    // One new connection a second: of twenty at once, the first goes through, the next five
+    // wait their turn (five seconds' worth wait), the others are refused, each after a second
+    // (so that a client reconnecting in a loop comes back once a second).
     assert_eq!(proxy.put_routes(&table(2, None, Some(1))).await.status, 200);
     let started = Instant::now();
     let attempts = (0..20).map(|_| async {
@@ -333,13 +333,15 @@ async fn a_database_s_own_limits_refuse_its_clients_with_53300_and_leave_others_
     admitted.sort();
     let refused: Vec<_> =
         results.iter().filter_map(|(r, at)| Some((r.as_ref().err()?, *at))).collect();
+    // One from the full bucket, five that waited, and one a second for how long the twenty took
+    // to arrive (on a loaded machine).
     assert!(
-        (1..=2 + took as usize).contains(&admitted.len()),
+        (1..=6 + took as usize).contains(&admitted.len()),
         "{} admitted in {took:.2} s",
         admitted.len()
     );
-    if admitted.len() > 1 {
-        assert!(admitted[1] >= Duration::from_millis(900), "the second waited: {admitted:?}");
+    for (k, at) in admitted.iter().enumerate().skip(1) {
+        assert!(*at >= Duration::from_millis(900 * k as u64), "the {k}th waited: {admitted:?}");
     }
     assert!(!refused.is_empty());
     for (err, at) in &refused {

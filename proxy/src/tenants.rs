@@ -5,8 +5,8 @@
 //! limited here.
 //!
 //! A client takes its seat once its database is known, before any authentication work. Past
-//! the rate, a new connection waits for its turn, up to a second's worth of them (a pool that
-//! reconnects all at once is slowed, not refused); beyond, and beyond the clients, it is
+//! the rate, a new connection waits for its turn, up to [`MOST_WAITED`] (a pool that reconnects
+//! all at once is slowed, not refused); beyond, and beyond the clients, it is
 //! refused (`53300`) after [`REFUSAL_DELAY`], so that a client reconnecting in a loop comes
 //! back once a second instead of thousands of times: a storm costs the proxy little and the
 //! node nothing. The seat is given back when the client's connection ends.
@@ -14,6 +14,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The longest a new connection waits for its turn under the rate: this many seconds' worth of
+/// connections may wait, those beyond are refused.
+pub const MOST_WAITED: Duration = Duration::from_secs(5);
 
 /// How long a refused client waits for its refusal.
 pub const REFUSAL_DELAY: Duration = Duration::from_secs(1);
@@ -68,7 +72,7 @@ impl Tenant {
 pub struct Seat {
     tenants: Arc<Tenants>,
     database: String,
-    /// How long the client waits for its turn under the rate (at most a second).
+    /// How long the client waits for its turn under the rate (at most [`MOST_WAITED`]).
     pub wait: Duration,
 }
 
@@ -114,9 +118,9 @@ impl Tenants {
         }
         let mut wait = Duration::ZERO;
         if let Some(rate) = rate {
-            // In debt of at most a second's worth: those wait for their turn.
+            // In debt of at most `MOST_WAITED`'s worth: those wait for their turn.
             let per_second = f64::from(rate.max(1));
-            if tenant.tokens - 1.0 < -per_second {
+            if tenant.tokens - 1.0 < -per_second * MOST_WAITED.as_secs_f64() {
                 return Err(Full::Rate(rate));
             }
             tenant.tokens -= 1.0;
@@ -157,7 +161,7 @@ mod tests {
     }
 
     #[test]
-    fn past_the_rate_a_second_s_worth_wait_their_turn_and_the_rest_are_refused() {
+    fn past_the_rate_five_seconds_worth_wait_their_turn_and_the_rest_are_refused() {
         let tenants = Arc::new(Tenants::default());
         let limits = Limits { client_connections: None, connections_per_second: Some(20) };
         // A second's worth at once; the seats given back do not give the rate back.
@@ -165,11 +169,12 @@ mod tests {
             let seat = tenants.enter("a", limits).unwrap();
             assert!(seat.wait < Duration::from_millis(50), "{:?}", seat.wait);
         }
-        // The next second's worth wait for their turn: one every 50 ms.
+        // The next five seconds' worth wait for their turn: one every 50 ms.
         let waits: Vec<Duration> =
-            (0..20).map(|_| tenants.enter("a", limits).unwrap().wait).collect();
+            (0..100).map(|_| tenants.enter("a", limits).unwrap().wait).collect();
         assert!(waits.windows(2).all(|w| w[0] < w[1]), "{waits:?}");
-        assert!(waits[19] > Duration::from_millis(900) && waits[19] <= Duration::from_secs(1));
+        assert!(waits[0] <= Duration::from_millis(50), "{waits:?}");
+        assert!(waits[99] > Duration::from_millis(4_900) && waits[99] <= MOST_WAITED);
         assert_eq!(tenants.enter("a", limits).unwrap_err(), Full::Rate(20));
         assert!(tenants.enter("b", limits).is_ok(), "another database is not limited by a");
         // 20 per second: one more every 50 ms.
