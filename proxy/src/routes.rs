@@ -104,9 +104,10 @@ fn credentials(users: &Verifiers) -> HashMap<String, Credential> {
 #[derive(Default)]
 pub struct Snapshot {
     pub epoch: u64,
-    entries: HashMap<String, Entry>,
+    /// Keys shared (`Arc<str>`): a change copies the maps without allocating a name.
+    entries: HashMap<Arc<str>, Entry>,
     /// Database ids (SNI names) to database names.
-    by_id: HashMap<String, String>,
+    by_id: HashMap<Arc<str>, Arc<str>>,
     /// The nodes' CA (PEM) and the connector built from it.
     node_tls: Option<(String, Arc<TlsConnector>)>,
     /// Cut off from etcd: every database held until the next table.
@@ -128,7 +129,7 @@ impl Snapshot {
     /// The name and route of the database whose id is `id`.
     pub fn route_by_id(&self, id: &str) -> Option<(String, Arc<Route>)> {
         let name = self.by_id.get(id)?;
-        Some((name.clone(), self.entries.get(name)?.route.clone()))
+        Some((name.to_string(), self.entries.get(name)?.route.clone()))
     }
 
     /// The table it was made from.
@@ -138,7 +139,7 @@ impl Snapshot {
             databases: self
                 .entries
                 .iter()
-                .map(|(name, e)| (name.clone(), DatabaseRoute::clone(&e.wire)))
+                .map(|(name, e)| (name.to_string(), DatabaseRoute::clone(&e.wire)))
                 .collect(),
             node_ca: self.node_tls.as_ref().map(|(pem, _)| pem.clone()),
         }
@@ -267,24 +268,25 @@ impl RouteStore {
         // The tokens of primaries that stop being primaries, cancelled once the new table is in.
         let mut moved = Vec::new();
         for name in &delta.remove {
-            if let Some(prev) = entries.remove(name) {
+            if let Some(prev) = entries.remove(name.as_str()) {
                 if let Some(id) = &prev.wire.id {
-                    by_id.remove(id);
+                    by_id.remove(id.as_str());
                 }
                 moved.push(prev.route.moved.clone());
             }
         }
         for (name, wire) in delta.set {
-            let prev = entries.remove(&name);
+            let prev = entries.remove(name.as_str());
             if let Some(id) = prev.as_ref().and_then(|p| p.wire.id.as_ref()) {
-                by_id.remove(id);
+                by_id.remove(id.as_str());
             }
             let entry = entry(wire, prev.as_ref(), node_tls, false);
             if let Some(prev) = prev.filter(|p| p.route.primary != entry.route.primary) {
                 moved.push(prev.route.moved.clone());
             }
+            let name: Arc<str> = name.into();
             if let Some(id) = &entry.wire.id {
-                by_id.insert(id.clone(), name.clone());
+                by_id.insert(id.as_str().into(), name.clone());
             }
             entries.insert(name, entry);
         }
@@ -335,9 +337,10 @@ impl RouteStore {
         let mut by_id = HashMap::new();
         for (name, wire) in table.databases {
             let connector = node_tls.as_ref().map(|(_, c)| c);
-            let entry = entry(wire, old.entries.get(&name), connector, fenced);
+            let entry = entry(wire, old.entries.get(name.as_str()), connector, fenced);
+            let name: Arc<str> = name.into();
             if let Some(id) = &entry.wire.id {
-                by_id.insert(id.clone(), name.clone());
+                by_id.insert(id.as_str().into(), name.clone());
             }
             entries.insert(name, entry);
         }
