@@ -314,8 +314,9 @@ async fn a_database_s_own_limits_refuse_its_clients_with_53300_and_leave_others_
     })
     .await;
     c.simple_query("SELECT 1").await.unwrap();
+    // The third, and any try of the wait above made before the first's seat was given back.
     let metric = "pgwarden_proxy_connections_rejected_total{reason=\"database_client_limit\"}";
-    assert_eq!(proxy.metric(metric).await, 1.0);
+    assert!(proxy.metric(metric).await >= 1.0);
 
     // One new connection a second: of twenty at once, the first goes through, the next five
     // wait their turn (five seconds' worth wait), the others are refused, each after a second

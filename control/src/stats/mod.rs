@@ -10,6 +10,7 @@
 //! sample is stored in one step.
 
 pub mod history;
+mod point;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
